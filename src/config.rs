@@ -1,0 +1,456 @@
+//! Typed settings: loaded from TOML files plus `IMAGEGATE__SECTION__KEY` environment overrides, validated once
+//! at startup with every fault reported together. Secrets are [`Secret`] and never print.
+//!
+//! Sources, later wins: built-in defaults (the `Default` impls below, mirrored in `config/default.toml`) →
+//! either `--config FILE` or `config/default.toml` + `config/$IMAGEGATE_ENV.toml` → `OPENAI_API_KEY` (for
+//! `upstream.api_key` only) → `IMAGEGATE__…` variables. Every key is documented in `docs/configuration.md`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Environment prefix for overrides: `IMAGEGATE__UPSTREAM__BASE_URL=…`.
+pub const ENV_PREFIX: &str = "IMAGEGATE__";
+/// Chooses the `config/<name>.toml` overlay when no `--config` is given.
+pub const ENV_PROFILE: &str = "IMAGEGATE_ENV";
+/// OpenAI's usual variable, accepted for `upstream.api_key`.
+pub const ENV_OPENAI_API_KEY: &str = "OPENAI_API_KEY";
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub upstream: UpstreamSettings,
+    /// Tenants declared in configuration, with the hashes of their keys.
+    pub tenants: Vec<TenantSettings>,
+}
+
+/// The listening socket, public address, deadlines and body limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to bind; port 0 picks a free port (the chosen one is logged and printed).
+    pub listen: SocketAddr,
+    /// Base URL callers use to reach this gateway (used for links imagegate hands out). Defaults to
+    /// `http://<bound address>`.
+    pub public_url: Option<Url>,
+    /// Whole-request deadline up to the response headers; must exceed `upstream.timeout`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Largest JSON body (`/images/generations`, JSON `/images/edits`).
+    pub max_json_body: ByteSize,
+    /// Largest multipart body (`/images/edits`, `/images/variations`).
+    pub max_multipart_body: ByteSize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            request_timeout: Duration::from_secs(660),
+            shutdown_timeout: Duration::from_secs(30),
+            max_json_body: ByteSize::mib(1),
+            max_multipart_body: ByteSize::mib(100),
+        }
+    }
+}
+
+/// Log format and filter.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `imagegate=debug,tower_http=info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".to_owned() }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Which upstream answers, and how to reach it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    /// `openai` (any OpenAI-compatible HTTP API, including Azure's v1 API) or `mock` (built-in, offline).
+    pub kind: UpstreamKind,
+    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1`.
+    pub base_url: Url,
+    /// The upstream's key; callers never see it. Falls back to `OPENAI_API_KEY`.
+    pub api_key: Option<Secret>,
+    /// How the key is sent: `bearer` (`Authorization: Bearer`) or `api-key` (Azure's `api-key` header).
+    pub auth: UpstreamAuth,
+    /// Default `OpenAI-Organization` when the tenant sets none.
+    pub organization: Option<String>,
+    /// Default `OpenAI-Project` when the tenant sets none.
+    pub project: Option<String>,
+    /// Extra query parameters on every upstream call (Azure: `api-version`).
+    pub query: BTreeMap<String, String>,
+    /// TCP/TLS connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for a non-streaming answer, and for the first byte of a streaming one. GPT image models at
+    /// high quality take minutes.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest silence allowed between two chunks of a streaming answer.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Retries after a failed *connect* only: nothing reached the upstream, so nothing can be billed twice.
+    pub connect_retries: u32,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            kind: UpstreamKind::Openai,
+            base_url: default_base_url(),
+            api_key: None,
+            auth: UpstreamAuth::Bearer,
+            organization: None,
+            project: None,
+            query: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(300),
+            connect_retries: 2,
+        }
+    }
+}
+
+fn default_base_url() -> Url {
+    // A constant that parses; `Url::parse` is not const, and this cannot fail.
+    Url::parse("https://api.openai.com/v1").unwrap_or_else(|_| unreachable_url())
+}
+
+#[expect(clippy::panic, reason = "called only if a literal URL fails to parse, which a unit test rules out")]
+fn unreachable_url() -> Url {
+    panic!("built-in default URL does not parse")
+}
+
+/// The upstream implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// Forward over HTTP to an OpenAI-compatible API.
+    Openai,
+    /// Answer offline with generated images; never chosen implicitly.
+    Mock,
+}
+
+/// How the upstream key is presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamAuth {
+    Bearer,
+    ApiKey,
+}
+
+/// A tenant declared in configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Unique, human-readable name; appears in logs and usage.
+    pub name: String,
+    /// `OpenAI-Organization` sent upstream for this tenant's requests.
+    #[serde(default)]
+    pub organization: Option<String>,
+    /// `OpenAI-Project` sent upstream for this tenant's requests.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// The tenant's keys, as printed by `imagegate keys new`.
+    #[serde(default)]
+    pub keys: Vec<KeySettings>,
+}
+
+/// One tenant key: its public id and the SHA-256 of the whole key. The key itself is never stored.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    pub id: String,
+    pub sha256: String,
+}
+
+/// A string that never appears in Debug, Display or serialized output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is sent, never where it could be logged.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// Configuration could not be loaded or is invalid; lists every fault found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Where to read configuration from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `--config FILE`: read this file instead of `config/default.toml` + profile.
+    pub file: Option<PathBuf>,
+    /// Directory holding `default.toml` and profile overlays.
+    pub dir: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Load from files and the process environment, then validate.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(sources, &env)
+    }
+
+    /// Load with an explicit environment (tests pass their own instead of mutating the process's).
+    pub fn load_from(sources: &Sources, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match &sources.file {
+            Some(file) => {
+                if !file.is_file() {
+                    return Err(ConfigError(vec![format!("config file {} does not exist", file.display())]));
+                }
+                figment = figment.merge(Toml::file_exact(file));
+            }
+            None => {
+                let dir = sources.dir.clone().unwrap_or_else(|| PathBuf::from("config"));
+                figment = figment.merge(Toml::file(dir.join("default.toml")));
+                if let Some((_, profile)) = env.iter().find(|(k, _)| k == ENV_PROFILE) {
+                    let overlay = dir.join(format!("{profile}.toml"));
+                    if !overlay.is_file() {
+                        return Err(ConfigError(vec![format!(
+                            "{ENV_PROFILE}={profile} but {} does not exist",
+                            overlay.display()
+                        )]));
+                    }
+                    figment = figment.merge(Toml::file(overlay));
+                }
+            }
+        }
+        if let Some((_, key)) = env.iter().find(|(k, v)| k == ENV_OPENAI_API_KEY && !v.is_empty()) {
+            figment = figment.merge(Serialized::default("upstream.api_key", key));
+        }
+        figment = apply_env(figment, env);
+        let settings: Settings =
+            figment.extract().map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every fault at once, so a deployment is fixed in one round.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut faults = Vec::new();
+        let up = &self.upstream;
+        if up.kind == UpstreamKind::Openai {
+            if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
+                faults.push(format!(
+                    "upstream.api_key is not set: export {ENV_OPENAI_API_KEY} (or {ENV_PREFIX}UPSTREAM__API_KEY), \
+                     or run the offline mock upstream explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
+                ));
+            }
+            if !matches!(up.base_url.scheme(), "http" | "https") {
+                faults.push(format!("upstream.base_url must be http or https, got {}", up.base_url));
+            }
+        }
+        for (name, d) in [
+            ("upstream.connect_timeout", up.connect_timeout),
+            ("upstream.timeout", up.timeout),
+            ("upstream.stream_idle_timeout", up.stream_idle_timeout),
+            ("server.request_timeout", self.server.request_timeout),
+        ] {
+            if d.is_zero() {
+                faults.push(format!("{name} must be greater than zero"));
+            }
+        }
+        if self.server.request_timeout <= up.timeout {
+            faults.push(format!(
+                "server.request_timeout ({}s) must exceed upstream.timeout ({}s) so upstream timeouts answer 504 \
+                 with a clear message",
+                self.server.request_timeout.as_secs(),
+                up.timeout.as_secs()
+            ));
+        }
+        for (name, size) in [
+            ("server.max_json_body", self.server.max_json_body),
+            ("server.max_multipart_body", self.server.max_multipart_body),
+        ] {
+            if size.as_u64() == 0 {
+                faults.push(format!("{name} must be greater than zero"));
+            }
+        }
+        if let Some(url) = &self.server.public_url
+            && !matches!(url.scheme(), "http" | "https")
+        {
+            faults.push(format!("server.public_url must be http or https, got {url}"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
+        }
+        validate_tenants(&self.tenants, &mut faults);
+        if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
+    }
+}
+
+fn validate_tenants(tenants: &[TenantSettings], faults: &mut Vec<String>) {
+    let mut names = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for (i, t) in tenants.iter().enumerate() {
+        if t.name.trim().is_empty() {
+            faults.push(format!("tenants[{i}].name must not be empty"));
+        } else if !names.insert(t.name.as_str()) {
+            faults.push(format!("tenants[{i}].name {:?} is declared twice", t.name));
+        }
+        for (j, k) in t.keys.iter().enumerate() {
+            if !crate::tenants::keys::is_valid_key_id(&k.id) {
+                faults.push(format!(
+                    "tenants[{i}].keys[{j}].id {:?} is not a key id (8 lowercase letters or digits)",
+                    k.id
+                ));
+            } else if !ids.insert(k.id.as_str()) {
+                faults.push(format!("tenants[{i}].keys[{j}].id {:?} is used twice", k.id));
+            }
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                faults.push(format!("tenants[{i}].keys[{j}].sha256 must be 64 hex digits"));
+            }
+        }
+    }
+}
+
+/// `IMAGEGATE__UPSTREAM__BASE_URL=…` → `upstream.base_url`. Values parse as figment parses environment values
+/// (numbers, booleans, arrays), strings otherwise. Built from the environment we are handed rather than
+/// figment's `Env`, which reads the process environment, so tests never depend on the developer's shell.
+fn apply_env(mut figment: Figment, env: &[(String, String)]) -> Figment {
+    for (key, value) in env {
+        let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
+        let path = rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join(".");
+        let value: figment::value::Value = value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+        figment = figment.merge(Serialized::default(&path, value));
+    }
+    figment
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn load(dir: &Path, body: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let file = dir.join(format!("t{}.toml", rand::random::<u32>()));
+        std::fs::write(&file, body).unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Settings::load_from(&Sources { file: Some(file), dir: None }, &env)
+    }
+
+    #[test]
+    fn default_base_url_parses() {
+        assert_eq!(default_base_url().as_str(), "https://api.openai.com/v1");
+    }
+
+    #[test]
+    fn openai_upstream_without_key_fails_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = load(dir.path(), "[upstream]\nkind = \"openai\"\n", &[]).unwrap_err().to_string();
+        assert!(text.contains("upstream.api_key is not set") && text.contains("OPENAI_API_KEY"), "{text}");
+    }
+
+    #[test]
+    fn openai_api_key_from_environment_is_used_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(dir.path(), "", &[(ENV_OPENAI_API_KEY, "sk-test-123")]).unwrap();
+        assert_eq!(s.upstream.api_key.as_ref().map(Secret::expose), Some("sk-test-123"));
+        assert!(!format!("{s:?}").contains("sk-test-123"));
+        assert!(!serde_json::to_string(&s).unwrap().contains("sk-test-123"));
+    }
+
+    #[test]
+    fn every_fault_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = r#"
+[server]
+request_timeout = "10s"
+max_json_body = 0
+[log]
+level = "=bad=filter=["
+[upstream]
+kind = "openai"
+timeout = "20s"
+[[tenants]]
+name = "a"
+keys = [{ id = "NOT-AN-ID", sha256 = "xyz" }]
+[[tenants]]
+name = "a"
+"#;
+        let faults = load(dir.path(), body, &[]).unwrap_err().0;
+        for needle in
+            ["api_key", "request_timeout", "max_json_body", "log.level", "keys[0].id", "sha256", "declared twice"]
+        {
+            assert!(faults.iter().any(|f| f.contains(needle)), "no fault mentions {needle}: {faults:?}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "[upstream]\nkind = \"mock\"\n[server]\nlisten = \"127.0.0.1:9000\"\n";
+        let s = load(
+            dir.path(),
+            body,
+            &[("IMAGEGATE__SERVER__LISTEN", "127.0.0.1:0"), ("IMAGEGATE__UPSTREAM__CONNECT_RETRIES", "5")],
+        )
+        .unwrap();
+        assert_eq!(s.server.listen.port(), 0);
+        assert_eq!(s.upstream.connect_retries, 5);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text =
+            load(dir.path(), "[upstream]\nkind = \"mock\"\nbase_ulr = \"http://x\"\n", &[]).unwrap_err().to_string();
+        assert!(text.contains("base_ulr"), "{text}");
+    }
+}

@@ -1,0 +1,324 @@
+//! `ApiError`: the one type that becomes an error response, and the only place that spells OpenAI's error body.
+//!
+//! Modules keep their own small error enums and convert into `ApiError` at their boundary; handlers and
+//! extractors return nothing else. `IntoResponse` has no side effects: it stores the error in the response
+//! extensions and `server::layers::log_errors` logs it once, inside the request span.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::wire::headers;
+
+/// Everything a request can fail with, as the caller sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or breaks a model rule. 400, names the offending parameter.
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<String>, code: Option<&'static str> },
+    /// No key, an unknown key or a malformed key. 401.
+    #[error("invalid or missing API key")]
+    Unauthenticated { reason: AuthFailure },
+    /// The tenant may not do this (suspended, model not allowed). 403.
+    #[error("{message}")]
+    PermissionDenied { message: String },
+    /// No such route. 404.
+    #[error("unknown route {method} {path}")]
+    NotFound { method: String, path: String },
+    /// The route exists but not for this method. 405.
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The body is larger than the route allows. 413, states the limit.
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    /// The gateway's own whole-request deadline passed. 504.
+    #[error("request timed out after {0:?}")]
+    RequestTimeout(Duration),
+    /// The upstream could not be reached (connect/TLS/reset). 502.
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
+    /// The upstream did not answer within the configured timeout. 504.
+    #[error("upstream timed out after {0:?}")]
+    UpstreamTimeout(Duration),
+    /// The gateway is shutting down and refuses new work. 503.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// A bug or an unexpected failure on our side. 500; the cause is logged, never returned.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Why authentication failed; only logged, the caller always sees the same 401 text for a given header shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `Authorization` header at all.
+    Missing,
+    /// A header that is not `Bearer <token>` or a token not in imagegate's format.
+    Malformed,
+    /// A well-formed key that matches no active key.
+    Unknown,
+}
+
+/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`, all four keys always present.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetails<'a>,
+}
+
+/// The inner object of [`ErrorBody`].
+#[derive(Debug, Serialize)]
+pub struct ErrorDetails<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+/// Serialize OpenAI's error body. Used by `ApiError` and by the SSE error event, so the shape is spelt once.
+pub fn error_json(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Vec<u8> {
+    let body = ErrorBody { error: ErrorDetails { message, kind, param, code } };
+    // Serializing a struct of strings cannot fail; fall back to a fixed body rather than panic.
+    serde_json::to_vec(&body).unwrap_or_else(|_| {
+        br#"{"error":{"message":"internal error","type":"server_error","param":null,"code":null}}"#.to_vec()
+    })
+}
+
+/// How loudly an error is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        Self::InvalidRequest { message: message.into(), param: param.into(), code: None }
+    }
+
+    /// A 400 naming `param` with an OpenAI error `code` such as `invalid_value`.
+    pub fn invalid_code(message: impl Into<String>, param: Option<&str>, code: &'static str) -> Self {
+        Self::InvalidRequest { message: message.into(), param: param.map(str::to_owned), code: Some(code) }
+    }
+
+    /// The HTTP status clients act on (the SDKs pick their exception class from it).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. }
+            | Self::Unauthenticated { .. }
+            | Self::NotFound { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::PayloadTooLarge { .. } => "invalid_request_error",
+            Self::PermissionDenied { .. } => "permission_error",
+            Self::RequestTimeout(_)
+            | Self::UpstreamUnavailable(_)
+            | Self::UpstreamTimeout(_)
+            | Self::ShuttingDown
+            | Self::Internal(_) => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidRequest { code, .. } => *code,
+            Self::Unauthenticated { .. } => Some("invalid_api_key"),
+            Self::NotFound { .. } => Some("unknown_url"),
+            Self::PayloadTooLarge { .. } => Some("request_too_large"),
+            Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
+            Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
+            _ => None,
+        }
+    }
+
+    /// OpenAI's `error.param`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::InvalidRequest { param, .. } => param.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The text the caller sees. 5xx texts are fixed: causes stay in the log.
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::InvalidRequest { message, .. } | Self::PermissionDenied { message } => message.clone(),
+            Self::Unauthenticated { reason: AuthFailure::Missing } => "You didn't provide an API key. You need to \
+                provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer \
+                YOUR_KEY)."
+                .to_owned(),
+            Self::Unauthenticated { .. } => "Incorrect API key provided. Ask your imagegate administrator for a \
+                valid key."
+                .to_owned(),
+            Self::NotFound { method, path } => format!("Invalid URL ({method} {path})"),
+            Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on {path}."),
+            Self::PayloadTooLarge { limit } => format!(
+                "Request body too large: the limit for this endpoint is {limit} bytes ({}).",
+                bytesize::ByteSize(*limit).to_string_as(true)
+            ),
+            Self::RequestTimeout(d) => format!("The request did not complete within {}s.", d.as_secs()),
+            Self::UpstreamUnavailable(_) => "The upstream image API could not be reached.".to_owned(),
+            Self::UpstreamTimeout(d) => {
+                format!("The upstream image API did not answer within {}s.", d.as_secs())
+            }
+            Self::ShuttingDown => "The gateway is shutting down; retry shortly.".to_owned(),
+            Self::Internal(_) => {
+                "The gateway hit an internal error; quote the x-request-id when reporting it.".to_owned()
+            }
+        }
+    }
+
+    /// How loudly to log it.
+    pub fn level(&self) -> Level {
+        match self {
+            Self::InvalidRequest { .. }
+            | Self::NotFound { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::PayloadTooLarge { .. } => Level::Debug,
+            Self::Unauthenticated { .. } | Self::PermissionDenied { .. } | Self::ShuttingDown => Level::Info,
+            Self::RequestTimeout(_) | Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) => Level::Warn,
+            Self::Internal(_) => Level::Error,
+        }
+    }
+
+    /// A low-cardinality name for logs and metrics; the prefix says whose fault it is.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. } => "client.invalid_request",
+            Self::Unauthenticated { .. } => "client.unauthenticated",
+            Self::PermissionDenied { .. } => "client.permission_denied",
+            Self::NotFound { .. } => "client.not_found",
+            Self::MethodNotAllowed { .. } => "client.method_not_allowed",
+            Self::PayloadTooLarge { .. } => "client.payload_too_large",
+            Self::RequestTimeout(_) => "internal.request_timeout",
+            Self::UpstreamUnavailable(_) => "upstream.unavailable",
+            Self::UpstreamTimeout(_) => "upstream.timeout",
+            Self::ShuttingDown => "internal.shutting_down",
+            Self::Internal(_) => "internal.error",
+        }
+    }
+
+    /// The JSON body, as bytes.
+    pub fn body(&self) -> Vec<u8> {
+        error_json(&self.client_message(), self.error_type(), self.param(), self.code())
+    }
+
+    fn extra_headers(&self, headers: &mut HeaderMap) {
+        // OpenAI's SDKs retry 5xx on their own; a shutting-down replica asks them to come back.
+        if let Self::ShuttingDown = self {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Self::InvalidRequest { .. } | Self::PayloadTooLarge { .. } | Self::Unauthenticated { .. } = self {
+            headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
+    }
+}
+
+/// The error as stored in response extensions for the logging layer (the response itself carries only bytes).
+#[derive(Debug, Clone)]
+pub struct LoggedError {
+    pub kind: &'static str,
+    pub level: Level,
+    pub status: u16,
+    pub detail: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status(), [(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], self.body())
+                .into_response();
+        self.extra_headers(response.headers_mut());
+        // `{:#}` on anyhow prints the whole cause chain; it goes to the log only.
+        let detail = match &self {
+            Self::Internal(e) => format!("{e:#}"),
+            other => other.to_string(),
+        };
+        response.extensions_mut().insert(LoggedError {
+            kind: self.kind(),
+            level: self.level(),
+            status: self.status().as_u16(),
+            detail,
+        });
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(e: &ApiError) -> serde_json::Value {
+        serde_json::from_slice(&e.body()).unwrap_or_default()
+    }
+
+    #[test]
+    fn every_variant_renders_openai_shape_with_status_type_and_code() {
+        let cases: Vec<(ApiError, u16, &str, Option<&str>)> = vec![
+            (ApiError::invalid("bad n", Some("n".to_owned())), 400, "invalid_request_error", None),
+            (
+                ApiError::Unauthenticated { reason: AuthFailure::Unknown },
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            (ApiError::PermissionDenied { message: "no".into() }, 403, "permission_error", None),
+            (
+                ApiError::NotFound { method: "GET".into(), path: "/x".into() },
+                404,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+            (ApiError::PayloadTooLarge { limit: 1024 }, 413, "invalid_request_error", Some("request_too_large")),
+            (ApiError::UpstreamUnavailable("refused".into()), 502, "server_error", Some("upstream_unavailable")),
+            (ApiError::UpstreamTimeout(Duration::from_secs(5)), 504, "server_error", Some("timeout")),
+            (ApiError::ShuttingDown, 503, "server_error", None),
+            (ApiError::Internal(anyhow::anyhow!("secret detail")), 500, "server_error", None),
+        ];
+        for (err, status, kind, code) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err:?}");
+            let body = parse(&err);
+            let e = &body["error"];
+            assert_eq!(e["type"], kind, "{err:?}");
+            assert_eq!(e["code"].as_str(), code, "{err:?}");
+            for key in ["message", "type", "param", "code"] {
+                assert!(e.get(key).is_some(), "{key} missing for {err:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn internal_errors_never_leak_their_cause() {
+        let err = ApiError::Internal(anyhow::anyhow!("database password is hunter2"));
+        let body = String::from_utf8(err.body()).unwrap_or_default();
+        assert!(!body.contains("hunter2"));
+    }
+
+    #[test]
+    fn payload_too_large_states_the_limit() {
+        let body = parse(&ApiError::PayloadTooLarge { limit: 1_048_576 });
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("1048576") && msg.contains("1.0 MiB"), "{msg}");
+    }
+}

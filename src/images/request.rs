@@ -1,0 +1,224 @@
+//! The image request as the pipeline sees it: which endpoint, the raw body exactly as the caller sent it
+//! (forwarded byte for byte, so unknown parameters always reach the upstream), and typed read access to the
+//! fields the gateway needs. `null` reads as absent, as OpenAI treats it.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// The three OpenAI image operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Generations,
+    Edits,
+    Variations,
+}
+
+impl Endpoint {
+    /// Path below the upstream's base URL (which already ends in `/v1`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Generations => crate::wire::paths::GENERATIONS,
+            Self::Edits => crate::wire::paths::EDITS,
+            Self::Variations => crate::wire::paths::VARIATIONS,
+        }
+    }
+
+    /// Short name for logs and usage.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Generations => "generations",
+            Self::Edits => "edits",
+            Self::Variations => "variations",
+        }
+    }
+
+    /// OpenAI's default model when the request names none (SPEC: edits default to gpt-image-1.5).
+    pub fn default_model(self) -> &'static str {
+        match self {
+            Self::Generations | Self::Variations => "dall-e-2",
+            Self::Edits => "gpt-image-1.5",
+        }
+    }
+}
+
+/// One request on its way through the pipeline.
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    pub endpoint: Endpoint,
+    pub body: RequestBody,
+}
+
+/// The body: raw bytes for forwarding plus a parsed view for reading.
+#[derive(Debug, Clone)]
+pub enum RequestBody {
+    /// `application/json`: generations, and the JSON form of edits.
+    Json { raw: Bytes, fields: Map<String, Value> },
+    /// `multipart/form-data`: edits and variations. `content_type` carries the boundary.
+    Multipart { raw: Bytes, content_type: String, form: Form },
+}
+
+/// A parsed multipart form, parts in the order they arrived.
+#[derive(Debug, Clone, Default)]
+pub struct Form {
+    pub parts: Vec<Part>,
+}
+
+/// One multipart part. A part with a file name is a file; one without is a text field.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub name: String,
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Bytes,
+}
+
+impl Part {
+    /// True for file parts (they carry a `filename` in their `Content-Disposition`).
+    pub fn is_file(&self) -> bool {
+        self.file_name.is_some()
+    }
+}
+
+impl Form {
+    /// The value of a text field, if present and not a file.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.parts.iter().find(|p| p.name == name && !p.is_file()).and_then(|p| std::str::from_utf8(&p.data).ok())
+    }
+
+    /// The input images in order: parts named `image`, `image[]` or `image[N]`.
+    pub fn images(&self) -> impl Iterator<Item = &Part> {
+        self.parts.iter().filter(|p| is_image_field(&p.name))
+    }
+
+    /// The mask part, if any.
+    pub fn mask(&self) -> Option<&Part> {
+        self.parts.iter().find(|p| p.name == "mask")
+    }
+}
+
+/// `image`, `image[]` and `image[N]` all carry input images.
+pub fn is_image_field(name: &str) -> bool {
+    name == "image"
+        || name
+            .strip_prefix("image[")
+            .and_then(|r| r.strip_suffix(']'))
+            .is_some_and(|i| i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl ImageRequest {
+    /// Parse a JSON body. The top level must be an object.
+    pub fn from_json(endpoint: Endpoint, raw: Bytes) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(&raw).map_err(|e| {
+            ApiError::invalid(
+                format!(
+                    "We could not parse the JSON body of your request: {e}. (HINT: send a JSON object with \
+                     Content-Type: application/json.)"
+                ),
+                None,
+            )
+        })?;
+        let Value::Object(fields) = value else {
+            return Err(ApiError::invalid("The request body must be a JSON object.", None));
+        };
+        Ok(Self { endpoint, body: RequestBody::Json { raw, fields } })
+    }
+
+    /// A multipart request whose form is already parsed (see `images::multipart`).
+    pub fn from_form(endpoint: Endpoint, raw: Bytes, content_type: String, form: Form) -> Self {
+        Self { endpoint, body: RequestBody::Multipart { raw, content_type, form } }
+    }
+
+    /// A field as a string, whatever the body type (numbers and booleans as written). `null` is `None`.
+    pub fn field_str(&self, name: &str) -> Option<String> {
+        match &self.body {
+            RequestBody::Json { fields, .. } => match fields.get(name)? {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            },
+            RequestBody::Multipart { form, .. } => form.text(name).map(str::to_owned),
+        }
+    }
+
+    /// The JSON value of a field (multipart text is parsed as JSON where it can be, else a string).
+    pub fn field(&self, name: &str) -> Option<Value> {
+        match &self.body {
+            RequestBody::Json { fields, .. } => fields.get(name).filter(|v| !v.is_null()).cloned(),
+            RequestBody::Multipart { form, .. } => form.text(name).map(|t| {
+                serde_json::from_str::<Value>(t)
+                    .ok()
+                    .filter(|v| !v.is_string())
+                    .unwrap_or_else(|| Value::String(t.to_owned()))
+            }),
+        }
+    }
+
+    /// The model asked for, or the endpoint's default.
+    pub fn model(&self) -> String {
+        self.field_str("model").unwrap_or_else(|| self.endpoint.default_model().to_owned())
+    }
+
+    /// `stream=true` in the body (SDKs decide on the body flag, not on `Accept`).
+    pub fn stream(&self) -> bool {
+        matches!(self.field("stream"), Some(Value::Bool(true)))
+    }
+
+    /// Number of images asked for (default 1). Unparseable values read as 1; validation rejects them.
+    pub fn n(&self) -> u32 {
+        self.field("n").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok()).unwrap_or(1)
+    }
+
+    /// Raw body and its content type, for forwarding.
+    pub fn raw(&self) -> (&Bytes, &str) {
+        match &self.body {
+            RequestBody::Json { raw, .. } => (raw, "application/json"),
+            RequestBody::Multipart { raw, content_type, .. } => (raw, content_type.as_str()),
+        }
+    }
+
+    /// The multipart form, if this is a multipart request.
+    pub fn form(&self) -> Option<&Form> {
+        match &self.body {
+            RequestBody::Multipart { form, .. } => Some(form),
+            RequestBody::Json { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_reads_as_absent_and_defaults_apply() {
+        let req = ImageRequest::from_json(
+            Endpoint::Generations,
+            Bytes::from_static(br#"{"prompt":"cat","model":null,"n":null,"stream":true,"future_param":{"a":1}}"#),
+        )
+        .unwrap();
+        assert_eq!(req.model(), "dall-e-2");
+        assert_eq!(req.n(), 1);
+        assert!(req.stream());
+        assert_eq!(req.field("future_param"), Some(serde_json::json!({"a":1})));
+    }
+
+    #[test]
+    fn non_object_json_is_refused() {
+        let err = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(b"[1,2]")).unwrap_err();
+        assert_eq!(err.status().as_u16(), 400);
+        let err = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(b"{\"prompt\":")).unwrap_err();
+        assert!(err.client_message().contains("could not parse the JSON body"));
+    }
+
+    #[test]
+    fn image_field_names() {
+        for ok in ["image", "image[]", "image[0]", "image[15]"] {
+            assert!(is_image_field(ok), "{ok}");
+        }
+        for no in ["images", "image[x]", "mask", "image["] {
+            assert!(!is_image_field(no), "{no}");
+        }
+    }
+}

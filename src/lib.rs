@@ -1,0 +1,27 @@
+//! imagegate: a self-hosted gateway for the OpenAI Images API.
+//!
+//! Modules, in the order a request meets them:
+//! - `startup`   binds the listener and wires `AppState` from `config::Settings`.
+//! - `server`    the global layer stack (panic → 500, request id, trace, error log, timeout) and shutdown.
+//! - `routes`    the route table; `routes::images` are the three thin handlers, `routes::health` the probes.
+//! - `tenants`   key format, key → tenant lookup, and the auth layer that puts a `TenantContext` on requests.
+//! - `extract`   content-type dispatch, body limits, JSON/multipart parsing into `images::request`.
+//! - `images`    the pipeline: validate → limit → cache → upstream → re-host → usage. No HTTP types.
+//! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
+//! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
+//! - `wire`      header names, paths and event names, spelt once.
+//! - `config`, `telemetry`, `cli`: settings, logging, and the command line.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod images;
+pub mod routes;
+pub mod server;
+pub mod startup;
+pub mod state;
+pub mod telemetry;
+pub mod tenants;
+pub mod upstream;
+pub mod wire;

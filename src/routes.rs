@@ -1,0 +1,44 @@
+//! The route table: method + path → handler, and nothing else. Image routes are served under `/v1` and, for
+//! SDKs configured with a base URL lacking `/v1`, at the root too.
+
+pub mod health;
+pub mod images;
+pub mod mock_files;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::from_fn_with_state;
+use axum::routing::{get, post};
+
+use crate::config::UpstreamKind;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::tenants::auth;
+use crate::wire::paths;
+
+/// All routes, with authentication on the image routes only.
+pub fn router(state: AppState) -> Router {
+    let images = Router::new()
+        .route(paths::GENERATIONS, post(images::create_image))
+        .route(paths::EDITS, post(images::create_image_edit))
+        .route(paths::VARIATIONS, post(images::create_image_variation))
+        // route_layer: unknown paths still answer 404 rather than 401.
+        .route_layer(from_fn_with_state(state.clone(), auth::require_tenant));
+    let mut router = Router::new()
+        .nest("/v1", images.clone())
+        .merge(images)
+        .route(paths::HEALTHZ, get(health::healthz))
+        .route(paths::READYZ, get(health::readyz));
+    if state.settings.upstream.kind == UpstreamKind::Mock {
+        router = router.route(&format!("{}/{{name}}", paths::MOCK_FILES), get(mock_files::get_mock_file));
+    }
+    router.fallback(not_found).method_not_allowed_fallback(method_not_allowed).with_state(state)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound { method: request.method().to_string(), path: request.uri().path().to_owned() }
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed { method: request.method().to_string(), path: request.uri().path().to_owned() }
+}

@@ -1,0 +1,65 @@
+//! Handlers for the three image operations: extract, call the pipeline, write the reply. Nothing else.
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+
+use crate::error::ApiError;
+use crate::extract;
+use crate::images::request::Endpoint;
+use crate::state::AppState;
+use crate::tenants::TenantContext;
+use crate::upstream::{ReplyBody, UpstreamReply};
+
+/// `POST /v1/images/generations`
+pub async fn create_image(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TenantContext>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    handle(state, ctx, Endpoint::Generations, request).await
+}
+
+/// `POST /v1/images/edits`
+pub async fn create_image_edit(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TenantContext>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    handle(state, ctx, Endpoint::Edits, request).await
+}
+
+/// `POST /v1/images/variations`
+pub async fn create_image_variation(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<TenantContext>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    handle(state, ctx, Endpoint::Variations, request).await
+}
+
+async fn handle(
+    state: AppState,
+    ctx: TenantContext,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let extracted = extract::image_request(&state, endpoint, request).await?;
+    let reply = state.images.handle(&ctx, extracted.request, extracted.idempotency_key).await?;
+    Ok(into_response(reply))
+}
+
+/// The upstream's status, filtered headers and body (whole, or streamed chunk by chunk).
+fn into_response(reply: UpstreamReply) -> Response {
+    let body = match reply.body {
+        ReplyBody::Full(bytes) => Body::from(bytes),
+        ReplyBody::Stream(chunks) => {
+            Body::from_stream(futures::StreamExt::map(chunks, Ok::<_, std::convert::Infallible>))
+        }
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = reply.status;
+    *response.headers_mut() = reply.headers;
+    response
+}

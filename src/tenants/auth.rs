@@ -1,0 +1,50 @@
+//! The authentication layer: `Authorization: Bearer ig_…` → [`TenantContext`] in the request extensions, or a
+//! 401 before anything else runs. The caller's header never travels further: the upstream client builds its
+//! own headers from scratch.
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::header::AUTHORIZATION;
+
+use super::keys;
+use super::store::Lookup;
+use crate::error::{ApiError, AuthFailure};
+use crate::state::AppState;
+
+/// Middleware: authenticate, record the tenant on the request span, and continue.
+pub async fn require_tenant(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match authenticate(&state, request.headers()).await {
+        Ok(ctx) => {
+            tracing::Span::current().record("tenant", ctx.tenant.name.as_str());
+            tracing::Span::current().record("key_id", ctx.key_id.as_str());
+            request.extensions_mut().insert(ctx);
+            next.run(request).await
+        }
+        Err(e) => {
+            // Let an uploading client finish (up to the largest body we would accept) so it sees the 401
+            // rather than a reset connection.
+            let cap = state.settings.server.max_multipart_body.as_u64();
+            crate::extract::discard_at_most(request.body_mut(), cap).await;
+            e.into_response()
+        }
+    }
+}
+
+async fn authenticate(state: &AppState, headers: &http::HeaderMap) -> Result<super::TenantContext, ApiError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Err(ApiError::Unauthenticated { reason: AuthFailure::Missing });
+    };
+    let malformed = ApiError::Unauthenticated { reason: AuthFailure::Malformed };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthenticated { reason: AuthFailure::Malformed })?;
+    let presented = keys::parse(token).ok_or(malformed)?;
+    match state.tenants.authenticate(presented).await? {
+        Lookup::Found(ctx) => Ok(ctx),
+        Lookup::Unknown => Err(ApiError::Unauthenticated { reason: AuthFailure::Unknown }),
+    }
+}

@@ -1,0 +1,99 @@
+//! The seam between the gateway and whatever produces images: the [`Upstream`] trait, what goes in
+//! ([`ImageRequest`] plus [`Attribution`]) and what comes out ([`UpstreamReply`]).
+//!
+//! `openai` forwards over HTTP to OpenAI, Azure's v1 API or any OpenAI-compatible server; `mock` answers
+//! offline with real generated images. Upstream answers, errors included, are passed on as they are; only a
+//! failure to get an answer becomes an [`UpstreamError`].
+
+pub mod mock;
+pub mod openai;
+pub mod render;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use http::{HeaderMap, StatusCode};
+
+use crate::error::ApiError;
+use crate::images::request::ImageRequest;
+
+/// Whose bill this request goes on upstream: sent as `OpenAI-Organization` / `OpenAI-Project`.
+#[derive(Debug, Clone, Default)]
+pub struct Attribution {
+    pub organization: Option<String>,
+    pub project: Option<String>,
+    /// The caller's `Idempotency-Key`, forwarded unchanged.
+    pub idempotency_key: Option<String>,
+}
+
+/// An upstream answer: status, the headers worth passing on, and the body.
+pub struct UpstreamReply {
+    pub status: StatusCode,
+    /// Already filtered to `wire::headers::PASSED_THROUGH` plus `content-type`; the upstream's request id
+    /// is under `wire::headers::X_UPSTREAM_REQUEST_ID`.
+    pub headers: HeaderMap,
+    pub body: ReplyBody,
+}
+
+/// A whole body, or an SSE stream passed on chunk by chunk.
+pub enum ReplyBody {
+    Full(Bytes),
+    /// Chunks as they arrive. A failure mid-stream is turned into a final SSE `error` event by the upstream,
+    /// so the stream itself never errors.
+    Stream(BoxStream<'static, Bytes>),
+}
+
+impl std::fmt::Debug for UpstreamReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = match &self.body {
+            ReplyBody::Full(b) => format!("{} bytes", b.len()),
+            ReplyBody::Stream(_) => "stream".to_owned(),
+        };
+        f.debug_struct("UpstreamReply").field("status", &self.status).field("body", &body).finish()
+    }
+}
+
+/// No answer could be had from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connect, TLS or connection-reset failures.
+    #[error("cannot reach upstream: {0}")]
+    Unavailable(String),
+    /// No answer within the deadline.
+    #[error("upstream timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Unavailable(msg) => ApiError::UpstreamUnavailable(msg),
+            UpstreamError::Timeout(d) => ApiError::UpstreamTimeout(d),
+        }
+    }
+}
+
+/// Something that answers OpenAI image requests.
+pub trait Upstream: Send + Sync + 'static {
+    /// Send one request. Must never retry anything that may already have been billed.
+    fn send<'a>(
+        &'a self,
+        request: &'a ImageRequest,
+        attribution: &'a Attribution,
+    ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>>;
+
+    /// `openai` or `mock`, for logs.
+    fn name(&self) -> &'static str;
+}
+
+/// Frame an error as the final SSE event of a stream, in the shape every SDK version raises on.
+pub fn sse_error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
+    let data = crate::error::error_json(message, kind, None, code);
+    let mut out = Vec::with_capacity(data.len() + 32);
+    out.extend_from_slice(b"event: error\ndata: ");
+    out.extend_from_slice(&data);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}

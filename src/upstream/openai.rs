@@ -1,0 +1,222 @@
+//! Forwarding over HTTP to OpenAI or any OpenAI-compatible API (Azure's v1 API with `auth = "api-key"`).
+//!
+//! The body goes out exactly as the caller sent it; only the credentials and attribution headers are ours.
+//! Retries happen only when the connection could not be made, so a request is never billed twice.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName};
+use url::Url;
+
+use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
+use crate::config::{Secret, UpstreamAuth, UpstreamSettings};
+use crate::images::request::ImageRequest;
+use crate::wire::headers;
+
+/// The HTTP upstream.
+pub struct OpenAiUpstream {
+    client: reqwest::Client,
+    base_url: Url,
+    api_key: Secret,
+    auth: UpstreamAuth,
+    organization: Option<String>,
+    project: Option<String>,
+    query: Vec<(String, String)>,
+    timeout: Duration,
+    stream_idle_timeout: Duration,
+    connect_retries: u32,
+}
+
+impl OpenAiUpstream {
+    /// Build the client from validated settings.
+    pub fn new(settings: &UpstreamSettings) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let api_key = settings.api_key.clone().ok_or_else(|| anyhow::anyhow!("upstream.api_key is not set"))?;
+        Ok(Self {
+            client,
+            base_url: settings.base_url.clone(),
+            api_key,
+            auth: settings.auth,
+            organization: settings.organization.clone(),
+            project: settings.project.clone(),
+            query: settings.query.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            timeout: settings.timeout,
+            stream_idle_timeout: settings.stream_idle_timeout,
+            connect_retries: settings.connect_retries,
+        })
+    }
+
+    fn url(&self, request: &ImageRequest) -> Url {
+        let mut url = self.base_url.clone();
+        let path = format!("{}{}", url.path().trim_end_matches('/'), request.endpoint.path());
+        url.set_path(&path);
+        url
+    }
+
+    fn build(&self, request: &ImageRequest, attribution: &Attribution) -> reqwest::RequestBuilder {
+        let (raw, content_type) = request.raw();
+        let mut builder = self
+            .client
+            .post(self.url(request))
+            .header(CONTENT_TYPE, content_type)
+            .header(ACCEPT, "application/json")
+            .body(raw.clone());
+        if !self.query.is_empty() {
+            builder = builder.query(&self.query);
+        }
+        builder = match self.auth {
+            UpstreamAuth::Bearer => builder.bearer_auth(self.api_key.expose()),
+            UpstreamAuth::ApiKey => builder.header(headers::API_KEY, self.api_key.expose()),
+        };
+        let org = attribution.organization.as_ref().or(self.organization.as_ref());
+        let project = attribution.project.as_ref().or(self.project.as_ref());
+        if let Some(org) = org {
+            builder = builder.header(headers::OPENAI_ORGANIZATION, org);
+        }
+        if let Some(project) = project {
+            builder = builder.header(headers::OPENAI_PROJECT, project);
+        }
+        if let Some(key) = &attribution.idempotency_key {
+            builder = builder.header(headers::IDEMPOTENCY_KEY, key);
+        }
+        builder
+    }
+
+    async fn send_once(
+        &self,
+        request: &ImageRequest,
+        attribution: &Attribution,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        self.build(request, attribution).send().await
+    }
+
+    async fn send_with_retries(
+        &self,
+        request: &ImageRequest,
+        attribution: &Attribution,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut attempt = 0;
+        loop {
+            match tokio::time::timeout(self.timeout, self.send_once(request, attribution)).await {
+                Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+                Ok(Ok(response)) => return Ok(response),
+                // A connect error means no byte of the request reached the upstream: safe to try again.
+                Ok(Err(e)) if e.is_connect() && attempt < self.connect_retries => {
+                    attempt += 1;
+                    tracing::warn!(attempt, error = %e.without_url(), "upstream connect failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+                }
+                Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
+                Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(&e))),
+            }
+        }
+    }
+
+    async fn read_reply(&self, response: reqwest::Response, stream: bool) -> Result<UpstreamReply, UpstreamError> {
+        let status = response.status();
+        let headers = pass_through_headers(response.headers());
+        let is_sse = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if stream && status.is_success() && is_sse {
+            let body = sse_stream(response, self.stream_idle_timeout);
+            return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
+        }
+        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
+            Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+            Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
+            Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(&e))),
+            Ok(Ok(body)) => body,
+        };
+        Ok(UpstreamReply { status, headers, body: ReplyBody::Full(body) })
+    }
+}
+
+impl Upstream for OpenAiUpstream {
+    fn send<'a>(
+        &'a self,
+        request: &'a ImageRequest,
+        attribution: &'a Attribution,
+    ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
+        Box::pin(async move {
+            let response = self.send_with_retries(request, attribution).await?;
+            self.read_reply(response, request.stream()).await
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "openai"
+    }
+}
+
+/// The error and its causes, without the URL (which may carry query parameters).
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut out = String::new();
+    let mut current: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = current {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&err.to_string());
+        current = err.source();
+    }
+    out
+}
+
+/// Keep only the headers worth passing on; rename the upstream's request id.
+pub fn pass_through_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(ct) = upstream.get(CONTENT_TYPE) {
+        out.insert(CONTENT_TYPE, ct.clone());
+    }
+    for name in headers::PASSED_THROUGH {
+        if let Some(v) = upstream.get(*name) {
+            out.insert(HeaderName::from_static(name), v.clone());
+        }
+    }
+    if let Some(id) = upstream.get(headers::X_REQUEST_ID) {
+        out.insert(HeaderName::from_static(headers::X_UPSTREAM_REQUEST_ID), id.clone());
+    }
+    out
+}
+
+/// The upstream's SSE body, chunk by chunk, with an idle deadline between chunks. A failure mid-stream ends
+/// the stream with an SSE `error` event so every SDK raises instead of hanging or seeing a silent cut.
+fn sse_stream(response: reqwest::Response, idle: Duration) -> futures::stream::BoxStream<'static, Bytes> {
+    let chunks = response.bytes_stream();
+    futures::stream::unfold(Some(chunks), move |state| async move {
+        let mut chunks = state?;
+        match tokio::time::timeout(idle, chunks.next()).await {
+            Ok(Some(Ok(bytes))) => Some((bytes, Some(chunks))),
+            Ok(None) => None,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %error_chain(&e), "upstream stream broke");
+                Some((interrupted("The upstream stream was interrupted."), None))
+            }
+            Err(_) => {
+                tracing::warn!(idle_secs = idle.as_secs(), "upstream stream went silent");
+                Some((interrupted("The upstream stream stalled and was closed by the gateway."), None))
+            }
+        }
+    })
+    .boxed()
+}
+
+fn interrupted(message: &str) -> Bytes {
+    // Leading line breaks end any half-sent event before ours (extra blank lines are ignored by SSE parsers).
+    let event = sse_error_event(message, "server_error", Some("upstream_stream_interrupted"));
+    let mut out = Vec::with_capacity(event.len() + 2);
+    out.extend_from_slice(b"\n\n");
+    out.extend_from_slice(&event);
+    Bytes::from(out)
+}

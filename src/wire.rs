@@ -1,0 +1,65 @@
+//! Names on the wire: header names, route paths and OpenAI's event and object spellings, each written once.
+//!
+//! Request and response bodies are deliberately *not* mirrored as closed structs: imagegate forwards fields it
+//! does not know, so bodies travel as JSON maps or multipart parts (see `images::request`).
+
+/// Header names imagegate reads or writes.
+pub mod headers {
+    /// imagegate's own request id, on every response and in every log line of the request.
+    pub const X_REQUEST_ID: &str = "x-request-id";
+    /// The upstream's `x-request-id`, passed on so callers can quote it to OpenAI.
+    pub const X_UPSTREAM_REQUEST_ID: &str = "x-upstream-request-id";
+    /// OpenAI's processing time, passed through.
+    pub const OPENAI_PROCESSING_MS: &str = "openai-processing-ms";
+    /// OpenAI's API version, passed through.
+    pub const OPENAI_VERSION: &str = "openai-version";
+    /// Attribution headers, set from the tenant (or upstream) configuration.
+    pub const OPENAI_ORGANIZATION: &str = "openai-organization";
+    pub const OPENAI_PROJECT: &str = "openai-project";
+    /// Tells OpenAI's SDKs whether to retry.
+    pub const X_SHOULD_RETRY: &str = "x-should-retry";
+    pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+    /// Azure's key header, used when `upstream.auth = "api-key"`.
+    pub const API_KEY: &str = "api-key";
+    /// Caller-supplied idempotency key, forwarded unchanged.
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+    /// Upstream response headers passed to the caller unchanged (besides `content-type`).
+    /// `x-request-id` is renamed to [`X_UPSTREAM_REQUEST_ID`]; everything else (cookies, server, hop-by-hop)
+    /// stays behind the gateway.
+    pub const PASSED_THROUGH: &[&str] = &[
+        OPENAI_PROCESSING_MS,
+        OPENAI_VERSION,
+        "retry-after",
+        RETRY_AFTER_MS,
+        X_SHOULD_RETRY,
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-limit-images",
+        "x-ratelimit-remaining-images",
+        "x-ratelimit-reset-images",
+    ];
+}
+
+/// Route paths, relative to the `/v1` prefix where they sit under it.
+pub mod paths {
+    pub const GENERATIONS: &str = "/images/generations";
+    pub const EDITS: &str = "/images/edits";
+    pub const VARIATIONS: &str = "/images/variations";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    /// Where the built-in mock upstream serves the images behind its expiring DALL·E-style URLs.
+    pub const MOCK_FILES: &str = "/_mock/files";
+}
+
+/// SSE event types of the streaming image endpoints.
+pub mod events {
+    pub const GENERATION_PARTIAL: &str = "image_generation.partial_image";
+    pub const GENERATION_COMPLETED: &str = "image_generation.completed";
+    pub const EDIT_PARTIAL: &str = "image_edit.partial_image";
+    pub const EDIT_COMPLETED: &str = "image_edit.completed";
+}

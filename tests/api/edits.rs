@@ -1,0 +1,154 @@
+//! `/v1/images/edits` and `/v1/images/variations`: multipart bodies reach the upstream byte for byte, parts in
+//! order, whatever order the fields came in; the JSON edit body works too.
+
+use reqwest::multipart::{Form, Part};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::support::app::{TestApp, error_of, png};
+use crate::support::fake_openai::FakeOpenAi;
+
+fn file(bytes: Vec<u8>, name: &str) -> Part {
+    Part::bytes(bytes).file_name(name.to_owned()).mime_str("image/png").unwrap()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn several_images_and_a_mask_arrive_in_order_with_every_field() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let images: Vec<Vec<u8>> = (1..=3).map(|i| png(16 * i, 16 * i, false)).collect();
+    let mask = png(16, 16, true);
+
+    // Files before scalars, as the Node SDK often sends them.
+    let form = Form::new()
+        .part("image[]", file(images[0].clone(), "a.png"))
+        .part("image[]", file(images[1].clone(), "b.png"))
+        .part("mask", file(mask.clone(), "mask.png"))
+        .part("image[]", file(images[2].clone(), "c.png"))
+        .text("prompt", "add a hat")
+        .text("model", "gpt-image-1")
+        .text("brand_new_param", "kept");
+    let res = app.post_form("/images/edits", form).await;
+
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let call = &fake.calls()[0];
+    assert_eq!(call.path, "/v1/images/edits");
+    let files: Vec<(&str, &str)> =
+        call.parts.iter().filter(|p| p.file_name.is_some()).map(|p| (p.name.as_str(), p.sha256.as_str())).collect();
+    let expected = [
+        ("image[]", sha(&images[0])),
+        ("image[]", sha(&images[1])),
+        ("mask", sha(&mask)),
+        ("image[]", sha(&images[2])),
+    ];
+    assert_eq!(files, expected.iter().map(|(n, s)| (*n, s.as_str())).collect::<Vec<_>>());
+    assert_eq!(call.field("brand_new_param").as_deref(), Some("kept"));
+    assert_eq!(call.field("prompt").as_deref(), Some("add a hat"));
+    assert!(call.header("content-type").unwrap().starts_with("multipart/form-data; boundary="));
+}
+
+#[tokio::test]
+async fn a_single_image_edit_with_dall_e_2_returns_a_url() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let form = Form::new()
+        .text("model", "dall-e-2")
+        .text("prompt", "make it blue")
+        .text("n", "2")
+        .part("image", file(png(64, 64, true), "in.png"));
+
+    let res = app.post_form("/images/edits", form).await;
+
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert!(body["data"][0]["url"].is_string());
+}
+
+#[tokio::test]
+async fn the_json_edit_body_is_forwarded_as_json() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let sent = json!({
+        "model": "gpt-image-1.5",
+        "prompt": "watercolour",
+        "images": [{"image_url": "data:image/png;base64,iVBORw0KGgo="}],
+    });
+
+    let res = app.post_json("/images/edits", &sent).await;
+
+    assert_eq!(res.status(), 200);
+    assert_eq!(fake.calls()[0].json.as_ref(), Some(&sent));
+}
+
+#[tokio::test]
+async fn variations_are_forwarded_as_multipart() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let image = png(32, 32, false);
+    let form = Form::new().part("image", file(image.clone(), "v.png")).text("n", "2").text("size", "256x256");
+
+    let res = app.post_form("/images/variations", form).await;
+
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let call = &fake.calls()[0];
+    assert_eq!(call.path, "/v1/images/variations");
+    assert_eq!(call.parts.iter().find(|p| p.name == "image").unwrap().sha256, sha(&image));
+}
+
+#[tokio::test]
+async fn malformed_multipart_and_duplicate_fields_get_400_without_an_upstream_call() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let url = format!("{}/images/edits", app.base_url);
+
+    let res = app
+        .client
+        .post(&url)
+        .bearer_auth(&app.key)
+        .header("content-type", "multipart/form-data; boundary=XYZ")
+        .body("--XYZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nunterminated")
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(res).await;
+    assert_eq!(status, 400);
+    assert!(error["message"].as_str().unwrap().contains("multipart"), "{error}");
+
+    let res = app
+        .client
+        .post(&url)
+        .bearer_auth(&app.key)
+        .header("content-type", "multipart/form-data")
+        .body("no boundary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(res).await.0, 400);
+
+    let form = Form::new().text("prompt", "one").text("prompt", "two").part("image", file(png(8, 8, false), "x.png"));
+    let (status, error) = error_of(app.post_form("/images/edits", form).await).await;
+    assert_eq!(status, 400);
+    assert_eq!(error["param"], "prompt");
+
+    assert_eq!(fake.call_count(), 0);
+}
+
+#[tokio::test]
+async fn an_oversized_upload_gets_413_stating_the_multipart_limit() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| s.server.max_multipart_body = bytesize::ByteSize::kib(256)).await;
+    let form = Form::new().text("prompt", "x").part("image", file(vec![0u8; 400 * 1024], "big.png"));
+
+    let (status, error) = error_of(app.post_form("/images/edits", form).await).await;
+
+    assert_eq!(status, 413);
+    assert!(error["message"].as_str().unwrap().contains("262144"), "{error}");
+    assert_eq!(fake.call_count(), 0);
+}

@@ -1,0 +1,15 @@
+//! The black-box integration suite: the real gateway on port 0 in front of a fake OpenAI that counts and
+//! records every call. One binary, one module per concern.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "integration tests fail by panicking")]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod auth;
+mod edits;
+mod errors;
+mod generations;
+mod process;
+mod sdk;
+mod streaming;

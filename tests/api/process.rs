@@ -1,0 +1,165 @@
+//! The compiled binary, run as users run it: `imagegate serve --config FILE`. Covers startup validation,
+//! the offline mock upstream, graceful shutdown on SIGTERM and what reaches the logs.
+
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use imagegate::tenants::keys;
+use serde_json::json;
+
+use crate::support::app::{GatewayProcess, UPSTREAM_KEY};
+use crate::support::fake_openai::FakeOpenAi;
+
+/// A config file for the binary; returns (dir, path, tenant key).
+fn config(upstream: &str, extra: &str) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keys::generate();
+    let body = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{extra}\n{upstream}\n\
+         [[tenants]]\nname = \"ci\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
+        key.id, key.sha256
+    );
+    let path = dir.path().join("imagegate.toml");
+    std::fs::write(&path, body).unwrap();
+    (dir, path.to_string_lossy().into_owned(), key.key)
+}
+
+#[tokio::test]
+async fn serve_without_an_upstream_key_fails_at_startup_and_says_how_to_fix_it() {
+    let (dir, path, _) = config("[upstream]\nkind = \"openai\"", "");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["serve", "--config", &path])
+        .current_dir(dir.path())
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstream.api_key") && stderr.contains("OPENAI_API_KEY") && stderr.contains("--mock"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_mock_upstream_serves_real_images_of_the_requested_size_and_format() {
+    let (dir, path, key) = config("", "");
+    let gw = GatewayProcess::start(&["serve", "--mock", "--config", &path], dir.path());
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        client.post(format!("{}/v1/images/generations", gw.root)).bearer_auth(&key).json(&body).send()
+    };
+
+    let res =
+        post(json!({"model": "gpt-image-1", "prompt": "a tree", "size": "1024x1536", "output_format": "jpeg", "n": 2}))
+            .await
+            .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert!(body["usage"]["output_tokens"].as_u64().unwrap() > 0);
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(body["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+    assert_eq!(image::guess_format(&bytes).unwrap(), image::ImageFormat::Jpeg);
+    let decoded = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (1024, 1536));
+
+    // DALL·E answers with a URL that serves a real PNG.
+    let body: serde_json::Value =
+        post(json!({"model": "dall-e-2", "prompt": "a tree", "size": "256x256"})).await.unwrap().json().await.unwrap();
+    let url = body["data"][0]["url"].as_str().unwrap().to_owned();
+    let png = client.get(&url).send().await.unwrap();
+    assert_eq!(png.headers()["content-type"], "image/png");
+    let decoded = image::load_from_memory(&png.bytes().await.unwrap()).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (256, 256));
+
+    // Deterministic from the prompt.
+    let again: serde_json::Value =
+        post(json!({"model": "dall-e-2", "prompt": "a tree", "size": "256x256"})).await.unwrap().json().await.unwrap();
+    let png2 = client.get(again["data"][0]["url"].as_str().unwrap()).send().await.unwrap().bytes().await.unwrap();
+    let png1 = client.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(png1, png2);
+
+    // GPT image models refuse response_format, as OpenAI does.
+    let res = post(json!({"model": "gpt-image-1", "prompt": "x", "response_format": "url"})).await.unwrap();
+    assert_eq!(res.status(), 400);
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let fake = FakeOpenAi::start().await;
+    let upstream = format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url);
+    let (dir, path, key) = config(&upstream, "");
+    let mut gw = GatewayProcess::start(&["serve", "--config", &path], dir.path());
+
+    let url = format!("{}/v1/images/generations", gw.root);
+    let slow = tokio::spawn(async move {
+        reqwest::Client::new().post(url).bearer_auth(key).json(&json!({"prompt": "x #sleep=1500"})).send().await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(fake.call_count(), 1, "the slow request is in flight");
+    gw.terminate();
+
+    let res = slow.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200, "in-flight request completed during the drain");
+    let status = gw.wait(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}: {}", gw.printed());
+    assert!(gw.printed().contains("drained"), "{}", gw.printed());
+}
+
+#[tokio::test]
+async fn logs_carry_request_ids_but_never_keys_prompts_or_image_data() {
+    let fake = FakeOpenAi::start().await;
+    let upstream = format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url);
+    let (dir, path, key) = config(&upstream, "[log]\nformat = \"json\"\nlevel = \"debug\"");
+    let mut gw = GatewayProcess::start(&["serve", "--config", &path], dir.path());
+    let client = reqwest::Client::new();
+
+    let res = client
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth(&key)
+        .json(&json!({"model": "gpt-image-1", "prompt": "secret-prompt-text"}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: serde_json::Value = res.json().await.unwrap();
+    let b64 = body["data"][0]["b64_json"].as_str().unwrap().to_owned();
+    let image = crate::support::app::png(32, 32, false);
+    let form = reqwest::multipart::Form::new().text("prompt", "x").part(
+        "image",
+        reqwest::multipart::Part::bytes(image.clone()).file_name("a.png").mime_str("image/png").unwrap(),
+    );
+    let res =
+        client.post(format!("{}/v1/images/edits", gw.root)).bearer_auth(&key).multipart(form).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = client
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth("ig_badbadba_nope")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    gw.terminate();
+    gw.wait(Duration::from_secs(10));
+
+    let logs = gw.printed();
+    assert!(logs.contains(&request_id), "request id missing from logs");
+    assert!(logs.contains("\"target\":\"imagegate::usage\""), "no usage event: {logs}");
+    for (what, secret) in [
+        ("tenant key", key.as_str()),
+        ("tenant key secret", &key[12..]),
+        ("upstream key", UPSTREAM_KEY),
+        ("prompt", "secret-prompt-text"),
+        ("base64 image", &b64[..40.min(b64.len())]),
+        ("bad key", "ig_badbadba_nope"),
+    ] {
+        assert!(!logs.contains(secret), "{what} leaked into the logs");
+    }
+    let image_b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    assert!(!logs.contains(&image_b64[..32]));
+}

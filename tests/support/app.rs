@@ -1,0 +1,243 @@
+//! `TestApp`: the real gateway, in-process on port 0, with two tenants, pointed at any upstream URL.
+//! Also `GatewayProcess`: the compiled binary started as users start it, for CLI, signal and log tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use imagegate::config::{KeySettings, Secret, Settings, TenantSettings, UpstreamKind};
+use imagegate::startup::Application;
+use imagegate::tenants::keys;
+use tokio::sync::oneshot;
+use url::Url;
+
+/// The upstream key the fake expects; tenants never see it.
+pub const UPSTREAM_KEY: &str = "sk-upstream-test";
+
+/// A running gateway and keys for two tenants.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`
+    pub root: String,
+    /// `http://127.0.0.1:PORT/v1`
+    pub base_url: String,
+    /// Tenant `team-a` (organization `org-team-a`, project `proj_team_a`).
+    pub key: String,
+    /// Tenant `team-b` (no attribution).
+    pub other_key: String,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Settings for a gateway in front of `upstream_url`, two tenants, port 0. Returns the tenants' keys too.
+pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
+    let a = keys::generate();
+    let b = keys::generate();
+    let mut s = Settings::default();
+    s.server.listen = "127.0.0.1:0".parse().expect("addr");
+    s.upstream.kind = UpstreamKind::Openai;
+    s.upstream.base_url = Url::parse(upstream_url).expect("upstream url");
+    s.upstream.api_key = Some(Secret::new(UPSTREAM_KEY));
+    s.tenants = vec![
+        TenantSettings {
+            name: "team-a".into(),
+            organization: Some("org-team-a".into()),
+            project: Some("proj_team_a".into()),
+            keys: vec![KeySettings { id: a.id.clone(), sha256: a.sha256.clone() }],
+        },
+        TenantSettings {
+            name: "team-b".into(),
+            organization: None,
+            project: None,
+            keys: vec![KeySettings { id: b.id.clone(), sha256: b.sha256.clone() }],
+        },
+    ];
+    (s, a.key, b.key)
+}
+
+impl TestApp {
+    /// Gateway in front of `upstream_url` with default settings.
+    pub async fn spawn(upstream_url: &str) -> TestApp {
+        Self::spawn_with(upstream_url, |_| {}).await
+    }
+
+    /// Gateway with settings adjusted by `tweak` (validated like a real deployment's).
+    pub async fn spawn_with(upstream_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        init_test_logging();
+        let (mut settings, key, other_key) = settings_for(upstream_url);
+        tweak(&mut settings);
+        settings.validate().expect("test settings must be valid");
+        let app = Application::build(settings).await.expect("build app");
+        let root = format!("http://{}", app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            app.run_until(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server ran");
+        });
+        TestApp {
+            base_url: format!("{root}/v1"),
+            root,
+            key,
+            other_key,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    /// POST JSON to `/v1{path}` with the tenant key.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// POST a multipart form to `/v1{path}` with the tenant key.
+    pub async fn post_form(&self, path: &str, form: reqwest::multipart::Form) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.key)
+            .multipart(form)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Trigger graceful shutdown and wait for the server task to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Logs for failing tests: `TEST_LOG=1 cargo test`.
+pub fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        imagegate::telemetry::init(&imagegate::config::LogSettings { level: "debug".into(), ..Default::default() });
+    }
+}
+
+/// An error body in OpenAI's shape; panics with the body if it is not.
+pub async fn error_of(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    let error = body.get("error").unwrap_or_else(|| panic!("no error object: {text}")).clone();
+    for key in ["message", "type", "param", "code"] {
+        assert!(error.get(key).is_some(), "error.{key} missing in {text}");
+    }
+    (status, error)
+}
+
+/// A tiny valid PNG of the given size (RGBA when `alpha`).
+pub fn png(width: u32, height: u32, alpha: bool) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    if alpha {
+        image::RgbaImage::from_pixel(width, height, image::Rgba([10, 20, 30, 0]))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .expect("encode");
+    } else {
+        image::RgbImage::from_pixel(width, height, image::Rgb([200, 100, (width % 255) as u8]))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .expect("encode");
+    }
+    out.into_inner()
+}
+
+/// The compiled `imagegate` binary, started with `serve --config FILE`, its output captured.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub root: String,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    /// Start the binary with `args` and wait for its "listening on" line.
+    pub fn start(args: &[&str], dir: &Path) -> GatewayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+            .args(args)
+            .current_dir(dir)
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start imagegate");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let output = output.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some(i) = line.find("listening on http://") {
+                        let url = line[i + "listening on ".len()..].split(['"', ' ', '\\']).next().unwrap_or("");
+                        let _ = tx.send(url.trim_end_matches('/').to_owned());
+                    }
+                    output.lock().expect("lock").push(line);
+                }
+            });
+        }
+        let root = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("gateway did not start: {:?}", output.lock().expect("lock"))
+        });
+        GatewayProcess { child, root, output }
+    }
+
+    /// Everything the process printed so far.
+    pub fn printed(&self) -> String {
+        self.output.lock().expect("lock").join("\n")
+    }
+
+    /// Send SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Wait for exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("gateway did not exit within {limit:?}: {}", self.printed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
