@@ -31,6 +31,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub log: LogSettings,
     pub upstream: UpstreamSettings,
+    pub validation: ValidationSettings,
     /// Tenants declared in configuration, with the hashes of their keys.
     pub tenants: Vec<TenantSettings>,
 }
@@ -169,6 +170,25 @@ pub enum UpstreamKind {
 pub enum UpstreamAuth {
     Bearer,
     ApiKey,
+}
+
+/// What request validation refuses.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSettings {
+    /// Models imagegate has no rules for: `forward` them with generic checks, or `reject` them.
+    pub unknown_models: UnknownModels,
+}
+
+/// Policy for models missing from imagegate's rule table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownModels {
+    /// Forward with the generic checks only (OpenAI-compatible upstreams have their own model names).
+    #[default]
+    Forward,
+    /// Refuse with 400 naming `model`.
+    Reject,
 }
 
 /// A tenant declared in configuration.

@@ -5,14 +5,18 @@
 //! rate limits and quotas (step 2), the response cache (step 3), re-hosting of returned images (step 5) and
 //! the usage ledger (step 6, today a structured `usage` log event).
 
+pub mod imageinfo;
+pub mod models;
 pub mod multipart;
 pub mod request;
 pub mod usage;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use self::request::ImageRequest;
+use self::validate::ValidationPolicy;
 use crate::error::ApiError;
 use crate::tenants::TenantContext;
 use crate::upstream::{Attribution, Upstream, UpstreamReply};
@@ -20,11 +24,12 @@ use crate::upstream::{Attribution, Upstream, UpstreamReply};
 /// Owns the pipeline's collaborators. Cheap to share behind `Arc`.
 pub struct ImagesService {
     upstream: Arc<dyn Upstream>,
+    policy: ValidationPolicy,
 }
 
 impl ImagesService {
-    pub fn new(upstream: Arc<dyn Upstream>) -> Self {
-        Self { upstream }
+    pub fn new(upstream: Arc<dyn Upstream>, policy: ValidationPolicy) -> Self {
+        Self { upstream, policy }
     }
 
     /// Name of the configured upstream (`openai` or `mock`).
@@ -41,14 +46,13 @@ impl ImagesService {
         idempotency_key: Option<String>,
     ) -> Result<UpstreamReply, ApiError> {
         let started = Instant::now();
+        // 1. Validate against the model's rules (structural checks happened while parsing).
+        let validated = validate::validate(&request, &self.policy)?;
         let span = tracing::Span::current();
-        let model = request.model();
-        span.record("model", model.as_str());
-        span.record("n", request.n());
-        span.record("stream", request.stream());
-
-        // 1. Validate against the model's rules: structural checks happened while parsing; the per-model
-        //    rule table is `images::validate` (next issue).
+        span.record("model", validated.model.as_str());
+        span.record("n", validated.n);
+        span.record("stream", validated.stream);
+        let model = validated.model;
         // 2. Rate limits and quotas: reserve requests and `n` images for the tenant.
         // 3. Cache: streaming requests bypass it; identical requests are answered once.
         // 4. Upstream.

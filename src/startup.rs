@@ -11,6 +11,7 @@ use url::Url;
 
 use crate::config::{Settings, UpstreamKind};
 use crate::images::ImagesService;
+use crate::images::validate::ValidationPolicy;
 use crate::server::layers;
 use crate::state::AppState;
 use crate::tenants::store::ConfigTenantStore;
@@ -42,7 +43,8 @@ impl Application {
             UpstreamKind::Mock => Arc::new(MockUpstream::new(public_url.clone())),
         };
         let tenants = Arc::new(ConfigTenantStore::new(&settings.tenants));
-        let state = AppState::new(Arc::new(settings), tenants, ImagesService::new(upstream));
+        let policy = ValidationPolicy { unknown_models: settings.validation.unknown_models };
+        let state = AppState::new(Arc::new(settings), tenants, ImagesService::new(upstream, policy));
         Ok(Self { listener, addr, public_url, state })
     }
 

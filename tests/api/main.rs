@@ -13,3 +13,4 @@ mod generations;
 mod process;
 mod sdk;
 mod streaming;
+mod validation;

@@ -1,0 +1,144 @@
+//! What each known image model accepts: the per-model rule table of `docs/validation.md`, as data.
+
+use super::request::Endpoint;
+
+/// Model families that share one set of rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    DallE2,
+    DallE3,
+    /// gpt-image-1, -1-mini, -1.5 and chatgpt-image-latest.
+    GptImage,
+    /// gpt-image-2 and its snapshots: free `WxH` sizes.
+    GptImage2,
+}
+
+/// One known model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model {
+    pub id: &'static str,
+    pub family: Family,
+    /// `input_fidelity` is accepted on edits.
+    pub input_fidelity: bool,
+}
+
+const MODELS: &[Model] = &[
+    Model { id: "dall-e-2", family: Family::DallE2, input_fidelity: false },
+    Model { id: "dall-e-3", family: Family::DallE3, input_fidelity: false },
+    Model { id: "gpt-image-1", family: Family::GptImage, input_fidelity: true },
+    Model { id: "gpt-image-1-mini", family: Family::GptImage, input_fidelity: false },
+    Model { id: "gpt-image-1.5", family: Family::GptImage, input_fidelity: true },
+    Model { id: "chatgpt-image-latest", family: Family::GptImage, input_fidelity: true },
+    Model { id: "gpt-image-2", family: Family::GptImage2, input_fidelity: false },
+    Model { id: "gpt-image-2-2026-04-21", family: Family::GptImage2, input_fidelity: false },
+];
+
+/// The known model with this id.
+pub fn lookup(id: &str) -> Option<&'static Model> {
+    MODELS.iter().find(|m| m.id == id)
+}
+
+/// Every known model id, for error messages.
+pub fn known_ids() -> impl Iterator<Item = &'static str> {
+    MODELS.iter().map(|m| m.id)
+}
+
+const GPT_SIZES: &[&str] = &["auto", "1024x1024", "1536x1024", "1024x1536"];
+const DALLE2_SIZES: &[&str] = &["256x256", "512x512", "1024x1024"];
+const DALLE3_SIZES: &[&str] = &["1024x1024", "1792x1024", "1024x1792"];
+const GPT_QUALITIES: &[&str] = &["low", "medium", "high", "auto"];
+
+impl Family {
+    /// GPT image models (the only ones that take `background`, `output_format`, `stream`, …).
+    pub fn is_gpt(self) -> bool {
+        matches!(self, Self::GptImage | Self::GptImage2)
+    }
+
+    /// Whether the family serves `endpoint` (JSON edits are checked separately: GPT image only).
+    pub fn serves(self, endpoint: Endpoint) -> bool {
+        match endpoint {
+            Endpoint::Generations => true,
+            Endpoint::Edits => self != Self::DallE3,
+            Endpoint::Variations => self == Self::DallE2,
+        }
+    }
+
+    /// Longest prompt, in characters.
+    pub fn prompt_max(self) -> usize {
+        match self {
+            Self::DallE2 => 1000,
+            Self::DallE3 => 4000,
+            Self::GptImage | Self::GptImage2 => 32000,
+        }
+    }
+
+    /// Largest `n`.
+    pub fn n_max(self) -> i64 {
+        match self {
+            Self::DallE3 => 1,
+            _ => 10,
+        }
+    }
+
+    /// The listed sizes; GPT image 2 also takes free `WxH` sizes (see [`free_size_ok`]).
+    pub fn sizes(self) -> &'static [&'static str] {
+        match self {
+            Self::DallE2 => DALLE2_SIZES,
+            Self::DallE3 => DALLE3_SIZES,
+            Self::GptImage | Self::GptImage2 => GPT_SIZES,
+        }
+    }
+
+    pub fn qualities(self) -> &'static [&'static str] {
+        match self {
+            Self::DallE2 => &["standard"],
+            Self::DallE3 => &["standard", "hd"],
+            Self::GptImage | Self::GptImage2 => GPT_QUALITIES,
+        }
+    }
+}
+
+/// GPT image 2's free sizes: multiples of 16, ratio at most 3:1, long edge ≤ 3840, 655,360–8,294,400 pixels.
+/// Returns the reason when the size is refused.
+pub fn free_size_ok(size: &str) -> Result<(), &'static str> {
+    let Some((w, h)) = size.split_once('x') else { return Err("sizes are written WIDTHxHEIGHT") };
+    let (Ok(w), Ok(h)) = (w.parse::<u64>(), h.parse::<u64>()) else { return Err("sizes are written WIDTHxHEIGHT") };
+    if w == 0 || h == 0 || w % 16 != 0 || h % 16 != 0 {
+        return Err("width and height must both be multiples of 16");
+    }
+    let (long, short) = (w.max(h), w.min(h));
+    if long > 3 * short {
+        return Err("the aspect ratio must be between 1:3 and 3:1");
+    }
+    if long > 3840 {
+        return Err("the longest edge may be at most 3840 pixels");
+    }
+    let pixels = w * h;
+    if !(655_360..=8_294_400).contains(&pixels) {
+        return Err("the image must have between 655,360 and 8,294,400 pixels");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_sizes_follow_the_published_limits() {
+        for ok in ["1536x864", "3840x2160", "2160x3840", "1024x1024", "1024x640", "2048x2048"] {
+            assert_eq!(free_size_ok(ok), Ok(()), "{ok}");
+        }
+        for bad in ["1000x1000", "4096x1024", "3856x2160", "512x512", "3840x2176", "0x16", "axb", "1024", "16x4800"] {
+            assert!(free_size_ok(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_known_model_resolves() {
+        for id in known_ids() {
+            assert_eq!(lookup(id).map(|m| m.id), Some(id));
+        }
+        assert!(lookup("dall-e-4").is_none());
+    }
+}
