@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Fuzz imagegate's request parsers for a bounded time: `scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]`.
+#
+# Runs every cargo-fuzz target (or only the TARGETs named) for SECONDS_PER_TARGET seconds each (default 60)
+# on the nightly toolchain, installing cargo-fuzz first if it is missing. Each target starts from and grows
+# its committed corpus, fuzz/corpus/<target>/. Exits non-zero if any target crashes, leaks past the RSS limit
+# or times out; the failing input is in fuzz/artifacts/<target>/. See docs/fuzzing.md.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+seconds=${1:-60}
+if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]  (SECONDS_PER_TARGET: a positive integer)" >&2
+  exit 2
+fi
+shift $(($# > 0 ? 1 : 0))
+
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "error: cargo-fuzz needs a nightly toolchain: rustup toolchain install nightly" >&2
+  exit 2
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "==> installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
+if (($# > 0)); then
+  targets=("$@")
+else
+  mapfile -t targets < <(cargo +nightly fuzz list)
+fi
+
+failed=()
+for target in "${targets[@]}"; do
+  corpus=fuzz/corpus/$target
+  mkdir -p "$corpus"
+  before=$(find "$corpus" -type f | wc -l)
+  echo "==> fuzzing $target for ${seconds}s (corpus $corpus: $before files)"
+  # -timeout: an input taking over 10 s is a hang, reported like a crash.
+  if cargo +nightly fuzz run "$target" "$corpus" -- \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -timeout=10 -print_final_stats=1; then
+    after=$(find "$corpus" -type f | wc -l)
+    echo "==> $target: no crash; corpus $before -> $after files"
+  else
+    failed+=("$target")
+    echo "==> $target: FAILED; the input is in fuzz/artifacts/$target/ (see docs/fuzzing.md)" >&2
+  fi
+done
+
+if ((${#failed[@]} > 0)); then
+  echo "fuzzing failed for: ${failed[*]}" >&2
+  exit 1
+fi
+echo "==> all targets ran ${seconds}s without a crash"
