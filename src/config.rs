@@ -32,6 +32,13 @@ pub struct Settings {
     pub log: LogSettings,
     pub upstream: UpstreamSettings,
     pub validation: ValidationSettings,
+    pub database: DatabaseSettings,
+    pub storage: StorageSettings,
+    pub auth: AuthSettings,
+    pub admin: AdminSettings,
+    pub usage: UsageSettings,
+    /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
+    pub pricing: crate::pricing::Prices,
     /// Tenants declared in configuration, with the hashes of their keys.
     pub tenants: Vec<TenantSettings>,
 }
@@ -191,6 +198,83 @@ pub enum UnknownModels {
     Reject,
 }
 
+/// Where tenants, keys and usage live.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/to/file.db` or `postgres://user@host/db`. Default: SQLite at `<storage.data_dir>/imagegate.db`.
+    pub url: Option<Secret>,
+    pub max_connections: u32,
+    /// Run the embedded migrations at startup (turn off to run them as a separate deploy step).
+    pub migrate: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self { url: None, max_connections: 10, migrate: true }
+    }
+}
+
+/// Local files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Directory for the embedded SQLite database (and, later, stored images).
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("data") }
+    }
+}
+
+/// Tenant-key checks on the request path.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// How long a validated key is trusted without asking the database: the longest a revocation or
+    /// suspension made on another replica takes to apply here.
+    #[serde(with = "humantime_serde")]
+    pub key_cache_ttl: Duration,
+    /// How often `last_used_at` is written (one batched write, never one per request).
+    #[serde(with = "humantime_serde")]
+    pub last_used_flush: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self { key_cache_ttl: Duration::from_secs(5), last_used_flush: Duration::from_secs(30) }
+    }
+}
+
+/// The admin API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Bearer token for `/admin/v1/*`; the admin API is off (404) when unset. Use IMAGEGATE__ADMIN__TOKEN.
+    pub token: Option<Secret>,
+}
+
+/// The usage ledger writer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageSettings {
+    /// Rows are written in one transaction at most this often.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// …or as soon as this many are waiting.
+    pub batch_size: usize,
+    /// Rows waiting in memory before new ones are dropped (and counted in the log) rather than slowing requests.
+    pub queue_capacity: usize,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        Self { flush_interval: Duration::from_millis(500), batch_size: 500, queue_capacity: 100_000 }
+    }
+}
+
 /// A tenant declared in configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -203,6 +287,15 @@ pub struct TenantSettings {
     /// `OpenAI-Project` sent upstream for this tenant's requests.
     #[serde(default)]
     pub project: Option<String>,
+    /// Models the tenant may use; absent = all.
+    #[serde(default)]
+    pub allowed_models: Option<Vec<String>>,
+    /// Rate limits and budgets.
+    #[serde(default)]
+    pub limits: crate::tenants::Limits,
+    /// Store prompt text in usage rows (explicit opt-in).
+    #[serde(default)]
+    pub log_prompts: bool,
     /// The tenant's keys, as printed by `imagegate keys new`.
     #[serde(default)]
     pub keys: Vec<KeySettings>,
@@ -350,6 +443,21 @@ impl Settings {
             faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
         }
         validate_tenants(&self.tenants, &mut faults);
+        if self.database.max_connections == 0 {
+            faults.push("database.max_connections must be at least 1".to_owned());
+        }
+        if let Some(url) = &self.database.url
+            && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.expose().starts_with(p))
+        {
+            faults.push("database.url must start with sqlite:, postgres: or postgresql:".to_owned());
+        }
+        if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            faults.push("admin.token must be at least 16 characters".to_owned());
+        }
+        if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
+            faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
         if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
     }
 }

@@ -27,6 +27,12 @@ pub enum ApiError {
     /// No such route. 404.
     #[error("unknown route {method} {path}")]
     NotFound { method: String, path: String },
+    /// An admin resource (tenant, key) that does not exist. 404.
+    #[error("{message}")]
+    NotFoundResource { message: String },
+    /// The resource already exists (admin API). 409.
+    #[error("{message}")]
+    Conflict { message: String },
     /// The route exists but not for this method. 405.
     #[error("method {method} not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
@@ -112,7 +118,8 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::NotFoundResource { .. } => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -128,6 +135,8 @@ impl ApiError {
             Self::InvalidRequest { .. }
             | Self::Unauthenticated { .. }
             | Self::NotFound { .. }
+            | Self::NotFoundResource { .. }
+            | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::PermissionDenied { .. } => "permission_error",
@@ -163,7 +172,10 @@ impl ApiError {
     /// The text the caller sees. 5xx texts are fixed: causes stay in the log.
     pub fn client_message(&self) -> String {
         match self {
-            Self::InvalidRequest { message, .. } | Self::PermissionDenied { message } => message.clone(),
+            Self::InvalidRequest { message, .. }
+            | Self::PermissionDenied { message }
+            | Self::NotFoundResource { message }
+            | Self::Conflict { message } => message.clone(),
             Self::Unauthenticated { reason: AuthFailure::Missing } => "You didn't provide an API key. You need to \
                 provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer \
                 YOUR_KEY)."
@@ -194,6 +206,8 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. }
             | Self::NotFound { .. }
+            | Self::NotFoundResource { .. }
+            | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. } => Level::Debug,
             Self::Unauthenticated { .. } | Self::PermissionDenied { .. } | Self::ShuttingDown => Level::Info,
@@ -209,6 +223,8 @@ impl ApiError {
             Self::Unauthenticated { .. } => "client.unauthenticated",
             Self::PermissionDenied { .. } => "client.permission_denied",
             Self::NotFound { .. } => "client.not_found",
+            Self::NotFoundResource { .. } => "client.no_such_resource",
+            Self::Conflict { .. } => "client.conflict",
             Self::MethodNotAllowed { .. } => "client.method_not_allowed",
             Self::PayloadTooLarge { .. } => "client.payload_too_large",
             Self::RequestTimeout(_) => "internal.request_timeout",

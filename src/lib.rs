@@ -4,19 +4,27 @@
 //! - `startup`   binds the listener and wires `AppState` from `config::Settings`.
 //! - `server`    the global layer stack (panic → 500, request id, trace, error log, timeout) and shutdown.
 //! - `routes`    the route table; `routes::images` are the three thin handlers, `routes::health` the probes.
-//! - `tenants`   key format, key → tenant lookup, and the auth layer that puts a `TenantContext` on requests.
+//! - `tenants`   tenants and keys in the database, the cached key lookup, and the auth layer that puts a
+//!   `TenantContext` on requests.
 //! - `extract`   content-type dispatch, body limits, JSON/multipart parsing into `images::request`.
 //! - `images`    the pipeline: validate → limit → cache → upstream → re-host → usage. No HTTP types.
 //! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
+//! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
+//! - `ledger`    the usage ledger: rows written off the request path; `ledger::report` reads them back.
+//! - `db`        the SQLite/PostgreSQL pool and embedded migrations; `pricing` turns usage into USD.
 //! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
 //! - `wire`      header names, paths and event names, spelt once.
 //! - `config`, `telemetry`, `cli`: settings, logging, and the command line.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod error;
 pub mod extract;
 pub mod images;
+pub mod ledger;
+pub mod pricing;
 pub mod routes;
 pub mod server;
 pub mod startup;

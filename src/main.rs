@@ -1,45 +1,47 @@
-//! The `imagegate` binary: parse the command line, load settings, start logging, run. Only startup may fail
-//! loudly here; everything on the request path returns errors.
+//! The `imagegate` binary: parse the command line, then either run the gateway or one of the management
+//! commands of `cli::commands`, printing what it returns. Only startup may fail loudly here; everything on the
+//! request path returns errors.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use imagegate::cli::{Cli, Command, ConfigCommand, KeysCommand};
-use imagegate::config::Settings;
+use imagegate::cli::{Cli, Command, ConfigCommand, ServeArgs, commands};
 use imagegate::startup::Application;
 use imagegate::{server, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => {
-            let settings = match args.settings() {
-                Ok(s) => s,
-                Err(e) => return fail(&e),
-            };
-            telemetry::init(&settings.log);
-            tracing::debug!(settings = ?settings, "effective configuration");
-            let app = match Application::build(settings).await {
-                Ok(app) => app,
-                Err(e) => return fail(&e),
-            };
-            match app.run_until(server::shutdown::signal()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            }
-        }
-        Command::Keys(KeysCommand::New { tenant }) => {
-            print(&imagegate::cli::new_key_text(&tenant));
+    let output = match cli.command {
+        Command::Serve(args) => return serve(args).await,
+        Command::Tenants(command) => commands::tenants(command).await,
+        Command::Keys(command) => commands::keys(command).await,
+        Command::Usage(args) => commands::usage(args).await,
+        Command::Config(ConfigCommand::Check(args)) => commands::config_check(&args),
+    };
+    match output {
+        Ok(text) => {
+            print(&text);
             ExitCode::SUCCESS
         }
-        Command::Config(ConfigCommand::Check(args)) => match Settings::load(&args.sources()) {
-            Ok(settings) => {
-                print(&format!("configuration is valid:\n{settings:#?}\n"));
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        },
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    telemetry::init(&settings.log);
+    tracing::debug!(settings = ?settings, "effective configuration");
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(e) => return fail(&e),
+    };
+    match app.run_until(server::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

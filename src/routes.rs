@@ -10,13 +10,15 @@ use axum::extract::Request;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 
+use crate::admin;
 use crate::config::UpstreamKind;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::tenants::auth;
 use crate::wire::paths;
 
-/// All routes, with authentication on the image routes only.
+/// All routes: tenant authentication on the image routes, the admin token on `/admin/v1` (mounted only when
+/// `admin.token` is set).
 pub fn router(state: AppState) -> Router {
     let images = Router::new()
         .route(paths::GENERATIONS, post(images::create_image))
@@ -29,6 +31,9 @@ pub fn router(state: AppState) -> Router {
         .merge(images)
         .route(paths::HEALTHZ, get(health::healthz))
         .route(paths::READYZ, get(health::readyz));
+    if let Some(token) = &state.settings.admin.token {
+        router = router.nest(admin::PREFIX, admin::router(token));
+    }
     if state.settings.upstream.kind == UpstreamKind::Mock {
         router = router.route(&format!("{}/{{name}}", paths::MOCK_FILES), get(mock_files::get_mock_file));
     }

@@ -1,5 +1,8 @@
 //! `Application`: settings in, a bound listener and wired state out; then serve until a shutdown signal and
 //! drain with a deadline. Tests build it on port 0 and read `local_addr()`.
+//!
+//! Background tasks (the usage writer, the `last_used_at` flusher) are owned here and stopped in order on
+//! shutdown: stop accepting → drain requests → flush key usage → write queued usage rows → close the database.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,11 +13,15 @@ use tokio::net::TcpListener;
 use url::Url;
 
 use crate::config::{Settings, UpstreamKind};
+use crate::db::Db;
 use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
+use crate::ledger::{Ledger, LedgerWriter};
 use crate::server::layers;
 use crate::state::AppState;
-use crate::tenants::store::ConfigTenantStore;
+use crate::tenants::repo::TenantRepo;
+use crate::tenants::store::TenantStore;
+use crate::tenants::sync;
 use crate::upstream::Upstream;
 use crate::upstream::mock::MockUpstream;
 use crate::upstream::openai::OpenAiUpstream;
@@ -25,11 +32,17 @@ pub struct Application {
     addr: SocketAddr,
     public_url: Url,
     state: AppState,
+    writer: LedgerWriter,
 }
 
 impl Application {
-    /// Bind the socket and wire everything from validated settings.
+    /// Open the database, apply configured tenants, bind the socket and wire everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
+        let repo = TenantRepo::new(db.clone());
+        sync::apply(&repo, &settings.tenants)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot apply the tenants of the configuration: {e}"))?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.server.listen))?;
@@ -42,10 +55,12 @@ impl Application {
             UpstreamKind::Openai => Arc::new(OpenAiUpstream::new(&settings.upstream)?),
             UpstreamKind::Mock => Arc::new(MockUpstream::new(public_url.clone())),
         };
-        let tenants = Arc::new(ConfigTenantStore::new(&settings.tenants));
+        let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
+        let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
         let policy = ValidationPolicy { unknown_models: settings.validation.unknown_models };
-        let state = AppState::new(Arc::new(settings), tenants, ImagesService::new(upstream, policy));
-        Ok(Self { listener, addr, public_url, state })
+        let images = ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger);
+        let state = AppState::new(Arc::new(settings), db, tenants, images);
+        Ok(Self { listener, addr, public_url, state, writer })
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -59,19 +74,12 @@ impl Application {
     }
 
     /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish for up to
-    /// `server.shutdown_timeout`, and return.
+    /// `server.shutdown_timeout`, write what is pending, and return.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let state = self.state.clone();
+        let Self { listener, public_url, state, writer, .. } = self;
         let settings = state.settings.clone();
-        tracing::info!(
-            upstream = state.images.upstream_name(),
-            tenants = state.tenants.tenant_count(),
-            "listening on {}",
-            self.public_url
-        );
-        if state.tenants.tenant_count() == 0 {
-            tracing::warn!("no tenants are configured: every image request will get 401 (see `imagegate keys new`)");
-        }
+        tracing::info!(upstream = state.images.upstream_name(), db = ?state.db.backend(), "listening on {public_url}");
+        let flusher = tokio::spawn(flush_last_used(state.tenants.clone(), settings.auth.last_used_flush));
         let app = layers::apply(crate::routes::router(state.clone()), settings.server.request_timeout);
         let started_draining = Arc::new(tokio::sync::Notify::new());
         let notify = started_draining.clone();
@@ -81,18 +89,22 @@ impl Application {
             drain_state.begin_draining();
             notify.notify_one();
         };
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(graceful);
+        let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
         let deadline = settings.server.shutdown_timeout;
-        tokio::select! {
-            result = serve.into_future() => {
-                result?;
-                tracing::info!("drained, exiting");
-            }
+        let served = tokio::select! {
+            result = serve.into_future() => result.map(|()| tracing::info!("drained, exiting")),
             () = drain_deadline(started_draining, deadline) => {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "drain deadline passed with requests in flight, exiting");
+                Ok(())
             }
+        };
+        flusher.abort();
+        if let Err(e) = state.tenants.flush_last_used().await {
+            tracing::warn!(error = %e, "could not record key last-used times");
         }
-        Ok(())
+        writer.close().await;
+        state.db.close().await;
+        Ok(served?)
     }
 }
 
@@ -100,4 +112,15 @@ async fn drain_deadline(started: Arc<tokio::sync::Notify>, deadline: Duration) {
     started.notified().await;
     tracing::info!(deadline_secs = deadline.as_secs(), "draining in-flight requests");
     tokio::time::sleep(deadline).await;
+}
+
+async fn flush_last_used(tenants: Arc<TenantStore>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = tenants.flush_last_used().await {
+            tracing::warn!(error = %e, "could not record key last-used times");
+        }
+    }
 }

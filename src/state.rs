@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
+use crate::db::Db;
 use crate::images::ImagesService;
 use crate::tenants::store::TenantStore;
 
@@ -15,14 +16,15 @@ pub struct AppState(Arc<Inner>);
 /// The contents of [`AppState`].
 pub struct Inner {
     pub settings: Arc<Settings>,
-    pub tenants: Arc<dyn TenantStore>,
+    pub db: Db,
+    pub tenants: Arc<TenantStore>,
     pub images: ImagesService,
     draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(settings: Arc<Settings>, tenants: Arc<dyn TenantStore>, images: ImagesService) -> Self {
-        Self(Arc::new(Inner { settings, tenants, images, draining: AtomicBool::new(false) }))
+    pub fn new(settings: Arc<Settings>, db: Db, tenants: Arc<TenantStore>, images: ImagesService) -> Self {
+        Self(Arc::new(Inner { settings, db, tenants, images, draining: AtomicBool::new(false) }))
     }
 
     /// Mark the gateway as shutting down: `/readyz` turns 503.

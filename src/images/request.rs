@@ -125,6 +125,11 @@ impl ImageRequest {
         Ok(Self { endpoint, body: RequestBody::Json { raw, fields } })
     }
 
+    /// An empty JSON request, standing in for a body that could not be read (usage records of refusals).
+    pub fn empty(endpoint: Endpoint) -> Self {
+        Self { endpoint, body: RequestBody::Json { raw: Bytes::new(), fields: Map::new() } }
+    }
+
     /// A multipart request whose form is already parsed (see `images::multipart`).
     pub fn from_form(endpoint: Endpoint, raw: Bytes, content_type: String, form: Form) -> Self {
         Self { endpoint, body: RequestBody::Multipart { raw, content_type, form } }

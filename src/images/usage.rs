@@ -1,35 +1,55 @@
-//! One usage record per request: who, what, how many images, tokens, status and latency. Emitted as a
-//! structured `tracing` event on the `imagegate::usage` target; the database ledger reads the same record.
+//! One usage record per request: who, what, how many images, tokens, estimated cost, status and latency.
+//! Built here from the request and the upstream's answer, persisted by `ledger`, and also emitted as a
+//! structured `imagegate::usage` log event.
 //!
-//! Never holds prompt text or image data: counts are read from the response without keeping it.
+//! Never holds image data; prompt text only when the tenant opted in. Streams are metered as they pass:
+//! each `*.completed` event counts one image and carries its token usage.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
+use futures::Stream;
+use futures::stream::BoxStream;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use super::request::ImageRequest;
+use crate::ledger::Ledger;
+use crate::pricing::{Metered, Prices};
 use crate::tenants::TenantContext;
-use crate::upstream::{ReplyBody, UpstreamError, UpstreamReply};
+use crate::upstream::{ReplyBody, UpstreamReply};
 use crate::wire::headers;
 
 /// What one request used.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
+    pub request_id: String,
+    pub created_at: i64,
+    pub tenant_id: String,
     pub tenant: String,
     pub key_id: String,
     pub endpoint: &'static str,
     pub model: String,
     pub images_requested: u32,
-    /// Images in a successful non-streaming answer; `None` when not known (streams, failures).
+    /// Images in a successful answer; `None` when not known.
     pub images_returned: Option<u32>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
-    /// Upstream HTTP status, or the gateway's status when no answer came.
+    /// Estimated USD; 0 for failed, refused and cached requests, and for unpriced models.
+    pub cost_usd: f64,
+    /// HTTP status returned to the caller.
     pub status: u16,
     pub latency_ms: u64,
     pub stream: bool,
+    pub cache_hit: bool,
     pub upstream_request_id: Option<String>,
+    /// Only when the tenant opted into prompt logging.
+    pub prompt: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -37,55 +57,83 @@ struct ResponseCounts {
     #[serde(default)]
     data: Vec<IgnoredAny>,
     #[serde(default)]
-    usage: Option<Tokens>,
+    usage: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
-struct Tokens {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+struct CompletedEvent {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
 }
 
 impl UsageRecord {
-    /// Build the record from the request and whatever the upstream answered.
-    pub fn new(
-        ctx: &TenantContext,
-        request: &ImageRequest,
-        model: &str,
-        started: Instant,
-        outcome: &Result<UpstreamReply, UpstreamError>,
-    ) -> Self {
-        let mut record = Self {
+    /// A record for `request` before its outcome is known.
+    pub fn start(ctx: &TenantContext, request: &ImageRequest, request_id: &str, model: &str) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            created_at: 0,
+            tenant_id: ctx.tenant.id.clone(),
             tenant: ctx.tenant.name.clone(),
             key_id: ctx.key_id.clone(),
             endpoint: request.endpoint.name(),
             model: model.to_owned(),
             images_requested: request.n(),
             images_returned: None,
+            size: request.field_str("size"),
+            quality: request.field_str("quality"),
             input_tokens: None,
             output_tokens: None,
+            cost_usd: 0.0,
             status: 0,
-            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            latency_ms: 0,
             stream: request.stream(),
+            cache_hit: false,
             upstream_request_id: None,
-        };
-        match outcome {
-            Ok(reply) => {
-                record.status = reply.status.as_u16();
-                record.upstream_request_id =
-                    reply.headers.get(headers::X_UPSTREAM_REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
-                    && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
-                {
-                    record.images_returned = u32::try_from(counts.data.len()).ok();
-                    record.input_tokens = counts.usage.as_ref().and_then(|u| u.input_tokens);
-                    record.output_tokens = counts.usage.as_ref().and_then(|u| u.output_tokens);
-                }
-            }
-            Err(UpstreamError::Unavailable(_)) => record.status = 502,
-            Err(UpstreamError::Timeout(_)) => record.status = 504,
+            prompt: ctx.tenant.log_prompts.then(|| request.field_str("prompt")).flatten(),
         }
-        record
+    }
+
+    /// Close the record with a status and no billable output (refusals, failures).
+    pub fn finish(mut self, status: u16, started: Instant) -> Self {
+        self.status = status;
+        self.created_at = crate::db::now_ms();
+        self.latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Close the record from a whole upstream answer: images, tokens and cost from a 2xx body.
+    pub fn finish_reply(mut self, reply: &UpstreamReply, prices: &Prices, started: Instant) -> Self {
+        self.upstream_request_id =
+            reply.headers.get(headers::X_UPSTREAM_REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
+            && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
+        {
+            let images = u32::try_from(counts.data.len()).unwrap_or(u32::MAX);
+            self.add_output(images, counts.usage.as_ref(), prices);
+        }
+        self.finish(reply.status.as_u16(), started)
+    }
+
+    fn add_output(&mut self, images: u32, usage: Option<&serde_json::Value>, prices: &Prices) {
+        self.images_returned = Some(self.images_returned.unwrap_or(0) + images);
+        if let Some(u) = usage {
+            let get = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
+            if let Some(i) = get("input_tokens") {
+                self.input_tokens = Some(self.input_tokens.unwrap_or(0) + i);
+            }
+            if let Some(o) = get("output_tokens") {
+                self.output_tokens = Some(self.output_tokens.unwrap_or(0) + o);
+            }
+        }
+        let metered =
+            Metered { model: &self.model, size: self.size.as_deref(), quality: self.quality.as_deref(), images, usage };
+        match prices.estimate(&metered) {
+            Some(cost) => self.cost_usd += cost,
+            None if images > 0 => tracing::warn!(model = %self.model, "model has no price: usage cost recorded as 0"),
+            None => {}
+        }
     }
 
     /// Write the record as a structured event.
@@ -100,46 +148,103 @@ impl UsageRecord {
             images_returned = self.images_returned,
             input_tokens = self.input_tokens,
             output_tokens = self.output_tokens,
+            cost_usd = self.cost_usd,
             status = self.status,
             latency_ms = self.latency_ms,
             stream = self.stream,
+            cache_hit = self.cache_hit,
             upstream_request_id = self.upstream_request_id.as_deref(),
             "usage"
         );
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
+/// Pass an SSE stream through unchanged while metering its `*.completed` events; the record is written when
+/// the stream ends or the caller goes away.
+pub fn meter_stream(
+    inner: BoxStream<'static, Bytes>,
+    record: UsageRecord,
+    prices: Arc<Prices>,
+    ledger: Ledger,
+    started: Instant,
+) -> BoxStream<'static, Bytes> {
+    Box::pin(MeteredStream { inner, pending: Vec::new(), searched: 0, record: Some(record), prices, ledger, started })
+}
 
-    use bytes::Bytes;
-    use http::{HeaderMap, HeaderValue, StatusCode};
+struct MeteredStream {
+    inner: BoxStream<'static, Bytes>,
+    /// Bytes of the event in progress (one event at a time).
+    pending: Vec<u8>,
+    /// How far `pending` has been searched for the end of the event, so large events are scanned once.
+    searched: usize,
+    record: Option<UsageRecord>,
+    prices: Arc<Prices>,
+    ledger: Ledger,
+    started: Instant,
+}
 
-    use super::*;
-    use crate::images::request::Endpoint;
-    use crate::tenants::Tenant;
+impl MeteredStream {
+    fn scan(&mut self, chunk: &[u8]) {
+        self.pending.extend_from_slice(chunk);
+        loop {
+            let from = self.searched.saturating_sub(1);
+            let Some(end) = self.pending.get(from..).and_then(|rest| find(rest, b"\n\n")).map(|i| i + from) else {
+                self.searched = self.pending.len();
+                return;
+            };
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            self.searched = 0;
+            self.meter_event(&event);
+        }
+    }
 
-    #[test]
-    fn counts_images_and_tokens_without_keeping_the_body() {
-        let ctx = TenantContext {
-            tenant: Arc::new(Tenant { name: "t".into(), organization: None, project: None }),
-            key_id: "abcd1234".into(),
+    fn meter_event(&mut self, event: &[u8]) {
+        let Some(record) = self.record.as_mut() else { return };
+        let Some(data) = event.split(|b| *b == b'\n').find_map(|line| line.strip_prefix(b"data: ")) else {
+            return;
         };
-        let req = ImageRequest::from_json(
-            Endpoint::Generations,
-            Bytes::from_static(br#"{"prompt":"p","n":2,"model":"gpt-image-1"}"#),
-        )
-        .unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::X_UPSTREAM_REQUEST_ID, HeaderValue::from_static("req_1"));
-        let body = br#"{"created":1,"data":[{"b64_json":"AAAA"},{"b64_json":"BBBB"}],"usage":{"input_tokens":7,"output_tokens":2112,"total_tokens":2119}}"#;
-        let outcome =
-            Ok(UpstreamReply { status: StatusCode::OK, headers, body: ReplyBody::Full(Bytes::from_static(body)) });
-        let r = UsageRecord::new(&ctx, &req, "gpt-image-1", Instant::now(), &outcome);
-        assert_eq!((r.images_requested, r.images_returned), (2, Some(2)));
-        assert_eq!((r.input_tokens, r.output_tokens), (Some(7), Some(2112)));
-        assert_eq!(r.upstream_request_id.as_deref(), Some("req_1"));
-        assert!(!format!("{r:?}").contains("AAAA"));
+        if find(data, b"completed\"").is_none() {
+            return;
+        }
+        if let Ok(e) = serde_json::from_slice::<CompletedEvent>(data)
+            && e.kind.ends_with(".completed")
+        {
+            record.add_output(1, e.usage.as_ref(), &self.prices);
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.ledger.record(record.finish(200, self.started));
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Stream for MeteredStream {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(chunk)) => {
+                self.scan(&chunk);
+                Poll::Ready(Some(chunk))
+            }
+            Poll::Ready(None) => {
+                self.close();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        // The caller disconnected mid-stream: record what was delivered so far.
+        self.close();
     }
 }

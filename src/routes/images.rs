@@ -7,7 +7,9 @@ use axum::response::Response;
 
 use crate::error::ApiError;
 use crate::extract;
+use crate::images::RequestMeta;
 use crate::images::request::Endpoint;
+use crate::server::layers::RequestId;
 use crate::state::AppState;
 use crate::tenants::TenantContext;
 use crate::upstream::{ReplyBody, UpstreamReply};
@@ -45,8 +47,16 @@ async fn handle(
     endpoint: Endpoint,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let extracted = extract::image_request(&state, endpoint, request).await?;
-    let reply = state.images.handle(&ctx, extracted.request, extracted.idempotency_key).await?;
+    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    let extracted = match extract::image_request(&state, endpoint, request).await {
+        Ok(extracted) => extracted,
+        Err(e) => {
+            state.images.record_refusal(&ctx, endpoint, &request_id, e.status().as_u16());
+            return Err(e);
+        }
+    };
+    let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key };
+    let reply = state.images.handle(&ctx, extracted.request, meta).await?;
     Ok(into_response(reply))
 }
 

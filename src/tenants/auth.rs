@@ -43,8 +43,11 @@ async fn authenticate(state: &AppState, headers: &http::HeaderMap) -> Result<sup
         .map(str::trim)
         .ok_or_else(|| ApiError::Unauthenticated { reason: AuthFailure::Malformed })?;
     let presented = keys::parse(token).ok_or(malformed)?;
-    match state.tenants.authenticate(presented).await? {
+    match state.tenants.authenticate(presented).await.map_err(|e| ApiError::Internal(e.into()))? {
         Lookup::Found(ctx) => Ok(ctx),
+        Lookup::Suspended(name) => Err(ApiError::PermissionDenied {
+            message: format!("Tenant '{name}' is suspended. Ask your imagegate administrator to resume it."),
+        }),
         Lookup::Unknown => Err(ApiError::Unauthenticated { reason: AuthFailure::Unknown }),
     }
 }

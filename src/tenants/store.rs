@@ -1,94 +1,92 @@
-//! Key → tenant lookup behind the [`TenantStore`] trait. The configuration-backed store lives here; the
-//! database store (issue: tenants in a real database) implements the same trait.
+//! Key → tenant lookup on the request path: the database behind a short-lived moka cache, so a request costs
+//! no query in the common case while a revocation or suspension reaches every replica within
+//! `auth.key_cache_ttl`. `last_used_at` is collected in memory and written in batches.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use futures::future::BoxFuture;
+use moka::future::Cache;
 
-use super::keys;
-use super::{Tenant, TenantContext};
-use crate::config::TenantSettings;
+use super::keys::{self, PresentedKey};
+use super::repo::{KeyRecord, RepoError, TenantRepo};
+use super::{Tenant, TenantContext, TenantStatus};
+use crate::db::now_ms;
 
 /// Outcome of a key lookup.
 #[derive(Debug)]
 pub enum Lookup {
     Found(TenantContext),
-    /// No active key with that id and hash.
+    /// The key is valid but its tenant is suspended (403).
+    Suspended(String),
+    /// No active key with that id and hash: unknown, wrong secret, revoked or expired (401).
     Unknown,
 }
 
-/// Resolves presented keys to tenants.
-pub trait TenantStore: Send + Sync + 'static {
-    /// Look up a well-formed key.
-    fn authenticate<'a>(&'a self, key: keys::PresentedKey<'a>) -> BoxFuture<'a, anyhow::Result<Lookup>>;
-    /// Number of tenants known, for the startup log.
-    fn tenant_count(&self) -> usize;
+/// A cached key and its tenant, or `None` for an id that matches no key.
+type CachedKey = Option<(Arc<KeyRecord>, Arc<Tenant>)>;
+
+/// Cached, database-backed key lookups.
+pub struct TenantStore {
+    repo: TenantRepo,
+    /// Key id → the key and its tenant (or `None`: no such key), for `auth.key_cache_ttl`.
+    cache: Cache<String, CachedKey>,
+    last_used: Mutex<HashMap<String, i64>>,
 }
 
-/// Tenants declared in the configuration file.
-#[derive(Debug, Default)]
-pub struct ConfigTenantStore {
-    by_key_id: HashMap<String, (Arc<Tenant>, String)>,
-    tenants: usize,
-}
-
-impl ConfigTenantStore {
-    pub fn new(settings: &[TenantSettings]) -> Self {
-        let mut by_key_id = HashMap::new();
-        for t in settings {
-            let tenant = Arc::new(Tenant {
-                name: t.name.clone(),
-                organization: t.organization.clone(),
-                project: t.project.clone(),
-            });
-            for k in &t.keys {
-                by_key_id.insert(k.id.clone(), (tenant.clone(), k.sha256.to_ascii_lowercase()));
-            }
+impl TenantStore {
+    pub fn new(repo: TenantRepo, ttl: Duration) -> Self {
+        Self {
+            repo,
+            cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
+            last_used: Mutex::default(),
         }
-        Self { by_key_id, tenants: settings.len() }
     }
-}
 
-impl TenantStore for ConfigTenantStore {
-    fn authenticate<'a>(&'a self, key: keys::PresentedKey<'a>) -> BoxFuture<'a, anyhow::Result<Lookup>> {
-        let found = match self.by_key_id.get(key.id) {
-            Some((tenant, sha)) if keys::matches(key.full, sha) => {
-                Lookup::Found(TenantContext { tenant: tenant.clone(), key_id: key.id.to_owned() })
-            }
-            _ => Lookup::Unknown,
+    pub fn repo(&self) -> &TenantRepo {
+        &self.repo
+    }
+
+    /// Check a presented key.
+    pub async fn authenticate(&self, key: PresentedKey<'_>) -> Result<Lookup, RepoError> {
+        let id = key.id.to_owned();
+        let repo = self.repo.clone();
+        let entry = self
+            .cache
+            .try_get_with(id.clone(), async move {
+                repo.key_with_tenant(&id).await.map(|found| found.map(|(k, t)| (Arc::new(k), Arc::new(t))))
+            })
+            .await
+            .map_err(|e| RepoError::Invalid(format!("key lookup failed: {e}")))?;
+        let Some((record, tenant)) = entry else { return Ok(Lookup::Unknown) };
+        let now = now_ms();
+        let active = record.revoked_at.is_none() && record.expires_at.is_none_or(|at| at > now);
+        if !active || !keys::matches(key.full, &record.secret_sha256) {
+            return Ok(Lookup::Unknown);
+        }
+        if tenant.status == TenantStatus::Suspended {
+            return Ok(Lookup::Suspended(tenant.name.clone()));
+        }
+        if let Ok(mut used) = self.last_used.lock() {
+            used.insert(record.id.clone(), now);
+        }
+        Ok(Lookup::Found(TenantContext { tenant, key_id: record.id.clone() }))
+    }
+
+    /// Forget cached keys at once on this replica (after an admin change); other replicas follow within the TTL.
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Write the collected `last_used_at` times.
+    pub async fn flush_last_used(&self) -> Result<(), RepoError> {
+        let batch: Vec<(String, i64)> = match self.last_used.lock() {
+            Ok(mut used) => used.drain().collect(),
+            Err(_) => return Ok(()),
         };
-        Box::pin(async move { Ok(found) })
-    }
-
-    fn tenant_count(&self) -> usize {
-        self.tenants
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::KeySettings;
-
-    #[tokio::test]
-    async fn config_store_finds_the_tenant_by_key_and_refuses_a_wrong_secret() {
-        let good = keys::generate();
-        let store = ConfigTenantStore::new(&[TenantSettings {
-            name: "team-a".into(),
-            organization: Some("org-a".into()),
-            project: None,
-            keys: vec![KeySettings { id: good.id.clone(), sha256: good.sha256.clone() }],
-        }]);
-        let Lookup::Found(ctx) = store.authenticate(keys::parse(&good.key).unwrap()).await.unwrap() else {
-            panic!("key not found")
-        };
-        assert_eq!(ctx.tenant.name, "team-a");
-        assert_eq!(ctx.key_id, good.id);
-
-        // Same id, different secret.
-        let forged = format!("{}{}", &good.key[..12], "A".repeat(32));
-        let res = store.authenticate(keys::parse(&forged).unwrap()).await.unwrap();
-        assert!(matches!(res, Lookup::Unknown));
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.repo.touch_keys(&batch).await
     }
 }

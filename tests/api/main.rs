@@ -6,10 +6,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin;
 mod auth;
 mod edits;
 mod errors;
 mod generations;
+mod ledger;
 mod process;
 mod sdk;
 mod streaming;

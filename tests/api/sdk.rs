@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use crate::support::app::{TestApp, UPSTREAM_KEY};
+use crate::support::app::{ADMIN_TOKEN, TestApp, UPSTREAM_KEY};
 use crate::support::fake_openai::FakeOpenAi;
 
 fn repo() -> PathBuf {
@@ -30,6 +30,8 @@ async fn run_suite(program: &Path, args: &[&str], installed: &Path) -> Option<(b
         .env("IMAGEGATE_OTHER_KEY", &app.other_key)
         .env("IMAGEGATE_FAKE_URL", &fake.base)
         .env("IMAGEGATE_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("IMAGEGATE_ROOT_URL", &app.root)
+        .env("IMAGEGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("CI", "true")
         .stdin(Stdio::null())
         .output()

@@ -16,6 +16,34 @@ use url::Url;
 /// The upstream key the fake expects; tenants never see it.
 pub const UPSTREAM_KEY: &str = "sk-upstream-test";
 
+/// The admin token of every test gateway.
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
+/// Which database a test gateway uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestDb {
+    /// A fresh SQLite file in a temporary directory (the embedded default).
+    Sqlite,
+    /// A fresh database on the PostgreSQL server at `IMAGEGATE_TEST_POSTGRES`
+    /// (default `postgres://postgres@127.0.0.1:5432/test`).
+    Postgres,
+}
+
+/// Create an empty PostgreSQL database for one test and return its URL.
+pub async fn fresh_postgres() -> String {
+    use sqlx::Executor;
+    let admin = std::env::var("IMAGEGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    sqlx::any::install_default_drivers();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed for this test (run `bash .ci/run`): {e}"));
+    let name = format!("ig_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create database");
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_owned();
+    format!("{base}/{name}")
+}
+
 /// A running gateway and keys for two tenants.
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`
@@ -27,6 +55,12 @@ pub struct TestApp {
     /// Tenant `team-b` (no attribution).
     pub other_key: String,
     pub client: reqwest::Client,
+    /// The data directory (SQLite file, stored images); kept alive as long as the app.
+    pub data_dir: Arc<tempfile::TempDir>,
+    /// The database URL the gateway uses.
+    pub database_url: String,
+    /// The settings it runs with (to restart it on the same data).
+    pub settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -46,15 +80,29 @@ pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
             organization: Some("org-team-a".into()),
             project: Some("proj_team_a".into()),
             keys: vec![KeySettings { id: a.id.clone(), sha256: a.sha256.clone() }],
+            ..tenant_defaults()
         },
         TenantSettings {
             name: "team-b".into(),
             organization: None,
             project: None,
             keys: vec![KeySettings { id: b.id.clone(), sha256: b.sha256.clone() }],
+            ..tenant_defaults()
         },
     ];
     (s, a.key, b.key)
+}
+
+fn tenant_defaults() -> TenantSettings {
+    TenantSettings {
+        name: String::new(),
+        organization: None,
+        project: None,
+        allowed_models: None,
+        limits: Default::default(),
+        log_prompts: false,
+        keys: Vec::new(),
+    }
 }
 
 impl TestApp {
@@ -63,13 +111,38 @@ impl TestApp {
         Self::spawn_with(upstream_url, |_| {}).await
     }
 
-    /// Gateway with settings adjusted by `tweak` (validated like a real deployment's).
+    /// Gateway with settings adjusted by `tweak` (validated like a real deployment's), on SQLite.
     pub async fn spawn_with(upstream_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-        init_test_logging();
+        Self::spawn_on(TestDb::Sqlite, upstream_url, tweak).await
+    }
+
+    /// Gateway on the chosen database.
+    pub async fn spawn_on(db: TestDb, upstream_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let data_dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let database_url = match db {
+            TestDb::Sqlite => format!("sqlite://{}?mode=rwc", data_dir.path().join("imagegate.db").display()),
+            TestDb::Postgres => fresh_postgres().await,
+        };
         let (mut settings, key, other_key) = settings_for(upstream_url);
+        settings.storage.data_dir = data_dir.path().to_path_buf();
+        settings.database.url = Some(Secret::new(database_url.clone()));
+        settings.admin.token = Some(Secret::new(ADMIN_TOKEN));
+        settings.usage.flush_interval = Duration::from_millis(50);
         tweak(&mut settings);
+        Self::start(settings, key, other_key, data_dir, database_url).await
+    }
+
+    /// Start a gateway from complete settings (restarts reuse the same data directory and database).
+    pub async fn start(
+        settings: Settings,
+        key: String,
+        other_key: String,
+        data_dir: Arc<tempfile::TempDir>,
+        database_url: String,
+    ) -> TestApp {
+        init_test_logging();
         settings.validate().expect("test settings must be valid");
-        let app = Application::build(settings).await.expect("build app");
+        let app = Application::build(settings.clone()).await.expect("build app");
         let root = format!("http://{}", app.local_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {
@@ -85,6 +158,9 @@ impl TestApp {
             key,
             other_key,
             client: reqwest::Client::new(),
+            data_dir,
+            database_url,
+            settings,
             stop: Some(stop),
             done: Some(done),
         }
@@ -110,6 +186,54 @@ impl TestApp {
             .send()
             .await
             .expect("request sent")
+    }
+
+    /// Stop this gateway gracefully and start a new one on the same database, data directory and port 0.
+    pub async fn restart(self) -> TestApp {
+        let (settings, key, other_key) = (self.settings.clone(), self.key.clone(), self.other_key.clone());
+        let (data_dir, database_url) = (self.data_dir.clone(), self.database_url.clone());
+        self.shutdown().await;
+        Self::start(settings, key, other_key, data_dir, database_url).await
+    }
+
+    /// Rows of the usage ledger, oldest first, as JSON objects (polls up to 3 s for `expected` rows).
+    pub async fn usage_rows(&self, expected: usize) -> Vec<serde_json::Value> {
+        use sqlx::{Column, Row};
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&self.database_url).await.expect("connect to the test database");
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let rows = sqlx::query(
+                "SELECT request_id, tenant_id, key_id, endpoint, model, images_requested, images_returned, size, \
+                 quality, input_tokens, output_tokens, cost_usd, status, stream, cache_hit, upstream_request_id, \
+                 prompt, (SELECT name FROM tenants t WHERE t.id = u.tenant_id) AS tenant \
+                 FROM usage_events u ORDER BY created_at, request_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("query usage");
+            if rows.len() >= expected || std::time::Instant::now() > deadline {
+                pool.close().await;
+                return rows
+                    .iter()
+                    .map(|r| {
+                        let mut obj = serde_json::Map::new();
+                        for (i, col) in r.columns().iter().enumerate() {
+                            let v = if let Ok(v) = r.try_get::<Option<i64>, _>(i) {
+                                serde_json::json!(v)
+                            } else if let Ok(v) = r.try_get::<Option<f64>, _>(i) {
+                                serde_json::json!(v)
+                            } else {
+                                serde_json::json!(r.try_get::<Option<String>, _>(i).ok().flatten())
+                            };
+                            obj.insert(col.name().to_owned(), v);
+                        }
+                        serde_json::Value::Object(obj)
+                    })
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Trigger graceful shutdown and wait for the server task to end.

@@ -1,0 +1,142 @@
+//! Reading the ledger back: usage per tenant and model over a time range, as rows for JSON, CSV or a table.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::db::Db;
+
+/// Which rows to summarise: `[from_ms, to_ms)`, optionally one tenant.
+#[derive(Debug, Clone)]
+pub struct SummaryQuery {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub tenant: Option<String>,
+}
+
+/// Usage of one tenant with one model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SummaryRow {
+    pub tenant: String,
+    pub model: String,
+    /// Every request that reached the pipeline, including refused and failed ones.
+    pub requests: i64,
+    /// Requests answered with a 2xx.
+    pub succeeded: i64,
+    pub images_requested: i64,
+    pub images_returned: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: f64,
+    pub cache_hits: i64,
+}
+
+/// Summaries grouped by tenant and model, ordered by tenant then model.
+pub async fn summary(db: &Db, q: &SummaryQuery) -> Result<Vec<SummaryRow>, sqlx::Error> {
+    // CASTs: PostgreSQL sums BIGINT into NUMERIC, which the portable driver cannot decode.
+    let mut sql = String::from(
+        "SELECT t.name AS tenant, u.model AS model, COUNT(*) AS requests, \
+         CAST(SUM(CASE WHEN u.status >= 200 AND u.status < 300 THEN 1 ELSE 0 END) AS BIGINT) AS succeeded, \
+         CAST(SUM(u.images_requested) AS BIGINT) AS images_requested, \
+         CAST(SUM(COALESCE(u.images_returned, 0)) AS BIGINT) AS images_returned, \
+         CAST(SUM(COALESCE(u.input_tokens, 0)) AS BIGINT) AS input_tokens, \
+         CAST(SUM(COALESCE(u.output_tokens, 0)) AS BIGINT) AS output_tokens, \
+         CAST(SUM(u.cost_usd) AS DOUBLE PRECISION) AS cost_usd, \
+         CAST(SUM(u.cache_hit) AS BIGINT) AS cache_hits \
+         FROM usage_events u JOIN tenants t ON t.id = u.tenant_id \
+         WHERE u.created_at >= $1 AND u.created_at < $2",
+    );
+    if q.tenant.is_some() {
+        sql.push_str(" AND t.name = $3");
+    }
+    sql.push_str(" GROUP BY t.name, u.model ORDER BY t.name, u.model");
+    let mut query = sqlx::query(&sql).bind(q.from_ms).bind(q.to_ms);
+    if let Some(t) = &q.tenant {
+        query = query.bind(t.clone());
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SummaryRow {
+                tenant: r.try_get("tenant")?,
+                model: r.try_get("model")?,
+                requests: r.try_get("requests")?,
+                succeeded: r.try_get("succeeded")?,
+                images_requested: r.try_get("images_requested")?,
+                images_returned: r.try_get("images_returned")?,
+                input_tokens: r.try_get("input_tokens")?,
+                output_tokens: r.try_get("output_tokens")?,
+                cost_usd: r.try_get("cost_usd")?,
+                cache_hits: r.try_get("cache_hits")?,
+            })
+        })
+        .collect()
+}
+
+/// The rows as CSV with a header line, for spreadsheets.
+pub fn to_csv(rows: &[SummaryRow]) -> anyhow::Result<String> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    for row in rows {
+        writer.serialize(row)?;
+    }
+    if rows.is_empty() {
+        writer.write_record([
+            "tenant",
+            "model",
+            "requests",
+            "succeeded",
+            "images_requested",
+            "images_returned",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+            "cache_hits",
+        ])?;
+    }
+    Ok(String::from_utf8(writer.into_inner()?)?)
+}
+
+/// Parse a time-range bound: RFC 3339 (`2026-11-01T00:00:00Z`), a date (`2026-11-01`, midnight UTC) or Unix
+/// milliseconds.
+pub fn parse_time(text: &str) -> Option<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(ms);
+    }
+    let full = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_owned() };
+    humantime::parse_rfc3339_weak(&full)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_bounds_parse_in_three_spellings() {
+        assert_eq!(parse_time("1700000000000"), Some(1_700_000_000_000));
+        assert_eq!(parse_time("2026-11-01"), Some(1_793_491_200_000));
+        assert_eq!(parse_time("2026-11-01T00:00:00Z"), Some(1_793_491_200_000));
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn csv_has_a_header_even_when_empty() {
+        let csv = to_csv(&[]).unwrap();
+        assert!(csv.starts_with("tenant,model,requests"));
+        let row = SummaryRow {
+            tenant: "a,b".into(),
+            model: "gpt-image-1".into(),
+            requests: 2,
+            succeeded: 1,
+            images_requested: 3,
+            images_returned: 2,
+            input_tokens: 10,
+            output_tokens: 20,
+            cost_usd: 0.5,
+            cache_hits: 0,
+        };
+        let csv = to_csv(&[row]).unwrap();
+        assert!(csv.contains("\"a,b\",gpt-image-1,2,1,3,2,10,20,0.5,0"), "{csv}");
+    }
+}
