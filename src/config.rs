@@ -37,6 +37,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub admin: AdminSettings,
     pub usage: UsageSettings,
+    pub limits: LimitsSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
     /// Tenants declared in configuration, with the hashes of their keys.
@@ -275,6 +276,46 @@ impl Default for UsageSettings {
     }
 }
 
+/// Where rate limits are kept, and the default plan.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// `local` (in-process, exact on one replica) or `redis` (shared by every replica).
+    pub backend: LimitsBackend,
+    /// Redis for `backend = "redis"`, e.g. `redis://127.0.0.1:6379`.
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis key imagegate writes.
+    pub redis_prefix: String,
+    /// Longest wait for Redis before the failure policy applies.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// When the backend cannot answer: `open` lets requests through, `closed` refuses them with 503.
+    pub on_backend_error: crate::limits::OnBackendError,
+    /// Limits for tenants that set none of their own (field by field).
+    pub default: crate::tenants::Limits,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            backend: LimitsBackend::Local,
+            redis_url: None,
+            redis_prefix: "imagegate".to_owned(),
+            redis_timeout: Duration::from_millis(250),
+            on_backend_error: crate::limits::OnBackendError::Open,
+            default: crate::tenants::Limits::default(),
+        }
+    }
+}
+
+/// Rate-limit backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    Local,
+    Redis,
+}
+
 /// A tenant declared in configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -456,6 +497,12 @@ impl Settings {
         }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        if self.limits.backend == LimitsBackend::Redis && self.limits.redis_url.is_none() {
+            faults.push("limits.redis_url is required when limits.backend = \"redis\"".to_owned());
+        }
+        if self.limits.redis_timeout.is_zero() {
+            faults.push("limits.redis_timeout must be greater than zero".to_owned());
         }
         faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
         if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }

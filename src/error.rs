@@ -48,6 +48,13 @@ pub enum ApiError {
     /// The upstream did not answer within the configured timeout. 504.
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
+    /// A tenant limit refused the request. 429 with `retry-after` (rates) or `x-should-retry: false`
+    /// (budgets, which do not come back within a retry's patience).
+    #[error("{message}")]
+    RateLimited { message: String, budget: bool, retry_after_ms: Option<u64>, report: crate::limits::Report },
+    /// The rate-limit backend did not answer and the policy is fail-closed. 503.
+    #[error("rate limits unavailable: {0}")]
+    LimitsUnavailable(String),
     /// The gateway is shutting down and refuses new work. 503.
     #[error("shutting down")]
     ShuttingDown,
@@ -124,7 +131,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ShuttingDown | Self::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,10 +148,13 @@ impl ApiError {
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::PermissionDenied { .. } => "permission_error",
+            Self::RateLimited { budget: true, .. } => "insufficient_quota",
+            Self::RateLimited { budget: false, .. } => "requests",
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_)
             | Self::ShuttingDown
+            | Self::LimitsUnavailable(_)
             | Self::Internal(_) => "server_error",
         }
     }
@@ -157,6 +168,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
             Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
+            Self::RateLimited { budget: true, .. } => Some("insufficient_quota"),
+            Self::RateLimited { budget: false, .. } => Some("rate_limit_exceeded"),
             _ => None,
         }
     }
@@ -175,7 +188,9 @@ impl ApiError {
             Self::InvalidRequest { message, .. }
             | Self::PermissionDenied { message }
             | Self::NotFoundResource { message }
-            | Self::Conflict { message } => message.clone(),
+            | Self::Conflict { message }
+            | Self::RateLimited { message, .. } => message.clone(),
+            Self::LimitsUnavailable(_) => "Rate limits cannot be checked right now; retry shortly.".to_owned(),
             Self::Unauthenticated { reason: AuthFailure::Missing } => "You didn't provide an API key. You need to \
                 provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer \
                 YOUR_KEY)."
@@ -210,7 +225,11 @@ impl ApiError {
             | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
             | Self::PayloadTooLarge { .. } => Level::Debug,
-            Self::Unauthenticated { .. } | Self::PermissionDenied { .. } | Self::ShuttingDown => Level::Info,
+            Self::Unauthenticated { .. }
+            | Self::PermissionDenied { .. }
+            | Self::ShuttingDown
+            | Self::RateLimited { .. } => Level::Info,
+            Self::LimitsUnavailable(_) => Level::Error,
             Self::RequestTimeout(_) | Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) => Level::Warn,
             Self::Internal(_) => Level::Error,
         }
@@ -231,6 +250,9 @@ impl ApiError {
             Self::UpstreamUnavailable(_) => "upstream.unavailable",
             Self::UpstreamTimeout(_) => "upstream.timeout",
             Self::ShuttingDown => "internal.shutting_down",
+            Self::RateLimited { budget: true, .. } => "client.budget_spent",
+            Self::RateLimited { budget: false, .. } => "client.rate_limited",
+            Self::LimitsUnavailable(_) => "internal.limits_unavailable",
             Self::Internal(_) => "internal.error",
         }
     }
@@ -247,6 +269,15 @@ impl ApiError {
         }
         if let Self::InvalidRequest { .. } | Self::PayloadTooLarge { .. } | Self::Unauthenticated { .. } = self {
             headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
+        if let Self::RateLimited { budget, retry_after_ms, report, .. } = self {
+            crate::limits::headers::apply(report, headers);
+            match retry_after_ms {
+                Some(ms) if !*budget && *ms != u64::MAX => crate::limits::headers::retry(*ms, headers),
+                _ => {
+                    headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
+                }
+            }
         }
     }
 }

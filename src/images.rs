@@ -20,9 +20,35 @@ use self::usage::UsageRecord;
 use self::validate::ValidationPolicy;
 use crate::error::ApiError;
 use crate::ledger::Ledger;
+use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
 use crate::pricing::Prices;
 use crate::tenants::TenantContext;
 use crate::upstream::{Attribution, ReplyBody, Upstream, UpstreamReply};
+
+/// The 429 (or, fail-closed, 503) for a request the limits did not let through.
+fn denied_error(tenant: &str, denied: Denied) -> ApiError {
+    match denied {
+        Denied::Unavailable(e) => ApiError::LimitsUnavailable(e.0),
+        Denied::Refused(Refusal { reason, retry_after_ms, report }) => {
+            let message = if reason.is_budget() {
+                format!(
+                    "Tenant '{tenant}' has spent its {} budget. It renews at the start of the next UTC {}.",
+                    reason.describe(),
+                    if matches!(reason, crate::limits::Reason::ImagesPerDay | crate::limits::Reason::UsdPerDay) {
+                        "day"
+                    } else {
+                        "month"
+                    }
+                )
+            } else {
+                let wait = retry_after_ms
+                    .map_or(String::new(), |ms| format!(" Please try again in {:.1}s.", ms as f64 / 1000.0));
+                format!("Rate limit reached for {} for tenant '{tenant}'.{wait}", reason.describe())
+            };
+            ApiError::RateLimited { message, budget: reason.is_budget(), retry_after_ms, report }
+        }
+    }
+}
 
 /// Per-request facts from the HTTP edge the pipeline needs.
 #[derive(Debug, Clone, Default)]
@@ -39,11 +65,18 @@ pub struct ImagesService {
     policy: ValidationPolicy,
     prices: Arc<Prices>,
     ledger: Ledger,
+    limiter: Limiter,
 }
 
 impl ImagesService {
-    pub fn new(upstream: Arc<dyn Upstream>, policy: ValidationPolicy, prices: Arc<Prices>, ledger: Ledger) -> Self {
-        Self { upstream, policy, prices, ledger }
+    pub fn new(
+        upstream: Arc<dyn Upstream>,
+        policy: ValidationPolicy,
+        prices: Arc<Prices>,
+        ledger: Ledger,
+        limiter: Limiter,
+    ) -> Self {
+        Self { upstream, policy, prices, ledger, limiter }
     }
 
     /// Name of the configured upstream (`openai` or `mock`).
@@ -82,7 +115,16 @@ impl ImagesService {
             self.ledger.record(record.finish(e.status().as_u16(), started));
             return Err(e);
         }
-        // 3. Rate limits and quotas: reserve requests and `n` images for the tenant.
+        // 3. Rate limits and quotas: reserve the request and its `n` images, all or nothing.
+        let demand = Demand { images: validated.n };
+        let permit = match self.limiter.acquire(&ctx.tenant.id, &ctx.tenant.limits, demand).await {
+            Ok(permit) => permit,
+            Err(denied) => {
+                let e = denied_error(&ctx.tenant.name, denied);
+                self.ledger.record(record.finish(e.status().as_u16(), started));
+                return Err(e);
+            }
+        };
         // 4. Cache: streaming requests bypass it; identical requests are answered once.
         // 5. Upstream.
         let attribution = Attribution {
@@ -98,9 +140,13 @@ impl ImagesService {
                 return Err(e);
             }
         };
+        if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
+            // The upstream's limit, not the tenant's: passed on as it is, and told apart in the logs.
+            tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
+        }
         // 6. Re-host returned images (durable links instead of expiring ones).
         // 7. Usage: whole answers are metered now, streams as their events pass.
-        Ok(self.meter(reply, record, started))
+        Ok(self.meter(reply, record, ctx, permit, started))
     }
 
     /// Record a request refused before it reached the pipeline (unreadable body): it costs nothing.
@@ -110,14 +156,29 @@ impl ImagesService {
         self.ledger.record(record.finish(status, Instant::now()));
     }
 
-    fn meter(&self, reply: UpstreamReply, record: UsageRecord, started: Instant) -> UpstreamReply {
+    fn meter(
+        &self,
+        mut reply: UpstreamReply,
+        record: UsageRecord,
+        ctx: &TenantContext,
+        permit: Permit,
+        started: Instant,
+    ) -> UpstreamReply {
+        crate::limits::headers::apply(&permit.report, &mut reply.headers);
+        let (ledger, limiter, tenant) = (self.ledger.clone(), self.limiter.clone(), ctx.tenant.clone());
+        let done = move |record: UsageRecord| {
+            limiter.spend(&tenant.id, &tenant.limits, record.cost_usd);
+            ledger.record(record);
+        };
         match reply.body {
             ReplyBody::Stream(stream) if reply.status.is_success() => {
-                let body = usage::meter_stream(stream, record, self.prices.clone(), self.ledger.clone(), started);
+                // The concurrency slot is held until the stream ends.
+                let body =
+                    usage::meter_stream(stream, record, self.prices.clone(), Box::new(done), permit.slot, started);
                 UpstreamReply { body: ReplyBody::Stream(body), ..reply }
             }
             _ => {
-                self.ledger.record(record.finish_reply(&reply, &self.prices, started));
+                done(record.finish_reply(&reply, &self.prices, started));
                 reply
             }
         }

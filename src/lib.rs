@@ -10,6 +10,7 @@
 //! - `images`    the pipeline: validate → limit → cache → upstream → re-host → usage. No HTTP types.
 //! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
 //! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
+//! - `limits`    per-tenant rate limits, concurrency and budgets (in-process or Redis).
 //! - `ledger`    the usage ledger: rows written off the request path; `ledger::report` reads them back.
 //! - `db`        the SQLite/PostgreSQL pool and embedded migrations; `pricing` turns usage into USD.
 //! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
@@ -24,6 +25,7 @@ pub mod error;
 pub mod extract;
 pub mod images;
 pub mod ledger;
+pub mod limits;
 pub mod pricing;
 pub mod routes;
 pub mod server;

@@ -12,11 +12,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::config::{Settings, UpstreamKind};
+use crate::config::{LimitsBackend, Settings, UpstreamKind};
 use crate::db::Db;
 use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
 use crate::ledger::{Ledger, LedgerWriter};
+use crate::limits::local::LocalBackend;
+use crate::limits::redis::RedisBackend;
+use crate::limits::{Backend, Limiter, system_clock};
 use crate::server::layers;
 use crate::state::AppState;
 use crate::tenants::repo::TenantRepo;
@@ -57,8 +60,10 @@ impl Application {
         };
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
         let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
+        let limiter = limiter(&settings, &db).await?;
+        tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
         let policy = ValidationPolicy { unknown_models: settings.validation.unknown_models };
-        let images = ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger);
+        let images = ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger, limiter);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer })
     }
@@ -106,6 +111,21 @@ impl Application {
         state.db.close().await;
         Ok(served?)
     }
+}
+
+/// The rate-limit backend the settings ask for.
+async fn limiter(settings: &Settings, db: &Db) -> anyhow::Result<Limiter> {
+    let l = &settings.limits;
+    let backend: Arc<dyn Backend> = match (l.backend, &l.redis_url) {
+        (LimitsBackend::Redis, Some(url)) => Arc::new(
+            RedisBackend::connect(url.expose(), &l.redis_prefix, l.redis_timeout, db.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach Redis for rate limits: {e}"))?,
+        ),
+        (LimitsBackend::Redis, None) => anyhow::bail!("limits.redis_url is required when limits.backend = \"redis\""),
+        (LimitsBackend::Local, _) => Arc::new(LocalBackend::new(system_clock(), Some(db.clone()))),
+    };
+    Ok(Limiter::new(backend, l.default.clone(), l.on_backend_error))
 }
 
 async fn drain_deadline(started: Arc<tokio::sync::Notify>, deadline: Duration) {

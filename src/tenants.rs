@@ -87,6 +87,10 @@ pub struct Limits {
     pub requests_per_minute: Option<u32>,
     /// Weighted by `n`: an `n=4` request spends 4.
     pub images_per_minute: Option<u32>,
+    /// Requests a quiet tenant may send at once (default: `requests_per_minute`).
+    pub requests_burst: Option<u32>,
+    /// Images a quiet tenant may ask for at once (default: `images_per_minute`).
+    pub images_burst: Option<u32>,
     pub concurrent_requests: Option<u32>,
     pub images_per_day: Option<u64>,
     pub images_per_month: Option<u64>,

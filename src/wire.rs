@@ -25,24 +25,11 @@ pub mod headers {
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
     /// Upstream response headers passed to the caller unchanged (besides `content-type`).
-    /// `x-request-id` is renamed to [`X_UPSTREAM_REQUEST_ID`]; everything else (cookies, server, hop-by-hop)
-    /// stays behind the gateway.
-    pub const PASSED_THROUGH: &[&str] = &[
-        OPENAI_PROCESSING_MS,
-        OPENAI_VERSION,
-        "retry-after",
-        RETRY_AFTER_MS,
-        X_SHOULD_RETRY,
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
-        "x-ratelimit-limit-images",
-        "x-ratelimit-remaining-images",
-        "x-ratelimit-reset-images",
-    ];
+    /// `x-request-id` is renamed to [`X_UPSTREAM_REQUEST_ID`]. The upstream's `x-ratelimit-*` headers stay
+    /// behind: they describe the deployment's shared OpenAI quota, not the caller's; imagegate sets its own
+    /// from the tenant's limits. Cookies, server and hop-by-hop headers stay behind too.
+    pub const PASSED_THROUGH: &[&str] =
+        &[OPENAI_PROCESSING_MS, OPENAI_VERSION, "retry-after", RETRY_AFTER_MS, X_SHOULD_RETRY];
 }
 
 /// Route paths, relative to the `/v1` prefix where they sit under it.

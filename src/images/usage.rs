@@ -17,7 +17,6 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use super::request::ImageRequest;
-use crate::ledger::Ledger;
 use crate::pricing::{Metered, Prices};
 use crate::tenants::TenantContext;
 use crate::upstream::{ReplyBody, UpstreamReply};
@@ -165,10 +164,20 @@ pub fn meter_stream(
     inner: BoxStream<'static, Bytes>,
     record: UsageRecord,
     prices: Arc<Prices>,
-    ledger: Ledger,
+    done: Box<dyn FnOnce(UsageRecord) + Send>,
+    hold: Option<crate::limits::SlotGuard>,
     started: Instant,
 ) -> BoxStream<'static, Bytes> {
-    Box::pin(MeteredStream { inner, pending: Vec::new(), searched: 0, record: Some(record), prices, ledger, started })
+    Box::pin(MeteredStream {
+        inner,
+        pending: Vec::new(),
+        searched: 0,
+        record: Some(record),
+        prices,
+        done: Some(done),
+        hold,
+        started,
+    })
 }
 
 struct MeteredStream {
@@ -179,7 +188,10 @@ struct MeteredStream {
     searched: usize,
     record: Option<UsageRecord>,
     prices: Arc<Prices>,
-    ledger: Ledger,
+    /// Receives the finished record (ledger and budgets).
+    done: Option<Box<dyn FnOnce(UsageRecord) + Send>>,
+    /// Resources held while the stream runs (the tenant's concurrency slot), released at the end.
+    hold: Option<crate::limits::SlotGuard>,
     started: Instant,
 }
 
@@ -214,9 +226,10 @@ impl MeteredStream {
     }
 
     fn close(&mut self) {
-        if let Some(record) = self.record.take() {
-            self.ledger.record(record.finish(200, self.started));
+        if let (Some(record), Some(done)) = (self.record.take(), self.done.take()) {
+            done(record.finish(200, self.started));
         }
+        self.hold = None;
     }
 }
 

@@ -108,6 +108,21 @@ pub fn parse_time(text: &str) -> Option<i64> {
         .and_then(|d| i64::try_from(d.as_millis()).ok())
 }
 
+/// Images returned and USD spent by a tenant since `from_ms` (budgets start from the ledger after a restart).
+pub async fn spent_since(db: &Db, tenant_id: &str, from_ms: i64) -> Result<(u64, f64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(COALESCE(images_returned, 0)), 0) AS BIGINT) AS images, \
+         CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) AS usd \
+         FROM usage_events WHERE tenant_id = $1 AND created_at >= $2",
+    )
+    .bind(tenant_id.to_owned())
+    .bind(from_ms)
+    .fetch_one(db.pool())
+    .await?;
+    let images: i64 = row.try_get("images")?;
+    Ok((u64::try_from(images).unwrap_or(0), row.try_get("usd")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,8 @@ mod errors;
 mod generations;
 mod ledger;
 mod process;
+mod rate_limits;
+mod rate_limits_redis;
 mod sdk;
 mod streaming;
 mod validation;

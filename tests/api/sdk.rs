@@ -38,6 +38,10 @@ async fn run_suite(program: &Path, args: &[&str], installed: &Path) -> Option<(b
         .await
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    // Show the suite's own tally in the test output (`--nocapture`), so a run that skipped everything shows.
+    for line in text.lines().filter(|l| l.contains(" passed") || l.starts_with("# pass") || l.starts_with("# fail")) {
+        eprintln!("{}: {line}", program.display());
+    }
     Some((output.status.success(), text))
 }
 
