@@ -124,6 +124,10 @@ pub struct TenantCreateArgs {
     /// Store the prompt text of this tenant's requests in usage rows (off by default).
     #[arg(long)]
     pub log_prompts: bool,
+    /// Re-hosting policy as a JSON object, e.g. '{"response_format":"url","retention":"7d"}'. Keys:
+    /// response_format (url|b64_json), retention, on_download_error (fail|pass_through). Default: [images].
+    #[arg(long, value_name = "JSON")]
+    pub image_policy: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -162,6 +166,9 @@ pub struct TenantUpdateArgs {
     /// Stop storing prompt text in this tenant's usage rows.
     #[arg(long)]
     pub no_log_prompts: bool,
+    /// Replace the re-hosting policy with this JSON object; '{}' returns to the [images] defaults.
+    #[arg(long, value_name = "JSON")]
+    pub image_policy: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }

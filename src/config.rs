@@ -34,6 +34,7 @@ pub struct Settings {
     pub validation: ValidationSettings,
     pub database: DatabaseSettings,
     pub storage: StorageSettings,
+    pub images: ImagesSettings,
     pub auth: AuthSettings,
     pub admin: AdminSettings,
     pub usage: UsageSettings,
@@ -216,17 +217,151 @@ impl Default for DatabaseSettings {
     }
 }
 
-/// Local files.
+/// Local files, and where re-hosted images are kept.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
-    /// Directory for the embedded SQLite database (and, later, stored images).
+    /// Directory for the embedded SQLite database, the generated link-signing key and (with
+    /// `backend = "local"`) stored images.
     pub data_dir: PathBuf,
+    /// Where image bytes go: `local` (a directory) or `s3` (any S3-compatible store; for several replicas).
+    pub backend: StorageBackend,
+    /// Directory for `backend = "local"`; default `<data_dir>/images`.
+    pub images_dir: Option<PathBuf>,
+    /// The bucket for `backend = "s3"`.
+    pub s3: S3Settings,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("data") }
+        Self {
+            data_dir: PathBuf::from("data"),
+            backend: StorageBackend::Local,
+            images_dir: None,
+            s3: S3Settings::default(),
+        }
+    }
+}
+
+impl StorageSettings {
+    /// The directory of locally stored images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.images_dir.clone().unwrap_or_else(|| self.data_dir.join("images"))
+    }
+}
+
+/// Image storage backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    Local,
+    S3,
+}
+
+/// An S3-compatible bucket (AWS S3, MinIO, Cloudflare R2, Ceph…). Unset credentials come from the usual
+/// `AWS_*` environment variables or the instance's role.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    pub bucket: Option<String>,
+    pub region: String,
+    /// Endpoint of a non-AWS store, e.g. `http://minio:9000`; requests are path-style.
+    pub endpoint: Option<Url>,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    /// Key prefix inside the bucket, so one bucket can serve several deployments.
+    pub prefix: String,
+    /// Allow a plain-HTTP endpoint (in-cluster stores, tests).
+    pub allow_http: bool,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            bucket: None,
+            region: "us-east-1".to_owned(),
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            prefix: String::new(),
+            allow_http: false,
+        }
+    }
+}
+
+/// Re-hosting: imagegate stores returned images and answers with its own durable, signed links.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesSettings {
+    /// Store returned images and rewrite links. Off, answers pass through untouched (upstream links expire).
+    pub rehost: bool,
+    /// What callers get when they do not set `response_format`: `url` or `b64_json`; unset = the model's own
+    /// default (links for DALL·E, base64 for GPT image models). Tenants may override it.
+    pub response_format: Option<crate::rehost::ResponseFormat>,
+    /// How long stored images and their links live. Tenants may override it.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Key for the HMAC that signs links (at least 32 characters). Unset: generated once and kept in
+    /// `<data_dir>/signing.key`. Required with `storage.backend = "s3"`, where every replica must share it.
+    pub signing_key: Option<Secret>,
+    /// When an upstream image cannot be downloaded: `fail` answers 502; `pass_through` hands on the upstream's
+    /// own (expiring) URL. Tenants may override it.
+    pub on_download_error: crate::rehost::DownloadFallback,
+    /// How often expired images are deleted.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Guards on downloading images from upstream URLs.
+    pub download: DownloadSettings,
+}
+
+impl Default for ImagesSettings {
+    fn default() -> Self {
+        Self {
+            rehost: true,
+            response_format: None,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            signing_key: None,
+            on_download_error: crate::rehost::DownloadFallback::Fail,
+            sweep_interval: Duration::from_secs(600),
+            download: DownloadSettings::default(),
+        }
+    }
+}
+
+/// What an upstream image URL must satisfy before imagegate fetches it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadSettings {
+    /// Hosts images may be fetched from: exact names, or `*.suffix` for any subdomain. Every redirect hop is
+    /// checked too. OpenAI and Azure serve images from `*.blob.core.windows.net`.
+    pub allowed_hosts: Vec<String>,
+    /// Hosts that may resolve to private, loopback or link-local addresses (in-cluster upstreams, tests).
+    /// Every other host resolving to such an address is refused.
+    pub private_hosts: Vec<String>,
+    /// Allow `http://` image URLs (otherwise only `https://`).
+    pub allow_http: bool,
+    /// Largest image accepted; a longer body is cut off and refused.
+    pub max_bytes: ByteSize,
+    /// Deadline for one whole download.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Redirects followed at most.
+    pub max_redirects: usize,
+    /// Downloads of one answer run at most this many at once.
+    pub concurrency: usize,
+}
+
+impl Default for DownloadSettings {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: vec!["*.blob.core.windows.net".to_owned()],
+            private_hosts: Vec::new(),
+            allow_http: false,
+            max_bytes: ByteSize::mib(32),
+            timeout: Duration::from_secs(60),
+            max_redirects: 3,
+            concurrency: 4,
+        }
     }
 }
 
@@ -337,6 +472,9 @@ pub struct TenantSettings {
     /// Store prompt text in usage rows (explicit opt-in).
     #[serde(default)]
     pub log_prompts: bool,
+    /// Re-hosting overrides: `response_format`, `retention`, `on_download_error`.
+    #[serde(default)]
+    pub images: crate::rehost::ImagePolicy,
     /// The tenant's keys, as printed by `imagegate keys new`.
     #[serde(default)]
     pub keys: Vec<KeySettings>,
@@ -504,8 +642,57 @@ impl Settings {
         if self.limits.redis_timeout.is_zero() {
             faults.push("limits.redis_timeout must be greater than zero".to_owned());
         }
+        self.validate_images(&mut faults);
         faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
         if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
+    }
+}
+
+impl Settings {
+    fn validate_images(&self, faults: &mut Vec<String>) {
+        let (storage, images) = (&self.storage, &self.images);
+        if storage.backend == StorageBackend::S3 {
+            if storage.s3.bucket.as_deref().is_none_or(|b| b.trim().is_empty()) {
+                faults.push("storage.s3.bucket is required when storage.backend = \"s3\"".to_owned());
+            }
+            if images.signing_key.is_none() {
+                faults.push(
+                    "images.signing_key is required when storage.backend = \"s3\": every replica must sign and \
+                     check links with the same key (set IMAGEGATE__IMAGES__SIGNING_KEY)"
+                        .to_owned(),
+                );
+            }
+            if let Some(endpoint) = &storage.s3.endpoint
+                && endpoint.scheme() == "http"
+                && !storage.s3.allow_http
+            {
+                faults.push(format!("storage.s3.endpoint {endpoint} is plain HTTP: set storage.s3.allow_http = true"));
+            }
+        }
+        if images.signing_key.as_ref().is_some_and(|k| k.expose().len() < 32) {
+            faults.push("images.signing_key must be at least 32 characters".to_owned());
+        }
+        for (name, d) in [
+            ("images.retention", images.retention),
+            ("images.sweep_interval", images.sweep_interval),
+            ("images.download.timeout", images.download.timeout),
+        ] {
+            if d.is_zero() {
+                faults.push(format!("{name} must be greater than zero"));
+            }
+        }
+        if images.download.max_bytes.as_u64() == 0 || images.download.concurrency == 0 {
+            faults
+                .push("images.download.max_bytes and images.download.concurrency must be greater than zero".to_owned());
+        }
+        for host in images.download.allowed_hosts.iter().chain(&images.download.private_hosts) {
+            if host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('[') {
+                faults.push(format!(
+                    "images.download host {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
+                     address, without scheme, port or path"
+                ));
+            }
+        }
     }
 }
 
@@ -619,6 +806,22 @@ name = "a"
         .unwrap();
         assert_eq!(s.server.listen.port(), 0);
         assert_eq!(s.upstream.connect_retries, 5);
+    }
+
+    #[test]
+    fn s3_storage_needs_a_bucket_and_a_shared_signing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "[upstream]\nkind = \"mock\"\n[storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = \"http://s3:9000\"\n\
+                    [images]\nretention = \"0s\"\n[images.download]\nallowed_hosts = [\"https://x.com/\"]\n";
+        let text = load(dir.path(), body, &[]).unwrap_err().to_string();
+        for needle in
+            ["storage.s3.bucket", "images.signing_key is required", "allow_http", "images.retention", "https://x.com/"]
+        {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        let ok = "[upstream]\nkind = \"mock\"\n[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\n";
+        let env = [("IMAGEGATE__IMAGES__SIGNING_KEY", "k-0123456789-0123456789-0123456789")];
+        assert_eq!(load(dir.path(), ok, &env).unwrap().storage.s3.bucket.as_deref(), Some("b"));
     }
 
     #[test]

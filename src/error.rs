@@ -55,6 +55,13 @@ pub enum ApiError {
     /// The rate-limit backend did not answer and the policy is fail-closed. 503.
     #[error("rate limits unavailable: {0}")]
     LimitsUnavailable(String),
+    /// The upstream answered, but its images could not be downloaded or stored. 502; the reason (never
+    /// the upstream URL) is in the message.
+    #[error("re-hosting failed: {0}")]
+    RehostFailed(String),
+    /// A `Range` header no byte of the stored image satisfies. 416.
+    #[error("range not satisfiable for {length} bytes")]
+    RangeNotSatisfiable { length: u64 },
     /// The gateway is shutting down and refuses new work. 503.
     #[error("shutting down")]
     ShuttingDown,
@@ -130,7 +137,8 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_) | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ShuttingDown | Self::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -146,6 +154,7 @@ impl ApiError {
             | Self::NotFoundResource { .. }
             | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
+            | Self::RangeNotSatisfiable { .. }
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::PermissionDenied { .. } => "permission_error",
             Self::RateLimited { budget: true, .. } => "insufficient_quota",
@@ -153,6 +162,7 @@ impl ApiError {
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_)
+            | Self::RehostFailed(_)
             | Self::ShuttingDown
             | Self::LimitsUnavailable(_)
             | Self::Internal(_) => "server_error",
@@ -168,6 +178,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
             Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
+            Self::RehostFailed(_) => Some("image_rehost_failed"),
+            Self::RangeNotSatisfiable { .. } => Some("range_not_satisfiable"),
             Self::RateLimited { budget: true, .. } => Some("insufficient_quota"),
             Self::RateLimited { budget: false, .. } => Some("rate_limit_exceeded"),
             _ => None,
@@ -206,6 +218,13 @@ impl ApiError {
             ),
             Self::RequestTimeout(d) => format!("The request did not complete within {}s.", d.as_secs()),
             Self::UpstreamUnavailable(_) => "The upstream image API could not be reached.".to_owned(),
+            Self::RehostFailed(reason) => format!(
+                "The upstream generated the images, but imagegate could not store them to give you durable links: \
+                 {reason}."
+            ),
+            Self::RangeNotSatisfiable { length } => {
+                format!("The requested range is not satisfiable: the image is {length} bytes long.")
+            }
             Self::UpstreamTimeout(d) => {
                 format!("The upstream image API did not answer within {}s.", d.as_secs())
             }
@@ -224,13 +243,17 @@ impl ApiError {
             | Self::NotFoundResource { .. }
             | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
+            | Self::RangeNotSatisfiable { .. }
             | Self::PayloadTooLarge { .. } => Level::Debug,
             Self::Unauthenticated { .. }
             | Self::PermissionDenied { .. }
             | Self::ShuttingDown
             | Self::RateLimited { .. } => Level::Info,
             Self::LimitsUnavailable(_) => Level::Error,
-            Self::RequestTimeout(_) | Self::UpstreamUnavailable(_) | Self::UpstreamTimeout(_) => Level::Warn,
+            Self::RequestTimeout(_)
+            | Self::UpstreamUnavailable(_)
+            | Self::UpstreamTimeout(_)
+            | Self::RehostFailed(_) => Level::Warn,
             Self::Internal(_) => Level::Error,
         }
     }
@@ -249,6 +272,8 @@ impl ApiError {
             Self::RequestTimeout(_) => "internal.request_timeout",
             Self::UpstreamUnavailable(_) => "upstream.unavailable",
             Self::UpstreamTimeout(_) => "upstream.timeout",
+            Self::RehostFailed(_) => "upstream.rehost_failed",
+            Self::RangeNotSatisfiable { .. } => "client.range_not_satisfiable",
             Self::ShuttingDown => "internal.shutting_down",
             Self::RateLimited { budget: true, .. } => "client.budget_spent",
             Self::RateLimited { budget: false, .. } => "client.rate_limited",
@@ -269,6 +294,11 @@ impl ApiError {
         }
         if let Self::InvalidRequest { .. } | Self::PayloadTooLarge { .. } | Self::Unauthenticated { .. } = self {
             headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
+        if let Self::RangeNotSatisfiable { length } = self
+            && let Ok(value) = HeaderValue::from_str(&format!("bytes */{length}"))
+        {
+            headers.insert(http::header::CONTENT_RANGE, value);
         }
         if let Self::RateLimited { budget, retry_after_ms, report, .. } = self {
             crate::limits::headers::apply(report, headers);

@@ -2,8 +2,8 @@
 //! usage.
 //!
 //! Handlers build an [`ImageRequest`] and call [`ImagesService::handle`]; everything a request goes through
-//! after authentication happens here, in this order. Rate limits and quotas (step 3), the response cache
-//! (step 4) and re-hosting of returned images (step 6) plug in at the marked steps.
+//! after authentication happens here, in this order. The response cache plugs in at step 4; re-hosting
+//! (`crate::rehost`) plans the caller's format before the upstream call and rewrites the answer after it.
 
 pub mod imageinfo;
 pub mod models;
@@ -22,6 +22,7 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
 use crate::pricing::Prices;
+use crate::rehost::{Origin, Rehoster};
 use crate::tenants::TenantContext;
 use crate::upstream::{Attribution, ReplyBody, Upstream, UpstreamReply};
 
@@ -66,6 +67,7 @@ pub struct ImagesService {
     prices: Arc<Prices>,
     ledger: Ledger,
     limiter: Limiter,
+    rehoster: Arc<Rehoster>,
 }
 
 impl ImagesService {
@@ -75,8 +77,14 @@ impl ImagesService {
         prices: Arc<Prices>,
         ledger: Ledger,
         limiter: Limiter,
+        rehoster: Arc<Rehoster>,
     ) -> Self {
-        Self { upstream, policy, prices, ledger, limiter }
+        Self { upstream, policy, prices, ledger, limiter, rehoster }
+    }
+
+    /// The re-hoster, whose store also serves the links it hands out.
+    pub fn rehoster(&self) -> &Arc<Rehoster> {
+        &self.rehoster
     }
 
     /// Name of the configured upstream (`openai` or `mock`).
@@ -126,7 +134,8 @@ impl ImagesService {
             }
         };
         // 4. Cache: streaming requests bypass it; identical requests are answered once.
-        // 5. Upstream.
+        // 5. Upstream, asked for what the caller's format needs (GPT image models never see response_format).
+        let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
         let attribution = Attribution {
             organization: ctx.tenant.organization.clone(),
             project: ctx.tenant.project.clone(),
@@ -144,9 +153,41 @@ impl ImagesService {
             // The upstream's limit, not the tenant's: passed on as it is, and told apart in the logs.
             tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
         }
-        // 6. Re-host returned images (durable links instead of expiring ones).
+        // 6. Re-host returned images (durable links instead of expiring ones, links instead of base64).
+        let reply = match (plan, reply) {
+            (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) if status.is_success() => {
+                let origin =
+                    Origin { tenant_id: &ctx.tenant.id, model: &validated.model, request_id: &meta.request_id };
+                match self.rehoster.apply(&plan, &body, origin).await {
+                    Ok(rewritten) => {
+                        UpstreamReply { status, headers, body: ReplyBody::Full(rewritten.unwrap_or(body)) }
+                    }
+                    Err(e) => {
+                        // The upstream has billed for these images: the usage row keeps their cost.
+                        let reply = UpstreamReply { status, headers, body: ReplyBody::Full(body) };
+                        let e = match e {
+                            crate::rehost::RehostError::Store(inner) => {
+                                ApiError::Internal(anyhow::anyhow!("storing a re-hosted image failed: {inner}"))
+                            }
+                            other => ApiError::RehostFailed(other.to_string()),
+                        };
+                        let mut record = record.finish_reply(&reply, &self.prices, started);
+                        record.status = e.status().as_u16();
+                        self.settle(record, ctx);
+                        return Err(e);
+                    }
+                }
+            }
+            (_, reply) => reply,
+        };
         // 7. Usage: whole answers are metered now, streams as their events pass.
         Ok(self.meter(reply, record, ctx, permit, started))
+    }
+
+    /// Book a finished record: spend its cost from the tenant's budgets and queue it for the ledger.
+    fn settle(&self, record: UsageRecord, ctx: &TenantContext) {
+        self.limiter.spend(&ctx.tenant.id, &ctx.tenant.limits, record.cost_usd);
+        self.ledger.record(record);
     }
 
     /// Record a request refused before it reached the pipeline (unreadable body): it costs nothing.

@@ -11,6 +11,8 @@
 //! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
 //! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
 //! - `limits`    per-tenant rate limits, concurrency and budgets (in-process or Redis).
+//! - `rehost`    durable links instead of expiring ones: guarded downloads, signed links, answer rewriting.
+//! - `storage`   stored images: bytes in an object store (local or S3) by SHA-256, metadata, the sweeper.
 //! - `ledger`    the usage ledger: rows written off the request path; `ledger::report` reads them back.
 //! - `db`        the SQLite/PostgreSQL pool and embedded migrations; `pricing` turns usage into USD.
 //! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
@@ -27,10 +29,12 @@ pub mod images;
 pub mod ledger;
 pub mod limits;
 pub mod pricing;
+pub mod rehost;
 pub mod routes;
 pub mod server;
 pub mod startup;
 pub mod state;
+pub mod storage;
 pub mod telemetry;
 pub mod tenants;
 pub mod upstream;

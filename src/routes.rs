@@ -1,6 +1,7 @@
 //! The route table: method + path → handler, and nothing else. Image routes are served under `/v1` and, for
 //! SDKs configured with a base URL lacking `/v1`, at the root too.
 
+pub mod files;
 pub mod health;
 pub mod images;
 pub mod mock_files;
@@ -30,7 +31,9 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", images.clone())
         .merge(images)
         .route(paths::HEALTHZ, get(health::healthz))
-        .route(paths::READYZ, get(health::readyz));
+        .route(paths::READYZ, get(health::readyz))
+        // Signed links need no key, like OpenAI's own image links.
+        .route(&format!("{}/{{name}}", paths::IMAGE_FILES), get(files::get_image_file));
     if let Some(token) = &state.settings.admin.token {
         router = router.nest(admin::PREFIX, admin::router(token));
     }

@@ -1,8 +1,9 @@
 //! `Application`: settings in, a bound listener and wired state out; then serve until a shutdown signal and
 //! drain with a deadline. Tests build it on port 0 and read `local_addr()`.
 //!
-//! Background tasks (the usage writer, the `last_used_at` flusher) are owned here and stopped in order on
-//! shutdown: stop accepting → drain requests → flush key usage → write queued usage rows → close the database.
+//! Background tasks (the usage writer, the `last_used_at` flusher, the image sweeper) are owned here and
+//! stopped in order on shutdown: stop accepting → drain requests → stop the sweeper → flush key usage → write
+//! queued usage rows → close the database.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,8 +21,13 @@ use crate::ledger::{Ledger, LedgerWriter};
 use crate::limits::local::LocalBackend;
 use crate::limits::redis::RedisBackend;
 use crate::limits::{Backend, Limiter, system_clock};
+use crate::rehost::Rehoster;
+use crate::rehost::fetch::Fetcher;
+use crate::rehost::links::{self, LinkSigner};
 use crate::server::layers;
 use crate::state::AppState;
+use crate::storage::ImageStore;
+use crate::storage::sweeper::Sweeper;
 use crate::tenants::repo::TenantRepo;
 use crate::tenants::store::TenantStore;
 use crate::tenants::sync;
@@ -36,6 +42,7 @@ pub struct Application {
     public_url: Url,
     state: AppState,
     writer: LedgerWriter,
+    store: ImageStore,
 }
 
 impl Application {
@@ -62,10 +69,13 @@ impl Application {
         let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
-        let policy = ValidationPolicy { unknown_models: settings.validation.unknown_models };
-        let images = ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger, limiter);
+        let (rehoster, store) = rehoster(&settings, &db, &public_url)?;
+        let policy =
+            ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
+        let images =
+            ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
-        Ok(Self { listener, addr, public_url, state, writer })
+        Ok(Self { listener, addr, public_url, state, writer, store })
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -81,10 +91,17 @@ impl Application {
     /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish for up to
     /// `server.shutdown_timeout`, write what is pending, and return.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, public_url, state, writer, .. } = self;
+        let Self { listener, public_url, state, writer, store, .. } = self;
         let settings = state.settings.clone();
-        tracing::info!(upstream = state.images.upstream_name(), db = ?state.db.backend(), "listening on {public_url}");
+        tracing::info!(
+            upstream = state.images.upstream_name(),
+            db = ?state.db.backend(),
+            images = ?store.backend(),
+            rehost = settings.images.rehost,
+            "listening on {public_url}"
+        );
         let flusher = tokio::spawn(flush_last_used(state.tenants.clone(), settings.auth.last_used_flush));
+        let sweeper = Sweeper::start(store, settings.images.sweep_interval);
         let app = layers::apply(crate::routes::router(state.clone()), settings.server.request_timeout);
         let started_draining = Arc::new(tokio::sync::Notify::new());
         let notify = started_draining.clone();
@@ -104,6 +121,7 @@ impl Application {
             }
         };
         flusher.abort();
+        sweeper.stop().await;
         if let Err(e) = state.tenants.flush_last_used().await {
             tracing::warn!(error = %e, "could not record key last-used times");
         }
@@ -111,6 +129,28 @@ impl Application {
         state.db.close().await;
         Ok(served?)
     }
+}
+
+/// The image store and the re-hoster around it. The mock upstream's own links point at this gateway, so its
+/// host is allowed (and may be loopback) for downloads.
+fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
+    let store = ImageStore::open(&settings.storage, db.clone())?;
+    let mut download = settings.images.download.clone();
+    if settings.upstream.kind == UpstreamKind::Mock
+        && let Some(host) = public_url.host_str()
+    {
+        download.allowed_hosts.push(host.to_owned());
+        download.private_hosts.push(host.to_owned());
+        download.allow_http = download.allow_http || public_url.scheme() == "http";
+    }
+    let fetcher = Fetcher::new(&download)?;
+    let key = links::load_or_create_key(
+        settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
+        &settings.storage.data_dir,
+    )?;
+    let signer = LinkSigner::new(key, public_url.clone());
+    let rehoster = Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone()));
+    Ok((Arc::new(rehoster), store))
 }
 
 /// The rate-limit backend the settings ask for.

@@ -33,6 +33,9 @@ pub struct Tenant {
     pub limits: Limits,
     /// Response-cache policy; `None` = the deployment default.
     pub cache_policy: Option<serde_json::Value>,
+    /// Re-hosting overrides (response format default, retention, download fallback).
+    #[serde(default)]
+    pub image_policy: crate::rehost::ImagePolicy,
     /// `OpenAI-Organization` for this tenant's upstream calls.
     pub organization: Option<String>,
     /// `OpenAI-Project` for this tenant's upstream calls.

@@ -493,7 +493,7 @@ fn json_request(endpoint: Endpoint, map: &Map<String, Value>) -> ImageRequest {
 }
 
 fn reject() -> ValidationPolicy {
-    ValidationPolicy { unknown_models: UnknownModels::Reject }
+    ValidationPolicy { unknown_models: UnknownModels::Reject, rehost: false }
 }
 
 fn explain(error: &ApiError) -> String {

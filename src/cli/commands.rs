@@ -65,6 +65,7 @@ async fn create_tenant(args: TenantCreateArgs) -> anyhow::Result<String> {
         organization: args.org.map(|o| non_empty(o, "--org", "omit it to use upstream.organization")).transpose()?,
         project: args.project.map(|p| non_empty(p, "--project", "omit it to use upstream.project")).transpose()?,
         log_prompts: args.log_prompts,
+        image_policy: args.image_policy.as_deref().map(image_policy).transpose()?.unwrap_or_default(),
         ..NewTenant::default()
     };
     with_db(&args.config, async |_, repo, _| {
@@ -101,17 +102,21 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
     if args.log_prompts || args.no_log_prompts {
         patch.log_prompts = Some(args.log_prompts);
     }
+    if let Some(json) = args.image_policy.as_deref() {
+        patch.image_policy = Some(image_policy(json)?);
+    }
     let changes = [
         patch.organization.is_some(),
         patch.project.is_some(),
         patch.allowed_models.is_some(),
         patch.limits.is_some(),
         patch.log_prompts.is_some(),
+        patch.image_policy.is_some(),
     ];
     if !changes.contains(&true) {
         bail!(
             "nothing to change: pass at least one of --org, --clear-org, --project, --clear-project, \
-             --allowed-models, --all-models, --limits, --log-prompts, --no-log-prompts"
+             --allowed-models, --all-models, --limits, --log-prompts, --no-log-prompts, --image-policy"
         );
     }
     with_db(&args.config, async |_, repo, _| {
@@ -120,7 +125,7 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
         if tenant.source == "config" {
             out.push_str(&format!(
                 "note: '{}' is declared in the configuration file, and `imagegate serve` re-applies its \
-                 organization, project, allowed models, limits and log_prompts from there at startup: make the \
+                 organization, project, allowed models, limits, log_prompts and image policy from there at startup: make the \
                  same change in the file to keep it\n",
                 tenant.name
             ));
@@ -301,6 +306,13 @@ fn expiry(text: &str) -> anyhow::Result<i64> {
         .ok()
         .and_then(|ms| now_ms().checked_add(ms))
         .ok_or_else(|| anyhow!("--expires-in '{text}' is too far in the future"))
+}
+
+/// Parse `--image-policy` JSON, naming the flag and an example on failure.
+fn image_policy(json: &str) -> anyhow::Result<crate::rehost::ImagePolicy> {
+    serde_json::from_str(json).map_err(|e| {
+        anyhow!("invalid --image-policy: {e} (example: '{{\"response_format\":\"url\",\"retention\":\"7d\"}}')")
+    })
 }
 
 /// Parse `--limits` JSON into [`Limits`], naming the flag and the valid keys on failure.

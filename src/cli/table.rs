@@ -90,7 +90,8 @@ pub fn tenants(list: &[Tenant]) -> Table {
 pub fn tenant(t: &Tenant) -> Table {
     let limits = serde_json::to_value(&t.limits).unwrap_or(serde_json::Value::Null);
     let mut table = new(&["field", "value"]);
-    let rows: [(&str, String); 13] = [
+    let images = serde_json::to_value(&t.image_policy).unwrap_or(serde_json::Value::Null);
+    let rows: [(&str, String); 14] = [
         ("name", t.name.clone()),
         ("id", t.id.clone()),
         ("status", t.status.as_str().to_owned()),
@@ -100,6 +101,10 @@ pub fn tenant(t: &Tenant) -> Table {
         ("project", opt_text(t.project.as_deref())),
         ("log prompts", if t.log_prompts { "yes" } else { "no" }.to_owned()),
         ("limits", compact_json(&limits)),
+        (
+            "image policy",
+            if images.as_object().is_some_and(|o| o.is_empty()) { "default".to_owned() } else { compact_json(&images) },
+        ),
         ("cache policy", t.cache_policy.as_ref().map_or_else(|| "default".to_owned(), ToString::to_string)),
         ("metadata", t.metadata.to_string()),
         ("created", time(t.created_at)),

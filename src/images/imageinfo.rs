@@ -34,6 +34,15 @@ impl ImageFormat {
         }
     }
 
+    /// The usual file extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpg",
+            Self::Webp => "webp",
+        }
+    }
+
     /// The human-readable name used in messages.
     pub fn name(self) -> &'static str {
         match self {

@@ -98,6 +98,37 @@ impl Form {
     }
 }
 
+impl Form {
+    /// Encode as `multipart/form-data` with a fresh boundary: (body, content type).
+    pub fn encode(&self) -> (Bytes, String) {
+        let boundary = format!("imagegate-{}", hex::encode(rand::random::<[u8; 12]>()));
+        let size: usize = self.parts.iter().map(|p| p.data.len() + p.name.len() + 160).sum();
+        let mut out = Vec::with_capacity(size + boundary.len() + 8);
+        for part in &self.parts {
+            out.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", quote(&part.name)).as_bytes(),
+            );
+            if let Some(file_name) = &part.file_name {
+                out.extend_from_slice(format!("; filename=\"{}\"", quote(file_name)).as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            if let Some(ct) = &part.content_type {
+                out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&part.data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        (Bytes::from(out), format!("multipart/form-data; boundary={boundary}"))
+    }
+}
+
+/// A name or file name inside a quoted `Content-Disposition` parameter (the HTML form encoding rules).
+fn quote(value: &str) -> String {
+    value.replace('"', "%22").replace('\r', "%0D").replace('\n', "%0A")
+}
+
 /// `image`, `image[]` and `image[N]` all carry input images.
 pub fn is_image_field(name: &str) -> bool {
     name == "image"
@@ -183,6 +214,39 @@ impl ImageRequest {
         }
     }
 
+    /// This request with field `name` set to `value` (`None` removes it), its raw body re-encoded. JSON keeps
+    /// every other key and their order; multipart keeps every other part, in order, byte for byte.
+    pub fn with_field(self, name: &str, value: Option<&str>) -> Self {
+        match self.body {
+            RequestBody::Json { mut fields, raw } => {
+                match value {
+                    Some(v) => {
+                        fields.insert(name.to_owned(), Value::String(v.to_owned()));
+                    }
+                    None => {
+                        fields.shift_remove(name);
+                    }
+                }
+                // Serializing a map of JSON values cannot fail; keep the original body if it somehow does.
+                let raw = serde_json::to_vec(&fields).map(Bytes::from).unwrap_or(raw);
+                Self { endpoint: self.endpoint, body: RequestBody::Json { raw, fields } }
+            }
+            RequestBody::Multipart { mut form, .. } => {
+                form.parts.retain(|p| p.name != name || p.is_file());
+                if let Some(v) = value {
+                    form.parts.push(Part {
+                        name: name.to_owned(),
+                        file_name: None,
+                        content_type: None,
+                        data: Bytes::from(v.to_owned()),
+                    });
+                }
+                let (raw, content_type) = form.encode();
+                Self { endpoint: self.endpoint, body: RequestBody::Multipart { raw, content_type, form } }
+            }
+        }
+    }
+
     /// The multipart form, if this is a multipart request.
     pub fn form(&self) -> Option<&Form> {
         match &self.body {
@@ -215,6 +279,59 @@ mod tests {
         assert_eq!(err.status().as_u16(), 400);
         let err = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(b"{\"prompt\":")).unwrap_err();
         assert!(err.client_message().contains("could not parse the JSON body"));
+    }
+
+    #[test]
+    fn with_field_rewrites_json_keeping_every_other_key_in_order() {
+        let raw = br#"{"model":"gpt-image-1","response_format":"url","prompt":"a","future":{"x":[1,2]}}"#;
+        let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(raw)).unwrap();
+        let stripped = req.clone().with_field("response_format", None);
+        assert_eq!(stripped.raw().0.as_ref(), br#"{"model":"gpt-image-1","prompt":"a","future":{"x":[1,2]}}"#);
+        let set = req.with_field("response_format", Some("b64_json"));
+        assert_eq!(set.field_str("response_format").as_deref(), Some("b64_json"));
+    }
+
+    #[tokio::test]
+    async fn with_field_reencodes_multipart_with_every_other_part_byte_for_byte() {
+        let image = Bytes::from_static(b"\x89PNG\r\n\x1a\n binary \r\n--not-a-boundary\r\n");
+        let form = Form {
+            parts: vec![
+                Part {
+                    name: "model".into(),
+                    file_name: None,
+                    content_type: None,
+                    data: Bytes::from_static(b"gpt-image-1"),
+                },
+                Part {
+                    name: "image[]".into(),
+                    file_name: Some("a \"b\".png".into()),
+                    content_type: Some("image/png".into()),
+                    data: image.clone(),
+                },
+                Part {
+                    name: "response_format".into(),
+                    file_name: None,
+                    content_type: None,
+                    data: Bytes::from_static(b"url"),
+                },
+                Part {
+                    name: "image[]".into(),
+                    file_name: Some("c.png".into()),
+                    content_type: Some("image/png".into()),
+                    data: image.clone(),
+                },
+            ],
+        };
+        let (raw, content_type) = form.encode();
+        let req = ImageRequest::from_form(Endpoint::Edits, raw, content_type, form).with_field("response_format", None);
+        let (raw, content_type) = req.raw();
+        let parsed = crate::images::multipart::parse(content_type, raw.clone()).await.unwrap();
+        let names: Vec<&str> = parsed.parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["model", "image[]", "image[]"]);
+        assert_eq!(parsed.parts[1].data, image);
+        assert_eq!(parsed.parts[1].file_name.as_deref(), Some("a %22b%22.png"));
+        assert_eq!(parsed.parts[2].content_type.as_deref(), Some("image/png"));
+        assert_eq!(parsed.text("model"), Some("gpt-image-1"));
     }
 
     #[test]

@@ -18,6 +18,9 @@ use crate::error::ApiError;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ValidationPolicy {
     pub unknown_models: UnknownModels,
+    /// Re-hosting is on: GPT image models accept `response_format` (imagegate strips it before forwarding
+    /// and answers with links or base64 itself). Off, they refuse it as OpenAI does.
+    pub rehost: bool,
 }
 
 /// What validation learnt about a request that passed, for the later pipeline stages.
@@ -61,7 +64,7 @@ pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Val
     }
     let (n, stream) = generic(&reader, endpoint)?;
     if let Some(m) = known {
-        per_model(&reader, endpoint, m)?;
+        per_model(&reader, endpoint, m, policy)?;
     }
     let family = known.map(|m| m.family);
     if json_edit {
@@ -117,7 +120,7 @@ fn generic(reader: &Reader<'_>, endpoint: Endpoint) -> Result<(u32, bool), ApiEr
 }
 
 /// The per-model table of `docs/validation.md`.
-fn per_model(reader: &Reader<'_>, endpoint: Endpoint, m: &Model) -> Result<(), ApiError> {
+fn per_model(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, policy: &ValidationPolicy) -> Result<(), ApiError> {
     let family = m.family;
     if let Some(prompt) = reader.string("prompt")? {
         let len = prompt.chars().count();
@@ -147,7 +150,7 @@ fn per_model(reader: &Reader<'_>, endpoint: Endpoint, m: &Model) -> Result<(), A
         _ if reader.present("style") => return Err(unsupported("style", m.id)),
         _ => {}
     }
-    if family.is_gpt() { gpt_rules(reader, endpoint, m) } else { dalle_rules(reader, m) }
+    if family.is_gpt() { gpt_rules(reader, endpoint, m, policy.rehost) } else { dalle_rules(reader, m) }
 }
 
 fn check_size(family: Family, size: &str) -> Result<(), ApiError> {
@@ -174,8 +177,18 @@ fn dalle_rules(reader: &Reader<'_>, m: &Model) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn gpt_rules(reader: &Reader<'_>, endpoint: Endpoint, m: &Model) -> Result<(), ApiError> {
-    if reader.present("response_format") {
+fn gpt_rules(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, rehost: bool) -> Result<(), ApiError> {
+    if rehost {
+        one_of(reader, "response_format", &["url", "b64_json"])?;
+        if reader.string("response_format")? == Some("url") && reader.boolean("stream")? == Some(true) {
+            return Err(ApiError::invalid_code(
+                "Invalid value for 'response_format': 'url' cannot be combined with stream=true; streamed events \
+                 carry base64 image data. Leave response_format out or set it to 'b64_json'.",
+                Some("response_format"),
+                "invalid_value",
+            ));
+        }
+    } else if reader.present("response_format") {
         // What OpenAI itself answers for GPT image models.
         return Err(ApiError::invalid_code(
             "Unknown parameter: 'response_format'.",
@@ -295,7 +308,7 @@ mod tests {
         let body = json!({"prompt": "x", "model": "flux-pro", "size": "999x999", "whatever": 1});
         assert!(check(body.clone()).is_ok());
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from(body.to_string())).unwrap();
-        let e = validate(&req, &ValidationPolicy { unknown_models: UnknownModels::Reject }).unwrap_err();
+        let e = validate(&req, &ValidationPolicy { unknown_models: UnknownModels::Reject, rehost: false }).unwrap_err();
         assert_eq!((e.param(), e.code()), (Some("model"), Some("invalid_value")));
     }
 }

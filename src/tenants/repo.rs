@@ -9,6 +9,7 @@ use super::keys::{self, NewKey};
 use super::{Limits, Tenant, TenantStatus};
 use crate::db::{Db, new_id, now_ms};
 use crate::error::ApiError;
+use crate::rehost::ImagePolicy;
 
 /// What can go wrong in the repository, classified for callers.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub struct NewTenant {
     #[serde(default)]
     pub cache_policy: Option<serde_json::Value>,
     #[serde(default)]
+    pub image_policy: ImagePolicy,
+    #[serde(default)]
     pub organization: Option<String>,
     #[serde(default)]
     pub project: Option<String>,
@@ -67,6 +70,9 @@ pub struct TenantPatch {
     pub limits: Option<Limits>,
     #[serde(default, deserialize_with = "nullable")]
     pub cache_policy: Option<Option<serde_json::Value>>,
+    /// Replaces the whole re-hosting policy (`{}` = the deployment defaults).
+    #[serde(default)]
+    pub image_policy: Option<ImagePolicy>,
     #[serde(default, deserialize_with = "nullable")]
     pub organization: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
@@ -104,7 +110,7 @@ pub struct KeyRecord {
 }
 
 const TENANT_COLUMNS: &str = "id, name, status, allowed_models, limits, cache_policy, organization, project, \
-     log_prompts, metadata, source, created_at, updated_at";
+     log_prompts, metadata, source, created_at, updated_at, image_policy";
 
 /// Tenants and keys in the database.
 #[derive(Debug, Clone)]
@@ -128,6 +134,7 @@ impl TenantRepo {
             allowed_models: spec.allowed_models,
             limits: spec.limits,
             cache_policy: spec.cache_policy,
+            image_policy: spec.image_policy,
             organization: spec.organization,
             project: spec.project,
             log_prompts: spec.log_prompts,
@@ -137,7 +144,7 @@ impl TenantRepo {
             updated_at: now,
         };
         let result = sqlx::query(&format!(
-            "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         ))
         .bind(tenant.id.clone())
         .bind(tenant.name.clone())
@@ -152,6 +159,7 @@ impl TenantRepo {
         .bind(tenant.source.clone())
         .bind(tenant.created_at)
         .bind(tenant.updated_at)
+        .bind(to_json(&tenant.image_policy))
         .execute(self.db.pool())
         .await;
         match result {
@@ -195,6 +203,9 @@ impl TenantRepo {
         if let Some(v) = patch.cache_policy {
             t.cache_policy = v;
         }
+        if let Some(v) = patch.image_policy {
+            t.image_policy = v;
+        }
         if let Some(v) = patch.organization {
             t.organization = v;
         }
@@ -210,7 +221,7 @@ impl TenantRepo {
         t.updated_at = now_ms();
         sqlx::query(
             "UPDATE tenants SET status = $1, allowed_models = $2, limits = $3, cache_policy = $4, organization = $5, \
-             project = $6, log_prompts = $7, metadata = $8, updated_at = $9 WHERE id = $10",
+             project = $6, log_prompts = $7, metadata = $8, updated_at = $9, image_policy = $10 WHERE id = $11",
         )
         .bind(t.status.as_str())
         .bind(to_json_opt(&t.allowed_models))
@@ -221,6 +232,7 @@ impl TenantRepo {
         .bind(i64::from(t.log_prompts))
         .bind(to_json(&t.metadata))
         .bind(t.updated_at)
+        .bind(to_json(&t.image_policy))
         .bind(t.id.clone())
         .execute(self.db.pool())
         .await?;
@@ -387,6 +399,7 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RepoError> {
     let allowed: Option<String> = row.try_get("allowed_models")?;
     let limits: String = row.try_get("limits")?;
     let cache: Option<String> = row.try_get("cache_policy")?;
+    let image_policy: String = row.try_get("image_policy")?;
     let metadata: String = row.try_get("metadata")?;
     let log_prompts: i64 = row.try_get("log_prompts")?;
     Ok(Tenant {
@@ -397,6 +410,7 @@ fn tenant_from_row(row: &AnyRow) -> Result<Tenant, RepoError> {
         allowed_models: allowed.map(|a| from_json(&a, "allowed_models")).transpose()?,
         limits: from_json(&limits, "limits")?,
         cache_policy: cache.map(|c| from_json(&c, "cache_policy")).transpose()?,
+        image_policy: from_json(&image_policy, "image_policy")?,
         organization: row.try_get("organization")?,
         project: row.try_get("project")?,
         log_prompts: log_prompts != 0,

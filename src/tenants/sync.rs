@@ -16,6 +16,7 @@ pub async fn apply(repo: &TenantRepo, tenants: &[TenantSettings]) -> Result<(), 
                     organization: Some(t.organization.clone()),
                     project: Some(t.project.clone()),
                     log_prompts: Some(t.log_prompts),
+                    image_policy: Some(t.images.clone()),
                     ..TenantPatch::default()
                 };
                 repo.update_tenant(&t.name, patch).await?
@@ -28,6 +29,7 @@ pub async fn apply(repo: &TenantRepo, tenants: &[TenantSettings]) -> Result<(), 
                     organization: t.organization.clone(),
                     project: t.project.clone(),
                     log_prompts: t.log_prompts,
+                    image_policy: t.images.clone(),
                     ..NewTenant::default()
                 };
                 repo.create_tenant(spec, "config").await?

@@ -52,6 +52,41 @@ async fn several_images_and_a_mask_arrive_in_order_with_every_field() {
 }
 
 #[tokio::test]
+async fn a_gpt_edit_asking_for_a_link_reaches_the_upstream_without_response_format_and_otherwise_intact() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let images: Vec<Vec<u8>> = (1..=2).map(|i| png(16 * i, 16 * i, false)).collect();
+    let mask = png(16, 16, true);
+    let form = Form::new()
+        .part("image[]", file(images[0].clone(), "a.png"))
+        .text("response_format", "url")
+        .part("mask", file(mask.clone(), "mask.png"))
+        .part("image[]", file(images[1].clone(), "b.png"))
+        .text("prompt", "add a hat")
+        .text("model", "gpt-image-1")
+        .text("brand_new_param", "kept");
+
+    let res = app.post_form("/images/edits", form).await;
+
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(body["data"][0]["url"].as_str().unwrap().starts_with(&format!("{}/images/files/", app.root)));
+    let call = &fake.calls()[0];
+    let parts: Vec<(&str, String)> =
+        call.parts.iter().map(|p| (p.name.as_str(), p.text.clone().unwrap_or_else(|| p.sha256.clone()))).collect();
+    let expected = [
+        ("image[]", sha(&images[0])),
+        ("mask", sha(&mask)),
+        ("image[]", sha(&images[1])),
+        ("prompt", "add a hat".to_owned()),
+        ("model", "gpt-image-1".to_owned()),
+        ("brand_new_param", "kept".to_owned()),
+    ];
+    assert_eq!(parts, expected.iter().map(|(n, v)| (*n, v.clone())).collect::<Vec<_>>());
+    assert_eq!(call.part("image[]").unwrap().file_name.as_deref(), Some("a.png"));
+}
+
+#[tokio::test]
 async fn a_single_image_edit_with_dall_e_2_returns_a_url() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn(&fake.url).await;

@@ -103,7 +103,7 @@ async fn a_tenant_without_attribution_sends_none() {
 }
 
 #[tokio::test]
-async fn dall_e_answers_pass_through_with_url_and_revised_prompt() {
+async fn dall_e_answers_keep_their_revised_prompt_and_get_gateway_links() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn(&fake.url).await;
 
@@ -112,7 +112,7 @@ async fn dall_e_answers_pass_through_with_url_and_revised_prompt() {
     assert_eq!(res.status(), 200);
     let body: serde_json::Value = res.json().await.unwrap();
     let url = body["data"][0]["url"].as_str().unwrap();
-    assert!(url.starts_with(&fake.base), "{url}");
+    assert!(url.starts_with(&format!("{}/images/files/", app.root)), "re-hosted, not the upstream's: {url}");
     assert!(body["data"][0]["revised_prompt"].is_string());
 }
 

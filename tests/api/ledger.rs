@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::app::{GatewayProcess, TestApp, TestDb, UPSTREAM_KEY};
+use crate::support::app::{FAKE_IMAGE_HOSTS, GatewayProcess, TestApp, TestDb, UPSTREAM_KEY};
 use crate::support::fake_openai::FakeOpenAi;
 
 async fn rows_match_the_upstream(db: TestDb) {
@@ -144,7 +144,7 @@ async fn sigterm_under_load_loses_no_usage_row() {
     let key = imagegate::tenants::keys::generate();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"20s\"\n[storage]\ndata_dir = \"{}\"\n\
-         [upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"\n[usage]\nflush_interval = \"5s\"\n\
+         [upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"\n[usage]\nflush_interval = \"5s\"\n{FAKE_IMAGE_HOSTS}\
          [[tenants]]\nname = \"load\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
         dir.path().display(),
         fake.url,

@@ -15,6 +15,7 @@ mod ledger;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
+mod rehost;
 mod sdk;
 mod streaming;
 mod validation;

@@ -8,7 +8,7 @@ use base64::Engine;
 use imagegate::tenants::keys;
 use serde_json::json;
 
-use crate::support::app::{GatewayProcess, UPSTREAM_KEY};
+use crate::support::app::{FAKE_IMAGE_HOSTS, GatewayProcess, UPSTREAM_KEY};
 use crate::support::fake_openai::FakeOpenAi;
 
 /// A config file for the binary; returns (dir, path, tenant key).
@@ -16,7 +16,7 @@ fn config(upstream: &str, extra: &str) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = keys::generate();
     let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{extra}\n{upstream}\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{extra}\n{upstream}\n{FAKE_IMAGE_HOSTS}\
          [[tenants]]\nname = \"ci\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
         key.id, key.sha256
     );
@@ -83,9 +83,18 @@ async fn the_mock_upstream_serves_real_images_of_the_requested_size_and_format()
     let png1 = client.get(&url).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(png1, png2);
 
-    // GPT image models refuse response_format, as OpenAI does.
-    let res = post(json!({"model": "gpt-image-1", "prompt": "x", "response_format": "url"})).await.unwrap();
-    assert_eq!(res.status(), 400);
+    // GPT image models answer with imagegate's own link when asked for one.
+    let body: serde_json::Value =
+        post(json!({"model": "gpt-image-1", "prompt": "x", "size": "1024x1024", "response_format": "url"}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let url = body["data"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("{}/images/files/", gw.root)), "{url}");
+    let png = client.get(url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 1024);
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::app::{GatewayProcess, UPSTREAM_KEY, fresh_postgres};
+use crate::support::app::{FAKE_IMAGE_HOSTS, GatewayProcess, UPSTREAM_KEY, fresh_postgres};
 use crate::support::fake_openai::FakeOpenAi;
 
 #[tokio::test]
@@ -19,7 +19,7 @@ async fn two_replicas_sharing_redis_grant_the_allowance_once_in_total() {
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n[database]\nurl = \"{database_url}\"\n\
          [upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"\n\
          [limits]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nredis_prefix = \"{prefix}\"\n\
-         on_backend_error = \"closed\"\n\
+         on_backend_error = \"closed\"\n{FAKE_IMAGE_HOSTS}\
          [[tenants]]\nname = \"shared\"\nlimits = {{ requests_per_minute = 20 }}\n\
          keys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
         dir.path().display(),

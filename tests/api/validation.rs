@@ -539,8 +539,13 @@ async fn per_model_generation_rules_refuse_what_the_model_does_not_take() {
             generation(with(&gpt, json!({"quality": "standard"})), "quality", "invalid_value"),
             generation(with(&gpt, json!({"quality": "hd"})), "quality", "invalid_value"),
             generation(with(&gpt, json!({"style": "vivid"})), "style", "unsupported_parameter"),
-            generation(with(&gpt, json!({"response_format": "url"})), "response_format", "unknown_parameter"),
-            generation(with(&gpt, json!({"response_format": "b64_json"})), "response_format", "unknown_parameter"),
+            // With re-hosting on (the default) GPT image models take url and b64_json; see tests/api/rehost.rs.
+            generation(with(&gpt, json!({"response_format": "png"})), "response_format", "invalid_value"),
+            generation(
+                with(&gpt, json!({"response_format": "url", "stream": true})),
+                "response_format",
+                "invalid_value",
+            ),
             generation(with(&gpt, json!({"background": "clear"})), "background", "invalid_value"),
             generation(
                 with(&gpt, json!({"background": "transparent", "output_format": "jpeg"})),
@@ -751,9 +756,9 @@ async fn edit_rules_refuse_bad_fields_and_models_that_do_not_edit() {
         refused(
             "gpt-image-1 response_format",
             EDITS,
-            gpt("gpt-image-1").text("response_format", "b64_json"),
+            gpt("gpt-image-1").text("response_format", "base64"),
             "response_format",
-            "unknown_parameter",
+            "invalid_value",
         ),
         refused(
             "gpt-image-1 style",
@@ -1314,7 +1319,7 @@ async fn the_json_edit_body_rules_refuse_bad_image_references() {
         json_edit(with(&base, json!({"size": "256x256"})), "size", "invalid_value"),
         json_edit(with(&base, json!({"model": "gpt-image-2", "size": "1000x1000"})), "size", "invalid_value"),
         json_edit(with(&base, json!({"quality": "standard"})), "quality", "invalid_value"),
-        json_edit(with(&base, json!({"response_format": "url"})), "response_format", "unknown_parameter"),
+        json_edit(with(&base, json!({"response_format": "png"})), "response_format", "invalid_value"),
         json_edit(with(&base, json!({"style": "vivid"})), "style", "unsupported_parameter"),
         json_edit(
             with(&base, json!({"model": "gpt-image-1-mini", "input_fidelity": "high"})),

@@ -16,6 +16,10 @@ use url::Url;
 /// The upstream key the fake expects; tenants never see it.
 pub const UPSTREAM_KEY: &str = "sk-upstream-test";
 
+/// Config-file lines letting a gateway download images from a fake upstream on loopback over plain HTTP.
+pub const FAKE_IMAGE_HOSTS: &str =
+    "[images.download]\nallowed_hosts = [\"127.0.0.1\"]\nprivate_hosts = [\"127.0.0.1\"]\nallow_http = true\n";
+
 /// The admin token of every test gateway.
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
@@ -74,6 +78,10 @@ pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
     s.upstream.kind = UpstreamKind::Openai;
     s.upstream.base_url = Url::parse(upstream_url).expect("upstream url");
     s.upstream.api_key = Some(Secret::new(UPSTREAM_KEY));
+    // The fake upstream's image links point at itself, on loopback over plain HTTP.
+    s.images.download.allowed_hosts = vec!["127.0.0.1".into()];
+    s.images.download.private_hosts = vec!["127.0.0.1".into()];
+    s.images.download.allow_http = true;
     s.tenants = vec![
         TenantSettings {
             name: "team-a".into(),
@@ -101,6 +109,7 @@ fn tenant_defaults() -> TenantSettings {
         allowed_models: None,
         limits: Default::default(),
         log_prompts: false,
+        images: Default::default(),
         keys: Vec::new(),
     }
 }

@@ -10,14 +10,19 @@
 //! Control endpoints on the same server (for the SDK tests that only see HTTP):
 //! - `GET /_fake/calls`: JSON array of [`RecordedCall`], in arrival order;
 //! - `POST /_fake/reset`: forget recorded calls (answers `{"ok":true}`);
-//! - `GET /_fake/files/{name}?se=...`: the DALL·E images behind the returned URLs (403 Azure-style once expired).
+//! - `GET /_fake/files/{name}?se=...`: the DALL·E images behind the returned URLs (403 Azure-style once expired);
+//! - `GET /_fake/redirect?to=URL` (302), `/_fake/endless` (a PNG that never ends), `/_fake/html` (a web page),
+//!   `/_fake/lying_png` (a web page sent as `image/png`): hostile image hosts for the re-hosting tests. Every
+//!   fetch of these and of the files counts in [`FakeOpenAi::file_fetch_count`].
 //!
 //! Trigger words, looked up in `prompt` and in `user` (variations have no prompt):
 //! - `#status=NNN`: answer that status with an OpenAI-shaped error (429 carries `retry-after: 1`, `retry-after-ms: 1000`);
 //! - `#sleep=MS`: wait before answering (after the auth check);
 //! - `#gap=MS`: wait between SSE events;
 //! - `#drop`: streams send one partial-image event, then the connection is aborted;
-//! - `#sse_error`: streams send one partial-image event, then `event: error` with an OpenAI error body, then end.
+//! - `#sse_error`: streams send one partial-image event, then `event: error` with an OpenAI error body, then end;
+//! - `#side=N`: GPT image answers are N×N pixels (default 64);
+//! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file.
 
 use std::collections::HashMap;
 use std::future::IntoFuture as _;
@@ -282,8 +287,41 @@ fn router(inner: Arc<Inner>) -> Router {
         .route("/_fake/calls", get(list_calls))
         .route("/_fake/reset", post(reset_calls))
         .route("/_fake/files/{name}", get(get_file))
+        .route("/_fake/redirect", get(redirect))
+        .route("/_fake/endless", get(endless))
+        .route("/_fake/html", get(html))
+        .route("/_fake/lying_png", get(lying_png))
         .fallback(entry)
         .with_state(inner)
+}
+
+/// `302` to the `to` query parameter.
+async fn redirect(State(inner): State<Arc<Inner>>, Query(query): Query<HashMap<String, String>>) -> Response {
+    inner.file_fetches.fetch_add(1, Ordering::SeqCst);
+    let to = query.get("to").cloned().unwrap_or_default();
+    (StatusCode::FOUND, [(header::LOCATION, header_value(&to))]).into_response()
+}
+
+/// An `image/png` body that starts like a PNG and never ends.
+async fn endless(State(inner): State<Arc<Inner>>) -> Response {
+    inner.file_fetches.fetch_add(1, Ordering::SeqCst);
+    let head = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"\x89PNG\r\n\x1a\n")) });
+    let tail = futures::stream::repeat_with(|| Ok::<_, std::io::Error>(Bytes::from(vec![0u8; 64 * 1024])));
+    let mut response = Response::new(Body::from_stream(head.chain(tail)));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    response
+}
+
+/// A web page, declared as one.
+async fn html(State(inner): State<Arc<Inner>>) -> Response {
+    inner.file_fetches.fetch_add(1, Ordering::SeqCst);
+    ([(header::CONTENT_TYPE, "text/html")], "<html><body>not an image</body></html>").into_response()
+}
+
+/// A web page that claims to be a PNG.
+async fn lying_png(State(inner): State<Arc<Inner>>) -> Response {
+    inner.file_fetches.fetch_add(1, Ordering::SeqCst);
+    ([(header::CONTENT_TYPE, "image/png")], "<html><body>not an image</body></html>").into_response()
 }
 
 async fn list_calls(State(inner): State<Arc<Inner>>) -> Json<Vec<RecordedCall>> {
@@ -517,6 +555,12 @@ impl Triggers {
             sse_error: text.contains("#sse_error"),
         }
     }
+}
+
+/// The URL after `#image_url=` (up to whitespace): DALL·E answers point there instead of at a stored file.
+fn image_url_trigger(prompt: &str) -> Option<String> {
+    let at = prompt.find("#image_url=")?;
+    prompt[at + "#image_url=".len()..].split_whitespace().next().map(str::to_owned)
 }
 
 /// The decimal number right after the first `key` in `text` that is followed by one.
@@ -760,7 +804,13 @@ fn dalle_response(inner: &Inner, params: &Params<'_>, model: &str, n: u64, seed:
     let data: Vec<Value> = (0..n)
         .map(|i| {
             let png = render_image(seed, i * 4 + 3, false, "png");
-            let mut image = if as_b64 { json!({"b64_json": b64(&png)}) } else { json!({"url": inner.store_file(png)}) };
+            let url = match image_url_trigger(prompt) {
+                Some(url) if url.starts_with('/') => format!("{}{url}", inner.base),
+                Some(url) => url,
+                None if as_b64 => String::new(),
+                None => inner.store_file(png.clone()),
+            };
+            let mut image = if as_b64 { json!({"b64_json": b64(&png)}) } else { json!({ "url": url }) };
             if model == "dall-e-3" {
                 image["revised_prompt"] = json!(format!("A detailed, vivid rendering of: {prompt}"));
             }
@@ -776,6 +826,8 @@ struct GptLook {
     quality: String,
     background: String,
     output_format: String,
+    /// Pixels per side of non-streamed images (`#side=N`, default [`IMAGE_SIDE`]).
+    side: u32,
 }
 
 impl GptLook {
@@ -793,7 +845,11 @@ impl GptLook {
             Some(f @ ("png" | "jpeg" | "webp")) => f.to_owned(),
             _ => "png".to_owned(),
         };
-        GptLook { size, quality, background: background.to_owned(), output_format }
+        let triggers =
+            format!("{} {}", params.text("prompt").unwrap_or_default(), params.text("user").unwrap_or_default());
+        let side =
+            number_after(&triggers, "#side=").and_then(|n| u32::try_from(n).ok()).unwrap_or(IMAGE_SIDE).min(2048);
+        GptLook { size, quality, background: background.to_owned(), output_format, side }
     }
 
     fn transparent(&self) -> bool {
@@ -837,7 +893,10 @@ fn usage(input: (u64, u64), output_tokens: u64, with_output_details: bool) -> Va
 /// GPT image answer: only `b64_json`, plus the resolved look and `usage`.
 fn gpt_response(look: &GptLook, n: u64, seed: &str, input: (u64, u64)) -> Response {
     let data: Vec<Value> = (0..n)
-        .map(|i| json!({"b64_json": b64(&render_image(seed, i * 4 + 3, look.transparent(), &look.output_format))}))
+        .map(|i| {
+            let image = render_image_sized(seed, i * 4 + 3, look.transparent(), &look.output_format, look.side);
+            json!({"b64_json": b64(&image)})
+        })
         .collect();
     Json(json!({
         "created": unix_now(),
@@ -943,9 +1002,14 @@ fn b64(bytes: &[u8]) -> String {
 
 /// A small deterministic image for (`seed`, `variant`) in the given output format (`png`, `jpeg` or `webp`).
 pub fn render_image(seed: &str, variant: u64, transparent: bool, format: &str) -> Vec<u8> {
+    render_image_sized(seed, variant, transparent, format, IMAGE_SIDE)
+}
+
+/// [`render_image`] at `side`×`side` pixels.
+pub fn render_image_sized(seed: &str, variant: u64, transparent: bool, format: &str, side: u32) -> Vec<u8> {
     let digest = Sha256::new().chain_update(seed.as_bytes()).chain_update(variant.to_le_bytes()).finalize();
     let (r, g, b) = (digest[0], digest[1], digest[2]);
-    let pixels = image::RgbaImage::from_fn(IMAGE_SIDE, IMAGE_SIDE, |x, y| {
+    let pixels = image::RgbaImage::from_fn(side, side, |x, y| {
         let (x, y) = (u8::try_from(x % 64).unwrap_or(0), u8::try_from(y % 64).unwrap_or(0));
         let alpha = if transparent && (x < 8 || y < 8) { 0 } else { 255 };
         image::Rgba([r ^ (x * 4), g ^ (y * 4), b ^ (x ^ y), alpha])

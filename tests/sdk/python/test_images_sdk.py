@@ -26,6 +26,7 @@ import os
 import re
 import struct
 import time
+import urllib.error
 import urllib.request
 import uuid
 import zlib
@@ -184,6 +185,56 @@ def test_generate_with_dall_e_3_returns_a_revised_prompt() -> None:
     call = the_call_with(n, "/images/generations")
     assert call["json"]["style"] == "natural"
     assert call["json"]["response_format"] == "b64_json"
+
+
+# --------------------------------------------------------------------------- re-hosting
+
+
+def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    """GET a link the way an application would: no key, no SDK."""
+    with _no_proxy.open(url, timeout=30) as resp:
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+
+
+def test_gpt_image_with_response_format_url_returns_a_small_answer_and_a_durable_link() -> None:
+    n = nonce()
+    prompt = f"a detailed harbour at dusk {n} #side=1024"
+    as_b64 = client().images.with_raw_response.generate(model="gpt-image-1", prompt=prompt, size="1024x1024")
+    as_url = client().images.with_raw_response.generate(
+        model="gpt-image-1", prompt=prompt, size="1024x1024", response_format="url"
+    )
+    b64_answer, url_answer = as_b64.parse(), as_url.parse()
+
+    assert url_answer.data[0].b64_json is None
+    link = url_answer.data[0].url
+    assert link and link.startswith(BASE_URL.rsplit("/v1", 1)[0] + "/images/files/"), link
+    status, headers, body = fetch(link)
+    assert status == 200 and headers["content-type"] == "image/png"
+    assert sha256(body) == sha256(base64.b64decode(b64_answer.data[0].b64_json)), "the upstream's image, byte for byte"
+    assert url_answer.usage is not None and url_answer.usage.total_tokens == b64_answer.usage.total_tokens
+    small, big = len(as_url.content), len(as_b64.content)
+    assert small * 100 <= big, f"the link answer ({small} B) must be at least 100x smaller than base64 ({big} B)"
+    for call in calls_with(n):
+        assert "response_format" not in call["json"], "GPT image models never see response_format"
+
+
+def test_dall_e_links_are_imagegate_links_that_serve_png() -> None:
+    r = client().images.generate(model="dall-e-2", prompt=f"a pier {nonce()}", size="256x256", n=2)
+    assert len(r.data) == 2
+    for image in r.data:
+        assert image.url and "/images/files/" in image.url and not image.url.startswith(FAKE_URL), image.url
+        status, headers, body = fetch(image.url)
+        assert status == 200 and body.startswith(PNG_SIGNATURE)
+        assert headers["etag"] == f'"{sha256(body)}"'
+
+
+def test_a_tampered_link_is_refused() -> None:
+    r = client().images.generate(model="dall-e-2", prompt=f"a gate {nonce()}", size="256x256")
+    link = r.data[0].url
+    assert link
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        fetch(link[:-4] + ("AAAA" if not link.endswith("AAAA") else "BBBB"))
+    assert caught.value.code == 403
 
 
 def test_successful_responses_carry_a_request_id() -> None:

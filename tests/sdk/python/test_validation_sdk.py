@@ -125,10 +125,10 @@ def assert_refused(send: Callable[[], Any], marker: str, param: str, code: str) 
         ),
         pytest.param({"model": "gpt-image-1", "quality": "ultra"}, "quality", "invalid_value", id="unknown-quality"),
         pytest.param(
-            {"model": "gpt-image-1", "response_format": "url"},
+            {"model": "gpt-image-1", "response_format": "url", "stream": True},
             "response_format",
-            "unknown_parameter",
-            id="response-format-on-gpt",
+            "invalid_value",
+            id="url-with-stream-on-gpt",
         ),
     ],
 )

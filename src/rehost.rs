@@ -1,0 +1,262 @@
+//! Re-hosting: callers get imagegate's own durable, signed links instead of upstream links that expire in an
+//! hour, and small responses instead of megabytes of base64 when they ask for `url`.
+//!
+//! [`Rehoster::plan`] decides, before the upstream call, which format the caller gets (the request's
+//! `response_format`, else the tenant's default, else the deployment's, else the model's own) and how the
+//! upstream request must change for it (GPT image models refuse `response_format`, so it is removed;
+//! DALL·E is asked for `b64_json` when a default says so). [`Rehoster::apply`] then rewrites a successful
+//! answer: upstream URLs are downloaded under `fetch`'s guards and stored, base64 is stored when links are
+//! wanted, and every stored image gets a link signed by `links`.
+
+pub mod fetch;
+pub mod links;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use self::fetch::{FetchError, Fetcher};
+use self::links::LinkSigner;
+use crate::config::ImagesSettings;
+use crate::images::models::Family;
+use crate::images::request::ImageRequest;
+use crate::storage::{ImageStore, NewImage, StoreError};
+use crate::tenants::Tenant;
+
+/// How images reach the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// A link (imagegate's own, signed, durable).
+    Url,
+    /// The image inline as base64.
+    B64Json,
+}
+
+impl ResponseFormat {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "url" => Some(Self::Url),
+            "b64_json" => Some(Self::B64Json),
+            _ => None,
+        }
+    }
+}
+
+/// What happens when an upstream image cannot be downloaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownloadFallback {
+    /// Answer 502: the caller never gets a link that will break in an hour without knowing it.
+    #[default]
+    Fail,
+    /// Hand on the upstream's own URL (it expires), logged as a warning.
+    PassThrough,
+}
+
+/// Per-tenant overrides of the `[images]` settings; `None` = the deployment's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagePolicy {
+    /// What the tenant's callers get when they do not set `response_format`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+    /// How long the tenant's images are kept, e.g. `"7d"`.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_download_error: Option<DownloadFallback>,
+}
+
+/// Why an answer could not be re-hosted.
+#[derive(Debug, thiserror::Error)]
+pub enum RehostError {
+    #[error("image {index}: {source}")]
+    Download { index: usize, source: FetchError },
+    #[error("image {index}: the upstream's base64 does not decode")]
+    BadBase64 { index: usize },
+    #[error("image {index}: the upstream returned bytes that are not a PNG, JPEG or WebP image")]
+    NotAnImage { index: usize },
+    #[error("storing an image failed: {0}")]
+    Store(StoreError),
+    #[error("the rewritten answer could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// What to do with one request's images, decided before the upstream call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The format the caller gets; `None` = as the upstream answers, with upstream URLs re-hosted.
+    pub want: Option<ResponseFormat>,
+    /// Whether the answer needs reading at all (GPT base64 the caller wants as base64 passes untouched).
+    pub rewrite: bool,
+    pub retention: Duration,
+    pub fallback: DownloadFallback,
+}
+
+/// Who asked, for the metadata of stored images.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub tenant_id: &'a str,
+    pub model: &'a str,
+    pub request_id: &'a str,
+}
+
+/// Re-hosts answers; one per process, cheap to share.
+pub struct Rehoster {
+    store: ImageStore,
+    fetcher: Fetcher,
+    links: LinkSigner,
+    settings: Arc<ImagesSettings>,
+}
+
+impl Rehoster {
+    pub fn new(store: ImageStore, fetcher: Fetcher, links: LinkSigner, settings: Arc<ImagesSettings>) -> Self {
+        Self { store, fetcher, links, settings }
+    }
+
+    pub fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
+    pub fn links(&self) -> &LinkSigner {
+        &self.links
+    }
+
+    /// Decide the caller's format and return the request to send upstream (changed only where the format
+    /// needs it). `None` when re-hosting is off or the request streams: the answer passes as it comes.
+    pub fn plan(&self, request: ImageRequest, family: Option<Family>, tenant: &Tenant) -> (ImageRequest, Option<Plan>) {
+        if !self.settings.rehost {
+            return (request, None);
+        }
+        let asked = request.field_str("response_format");
+        let policy = &tenant.image_policy;
+        let want = asked
+            .as_deref()
+            .and_then(ResponseFormat::parse)
+            .or(policy.response_format)
+            .or(self.settings.response_format);
+        let (request, want) = match family {
+            // GPT image models refuse the parameter and always answer base64.
+            Some(f) if f.is_gpt() => {
+                let request = if asked.is_some() { request.with_field("response_format", None) } else { request };
+                (request, Some(want.unwrap_or(ResponseFormat::B64Json)))
+            }
+            Some(_) => {
+                let request = match (asked.as_deref(), want) {
+                    (None, Some(ResponseFormat::B64Json)) => request.with_field("response_format", Some("b64_json")),
+                    _ => request,
+                };
+                (request, Some(want.unwrap_or(ResponseFormat::Url)))
+            }
+            // Models imagegate has no rules for go out unchanged; their answers are re-hosted as they come.
+            None => (request, want),
+        };
+        if request.stream() {
+            return (request, None);
+        }
+        let rewrite = match (family, want) {
+            (Some(f), Some(ResponseFormat::B64Json)) if f.is_gpt() => false,
+            (Some(_), Some(ResponseFormat::B64Json)) => false,
+            _ => true,
+        };
+        let plan = Plan {
+            want,
+            rewrite,
+            retention: policy.retention.unwrap_or(self.settings.retention),
+            fallback: policy.on_download_error.unwrap_or(self.settings.on_download_error),
+        };
+        (request, Some(plan))
+    }
+
+    /// Rewrite a successful JSON answer according to `plan`. Answers that are not an object with `data`
+    /// pass unchanged.
+    pub async fn apply(&self, plan: &Plan, body: &Bytes, origin: Origin<'_>) -> Result<Option<Bytes>, RehostError> {
+        if !plan.rewrite {
+            return Ok(None);
+        }
+        let Ok(mut answer) = serde_json::from_slice::<Value>(body) else { return Ok(None) };
+        let Some(data) = answer.get_mut("data").and_then(Value::as_array_mut) else { return Ok(None) };
+        let jobs: Vec<(usize, Job)> = data
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| Job::for_item(item, plan.want).map(|job| (i, job)))
+            .collect();
+        if jobs.is_empty() {
+            return Ok(None);
+        }
+        let done: Vec<(usize, Result<Value, RehostError>)> = futures::stream::iter(jobs)
+            .map(|(i, job)| async move { (i, self.run(i, job, plan, origin).await) })
+            .buffer_unordered(self.settings.download.concurrency)
+            .collect()
+            .await;
+        for (i, result) in done {
+            let replacement = result?;
+            if let (Some(item), Value::Object(fields)) = (data.get_mut(i).and_then(Value::as_object_mut), replacement) {
+                item.remove("url");
+                item.remove("b64_json");
+                item.extend(fields);
+            }
+        }
+        serde_json::to_vec(&answer).map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
+    }
+
+    /// One image: fetch or decode, store, and return the fields that replace `url` / `b64_json`.
+    async fn run(&self, index: usize, job: Job, plan: &Plan, origin: Origin<'_>) -> Result<Value, RehostError> {
+        let bytes = match job {
+            Job::Download(url) => match self.fetcher.fetch(&url).await {
+                Ok(fetched) => fetched.bytes,
+                Err(source) if plan.fallback == DownloadFallback::PassThrough => {
+                    tracing::warn!(image = index, reason = %source, "could not re-host an upstream image; passing its URL on");
+                    return Ok(serde_json::json!({ "url": url }));
+                }
+                Err(source) => return Err(RehostError::Download { index, source }),
+            },
+            Job::Decode(b64) => {
+                Bytes::from(BASE64.decode(b64.as_bytes()).map_err(|_| RehostError::BadBase64 { index })?)
+            }
+        };
+        if plan.want == Some(ResponseFormat::B64Json) {
+            // A URL model answered with a link although base64 was wanted: inline it.
+            return Ok(serde_json::json!({ "b64_json": BASE64.encode(&bytes) }));
+        }
+        let new = NewImage {
+            tenant_id: origin.tenant_id,
+            model: origin.model,
+            request_id: origin.request_id,
+            bytes,
+            retention: plan.retention,
+        };
+        let image = match self.store.put(new).await {
+            Ok(image) => image,
+            Err(StoreError::NotAnImage) => return Err(RehostError::NotAnImage { index }),
+            Err(e) => return Err(RehostError::Store(e)),
+        };
+        let name = format!("{}.{}", image.id, image.extension());
+        Ok(serde_json::json!({ "url": self.links.url(&name, image.expires_at / 1000) }))
+    }
+}
+
+/// The work one `data[]` item needs.
+enum Job {
+    Download(String),
+    Decode(String),
+}
+
+impl Job {
+    fn for_item(item: &Value, want: Option<ResponseFormat>) -> Option<Self> {
+        if let Some(url) = item.get("url").and_then(Value::as_str) {
+            return Some(Self::Download(url.to_owned()));
+        }
+        match (item.get("b64_json").and_then(Value::as_str), want) {
+            (Some(b64), Some(ResponseFormat::Url)) => Some(Self::Decode(b64.to_owned())),
+            _ => None,
+        }
+    }
+}

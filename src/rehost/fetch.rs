@@ -1,0 +1,350 @@
+//! The guarded downloader for upstream image URLs. A URL from an upstream answer is attacker-influenced
+//! input (a compromised or misconfigured upstream could point anywhere), so every fetch is checked:
+//!
+//! - scheme `https` (or `http` when allowed) and a host on the allowlist, at every redirect hop;
+//! - no private, loopback, link-local or otherwise non-public address, checked on IP literals and on every
+//!   address a host name resolves to (in the resolver the connection itself uses, so DNS rebinding cannot
+//!   slip past), unless the host is listed in `private_hosts`;
+//! - few redirects, followed by hand; no proxy; one deadline for the whole download;
+//! - a size cap enforced while streaming; a declared image content type and a PNG/JPEG/WebP signature.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt as _;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::Url;
+
+use crate::config::DownloadSettings;
+use crate::images::imageinfo::{self, ImageFormat};
+
+/// Why an image could not be fetched. The texts are safe to show callers: they never contain the URL's query
+/// (which carries the upstream's signature).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("the image URL is not a valid http(s) URL")]
+    BadUrl,
+    #[error("the image URL uses scheme '{0}'; only https is allowed")]
+    Scheme(String),
+    #[error("host '{0}' is not in images.download.allowed_hosts")]
+    HostNotAllowed(String),
+    #[error("host '{0}' points at a private or loopback address")]
+    PrivateAddress(String),
+    #[error("more than {0} redirects")]
+    TooManyRedirects(usize),
+    #[error("the image host answered HTTP {0}")]
+    Status(u16),
+    #[error("the image is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("the image host sent content type '{0}', not an image")]
+    NotAnImage(String),
+    #[error("the downloaded bytes are not a PNG, JPEG or WebP image")]
+    BadSignature,
+    #[error("the download took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("the image host could not be reached")]
+    Unreachable,
+}
+
+/// A downloaded image.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Bytes,
+    pub format: ImageFormat,
+}
+
+/// Host patterns: exact names (case-insensitive) or `*.suffix` for any subdomain of `suffix`.
+#[derive(Debug, Clone, Default)]
+struct HostRules(Vec<String>);
+
+impl HostRules {
+    fn new(patterns: &[String]) -> Self {
+        Self(patterns.iter().map(|p| p.trim().trim_end_matches('.').to_ascii_lowercase()).collect())
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.0.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+            None => *p == host,
+        })
+    }
+}
+
+/// True for addresses on the public internet. Rust's `IpAddr::is_global` is unstable, so the special-purpose
+/// ranges (RFC 6890 and friends) are listed here.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || a == 0
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 198 && (18..20).contains(&b))) // benchmarking
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
+                || first == 0x0064) // NAT64 well-known prefix
+        }
+    }
+}
+
+/// Resolves host names for the download client and drops the answer if any address is not public (unless the
+/// host may be private). The client connects only to what this returns.
+#[derive(Debug)]
+struct GuardedResolver {
+    private_ok: HostRules,
+}
+
+/// The resolver's refusal, found again in the error chain of the failed request.
+#[derive(Debug, thiserror::Error)]
+#[error("host '{0}' resolves to a non-public address")]
+struct PrivateResolution(String);
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let host = name.as_str().to_owned();
+        let private_ok = self.private_ok.matches(&host);
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if !private_ok && addrs.iter().any(|a| !is_public(a.ip())) {
+                return Err(Box::new(PrivateResolution(host)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Downloads upstream images under the guards above. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    allowed: Arc<HostRules>,
+    private_ok: Arc<HostRules>,
+    allow_http: bool,
+    max_bytes: u64,
+    max_redirects: usize,
+    timeout: Duration,
+}
+
+impl Fetcher {
+    pub fn new(settings: &DownloadSettings) -> anyhow::Result<Self> {
+        let private_ok = HostRules::new(&settings.private_hosts);
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver { private_ok: private_ok.clone() }))
+            .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the image download client: {e}"))?;
+        Ok(Self {
+            client,
+            allowed: Arc::new(HostRules::new(&settings.allowed_hosts)),
+            private_ok: Arc::new(private_ok),
+            allow_http: settings.allow_http,
+            max_bytes: settings.max_bytes.as_u64(),
+            max_redirects: settings.max_redirects,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// Download the image at `url`.
+    pub async fn fetch(&self, url: &str) -> Result<Fetched, FetchError> {
+        match tokio::time::timeout(self.timeout, self.fetch_inner(url)).await {
+            Ok(result) => result,
+            Err(_) => Err(FetchError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Refuse a URL before connecting: scheme, allowlist, and IP literals that are not public.
+    fn check(&self, url: &Url) -> Result<(), FetchError> {
+        match url.scheme() {
+            "https" => {}
+            "http" if self.allow_http => {}
+            other => return Err(FetchError::Scheme(other.to_owned())),
+        }
+        let host = url.host_str().ok_or(FetchError::BadUrl)?;
+        if !self.allowed.matches(host) {
+            return Err(FetchError::HostNotAllowed(host.to_owned()));
+        }
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal
+            && !is_public(ip)
+            && !self.private_ok.matches(host)
+        {
+            return Err(FetchError::PrivateAddress(host.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn fetch_inner(&self, url: &str) -> Result<Fetched, FetchError> {
+        let mut url = Url::parse(url).map_err(|_| FetchError::BadUrl)?;
+        let mut redirects = 0;
+        let response = loop {
+            self.check(&url)?;
+            let response = self.client.get(url.clone()).send().await.map_err(|e| classify(&e, &url))?;
+            if !response.status().is_redirection() {
+                break response;
+            }
+            redirects += 1;
+            if redirects > self.max_redirects {
+                return Err(FetchError::TooManyRedirects(self.max_redirects));
+            }
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or(FetchError::Status(response.status().as_u16()))?;
+            url = url.join(location).map_err(|_| FetchError::BadUrl)?;
+        };
+        if !response.status().is_success() {
+            return Err(FetchError::Status(response.status().as_u16()));
+        }
+        let declared = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let essence = declared.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if ImageFormat::from_mime(&essence).is_none() && essence != "application/octet-stream" {
+            return Err(FetchError::NotAnImage(if essence.is_empty() { "none".to_owned() } else { essence }));
+        }
+        if response.content_length().is_some_and(|len| len > self.max_bytes) {
+            return Err(FetchError::TooLarge(self.max_bytes));
+        }
+        let mut body = BytesMut::with_capacity(
+            usize::try_from(response.content_length().unwrap_or(0).min(self.max_bytes)).unwrap_or(0),
+        );
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| FetchError::Unreachable)?;
+            if (body.len() + chunk.len()) as u64 > self.max_bytes {
+                return Err(FetchError::TooLarge(self.max_bytes));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let bytes = body.freeze();
+        let format = imageinfo::sniff(&bytes).ok_or(FetchError::BadSignature)?;
+        Ok(Fetched { bytes, format })
+    }
+}
+
+/// Turn a client error into the reason callers see, recognising the resolver's refusal.
+fn classify(e: &reqwest::Error, url: &Url) -> FetchError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(PrivateResolution(host)) = err.downcast_ref::<PrivateResolution>() {
+            return FetchError::PrivateAddress(host.clone());
+        }
+        source = err.source();
+    }
+    if e.is_timeout() {
+        return FetchError::Timeout(Duration::ZERO);
+    }
+    tracing::debug!(host = url.host_str().unwrap_or_default(), error = %e, "image download failed");
+    FetchError::Unreachable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_match_exact_names_and_subdomains_only() {
+        let rules = HostRules::new(&["*.blob.core.windows.net".to_owned(), "Images.Example.com".to_owned()]);
+        assert!(rules.matches("oaidalleapiprodscus.blob.core.windows.net"));
+        assert!(rules.matches("a.b.blob.core.windows.net."));
+        assert!(!rules.matches("blob.core.windows.net"), "the wildcard needs a subdomain");
+        assert!(!rules.matches("evilblob.core.windows.net"));
+        assert!(!rules.matches("blob.core.windows.net.evil.com"));
+        assert!(rules.matches("images.example.com"));
+        assert!(!rules.matches("x.images.example.com"));
+    }
+
+    #[test]
+    fn special_purpose_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::7f00:1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} must not count as public");
+        }
+        for ip in ["20.60.1.1", "8.8.8.8", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip} is public");
+        }
+    }
+
+    fn fetcher(allowed: &[&str], private: &[&str]) -> Fetcher {
+        let settings = DownloadSettings {
+            allowed_hosts: allowed.iter().map(|s| (*s).to_owned()).collect(),
+            private_hosts: private.iter().map(|s| (*s).to_owned()).collect(),
+            allow_http: true,
+            ..DownloadSettings::default()
+        };
+        Fetcher::new(&settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn refusals_happen_before_any_connection() {
+        let f = fetcher(&["127.0.0.1", "169.254.169.254", "[::1]", "localhost"], &[]);
+        // Nothing listens on these ports: a refusal other than Unreachable proves no connection was tried.
+        assert_eq!(
+            f.fetch("http://127.0.0.1:9/x.png").await.unwrap_err(),
+            FetchError::PrivateAddress("127.0.0.1".into())
+        );
+        assert_eq!(
+            f.fetch("http://169.254.169.254/latest/meta-data").await.unwrap_err(),
+            FetchError::PrivateAddress("169.254.169.254".into())
+        );
+        assert_eq!(f.fetch("http://[::1]:9/x.png").await.unwrap_err(), FetchError::PrivateAddress("[::1]".into()));
+        assert_eq!(
+            f.fetch("http://localhost:9/x.png").await.unwrap_err(),
+            FetchError::PrivateAddress("localhost".into())
+        );
+        assert_eq!(
+            f.fetch("http://example.com/x.png").await.unwrap_err(),
+            FetchError::HostNotAllowed("example.com".into())
+        );
+        assert_eq!(f.fetch("file:///etc/passwd").await.unwrap_err(), FetchError::Scheme("file".into()));
+        assert_eq!(f.fetch("not a url").await.unwrap_err(), FetchError::BadUrl);
+    }
+}

@@ -1,0 +1,327 @@
+//! Stored images: their bytes in an object store (a local directory by default, S3-compatible storage for
+//! several replicas) under their SHA-256, so the same image is stored once; one metadata row per link handed
+//! out (`repo`); and the sweeper that deletes what has outlived its retention (`sweeper`).
+//!
+//! Ordering keeps a blob from being deleted under a new link: `put` records the blob row (extending its
+//! expiry) before writing the object, and the sweeper deletes an expired blob's row and object inside one
+//! transaction, so a concurrent `put` of the same bytes waits for that transaction and writes the object anew.
+
+pub mod repo;
+pub mod sweeper;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
+use sha2::{Digest as _, Sha256};
+
+use self::repo::ImageRepo;
+use crate::config::{StorageBackend, StorageSettings};
+use crate::db::{Db, now_ms};
+use crate::images::imageinfo;
+
+/// An image about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewImage<'a> {
+    pub tenant_id: &'a str,
+    pub model: &'a str,
+    pub request_id: &'a str,
+    pub bytes: Bytes,
+    /// How long the image (and its link) lives.
+    pub retention: Duration,
+}
+
+/// A stored image as its metadata row describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredImage {
+    pub id: String,
+    pub tenant_id: String,
+    pub sha256: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub model: String,
+    pub request_id: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds; the link stops working and the sweeper deletes the row after this.
+    pub expires_at: i64,
+}
+
+impl StoredImage {
+    /// The file extension of its format (`png`, `jpg`, `webp`).
+    pub fn extension(&self) -> &'static str {
+        imageinfo::ImageFormat::from_mime(&self.content_type).map_or("bin", imageinfo::ImageFormat::extension)
+    }
+}
+
+/// What went wrong storing or reading an image.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The bytes are not a PNG, JPEG or WebP image.
+    #[error("the bytes are not a PNG, JPEG or WebP image")]
+    NotAnImage,
+    /// The object is gone (deleted by the sweeper, or removed from the bucket by hand).
+    #[error("the stored object is missing")]
+    Missing,
+    #[error("object store: {0}")]
+    Objects(#[from] object_store::Error),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The image store: objects plus metadata. Cheap to clone.
+#[derive(Clone)]
+pub struct ImageStore {
+    objects: Arc<dyn ObjectStore>,
+    prefix: String,
+    repo: ImageRepo,
+    backend: StorageBackend,
+    /// id → metadata, so serving a popular link does not ask the database every time.
+    meta: moka::future::Cache<String, Arc<StoredImage>>,
+}
+
+impl std::fmt::Debug for ImageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageStore").field("backend", &self.backend).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl ImageStore {
+    /// Open the configured object store (creating the local directory if needed).
+    pub fn open(settings: &StorageSettings, db: Db) -> anyhow::Result<Self> {
+        let objects: Arc<dyn ObjectStore> = match settings.backend {
+            StorageBackend::Local => {
+                let dir = settings.images_dir();
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| anyhow::anyhow!("cannot create image directory {}: {e}", dir.display()))?;
+                Arc::new(
+                    LocalFileSystem::new_with_prefix(&dir)
+                        .map_err(|e| anyhow::anyhow!("cannot open image directory {}: {e}", dir.display()))?,
+                )
+            }
+            StorageBackend::S3 => {
+                let s3 = &settings.s3;
+                let bucket = s3.bucket.as_deref().unwrap_or_default();
+                // AWS_* variables (and instance credentials) fill in whatever the configuration leaves out.
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(&s3.region)
+                    .with_allow_http(s3.allow_http);
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder.with_endpoint(endpoint.as_str().trim_end_matches('/'));
+                }
+                if let Some(id) = &s3.access_key_id {
+                    builder = builder.with_access_key_id(id.expose());
+                }
+                if let Some(secret) = &s3.secret_access_key {
+                    builder = builder.with_secret_access_key(secret.expose());
+                }
+                Arc::new(builder.build().map_err(|e| anyhow::anyhow!("cannot configure S3 storage: {e}"))?)
+            }
+        };
+        Ok(Self::with_objects(objects, settings.s3.prefix.clone(), settings.backend, db))
+    }
+
+    /// A store over any object store (tests use this with an in-memory one).
+    pub fn with_objects(objects: Arc<dyn ObjectStore>, prefix: String, backend: StorageBackend, db: Db) -> Self {
+        let meta = moka::future::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build();
+        Self { objects, prefix: prefix.trim_matches('/').to_owned(), repo: ImageRepo::new(db), backend, meta }
+    }
+
+    /// `local` or `s3`, for logs.
+    pub fn backend(&self) -> StorageBackend {
+        self.backend
+    }
+
+    /// Where the bytes of `sha256` live: `[prefix/]images/ab/abcdef…`.
+    fn object_path(&self, sha256: &str) -> ObjectPath {
+        let shard = sha256.get(..2).unwrap_or("00");
+        if self.prefix.is_empty() {
+            ObjectPath::from(format!("images/{shard}/{sha256}"))
+        } else {
+            ObjectPath::from(format!("{}/images/{shard}/{sha256}", self.prefix))
+        }
+    }
+
+    /// Store an image and record a new link to it. The bytes must be a PNG, JPEG or WebP image; identical
+    /// bytes share one object.
+    pub async fn put(&self, new: NewImage<'_>) -> Result<StoredImage, StoreError> {
+        let format = imageinfo::sniff(&new.bytes).ok_or(StoreError::NotAnImage)?;
+        let info = imageinfo::inspect(&new.bytes).ok();
+        let sha256 = hex::encode(Sha256::digest(&new.bytes));
+        let now = now_ms();
+        let retention_ms = i64::try_from(new.retention.as_millis()).unwrap_or(i64::MAX);
+        let image = StoredImage {
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            tenant_id: new.tenant_id.to_owned(),
+            sha256,
+            content_type: format.mime().to_owned(),
+            bytes: new.bytes.len() as u64,
+            width: info.as_ref().map(|i| i.width),
+            height: info.as_ref().map(|i| i.height),
+            model: new.model.to_owned(),
+            request_id: new.request_id.to_owned(),
+            created_at: now,
+            expires_at: now.saturating_add(retention_ms),
+        };
+        // Blob row first (waits for a sweep of the same bytes in progress), then the object, then the link.
+        self.repo.upsert_blob(&image).await?;
+        self.objects.put(&self.object_path(&image.sha256), PutPayload::from_bytes(new.bytes)).await?;
+        self.repo.insert_image(&image).await?;
+        Ok(image)
+    }
+
+    /// The metadata of image `id`, if it exists and has not expired.
+    pub async fn find(&self, id: &str) -> Result<Option<Arc<StoredImage>>, StoreError> {
+        let found = match self.meta.get(id).await {
+            Some(image) => Some(image),
+            None => match self.repo.get_image(id).await? {
+                Some(image) => {
+                    let image = Arc::new(image);
+                    self.meta.insert(id.to_owned(), image.clone()).await;
+                    Some(image)
+                }
+                None => None,
+            },
+        };
+        Ok(found.filter(|image| image.expires_at > now_ms()))
+    }
+
+    /// The bytes of `image`, or of `range` of them, as a stream.
+    pub async fn read(
+        &self,
+        image: &StoredImage,
+        range: Option<Range<u64>>,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        let options = GetOptions { range: range.map(GetRange::Bounded), ..GetOptions::default() };
+        match self.objects.get_opts(&self.object_path(&image.sha256), options).await {
+            Ok(result) => Ok(result.into_stream().map(|chunk| chunk.map_err(StoreError::from)).boxed()),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::Missing),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The whole of `image` in memory (tests and small reads).
+    pub async fn read_all(&self, image: &StoredImage) -> Result<Bytes, StoreError> {
+        match self.objects.get(&self.object_path(&image.sha256)).await {
+            Ok(result) => Ok(result.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::Missing),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Delete expired links, then the objects no live link uses, checking `stop` between objects (each is
+    /// deleted whole or not at all). Returns (links, objects) deleted.
+    pub async fn sweep(&self, stop: &tokio_util::sync::CancellationToken) -> Result<(u64, u64), StoreError> {
+        let now = now_ms();
+        let links = self.repo.delete_expired_images(now).await?;
+        let mut objects = 0;
+        for sha256 in self.repo.expired_blobs(now, 500).await? {
+            if stop.is_cancelled() {
+                break;
+            }
+            let path = self.object_path(&sha256);
+            let objects_store = self.objects.clone();
+            let deleted = self
+                .repo
+                .delete_blob_with(&sha256, now, move || async move {
+                    match objects_store.delete(&path).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(StoreError::from(e)),
+                    }
+                })
+                .await?;
+            objects += u64::from(deleted);
+        }
+        if links > 0 || objects > 0 {
+            self.meta.invalidate_all();
+        }
+        Ok((links, objects))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseSettings;
+
+    async fn store() -> (ImageStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
+        let objects = Arc::new(object_store::memory::InMemory::new());
+        (ImageStore::with_objects(objects, String::new(), StorageBackend::Local, db), dir)
+    }
+
+    fn png() -> Bytes {
+        crate::upstream::render::render(7, 16, 16, crate::upstream::render::OutputFormat::Png).unwrap()
+    }
+
+    fn new(bytes: Bytes, retention: Duration) -> NewImage<'static> {
+        NewImage { tenant_id: "t1", model: "gpt-image-1", request_id: "req", bytes, retention }
+    }
+
+    #[tokio::test]
+    async fn same_bytes_are_stored_once_under_two_links() {
+        let (store, _dir) = store().await;
+        let a = store.put(new(png(), Duration::from_secs(60))).await.unwrap();
+        let b = store.put(new(png(), Duration::from_secs(60))).await.unwrap();
+        assert_ne!(a.id, b.id, "each answer gets its own link");
+        assert_eq!(a.sha256, b.sha256);
+        assert_eq!(store.objects.list(None).count().await, 1, "one object for identical bytes");
+        assert_eq!(store.read_all(&a).await.unwrap(), png());
+        assert_eq!((a.width, a.height, a.content_type.as_str()), (Some(16), Some(16), "image/png"));
+    }
+
+    #[tokio::test]
+    async fn non_images_are_refused_and_nothing_is_stored() {
+        let (store, _dir) = store().await;
+        let err = store.put(new(Bytes::from_static(b"<html>not an image</html>"), Duration::from_secs(60))).await;
+        assert!(matches!(err, Err(StoreError::NotAnImage)));
+        assert_eq!(store.objects.list(None).count().await, 0);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_keeps_a_blob_while_any_link_lives() {
+        let (store, _dir) = store().await;
+        let short = store.put(new(png(), Duration::from_millis(1))).await.unwrap();
+        let long = store.put(new(png(), Duration::from_secs(3600))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store.sweep(&Default::default()).await.unwrap(),
+            (1, 0),
+            "the expired link goes, the shared object stays"
+        );
+        assert!(store.find(&short.id).await.unwrap().is_none());
+        assert_eq!(store.read_all(&long).await.unwrap(), png());
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_deletes_expired_objects() {
+        let (store, _dir) = store().await;
+        let image = store.put(new(png(), Duration::from_millis(1))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(store.sweep(&Default::default()).await.unwrap(), (1, 1));
+        assert!(matches!(store.read_all(&image).await, Err(StoreError::Missing)));
+        assert_eq!(store.sweep(&Default::default()).await.unwrap(), (0, 0), "nothing left to do");
+        // The same bytes stored again after the sweep are written anew.
+        let again = store.put(new(png(), Duration::from_secs(60))).await.unwrap();
+        assert_eq!(store.read_all(&again).await.unwrap(), png());
+    }
+
+    #[tokio::test]
+    async fn ranges_read_part_of_the_object() {
+        let (store, _dir) = store().await;
+        let image = store.put(new(png(), Duration::from_secs(60))).await.unwrap();
+        let chunks: Vec<Bytes> = store.read(&image, Some(0..8)).await.unwrap().map(|c| c.unwrap()).collect().await;
+        assert_eq!(chunks.concat(), png()[..8].to_vec());
+    }
+}
