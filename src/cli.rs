@@ -128,6 +128,10 @@ pub struct TenantCreateArgs {
     /// response_format (url|b64_json), retention, on_download_error (fail|pass_through). Default: [images].
     #[arg(long, value_name = "JSON")]
     pub image_policy: Option<String>,
+    /// Response-cache policy as a JSON object, e.g. '{"enabled":true,"ttl":"10m"}'. Keys: enabled, ttl,
+    /// scope (tenant|shared). Default: [cache].
+    #[arg(long, value_name = "JSON")]
+    pub cache_policy: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -169,6 +173,9 @@ pub struct TenantUpdateArgs {
     /// Replace the re-hosting policy with this JSON object; '{}' returns to the [images] defaults.
     #[arg(long, value_name = "JSON")]
     pub image_policy: Option<String>,
+    /// Replace the response-cache policy with this JSON object; 'null' returns to the [cache] defaults.
+    #[arg(long, value_name = "JSON")]
+    pub cache_policy: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }

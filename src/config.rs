@@ -35,6 +35,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub storage: StorageSettings,
     pub images: ImagesSettings,
+    pub cache: CacheSettings,
     pub auth: AuthSettings,
     pub admin: AdminSettings,
     pub usage: UsageSettings,
@@ -328,6 +329,58 @@ impl Default for ImagesSettings {
     }
 }
 
+/// The response cache: identical requests answered once (see docs/caching.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Cache answers for tenants that do not say otherwise. Off by default: generation is not deterministic,
+    /// and a cached answer returns the same image again.
+    pub enabled: bool,
+    /// How long an answer is reused. Tenants may override it.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// `tenant` (entries serve only the tenant that caused them) or `shared` (every tenant with the shared
+    /// scope; explicit opt-in). Tenants may override it.
+    pub scope: crate::cache::Scope,
+    /// Memory the in-process cache may hold (bodies and headers), not a number of entries.
+    pub max_bytes: ByteSize,
+    /// Larger answers (base64 of many images) are not cached.
+    pub max_entry_bytes: ByteSize,
+    /// `memory` (per replica) or `redis` (shared by every replica, in front of the memory cache).
+    pub backend: CacheBackend,
+    /// Redis for `backend = "redis"`; may be the rate limits' Redis.
+    pub redis_url: Option<Secret>,
+    /// Prefix of the cache's Redis keys.
+    pub redis_prefix: String,
+    /// Longest wait for Redis; then the request goes on as a miss.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl: Duration::from_secs(3600),
+            scope: crate::cache::Scope::Tenant,
+            max_bytes: ByteSize::mib(256),
+            max_entry_bytes: ByteSize::mib(8),
+            backend: CacheBackend::Memory,
+            redis_url: None,
+            redis_prefix: "imagegate".to_owned(),
+            redis_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Where cached answers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    Memory,
+    Redis,
+}
+
 /// What an upstream image URL must satisfy before imagegate fetches it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -475,6 +528,9 @@ pub struct TenantSettings {
     /// Re-hosting overrides: `response_format`, `retention`, `on_download_error`.
     #[serde(default)]
     pub images: crate::rehost::ImagePolicy,
+    /// Response-cache overrides: `enabled`, `ttl`, `scope`.
+    #[serde(default)]
+    pub cache: Option<crate::cache::CachePolicy>,
     /// The tenant's keys, as printed by `imagegate keys new`.
     #[serde(default)]
     pub keys: Vec<KeySettings>,
@@ -643,6 +699,16 @@ impl Settings {
             faults.push("limits.redis_timeout must be greater than zero".to_owned());
         }
         self.validate_images(&mut faults);
+        let cache = &self.cache;
+        if cache.ttl.is_zero() || cache.redis_timeout.is_zero() {
+            faults.push("cache.ttl and cache.redis_timeout must be greater than zero".to_owned());
+        }
+        if cache.max_bytes.as_u64() == 0 || cache.max_entry_bytes > cache.max_bytes {
+            faults.push("cache.max_bytes must be greater than zero and at least cache.max_entry_bytes".to_owned());
+        }
+        if cache.backend == CacheBackend::Redis && cache.redis_url.is_none() {
+            faults.push("cache.redis_url is required when cache.backend = \"redis\"".to_owned());
+        }
         faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
         if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
     }

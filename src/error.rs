@@ -126,6 +126,39 @@ impl ApiError {
         Self::InvalidRequest { message: message.into(), param: param.map(str::to_owned), code: Some(code) }
     }
 
+    /// An equal error for another caller (coalesced cache waiters share one upstream call's failure).
+    /// Internal errors keep their message; their cause chain stays with the first caller's log line.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidRequest { message, param, code } => {
+                Self::InvalidRequest { message: message.clone(), param: param.clone(), code: *code }
+            }
+            Self::Unauthenticated { reason } => Self::Unauthenticated { reason: *reason },
+            Self::PermissionDenied { message } => Self::PermissionDenied { message: message.clone() },
+            Self::NotFound { method, path } => Self::NotFound { method: method.clone(), path: path.clone() },
+            Self::NotFoundResource { message } => Self::NotFoundResource { message: message.clone() },
+            Self::Conflict { message } => Self::Conflict { message: message.clone() },
+            Self::MethodNotAllowed { method, path } => {
+                Self::MethodNotAllowed { method: method.clone(), path: path.clone() }
+            }
+            Self::PayloadTooLarge { limit } => Self::PayloadTooLarge { limit: *limit },
+            Self::RequestTimeout(d) => Self::RequestTimeout(*d),
+            Self::UpstreamUnavailable(m) => Self::UpstreamUnavailable(m.clone()),
+            Self::UpstreamTimeout(d) => Self::UpstreamTimeout(*d),
+            Self::RateLimited { message, budget, retry_after_ms, report } => Self::RateLimited {
+                message: message.clone(),
+                budget: *budget,
+                retry_after_ms: *retry_after_ms,
+                report: *report,
+            },
+            Self::LimitsUnavailable(m) => Self::LimitsUnavailable(m.clone()),
+            Self::RehostFailed(m) => Self::RehostFailed(m.clone()),
+            Self::RangeNotSatisfiable { length } => Self::RangeNotSatisfiable { length: *length },
+            Self::ShuttingDown => Self::ShuttingDown,
+            Self::Internal(e) => Self::Internal(anyhow::anyhow!("{e:#}")),
+        }
+    }
+
     /// The HTTP status clients act on (the SDKs pick their exception class from it).
     pub fn status(&self) -> StatusCode {
         match self {

@@ -17,6 +17,8 @@ use crate::wire::headers;
 pub struct Extracted {
     pub request: ImageRequest,
     pub idempotency_key: Option<String>,
+    /// The caller's `Cache-Control` for this request.
+    pub cache: crate::cache::Directive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let raw = read_limited(body, limit, declared).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let cache = crate::cache::Directive::from_header(
+        parts.headers.get(http::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()),
+    );
     let request = match kind {
         BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,
         BodyKind::Multipart => {
@@ -45,7 +50,7 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
             ImageRequest::from_form(endpoint, raw, content_type, form)
         }
     };
-    Ok(Extracted { request, idempotency_key })
+    Ok(Extracted { request, idempotency_key, cache })
 }
 
 fn body_kind(endpoint: Endpoint, content_type: Option<&str>) -> Result<BodyKind, ApiError> {

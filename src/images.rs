@@ -1,9 +1,10 @@
-//! The image pipeline, free of HTTP types: validate → authorise model → limit → cache → upstream → re-host →
-//! usage.
+//! The image pipeline: validate → authorise model → cache → limit → upstream → re-host → usage. No axum or
+//! routing here; replies are the upstream's status, headers and body.
 //!
 //! Handlers build an [`ImageRequest`] and call [`ImagesService::handle`]; everything a request goes through
-//! after authentication happens here, in this order. The response cache plugs in at step 4; re-hosting
-//! (`crate::rehost`) plans the caller's format before the upstream call and rewrites the answer after it.
+//! after authentication happens here, in this order. Re-hosting (`crate::rehost`) plans the caller's format
+//! before the cache lookup and rewrites the answer after the upstream call; the response cache (`crate::cache`)
+//! answers hits before the images are reserved, so a hit spends a request but no images.
 
 pub mod imageinfo;
 pub mod models;
@@ -13,16 +14,21 @@ pub mod usage;
 pub mod validate;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use self::request::{Endpoint, ImageRequest};
 use self::usage::UsageRecord;
 use self::validate::ValidationPolicy;
+use crate::cache::key::KeyParts;
+use crate::cache::{self, Answer, Directive, Lookup, Outcome, ResponseCache, Scope, Uncached};
 use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
 use crate::pricing::Prices;
-use crate::rehost::{Origin, Rehoster};
+use crate::rehost::{Origin, Plan, Rehoster};
 use crate::tenants::TenantContext;
 use crate::upstream::{Attribution, ReplyBody, Upstream, UpstreamReply};
 
@@ -58,6 +64,8 @@ pub struct RequestMeta {
     pub request_id: String,
     /// The caller's `Idempotency-Key`, forwarded unchanged.
     pub idempotency_key: Option<String>,
+    /// The caller's `Cache-Control` directive.
+    pub cache: Directive,
 }
 
 /// Owns the pipeline's collaborators. Cheap to share behind `Arc`.
@@ -68,6 +76,7 @@ pub struct ImagesService {
     ledger: Ledger,
     limiter: Limiter,
     rehoster: Arc<Rehoster>,
+    cache: ResponseCache,
 }
 
 impl ImagesService {
@@ -78,8 +87,9 @@ impl ImagesService {
         ledger: Ledger,
         limiter: Limiter,
         rehoster: Arc<Rehoster>,
+        cache: ResponseCache,
     ) -> Self {
-        Self { upstream, policy, prices, ledger, limiter, rehoster }
+        Self { upstream, policy, prices, ledger, limiter, rehoster, cache }
     }
 
     /// The re-hoster, whose store also serves the links it hands out.
@@ -93,7 +103,7 @@ impl ImagesService {
     }
 
     /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
-    #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream))]
+    #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream, cache))]
     pub async fn handle(
         &self,
         ctx: &TenantContext,
@@ -123,25 +133,126 @@ impl ImagesService {
             self.ledger.record(record.finish(e.status().as_u16(), started));
             return Err(e);
         }
-        // 3. Rate limits and quotas: reserve the request and its `n` images, all or nothing.
-        let demand = Demand { images: validated.n };
-        let permit = match self.limiter.acquire(&ctx.tenant.id, &ctx.tenant.limits, demand).await {
-            Ok(permit) => permit,
+        // The caller's format decides what goes upstream (GPT image models never see response_format) and is
+        // part of the cache key.
+        let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
+        // 3. Cache: a hit is answered here, spending a request but no images.
+        let lookup = self.cache_lookup(ctx, &request, &validated, plan.as_ref(), meta.cache);
+        if let Some(lookup) = lookup.as_ref().filter(|l| l.directive == Directive::Normal)
+            && let Some(answer) = self.cache.get(&lookup.key).await
+        {
+            span.record("cache", Outcome::Hit.as_str());
+            let permit = self.acquire(ctx, Demand { images: 0 }, record.clone(), started).await?;
+            let reply = answer_reply(answer, &permit, Outcome::Hit);
+            self.settle(served_from_cache(record, &reply, started), ctx);
+            return Ok(reply);
+        }
+        // 4. Rate limits and quotas: reserve the request and its `n` images, all or nothing.
+        let permit = self.acquire(ctx, Demand { images: validated.n }, record.clone(), started).await?;
+        let Some(lookup) = lookup else {
+            // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
+            span.record("cache", Outcome::Bypass.as_str());
+            let (mut reply, record) = self.fetch(ctx, &request, plan, &validated.model, &meta, record, started).await?;
+            set_cache_header(&mut reply.headers, Outcome::Bypass);
+            return Ok(self.meter(reply, record, ctx, permit, started));
+        };
+        // 5–6 through the cache: one upstream call for every concurrent identical miss. The caller whose fetch
+        // runs records the upstream's usage; the others are served by it and cost nothing.
+        let ran = Arc::new(AtomicBool::new(false));
+        let fetch = async {
+            let (reply, record) = self
+                .fetch(ctx, &request, plan, &validated.model, &meta, record.clone(), started)
+                .await
+                .map_err(Uncached::Error)?;
+            self.settle(record.finish_reply(&reply, &self.prices, started), ctx);
+            let answer = Answer::from_reply(reply);
+            if (200..300).contains(&answer.status) { Ok(answer) } else { Err(Uncached::Answer(answer)) }
+        };
+        let result = self.cache.get_or_fetch(&lookup, &ran, fetch).await;
+        let outcome = if ran.load(Ordering::SeqCst) { Outcome::Miss } else { Outcome::Hit };
+        span.record("cache", outcome.as_str());
+        let reply = match result {
+            Ok(answer) => answer_reply(answer, &permit, outcome),
+            Err(failure) => match failure.as_ref() {
+                Uncached::Answer(answer) => answer_reply(answer.clone(), &permit, outcome),
+                Uncached::Error(e) => {
+                    if outcome == Outcome::Hit {
+                        self.settle(record.finish(e.status().as_u16(), started), ctx);
+                    }
+                    return Err(e.duplicate());
+                }
+            },
+        };
+        if outcome == Outcome::Hit {
+            self.settle(served_from_cache(record, &reply, started), ctx);
+        }
+        Ok(reply)
+    }
+
+    /// Which cache entry this request may use, or `None` when it bypasses the cache (streams, `no-store`,
+    /// or a tenant whose cache is off).
+    fn cache_lookup(
+        &self,
+        ctx: &TenantContext,
+        request: &ImageRequest,
+        validated: &validate::Validated,
+        plan: Option<&Plan>,
+        directive: Directive,
+    ) -> Option<Lookup> {
+        let policy = self.cache.policy_for(&ctx.tenant);
+        let Some((ttl, scope)) = policy.filter(|_| !validated.stream && directive != Directive::Bypass) else {
+            self.cache.count_bypass();
+            return None;
+        };
+        let scope = match scope {
+            Scope::Tenant => ctx.tenant.id.as_str(),
+            Scope::Shared => "shared",
+        };
+        let parts =
+            KeyParts { scope, model: &validated.model, family: validated.family, want: plan.and_then(|p| p.want) };
+        // Never keep an answer longer than the links in it live.
+        let ttl = plan.map_or(ttl, |p| ttl.min(p.retention));
+        Some(Lookup { key: cache::key::key(parts, request), ttl, directive })
+    }
+
+    /// Reserve `demand` from the tenant's limits; a refusal is recorded and returned.
+    async fn acquire(
+        &self,
+        ctx: &TenantContext,
+        demand: Demand,
+        record: UsageRecord,
+        started: Instant,
+    ) -> Result<Permit, ApiError> {
+        match self.limiter.acquire(&ctx.tenant.id, &ctx.tenant.limits, demand).await {
+            Ok(permit) => Ok(permit),
             Err(denied) => {
                 let e = denied_error(&ctx.tenant.name, denied);
                 self.ledger.record(record.finish(e.status().as_u16(), started));
-                return Err(e);
+                Err(e)
             }
-        };
-        // 4. Cache: streaming requests bypass it; identical requests are answered once.
-        // 5. Upstream, asked for what the caller's format needs (GPT image models never see response_format).
-        let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
+        }
+    }
+
+    /// Steps 5 and 6: the upstream call, then re-hosting of a successful whole answer. Failures are recorded
+    /// here (a failed re-host keeps the images' cost: the upstream billed them); on success the record is
+    /// handed back unfinished, to be metered with the reply.
+    #[expect(clippy::too_many_arguments, reason = "the pipeline's per-request state, passed explicitly")]
+    async fn fetch(
+        &self,
+        ctx: &TenantContext,
+        request: &ImageRequest,
+        plan: Option<Plan>,
+        model: &str,
+        meta: &RequestMeta,
+        record: UsageRecord,
+        started: Instant,
+    ) -> Result<(UpstreamReply, UsageRecord), ApiError> {
         let attribution = Attribution {
             organization: ctx.tenant.organization.clone(),
             project: ctx.tenant.project.clone(),
-            idempotency_key: meta.idempotency_key,
+            idempotency_key: meta.idempotency_key.clone(),
         };
-        let reply = match self.upstream.send(&request, &attribution).await {
+        let reply = match self.upstream.send(request, &attribution).await {
             Ok(reply) => reply,
             Err(e) => {
                 let e = ApiError::from(e);
@@ -153,35 +264,38 @@ impl ImagesService {
             // The upstream's limit, not the tenant's: passed on as it is, and told apart in the logs.
             tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
         }
-        // 6. Re-host returned images (durable links instead of expiring ones, links instead of base64).
-        let reply = match (plan, reply) {
-            (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) if status.is_success() => {
-                let origin =
-                    Origin { tenant_id: &ctx.tenant.id, model: &validated.model, request_id: &meta.request_id };
-                match self.rehoster.apply(&plan, &body, origin).await {
-                    Ok(rewritten) => {
-                        UpstreamReply { status, headers, body: ReplyBody::Full(rewritten.unwrap_or(body)) }
-                    }
-                    Err(e) => {
-                        // The upstream has billed for these images: the usage row keeps their cost.
-                        let reply = UpstreamReply { status, headers, body: ReplyBody::Full(body) };
-                        let e = match e {
-                            crate::rehost::RehostError::Store(inner) => {
-                                ApiError::Internal(anyhow::anyhow!("storing a re-hosted image failed: {inner}"))
-                            }
-                            other => ApiError::RehostFailed(other.to_string()),
-                        };
-                        let mut record = record.finish_reply(&reply, &self.prices, started);
-                        record.status = e.status().as_u16();
-                        self.settle(record, ctx);
-                        return Err(e);
-                    }
-                }
-            }
-            (_, reply) => reply,
+        let (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) = (plan, &reply) else {
+            return Ok((reply, record));
         };
-        // 7. Usage: whole answers are metered now, streams as their events pass.
-        Ok(self.meter(reply, record, ctx, permit, started))
+        if !status.is_success() {
+            return Ok((reply, record));
+        }
+        let origin = Origin { tenant_id: &ctx.tenant.id, model, request_id: &meta.request_id };
+        match self.rehoster.apply(&plan, body, origin).await {
+            Ok(None) => Ok((reply, record)),
+            Ok(Some(rewritten)) => {
+                let reply =
+                    UpstreamReply { status: *status, headers: headers.clone(), body: ReplyBody::Full(rewritten) };
+                Ok((reply, record))
+            }
+            Err(e) => {
+                let e = match e {
+                    crate::rehost::RehostError::Store(inner) => {
+                        ApiError::Internal(anyhow::anyhow!("storing a re-hosted image failed: {inner}"))
+                    }
+                    other => ApiError::RehostFailed(other.to_string()),
+                };
+                let mut record = record.finish_reply(&reply, &self.prices, started);
+                record.status = e.status().as_u16();
+                self.settle(record, ctx);
+                Err(e)
+            }
+        }
+    }
+
+    /// The cache's counters (for the admin API) and its purge.
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
     }
 
     /// Book a finished record: spend its cost from the tenant's budgets and queue it for the ledger.
@@ -224,4 +338,27 @@ impl ImagesService {
             }
         }
     }
+}
+
+/// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers.
+fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamReply {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &answer.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            headers.append(name, value);
+        }
+    }
+    crate::limits::headers::apply(&permit.report, &mut headers);
+    set_cache_header(&mut headers, outcome);
+    let status = http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::OK);
+    UpstreamReply { status, headers, body: ReplyBody::Full(answer.body) }
+}
+
+fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
+    headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
+}
+
+/// The usage of a request answered without an upstream call of its own: images counted, cost 0.
+fn served_from_cache(record: UsageRecord, reply: &UpstreamReply, started: Instant) -> UsageRecord {
+    record.finish_cached(reply, started)
 }

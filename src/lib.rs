@@ -7,7 +7,8 @@
 //! - `tenants`   tenants and keys in the database, the cached key lookup, and the auth layer that puts a
 //!   `TenantContext` on requests.
 //! - `extract`   content-type dispatch, body limits, JSON/multipart parsing into `images::request`.
-//! - `images`    the pipeline: validate → limit → cache → upstream → re-host → usage. No HTTP types.
+//! - `images`    the pipeline: validate → cache → limit → upstream → re-host → usage.
+//! - `cache`     the response cache: canonical request keys, byte-bounded memory (+ Redis), coalesced misses.
 //! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
 //! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
 //! - `limits`    per-tenant rate limits, concurrency and budgets (in-process or Redis).
@@ -20,6 +21,7 @@
 //! - `config`, `telemetry`, `cli`: settings, logging, and the command line.
 
 pub mod admin;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -13,7 +13,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::config::{LimitsBackend, Settings, UpstreamKind};
+use crate::cache::ResponseCache;
+use crate::cache::shared::SharedCache;
+use crate::config::{CacheBackend, LimitsBackend, Settings, UpstreamKind};
 use crate::db::Db;
 use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
@@ -72,8 +74,9 @@ impl Application {
         let (rehoster, store) = rehoster(&settings, &db, &public_url)?;
         let policy =
             ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
+        let cache = response_cache(&settings).await?;
         let images =
-            ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster);
+            ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }
@@ -151,6 +154,21 @@ fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(A
     let signer = LinkSigner::new(key, public_url.clone());
     let rehoster = Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone()));
     Ok((Arc::new(rehoster), store))
+}
+
+/// The response cache, with its Redis tier when `cache.backend = "redis"`.
+async fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
+    let c = &settings.cache;
+    let shared = match (c.backend, &c.redis_url) {
+        (CacheBackend::Redis, Some(url)) => Some(
+            SharedCache::connect(url.expose(), &c.redis_prefix, c.redis_timeout)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach Redis for the response cache: {e}"))?,
+        ),
+        (CacheBackend::Redis, None) => anyhow::bail!("cache.redis_url is required when cache.backend = \"redis\""),
+        (CacheBackend::Memory, _) => None,
+    };
+    Ok(ResponseCache::new(c, shared))
 }
 
 /// The rate-limit backend the settings ask for.

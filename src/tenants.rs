@@ -31,8 +31,8 @@ pub struct Tenant {
     /// Models the tenant may use; `None` = all.
     pub allowed_models: Option<Vec<String>>,
     pub limits: Limits,
-    /// Response-cache policy; `None` = the deployment default.
-    pub cache_policy: Option<serde_json::Value>,
+    /// Response-cache overrides; `None` = the deployment default.
+    pub cache_policy: Option<crate::cache::CachePolicy>,
     /// Re-hosting overrides (response format default, retention, download fallback).
     #[serde(default)]
     pub image_policy: crate::rehost::ImagePolicy,

@@ -23,6 +23,8 @@ pub mod headers {
     pub const API_KEY: &str = "api-key";
     /// Caller-supplied idempotency key, forwarded unchanged.
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    /// `hit`, `miss` or `bypass`: how the response cache answered.
+    pub const X_IMAGEGATE_CACHE: &str = "x-imagegate-cache";
 
     /// Upstream response headers passed to the caller unchanged (besides `content-type`).
     /// `x-request-id` is renamed to [`X_UPSTREAM_REQUEST_ID`]. The upstream's `x-ratelimit-*` headers stay

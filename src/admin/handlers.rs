@@ -146,6 +146,17 @@ pub struct UsageList {
 }
 
 /// `GET /admin/v1/usage?from=&to=&tenant=&format=json|csv`
+/// `GET /admin/v1/cache`: this replica's response-cache counters (hits, misses, evictions, bytes held).
+pub async fn cache_stats(State(state): State<AppState>) -> Json<crate::cache::Stats> {
+    Json(state.images.cache().stats().await)
+}
+
+/// `DELETE /admin/v1/cache`: drop every answer this replica holds in memory.
+pub async fn clear_cache(State(state): State<AppState>) -> Json<crate::cache::Stats> {
+    state.images.cache().clear();
+    Json(state.images.cache().stats().await)
+}
+
 pub async fn usage(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let p = UsageParams::parse(query.as_deref(), now_ms())?;
     if let Some(name) = &p.tenant {

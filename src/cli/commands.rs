@@ -66,6 +66,7 @@ async fn create_tenant(args: TenantCreateArgs) -> anyhow::Result<String> {
         project: args.project.map(|p| non_empty(p, "--project", "omit it to use upstream.project")).transpose()?,
         log_prompts: args.log_prompts,
         image_policy: args.image_policy.as_deref().map(image_policy).transpose()?.unwrap_or_default(),
+        cache_policy: args.cache_policy.as_deref().map(cache_policy).transpose()?.flatten(),
         ..NewTenant::default()
     };
     with_db(&args.config, async |_, repo, _| {
@@ -105,6 +106,9 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
     if let Some(json) = args.image_policy.as_deref() {
         patch.image_policy = Some(image_policy(json)?);
     }
+    if let Some(json) = args.cache_policy.as_deref() {
+        patch.cache_policy = Some(cache_policy(json)?);
+    }
     let changes = [
         patch.organization.is_some(),
         patch.project.is_some(),
@@ -112,11 +116,12 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
         patch.limits.is_some(),
         patch.log_prompts.is_some(),
         patch.image_policy.is_some(),
+        patch.cache_policy.is_some(),
     ];
     if !changes.contains(&true) {
         bail!(
             "nothing to change: pass at least one of --org, --clear-org, --project, --clear-project, \
-             --allowed-models, --all-models, --limits, --log-prompts, --no-log-prompts, --image-policy"
+             --allowed-models, --all-models, --limits, --log-prompts, --no-log-prompts, --image-policy, --cache-policy"
         );
     }
     with_db(&args.config, async |_, repo, _| {
@@ -125,7 +130,7 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
         if tenant.source == "config" {
             out.push_str(&format!(
                 "note: '{}' is declared in the configuration file, and `imagegate serve` re-applies its \
-                 organization, project, allowed models, limits, log_prompts and image policy from there at startup: make the \
+                 organization, project, allowed models, limits, log_prompts, image and cache policies from there at startup: make the \
                  same change in the file to keep it\n",
                 tenant.name
             ));
@@ -312,6 +317,13 @@ fn expiry(text: &str) -> anyhow::Result<i64> {
 fn image_policy(json: &str) -> anyhow::Result<crate::rehost::ImagePolicy> {
     serde_json::from_str(json).map_err(|e| {
         anyhow!("invalid --image-policy: {e} (example: '{{\"response_format\":\"url\",\"retention\":\"7d\"}}')")
+    })
+}
+
+/// Parse `--cache-policy` JSON (`null` = the deployment defaults), naming the flag and an example on failure.
+fn cache_policy(json: &str) -> anyhow::Result<Option<crate::cache::CachePolicy>> {
+    serde_json::from_str(json).map_err(|e| {
+        anyhow!("invalid --cache-policy: {e} (example: '{{\"enabled\":true,\"ttl\":\"10m\",\"scope\":\"tenant\"}}')")
     })
 }
 

@@ -105,7 +105,12 @@ pub fn tenant(t: &Tenant) -> Table {
             "image policy",
             if images.as_object().is_some_and(|o| o.is_empty()) { "default".to_owned() } else { compact_json(&images) },
         ),
-        ("cache policy", t.cache_policy.as_ref().map_or_else(|| "default".to_owned(), ToString::to_string)),
+        (
+            "cache policy",
+            t.cache_policy
+                .as_ref()
+                .map_or_else(|| "default".to_owned(), |p| compact_json(&serde_json::to_value(p).unwrap_or_default())),
+        ),
         ("metadata", t.metadata.to_string()),
         ("created", time(t.created_at)),
         ("updated", time(t.updated_at)),

@@ -115,6 +115,18 @@ impl UsageRecord {
         self.finish(reply.status.as_u16(), started)
     }
 
+    /// Close the record of a request answered from the cache (or by a concurrent identical request's upstream
+    /// call): images counted, no tokens, cost 0.
+    pub fn finish_cached(mut self, reply: &UpstreamReply, started: Instant) -> Self {
+        if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
+            && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
+        {
+            self.images_returned = Some(u32::try_from(counts.data.len()).unwrap_or(u32::MAX));
+        }
+        self.cache_hit = true;
+        self.finish(reply.status.as_u16(), started)
+    }
+
     fn add_output(&mut self, images: u32, usage: Option<&serde_json::Value>, prices: &Prices) {
         self.images_returned = Some(self.images_returned.unwrap_or(0) + images);
         if let Some(u) = usage {

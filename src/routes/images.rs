@@ -55,7 +55,7 @@ async fn handle(
             return Err(e);
         }
     };
-    let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key };
+    let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
     let reply = state.images.handle(&ctx, extracted.request, meta).await?;
     Ok(into_response(reply))
 }

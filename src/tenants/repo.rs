@@ -7,6 +7,7 @@ use sqlx::any::AnyRow;
 
 use super::keys::{self, NewKey};
 use super::{Limits, Tenant, TenantStatus};
+use crate::cache::CachePolicy;
 use crate::db::{Db, new_id, now_ms};
 use crate::error::ApiError;
 use crate::rehost::ImagePolicy;
@@ -45,7 +46,7 @@ pub struct NewTenant {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
-    pub cache_policy: Option<serde_json::Value>,
+    pub cache_policy: Option<CachePolicy>,
     #[serde(default)]
     pub image_policy: ImagePolicy,
     #[serde(default)]
@@ -69,7 +70,7 @@ pub struct TenantPatch {
     #[serde(default)]
     pub limits: Option<Limits>,
     #[serde(default, deserialize_with = "nullable")]
-    pub cache_policy: Option<Option<serde_json::Value>>,
+    pub cache_policy: Option<Option<CachePolicy>>,
     /// Replaces the whole re-hosting policy (`{}` = the deployment defaults).
     #[serde(default)]
     pub image_policy: Option<ImagePolicy>,

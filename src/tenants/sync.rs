@@ -17,6 +17,7 @@ pub async fn apply(repo: &TenantRepo, tenants: &[TenantSettings]) -> Result<(), 
                     project: Some(t.project.clone()),
                     log_prompts: Some(t.log_prompts),
                     image_policy: Some(t.images.clone()),
+                    cache_policy: Some(t.cache.clone()),
                     ..TenantPatch::default()
                 };
                 repo.update_tenant(&t.name, patch).await?
@@ -30,6 +31,7 @@ pub async fn apply(repo: &TenantRepo, tenants: &[TenantSettings]) -> Result<(), 
                     project: t.project.clone(),
                     log_prompts: t.log_prompts,
                     image_policy: t.images.clone(),
+                    cache_policy: t.cache.clone(),
                     ..NewTenant::default()
                 };
                 repo.create_tenant(spec, "config").await?

@@ -8,6 +8,7 @@ mod support;
 
 mod admin;
 mod auth;
+mod cache;
 mod edits;
 mod errors;
 mod generations;

@@ -110,6 +110,7 @@ fn tenant_defaults() -> TenantSettings {
         limits: Default::default(),
         log_prompts: false,
         images: Default::default(),
+        cache: None,
         keys: Vec::new(),
     }
 }

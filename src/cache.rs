@@ -1,0 +1,386 @@
+//! The response cache: identical requests answered once. An in-memory `moka` cache bounded in bytes, with a
+//! TTL per entry, holding only successful whole answers (after re-hosting, so they hold imagegate's durable
+//! links or base64, never an upstream link that expires); concurrent identical misses share one upstream
+//! call. Optionally backed by Redis, so a miss on one replica fills the cache for all.
+//!
+//! Policy (on or off, TTL, scope) is a deployment default in `[cache]`, overridable per tenant; callers steer
+//! single requests with `Cache-Control: no-cache` (fetch anew and store) or `no-store` (bypass).
+
+pub mod key;
+pub mod shared;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use self::key::Key;
+use self::shared::SharedCache;
+use crate::config::CacheSettings;
+use crate::error::ApiError;
+use crate::tenants::Tenant;
+use crate::upstream::{ReplyBody, UpstreamReply};
+
+/// Whose answers a cache entry may serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Only the tenant that caused it (the default).
+    #[default]
+    Tenant,
+    /// Every tenant with the shared scope (explicit opt-in: they see each other's images for equal requests).
+    Shared,
+}
+
+/// Per-tenant overrides of `[cache]`; `None` = the deployment's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachePolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// How long an answer is reused, e.g. `"10m"`.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+}
+
+/// How a caller asked this request to use the cache (`Cache-Control` request header).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Directive {
+    #[default]
+    Normal,
+    /// `no-cache`: do not answer from the cache; fetch anew and store the answer.
+    Revalidate,
+    /// `no-store`: neither read nor write the cache.
+    Bypass,
+}
+
+impl Directive {
+    /// From a `Cache-Control` header value; `no-store` wins over `no-cache`.
+    pub fn from_header(value: Option<&str>) -> Self {
+        let tokens = value.unwrap_or_default().split(',').map(|t| t.trim().to_ascii_lowercase());
+        let mut directive = Self::Normal;
+        for token in tokens {
+            match token.as_str() {
+                "no-store" => return Self::Bypass,
+                "no-cache" | "max-age=0" => directive = Self::Revalidate,
+                _ => {}
+            }
+        }
+        directive
+    }
+}
+
+/// What the `x-imagegate-cache` header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+        }
+    }
+}
+
+/// A cached answer: status, the headers worth replaying, and the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    #[serde(skip)]
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// A whole upstream reply (streams never reach the cache; their body reads as empty).
+    pub fn from_reply(reply: UpstreamReply) -> Self {
+        let headers = reply
+            .headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+            .collect();
+        let body = match reply.body {
+            ReplyBody::Full(body) => body,
+            ReplyBody::Stream(_) => Bytes::new(),
+        };
+        Self { status: reply.status.as_u16(), headers, body }
+    }
+
+    /// Bytes it holds, as the byte bound counts them.
+    pub fn weight(&self) -> u64 {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+        (self.body.len() + headers + 96) as u64
+    }
+}
+
+struct Entry {
+    answer: Answer,
+    ttl: Duration,
+}
+
+/// Entries expire after their own TTL (the tenant's).
+struct PerEntryTtl;
+
+impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _key: &Key, value: &Arc<Entry>, _now: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// Counters, for `GET /admin/v1/cache`.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bypasses: AtomicU64,
+    coalesced: AtomicU64,
+    stores: AtomicU64,
+    evictions: AtomicU64,
+    shared_hits: AtomicU64,
+    shared_errors: AtomicU64,
+}
+
+/// A snapshot of the cache's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub enabled_by_default: bool,
+    pub backend: &'static str,
+    pub hits: u64,
+    pub misses: u64,
+    pub bypasses: u64,
+    /// Misses answered by another request's upstream call (also counted in `hits`).
+    pub coalesced: u64,
+    pub stores: u64,
+    /// Entries dropped to stay within `max_bytes` (expiries are not counted).
+    pub evictions: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub shared_hits: u64,
+    pub shared_errors: u64,
+}
+
+/// What the cache stage decided for one request.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub key: Key,
+    pub ttl: Duration,
+    pub directive: Directive,
+}
+
+/// A miss that did not produce a cacheable answer, shared with every coalesced waiter.
+#[derive(Debug)]
+pub enum Uncached {
+    /// An answer that is not stored (an error status from the upstream, or too large).
+    Answer(Answer),
+    /// No answer: the gateway's own error (upstream unreachable, re-hosting failed, …).
+    Error(ApiError),
+}
+
+/// The cache. Cheap to clone.
+#[derive(Clone)]
+pub struct ResponseCache {
+    local: moka::future::Cache<Key, Arc<Entry>>,
+    shared: Option<SharedCache>,
+    counters: Arc<Counters>,
+    settings: Arc<CacheSettings>,
+}
+
+impl ResponseCache {
+    pub fn new(settings: &CacheSettings, shared: Option<SharedCache>) -> Self {
+        let counters = Arc::new(Counters::default());
+        let evictions = counters.clone();
+        let local = moka::future::Cache::builder()
+            .max_capacity(settings.max_bytes.as_u64())
+            .weigher(|_key: &Key, entry: &Arc<Entry>| u32::try_from(entry.answer.weight()).unwrap_or(u32::MAX))
+            .expire_after(PerEntryTtl)
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        Self { local, shared, counters, settings: Arc::new(settings.clone()) }
+    }
+
+    /// The TTL and scope for `tenant`'s requests, or `None` when its cache is off.
+    pub fn policy_for(&self, tenant: &Tenant) -> Option<(Duration, Scope)> {
+        let policy = tenant.cache_policy.clone().unwrap_or_default();
+        if !policy.enabled.unwrap_or(self.settings.enabled) {
+            return None;
+        }
+        Some((policy.ttl.unwrap_or(self.settings.ttl), policy.scope.unwrap_or(self.settings.scope)))
+    }
+
+    /// Count a request that bypassed the cache.
+    pub fn count_bypass(&self) {
+        self.counters.bypasses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A stored answer for `key`, from memory or (when configured) Redis.
+    pub async fn get(&self, key: &Key) -> Option<Answer> {
+        if let Some(entry) = self.local.get(key).await {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(entry.answer.clone());
+        }
+        let shared = self.shared.as_ref()?;
+        match shared.get(key).await {
+            Ok(Some((answer, ttl))) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
+                self.local.insert(*key, Arc::new(Entry { answer: answer.clone(), ttl })).await;
+                Some(answer)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.counters.shared_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "shared cache unavailable; treating as a miss");
+                None
+            }
+        }
+    }
+
+    /// Run `fetch` once for every concurrent caller of the same key, storing a successful answer. Returns the
+    /// answer and whether this caller's own `fetch` ran (the others were served by it). `Revalidate` skips the
+    /// coalescing and overwrites the entry.
+    pub async fn get_or_fetch<F>(
+        &self,
+        lookup: &Lookup,
+        ran: &Arc<std::sync::atomic::AtomicBool>,
+        fetch: F,
+    ) -> Result<Answer, Arc<Uncached>>
+    where
+        F: Future<Output = Result<Answer, Uncached>>,
+    {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let max_entry = self.settings.max_entry_bytes.as_u64();
+        let flag = ran.clone();
+        let checked = async move {
+            flag.store(true, Ordering::SeqCst);
+            match fetch.await {
+                Ok(answer) if answer.weight() > max_entry => Err(Uncached::Answer(answer)),
+                Ok(answer) => Ok(Arc::new(Entry { answer, ttl: lookup.ttl })),
+                Err(e) => Err(e),
+            }
+        };
+        let entry = if lookup.directive == Directive::Revalidate {
+            let entry = checked.await.map_err(Arc::new)?;
+            self.local.insert(lookup.key, entry.clone()).await;
+            entry
+        } else {
+            self.local.entry(lookup.key).or_try_insert_with(checked).await?.into_value()
+        };
+        if ran.load(Ordering::SeqCst) {
+            self.counters.stores.fetch_add(1, Ordering::Relaxed);
+            if let Some(shared) = &self.shared
+                && let Err(e) = shared.put(&lookup.key, &entry.answer, entry.ttl).await
+            {
+                self.counters.shared_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "could not write the shared cache");
+            }
+        } else {
+            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(entry.answer.clone())
+    }
+
+    /// Drop every entry held in memory (the shared cache expires on its own).
+    pub fn clear(&self) {
+        self.local.invalidate_all();
+    }
+
+    pub async fn stats(&self) -> Stats {
+        self.local.run_pending_tasks().await;
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            enabled_by_default: self.settings.enabled,
+            backend: if self.shared.is_some() { "memory+redis" } else { "memory" },
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            bypasses: get(&c.bypasses),
+            coalesced: get(&c.coalesced),
+            stores: get(&c.stores),
+            evictions: get(&c.evictions),
+            entries: self.local.entry_count(),
+            bytes: self.local.weighted_size(),
+            max_bytes: self.settings.max_bytes.as_u64(),
+            shared_hits: get(&c.shared_hits),
+            shared_errors: get(&c.shared_errors),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    fn cache(max_bytes: u64) -> ResponseCache {
+        let settings = CacheSettings {
+            enabled: true,
+            max_bytes: bytesize::ByteSize(max_bytes),
+            max_entry_bytes: bytesize::ByteSize(max_bytes),
+            ..CacheSettings::default()
+        };
+        ResponseCache::new(&settings, None)
+    }
+
+    fn answer(len: usize) -> Answer {
+        Answer { status: 200, headers: vec![], body: Bytes::from(vec![b'x'; len]) }
+    }
+
+    fn lookup(i: u8) -> Lookup {
+        Lookup { key: [i; 32], ttl: Duration::from_secs(60), directive: Directive::Normal }
+    }
+
+    #[test]
+    fn cache_control_directives() {
+        assert_eq!(Directive::from_header(None), Directive::Normal);
+        assert_eq!(Directive::from_header(Some("No-Cache")), Directive::Revalidate);
+        assert_eq!(Directive::from_header(Some("max-age=0")), Directive::Revalidate);
+        assert_eq!(Directive::from_header(Some("no-cache, no-store")), Directive::Bypass);
+        assert_eq!(Directive::from_header(Some("private")), Directive::Normal);
+    }
+
+    #[tokio::test]
+    async fn memory_stays_within_the_byte_bound_when_filled_past_it() {
+        let cache = cache(1_000_000);
+        for i in 0..=255u8 {
+            let ran = Arc::new(AtomicBool::new(false));
+            cache.get_or_fetch(&lookup(i), &ran, async { Ok(answer(10_000)) }).await.unwrap();
+        }
+        let stats = cache.stats().await;
+        assert!(stats.bytes <= 1_000_000, "{stats:?}");
+        assert!(stats.entries < 256 && stats.entries > 50, "{stats:?}");
+        assert!(stats.evictions > 0, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn errors_are_shared_but_never_stored() {
+        let cache = cache(1_000_000);
+        let ran = Arc::new(AtomicBool::new(false));
+        let failed = cache
+            .get_or_fetch(&lookup(1), &ran, async { Err(Uncached::Answer(Answer { status: 500, ..answer(3) })) })
+            .await;
+        assert!(failed.is_err());
+        assert!(cache.get(&[1; 32]).await.is_none());
+        let ran = Arc::new(AtomicBool::new(false));
+        cache.get_or_fetch(&lookup(1), &ran, async { Ok(answer(3)) }).await.unwrap();
+        assert!(ran.load(Ordering::SeqCst), "the next request fetched anew");
+        assert_eq!(cache.get(&[1; 32]).await.unwrap().body.len(), 3);
+    }
+}

@@ -1,0 +1,266 @@
+//! The response cache: identical requests reach the upstream once (also when they arrive together), anything
+//! different misses, callers steer it with `Cache-Control`, hits cost nothing and spend no images, cached
+//! links outlive the upstream's, memory stays bounded, and replicas can share it through Redis.
+
+use std::time::Duration;
+
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+use crate::support::app::{ADMIN_TOKEN, TestApp, png};
+use crate::support::fake_openai::{FakeOpenAi, FakeOptions};
+
+async fn cached_app(fake: &FakeOpenAi) -> TestApp {
+    TestApp::spawn_with(&fake.url, |s| s.cache.enabled = true).await
+}
+
+async fn post(app: &TestApp, key: &str, body: &Value, cache_control: Option<&str>) -> (u16, String, Value) {
+    let mut req = app.client.post(format!("{}/images/generations", app.base_url)).bearer_auth(key).json(body);
+    if let Some(cc) = cache_control {
+        req = req.header("cache-control", cc);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let outcome = res.headers().get("x-imagegate-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (status, outcome, res.json().await.unwrap())
+}
+
+async fn stats(app: &TestApp) -> Value {
+    let res = app.client.get(format!("{}/admin/v1/cache", app.root)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_same_request_twice_reaches_the_upstream_once_and_the_hit_costs_nothing() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    let body = json!({"model": "gpt-image-1", "prompt": "a fox", "quality": "low"});
+
+    let (s1, o1, first) = post(&app, &app.key, &body, None).await;
+    // The same request spelt differently: other key order, a default spelt out, a null.
+    let same = json!({"quality": "low", "prompt": "a fox", "model": "gpt-image-1", "n": 1, "user": null});
+    let (s2, o2, second) = post(&app, &app.key, &same, None).await;
+
+    assert_eq!((s1, o1.as_str(), s2, o2.as_str()), (200, "miss", 200, "hit"));
+    assert_eq!(first, second);
+    assert_eq!(fake.call_count(), 1);
+    let rows = app.usage_rows(2).await;
+    assert_eq!((rows[0]["cache_hit"].as_i64(), rows[1]["cache_hit"].as_i64()), (Some(0), Some(1)));
+    assert!(rows[0]["cost_usd"].as_f64().unwrap() > 0.0);
+    assert_eq!(rows[1]["cost_usd"].as_f64(), Some(0.0));
+    assert_eq!(rows[1]["images_returned"].as_i64(), Some(1));
+    let s = stats(&app).await;
+    assert_eq!((s["hits"].as_u64(), s["misses"].as_u64(), s["entries"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert!(s["bytes"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_identical_misses_make_one_upstream_call() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    let body = json!({"model": "gpt-image-1", "prompt": "a crowd #sleep=400"});
+
+    let answers = futures::future::join_all((0..50).map(|_| post(&app, &app.key, &body, None))).await;
+
+    assert_eq!(fake.call_count(), 1);
+    assert!(answers.iter().all(|(status, _, body)| *status == 200 && *body == answers[0].2));
+    let misses = answers.iter().filter(|(_, o, _)| o == "miss").count();
+    assert_eq!((misses, answers.len() - misses), (1, 49), "one caller fetched, the others were served by it");
+    let rows = app.usage_rows(50).await;
+    let billed: Vec<&Value> = rows.iter().filter(|r| r["cost_usd"].as_f64().unwrap() > 0.0).collect();
+    assert_eq!(billed.len(), 1, "only the upstream call costs money");
+    assert_eq!(stats(&app).await["coalesced"].as_u64(), Some(49));
+}
+
+#[tokio::test]
+async fn another_tenant_another_parameter_or_another_file_byte_misses() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    let body = json!({"model": "dall-e-2", "prompt": "a boat", "size": "256x256"});
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "miss");
+
+    assert_eq!(post(&app, &app.other_key, &body, None).await.1, "miss", "scoped per tenant by default");
+    let other = json!({"model": "dall-e-2", "prompt": "a boat", "size": "512x512"});
+    assert_eq!(post(&app, &app.key, &other, None).await.1, "miss");
+    let unknown = json!({"model": "dall-e-2", "prompt": "a boat", "size": "256x256", "brand_new": 1});
+    assert_eq!(post(&app, &app.key, &unknown, None).await.1, "miss");
+    assert_eq!(fake.call_count(), 4);
+
+    let edit = |image: Vec<u8>| {
+        let form = Form::new()
+            .text("model", "gpt-image-1")
+            .text("prompt", "add a hat")
+            .part("image[]", Part::bytes(image).file_name("a.png").mime_str("image/png").unwrap());
+        app.post_form("/images/edits", form)
+    };
+    let image = png(16, 16, false);
+    let mut changed = image.clone();
+    let last = changed.len() - 5; // inside the IEND chunk's CRC: still a PNG header-wise
+    changed[last] ^= 1;
+    let outcome = |r: &reqwest::Response| r.headers()["x-imagegate-cache"].to_str().unwrap().to_owned();
+    assert_eq!(outcome(&edit(image.clone()).await), "miss");
+    assert_eq!(outcome(&edit(image).await), "hit");
+    assert_eq!(outcome(&edit(changed).await), "miss", "one file byte differs");
+    assert_eq!(fake.call_count(), 6);
+}
+
+#[tokio::test]
+async fn no_store_bypasses_and_no_cache_fetches_anew_and_stores() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    let body = json!({"model": "gpt-image-1", "prompt": "a lamp"});
+
+    assert_eq!(post(&app, &app.key, &body, Some("no-store")).await.1, "bypass");
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "miss", "no-store stored nothing");
+    assert_eq!(post(&app, &app.key, &body, Some("no-store")).await.1, "bypass", "and reads nothing");
+    assert_eq!(fake.call_count(), 3);
+
+    let (_, outcome, fresh) = post(&app, &app.key, &body, Some("no-cache")).await;
+    assert_eq!(outcome, "miss");
+    assert_eq!(fake.call_count(), 4, "no-cache goes upstream although an entry exists");
+    let (_, outcome, again) = post(&app, &app.key, &body, None).await;
+    assert_eq!((outcome.as_str(), again), ("hit", fresh), "and its answer replaced the entry");
+}
+
+#[tokio::test]
+async fn errors_streams_and_tenants_without_the_cache_are_never_served_from_it() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.tenants[1].cache = Some(imagegate::cache::CachePolicy { enabled: Some(false), ..Default::default() });
+    })
+    .await;
+
+    let failing = json!({"model": "gpt-image-1", "prompt": "x #status=500"});
+    assert_eq!(post(&app, &app.key, &failing, None).await.0, 500);
+    assert_eq!(post(&app, &app.key, &failing, None).await.0, 500);
+    assert_eq!(fake.call_count(), 2, "an upstream error is not cached");
+
+    let stream = json!({"model": "gpt-image-1", "prompt": "s", "stream": true});
+    for _ in 0..2 {
+        let res = app.post_json("/images/generations", &stream).await;
+        assert_eq!(res.headers()["x-imagegate-cache"], "bypass");
+        res.bytes().await.unwrap();
+    }
+    assert_eq!(fake.call_count(), 4);
+
+    let body = json!({"model": "gpt-image-1", "prompt": "off"});
+    assert_eq!(post(&app, &app.other_key, &body, None).await.1, "bypass");
+    assert_eq!(post(&app, &app.other_key, &body, None).await.1, "bypass");
+    assert_eq!(fake.call_count(), 6);
+}
+
+#[tokio::test]
+async fn the_cache_is_off_unless_configured() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let body = json!({"model": "gpt-image-1", "prompt": "twice"});
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
+    assert_eq!(fake.call_count(), 2);
+}
+
+#[tokio::test]
+async fn a_shared_scope_serves_every_tenant_that_opted_in() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.cache.scope = imagegate::cache::Scope::Shared;
+    })
+    .await;
+    let body = json!({"model": "dall-e-3", "prompt": "a shared view"});
+    let (_, first, a) = post(&app, &app.key, &body, None).await;
+    let (_, second, b) = post(&app, &app.other_key, &body, None).await;
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
+    assert_eq!(a, b);
+    assert_eq!(fake.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_hit_spends_a_request_but_no_images() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.tenants[0].limits.images_per_minute = Some(2);
+        s.tenants[0].limits.requests_per_minute = Some(4);
+    })
+    .await;
+    let body = json!({"model": "dall-e-2", "prompt": "two", "n": 2, "size": "256x256"});
+
+    assert_eq!(post(&app, &app.key, &body, None).await.0, 200);
+    let (status, outcome, _) = post(&app, &app.key, &body, None).await;
+    assert_eq!((status, outcome.as_str()), (200, "hit"), "the images budget is spent, yet the hit is served");
+    let one_more = json!({"model": "dall-e-2", "prompt": "one more", "size": "256x256"});
+    assert_eq!(post(&app, &app.key, &one_more, None).await.0, 429, "a miss needs images (a refusal spends nothing)");
+    assert_eq!(post(&app, &app.key, &body, None).await.0, 200);
+    assert_eq!(post(&app, &app.key, &body, None).await.0, 200, "the 4th request of the minute");
+    assert_eq!(post(&app, &app.key, &body, None).await.0, 429, "every hit spends a request");
+}
+
+#[tokio::test]
+async fn a_cached_link_still_serves_after_the_upstream_link_expired() {
+    let fake =
+        FakeOpenAi::start_with(FakeOptions { url_ttl: Some(Duration::from_secs(1)), ..Default::default() }).await;
+    let app = cached_app(&fake).await;
+    let body = json!({"model": "dall-e-2", "prompt": "a pier", "size": "256x256"});
+    let (_, _, first) = post(&app, &app.key, &body, None).await;
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, outcome, second) = post(&app, &app.key, &body, None).await;
+
+    assert_eq!((outcome.as_str(), &second), ("hit", &first));
+    let link = second["data"][0]["url"].as_str().unwrap();
+    assert!(link.starts_with(&app.root), "the cache holds imagegate's link, not the upstream's: {link}");
+    assert_eq!(app.client.get(link).send().await.unwrap().status(), 200);
+    assert_eq!(fake.file_fetch_count(), 1);
+}
+
+#[tokio::test]
+async fn memory_stays_within_the_configured_bound_when_filled_past_it() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.cache.max_bytes = bytesize::ByteSize::kib(64);
+        s.cache.max_entry_bytes = bytesize::ByteSize::kib(64);
+    })
+    .await;
+    for i in 0..40 {
+        let body = json!({"model": "gpt-image-1", "prompt": format!("image {i}")});
+        assert_eq!(post(&app, &app.key, &body, None).await.0, 200);
+    }
+    let s = stats(&app).await;
+    assert!(s["bytes"].as_u64().unwrap() <= 64 * 1024, "{s}");
+    assert!(s["evictions"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["entries"].as_u64().unwrap() < 40, "{s}");
+
+    let res = app.client.delete(format!("{}/admin/v1/cache", app.root)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    let after: Value = res.json().await.unwrap();
+    assert_eq!(after["entries"].as_u64(), Some(0), "{after}");
+}
+
+#[tokio::test]
+async fn replicas_sharing_redis_serve_each_others_answers() {
+    let fake = FakeOpenAi::start().await;
+    let prefix = format!("igtest-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let shared = |s: &mut imagegate::config::Settings| {
+        s.cache.enabled = true;
+        s.cache.backend = imagegate::config::CacheBackend::Redis;
+        s.cache.redis_url = Some(imagegate::config::Secret::new("redis://127.0.0.1:6379"));
+        s.cache.redis_prefix = prefix.clone();
+    };
+    let a = TestApp::spawn_with(&fake.url, shared).await;
+    let mut settings = a.settings.clone();
+    let dir_b = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    settings.storage.data_dir = dir_b.path().to_path_buf();
+    let b = TestApp::start(settings, a.key.clone(), a.other_key.clone(), dir_b, a.database_url.clone()).await;
+
+    let body = json!({"model": "gpt-image-1", "prompt": "one replica fetches"});
+    let (_, first, answer_a) = post(&a, &a.key, &body, None).await;
+    let (_, second, answer_b) = post(&b, &b.key, &body, None).await;
+
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
+    assert_eq!(answer_a, answer_b);
+    assert_eq!(fake.call_count(), 1);
+    assert_eq!(stats(&b).await["shared_hits"].as_u64(), Some(1));
+}
