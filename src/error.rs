@@ -404,6 +404,13 @@ mod tests {
             (ApiError::UpstreamUnavailable("refused".into()), 502, "server_error", Some("upstream_unavailable")),
             (ApiError::UpstreamTimeout(Duration::from_secs(5)), 504, "server_error", Some("timeout")),
             (ApiError::ShuttingDown, 503, "server_error", None),
+            (
+                ApiError::RehostFailed("host 'x' is not allowed".into()),
+                502,
+                "server_error",
+                Some("image_rehost_failed"),
+            ),
+            (ApiError::RangeNotSatisfiable { length: 10 }, 416, "invalid_request_error", Some("range_not_satisfiable")),
             (ApiError::Internal(anyhow::anyhow!("secret detail")), 500, "server_error", None),
         ];
         for (err, status, kind, code) in cases {
@@ -415,6 +422,12 @@ mod tests {
             for key in ["message", "type", "param", "code"] {
                 assert!(e.get(key).is_some(), "{key} missing for {err:?}");
             }
+            let twin = err.duplicate();
+            assert_eq!(
+                (twin.status(), twin.body()),
+                (err.status(), err.body()),
+                "coalesced waiters see the same error"
+            );
         }
     }
 

@@ -36,6 +36,17 @@ pub mod headers {
 
 /// Route paths, relative to the `/v1` prefix where they sit under it.
 pub mod paths {
+    /// A link handed to callers: `path` (one of the paths below plus a file name) under the gateway's public
+    /// base URL, which may itself carry a path prefix, with `query`.
+    pub fn public_link(base: &url::Url, path: &str, query: &str) -> String {
+        let mut url = base.clone();
+        let prefix = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{prefix}{path}"));
+        url.set_query(Some(query));
+        url.set_fragment(None);
+        url.to_string()
+    }
+
     pub const GENERATIONS: &str = "/images/generations";
     pub const EDITS: &str = "/images/edits";
     pub const VARIATIONS: &str = "/images/variations";

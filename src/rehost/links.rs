@@ -57,12 +57,8 @@ impl LinkSigner {
     /// The link to file `name` (`{id}.{ext}`), valid until `expires` (Unix seconds).
     pub fn url(&self, name: &str, expires: i64) -> String {
         let signature = URL_SAFE_NO_PAD.encode(self.mac(name, expires).finalize().into_bytes());
-        let mut url = self.base.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{}/{name}", paths::IMAGE_FILES));
-        url.set_query(Some(&format!("expires={expires}&signature={signature}")));
-        url.set_fragment(None);
-        url.to_string()
+        let path = format!("{}/{name}", paths::IMAGE_FILES);
+        paths::public_link(&self.base, &path, &format!("expires={expires}&signature={signature}"))
     }
 
     /// Check a link's signature (in constant time), then its expiry against `now` (Unix seconds).

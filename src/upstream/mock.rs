@@ -47,12 +47,7 @@ impl MockUpstream {
 
     /// The expiring URL of a rendered file: `{public_url}/_mock/files/{name}?se={expires}`.
     pub fn file_url(&self, name: &str, expires: u64) -> String {
-        let mut url = self.public_url.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{}/{name}", paths::MOCK_FILES));
-        url.set_query(Some(&format!("se={expires}")));
-        url.set_fragment(None);
-        url.to_string()
+        paths::public_link(&self.public_url, &format!("{}/{name}", paths::MOCK_FILES), &format!("se={expires}"))
     }
 
     async fn answer(&self, request: &ImageRequest) -> UpstreamReply {
