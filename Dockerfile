@@ -28,7 +28,9 @@ WORKDIR /var/lib/imagegate
 # Listen on all interfaces inside the container; logs as JSON for collectors.
 ENV IMAGEGATE__SERVER__LISTEN=0.0.0.0:8080 \
     IMAGEGATE__LOG__FORMAT=json
-# /etc/imagegate: configuration (mount your own default.toml or pass --config); /var/lib/imagegate: data.
+# Set IMAGEGATE__SERVER__PUBLIC_URL to the address callers use: re-hosted image links point there.
+# /etc/imagegate: configuration (mount your own default.toml or pass --config); /var/lib/imagegate: data
+# (the SQLite file, stored images under data/images, the generated link-signing key).
 VOLUME ["/etc/imagegate", "/var/lib/imagegate"]
 EXPOSE 8080
 USER imagegate

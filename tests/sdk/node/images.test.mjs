@@ -182,6 +182,26 @@ test('generate with dall-e-3 returns a revised prompt', { skip }, async () => {
   assert.equal(json.response_format, 'b64_json');
 });
 
+// ---------------------------------------------------------------------------- re-hosting
+
+test('gpt-image-1 with response_format url returns an imagegate link to the same png', { skip }, async () => {
+  const n = nonce();
+  const prompt = `a quiet harbour ${n}`;
+  const b64 = await client().images.generate({ model: 'gpt-image-1', prompt });
+  const linked = await client().images.generate({ model: 'gpt-image-1', prompt, response_format: 'url' });
+  assert.equal(linked.data[0].b64_json, undefined);
+  const link = linked.data[0].url;
+  assert.ok(link.includes('/images/files/') && !link.startsWith(FAKE_URL), link);
+  const res = await fetch(link);
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.get('content-type'), 'image/png');
+  const bytes = Buffer.from(await res.arrayBuffer());
+  assert.deepEqual(bytes, Buffer.from(b64.data[0].b64_json, 'base64'), 'the upstream image, byte for byte');
+  for (const call of await callsWith(n)) {
+    assert.equal(call.json.response_format, undefined, 'GPT image models never see response_format');
+  }
+});
+
 test('successful responses carry a request id', { skip }, async () => {
   const { data, request_id } = await client()
     .images.generate({ model: 'gpt-image-1', prompt: `a cube ${nonce()}` })
