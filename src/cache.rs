@@ -100,6 +100,9 @@ pub struct Answer {
     pub headers: Vec<(String, String)>,
     #[serde(skip)]
     pub body: Bytes,
+    /// Images in the body (`data[]`), counted once when stored so hits need not parse it again.
+    #[serde(default)]
+    pub images: Option<u32>,
 }
 
 impl Answer {
@@ -110,17 +113,21 @@ impl Answer {
             .iter()
             .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
             .collect();
+        // A copy of exactly the body's size: the reply's bytes may share a larger read buffer, which the
+        // cache's byte bound would not see.
         let body = match reply.body {
-            ReplyBody::Full(body) => body,
+            ReplyBody::Full(body) => Bytes::copy_from_slice(&body),
             ReplyBody::Stream(_) => Bytes::new(),
         };
-        Self { status: reply.status.as_u16(), headers, body }
+        let images = crate::images::usage::count_images(&body);
+        Self { status: reply.status.as_u16(), headers, body, images }
     }
 
     /// Bytes it holds, as the byte bound counts them.
     pub fn weight(&self) -> u64 {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
-        (self.body.len() + headers + 96) as u64
+        // Per header: two strings and their slot; per entry: the key, moka's bookkeeping and the allocations.
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + 64).sum();
+        (self.body.len() + headers + 512) as u64
     }
 }
 
@@ -340,7 +347,7 @@ mod tests {
     }
 
     fn answer(len: usize) -> Answer {
-        Answer { status: 200, headers: vec![], body: Bytes::from(vec![b'x'; len]) }
+        Answer { status: 200, headers: vec![], body: Bytes::from(vec![b'x'; len]), images: None }
     }
 
     fn lookup(i: u8) -> Lookup {

@@ -62,8 +62,10 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Largest JSON body (`/images/generations`, JSON `/images/edits`).
+    #[serde(serialize_with = "exact_bytes")]
     pub max_json_body: ByteSize,
     /// Largest multipart body (`/images/edits`, `/images/variations`).
+    #[serde(serialize_with = "exact_bytes")]
     pub max_multipart_body: ByteSize,
 }
 
@@ -343,8 +345,10 @@ pub struct CacheSettings {
     /// scope; explicit opt-in). Tenants may override it.
     pub scope: crate::cache::Scope,
     /// Memory the in-process cache may hold (bodies and headers), not a number of entries.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_bytes: ByteSize,
     /// Larger answers (base64 of many images) are not cached.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_entry_bytes: ByteSize,
     /// `memory` (per replica) or `redis` (shared by every replica, in front of the memory cache).
     pub backend: CacheBackend,
@@ -394,6 +398,7 @@ pub struct DownloadSettings {
     /// Allow `http://` image URLs (otherwise only `https://`).
     pub allow_http: bool,
     /// Largest image accepted; a longer body is cut off and refused.
+    #[serde(serialize_with = "exact_bytes")]
     pub max_bytes: ByteSize,
     /// Deadline for one whole download.
     #[serde(with = "humantime_serde")]
@@ -542,6 +547,13 @@ pub struct TenantSettings {
 pub struct KeySettings {
     pub id: String,
     pub sha256: String,
+}
+
+/// Sizes are written out as a number of bytes: the built-in defaults pass through figment as serialized
+/// values, and bytesize's own text form ("1.0 MiB") rounds, so a default of 1 MiB would read back as
+/// 1,048,600 bytes. Reading accepts both forms.
+fn exact_bytes<S: serde::Serializer>(size: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(size.as_u64())
 }
 
 /// A string that never appears in Debug, Display or serialized output.
@@ -888,6 +900,18 @@ name = "a"
         let ok = "[upstream]\nkind = \"mock\"\n[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\n";
         let env = [("IMAGEGATE__IMAGES__SIGNING_KEY", "k-0123456789-0123456789-0123456789")];
         assert_eq!(load(dir.path(), ok, &env).unwrap().storage.s3.bucket.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn size_defaults_survive_loading_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(dir.path(), "[upstream]\nkind = \"mock\"\n", &[]).unwrap();
+        assert_eq!(s.server.max_json_body.as_u64(), 1024 * 1024);
+        assert_eq!(s.server.max_multipart_body.as_u64(), 100 * 1024 * 1024);
+        assert_eq!(s.cache.max_bytes.as_u64(), 256 * 1024 * 1024);
+        assert_eq!(s.images.download.max_bytes.as_u64(), 32 * 1024 * 1024);
+        let s = load(dir.path(), "[upstream]\nkind = \"mock\"\n[server]\nmax_json_body = \"2 MiB\"\n", &[]).unwrap();
+        assert_eq!(s.server.max_json_body.as_u64(), 2 * 1024 * 1024);
     }
 
     #[test]

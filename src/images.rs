@@ -143,9 +143,9 @@ impl ImagesService {
         {
             span.record("cache", Outcome::Hit.as_str());
             let permit = self.acquire(ctx, Demand { images: 0 }, record.clone(), started).await?;
-            let reply = answer_reply(answer, &permit, Outcome::Hit);
-            self.settle(served_from_cache(record, &reply, started), ctx);
-            return Ok(reply);
+            let record = record.finish_cached(answer.status, answer.images, started);
+            self.settle(record, ctx);
+            return Ok(answer_reply(answer, &permit, Outcome::Hit));
         }
         // 4. Rate limits and quotas: reserve the request and its `n` images, all or nothing.
         let permit = self.acquire(ctx, Demand { images: validated.n }, record.clone(), started).await?;
@@ -171,10 +171,10 @@ impl ImagesService {
         let result = self.cache.get_or_fetch(&lookup, &ran, fetch).await;
         let outcome = if ran.load(Ordering::SeqCst) { Outcome::Miss } else { Outcome::Hit };
         span.record("cache", outcome.as_str());
-        let reply = match result {
-            Ok(answer) => answer_reply(answer, &permit, outcome),
+        let answer = match result {
+            Ok(answer) => answer,
             Err(failure) => match failure.as_ref() {
-                Uncached::Answer(answer) => answer_reply(answer.clone(), &permit, outcome),
+                Uncached::Answer(answer) => answer.clone(),
                 Uncached::Error(e) => {
                     if outcome == Outcome::Hit {
                         self.settle(record.finish(e.status().as_u16(), started), ctx);
@@ -184,9 +184,9 @@ impl ImagesService {
             },
         };
         if outcome == Outcome::Hit {
-            self.settle(served_from_cache(record, &reply, started), ctx);
+            self.settle(record.finish_cached(answer.status, answer.images, started), ctx);
         }
-        Ok(reply)
+        Ok(answer_reply(answer, &permit, outcome))
     }
 
     /// Which cache entry this request may use, or `None` when it bypasses the cache (streams, `no-store`,
@@ -356,9 +356,4 @@ fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamRe
 
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
     headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
-}
-
-/// The usage of a request answered without an upstream call of its own: images counted, cost 0.
-fn served_from_cache(record: UsageRecord, reply: &UpstreamReply, started: Instant) -> UsageRecord {
-    record.finish_cached(reply, started)
 }

@@ -6,6 +6,8 @@
 
 pub mod report;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -19,6 +21,8 @@ use crate::images::usage::UsageRecord;
 #[derive(Debug, Clone)]
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
+    /// Rows dropped because the queue was full, not yet reported in the log.
+    dropped: Arc<AtomicU64>,
 }
 
 /// The writer task; `close` flushes and waits.
@@ -32,15 +36,18 @@ impl Ledger {
     pub fn start(db: Db, settings: &UsageSettings) -> (Self, LedgerWriter) {
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(write_loop(db, rx, stopped, settings.batch_size, settings.flush_interval));
-        (Self { tx }, LedgerWriter { handle, stop })
+        let dropped = Arc::new(AtomicU64::new(0));
+        let loop_state = Writer { db, batch_size: settings.batch_size, dropped: dropped.clone() };
+        let handle = tokio::spawn(write_loop(loop_state, rx, stopped, settings.flush_interval));
+        (Self { tx, dropped }, LedgerWriter { handle, stop })
     }
 
-    /// Queue a record; never blocks. A full queue drops the record and says so in the log.
+    /// Queue a record; never blocks. A full queue drops the record; the writer reports how many were dropped
+    /// (one log line per batch, not one per row, so an overload does not also flood the log).
     pub fn record(&self, record: UsageRecord) {
         record.emit();
-        if let Err(e) = self.tx.try_send(record) {
-            tracing::error!(error = %e, "usage queue full or closed: a usage row was dropped");
+        if self.tx.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -55,13 +62,20 @@ impl LedgerWriter {
     }
 }
 
-async fn write_loop(
+/// What the writer task works with.
+struct Writer {
     db: Db,
+    batch_size: usize,
+    dropped: Arc<AtomicU64>,
+}
+
+async fn write_loop(
+    writer: Writer,
     mut rx: mpsc::Receiver<UsageRecord>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-    batch_size: usize,
     interval: Duration,
 ) {
+    let batch_size = writer.batch_size;
     let mut batch = Vec::with_capacity(batch_size);
     loop {
         let first = tokio::select! {
@@ -81,71 +95,94 @@ async fn write_loop(
                 () = &mut deadline => break,
             }
         }
-        write_batch(&db, &mut batch).await;
+        writer.write_batch(&mut batch).await;
     }
     // Shutting down: whatever is queued now is written before the process exits.
     while let Ok(r) = rx.try_recv() {
         batch.push(r);
         if batch.len() >= batch_size {
-            write_batch(&db, &mut batch).await;
+            writer.write_batch(&mut batch).await;
         }
     }
-    write_batch(&db, &mut batch).await;
+    writer.write_batch(&mut batch).await;
     tracing::debug!("usage writer drained");
 }
 
-async fn write_batch(db: &Db, batch: &mut Vec<UsageRecord>) {
-    if batch.is_empty() {
-        return;
-    }
-    let count = batch.len();
-    // One retry covers a transient failure (a busy SQLite file, a Postgres failover).
-    for attempt in 0..2 {
-        match insert(db, batch).await {
-            Ok(()) => {
-                batch.clear();
-                return;
-            }
-            Err(e) if attempt == 0 => {
-                tracing::warn!(error = %e, rows = count, "usage write failed, retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => tracing::error!(error = %e, rows = count, "usage rows could not be written and were dropped"),
+/// Rows per INSERT statement: 19 parameters each, well under SQLite's and PostgreSQL's parameter limits.
+const ROWS_PER_STATEMENT: usize = 50;
+const COLUMNS: usize = 19;
+
+impl Writer {
+    async fn write_batch(&self, batch: &mut Vec<UsageRecord>) {
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::error!(
+                rows = dropped,
+                "usage queue full: rows were dropped (raise usage.queue_capacity, or the database cannot keep up)"
+            );
         }
+        if batch.is_empty() {
+            return;
+        }
+        let count = batch.len();
+        // One retry covers a transient failure (a busy SQLite file, a Postgres failover).
+        for attempt in 0..2 {
+            match insert(&self.db, batch).await {
+                Ok(()) => {
+                    batch.clear();
+                    return;
+                }
+                Err(e) if attempt == 0 => {
+                    tracing::warn!(error = %e, rows = count, "usage write failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => tracing::error!(error = %e, rows = count, "usage rows could not be written and were dropped"),
+            }
+        }
+        batch.clear();
     }
-    batch.clear();
 }
 
+/// Write `batch` in one transaction, many rows per statement.
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin().await?;
-    for r in batch {
-        sqlx::query(
+    for rows in batch.chunks(ROWS_PER_STATEMENT) {
+        let values: Vec<String> = (0..rows.len())
+            .map(|row| {
+                let params: Vec<String> = (1..=COLUMNS).map(|c| format!("${}", row * COLUMNS + c)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
              images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, \
-             latency_ms, stream, cache_hit, upstream_request_id, prompt) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-        )
-        .bind(r.request_id.clone())
-        .bind(r.created_at)
-        .bind(r.tenant_id.clone())
-        .bind(r.key_id.clone())
-        .bind(r.endpoint)
-        .bind(r.model.clone())
-        .bind(i64::from(r.images_requested))
-        .bind(r.images_returned.map(i64::from))
-        .bind(r.size.clone())
-        .bind(r.quality.clone())
-        .bind(r.input_tokens.and_then(|t| i64::try_from(t).ok()))
-        .bind(r.output_tokens.and_then(|t| i64::try_from(t).ok()))
-        .bind(r.cost_usd)
-        .bind(i64::from(r.status))
-        .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
-        .bind(i64::from(r.stream))
-        .bind(i64::from(r.cache_hit))
-        .bind(r.upstream_request_id.clone())
-        .bind(r.prompt.clone())
-        .execute(&mut *tx)
-        .await?;
+             latency_ms, stream, cache_hit, upstream_request_id, prompt) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for r in rows {
+            query = query
+                .bind(r.request_id.clone())
+                .bind(r.created_at)
+                .bind(r.tenant_id.clone())
+                .bind(r.key_id.clone())
+                .bind(r.endpoint)
+                .bind(r.model.clone())
+                .bind(i64::from(r.images_requested))
+                .bind(r.images_returned.map(i64::from))
+                .bind(r.size.clone())
+                .bind(r.quality.clone())
+                .bind(r.input_tokens.and_then(|t| i64::try_from(t).ok()))
+                .bind(r.output_tokens.and_then(|t| i64::try_from(t).ok()))
+                .bind(r.cost_usd)
+                .bind(i64::from(r.status))
+                .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
+                .bind(i64::from(r.stream))
+                .bind(i64::from(r.cache_hit))
+                .bind(r.upstream_request_id.clone())
+                .bind(r.prompt.clone());
+        }
+        query.execute(&mut *tx).await?;
     }
     tx.commit().await
 }

@@ -104,6 +104,7 @@ mod tests {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
             body: Bytes::from_static(b"{\"data\":[]}"),
+            images: Some(0),
         };
         assert_eq!(decode(encode(&answer)).unwrap(), answer);
         assert!(matches!(decode(vec![0, 0, 0, 99, b'{']), Err(SharedError::Corrupt)));

@@ -22,6 +22,12 @@ use crate::tenants::TenantContext;
 use crate::upstream::{ReplyBody, UpstreamReply};
 use crate::wire::headers;
 
+/// The number of images (`data[]` items) in an answer body, if it is one.
+pub fn count_images(body: &[u8]) -> Option<u32> {
+    let counts = serde_json::from_slice::<ResponseCounts>(body).ok()?;
+    Some(u32::try_from(counts.data.len()).unwrap_or(u32::MAX))
+}
+
 /// What one request used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
@@ -116,15 +122,13 @@ impl UsageRecord {
     }
 
     /// Close the record of a request answered from the cache (or by a concurrent identical request's upstream
-    /// call): images counted, no tokens, cost 0.
-    pub fn finish_cached(mut self, reply: &UpstreamReply, started: Instant) -> Self {
-        if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
-            && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
-        {
-            self.images_returned = Some(u32::try_from(counts.data.len()).unwrap_or(u32::MAX));
+    /// call): its images, no tokens, cost 0.
+    pub fn finish_cached(mut self, status: u16, images: Option<u32>, started: Instant) -> Self {
+        if (200..300).contains(&status) {
+            self.images_returned = images;
         }
         self.cache_hit = true;
-        self.finish(reply.status.as_u16(), started)
+        self.finish(status, started)
     }
 
     fn add_output(&mut self, images: u32, usage: Option<&serde_json::Value>, prices: &Prices) {
