@@ -183,10 +183,11 @@ impl Rehoster {
         }
         let Ok(mut answer) = serde_json::from_slice::<Value>(body) else { return Ok(None) };
         let Some(data) = answer.get_mut("data").and_then(Value::as_array_mut) else { return Ok(None) };
+        // The strings are moved out of the parsed answer, not copied: a GPT answer's base64 is megabytes.
         let jobs: Vec<(usize, Job)> = data
-            .iter()
+            .iter_mut()
             .enumerate()
-            .filter_map(|(i, item)| Job::for_item(item, plan.want).map(|job| (i, job)))
+            .filter_map(|(i, item)| Job::take_from(item, plan.want).map(|job| (i, job)))
             .collect();
         if jobs.is_empty() {
             return Ok(None);
@@ -219,7 +220,11 @@ impl Rehoster {
                 Err(source) => return Err(RehostError::Download { index, source }),
             },
             Job::Decode(b64) => {
-                Bytes::from(BASE64.decode(b64.as_bytes()).map_err(|_| RehostError::BadBase64 { index })?)
+                // Megabytes of base64: decoded off the async workers.
+                let decoded = tokio::task::spawn_blocking(move || BASE64.decode(b64.as_bytes()))
+                    .await
+                    .map_err(|e| RehostError::Encode(e.to_string()))?;
+                Bytes::from(decoded.map_err(|_| RehostError::BadBase64 { index })?)
             }
         };
         if plan.want == Some(ResponseFormat::B64Json) {
@@ -250,12 +255,15 @@ enum Job {
 }
 
 impl Job {
-    fn for_item(item: &Value, want: Option<ResponseFormat>) -> Option<Self> {
-        if let Some(url) = item.get("url").and_then(Value::as_str) {
-            return Some(Self::Download(url.to_owned()));
+    /// The work `item` needs, taking its `url` or `b64_json` string out of it (the item's fields are replaced
+    /// by the job's result; an answer whose re-hosting fails is not sent).
+    fn take_from(item: &mut Value, want: Option<ResponseFormat>) -> Option<Self> {
+        let fields = item.as_object_mut()?;
+        if let Some(Value::String(url)) = fields.get_mut("url") {
+            return Some(Self::Download(std::mem::take(url)));
         }
-        match (item.get("b64_json").and_then(Value::as_str), want) {
-            (Some(b64), Some(ResponseFormat::Url)) => Some(Self::Decode(b64.to_owned())),
+        match (fields.get_mut("b64_json"), want) {
+            (Some(Value::String(b64)), Some(ResponseFormat::Url)) => Some(Self::Decode(std::mem::take(b64))),
             _ => None,
         }
     }

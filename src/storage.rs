@@ -76,6 +76,9 @@ pub enum StoreError {
     Objects(#[from] object_store::Error),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The blocking task hashing the bytes did not finish (the runtime is shutting down).
+    #[error("hashing task failed: {0}")]
+    Task(String),
 }
 
 /// The image store: objects plus metadata. Cheap to clone.
@@ -157,7 +160,11 @@ impl ImageStore {
     pub async fn put(&self, new: NewImage<'_>) -> Result<StoredImage, StoreError> {
         let format = imageinfo::sniff(&new.bytes).ok_or(StoreError::NotAnImage)?;
         let info = imageinfo::inspect(&new.bytes).ok();
-        let sha256 = hex::encode(Sha256::digest(&new.bytes));
+        // Hashing megabytes takes milliseconds: off the async workers.
+        let bytes = new.bytes.clone();
+        let sha256 = tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&bytes)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
         let now = now_ms();
         let retention_ms = i64::try_from(new.retention.as_millis()).unwrap_or(i64::MAX);
         let image = StoredImage {
