@@ -23,13 +23,14 @@
     reason = "a benchmark program run by hand: it prints its report and stops loudly on any failure"
 )]
 
+#[path = "support/bench.rs"]
+mod bench;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Cursor};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -41,12 +42,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Parser;
 use imagegate::tenants::keys::{self, NewKey};
-use rand::{RngCore as _, SeedableRng as _};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// The upstream key the fake expects (from the gateway, and from the load generator in series (a)).
-const UPSTREAM_KEY: &str = "sk-bench-cache-upstream";
+use crate::bench::{Gateway, Memory, UPSTREAM_KEY, mib, percentile, unix_now};
+
 /// The gateway's admin token (for `GET /admin/v1/cache` and `/admin/v1/usage`).
 const ADMIN_TOKEN: &str = "bench-cache-admin-token-0123456789";
 /// The one prompt of series (c).
@@ -123,25 +123,13 @@ impl Fake {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn openai_error(status: StatusCode, message: &str) -> Response {
-    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}});
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
-}
-
 async fn generations(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Response {
-    let expected = format!("Bearer {UPSTREAM_KEY}");
-    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-        return openai_error(StatusCode::UNAUTHORIZED, "Incorrect API key provided.");
-    }
-    let Ok(request) = serde_json::from_slice::<GenerationRequest>(&body) else {
-        return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
+    let request: GenerationRequest = match bench::read_request(&headers, &body) {
+        Ok(request) => request,
+        Err(answer) => return *answer,
     };
     if !request.model.starts_with("gpt-image") || request.n.unwrap_or(1) != 1 {
-        return openai_error(StatusCode::BAD_REQUEST, "This fake answers gpt-image-* with n = 1 only.");
+        return bench::openai_error(StatusCode::BAD_REQUEST, "This fake answers gpt-image-* with n = 1 only.");
     }
     let counter = if request.prompt == HIT_PROMPT {
         &fake.hit_calls
@@ -156,20 +144,9 @@ async fn generations(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: By
     ([(header::CONTENT_TYPE, "application/json")], fake.answer()).into_response()
 }
 
-/// A square PNG of random RGB pixels (incompressible, so about side² × 3 bytes).
-fn render_png(side: u32) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut pixels = vec![0u8; (side as usize) * (side as usize) * 3];
-    rng.fill_bytes(&mut pixels);
-    let image = image::RgbImage::from_raw(side, side, pixels).expect("pixel buffer size");
-    let mut out = Cursor::new(Vec::new());
-    image.write_to(&mut out, image::ImageFormat::Png).expect("encode PNG");
-    out.into_inner()
-}
-
 /// Render the picture, build the answer and serve the fake on 127.0.0.1:0.
 async fn start_fake(side: u32) -> Arc<Fake> {
-    let png = render_png(side.max(1));
+    let png = bench::render_png(7, side.max(1));
     let tail = format!(
         ",\"data\":[{{\"b64_json\":\"{}\"}}],\"background\":\"opaque\",\"output_format\":\"png\",\
          \"size\":\"1024x1024\",\"quality\":\"low\",\"usage\":{{\"total_tokens\":279,\"input_tokens\":7,\
@@ -209,152 +186,18 @@ async fn start_fake(side: u32) -> Arc<Fake> {
 // The gateway process
 // ---------------------------------------------------------------------------------------------------------
 
-/// One `imagegate serve --config FILE` process with its own data directory (SQLite, signing key).
-struct Gateway {
-    child: Child,
-    root: String,
-    _dir: tempfile::TempDir,
-    output: Arc<Mutex<Vec<String>>>,
+/// The one gateway: the cache and re-hosting on, the admin API for the cache counters and the usage ledger.
+fn start_gateway(bin: &Path, upstream: &str, key: &NewKey) -> Gateway {
+    let dir = tempfile::Builder::new().prefix("imagegate-bench-cache-").tempdir().expect("temp dir");
+    let sections = format!("[images]\nrehost = true\n[cache]\nenabled = true\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n");
+    let gateway = Gateway::start(bin, dir, "the gateway", upstream, &sections, key);
+    eprintln!("gateway pid {} on {} (cache on, images.rehost = true)", gateway.pid(), gateway.root);
+    gateway
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-impl Gateway {
-    fn start(bin: &Path, upstream: &str, key: &NewKey) -> Gateway {
-        let dir = tempfile::Builder::new().prefix("imagegate-bench-cache-").tempdir().expect("temp dir");
-        let data = dir.path().join("data");
-        // log.level: warnings only, plus the startup line saying where the gateway listens (info level).
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n\
-             [log]\nlevel = \"warn,imagegate::startup=info\"\n\
-             [upstream]\nbase_url = \"{upstream}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\n\
-             [storage]\ndata_dir = '{}'\n\
-             [images]\nrehost = true\n\
-             [cache]\nenabled = true\n\
-             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n\
-             [[tenants]]\nname = \"bench\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
-            data.display(),
-            key.id,
-            key.sha256
-        );
-        let path = dir.path().join("imagegate.toml");
-        std::fs::write(&path, config).expect("write the gateway config");
-        let mut command = Command::new(bin);
-        command.arg("serve").arg("--config").arg(&path).current_dir(dir.path());
-        // Only the file configures the gateway.
-        for (name, _) in std::env::vars_os() {
-            let text = name.to_string_lossy();
-            if text.starts_with("IMAGEGATE") || text == "OPENAI_API_KEY" || text == "RUST_LOG" {
-                command.env_remove(&name);
-            }
-        }
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| {
-            panic!("cannot start {}: {e} (build it: cargo build --release --bin imagegate)", bin.display())
-        });
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let streams: [Box<dyn std::io::Read + Send>; 2] =
-            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
-        for stream in streams {
-            let (output, tx) = (output.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Some(i) = line.find("listening on http://") {
-                        let url = line[i + "listening on ".len()..].split(['"', ' ', '\\']).next().unwrap_or("");
-                        let _ = tx.send(url.trim_end_matches('/').to_owned());
-                    }
-                    output.lock().unwrap().push(line);
-                }
-            });
-        }
-        let Ok(root) = rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the gateway did not start: {:#?}", output.lock().unwrap());
-        };
-        eprintln!("gateway pid {} on {root} (cache on, images.rehost = true)", child.id());
-        Gateway { child, root, _dir: dir, output }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `VmRSS` (now) and `VmHWM` (peak since start) from `/proc/<pid>/status`.
-    fn memory(&self) -> Memory {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
-        Memory { rss_kib: field("VmRSS:"), hwm_kib: field("VmHWM:") }
-    }
-
-    /// Lines the process printed at warn level or above, without colour codes.
-    fn warnings(&self) -> Vec<String> {
-        let output = self.output.lock().unwrap();
-        output
-            .iter()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
-            .map(|l| strip_ansi(l))
-            .collect()
-    }
-
-    /// How many usage rows the gateway said it dropped (one log line each).
-    fn dropped_usage_rows(&self) -> usize {
-        self.output.lock().unwrap().iter().filter(|l| l.contains("a usage row was dropped")).count()
-    }
-
-    /// SIGTERM, then wait for the drain (SIGKILL after 20 s).
-    fn stop(&mut self) -> String {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return format!("{status}");
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return "killed after 20 s".to_owned();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `line` without ANSI escape sequences (`ESC [ … letter`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// How many usage rows the gateway said it dropped (one log line each).
+fn dropped_usage_rows(gateway: &Gateway) -> usize {
+    gateway.lines(|l| l.contains("a usage row was dropped")).len()
 }
 
 /// CPU time (user + system) in clock ticks from a `/proc/.../stat` file: a process's (all its threads, also
@@ -389,17 +232,6 @@ fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
         *by_name.entry(name).or_default() += cpu_ticks(&path.join("stat"));
     }
     by_name
-}
-
-/// `target/release/imagegate`: this example lives in `target/release/examples/`.
-fn gateway_binary(args: &Args) -> PathBuf {
-    if let Some(bin) = &args.gateway_bin {
-        // Absolute: the gateway runs in its own temporary directory, where a relative path would not resolve.
-        return std::fs::canonicalize(bin).unwrap_or_else(|_| bin.clone());
-    }
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    profile_dir.join("imagegate")
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -487,6 +319,17 @@ struct Run {
 }
 
 impl Run {
+    /// One request's latency and outcome.
+    fn record(&mut self, (latency, result): (Duration, Result<(), String>)) {
+        match result {
+            Ok(()) => self.latencies.push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX)),
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+
     fn merge(&mut self, other: Run) {
         self.latencies.extend(other.latencies);
         self.errors += other.errors;
@@ -507,23 +350,13 @@ async fn one_request(client: &reqwest::Client, target: &Target) -> (Duration, Re
         .body(body)
         .send()
         .await;
-    let response = match sent {
-        Ok(r) => r,
-        Err(e) => return (started.elapsed(), Err(format!("send: {e}"))),
+    let (latency, answer) = bench::read_answer(started, sent).await;
+    let (headers, answer) = match answer {
+        Ok(answer) => answer,
+        Err(e) => return (latency, Err(e)),
     };
-    let status = response.status();
-    let cache = response.headers().get(CACHE_HEADER).map(|v| v.to_str().unwrap_or("<not UTF-8>").to_owned());
-    let answer = response.bytes().await;
-    let latency = started.elapsed();
-    let answer = match answer {
-        Ok(b) => b,
-        Err(e) => return (latency, Err(format!("body: {e}"))),
-    };
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&answer[..answer.len().min(300)]).into_owned();
-        return (latency, Err(format!("HTTP {status}: {text}")));
-    }
-    if cache.as_deref() != target.series.cache_header() {
+    let cache = headers.get(CACHE_HEADER).map(|v| v.to_str().unwrap_or("<not UTF-8>"));
+    if cache != target.series.cache_header() {
         return (latency, Err(format!("{CACHE_HEADER}: {cache:?}, expected {:?}", target.series.cache_header())));
     }
     let ok = match &target.fixed {
@@ -540,46 +373,20 @@ async fn one_request(client: &reqwest::Client, target: &Target) -> (Duration, Re
 /// Closed loop: `concurrency` tasks share one client; each sends its next request when its last one is answered,
 /// until `amount` is reached.
 async fn load(client: &reqwest::Client, target: &Target, amount: Amount, concurrency: usize) -> Run {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let (total, deadline) = match amount {
+    let (total, duration) = match amount {
         Amount::Requests(n) => (n, None),
-        Amount::For(d) => (usize::MAX, Some(started + d)),
+        Amount::For(d) => (usize::MAX, Some(d)),
     };
-    let tasks = match amount {
-        Amount::Requests(n) => concurrency.max(1).min(n.max(1)),
-        Amount::For(_) => concurrency.max(1),
+    let (client, target) = (client.clone(), Arc::new(target.clone()));
+    let request = move || {
+        let (client, target) = (client.clone(), target.clone());
+        async move { one_request(&client, &target).await }
     };
-    let mut workers = Vec::with_capacity(tasks);
-    for _ in 0..tasks {
-        let (client, target, next) = (client.clone(), target.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut run = Run::default();
-            loop {
-                let more = match deadline {
-                    Some(d) => Instant::now() < d,
-                    None => next.fetch_add(1, Ordering::Relaxed) < total,
-                };
-                if !more {
-                    break;
-                }
-                let (latency, result) = one_request(&client, &target).await;
-                match result {
-                    Ok(()) => run.latencies.push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX)),
-                    Err(e) => {
-                        run.errors += 1;
-                        run.first_error.get_or_insert(e);
-                    }
-                }
-            }
-            run
-        }));
+    let (runs, wall) = bench::closed_loop(concurrency, total, duration, request, Run::record).await;
+    let mut run = Run { wall, ..Run::default() };
+    for other in runs {
+        run.merge(other);
     }
-    let mut run = Run::default();
-    for worker in workers {
-        run.merge(worker.await.expect("load worker"));
-    }
-    run.wall = started.elapsed();
     run
 }
 
@@ -616,15 +423,6 @@ struct Stats {
     warmup_errors: usize,
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
-}
-
 /// CPU ticks used so far: by the gateway, by this process, and by the gateway's threads by name.
 struct CpuMark {
     gateway: u64,
@@ -645,6 +443,7 @@ fn cpu_now(gateway: &Gateway) -> CpuMark {
 
 fn stats(mut run: Run, before: &CpuMark, after: &CpuMark, memory_after: Memory) -> Stats {
     run.latencies.sort_unstable();
+    let micros: Vec<f64> = run.latencies.iter().map(|&ns| ns as f64 / 1000.0).collect();
     let ok = run.latencies.len();
     let wall_s = run.wall.as_secs_f64().max(1e-9);
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
@@ -668,10 +467,10 @@ fn stats(mut run: Run, before: &CpuMark, after: &CpuMark, memory_after: Memory) 
         errors: run.errors,
         first_error: run.first_error,
         rps: ok as f64 / wall_s,
-        p50: percentile(&run.latencies, 50.0),
-        p90: percentile(&run.latencies, 90.0),
-        p99: percentile(&run.latencies, 99.0),
-        max: run.latencies.last().map_or(f64::NAN, |&v| v as f64 / 1000.0),
+        p50: percentile(&micros, 50.0),
+        p90: percentile(&micros, 90.0),
+        p99: percentile(&micros, 99.0),
+        max: micros.last().copied().unwrap_or(f64::NAN),
         mean: if ok == 0 { f64::NAN } else { run.latencies.iter().sum::<u64>() as f64 / ok as f64 / 1000.0 },
         wall_s,
         gateway_cpu_us: per_request(gateway_s),
@@ -766,7 +565,7 @@ async fn ledger_after(client: &reqwest::Client, gateway: &Gateway, expected: u64
         let stalled = last_change.elapsed() > Duration::from_secs(3);
         if count >= expected || stalled || started.elapsed() > Duration::from_secs(120) {
             let waited = if stalled { last_change - started } else { started.elapsed() };
-            let dropped = gateway.dropped_usage_rows();
+            let dropped = dropped_usage_rows(gateway);
             return LedgerReading { rows: count, hits, expected, waited, dropped };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -777,40 +576,6 @@ async fn ledger_after(client: &reqwest::Client, gateway: &Gateway, expected: u64
 // Report
 // ---------------------------------------------------------------------------------------------------------
 
-fn command_output(program: &str, args: &[&str], dir: &Path) -> Option<String> {
-    let out = Command::new(program).args(args).current_dir(dir).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn machine() -> Vec<(&'static str, String)> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        .unwrap_or_else(|| "unknown".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or_else(|| "unknown".into(), |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0));
-    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"], repo).unwrap_or_else(|| "unknown".into());
-    let dirty =
-        command_output("git", &["status", "--porcelain", "--untracked-files=no"], repo).is_some_and(|s| !s.is_empty());
-    let rustc = command_output("rustc", &["--version"], repo).unwrap_or_else(|| "unknown".into());
-    vec![
-        ("CPU", format!("{model}, nproc = {nproc}")),
-        ("memory", memory),
-        ("kernel", kernel),
-        ("imagegate commit", format!("{commit}{}", if dirty { " + uncommitted changes" } else { "" })),
-        ("rustc", rustc),
-        ("build", if cfg!(debug_assertions) { "DEBUG (numbers meaningless; use --release)" } else { "release" }.into()),
-    ]
-}
-
 /// Microseconds, rounded to a whole number.
 fn us(v: f64) -> String {
     if v.is_nan() { "–".into() } else { format!("{v:.0}") }
@@ -820,15 +585,10 @@ fn signed_us(v: f64) -> String {
     if v.is_nan() { "–".into() } else { format!("{}{v:.0}", if v >= 0.0 { "+" } else { "" }) }
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bin = gateway_binary(&args);
-    assert!(bin.is_file(), "{} not found: run `cargo build --release --bin imagegate` first", bin.display());
+    let bin = bench::gateway_binary(args.gateway_bin.as_deref());
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the benchmark; run it with --release");
     }
@@ -841,7 +601,7 @@ async fn main() {
     };
     let fake = start_fake(args.image_side).await;
     let key = keys::generate();
-    let mut gateway = Gateway::start(&bin, &fake.base, &key);
+    let mut gateway = start_gateway(&bin, &fake.base, &key);
     let client = reqwest::Client::builder()
         .http1_only()
         .tcp_nodelay(true)
@@ -982,7 +742,7 @@ async fn main() {
     line(String::new());
     line("| | |".into());
     line("|---|---|".into());
-    for (k, v) in machine() {
+    for (k, v) in bench::machine(&bin) {
         line(format!("| {k} | {v} |"));
     }
     line(format!(

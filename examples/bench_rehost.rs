@@ -15,12 +15,13 @@
     reason = "a benchmark program run by hand: it prints its report and stops loudly on any failure"
 )]
 
-use std::io::{BufRead as _, BufReader, Cursor};
+#[path = "support/bench.rs"]
+mod bench;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -38,12 +39,11 @@ use imagegate::storage::repo::ImageRepo;
 use imagegate::storage::{ImageStore, NewImage, StoredImage};
 use imagegate::tenants::keys::{self, NewKey};
 use object_store::ObjectStore as _;
-use rand::{RngCore as _, SeedableRng as _};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-/// The upstream key the fake expects from the gateways.
-const UPSTREAM_KEY: &str = "sk-bench-upstream";
+use crate::bench::{Gateway, Memory, mib, percentile, unix_now};
+
 /// PNG signature (8 bytes) plus the IHDR chunk (25 bytes): the part of a picture before the stamp.
 const HEAD_LEN: usize = 33;
 /// Length of the text of the `tEXt` stamp: `Comment\0` and a 19-digit counter.
@@ -130,17 +130,6 @@ struct Picture {
     head: [u8; HEAD_LEN],
     rest: Bytes,
     rest_b64: Bytes,
-}
-
-/// A square PNG of random RGB pixels (incompressible, so its size is about width × height × 3).
-fn render(seed: u64, side: u32) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut pixels = vec![0u8; (side as usize) * (side as usize) * 3];
-    rng.fill_bytes(&mut pixels);
-    let image = image::RgbImage::from_raw(side, side, pixels).expect("pixel buffer size");
-    let mut out = Cursor::new(Vec::new());
-    image.write_to(&mut out, image::ImageFormat::Png).expect("encode PNG");
-    out.into_inner()
 }
 
 /// PNG's CRC-32 (ISO 3309), bit by bit: it only ever covers a 31-byte stamp.
@@ -249,22 +238,10 @@ impl Fake {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn openai_error(status: StatusCode, message: &str) -> Response {
-    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}});
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
-}
-
 async fn generations(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Response {
-    let expected = format!("Bearer {UPSTREAM_KEY}");
-    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-        return openai_error(StatusCode::UNAUTHORIZED, "Incorrect API key provided.");
-    }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
+    let request: Value = match bench::read_request(&headers, &body) {
+        Ok(request) => request,
+        Err(answer) => return *answer,
     };
     fake.generations.fetch_add(1, Ordering::Relaxed);
     let model = request.get("model").and_then(Value::as_str).unwrap_or("dall-e-2");
@@ -287,7 +264,7 @@ async fn start_fake(args: &Args) -> Arc<Fake> {
     let started = Instant::now();
     let mut pictures = Vec::with_capacity(args.pictures);
     for seed in 0..args.pictures.max(1) as u64 {
-        let png = render(seed, side);
+        let png = bench::render_png(seed, side);
         assert_eq!(&png[12..16], b"IHDR", "IHDR must follow the signature");
         let head: [u8; HEAD_LEN] = png[..HEAD_LEN].try_into().unwrap();
         let rest = Bytes::copy_from_slice(&png[HEAD_LEN..]);
@@ -333,139 +310,38 @@ async fn start_fake(args: &Args) -> Arc<Fake> {
 // Gateway processes
 // ---------------------------------------------------------------------------------------------------------
 
-/// One `imagegate serve --config FILE` process with its own data directory.
-struct Gateway {
+/// Gateway A (images.rehost off, the reference) or B (on, the one measured).
+struct Side {
     label: &'static str,
     rehost: bool,
-    child: Child,
-    root: String,
-    dir: tempfile::TempDir,
-    output: Arc<Mutex<Vec<String>>>,
+    /// Its data directory: the stored images and the SQLite files.
+    data: PathBuf,
+    gateway: Gateway,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-impl Gateway {
-    fn start(bin: &Path, label: &'static str, rehost: bool, upstream: &str, key: &NewKey) -> Gateway {
+impl Side {
+    fn start(bin: &Path, label: &'static str, rehost: bool, upstream: &str, key: &NewKey) -> Side {
         let dir = tempfile::Builder::new().prefix("imagegate-bench-").tempdir().expect("temp dir");
-        let data = dir.path().join("data");
-        // log.level: warnings only, plus the startup line that says where the gateway listens (info level).
-        let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n\
-             [log]\nlevel = \"warn,imagegate::startup=info\"\n\
-             [upstream]\nbase_url = \"{upstream}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\n\
-             [storage]\ndata_dir = '{}'\n\
-             [cache]\nenabled = false\n\
+        let data = bench::data_dir(dir.path());
+        let sections = format!(
+            "[cache]\nenabled = false\n\
              [images]\nrehost = {rehost}\n\
-             [images.download]\nallowed_hosts = [\"127.0.0.1\"]\nprivate_hosts = [\"127.0.0.1\"]\nallow_http = true\n\
-             [[tenants]]\nname = \"bench\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
-            data.display(),
-            key.id,
-            key.sha256
+             [images.download]\nallowed_hosts = [\"127.0.0.1\"]\nprivate_hosts = [\"127.0.0.1\"]\nallow_http = true\n"
         );
-        let path = dir.path().join("imagegate.toml");
-        std::fs::write(&path, config).expect("write the gateway config");
-        let mut command = Command::new(bin);
-        command.arg("serve").arg("--config").arg(&path).current_dir(dir.path());
-        for (name, _) in std::env::vars_os() {
-            let name_str = name.to_string_lossy();
-            if name_str.starts_with("IMAGEGATE") || name_str == "OPENAI_API_KEY" || name_str == "RUST_LOG" {
-                command.env_remove(&name);
-            }
-        }
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| {
-            panic!("cannot start {}: {e} (build it: cargo build --release --bin imagegate)", bin.display())
-        });
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let streams: [Box<dyn std::io::Read + Send>; 2] =
-            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
-        for stream in streams {
-            let (output, tx) = (output.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Some(i) = line.find("listening on http://") {
-                        let url = line[i + "listening on ".len()..].split(['"', ' ', '\\']).next().unwrap_or("");
-                        let _ = tx.send(url.trim_end_matches('/').to_owned());
-                    }
-                    output.lock().unwrap().push(line);
-                }
-            });
-        }
-        let Ok(root) = rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            panic!("gateway {label} did not start: {:#?}", output.lock().unwrap());
-        };
-        eprintln!("gateway {label} (images.rehost = {rehost}) pid {} on {root}", child.id());
-        Gateway { label, rehost, child, root, dir, output }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `VmRSS` (now) and `VmHWM` (peak since start) from `/proc/<pid>/status`.
-    fn memory(&self) -> Memory {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
-        Memory { rss_kib: field("VmRSS:"), hwm_kib: field("VmHWM:") }
+        let gateway = Gateway::start(bin, dir, &format!("gateway {label}"), upstream, &sections, key);
+        eprintln!("gateway {label} (images.rehost = {rehost}) pid {} on {}", gateway.pid(), gateway.root);
+        Side { label, rehost, data, gateway }
     }
 
     /// Bytes and files under the local image store, and the size of the SQLite files.
     fn disk_usage(&self) -> (u64, u64, u64) {
-        let data = self.dir.path().join("data");
-        let (bytes, files) = dir_usage(&data.join("images"));
+        let (bytes, files) = dir_usage(&self.data.join("images"));
         let db: u64 = ["imagegate.db", "imagegate.db-wal", "imagegate.db-shm"]
             .iter()
-            .filter_map(|f| std::fs::metadata(data.join(f)).ok())
+            .filter_map(|f| std::fs::metadata(self.data.join(f)).ok())
             .map(|m| m.len())
             .sum();
         (bytes, files, db)
-    }
-
-    /// Lines the process printed at warn level or above.
-    fn warnings(&self) -> Vec<String> {
-        self.output
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
-            .cloned()
-            .collect()
-    }
-
-    /// SIGTERM, then wait for the drain (SIGKILL after 20 s).
-    fn stop(&mut self) -> String {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return format!("{status}");
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return "killed after 20 s".to_owned();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -482,16 +358,6 @@ fn dir_usage(dir: &Path) -> (u64, u64) {
         }
     }
     total
-}
-
-/// `target/release/imagegate`: this example lives in `target/release/examples/`.
-fn gateway_binary(args: &Args) -> PathBuf {
-    if let Some(bin) = &args.gateway_bin {
-        return bin.clone();
-    }
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    profile_dir.join("imagegate")
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -535,21 +401,11 @@ async fn one_request(
     let started = Instant::now();
     let sent =
         client.post(url).bearer_auth(key).header(header::CONTENT_TYPE, "application/json").body(body).send().await;
-    let response = match sent {
-        Ok(r) => r,
-        Err(e) => return Outcome { latency: started.elapsed(), result: Err(format!("send: {e}")) },
+    let (latency, answer) = bench::read_answer(started, sent).await;
+    let body = match answer {
+        Ok((_, body)) => body,
+        Err(e) => return Outcome { latency, result: Err(e) },
     };
-    let status = response.status();
-    let body = response.bytes().await;
-    let latency = started.elapsed();
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return Outcome { latency, result: Err(format!("body: {e}")) },
-    };
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-        return Outcome { latency, result: Err(format!("HTTP {status}: {text}")) };
-    }
     let result = match expect {
         Expect::Base64 { min_len } => {
             if body.len() >= *min_len && body.starts_with(b"{") {
@@ -591,23 +447,15 @@ struct Target {
 
 /// `total` requests, `concurrency` at a time, each timed from send to the last byte of the answer.
 async fn load(client: &reqwest::Client, target: &Target, total: usize, concurrency: usize) -> Run {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1).min(total.max(1)) {
-        let (client, target, next) = (client.clone(), target.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut outcomes = Vec::new();
-            while next.fetch_add(1, Ordering::Relaxed) < total {
-                let t = &target;
-                outcomes.push(one_request(&client, &t.url, &t.key, t.body.clone(), t.n, &t.expect).await);
-            }
-            outcomes
-        }));
-    }
-    let mut run = Run::default();
-    for worker in workers {
-        for outcome in worker.await.expect("load worker") {
+    let (client, target) = (client.clone(), Arc::new(target.clone()));
+    let request = move || {
+        let (client, t) = (client.clone(), target.clone());
+        async move { one_request(&client, &t.url, &t.key, t.body.clone(), t.n, &t.expect).await }
+    };
+    let (outcomes, wall) = bench::closed_loop(concurrency, total, None, request, Vec::push).await;
+    let mut run = Run { wall, ..Run::default() };
+    for worker in outcomes {
+        for outcome in worker {
             match outcome.result {
                 Ok((bytes, links)) => {
                     run.latencies.push(outcome.latency);
@@ -623,7 +471,6 @@ async fn load(client: &reqwest::Client, target: &Target, total: usize, concurren
             }
         }
     }
-    run.wall = started.elapsed();
     run
 }
 
@@ -639,14 +486,6 @@ struct Stats {
     max: f64,
     rps: f64,
     avg_answer: f64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn stats(run: &Run) -> Stats {
@@ -800,74 +639,6 @@ async fn breakdown(fake: &Arc<Fake>, iterations: usize) -> Vec<(&'static str, Ve
 // Report
 // ---------------------------------------------------------------------------------------------------------
 
-fn command_output(program: &str, args: &[&str], dir: &Path) -> Option<String> {
-    let out = Command::new(program).args(args).current_dir(dir).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// Which gateway binary ran: the tree may have moved on since it was built.
-fn binary_identity(bin: &Path) -> String {
-    let bytes = std::fs::read(bin).unwrap_or_default();
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let built = std::fs::metadata(bin)
-        .and_then(|m| m.modified())
-        .map_or_else(|_| "unknown".to_owned(), |t| humantime::format_rfc3339_seconds(t).to_string());
-    format!("{} (built {built}, sha256 {})", bin.display(), &sha[..12])
-}
-
-fn machine() -> Vec<(String, String)> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        .unwrap_or_else(|| "unknown".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or_else(|| "unknown".into(), |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0));
-    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let commit = command_output("git", &["rev-parse", "--short=12", "HEAD"], repo).unwrap_or_else(|| "unknown".into());
-    let dirty =
-        command_output("git", &["status", "--porcelain", "--untracked-files=no"], repo).is_some_and(|s| !s.is_empty());
-    let rustc = command_output("rustc", &["--version"], repo).unwrap_or_else(|| "unknown".into());
-    let tmp = std::env::temp_dir();
-    vec![
-        ("CPU".into(), format!("{model}, nproc = {nproc}")),
-        ("memory".into(), mem),
-        ("kernel".into(), kernel),
-        ("data dirs".into(), format!("{} ({})", tmp.display(), filesystem_of(&tmp))),
-        ("imagegate commit".into(), format!("{commit}{}", if dirty { " + uncommitted changes" } else { "" })),
-        ("rustc".into(), rustc),
-        (
-            "build".into(),
-            if cfg!(debug_assertions) { "DEBUG (numbers meaningless; use --release)" } else { "release" }.into(),
-        ),
-    ]
-}
-
-/// The file-system type of the mount holding `path`, from /proc/mounts.
-fn filesystem_of(path: &Path) -> String {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let (_, mount, fs) = (parts.next()?, parts.next()?, parts.next()?);
-            path.starts_with(mount).then(|| (mount.len(), fs.to_owned()))
-        })
-        .max()
-        .map_or_else(|| "unknown".into(), |(_, fs)| fs)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.0}", kib as f64 / 1024.0)
-}
-
 fn ms(v: f64) -> String {
     if v.is_nan() {
         "–".into()
@@ -896,24 +667,20 @@ fn bytes_human(b: f64) -> String {
 async fn main() {
     let args = Args::parse();
     assert!(args.n >= 1 && args.n <= 10, "--n must be 1..=10");
-    let bin = gateway_binary(&args);
-    assert!(bin.is_file(), "{} not found: run `cargo build --release --bin imagegate` first", bin.display());
-    // Absolute, since each gateway runs in its own directory.
-    let bin = std::fs::canonicalize(&bin).expect("gateway binary path");
+    let bin = bench::gateway_binary(args.gateway_bin.as_deref());
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the benchmark; run it with --release");
     }
     let fake = start_fake(&args).await;
     let key = keys::generate();
-    let mut gateways =
-        [Gateway::start(&bin, "A", false, &fake.base, &key), Gateway::start(&bin, "B", true, &fake.base, &key)];
+    let mut sides = [Side::start(&bin, "A", false, &fake.base, &key), Side::start(&bin, "B", true, &fake.base, &key)];
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .pool_max_idle_per_host(args.concurrency.max(1) * 2)
         .build()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let baseline: Vec<Memory> = gateways.iter().map(Gateway::memory).collect();
+    let baseline: Vec<Memory> = sides.iter().map(|s| s.gateway.memory()).collect();
 
     let scenarios: Vec<Scenario> = match args.scenario {
         Only::Both => vec![Scenario::Dalle, Scenario::Gpt],
@@ -926,20 +693,20 @@ async fn main() {
     let mut memory_after: Vec<(Scenario, Vec<Memory>)> = Vec::new();
     let mut verified = Vec::new();
     for &scenario in &scenarios {
-        for (g, gateway) in gateways.iter().enumerate() {
-            let expect = match (scenario, gateway.rehost) {
-                (_, true) => Expect::Links(format!("{}/images/files/", gateway.root)),
+        for (g, side) in sides.iter().enumerate() {
+            let expect = match (scenario, side.rehost) {
+                (_, true) => Expect::Links(format!("{}/images/files/", side.gateway.root)),
                 (Scenario::Dalle, false) => Expect::Links(format!("{}/files/", fake.base)),
                 (Scenario::Gpt, false) => Expect::Base64 { min_len: n * fake.b64_len() },
             };
             let target = Target {
-                url: format!("{}/v1/images/generations", gateway.root),
+                url: format!("{}/v1/images/generations", side.gateway.root),
                 key: key.key.clone(),
-                body: scenario.body(args.n, gateway.rehost),
+                body: scenario.body(args.n, side.rehost),
                 n,
                 expect,
             };
-            eprintln!("{} on gateway {}: warm-up ({} requests)…", scenario.short(), gateway.label, args.warmup);
+            eprintln!("{} on gateway {}: warm-up ({} requests)…", scenario.short(), side.label, args.warmup);
             let warm = load(&client, &target, args.warmup, args.concurrency).await;
             if let Some(e) = &warm.first_error {
                 eprintln!("  warm-up errors: {} (first: {e})", warm.errors);
@@ -947,7 +714,7 @@ async fn main() {
             eprintln!(
                 "{} on gateway {}: {} requests, concurrency {}…",
                 scenario.short(),
-                gateway.label,
+                side.label,
                 args.images,
                 args.concurrency
             );
@@ -962,7 +729,7 @@ async fn main() {
                 s.rps,
                 run.first_error.as_ref().map(|e| format!(" (first error: {e})")).unwrap_or_default()
             );
-            if gateway.rehost {
+            if side.rehost {
                 match verify_links(&client, &fake, &run.links).await {
                     Ok(k) => verified.push(format!("{}: {k} links served the exact bytes", scenario.short())),
                     Err(e) => verified.push(format!("{}: LINK CHECK FAILED: {e}", scenario.short())),
@@ -971,7 +738,7 @@ async fn main() {
             results.push((scenario, g, s));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        memory_after.push((scenario, gateways.iter().map(Gateway::memory).collect()));
+        memory_after.push((scenario, sides.iter().map(|s| s.gateway.memory()).collect()));
     }
 
     let steps = if args.breakdown > 0 {
@@ -981,9 +748,9 @@ async fn main() {
         Vec::new()
     };
 
-    let disk = gateways[1].disk_usage();
-    let warnings: Vec<(&str, Vec<String>)> = gateways.iter().map(|g| (g.label, g.warnings())).collect();
-    let exits: Vec<(&str, String)> = gateways.iter_mut().map(|g| (g.label, g.stop())).collect();
+    let disk = sides[1].disk_usage();
+    let warnings: Vec<(&str, Vec<String>)> = sides.iter().map(|s| (s.label, s.gateway.warnings())).collect();
+    let exits: Vec<(&str, String)> = sides.iter_mut().map(|s| (s.label, s.gateway.stop())).collect();
 
     // ----- the report -----
     let mut out = String::new();
@@ -998,10 +765,9 @@ async fn main() {
     line(String::new());
     line("| | |".into());
     line("|---|---|".into());
-    for (k, v) in machine() {
+    for (k, v) in bench::machine(&bin) {
         line(format!("| {k} | {v} |"));
     }
-    line(format!("| gateway binary | {} |", binary_identity(&bin)));
     line(format!(
         "| image | {} bytes PNG ({} bytes as base64), {} distinct pictures, every answer unique |",
         fake.image_len(),
@@ -1014,7 +780,7 @@ async fn main() {
     line("| scenario | gateway | ok/err | p50 ms | p90 ms | p99 ms | mean ms | max ms | req/s | images/s | answer size |".into());
     line("|---|---|---|---|---|---|---|---|---|---|---|".into());
     for (scenario, g, s) in &results {
-        let gw = if gateways[*g].rehost { "B re-host" } else { "A reference" };
+        let gw = if sides[*g].rehost { "B re-host" } else { "A reference" };
         line(format!(
             "| {} | {gw} | {}/{} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} |",
             scenario.short(),
@@ -1061,9 +827,9 @@ async fn main() {
     }
     line(header);
     line(rule);
-    for (g, gateway) in gateways.iter().enumerate() {
+    for (g, side) in sides.iter().enumerate() {
         let mut row =
-            format!("| {} | {} |", if gateway.rehost { "B re-host" } else { "A reference" }, mib(baseline[g].rss_kib));
+            format!("| {} | {} |", if side.rehost { "B re-host" } else { "A reference" }, mib(baseline[g].rss_kib));
         for (_, mem) in &memory_after {
             row.push_str(&format!(" {} / **{}** |", mib(mem[g].rss_kib), mib(mem[g].hwm_kib)));
         }
@@ -1077,7 +843,7 @@ async fn main() {
         bytes_human(disk.2 as f64),
         if verified.is_empty() { "none".into() } else { verified.join("; ") }
     ));
-    let expected = scenarios.len() * gateways.len() * (args.warmup + args.images);
+    let expected = scenarios.len() * sides.len() * (args.warmup + args.images);
     let generations = fake.generations.load(Ordering::Relaxed) as usize;
     line(format!(
         "The fake answered {generations} generation requests ({}) and served {} image downloads.",
