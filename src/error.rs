@@ -345,6 +345,41 @@ impl ApiError {
     }
 }
 
+/// An [`ApiError`] with the headers the request earned before it failed (its rate-limit report, its cache
+/// outcome), which its response carries as a success would. The pipeline returns this; `?` on an `ApiError`
+/// makes one with no extra headers.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ApiError,
+    pub headers: HeaderMap,
+}
+
+impl Failure {
+    /// The error with `headers` to add to its response.
+    pub fn with_headers(error: ApiError, headers: HeaderMap) -> Self {
+        Self { error, headers }
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Self { error, headers: HeaderMap::new() }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let mut response = self.error.into_response();
+        // The error's own headers (a refusal's rate-limit report, say) are the more specific: keep them.
+        for (name, value) in &self.headers {
+            if !response.headers().contains_key(name) {
+                response.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        response
+    }
+}
+
 /// The error as stored in response extensions for the logging layer (the response itself carries only bytes).
 #[derive(Debug, Clone)]
 pub struct LoggedError {
@@ -429,6 +464,17 @@ mod tests {
                 "coalesced waiters see the same error"
             );
         }
+    }
+
+    #[test]
+    fn a_failure_adds_its_headers_but_keeps_the_errors_own() {
+        let mut earned = HeaderMap::new();
+        earned.insert("x-imagegate-cache", HeaderValue::from_static("miss"));
+        earned.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("true"));
+        let response = Failure::with_headers(ApiError::invalid("bad n", Some("n".to_owned())), earned).into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.headers()["x-imagegate-cache"], "miss");
+        assert_eq!(response.headers()[headers::X_SHOULD_RETRY], "false", "the error's own header wins");
     }
 
     #[test]

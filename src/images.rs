@@ -24,7 +24,7 @@ use self::usage::UsageRecord;
 use self::validate::ValidationPolicy;
 use crate::cache::key::KeyParts;
 use crate::cache::{self, Answer, Directive, Lookup, Outcome, ResponseCache, Scope, Uncached};
-use crate::error::ApiError;
+use crate::error::{ApiError, Failure};
 use crate::ledger::Ledger;
 use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
 use crate::pricing::Prices;
@@ -109,7 +109,7 @@ impl ImagesService {
         ctx: &TenantContext,
         request: ImageRequest,
         meta: RequestMeta,
-    ) -> Result<UpstreamReply, ApiError> {
+    ) -> Result<UpstreamReply, Failure> {
         let started = Instant::now();
         // 1. Validate against the model's rules (structural checks happened while parsing).
         let validated = match validate::validate(&request, &self.policy) {
@@ -117,7 +117,7 @@ impl ImagesService {
             Err(e) => {
                 let record = UsageRecord::start(ctx, &request, &meta.request_id, &request.model());
                 self.ledger.record(record.finish(e.status().as_u16(), started));
-                return Err(e);
+                return Err(e.into());
             }
         };
         let span = tracing::Span::current();
@@ -131,7 +131,7 @@ impl ImagesService {
                 message: format!("Tenant '{}' may not use model '{}'.", ctx.tenant.name, validated.model),
             };
             self.ledger.record(record.finish(e.status().as_u16(), started));
-            return Err(e);
+            return Err(e.into());
         }
         // The caller's format decides what goes upstream (GPT image models never see response_format) and is
         // part of the cache key.
@@ -179,7 +179,7 @@ impl ImagesService {
                     if outcome == Outcome::Hit {
                         self.settle(record.finish(e.status().as_u16(), started), ctx);
                     }
-                    return Err(e.duplicate());
+                    return Err(e.duplicate().into());
                 }
             },
         };

@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 
-use crate::error::ApiError;
+use crate::error::Failure;
 use crate::extract;
 use crate::images::RequestMeta;
 use crate::images::request::Endpoint;
@@ -19,7 +19,7 @@ pub async fn create_image(
     State(state): State<AppState>,
     Extension(ctx): Extension<TenantContext>,
     request: Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     handle(state, ctx, Endpoint::Generations, request).await
 }
 
@@ -28,7 +28,7 @@ pub async fn create_image_edit(
     State(state): State<AppState>,
     Extension(ctx): Extension<TenantContext>,
     request: Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     handle(state, ctx, Endpoint::Edits, request).await
 }
 
@@ -37,7 +37,7 @@ pub async fn create_image_variation(
     State(state): State<AppState>,
     Extension(ctx): Extension<TenantContext>,
     request: Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     handle(state, ctx, Endpoint::Variations, request).await
 }
 
@@ -46,13 +46,13 @@ async fn handle(
     ctx: TenantContext,
     endpoint: Endpoint,
     request: Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
     let extracted = match extract::image_request(&state, endpoint, request).await {
         Ok(extracted) => extracted,
         Err(e) => {
             state.images.record_refusal(&ctx, endpoint, &request_id, e.status().as_u16());
-            return Err(e);
+            return Err(e.into());
         }
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
