@@ -108,10 +108,14 @@ async fn a_single_image_edit_with_dall_e_2_returns_a_url() {
 async fn the_json_edit_body_is_forwarded_as_json() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn(&fake.url).await;
+    use base64::Engine as _;
+    let data_url =
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png(8, 8, false)));
     let sent = json!({
         "model": "gpt-image-1.5",
         "prompt": "watercolour",
-        "images": [{"image_url": "data:image/png;base64,iVBORw0KGgo="}],
+        "images": [{"image_url": data_url}, {"file_id": "file-abc123"}],
+        "mask": {"image_url": "https://example.com/mask.png"},
     });
 
     let res = app.post_json("/images/edits", &sent).await;
