@@ -1,7 +1,8 @@
 //! Header-only inspection of uploaded images: the real format (PNG, JPEG or WebP, by signature), the claimed
-//! width and height, the colour kind and whether the image can carry transparency.
+//! width and height, the colour kind and whether the image can carry transparency; and [`check_end`], whether
+//! the file also ends like a whole file of its format (looking at its last [`TAIL_WINDOW`] bytes only).
 //!
-//! This module owns reading image *headers* and nothing more. It never decodes pixel data, never allocates
+//! This module owns reading image *headers* (and ends) and nothing more. It never decodes pixel data, never allocates
 //! anything proportional to the claimed dimensions and does a bounded amount of work on any input: the PNG chunk
 //! walk stops after [`MAX_PNG_CHUNKS`] chunks, the JPEG marker walk after [`MAX_JPEG_STEPS`] steps, and WebP only
 //! reads its first chunk. Hostile input yields [`InspectError`], never a panic. Dimensions are reported as the
