@@ -94,8 +94,8 @@ fn body_kind(endpoint: Endpoint, content_type: Option<&str>) -> Result<BodyKind,
 
 /// After an early answer (413, 401, a wrong content type), what a client still sending may send on: it is read
 /// and dropped in the background, after the answer has gone out, up to these bounds, then the connection is
-/// closed. Many HTTP clients (Node's fetch, Python's httpx) read the answer only once they have written the
-/// body, and closing under them surfaces as a connection error instead of the answer. A request that sent
+/// closed. Some HTTP clients (Node's fetch among them) read the answer only once they have written the body,
+/// and closing under them surfaces as a connection error instead of the answer (decision 0007). A request that sent
 /// `Expect: 100-continue` gets no linger at all: its client sends nothing until told to, and is never told.
 pub const LINGER_BYTES: u64 = 8 * 1024 * 1024;
 /// How long the background read of [`LINGER_BYTES`] may take.
