@@ -1,13 +1,17 @@
 //! Turning an HTTP request into an [`ImageRequest`]: content-type dispatch, body limits and parsing. Every
-//! rejection is an [`ApiError`], so malformed input gets OpenAI's error shape like everything else.
+//! rejection is an [`ApiError`] (in a [`Failure`], with `Connection: close` when the body is left unread), so
+//! malformed input gets OpenAI's error shape like everything else, and an oversized body is answered at once.
+
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
+use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Failure};
 use crate::images::multipart;
 use crate::images::request::{Endpoint, ImageRequest};
 use crate::state::AppState;
@@ -28,16 +32,19 @@ enum BodyKind {
 }
 
 /// Read and parse the body for `endpoint`: JSON for generations, multipart for variations, either for edits.
-pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Request) -> Result<Extracted, ApiError> {
+/// A refusal may carry headers (`Connection: close` when the body was left unread).
+pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Request) -> Result<Extracted, Failure> {
     let (parts, body) = request.into_parts();
     let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let kind = body_kind(endpoint, content_type.as_deref())?;
+    let kind = match body_kind(endpoint, content_type.as_deref()) {
+        Ok(kind) => kind,
+        Err(e) => return Err(refuse_unread(e, body, &parts.headers)),
+    };
     let limit = match (endpoint, kind) {
         (Endpoint::Generations, _) => state.settings.server.max_json_body.as_u64(),
         _ => state.settings.server.max_multipart_body.as_u64(),
     };
-    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let raw = read_limited(body, limit, declared).await?;
+    let raw = read_limited(body, limit, &parts.headers).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let cache = crate::cache::Directive::from_header(
         parts.headers.get(http::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()),
@@ -85,50 +92,67 @@ fn body_kind(endpoint: Endpoint, content_type: Option<&str>) -> Result<BodyKind,
     }
 }
 
-/// How much of an oversized body is read and thrown away before answering 413, and for how long. Answering
-/// while the client is still sending makes many HTTP clients (Node's fetch among them) report a connection
-/// error instead of the 413; past these bounds the connection is closed instead.
-const DISCARD_CAP: u64 = 1 << 30;
-const DISCARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// After an early answer (413, 401, a wrong content type), what a client still sending may send on: it is read
+/// and dropped in the background, after the answer has gone out, up to these bounds, then the connection is
+/// closed. Some HTTP clients (Node's fetch among them) read the answer only once they have written the body,
+/// and closing under them surfaces as a connection error instead of the answer (decision 0007). A request that sent
+/// `Expect: 100-continue` gets no linger at all: its client sends nothing until told to, and is never told.
+pub const LINGER_BYTES: u64 = 8 * 1024 * 1024;
+/// How long the background read of [`LINGER_BYTES`] may take.
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
 
-/// Read the whole body, refusing more than `limit` bytes with a 413 that states the limit.
-async fn read_limited(body: Body, limit: u64, declared: Option<u64>) -> Result<Bytes, ApiError> {
-    let mut body = body;
+/// Read the whole body, refusing more than `limit` bytes with a 413 that states the limit. A declared
+/// `Content-Length` over the limit is refused before a byte is read (no `100 Continue`); the buffer grows
+/// with what arrives, it is never reserved from the declared length.
+async fn read_limited(body: Body, limit: u64, headers: &HeaderMap) -> Result<Bytes, Failure> {
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
-        discard(&mut body).await;
-        return Err(ApiError::PayloadTooLarge { limit });
+        return Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers));
     }
-    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(declared.unwrap_or(0).min(limit)).unwrap_or(0));
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::invalid(format!("Could not read the request body: {e}"), None))?;
         let Ok(data) = frame.into_data() else { continue };
-        if (buf.len() + data.len()) as u64 > limit {
-            discard(&mut body).await;
-            return Err(ApiError::PayloadTooLarge { limit });
+        if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
+            return Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers));
         }
         buf.extend_from_slice(&data);
     }
     Ok(buf.freeze())
 }
 
-/// Read and drop the rest of a body, within [`DISCARD_CAP`] and [`DISCARD_DEADLINE`].
-async fn discard(body: &mut Body) {
-    discard_at_most(body, DISCARD_CAP).await;
+/// Refuse a request whose body is left (partly) unread: answer at once with `Connection: close`, and
+/// [`linger`] on the rest of the body unless the client asked to be told before sending it.
+pub fn refuse_unread(error: ApiError, body: Body, headers: &HeaderMap) -> Failure {
+    linger(body, headers, LINGER_BYTES, LINGER_TIME);
+    let mut close = HeaderMap::new();
+    close.insert(CONNECTION, HeaderValue::from_static("close"));
+    Failure::with_headers(error, close)
 }
 
-/// Read and drop at most `cap` bytes of a body (within [`DISCARD_DEADLINE`]), so an early error answer
-/// reaches a client that is still uploading.
-pub async fn discard_at_most(body: &mut Body, cap: u64) {
-    let drain = async {
-        let mut seen = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-            if seen > cap {
-                break;
+/// Read and drop at most `cap` more bytes of `body` within `time`, in the background, so the answer already
+/// sent reaches a client that is still uploading; dropping the body then closes the connection. No linger
+/// for `Expect: 100-continue` requests (reading would invite the upload with a `100 Continue`).
+pub fn linger(body: Body, headers: &HeaderMap, cap: u64, time: Duration) {
+    let expects_continue =
+        headers.get(EXPECT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue || cap == 0 {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen = seen.saturating_add(frame.data_ref().map_or(0, |d| d.len() as u64));
+                if seen >= cap {
+                    break;
+                }
             }
-        }
-    };
-    let _ = tokio::time::timeout(DISCARD_DEADLINE, drain).await;
+        };
+        let _ = tokio::time::timeout(time, drain).await;
+    });
 }
 
 #[cfg(test)]

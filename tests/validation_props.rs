@@ -2,10 +2,19 @@
 //! Properties of `images::validate` (`docs/validation.md`), at the library level so thousands of requests run in
 //! seconds:
 //! - every request built only from values a model takes (random subsets, `null`s, unknown extra fields, any field
-//!   order) is accepted, under both unknown-model policies;
-//! - corrupting exactly one field of such a request is refused with `400` naming that field;
+//!   order) is accepted, under both unknown-model policies: JSON generations, multipart edits, variations and
+//!   JSON edits;
+//! - corrupting exactly one field or file of such a request is refused with `400` naming that field or file, for
+//!   each of the four kinds of request;
+//! - sizes are judged by the published rule whatever their numbers (up to 40 digits, signs, leading zeros);
 //! - images are judged by their headers: a PNG claiming W x H passes exactly when both are at most 16384;
 //! - arbitrary JSON and arbitrary multipart fields never panic.
+//!
+//! And end to end, with fewer cases: valid requests of each kind sent through the real gateway reach the fake
+//! upstream byte for byte (`mod through_the_gateway`).
+
+#[path = "support/mod.rs"]
+mod support;
 
 use bytes::Bytes;
 use imagegate::config::UnknownModels;
@@ -107,21 +116,45 @@ impl Family {
 }
 
 /// The `WxH` rule for GPT image 2: multiples of 16, at most 3:1, long edge at most 3840, 655,360 to 8,294,400
-/// pixels. Only plain decimal digits count.
+/// pixels. Only plain decimal digits count: no sign, no space, no leading zero. Computed on `u128` from edges of
+/// any length, so it is an oracle for the gateway's own (bounded) arithmetic.
 fn gpt2_wxh_ok(size: &str) -> bool {
     let Some((w, h)) = size.split_once('x') else { return false };
-    let digits = |s: &str| !s.is_empty() && s.len() <= 6 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(w) || !digits(h) {
-        return false;
-    }
-    let (w, h): (u64, u64) = (w.parse().unwrap(), h.parse().unwrap());
+    let edge = |s: &str| -> Option<u128> {
+        let plain = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+        // Beyond u128 is beyond any limit, like u128::MAX itself.
+        plain.then(|| s.parse::<u128>().unwrap_or(u128::MAX))
+    };
+    let (Some(w), Some(h)) = (edge(w), edge(h)) else { return false };
     w > 0
         && h > 0
         && w % 16 == 0
         && h % 16 == 0
+        // Both edges are at most 3840 past this point, so the products below cannot overflow.
         && w.max(h) <= 3840
         && w.max(h) <= 3 * w.min(h)
         && (655_360..=8_294_400).contains(&(w * h))
+}
+
+/// Any `WxH`-looking text: edges from plain sizes to 40-digit numbers, `u32`/`u64` extremes, signs, leading
+/// zeros and spaces.
+fn wild_size() -> BoxedStrategy<String> {
+    let edge = prop_oneof![
+        3 => (1u32..=4000).prop_map(|n| n.to_string()),
+        2 => (1u32..=250).prop_map(|n| (n * 16).to_string()),
+        1 => any::<u32>().prop_map(|n| n.to_string()),
+        1 => any::<u64>().prop_map(|n| n.to_string()),
+        1 => select(vec![u32::MAX as u64, u32::MAX as u64 + 1, u64::MAX, u64::MAX - 15]).prop_map(|n| n.to_string()),
+        1 => "[0-9]{1,40}",
+        1 => "[+-]?0{0,3}[0-9]{1,5}",
+        1 => "[ +0-9]{1,8}",
+    ]
+    .boxed();
+    (edge.clone(), edge).prop_map(|(w, h)| format!("{w}x{h}")).boxed()
+}
+
+fn family_of(model: &str) -> Family {
+    FAMILIES.into_iter().find(|f| f.models().contains(&model)).unwrap()
 }
 
 // --------------------------------------------------------------------------------------------- strategies
@@ -314,15 +347,16 @@ fn str_of<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
     map.get(key).and_then(Value::as_str)
 }
 
-/// Keeps the cross-field rules: transparent needs png or webp, compression needs jpeg or webp, and partial images
-/// are only sent with `stream: true` (without it the contract is silent).
+/// Keeps the cross-field rules: transparent needs png or webp, compression below 100 needs jpeg or webp (png
+/// takes only its own 100, as OpenAI's example sends it), and partial images are only sent with `stream: true`
+/// (without it the contract is silent).
 fn fix_cross_fields(mut map: Map<String, Value>) -> Map<String, Value> {
     if str_of(&map, "background") == Some("transparent") && str_of(&map, "output_format") == Some("jpeg") {
         map.insert("output_format".to_owned(), json!("png"));
     }
     let compressible = matches!(str_of(&map, "output_format"), Some("jpeg" | "webp"));
     if !compressible && map.get("output_compression").is_some_and(|v| !v.is_null()) {
-        map.remove("output_compression");
+        map.insert("output_compression".to_owned(), json!(100));
     }
     if map.get("stream") != Some(&Value::Bool(true)) && map.get("partial_images").is_some_and(|v| !v.is_null()) {
         map.remove("partial_images");
@@ -443,13 +477,17 @@ fn corruption(f: Family) -> BoxedStrategy<Corruption> {
             .prop_filter("a size the model takes", move |s| !f.size_ok(s))
             .prop_map(|s| set("size", Value::from(s)))
             .boxed(),
+        wild_size()
+            .prop_filter("a size the model takes", move |s| !f.size_ok(s))
+            .prop_map(|s| set("size", Value::from(s)))
+            .boxed(),
         select(QUALITY_POOL.to_vec())
             .prop_filter("a quality the model takes", move |q| !f.qualities().contains(q))
             .prop_map(|q| set("quality", Value::from(q)))
             .boxed(),
         not_a_boolean().prop_map(|v| set("stream", v).without(&["partial_images"])).boxed(),
     ];
-    for field in ["size", "quality", "style", "response_format", "background", "moderation", "user"] {
+    for field in ["size", "quality", "style", "response_format", "background", "moderation", "user", "input_fidelity"] {
         options.push(not_a_string().prop_map(move |v| set(field, v)).boxed());
     }
     options.push(
@@ -465,22 +503,30 @@ fn corruption(f: Family) -> BoxedStrategy<Corruption> {
                 .prop_map(|v| set("output_format", v).without(&["output_compression", "background"]))
                 .boxed(),
             outside(0, 100).prop_map(|v| set("output_compression", v).with("output_format", json!("webp"))).boxed(),
+            (0..100i64)
+                .prop_map(|v| set("output_compression", Value::from(v)).with("output_format", json!("png")))
+                .boxed(),
             not_an_integer().prop_map(|v| set("output_compression", v).with("output_format", json!("webp"))).boxed(),
             outside(0, 3).prop_map(|v| set("partial_images", v).with("stream", json!(true))).boxed(),
             not_an_integer().prop_map(|v| set("partial_images", v).with("stream", json!(true))).boxed(),
+            strs(&["bogus", "HIGH", "medium", ""]).prop_map(|v| set("input_fidelity", v)).boxed(),
         ]);
     } else {
         let style: &'static [&'static str] =
             if f == Family::DallE3 { &["dramatic", "VIVID", "", "photo"] } else { &["vivid", "natural"] };
+        // A GPT-only parameter on a request naming no model makes it a GPT image request (OpenAI's rule), so
+        // these name their DALL·E model.
+        let named = move |c: Corruption| c.with("model", json!(f.models()[0]));
         options.extend([
             strs(style).prop_map(|v| set("style", v)).boxed(),
             strs(&["png", "jpeg", "URL", "base64"]).prop_map(|v| set("response_format", v)).boxed(),
-            strs(&["transparent", "opaque", "auto"]).prop_map(|v| set("background", v)).boxed(),
-            strs(&["low", "auto"]).prop_map(|v| set("moderation", v)).boxed(),
-            strs(&["png", "jpeg", "webp"]).prop_map(|v| set("output_format", v)).boxed(),
-            (0..=100i64).prop_map(|v| set("output_compression", Value::from(v))).boxed(),
-            Just(set("stream", json!(true))).boxed(),
-            (0..=3i64).prop_map(|v| set("partial_images", Value::from(v))).boxed(),
+            strs(&["transparent", "opaque", "auto"]).prop_map(move |v| named(set("background", v))).boxed(),
+            strs(&["low", "auto"]).prop_map(move |v| named(set("moderation", v))).boxed(),
+            strs(&["png", "jpeg", "webp"]).prop_map(move |v| named(set("output_format", v))).boxed(),
+            (0..=100i64).prop_map(move |v| named(set("output_compression", Value::from(v)))).boxed(),
+            Just(named(set("stream", json!(true)))).boxed(),
+            (0..=3i64).prop_map(move |v| named(set("partial_images", Value::from(v)))).boxed(),
+            strs(&["high", "low"]).prop_map(move |v| named(set("input_fidelity", v))).boxed(),
         ]);
     }
     proptest::strategy::Union::new(options).boxed()
@@ -656,68 +702,95 @@ proptest! {
     }
 
     #[test]
-    fn every_valid_multipart_edit_is_accepted(
-        (family, map) in select([Family::DallE2, Family::Gpt, Family::Gpt2].to_vec())
-            .prop_flat_map(|f| (Just(f), valid_generation(f))),
-        fidelity in prop::option::of(select(["high", "low"].to_vec())),
-        images in proptest::collection::vec((1u32..=48, 1u32..=48, 0u8..4), 1..=16),
-        masked in any::<bool>(),
-        mask_at in any::<prop::sample::Index>(),
-        indexed in any::<bool>(),
-    ) {
-        let mut map = map;
-        let model = str_of(&map, "model").unwrap_or("dall-e-2").to_owned();
-        if let Some(fidelity) = fidelity.filter(|_| family == Family::Gpt && model != "gpt-image-1-mini") {
-            map.insert("input_fidelity".to_owned(), json!(fidelity));
-        }
-        // Edits default to gpt-image-1.5, so dall-e-2 must be named.
-        if family == Family::DallE2 {
-            map.insert("model".to_owned(), json!("dall-e-2"));
-        }
-        let mut parts = as_text_parts(&map);
-        let first = images[0];
-        if family == Family::DallE2 {
-            // One square PNG: RGBA, or RGB with a mask.
-            let (bytes, mime) = picture(first.0, first.0, u8::from(!masked));
-            parts.push(file_part("image", bytes, mime));
-        } else {
-            let many = images.len() > 1;
-            for (i, (w, h, kind)) in images.iter().enumerate() {
-                let name = match (many, indexed) {
-                    (false, _) => "image".to_owned(),
-                    (true, false) => "image[]".to_owned(),
-                    (true, true) => format!("image[{i}]"),
-                };
-                let (bytes, mime) = picture(*w, *h, *kind);
-                parts.push(file_part(&name, bytes, mime));
-            }
-        }
-        if masked {
-            let (w, h) = if family == Family::DallE2 { (first.0, first.0) } else { (first.0, first.1) };
-            let (bytes, mime) = picture(w, h, 1);
-            parts.insert(mask_at.index(parts.len() + 1), file_part("mask", bytes, mime));
-        }
+    fn every_valid_multipart_edit_is_accepted(case in valid_edit()) {
+        let parts = case.parts();
         let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
         let request = form_request(Endpoint::Edits, parts);
         if let Err(error) = validate(&request, &ValidationPolicy::default()) {
-            prop_assert!(false, "{family:?}: refused {} with parts {names:?}\n  {}", shown(&map), explain(&error));
+            prop_assert!(false, "{:?}: refused {} with parts {names:?}\n  {}", case.family, shown(&case.fields), explain(&error));
         }
     }
 
     #[test]
-    fn every_valid_json_edit_is_accepted(
-        (family, map) in select([Family::Gpt, Family::Gpt2].to_vec()).prop_flat_map(|f| (Just(f), valid_generation(f))),
-        images in proptest::collection::vec(image_ref(), 1..=16),
-        mask in prop::option::of(image_ref()),
+    fn spoiling_one_field_or_file_of_a_valid_multipart_edit_is_refused_naming_it(
+        (case, spoil) in valid_edit().prop_flat_map(|case| { let spoils = edit_spoil(&case); (Just(case), spoils) })
     ) {
-        let mut map = map;
-        map.insert("images".to_owned(), Value::Array(images));
-        if let Some(mask) = mask {
-            map.insert("mask".to_owned(), mask);
+        let (parts, param) = spoil.apply_to_edit(&case);
+        let request = form_request(Endpoint::Edits, parts);
+        match validate(&request, &ValidationPolicy::default()) {
+            Ok(_) => prop_assert!(false, "{:?} {spoil:?}: accepted {}", case.family, shown(&case.fields)),
+            Err(error) => {
+                prop_assert_eq!(error.status().as_u16(), 400, "{}", explain(&error));
+                prop_assert_eq!(error.param(), Some(param.as_str()), "{:?} {:?}\n  {}", case.family, spoil, explain(&error));
+            }
         }
+    }
+
+    #[test]
+    fn every_valid_variation_is_accepted(case in valid_variation()) {
+        let request = form_request(Endpoint::Variations, case.parts());
+        if let Err(error) = validate(&request, &ValidationPolicy::default()) {
+            prop_assert!(false, "refused {} ({}x{})\n  {}", shown(&case.fields), case.side, case.side, explain(&error));
+        }
+    }
+
+    #[test]
+    fn spoiling_one_field_or_file_of_a_valid_variation_is_refused_naming_it(
+        case in valid_variation(),
+        spoil in variation_spoil(),
+    ) {
+        let (parts, param) = spoil.apply_to_variation(&case);
+        let request = form_request(Endpoint::Variations, parts);
+        match validate(&request, &ValidationPolicy::default()) {
+            Ok(_) => prop_assert!(false, "{spoil:?}: accepted {}", shown(&case.fields)),
+            Err(error) => {
+                prop_assert_eq!(error.status().as_u16(), 400, "{}", explain(&error));
+                prop_assert_eq!(error.param(), Some(param.as_str()), "{:?}\n  {}", spoil, explain(&error));
+            }
+        }
+    }
+
+    #[test]
+    fn every_valid_json_edit_is_accepted(case in valid_json_edit()) {
+        let map = case.body();
         let request = json_request(Endpoint::Edits, &map);
         if let Err(error) = validate(&request, &ValidationPolicy::default()) {
-            prop_assert!(false, "{family:?}: refused {}\n  {}", shown(&map), explain(&error));
+            prop_assert!(false, "{:?}: refused {}\n  {}", case.family, shown(&map), explain(&error));
+        }
+    }
+
+    #[test]
+    fn spoiling_one_field_or_reference_of_a_valid_json_edit_is_refused_naming_it(
+        (case, spoil) in valid_json_edit().prop_flat_map(|case| { let spoils = json_edit_spoil(&case); (Just(case), spoils) })
+    ) {
+        let (map, param) = spoil.apply(&case);
+        let request = json_request(Endpoint::Edits, &map);
+        match validate(&request, &ValidationPolicy::default()) {
+            Ok(_) => prop_assert!(false, "{:?} {spoil:?}: accepted {}", case.family, shown(&map)),
+            Err(error) => {
+                prop_assert_eq!(error.status().as_u16(), 400, "{}", explain(&error));
+                prop_assert_eq!(error.param(), Some(param.as_str()), "{:?} {:?}: {}\n  {}", case.family, spoil, shown(&map), explain(&error));
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_are_judged_by_the_published_rule_whatever_their_numbers(
+        size in prop_oneof![wild_size(), select(SIZE_POOL.to_vec()).prop_map(str::to_owned), gpt2_wxh()],
+        model in select(KNOWN_MODELS.to_vec()),
+    ) {
+        let mut map = Map::new();
+        map.insert("model".to_owned(), json!(model));
+        map.insert("prompt".to_owned(), json!("a red fox"));
+        map.insert("size".to_owned(), json!(size));
+        let result = validate(&json_request(Endpoint::Generations, &map), &ValidationPolicy::default());
+        if family_of(model).size_ok(&size) {
+            prop_assert!(result.is_ok(), "{model} {size:?}: {}", result.err().map(|e| explain(&e)).unwrap_or_default());
+        } else {
+            let error = result.err();
+            prop_assert!(error.is_some(), "{model} accepted {size:?}");
+            let error = error.unwrap();
+            prop_assert_eq!((error.param(), error.code()), (Some("size"), Some("invalid_value")), "{}", explain(&error));
         }
     }
 
@@ -815,14 +888,750 @@ proptest! {
 
 const MIMES: [&str; 6] = ["image/png", "image/jpeg", "image/webp", "application/octet-stream", "text/plain", ""];
 
-/// One valid `ImageRefParam`: an http(s) URL, a base64 image data URL, or a file id.
-fn image_ref() -> BoxedStrategy<Value> {
+// --------------------------------------------------------------------------------------------- multipart cases
+
+/// `bytes` without its last bytes, the header intact: 12 for a PNG (its IEND), 2 for a JPEG (its end marker),
+/// 4 for a WebP (inside its RIFF size).
+fn truncated(mut bytes: Vec<u8>) -> Vec<u8> {
+    let cut = match bytes.first() {
+        Some(0x89) => 12,
+        Some(0xFF) => 2,
+        _ => 4,
+    };
+    bytes.truncate(bytes.len() - cut);
+    bytes
+}
+
+fn junk(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(7919) % 251) as u8 ^ 0x5a).collect()
+}
+
+/// A valid multipart edit: text fields, the images (width, height, kind of [`picture`]), and the mask's place.
+#[derive(Clone, Debug)]
+struct EditCase {
+    family: Family,
+    fields: Map<String, Value>,
+    images: Vec<(u32, u32, u8)>,
+    masked: bool,
+    mask_at: prop::sample::Index,
+    indexed: bool,
+}
+
+fn valid_edit() -> BoxedStrategy<EditCase> {
+    (
+        select([Family::DallE2, Family::Gpt, Family::Gpt2].to_vec()).prop_flat_map(|f| (Just(f), valid_generation(f))),
+        prop::option::of(select(["high", "low"].to_vec())),
+        proptest::collection::vec((1u32..=48, 1u32..=48, 0u8..4), 1..=16),
+        any::<bool>(),
+        any::<prop::sample::Index>(),
+        any::<bool>(),
+    )
+        .prop_map(|((family, mut fields), fidelity, images, masked, mask_at, indexed)| {
+            let model = str_of(&fields, "model").unwrap_or("dall-e-2").to_owned();
+            if let Some(fidelity) = fidelity.filter(|_| family == Family::Gpt && model != "gpt-image-1-mini") {
+                fields.insert("input_fidelity".to_owned(), json!(fidelity));
+            }
+            // Edits default to gpt-image-1.5, so dall-e-2 must be named.
+            if family == Family::DallE2 {
+                fields.insert("model".to_owned(), json!("dall-e-2"));
+            }
+            EditCase { family, fields, images, masked, mask_at, indexed }
+        })
+        .boxed()
+}
+
+impl EditCase {
+    /// dall-e-2 takes one image; GPT image models all of them.
+    fn count(&self) -> usize {
+        if self.family == Family::DallE2 { 1 } else { self.images.len() }
+    }
+
+    fn image_name(&self, i: usize) -> String {
+        match (self.count() > 1, self.indexed) {
+            (false, _) => "image".to_owned(),
+            (true, false) => "image[]".to_owned(),
+            (true, true) => format!("image[{i}]"),
+        }
+    }
+
+    /// How errors name image `i`.
+    fn param(&self, i: usize) -> String {
+        if self.count() == 1 { "image".to_owned() } else { format!("image[{i}]") }
+    }
+
+    fn first_size(&self) -> (u32, u32) {
+        let (w, h, _) = self.images[0];
+        if self.family == Family::DallE2 { (w, w) } else { (w, h) }
+    }
+
+    fn image(&self, i: usize) -> (Vec<u8>, &'static str) {
+        let (w, h, kind) = self.images[i];
+        // dall-e-2: one square PNG, RGBA, or RGB with a mask.
+        if self.family == Family::DallE2 { picture(w, w, u8::from(!self.masked)) } else { picture(w, h, kind) }
+    }
+
+    fn parts_with(&self, fields: &Map<String, Value>, mask: bool) -> Vec<Part> {
+        let mut parts = as_text_parts(fields);
+        for i in 0..self.count() {
+            let (bytes, mime) = self.image(i);
+            parts.push(file_part(&self.image_name(i), bytes, mime));
+        }
+        if mask {
+            let (w, h) = self.first_size();
+            let (bytes, mime) = picture(w, h, 1);
+            parts.insert(self.mask_at.index(parts.len() + 1), file_part("mask", bytes, mime));
+        }
+        parts
+    }
+
+    fn parts(&self) -> Vec<Part> {
+        self.parts_with(&self.fields, self.masked)
+    }
+}
+
+/// A valid variation: dall-e-2's fields and one square PNG.
+#[derive(Clone, Debug)]
+struct VariationCase {
+    fields: Map<String, Value>,
+    side: u32,
+    alpha: bool,
+}
+
+fn valid_variation() -> BoxedStrategy<VariationCase> {
+    let fields = vec![
+        prop_oneof![
+            Just(None),
+            Just(Some(("model".to_owned(), Value::Null))),
+            Just(Some(("model".to_owned(), json!("dall-e-2")))),
+        ]
+        .boxed(),
+        opt("n", (1..=10i64).prop_map(Value::from)),
+        opt("size", strs(Family::DallE2.listed_sizes())),
+        opt("response_format", strs(&["url", "b64_json"])),
+        opt("user", "\\PC{0,24}".prop_map(Value::from)),
+    ];
+    (fields.prop_shuffle(), extras(), 1u32..=64, any::<bool>())
+        .prop_map(|(fields, extras, side, alpha)| {
+            let mut map: Map<String, Value> = fields.into_iter().flatten().collect();
+            map.extend(extras);
+            VariationCase { fields: map, side, alpha }
+        })
+        .boxed()
+}
+
+impl VariationCase {
+    fn parts_with(&self, fields: &Map<String, Value>) -> Vec<Part> {
+        let mut parts = as_text_parts(fields);
+        let (bytes, mime) = picture(self.side, self.side, u8::from(self.alpha));
+        parts.push(file_part("image", bytes, mime));
+        parts
+    }
+
+    fn parts(&self) -> Vec<Part> {
+        self.parts_with(&self.fields)
+    }
+}
+
+/// One text field set (`None`: removed), after `also` is set and `remove` removed, as multipart text.
+#[derive(Clone, Debug)]
+struct TextSpoil {
+    field: &'static str,
+    value: Option<String>,
+    also: Vec<(&'static str, String)>,
+    remove: Vec<&'static str>,
+}
+
+impl TextSpoil {
+    fn apply(&self, fields: &Map<String, Value>) -> Map<String, Value> {
+        let mut map = fields.clone();
+        for name in &self.remove {
+            map.remove(*name);
+        }
+        for (name, value) in &self.also {
+            map.insert((*name).to_owned(), json!(value));
+        }
+        match &self.value {
+            Some(value) => map.insert(self.field.to_owned(), json!(value)),
+            None => map.remove(self.field),
+        };
+        map
+    }
+}
+
+fn text(field: &'static str, values: &'static [&'static str]) -> BoxedStrategy<TextSpoil> {
+    select(values)
+        .prop_map(move |v| TextSpoil { field, value: Some(v.to_owned()), also: Vec::new(), remove: Vec::new() })
+        .boxed()
+}
+
+fn text_with(
+    field: &'static str,
+    values: &'static [&'static str],
+    also: &'static [(&'static str, &'static str)],
+    remove: &'static [&'static str],
+) -> BoxedStrategy<TextSpoil> {
+    select(values)
+        .prop_map(move |v| TextSpoil {
+            field,
+            value: Some(v.to_owned()),
+            also: also.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+            remove: remove.to_vec(),
+        })
+        .boxed()
+}
+
+/// Integers as text in every form but the plain one, and plain ones out of every range.
+const BAD_INTEGER_TEXT: &[&str] = &["+2", " 2", "2 ", "02", "00", "-0", "2.0", "1e1", "two", "", "0x2", "２"];
+
+/// Text-field spoils for a multipart request of `family` on `endpoint`.
+fn text_spoils(family: Family, model: &str, endpoint: Endpoint) -> Vec<BoxedStrategy<TextSpoil>> {
+    let limit = family.prompt_limit();
+    let mut out = vec![
+        text("n", BAD_INTEGER_TEXT),
+        text("n", &["0", "11", "-1", "99999999999999999999"]),
+        select(SIZE_POOL.to_vec())
+            .prop_filter("a size the model takes", move |s| !family.size_ok(s))
+            .prop_map(|s| TextSpoil { field: "size", value: Some(s.to_owned()), also: Vec::new(), remove: Vec::new() })
+            .boxed(),
+        wild_size()
+            .prop_filter("a size the model takes", move |s| !family.size_ok(s))
+            .prop_map(|s| TextSpoil { field: "size", value: Some(s), also: Vec::new(), remove: Vec::new() })
+            .boxed(),
+        select(QUALITY_POOL.to_vec())
+            .prop_filter("a quality the model takes", move |q| !family.qualities().contains(q))
+            .prop_map(|q| TextSpoil {
+                field: "quality",
+                value: Some(q.to_owned()),
+                also: Vec::new(),
+                remove: Vec::new(),
+            })
+            .boxed(),
+        text("style", &["vivid", "natural"]),
+        too_long_prompt(limit)
+            .prop_map(|p| TextSpoil { field: "prompt", value: Some(p), also: Vec::new(), remove: Vec::new() })
+            .boxed(),
+    ];
+    if endpoint == Endpoint::Edits {
+        out.extend([
+            Just(TextSpoil { field: "prompt", value: None, also: Vec::new(), remove: Vec::new() }).boxed(),
+            text("prompt", &[""]),
+        ]);
+    }
+    if family.gpt() {
+        let takes_fidelity = !matches!(model, "gpt-image-1-mini" | "gpt-image-2" | "gpt-image-2-2026-04-21");
+        out.extend([
+            text_with("stream", &["yes", "1", "True", "TRUE", ""], &[], &["partial_images"]),
+            text("response_format", &["url", "b64_json"]),
+            text("background", &["clear", "none", "Transparent", ""]),
+            text("moderation", &["high", "strict"]),
+            text_with("output_format", &["jpg", "gif", "PNG", ""], &[], &["output_compression", "background"]),
+            text_with("output_compression", &["101", "-1", "+5", "050", "abc"], &[("output_format", "webp")], &[]),
+            text_with("output_compression", &["0", "50", "99"], &[("output_format", "png")], &[]),
+            text_with("partial_images", &["4", "-1", "03", "+1"], &[("stream", "true")], &[]),
+            text("input_fidelity", if takes_fidelity { &["bogus", "HIGH", "medium", ""] } else { &["high", "low"] }),
+        ]);
+    } else {
+        out.extend([
+            text("response_format", &["png", "URL", "base64", ""]),
+            text("background", &["opaque"]),
+            text("moderation", &["low"]),
+            text("output_format", &["png"]),
+            text("output_compression", &["50"]),
+            text("partial_images", &["1"]),
+            text("input_fidelity", &["high"]),
+            text_with("stream", &["true"], &[], &["partial_images"]),
+        ]);
+    }
+    out
+}
+
+/// What goes wrong with an image file.
+#[derive(Clone, Copy, Debug)]
+enum FileSpoil {
+    /// Bytes that are no image, declared as the original was.
+    Junk,
+    /// The header intact, the end cut off.
+    Truncated,
+    /// A 1 KB PNG claiming 100000x100000.
+    Bomb,
+    /// Declared `application/octet-stream`.
+    OctetStream,
+    /// No `Content-Type` at all.
+    Untyped,
+    /// Declared `image/jpg`, which OpenAI does not list.
+    Jpg,
+    /// A PNG declared `image/jpeg`.
+    Mislabelled,
+}
+
+const FILE_SPOILS: [FileSpoil; 7] = [
+    FileSpoil::Junk,
+    FileSpoil::Truncated,
+    FileSpoil::Bomb,
+    FileSpoil::OctetStream,
+    FileSpoil::Untyped,
+    FileSpoil::Jpg,
+    FileSpoil::Mislabelled,
+];
+
+impl FileSpoil {
+    fn apply(self, part: &mut Part) {
+        match self {
+            Self::Junk => part.data = Bytes::from(junk(300)),
+            Self::Truncated => part.data = Bytes::from(truncated(part.data.to_vec())),
+            Self::Bomb => {
+                part.data = Bytes::from(png_claiming(100_000, 100_000));
+                part.content_type = Some("image/png".to_owned());
+            }
+            Self::OctetStream => part.content_type = Some("application/octet-stream".to_owned()),
+            Self::Untyped => part.content_type = None,
+            Self::Jpg => part.content_type = Some("image/jpg".to_owned()),
+            Self::Mislabelled => {
+                part.data = Bytes::from(picture(16, 16, 1).0);
+                part.content_type = Some("image/jpeg".to_owned());
+            }
+        }
+    }
+}
+
+/// What goes wrong with the mask of an edit.
+#[derive(Clone, Copy, Debug)]
+enum MaskSpoil {
+    /// An RGB PNG: no alpha channel.
+    NoAlpha,
+    /// One pixel wider than the first image.
+    OtherSize,
+    /// A PNG declared `image/jpeg`.
+    DeclaredJpeg,
+    Junk,
+    Truncated,
+    Bomb,
+    /// Two masks.
+    Twice,
+}
+
+const MASK_SPOILS: [MaskSpoil; 7] = [
+    MaskSpoil::NoAlpha,
+    MaskSpoil::OtherSize,
+    MaskSpoil::DeclaredJpeg,
+    MaskSpoil::Junk,
+    MaskSpoil::Truncated,
+    MaskSpoil::Bomb,
+    MaskSpoil::Twice,
+];
+
+impl MaskSpoil {
+    /// The mask parts (one, or two for `Twice`) for a first image of `w`x`h`.
+    fn masks(self, (w, h): (u32, u32)) -> Vec<Part> {
+        let good = || picture(w, h, 1).0;
+        let (bytes, mime) = match self {
+            Self::NoAlpha => (picture(w, h, 0).0, "image/png"),
+            Self::OtherSize => (picture(w + 1, h, 1).0, "image/png"),
+            Self::DeclaredJpeg => (good(), "image/jpeg"),
+            Self::Junk => (junk(200), "image/png"),
+            Self::Truncated => (truncated(good()), "image/png"),
+            Self::Bomb => (png_claiming(100_000, 100_000), "image/png"),
+            Self::Twice => return vec![file_part("mask", good(), "image/png"), file_part("mask", good(), "image/png")],
+        };
+        vec![file_part("mask", bytes, mime)]
+    }
+}
+
+/// One thing wrong with a multipart request.
+#[derive(Clone, Debug)]
+enum FormSpoil {
+    Text(TextSpoil),
+    Image(prop::sample::Index, FileSpoil),
+    Mask(MaskSpoil),
+    /// dall-e-2: the (only) image is not square.
+    NotSquare,
+    /// Variations: a model other than dall-e-2.
+    Model(&'static str),
+}
+
+fn edit_spoil(case: &EditCase) -> BoxedStrategy<FormSpoil> {
+    let model = str_of(&case.fields, "model").unwrap_or("gpt-image-1.5").to_owned();
+    let mut options: Vec<BoxedStrategy<FormSpoil>> = text_spoils(case.family, &model, Endpoint::Edits)
+        .into_iter()
+        .map(|s| s.prop_map(FormSpoil::Text).boxed())
+        .collect();
+    options.push(
+        (any::<prop::sample::Index>(), select(FILE_SPOILS.to_vec())).prop_map(|(i, f)| FormSpoil::Image(i, f)).boxed(),
+    );
+    options.push(select(MASK_SPOILS.to_vec()).prop_map(FormSpoil::Mask).boxed());
+    if case.family == Family::DallE2 {
+        options.push(Just(FormSpoil::NotSquare).boxed());
+    }
+    proptest::strategy::Union::new(options).boxed()
+}
+
+fn variation_spoil() -> BoxedStrategy<FormSpoil> {
+    let mut options: Vec<BoxedStrategy<FormSpoil>> = text_spoils(Family::DallE2, "dall-e-2", Endpoint::Variations)
+        .into_iter()
+        .map(|s| s.prop_map(FormSpoil::Text).boxed())
+        .collect();
+    options.extend([
+        (any::<prop::sample::Index>(), select(FILE_SPOILS.to_vec())).prop_map(|(i, f)| FormSpoil::Image(i, f)).boxed(),
+        Just(FormSpoil::Mask(MaskSpoil::NoAlpha)).boxed(),
+        Just(FormSpoil::NotSquare).boxed(),
+        select(["gpt-image-1", "gpt-image-1.5", "gpt-image-2", "dall-e-3", "chatgpt-image-latest"].to_vec())
+            .prop_map(FormSpoil::Model)
+            .boxed(),
+    ]);
+    proptest::strategy::Union::new(options).boxed()
+}
+
+/// The `index`-th image part of `parts`.
+fn image_part(parts: &mut [Part], index: usize) -> &mut Part {
+    parts.iter_mut().filter(|p| imagegate::images::request::is_image_field(&p.name)).nth(index).unwrap()
+}
+
+impl FormSpoil {
+    /// The spoiled parts of `case` and the parameter the refusal must name.
+    fn apply_to_edit(&self, case: &EditCase) -> (Vec<Part>, String) {
+        match self {
+            Self::Text(t) => {
+                let fields = t.apply(&case.fields);
+                (case.parts_with(&fields, case.masked), t.field.to_owned())
+            }
+            Self::Image(index, spoil) => {
+                let i = index.index(case.count());
+                let mut parts = case.parts();
+                spoil.apply(image_part(&mut parts, i));
+                (parts, case.param(i))
+            }
+            Self::Mask(spoil) => {
+                let mut parts = case.parts_with(&case.fields, false);
+                let at = case.mask_at.index(parts.len() + 1);
+                for (k, mask) in spoil.masks(case.first_size()).into_iter().enumerate() {
+                    parts.insert(at + k, mask);
+                }
+                (parts, "mask".to_owned())
+            }
+            Self::NotSquare => {
+                let mut parts = case.parts();
+                let (w, _, _) = case.images[0];
+                image_part(&mut parts, 0).data = Bytes::from(picture(w, w + 1, 1).0);
+                (parts, "image".to_owned())
+            }
+            Self::Model(_) => panic!("edit_spoil never spoils an edit's model"),
+        }
+    }
+
+    fn apply_to_variation(&self, case: &VariationCase) -> (Vec<Part>, String) {
+        match self {
+            Self::Text(t) => (case.parts_with(&t.apply(&case.fields)), t.field.to_owned()),
+            Self::Image(_, spoil) => {
+                let mut parts = case.parts();
+                spoil.apply(image_part(&mut parts, 0));
+                (parts, "image".to_owned())
+            }
+            Self::Mask(_) => {
+                let mut parts = case.parts();
+                parts.push(file_part("mask", picture(case.side, case.side, 1).0, "image/png"));
+                (parts, "mask".to_owned())
+            }
+            Self::NotSquare => {
+                let mut parts = case.parts();
+                image_part(&mut parts, 0).data = Bytes::from(picture(case.side, case.side + 1, 1).0);
+                (parts, "image".to_owned())
+            }
+            Self::Model(model) => {
+                let mut fields = case.fields.clone();
+                fields.insert("model".to_owned(), json!(model));
+                (case.parts_with(&fields), "model".to_owned())
+            }
+        }
+    }
+}
+
+// --------------------------------------------------------------------------------------------- JSON edit cases
+
+/// One `ImageRefParam` of a valid JSON edit.
+#[derive(Clone, Debug)]
+enum Ref {
+    Url(String),
+    FileId(String),
+    /// A `data:` URL holding a real image of [`picture`].
+    Data(u32, u32, u8),
+}
+
+fn image_ref() -> BoxedStrategy<Ref> {
     prop_oneof![
-        "https://[a-z]{1,12}\\.example\\.com/[a-z0-9/]{0,20}\\.png".prop_map(|u| json!({"image_url": u})),
-        "http://[a-z]{1,12}\\.example/[a-z0-9]{1,8}".prop_map(|u| json!({"image_url": u})),
-        (select(["png", "jpeg", "webp"].to_vec()), "[A-Za-z0-9+/]{4,64}")
-            .prop_map(|(t, b)| json!({"image_url": format!("data:image/{t};base64,{b}")})),
-        "file-[A-Za-z0-9]{1,24}".prop_map(|id| json!({"file_id": id})),
+        "https://[a-z]{1,12}\\.example\\.com/[a-z0-9/]{0,20}\\.png".prop_map(Ref::Url),
+        "http://[a-z]{1,12}\\.example/[a-z0-9]{1,8}".prop_map(Ref::Url),
+        (1u32..=32, 1u32..=32, 0u8..4).prop_map(|(w, h, k)| Ref::Data(w, h, k)),
+        "file-[A-Za-z0-9]{1,24}".prop_map(Ref::FileId),
     ]
     .boxed()
+}
+
+fn data_url(mime: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+impl Ref {
+    fn value(&self) -> Value {
+        match self {
+            Self::Url(u) => json!({"image_url": u}),
+            Self::FileId(id) => json!({"file_id": id}),
+            Self::Data(w, h, kind) => {
+                let (bytes, mime) = picture(*w, *h, *kind);
+                json!({"image_url": data_url(mime, &bytes)})
+            }
+        }
+    }
+}
+
+/// A valid JSON edit: GPT image fields, 1–16 references, and maybe a mask (a PNG with alpha of the first
+/// image's size when the first image is a `data:` URL).
+#[derive(Clone, Debug)]
+struct JsonEditCase {
+    family: Family,
+    fields: Map<String, Value>,
+    images: Vec<Ref>,
+    mask: Option<Ref>,
+}
+
+fn valid_json_edit() -> BoxedStrategy<JsonEditCase> {
+    (
+        select([Family::Gpt, Family::Gpt2].to_vec()).prop_flat_map(|f| (Just(f), valid_generation(f))),
+        proptest::collection::vec(image_ref(), 1..=16),
+        prop::option::of(image_ref()),
+    )
+        .prop_map(|((family, fields), images, mask)| {
+            let mask = mask.map(|m| match (m, &images[0]) {
+                (Ref::Data(..), Ref::Data(w, h, _)) => Ref::Data(*w, *h, 1),
+                (Ref::Data(w, h, _), _) => Ref::Data(w, h, 1),
+                (other, _) => other,
+            });
+            JsonEditCase { family, fields, images, mask }
+        })
+        .boxed()
+}
+
+impl JsonEditCase {
+    fn body(&self) -> Map<String, Value> {
+        let mut map = self.fields.clone();
+        map.insert("images".to_owned(), Value::Array(self.images.iter().map(Ref::value).collect()));
+        if let Some(mask) = &self.mask {
+            map.insert("mask".to_owned(), mask.value());
+        }
+        map
+    }
+}
+
+/// One thing wrong with a JSON edit.
+#[derive(Clone, Debug)]
+enum JsonEditSpoil {
+    /// A field, as for generations.
+    Field(Corruption),
+    /// `images[i]` replaced by `value`; the error names `images[i]` + `suffix`.
+    Image(prop::sample::Index, Value, &'static str),
+    /// `mask` replaced by `value`; the error names `mask` + `suffix`.
+    Mask(Value, &'static str),
+    /// `images` replaced by `value` (empty, too long, not an array).
+    Images(Value),
+}
+
+/// Broken references: (value, suffix of the param the error names).
+fn bad_refs() -> Vec<(Value, &'static str)> {
+    vec![
+        (json!(5), ""),
+        (json!("https://example.com/a.png"), ""),
+        (json!({}), ""),
+        (json!({"image_url": "https://example.com/a.png", "file_id": "file-a"}), ""),
+        (json!({"image_url": "ftp://example.com/a.png"}), ".image_url"),
+        (json!({"image_url": 7}), ".image_url"),
+        (json!({"file_id": ["file-a"]}), ".file_id"),
+        (json!({"image_url": data_url("image/png", &junk(100))}), ".image_url"),
+        (json!({"image_url": data_url("image/png", &png_claiming(100_000, 100_000))}), ".image_url"),
+        (json!({"image_url": data_url("image/png", &truncated(picture(16, 16, 1).0))}), ".image_url"),
+        (json!({"image_url": data_url("image/jpeg", &picture(16, 16, 1).0)}), ".image_url"),
+        (json!({"image_url": data_url("image/gif", &picture(16, 16, 1).0)}), ".image_url"),
+        (json!({"image_url": "data:image/png;base64,iVBO*Rw0KGgo"}), ".image_url"),
+    ]
+}
+
+fn json_edit_spoil(case: &JsonEditCase) -> BoxedStrategy<JsonEditSpoil> {
+    let mut masks = bad_refs();
+    // A mask must also be a PNG with alpha: an RGB PNG or a WebP are refused as masks only.
+    masks.push((json!({"image_url": data_url("image/png", &picture(16, 16, 0).0)}), ".image_url"));
+    masks.push((json!({"image_url": data_url("image/webp", &picture(16, 16, 3).0)}), ".image_url"));
+    if let Ref::Data(w, h, _) = case.images[0] {
+        masks.push((json!({"image_url": data_url("image/png", &picture(w + 1, h, 1).0)}), ".image_url"));
+    }
+    let url = json!({"image_url": "https://example.com/a.png"});
+    proptest::strategy::Union::new([
+        corruption(case.family).prop_map(JsonEditSpoil::Field).boxed(),
+        (any::<prop::sample::Index>(), select(bad_refs()))
+            .prop_map(|(i, (v, s))| JsonEditSpoil::Image(i, v, s))
+            .boxed(),
+        select(masks).prop_map(|(v, s)| JsonEditSpoil::Mask(v, s)).boxed(),
+        select(vec![json!([]), json!(null), Value::Array(vec![url.clone(); 17]), url, json!("file-a")])
+            .prop_map(JsonEditSpoil::Images)
+            .boxed(),
+    ])
+    .boxed()
+}
+
+impl JsonEditSpoil {
+    /// The spoiled body and the parameter the refusal must name.
+    fn apply(&self, case: &JsonEditCase) -> (Map<String, Value>, String) {
+        let mut map = case.body();
+        let param = match self {
+            Self::Field(c) => {
+                map = c.apply(map);
+                c.field.to_owned()
+            }
+            Self::Image(index, value, suffix) => {
+                let i = index.index(case.images.len());
+                map["images"][i] = value.clone();
+                format!("images[{i}]{suffix}")
+            }
+            Self::Mask(value, suffix) => {
+                map.insert("mask".to_owned(), value.clone());
+                format!("mask{suffix}")
+            }
+            Self::Images(value) => {
+                map.insert("images".to_owned(), value.clone());
+                "images".to_owned()
+            }
+        };
+        (map, param)
+    }
+}
+
+// --------------------------------------------------------------------------------------------- end to end
+
+/// Valid requests of each kind, sent through the real gateway (default settings: re-hosting on, cache off)
+/// to the fake upstream, arrive there byte for byte: the same body, the same `Content-Type`. Fewer cases than
+/// the library properties, since each is a real HTTP round trip.
+mod through_the_gateway {
+    use std::sync::OnceLock;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::support::app::TestApp;
+    use crate::support::fake_openai::FakeOpenAi;
+
+    /// One gateway and fake per property (cases of a property run one after another).
+    struct Gateway {
+        runtime: tokio::runtime::Runtime,
+        app: TestApp,
+        fake: FakeOpenAi,
+    }
+
+    fn start() -> Gateway {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let (app, fake) = runtime.block_on(async {
+            let fake = FakeOpenAi::start().await;
+            let app = TestApp::spawn(&fake.url).await;
+            (app, fake)
+        });
+        Gateway { runtime, app, fake }
+    }
+
+    impl Gateway {
+        /// POST `body` as `content_type`; the fake must have received exactly it, once.
+        fn forwards_unchanged(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<(), TestCaseError> {
+            let before = self.fake.call_count();
+            let sent = hex::encode(Sha256::digest(&body));
+            let len = body.len();
+            let status = self.runtime.block_on(async {
+                let res = self
+                    .app
+                    .client
+                    .post(format!("{}{path}", self.app.base_url))
+                    .bearer_auth(&self.app.key)
+                    .header("content-type", content_type)
+                    .header("cache-control", "no-store")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = res.status().as_u16();
+                let text = res.text().await.unwrap_or_default();
+                (status, text)
+            });
+            let calls = self.fake.calls();
+            prop_assert_eq!(calls.len(), before + 1, "not forwarded once: {} {}", status.0, status.1);
+            let call = calls.last().unwrap();
+            prop_assert_eq!(
+                &call.body_sha256,
+                &sent,
+                "the upstream received another body ({} bytes sent, {} received)",
+                len,
+                call.body_len
+            );
+            prop_assert_eq!(call.content_type.as_deref(), Some(content_type));
+            Ok(())
+        }
+    }
+
+    /// A multipart body as an SDK writes it, with `boundary`.
+    fn encode(parts: &[Part], boundary: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in parts {
+            out.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", part.name).as_bytes(),
+            );
+            if let Some(file) = &part.file_name {
+                out.extend_from_slice(format!("; filename=\"{file}\"").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            if let Some(ct) = &part.content_type {
+                out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&part.data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        out
+    }
+
+    /// Boundaries of the Python SDK (httpx), the Node SDK (undici) and browsers.
+    fn boundary() -> BoxedStrategy<String> {
+        prop_oneof!["[0-9a-f]{32}", "----formdata-undici-0[0-9]{11}", "----WebKitFormBoundary[A-Za-z0-9]{16}",].boxed()
+    }
+
+    static GENERATIONS: OnceLock<Gateway> = OnceLock::new();
+    static EDITS: OnceLock<Gateway> = OnceLock::new();
+    static VARIATIONS: OnceLock<Gateway> = OnceLock::new();
+    static JSON_EDITS: OnceLock<Gateway> = OnceLock::new();
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+        #[test]
+        fn valid_generations_reach_the_upstream_byte_for_byte(
+            map in any_family().prop_flat_map(valid_generation)
+        ) {
+            let body = serde_json::to_vec(&map).unwrap();
+            GENERATIONS.get_or_init(start).forwards_unchanged("/images/generations", "application/json", body)?;
+        }
+
+        #[test]
+        fn valid_multipart_edits_reach_the_upstream_byte_for_byte(case in valid_edit(), boundary in boundary()) {
+            let body = encode(&case.parts(), &boundary);
+            let content_type = format!("multipart/form-data; boundary={boundary}");
+            EDITS.get_or_init(start).forwards_unchanged("/images/edits", &content_type, body)?;
+        }
+
+        #[test]
+        fn valid_variations_reach_the_upstream_byte_for_byte(case in valid_variation(), boundary in boundary()) {
+            let body = encode(&case.parts(), &boundary);
+            let content_type = format!("multipart/form-data; boundary={boundary}");
+            VARIATIONS.get_or_init(start).forwards_unchanged("/images/variations", &content_type, body)?;
+        }
+
+        #[test]
+        fn valid_json_edits_reach_the_upstream_byte_for_byte(case in valid_json_edit()) {
+            let body = serde_json::to_vec(&case.body()).unwrap();
+            JSON_EDITS.get_or_init(start).forwards_unchanged("/images/edits", "application/json", body)?;
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! Fuzz target `image_header`: any bytes given to `images::imageinfo::inspect`, the header reader that checks
-//! uploaded PNG/JPEG/WebP files without decoding them. It must answer `Ok` or `Err`, never panic, and agree
-//! with the signature sniffer.
+//! uploaded PNG/JPEG/WebP files without decoding them, and to `check_complete`, the end-of-file check. They
+//! must answer `Ok` or `Err`, never panic, and agree with the signature sniffer.
 //!
 //! `run` is the whole harness; `tests/fuzz_corpus.rs` includes this file and replays the corpus through it on
 //! stable, so the libFuzzer entry point only exists under `cfg(fuzzing)` (set by `cargo fuzz`).
@@ -22,5 +22,12 @@ pub fn run(data: &[u8]) {
         }
         Err(InspectError::Unrecognized) => assert_eq!(sniffed, None, "a known signature reported as unrecognized"),
         Err(InspectError::Corrupt(_)) => assert!(sniffed.is_some(), "an unknown signature reported as corrupt"),
+        Err(e @ InspectError::Truncated(..)) => panic!("inspect reads headers only, yet said {e}"),
+    }
+    // The end checks of an upload: constant work on any bytes, and they name the format the signature names.
+    if let Some(format) = sniffed
+        && let Err(InspectError::Truncated(name, _)) = imageinfo::check_complete(data, format)
+    {
+        assert_eq!(name, format.name(), "the end check named another format");
     }
 }

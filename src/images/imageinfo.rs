@@ -1,7 +1,8 @@
 //! Header-only inspection of uploaded images: the real format (PNG, JPEG or WebP, by signature), the claimed
-//! width and height, the colour kind and whether the image can carry transparency.
+//! width and height, the colour kind and whether the image can carry transparency; and [`check_end`], whether
+//! the file also ends like a whole file of its format (looking at its last [`TAIL_WINDOW`] bytes only).
 //!
-//! This module owns reading image *headers* and nothing more. It never decodes pixel data, never allocates
+//! This module owns reading image *headers* (and ends) and nothing more. It never decodes pixel data, never allocates
 //! anything proportional to the claimed dimensions and does a bounded amount of work on any input: the PNG chunk
 //! walk stops after [`MAX_PNG_CHUNKS`] chunks, the JPEG marker walk after [`MAX_JPEG_STEPS`] steps, and WebP only
 //! reads its first chunk. Hostile input yields [`InspectError`], never a panic. Dimensions are reported as the
@@ -52,8 +53,17 @@ impl ImageFormat {
         }
     }
 
-    /// The format a declared media type names: `image/png`, `image/jpeg` (or `image/jpg`), `image/webp`;
-    /// case-insensitive, parameters (`; charset=…`) ignored.
+    /// The format an upload's declared media type names, as strictly as OpenAI reads it: exactly
+    /// `image/png`, `image/jpeg` or `image/webp` (media types are case-insensitive; parameters such as
+    /// `; charset=…` are ignored). `image/jpg` is not a registered type and OpenAI does not list it: `None`.
+    pub fn from_declared(mime: &str) -> Option<Self> {
+        let essence = mime.split(';').next().unwrap_or_default().trim();
+        [Self::Png, Self::Jpeg, Self::Webp].into_iter().find(|f| essence.eq_ignore_ascii_case(f.mime()))
+    }
+
+    /// The format a media type from elsewhere (an image host's `Content-Type`) names: `image/png`,
+    /// `image/jpeg` (or the common misspelling `image/jpg`), `image/webp`; case-insensitive, parameters
+    /// (`; charset=…`) ignored. Uploads are read with the stricter [`Self::from_declared`].
     pub fn from_mime(mime: &str) -> Option<Self> {
         let essence = mime.split(';').next().unwrap_or_default().trim();
         if essence.eq_ignore_ascii_case("image/png") {
@@ -98,6 +108,9 @@ pub enum InspectError {
     Unrecognized,
     #[error("the {0} header is truncated or corrupt")]
     Corrupt(&'static str),
+    /// The header is fine but the file does not end the way a complete file of its format ends.
+    #[error("the {0} file is truncated ({1})")]
+    Truncated(&'static str, &'static str),
 }
 
 /// The format the leading bytes (the signature) name, without reading any further.
@@ -121,6 +134,45 @@ pub fn inspect(bytes: &[u8]) -> Result<ImageInfo, InspectError> {
         Some(ImageFormat::Webp) => inspect_webp(bytes).ok_or(InspectError::Corrupt(ImageFormat::Webp.name())),
         None => Err(InspectError::Unrecognized),
     }
+}
+
+/// How many bytes at the end of a file [`check_end`] looks at: room for trailing padding after the end marker.
+pub const TAIL_WINDOW: usize = 1024;
+
+/// The PNG end: an empty `IEND` chunk (length 0, type, CRC).
+const PNG_IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+const JPEG_EOI: [u8; 2] = [0xFF, 0xD9];
+
+/// Whether a whole file whose header [`inspect`] read as `format` also ends like a complete file: see
+/// [`check_end`]. Constant work: only the first 12 and the last [`TAIL_WINDOW`] bytes are looked at.
+pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), InspectError> {
+    let tail = &bytes[bytes.len().saturating_sub(TAIL_WINDOW)..];
+    check_end(bytes, tail, bytes.len() as u64, format)
+}
+
+/// The end-of-file checks without decoding anything, given the file's first bytes (`head`, at least 12 for
+/// WebP), its last bytes (`tail`, up to [`TAIL_WINDOW`]) and its length: a PNG has an `IEND` chunk in its
+/// tail (anything after it is ignored, as decoders do); a JPEG has an end-of-image marker `FF D9` in its tail
+/// (trailing padding allowed); a WebP's RIFF size fits in the length. A file cut short after an intact
+/// header fails here.
+pub fn check_end(head: &[u8], tail: &[u8], len: u64, format: ImageFormat) -> Result<(), InspectError> {
+    let tail = &tail[tail.len().saturating_sub(TAIL_WINDOW)..];
+    let ok = match format {
+        ImageFormat::Png => tail.windows(PNG_IEND.len()).any(|w| w[..8] == PNG_IEND[..8]),
+        ImageFormat::Jpeg => len > 4 && tail.windows(JPEG_EOI.len()).any(|w| w == JPEG_EOI),
+        ImageFormat::Webp => le_u32(head, 4).is_some_and(|size| u64::from(size) + 8 <= len),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(InspectError::Truncated(
+        format.name(),
+        match format {
+            ImageFormat::Png => "it does not end with an IEND chunk",
+            ImageFormat::Jpeg => "it does not end with an end-of-image marker",
+            ImageFormat::Webp => "it is shorter than its RIFF header says",
+        },
+    ))
 }
 
 fn byte_at(bytes: &[u8], at: usize) -> Option<u8> {
@@ -365,6 +417,11 @@ mod tests {
             }
             Err(InspectError::Unrecognized) => assert_eq!(sniffed, None),
             Err(InspectError::Corrupt(name)) => assert_eq!(Some(name), sniffed.map(ImageFormat::name)),
+            Err(e @ InspectError::Truncated(..)) => panic!("inspect reads headers only, yet said {e}"),
+        }
+        if let Some(format) = sniffed {
+            // Never panics, whatever the bytes.
+            let _ = check_complete(bytes, format);
         }
     }
 
@@ -401,6 +458,16 @@ mod tests {
         assert_eq!(ImageFormat::from_mime("application/octet-stream"), None);
         assert_eq!(ImageFormat::from_mime(""), None);
         assert_eq!(ImageFormat::from_mime("image/pngx"), None);
+    }
+
+    #[test]
+    fn declared_upload_types_are_the_three_openai_lists() {
+        assert_eq!(ImageFormat::from_declared("image/png"), Some(ImageFormat::Png));
+        assert_eq!(ImageFormat::from_declared("IMAGE/JPEG; charset=binary"), Some(ImageFormat::Jpeg));
+        assert_eq!(ImageFormat::from_declared("image/webp"), Some(ImageFormat::Webp));
+        for no in ["image/jpg", "image/pjpeg", "image/x-png", "image/gif", "application/octet-stream", "", "image/"] {
+            assert_eq!(ImageFormat::from_declared(no), None, "{no}");
+        }
     }
 
     #[test]
@@ -649,6 +716,7 @@ mod tests {
                 match inspect(prefix) {
                     Err(InspectError::Unrecognized) => assert!(len < 12, "{name} prefix of {len} bytes"),
                     Err(InspectError::Corrupt(corrupt)) => assert_eq!(corrupt, name),
+                    Err(e @ InspectError::Truncated(..)) => panic!("{name} prefix of {len} bytes: {e}"),
                     // A prefix that holds the whole header reads the same as the full file.
                     Ok(info) => assert_eq!(info, full, "{name} prefix of {len} bytes"),
                 }
@@ -701,6 +769,52 @@ mod tests {
         assert_eq!(inspect(b"GIF89a\x01\x00\x01\x00"), Err(InspectError::Unrecognized));
         assert_eq!(sniff(b"RIFF\0\0\0\0WAVEfmt "), None);
         assert_eq!(inspect(&[]), Err(InspectError::Unrecognized));
+    }
+
+    #[test]
+    fn complete_files_pass_the_end_checks_and_truncated_ones_do_not() {
+        for (format, bytes) in
+            [(ImageFormat::Png, sample_png()), (ImageFormat::Jpeg, sample_jpeg()), (ImageFormat::Webp, sample_webp())]
+        {
+            assert_eq!(check_complete(&bytes, format), Ok(()), "{format:?}");
+            // Trailing padding after the end is ignored, as decoders ignore it.
+            let mut padded = bytes.clone();
+            padded.extend_from_slice(&[0; 100]);
+            assert_eq!(check_complete(&padded, format), Ok(()), "{format:?} padded");
+            // Cut anywhere after the header: the header still reads, the end check fails.
+            for cut in [40, bytes.len() / 2, bytes.len() - 1] {
+                let prefix = &bytes[..cut.min(bytes.len() - 1)];
+                assert!(
+                    matches!(check_complete(prefix, format), Err(InspectError::Truncated(name, _)) if name == format.name()),
+                    "{format:?} cut at {cut}"
+                );
+            }
+        }
+        // The first 40 bytes of a PNG: an intact header, nothing else.
+        let png = sample_png();
+        assert!(inspect(&png[..40]).is_ok());
+        assert_eq!(
+            check_complete(&png[..40], ImageFormat::Png).unwrap_err().to_string(),
+            "the PNG file is truncated (it does not end with an IEND chunk)"
+        );
+    }
+
+    #[test]
+    fn the_end_checks_look_only_at_the_tail_window() {
+        // A PNG whose IEND is followed by more than the window of junk no longer looks complete.
+        let mut png = sample_png();
+        png.extend(std::iter::repeat_n(7u8, TAIL_WINDOW));
+        assert!(check_complete(&png, ImageFormat::Png).is_err());
+        // A JPEG end marker far from the end does not count either.
+        let mut jpeg = sample_jpeg();
+        jpeg.extend(std::iter::repeat_n(0u8, TAIL_WINDOW + 1));
+        assert!(check_complete(&jpeg, ImageFormat::Jpeg).is_err());
+        // WebP: the RIFF size must fit the length exactly or with trailing bytes.
+        let webp = sample_webp();
+        let (head, tail) = (&webp[..12], &webp[webp.len() - 8..]);
+        assert_eq!(check_end(head, tail, webp.len() as u64, ImageFormat::Webp), Ok(()));
+        assert!(check_end(head, tail, webp.len() as u64 - 1, ImageFormat::Webp).is_err());
+        assert!(check_end(&head[..6], tail, webp.len() as u64, ImageFormat::Webp).is_err());
     }
 
     #[test]

@@ -98,23 +98,50 @@ impl Family {
     }
 }
 
+/// Longest edge of a GPT image 2 free size, in pixels.
+pub const FREE_MAX_EDGE: u32 = 3840;
+const FREE_MIN_PIXELS: u64 = 655_360;
+const FREE_MAX_PIXELS: u64 = 8_294_400;
+/// An edge written with more digits than this is over [`FREE_MAX_EDGE`] whatever the digits are.
+const EDGE_MAX_DIGITS: usize = 5;
+
+/// One edge of a `WxH` size: plain ASCII digits, no sign, no whitespace, no leading zero. `Err` says why not;
+/// `Ok(None)` is an edge too long to be allowed (more than [`EDGE_MAX_DIGITS`] digits), never parsed.
+fn edge(text: &str) -> Result<Option<u32>, &'static str> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("sizes are written WIDTHxHEIGHT in plain decimal digits, such as '1536x864'");
+    }
+    if text.len() > 1 && text.starts_with('0') {
+        return Err("sizes are written without leading zeros, such as '1536x864'");
+    }
+    if text.len() > EDGE_MAX_DIGITS {
+        return Ok(None);
+    }
+    // At most five ASCII digits: always fits.
+    Ok(text.parse::<u32>().ok())
+}
+
 /// GPT image 2's free sizes: multiples of 16, ratio at most 3:1, long edge ≤ 3840, 655,360–8,294,400 pixels.
-/// Returns the reason when the size is refused.
+/// Returns the reason when the size is refused. The arithmetic is on `u64` from edges of at most five digits,
+/// so no input can overflow it.
 pub fn free_size_ok(size: &str) -> Result<(), &'static str> {
-    let Some((w, h)) = size.split_once('x') else { return Err("sizes are written WIDTHxHEIGHT") };
-    let (Ok(w), Ok(h)) = (w.parse::<u64>(), h.parse::<u64>()) else { return Err("sizes are written WIDTHxHEIGHT") };
+    let Some((w, h)) = size.split_once('x') else {
+        return Err("sizes are written WIDTHxHEIGHT in plain decimal digits, such as '1536x864'");
+    };
+    let (w, h) = (edge(w)?, edge(h)?);
+    let (Some(w), Some(h)) = (w, h) else { return Err("the longest edge may be at most 3840 pixels") };
     if w == 0 || h == 0 || w % 16 != 0 || h % 16 != 0 {
         return Err("width and height must both be multiples of 16");
     }
-    let (long, short) = (w.max(h), w.min(h));
-    if long > 3 * short {
+    let (long, short) = (u64::from(w.max(h)), u64::from(w.min(h)));
+    if long > short.saturating_mul(3) {
         return Err("the aspect ratio must be between 1:3 and 3:1");
     }
-    if long > 3840 {
+    if long > u64::from(FREE_MAX_EDGE) {
         return Err("the longest edge may be at most 3840 pixels");
     }
-    let pixels = w * h;
-    if !(655_360..=8_294_400).contains(&pixels) {
+    let pixels = u64::from(w).saturating_mul(u64::from(h));
+    if !(FREE_MIN_PIXELS..=FREE_MAX_PIXELS).contains(&pixels) {
         return Err("the image must have between 655,360 and 8,294,400 pixels");
     }
     Ok(())
@@ -130,6 +157,32 @@ mod tests {
             assert_eq!(free_size_ok(ok), Ok(()), "{ok}");
         }
         for bad in ["1000x1000", "4096x1024", "3856x2160", "512x512", "3840x2176", "0x16", "axb", "1024", "16x4800"] {
+            assert!(free_size_ok(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn free_sizes_are_parsed_strictly_and_huge_numbers_never_overflow() {
+        let huge = "18446744073709551600x18446744073709551600";
+        assert_eq!(free_size_ok(huge), Err("the longest edge may be at most 3840 pixels"));
+        for bad in [
+            "+1024x+1024",
+            "01024x1024",
+            "1024x01024",
+            "00x1024",
+            " 1024x1024",
+            "1024x1024 ",
+            "1024 x1024",
+            "１０２４x1024", // full-width digits
+            "-1024x1024",
+            "1024x",
+            "x1024",
+            "1024x1024x16",
+            "4294967296x16",
+            "99999x99999",
+            "65536x65536",
+            "4294967295x4294967295",
+        ] {
             assert!(free_size_ok(bad).is_err(), "{bad}");
         }
     }

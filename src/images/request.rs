@@ -2,6 +2,8 @@
 //! (forwarded byte for byte, so unknown parameters always reach the upstream), and typed read access to the
 //! fields the gateway needs. `null` reads as absent, as OpenAI treats it.
 
+mod json;
+
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
@@ -138,18 +140,49 @@ pub fn is_image_field(name: &str) -> bool {
             .is_some_and(|i| i.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The integer a multipart text field spells, read the one way every stage reads it: the plain decimal form
+/// (`0`, `2`, `-1`), with no `+`, no leading zeros, no whitespace. Digits beyond `i64` read as `i64::MAX`
+/// (out of every range), like JSON integers beyond `i64`. `None` for anything else.
+pub fn parse_integer(text: &str) -> Option<i64> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && !(negative && digits == "0");
+    if !canonical {
+        return None;
+    }
+    match text.parse::<i64>() {
+        Ok(i) => Some(i),
+        Err(_) if negative => Some(i64::MIN),
+        Err(_) => Some(i64::MAX),
+    }
+}
+
+/// A multipart text field as the JSON value it stands for: a plain decimal integer ([`parse_integer`]), `true`
+/// or `false`, a JSON array or object; anything else is the string itself.
+pub fn text_value(text: &str) -> Value {
+    if let Some(i) = parse_integer(text) {
+        return Value::from(i);
+    }
+    match text {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => match serde_json::from_str::<Value>(text) {
+            Ok(v @ (Value::Array(_) | Value::Object(_))) => v,
+            _ => Value::String(text.to_owned()),
+        },
+    }
+}
+
 impl ImageRequest {
-    /// Parse a JSON body. The top level must be an object.
+    /// Parse a JSON body. The top level must be an object, and no object in it may name a key twice (which
+    /// of the two the upstream would act on is anyone's guess, so neither is guessed).
     pub fn from_json(endpoint: Endpoint, raw: Bytes) -> Result<Self, ApiError> {
-        let value: Value = serde_json::from_slice(&raw).map_err(|e| {
-            ApiError::invalid(
-                format!(
-                    "We could not parse the JSON body of your request: {e}. (HINT: send a JSON object with \
-                     Content-Type: application/json.)"
-                ),
-                None,
-            )
-        })?;
+        let value = json::parse(&raw)?;
         let Value::Object(fields) = value else {
             return Err(ApiError::invalid("The request body must be a JSON object.", None));
         };
@@ -182,12 +215,7 @@ impl ImageRequest {
     pub fn field(&self, name: &str) -> Option<Value> {
         match &self.body {
             RequestBody::Json { fields, .. } => fields.get(name).filter(|v| !v.is_null()).cloned(),
-            RequestBody::Multipart { form, .. } => form.text(name).map(|t| {
-                serde_json::from_str::<Value>(t)
-                    .ok()
-                    .filter(|v| !v.is_string())
-                    .unwrap_or_else(|| Value::String(t.to_owned()))
-            }),
+            RequestBody::Multipart { form, .. } => form.text(name).map(text_value),
         }
     }
 
@@ -201,7 +229,8 @@ impl ImageRequest {
         matches!(self.field("stream"), Some(Value::Bool(true)))
     }
 
-    /// Number of images asked for (default 1). Unparseable values read as 1; validation rejects them.
+    /// Number of images asked for (default 1), read as validation reads it (JSON integers, multipart text by
+    /// [`parse_integer`]). Values validation refuses (not an integer, out of `u32`) read as 1.
     pub fn n(&self) -> u32 {
         self.field("n").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok()).unwrap_or(1)
     }
@@ -332,6 +361,32 @@ mod tests {
         assert_eq!(parsed.parts[1].file_name.as_deref(), Some("a %22b%22.png"));
         assert_eq!(parsed.parts[2].content_type.as_deref(), Some("image/png"));
         assert_eq!(parsed.text("model"), Some("gpt-image-1"));
+    }
+
+    #[test]
+    fn integers_in_text_have_one_plain_form() {
+        for (text, n) in [("0", 0), ("2", 2), ("10", 10), ("-1", -1), ("99999999999999999999999", i64::MAX)] {
+            assert_eq!(parse_integer(text), Some(n), "{text}");
+        }
+        for text in ["", "+2", " 2", "2 ", "02", "00", "-0", "-", "2.0", "1e3", "0x10", "２", "٢", "+-2", "2\n"] {
+            assert_eq!(parse_integer(text), None, "{text:?}");
+        }
+        assert_eq!(text_value("+2"), Value::String("+2".into()));
+        assert_eq!(text_value("true"), Value::Bool(true));
+        assert_eq!(text_value("1.5"), Value::String("1.5".into()));
+        assert_eq!(text_value("null"), Value::String("null".into()));
+        assert_eq!(text_value("{\"a\": 1}"), serde_json::json!({"a": 1}));
+    }
+
+    #[test]
+    fn n_reads_multipart_text_as_validation_does() {
+        for (text, n) in [("2", 2), ("+2", 1), (" 2", 1), ("02", 1), ("-3", 1), ("10", 10)] {
+            let form = Form {
+                parts: vec![Part { name: "n".into(), file_name: None, content_type: None, data: Bytes::from(text) }],
+            };
+            let req = ImageRequest::from_form(Endpoint::Edits, Bytes::new(), String::new(), form);
+            assert_eq!(req.n(), n, "{text:?}");
+        }
     }
 
     #[test]

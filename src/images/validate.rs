@@ -26,7 +26,9 @@ pub struct ValidationPolicy {
 /// What validation learnt about a request that passed, for the later pipeline stages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validated {
-    /// The model asked for, or the endpoint's default.
+    /// The model asked for, or the one OpenAI picks when none is named: the endpoint's default, or (a
+    /// generation without a model that uses a GPT image parameter) [`IMPLIED_GPT_MODEL`]. The body still
+    /// names no model.
     pub model: String,
     /// `None` for models imagegate does not know (forwarded with generic checks).
     pub family: Option<Family>,
@@ -48,11 +50,21 @@ const STRING_FIELDS: &[&str] = &[
 const INTEGER_FIELDS: &[&str] = &["output_compression", "partial_images"];
 const GPT_ONLY: &[&str] = &["background", "moderation", "output_format", "output_compression", "partial_images"];
 
+/// The model a generation naming none runs on when it uses a parameter only GPT image models take. OpenAI's
+/// spec says only "a GPT image model"; its earlier wording named gpt-image-1 ("unless a gpt-image-1-specific
+/// parameter is used"), whose rules (and price) are checked and recorded. The body is forwarded as sent.
+pub const IMPLIED_GPT_MODEL: &str = "gpt-image-1";
+
 /// Check `request` against the generic rules and, for known models, the model's rules.
 pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Validated, ApiError> {
     let reader = Reader::new(request);
     let endpoint = request.endpoint;
-    let model = reader.string("model")?.unwrap_or(endpoint.default_model()).to_owned();
+    let model = match reader.string("model")? {
+        Some(model) => model,
+        None if endpoint == Endpoint::Generations && uses_gpt_only_parameter(&reader)? => IMPLIED_GPT_MODEL,
+        None => endpoint.default_model(),
+    }
+    .to_owned();
     let known = models::lookup(&model);
     if known.is_none() && policy.unknown_models == UnknownModels::Reject {
         let ids: Vec<&str> = models::known_ids().collect();
@@ -64,15 +76,23 @@ pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Val
     }
     let (n, stream) = generic(&reader, endpoint)?;
     if let Some(m) = known {
-        per_model(&reader, endpoint, m, policy)?;
+        per_model(&reader, m, policy)?;
     }
     let family = known.map(|m| m.family);
     if json_edit {
-        files::check_json_refs(&reader)?;
+        files::check_json_refs(&reader, family)?;
     } else if endpoint != Endpoint::Generations {
         files::check_form(&reader, endpoint, family, &model)?;
     }
     Ok(Validated { model, family, n, stream })
+}
+
+/// OpenAI: generations default to dall-e-2 "unless a parameter specific to the GPT image models is used".
+/// Those are the parameters only GPT image models take, given a value (`null` is not a value; nor is
+/// `stream: false`, which every model takes).
+fn uses_gpt_only_parameter(reader: &Reader<'_>) -> Result<bool, ApiError> {
+    let gpt_only = GPT_ONLY.iter().chain(&["input_fidelity"]).any(|name| reader.present(name));
+    Ok(gpt_only || reader.boolean("stream")? == Some(true))
 }
 
 fn check_endpoint(m: &Model, endpoint: Endpoint, json_edit: bool) -> Result<(), ApiError> {
@@ -120,7 +140,7 @@ fn generic(reader: &Reader<'_>, endpoint: Endpoint) -> Result<(u32, bool), ApiEr
 }
 
 /// The per-model table of `docs/validation.md`.
-fn per_model(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, policy: &ValidationPolicy) -> Result<(), ApiError> {
+fn per_model(reader: &Reader<'_>, m: &Model, policy: &ValidationPolicy) -> Result<(), ApiError> {
     let family = m.family;
     if let Some(prompt) = reader.string("prompt")? {
         let len = prompt.chars().count();
@@ -150,7 +170,7 @@ fn per_model(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, policy: &Valida
         _ if reader.present("style") => return Err(unsupported("style", m.id)),
         _ => {}
     }
-    if family.is_gpt() { gpt_rules(reader, endpoint, m, policy.rehost) } else { dalle_rules(reader, m) }
+    if family.is_gpt() { gpt_rules(reader, m, policy.rehost) } else { dalle_rules(reader, m) }
 }
 
 fn check_size(family: Family, size: &str) -> Result<(), ApiError> {
@@ -177,7 +197,7 @@ fn dalle_rules(reader: &Reader<'_>, m: &Model) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn gpt_rules(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, rehost: bool) -> Result<(), ApiError> {
+fn gpt_rules(reader: &Reader<'_>, m: &Model, rehost: bool) -> Result<(), ApiError> {
     if rehost {
         one_of(reader, "response_format", &["url", "b64_json"])?;
         if reader.string("response_format")? == Some("url") && reader.boolean("stream")? == Some(true) {
@@ -207,10 +227,15 @@ fn gpt_rules(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, rehost: bool) -
         if let Some(e) = out_of_range("output_compression", c, 0, 100) {
             return Err(e);
         }
-        if format == "png" {
+        // PNG is lossless: it is always written at 100, the default, which OpenAI's own example sends with
+        // output_format 'png'. Anything less would be silently ignored, so it is refused.
+        if format == "png" && c != 100 {
             return Err(ApiError::invalid_code(
-                "Invalid value for 'output_compression': it applies only with output_format 'jpeg' or 'webp', and \
-                 the output format is 'png'.",
+                format!(
+                    "Invalid value for 'output_compression': {c} is not supported with output_format 'png' (the \
+                     output format when none is given), which is lossless and always 100. Use output_format \
+                     'jpeg' or 'webp' to compress, or leave output_compression out."
+                ),
                 Some("output_compression"),
                 "invalid_value",
             ));
@@ -221,7 +246,9 @@ fn gpt_rules(reader: &Reader<'_>, endpoint: Endpoint, m: &Model, rehost: bool) -
     {
         return Err(e);
     }
-    if endpoint == Endpoint::Edits && reader.present("input_fidelity") {
+    // On every endpoint: OpenAI documents it for edits, and a generation carrying it is forwarded (unknown
+    // to the generation schema, it is the upstream's to judge) but only with a value and model it can mean.
+    if reader.present("input_fidelity") {
         if !m.input_fidelity {
             return Err(unsupported("input_fidelity", m.id));
         }
@@ -296,6 +323,57 @@ mod tests {
         for (body, param, code) in cases {
             assert_eq!(param_of(body.clone()), (Some(param.to_owned()), Some(code)), "{body}");
         }
+    }
+
+    #[test]
+    fn a_generation_without_a_model_using_a_gpt_parameter_gets_gpt_rules() {
+        for body in [
+            json!({"prompt": "x", "output_format": "webp"}),
+            json!({"prompt": "x", "model": null, "background": "transparent"}),
+            json!({"prompt": "x", "stream": true, "partial_images": 2}),
+            json!({"prompt": "x", "moderation": "low", "size": "1536x1024", "quality": "high"}),
+        ] {
+            let v = check(body.clone()).unwrap_or_else(|e| panic!("{body}: {}", e.client_message()));
+            assert_eq!((v.model.as_str(), v.family), (IMPLIED_GPT_MODEL, Some(Family::GptImage)), "{body}");
+        }
+        // Still dall-e-2 without one (stream: false and nulls are not GPT parameters).
+        let v = check(json!({"prompt": "x", "stream": false, "output_format": null})).unwrap();
+        assert_eq!(v.model, "dall-e-2");
+        // The GPT rules apply: DALL·E-only values are refused.
+        assert_eq!(
+            param_of(json!({"prompt": "x", "output_format": "png", "style": "vivid"})),
+            (Some("style".into()), Some("unsupported_parameter"))
+        );
+        assert_eq!(
+            param_of(json!({"prompt": "x", "output_format": "png", "size": "256x256"})),
+            (Some("size".into()), Some("invalid_value"))
+        );
+    }
+
+    #[test]
+    fn png_takes_only_the_default_compression() {
+        assert!(
+            check(json!({"prompt": "x", "model": "gpt-image-1", "output_format": "png", "output_compression": 100}))
+                .is_ok()
+        );
+        assert!(check(json!({"prompt": "x", "model": "gpt-image-1", "output_compression": 100})).is_ok());
+        assert_eq!(
+            param_of(json!({"prompt": "x", "model": "gpt-image-1", "output_format": "png", "output_compression": 99})),
+            (Some("output_compression".into()), Some("invalid_value"))
+        );
+    }
+
+    #[test]
+    fn input_fidelity_is_checked_on_every_endpoint() {
+        assert_eq!(
+            param_of(json!({"prompt": "x", "model": "gpt-image-1", "input_fidelity": "bogus"})),
+            (Some("input_fidelity".into()), Some("invalid_value"))
+        );
+        assert_eq!(
+            param_of(json!({"prompt": "x", "model": "gpt-image-2", "input_fidelity": "high"})),
+            (Some("input_fidelity".into()), Some("unsupported_parameter"))
+        );
+        assert!(check(json!({"prompt": "x", "model": "gpt-image-1.5", "input_fidelity": "low"})).is_ok());
     }
 
     #[test]

@@ -51,8 +51,8 @@ async fn handle(
     let extracted = match extract::image_request(&state, endpoint, request).await {
         Ok(extracted) => extracted,
         Err(e) => {
-            state.images.record_refusal(&ctx, endpoint, &request_id, e.status().as_u16());
-            return Err(e.into());
+            state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
+            return Err(e);
         }
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };

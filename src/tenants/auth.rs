@@ -5,12 +5,18 @@
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::AUTHORIZATION;
+use http::HeaderValue;
+use http::header::{AUTHORIZATION, CONNECTION};
 
 use super::keys;
 use super::store::Lookup;
 use crate::error::{ApiError, AuthFailure};
 use crate::state::AppState;
+
+/// How much of an unauthenticated request's body is read (and dropped) after its 401 has been sent.
+pub const UNAUTHENTICATED_LINGER_BYTES: u64 = 64 * 1024;
+/// How long that background read may take.
+pub const UNAUTHENTICATED_LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Middleware: authenticate, record the tenant on the request span, and continue.
 pub async fn require_tenant(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
@@ -22,11 +28,14 @@ pub async fn require_tenant(State(state): State<AppState>, mut request: Request,
             next.run(request).await
         }
         Err(e) => {
-            // Let an uploading client finish (up to the largest body we would accept) so it sees the 401
-            // rather than a reset connection.
-            let cap = state.settings.server.max_multipart_body.as_u64();
-            crate::extract::discard_at_most(request.body_mut(), cap).await;
-            e.into_response()
+            // Answer at once and close; a few KiB of what the client is still sending are read in the background
+            // so a small request sees the 401 rather than a reset connection. An unauthenticated caller never
+            // gets more of imagegate's time or memory than that.
+            let (parts, body) = request.into_parts();
+            crate::extract::linger(body, &parts.headers, UNAUTHENTICATED_LINGER_BYTES, UNAUTHENTICATED_LINGER_TIME);
+            let mut response = e.into_response();
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            response
         }
     }
 }

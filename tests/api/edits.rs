@@ -108,10 +108,14 @@ async fn a_single_image_edit_with_dall_e_2_returns_a_url() {
 async fn the_json_edit_body_is_forwarded_as_json() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn(&fake.url).await;
+    use base64::Engine as _;
+    let data_url =
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png(8, 8, false)));
     let sent = json!({
         "model": "gpt-image-1.5",
         "prompt": "watercolour",
-        "images": [{"image_url": "data:image/png;base64,iVBORw0KGgo="}],
+        "images": [{"image_url": data_url}, {"file_id": "file-abc123"}],
+        "mask": {"image_url": "https://example.com/mask.png"},
     });
 
     let res = app.post_json("/images/edits", &sent).await;
@@ -153,7 +157,7 @@ async fn malformed_multipart_and_duplicate_fields_get_400_without_an_upstream_ca
         .await
         .unwrap();
     let (status, error) = error_of(res).await;
-    assert_eq!(status, 400);
+    assert_eq!((status, &error["param"], &error["code"]), (400, &json!(null), &json!(null)));
     assert!(error["message"].as_str().unwrap().contains("multipart"), "{error}");
 
     let res = app
@@ -165,12 +169,13 @@ async fn malformed_multipart_and_duplicate_fields_get_400_without_an_upstream_ca
         .send()
         .await
         .unwrap();
-    assert_eq!(error_of(res).await.0, 400);
+    let (status, error) = error_of(res).await;
+    assert_eq!((status, &error["param"], &error["code"]), (400, &json!(null), &json!(null)));
+    assert!(error["message"].as_str().unwrap().contains("boundary"), "{error}");
 
     let form = Form::new().text("prompt", "one").text("prompt", "two").part("image", file(png(8, 8, false), "x.png"));
     let (status, error) = error_of(app.post_form("/images/edits", form).await).await;
-    assert_eq!(status, 400);
-    assert_eq!(error["param"], "prompt");
+    assert_eq!((status, &error["param"], &error["code"]), (400, &json!("prompt"), &json!(null)));
 
     assert_eq!(fake.call_count(), 0);
 }
@@ -183,7 +188,7 @@ async fn an_oversized_upload_gets_413_stating_the_multipart_limit() {
 
     let (status, error) = error_of(app.post_form("/images/edits", form).await).await;
 
-    assert_eq!(status, 413);
+    assert_eq!((status, &error["param"], &error["code"]), (413, &json!(null), &json!("request_too_large")));
     assert!(error["message"].as_str().unwrap().contains("262144"), "{error}");
     assert_eq!(fake.call_count(), 0);
 }

@@ -32,6 +32,8 @@ async fn run_suite(program: &Path, args: &[&str], installed: &Path) -> Option<(b
         .env("IMAGEGATE_UPSTREAM_KEY", UPSTREAM_KEY)
         .env("IMAGEGATE_ROOT_URL", &app.root)
         .env("IMAGEGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("IMAGEGATE_REHOST", app.settings.images.rehost.to_string())
+        .env("IMAGEGATE_MAX_MULTIPART", app.settings.server.max_multipart_body.as_u64().to_string())
         .env("CI", "true")
         .stdin(Stdio::null())
         .output()

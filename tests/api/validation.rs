@@ -259,6 +259,12 @@ fn webp(w: u32, h: u32) -> Vec<u8> {
     )
 }
 
+/// `data:{mime};base64,{bytes}`, as a browser writes it.
+fn data_url(mime: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
 fn junk(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i.wrapping_mul(7919) % 251) as u8 ^ 0x5a).collect()
 }
@@ -299,6 +305,12 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
     out.extend(chunk(b"IDAT", &junk(1000)));
     out.extend(chunk(b"IEND", &[]));
     out
+}
+
+/// `bytes` without its last `n` bytes: the header intact, the end missing.
+fn cut(mut bytes: Vec<u8>, n: usize) -> Vec<u8> {
+    bytes.truncate(bytes.len() - n);
+    bytes
 }
 
 /// `png` grown to exactly `total` bytes by a private ancillary chunk before IEND (still a valid PNG).
@@ -452,6 +464,71 @@ async fn generic_checks_refuse_missing_prompts_wrong_types_and_out_of_range_n_fo
             "output_compression",
             "invalid_type",
         ),
+        // Integers in text have one form: plain decimal digits (what validation reads is what the upstream reads).
+        refused(
+            "n=+2",
+            EDITS,
+            image().text("model", "gpt-image-1").text("prompt", "x").text("n", "+2"),
+            "n",
+            "invalid_type",
+        ),
+        refused(
+            "n=' 2'",
+            EDITS,
+            image().text("model", "gpt-image-1").text("prompt", "x").text("n", " 2"),
+            "n",
+            "invalid_type",
+        ),
+        refused(
+            "n='2 '",
+            EDITS,
+            image().text("model", UNKNOWN).text("prompt", "x").text("n", "2 "),
+            "n",
+            "invalid_type",
+        ),
+        refused(
+            "n=02",
+            EDITS,
+            image().text("model", "gpt-image-1").text("prompt", "x").text("n", "02"),
+            "n",
+            "invalid_type",
+        ),
+        refused(
+            "n=2.0",
+            EDITS,
+            image().text("model", "gpt-image-1").text("prompt", "x").text("n", "2.0"),
+            "n",
+            "invalid_type",
+        ),
+        refused(
+            "output_compression=+50",
+            EDITS,
+            image()
+                .text("model", "gpt-image-1")
+                .text("prompt", "x")
+                .text("output_format", "webp")
+                .text("output_compression", "+50"),
+            "output_compression",
+            "invalid_type",
+        ),
+        refused(
+            "partial_images=03",
+            EDITS,
+            image()
+                .text("model", "gpt-image-1")
+                .text("prompt", "x")
+                .text("stream", "true")
+                .text("partial_images", "03"),
+            "partial_images",
+            "invalid_type",
+        ),
+        refused(
+            "variation n=+1",
+            VARIATIONS,
+            Upload::new().png("image", rgba_png(64, 64)).text("n", "+1"),
+            "n",
+            "invalid_type",
+        ),
         refused(
             "variation n=11",
             VARIATIONS,
@@ -487,11 +564,26 @@ async fn per_model_generation_rules_refuse_what_the_model_does_not_take() {
         generation(json!({"prompt": chars('a', 1001)}), "prompt", "string_above_max_length"),
         generation(json!({"prompt": "x", "size": "1536x1024"}), "size", "invalid_value"),
         generation(json!({"prompt": "x", "style": "natural"}), "style", "unsupported_parameter"),
+        // No model but a parameter only GPT image models take: OpenAI runs a GPT image model, so its rules apply.
+        generation(json!({"prompt": "x", "output_format": "webp", "style": "vivid"}), "style", "unsupported_parameter"),
         generation(
-            json!({"prompt": "x", "model": null, "output_format": "png"}),
-            "output_format",
-            "unsupported_parameter",
+            json!({"prompt": "x", "model": null, "background": "transparent", "output_format": "jpeg"}),
+            "background",
+            "invalid_value",
         ),
+        generation(json!({"prompt": "x", "stream": true, "size": "256x256"}), "size", "invalid_value"),
+        generation(json!({"prompt": "x", "moderation": "low", "quality": "standard"}), "quality", "invalid_value"),
+        generation(
+            json!({"prompt": "x", "partial_images": 4, "stream": true}),
+            "partial_images",
+            "integer_above_max_value",
+        ),
+        generation(
+            json!({"prompt": "x", "output_format": "png", "output_compression": 50}),
+            "output_compression",
+            "invalid_value",
+        ),
+        generation(json!({"prompt": chars('a', 32001), "output_format": "png"}), "prompt", "string_above_max_length"),
         generation(with(&d2, json!({"size": "1792x1024"})), "size", "invalid_value"),
         generation(with(&d2, json!({"size": "1024x1536"})), "size", "invalid_value"),
         generation(with(&d2, json!({"size": "auto"})), "size", "invalid_value"),
@@ -565,10 +657,15 @@ async fn per_model_generation_rules_refuse_what_the_model_does_not_take() {
                 "output_compression",
                 "integer_below_min_value",
             ),
-            // The default output format is png, which takes no compression.
+            // The default output format is png, lossless: only its own 100 is taken (OpenAI's example sends it).
             generation(with(&gpt, json!({"output_compression": 50})), "output_compression", "invalid_value"),
             generation(
-                with(&gpt, json!({"output_format": "png", "output_compression": 100})),
+                with(&gpt, json!({"output_format": "png", "output_compression": 99})),
+                "output_compression",
+                "invalid_value",
+            ),
+            generation(
+                with(&gpt, json!({"output_format": "png", "output_compression": 0})),
                 "output_compression",
                 "invalid_value",
             ),
@@ -589,6 +686,31 @@ async fn per_model_generation_rules_refuse_what_the_model_does_not_take() {
         for size in ["512x512", "256x256", "1792x1024", "1024x1792", "1536x864", "2048x2048", "3840x2160"] {
             cases.push(generation(with(&gpt, json!({"size": size})), "size", "invalid_value"));
         }
+    }
+    // input_fidelity is an edit parameter; a generation may carry it, but only with a value and model it can mean.
+    for model in ["gpt-image-1", "gpt-image-1.5", "chatgpt-image-latest"] {
+        for value in ["bogus", "HIGH", "medium", ""] {
+            cases.push(generation(
+                json!({"model": model, "prompt": "x", "input_fidelity": value}),
+                "input_fidelity",
+                "invalid_value",
+            ));
+        }
+    }
+    // input_fidelity: not for gpt-image-1-mini nor gpt-image-2 (which always works at high fidelity).
+    for model in ["gpt-image-1-mini", "gpt-image-2", "gpt-image-2-2026-04-21"] {
+        cases.push(generation(
+            json!({"model": model, "prompt": "x", "input_fidelity": "high"}),
+            "input_fidelity",
+            "unsupported_parameter",
+        ));
+    }
+    for model in ["dall-e-2", "dall-e-3"] {
+        cases.push(generation(
+            json!({"model": model, "prompt": "x", "input_fidelity": "low"}),
+            "input_fidelity",
+            "unsupported_parameter",
+        ));
     }
 
     let total = cases.len();
@@ -636,6 +758,18 @@ async fn gpt_image_2_sizes_outside_the_wxh_rules_are_refused() {
         "99999999999999999999999x1024",
         "AUTO",
         "auto ",
+        // Huge numbers: refused with a reason, never an overflow (this one once panicked the gateway).
+        "18446744073709551600x18446744073709551600",
+        "18446744073709551616x16",
+        "4294967296x16",
+        "65536x65536",
+        "99999x99999",
+        // Only plain digits: no signs, no leading zeros.
+        "+1024x+1024",
+        "+1536x864",
+        "01024x1024",
+        "1024x01024",
+        "01536x0864",
     ];
     let mut cases = Vec::new();
     for model in GPT2 {
@@ -751,6 +885,20 @@ async fn edit_rules_refuse_bad_fields_and_models_that_do_not_edit() {
             EDITS,
             gpt("gpt-image-1").text("input_fidelity", "medium"),
             "input_fidelity",
+            "invalid_value",
+        ),
+        refused(
+            "gpt-image-1.5 input_fidelity bogus",
+            EDITS,
+            gpt("gpt-image-1.5").text("input_fidelity", "bogus"),
+            "input_fidelity",
+            "invalid_value",
+        ),
+        refused(
+            "png with compression 99",
+            EDITS,
+            gpt("gpt-image-1").text("output_format", "png").text("output_compression", "99"),
+            "output_compression",
             "invalid_value",
         ),
         refused(
@@ -962,6 +1110,21 @@ async fn files_are_checked_by_their_bytes_and_headers() {
             "unsupported_file_mimetype",
         ),
         refused("no content type", EDITS, gpt().untyped_file("image", rgb_png(64, 64)), image, "missing_file_mimetype"),
+        // OpenAI lists exactly image/jpeg, image/png and image/webp; image/jpg is not among them.
+        refused(
+            "declared image/jpg",
+            EDITS,
+            gpt().file("image", jpeg(64, 64), "image/jpg"),
+            image,
+            "unsupported_file_mimetype",
+        ),
+        refused(
+            "second image declared image/jpg",
+            EDITS,
+            gpt().png("image[]", rgb_png(64, 64)).file("image[]", jpeg(64, 64), "image/jpg"),
+            "image[1]",
+            "unsupported_file_mimetype",
+        ),
         // Bytes.
         refused(
             "PNG bytes declared image/jpeg",
@@ -1017,6 +1180,56 @@ async fn files_are_checked_by_their_bytes_and_headers() {
             "a truncated JPEG",
             EDITS,
             gpt().file("image", jpeg(64, 64)[..4].to_vec(), "image/jpeg"),
+            image,
+            "invalid_image_format",
+        ),
+        // Cut short after an intact header: the file's end is checked too, without decoding anything.
+        refused(
+            "the first 40 bytes of a valid PNG",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)[..40].to_vec()),
+            image,
+            "invalid_image_format",
+        ),
+        refused(
+            "a PNG missing its last byte",
+            EDITS,
+            gpt().png("image", cut(rgb_png(64, 64), 1)),
+            image,
+            "invalid_image_format",
+        ),
+        refused(
+            "second image a JPEG without its end marker",
+            EDITS,
+            gpt().png("image[]", rgb_png(64, 64)).file("image[]", cut(jpeg(64, 64), 2), "image/jpeg"),
+            "image[1]",
+            "invalid_image_format",
+        ),
+        refused(
+            "a WebP shorter than its RIFF size",
+            EDITS,
+            gpt().file("image", cut(webp(64, 64), 4), "image/webp"),
+            image,
+            "invalid_image_format",
+        ),
+        refused(
+            "dall-e-2 a truncated PNG",
+            EDITS,
+            d2().png("image", cut(rgba_png(64, 64), 12)),
+            image,
+            "invalid_image_format",
+        ),
+        refused(
+            "variation: a truncated PNG",
+            VARIATIONS,
+            Upload::new().png("image", rgba_png(64, 64)[..60].to_vec()),
+            image,
+            "invalid_image_format",
+        ),
+        refused(
+            "unknown model: a truncated PNG",
+            EDITS,
+            Upload::new().text("model", UNKNOWN).text("prompt", "x").png("image", cut(rgb_png(64, 64), 12)),
             image,
             "invalid_image_format",
         ),
@@ -1204,6 +1417,67 @@ async fn files_are_checked_by_their_bytes_and_headers() {
             "mask",
             "image_too_large",
         ),
+        // The mask's declared type is checked and matched to its bytes, as the images' are.
+        refused(
+            "a PNG mask declared image/jpeg",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)).file("mask", rgba_png(64, 64), "image/jpeg"),
+            "mask",
+            "unsupported_file_mimetype",
+        ),
+        refused(
+            "a mask declared application/octet-stream",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)).file("mask", rgba_png(64, 64), "application/octet-stream"),
+            "mask",
+            "unsupported_file_mimetype",
+        ),
+        refused(
+            "a mask without a content type",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)).untyped_file("mask", rgba_png(64, 64)),
+            "mask",
+            "missing_file_mimetype",
+        ),
+        refused(
+            "a WebP mask declared image/png",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)).png("mask", webp(64, 64)),
+            "mask",
+            "invalid_image_format",
+        ),
+        refused(
+            "a mask claiming 100000x100000",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)).png("mask", png_claiming(100_000, 100_000)),
+            "mask",
+            "invalid_image_dimensions",
+        ),
+        refused(
+            "a truncated mask",
+            EDITS,
+            gpt().png("image", rgb_png(64, 64)).png("mask", cut(rgba_png(64, 64), 12)),
+            "mask",
+            "invalid_image_format",
+        ),
+        refused(
+            "dall-e-2 mask declared image/webp",
+            EDITS,
+            d2().png("image", rgb_png(64, 64)).file("mask", rgba_png(64, 64), "image/webp"),
+            "mask",
+            "unsupported_file_mimetype",
+        ),
+        refused(
+            "unknown model: a mask claiming 100000x100000",
+            EDITS,
+            Upload::new()
+                .text("model", UNKNOWN)
+                .text("prompt", "x")
+                .png("image", rgb_png(64, 64))
+                .png("mask", png_claiming(100_000, 100_000)),
+            "mask",
+            "invalid_image_dimensions",
+        ),
     ];
     // Every GPT image model gets the byte checks.
     for model in GPT.iter().chain(GPT2.iter()) {
@@ -1343,6 +1617,90 @@ async fn the_json_edit_body_rules_refuse_bad_image_references() {
             json!({"prompt": "x", "images": [{"image_url": "ftp://x/y.png"}]}),
             "images[0].image_url",
             "invalid_value",
+        ),
+        json_edit(with(&base, json!({"input_fidelity": "bogus"})), "input_fidelity", "invalid_value"),
+        json_edit(
+            with(&base, json!({"output_format": "png", "output_compression": 80})),
+            "output_compression",
+            "invalid_value",
+        ),
+        // data: URLs are files: checked by their bytes (only the first and last bytes are decoded).
+        json_edit(
+            with(&base, json!({"images": [{"image_url": data_url("image/png", b"not an image at all")}]})),
+            "images[0].image_url",
+            "invalid_image_format",
+        ),
+        json_edit(
+            with(
+                &base,
+                json!({"images": [url, {"image_url": data_url("image/png", &png_claiming(100_000, 100_000))}]}),
+            ),
+            "images[1].image_url",
+            "invalid_image_dimensions",
+        ),
+        json_edit(
+            with(&base, json!({"images": [{"image_url": data_url("image/jpeg", &rgb_png(64, 64))}]})),
+            "images[0].image_url",
+            "invalid_image_format",
+        ),
+        json_edit(
+            with(&base, json!({"images": [{"image_url": data_url("image/gif", &rgb_png(64, 64))}]})),
+            "images[0].image_url",
+            "unsupported_file_mimetype",
+        ),
+        json_edit(
+            with(&base, json!({"images": [{"image_url": data_url("image/jpg", &jpeg(64, 64))}]})),
+            "images[0].image_url",
+            "unsupported_file_mimetype",
+        ),
+        json_edit(
+            with(&base, json!({"images": [{"image_url": data_url("image/png", &rgb_png(64, 64)[..40])}]})),
+            "images[0].image_url",
+            "invalid_image_format",
+        ),
+        json_edit(
+            with(&base, json!({"images": [{"image_url": "data:image/png;base64,iVBO*w0KGgo="}]})),
+            "images[0].image_url",
+            "invalid_value",
+        ),
+        json_edit(
+            with(&base, json!({"images": [{"image_url": "data:image/png;base64,iVBORw0KGgo===="}]})),
+            "images[0].image_url",
+            "invalid_value",
+        ),
+        json_edit(
+            with(&base, json!({"mask": {"image_url": data_url("image/png", &rgb_png(64, 64))}})),
+            "mask.image_url",
+            "invalid_image_format",
+        ),
+        json_edit(
+            with(
+                &base,
+                json!({
+                    "images": [{"image_url": data_url("image/png", &rgb_png(64, 64))}],
+                    "mask": {"image_url": data_url("image/png", &rgba_png(32, 32))},
+                }),
+            ),
+            "mask.image_url",
+            "invalid_image_dimensions",
+        ),
+        json_edit(
+            with(&base, json!({"mask": {"image_url": data_url("image/webp", &webp(64, 64))}})),
+            "mask.image_url",
+            "unsupported_file_mimetype",
+        ),
+        json_edit(
+            with(
+                &base,
+                json!({"mask": {"image_url": data_url("image/png", &padded_png(rgba_png(64, 64), 4 * MIB + 1))}}),
+            ),
+            "mask.image_url",
+            "image_too_large",
+        ),
+        json_edit(
+            json!({"model": UNKNOWN, "prompt": "x", "images": [{"image_url": data_url("image/png", b"GIF89a....")}]}),
+            "images[0].image_url",
+            "invalid_image_format",
         ),
     ];
 
@@ -1531,6 +1889,15 @@ async fn valid_generations_at_every_boundary_reach_the_upstream_unchanged() {
         json!({"model": "gpt-image-1", "prompt": "x", "background": "opaque", "output_format": "jpeg"}),
         json!({"model": "gpt-image-1", "prompt": "x", "background": "auto", "moderation": "low"}),
         json!({"model": "gpt-image-1", "prompt": "x", "moderation": "auto", "output_format": "png"}),
+        // PNG's own compression, the default 100, as OpenAI's example sends it.
+        json!({"model": "gpt-image-1", "prompt": "x", "output_format": "png", "output_compression": 100}),
+        json!({"model": "gpt-image-2", "prompt": "x", "output_compression": 100}),
+        // input_fidelity on a generation, for a model that takes it, is forwarded.
+        json!({"model": "gpt-image-1", "prompt": "x", "input_fidelity": "high"}),
+        // No model, but a parameter only GPT image models take: OpenAI picks a GPT image model.
+        json!({"prompt": "x", "output_format": "webp"}),
+        json!({"prompt": chars('a', 32000), "model": null, "background": "transparent", "size": "1536x1024", "quality": "high"}),
+        json!({"prompt": "x", "moderation": "low", "n": 10}),
         // Streaming.
         json!({"model": "gpt-image-1", "prompt": "x", "stream": true, "partial_images": 3}),
         json!({"model": "gpt-image-2", "prompt": "x", "stream": true, "partial_images": 0}),
@@ -1640,6 +2007,27 @@ async fn valid_multipart_edits_at_every_boundary_reach_the_upstream_unchanged() 
                 .text("user", "12345"),
         ),
         (
+            "png with its own compression, 100",
+            EDITS,
+            gpt("gpt-image-1")
+                .png("image", rgb_png(64, 64))
+                .text("output_format", "png")
+                .text("output_compression", "100"),
+        ),
+        (
+            "a mask declared image/png for a WebP image",
+            EDITS,
+            gpt("gpt-image-1").file("image", webp(64, 64), "image/webp").png("mask", rgba_png(64, 64)),
+        ),
+        (
+            "trailing bytes after the end of each file, as decoders allow",
+            EDITS,
+            gpt("gpt-image-1")
+                .png("image[]", [rgb_png(64, 64), vec![0; 100]].concat())
+                .file("image[]", [jpeg(64, 64), vec![0; 100]].concat(), "image/jpeg")
+                .file("image[]", [webp(64, 64), vec![0; 100]].concat(), "image/webp"),
+        ),
+        (
             "stream with 3 partial images",
             EDITS,
             gpt("gpt-image-1").png("image", rgb_png(64, 64)).text("stream", "true").text("partial_images", "3"),
@@ -1715,16 +2103,44 @@ async fn valid_variations_reach_the_upstream_unchanged() {
 async fn valid_json_edit_bodies_reach_the_upstream_unchanged() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| s.server.max_json_body = bytesize::ByteSize::mib(32)).await;
+    // A real PNG whose unpadded base64 makes the data URL exactly 20,971,520 characters long.
     let prefix = "data:image/png;base64,";
-    let longest = format!("{prefix}{}", chars('A', MAX_IMAGE_URL - prefix.len()));
+    let longest = {
+        use base64::Engine as _;
+        let png = padded_png(rgba_png(64, 64), 15_728_623);
+        format!("{prefix}{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(png))
+    };
+    assert_eq!(longest.len(), MAX_IMAGE_URL);
     let url = json!({"image_url": "https://example.com/cat.png"});
 
     let bodies = vec![
+        // OpenAI's own examples of the JSON edit body (openapi.yaml, `/images/edits`): a URL, and file ids
+        // with a mask, output_format png and output_compression 100.
+        json!({
+            "model": "gpt-image-1.5", "prompt": "Add a watercolor effect to this image",
+            "images": [{"image_url": "https://example.com/source-image.png"}], "size": "1024x1024", "quality": "high",
+        }),
+        json!({
+            "model": "gpt-image-1.5", "prompt": "Replace the background with a snowy mountain scene",
+            "images": [{"file_id": "file-abc123"}], "mask": {"file_id": "file-mask123"},
+            "output_format": "png", "output_compression": 100,
+        }),
+        json!({"prompt": "snow", "images": [{"file_id": "file-abc123"}], "mask": {"file_id": "file-mask123"}, "output_format": "png", "output_compression": 100}),
         json!({"prompt": "x", "images": [url]}),
         json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": "http://example.com/cat.png"}]}),
         json!({"model": "gpt-image-1", "prompt": "x", "images": [{"file_id": "file-abc123"}]}),
-        json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": "data:image/png;base64,iVBORw0KGgo="}]}),
-        json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": "data:image/webp;base64,UklGRg=="}]}),
+        // data: URLs holding real images, checked by their bytes.
+        json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": data_url("image/png", &rgb_png(64, 64))}]}),
+        json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": data_url("image/webp", &webp(48, 64))}]}),
+        json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": data_url("image/jpeg", &jpeg(64, 48))}]}),
+        json!({
+            "model": "gpt-image-1", "prompt": "x",
+            "images": [{"image_url": data_url("image/png", &rgb_png(64, 32))}, url, {"file_id": "file-2"}],
+            "mask": {"image_url": data_url("image/png", &rgba_png(64, 32))},
+        }),
+        // A mask for an image imagegate cannot see: only the mask's own rules apply.
+        json!({"model": "gpt-image-1", "prompt": "x", "images": [url], "mask": {"image_url": data_url("image/png", &rgba_png(16, 16))}}),
+        json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": data_url("image/png", &png_claiming(16_384, 16_384))}]}),
         json!({"model": "gpt-image-1.5", "prompt": "x", "images": vec![url.clone(); 16]}),
         json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": longest}]}),
         json!({"model": "gpt-image-1", "prompt": "x", "images": [url], "mask": {"file_id": "file-mask"}}),
@@ -1779,6 +2195,49 @@ async fn unknown_models_are_forwarded_with_only_the_generic_checks_by_default() 
             VARIATIONS,
             Upload::new().text("model", UNKNOWN).png("image", rgba_png(64, 64)),
         ),
+        // Files for unknown models: only the byte-level rules (a readable, complete PNG/JPEG/WebP of at most
+        // 16384 pixels a side, one mask at most). No count, declared-type, size or mask-shape rules.
+        (
+            "an unknown model with 17 images, odd declared types and a mask of another size and kind",
+            EDITS,
+            (0..17)
+                .fold(Upload::new().text("model", UNKNOWN).text("prompt", "x"), |u, i| {
+                    u.png("image[]", rgb_png(16 + i, 16))
+                })
+                .file("image[]", rgb_png(64, 64), "application/octet-stream")
+                .untyped_file("image[]", webp(32, 32))
+                .png("image[]", jpeg(32, 32))
+                .file("mask", jpeg(20, 10), "image/jpeg"),
+        ),
+        (
+            "an unknown model with a 4 MiB + 1 byte variation image that is not square",
+            VARIATIONS,
+            Upload::new().text("model", UNKNOWN).png("image", padded_png(rgb_png(64, 32), 4 * MIB + 1)),
+        ),
     ];
     assert_forms_forwarded_unchanged(&app, &fake, cases).await;
+}
+
+#[tokio::test]
+async fn a_generation_naming_no_model_but_a_gpt_parameter_is_checked_and_recorded_as_gpt_image_1() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+
+    // Sent as is: no model is added to the body; the upstream picks its GPT image model.
+    let body = json!({"prompt": "a red fox", "output_format": "webp", "quality": "high"});
+    let res = app.post_json(GENERATIONS, &body).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    assert_eq!(fake.last_call().unwrap().json, Some(body));
+    let rows = app.usage_rows(1).await;
+    assert_eq!(rows.last().unwrap()["model"], "gpt-image-1", "{rows:?}");
+
+    // A tenant that may use only dall-e-2 cannot reach a GPT image model by leaving the model out.
+    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].allowed_models = Some(vec!["dall-e-2".into()])).await;
+    let before = fake.call_count();
+    let res = app.post_json(GENERATIONS, &json!({"prompt": "a red fox", "background": "opaque"})).await;
+    let (status, error) = error_of(res).await;
+    assert_eq!(status, 403, "{error}");
+    assert!(error["message"].as_str().unwrap().contains("gpt-image-1"), "{error}");
+    assert_eq!(app.post_json(GENERATIONS, &json!({"prompt": "a red fox"})).await.status(), 200);
+    assert_eq!(fake.call_count(), before + 1);
 }

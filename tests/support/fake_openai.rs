@@ -82,6 +82,8 @@ pub struct RecordedCall {
     /// Multipart parts in arrival order (empty for non-multipart bodies).
     pub parts: Vec<RecordedPart>,
     pub body_len: usize,
+    /// Lowercase hex SHA-256 of the whole body as received (to prove a body arrived byte for byte).
+    pub body_sha256: String,
     /// The `x-request-id` the fake answered this call with.
     pub request_id: String,
     /// Milliseconds between the fake's start and the arrival of this call (body fully read).
@@ -419,6 +421,7 @@ async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         json,
         parts,
         body_len: bytes.len(),
+        body_sha256: hex::encode(Sha256::digest(&bytes)),
         request_id: request_id.clone(),
         at_ms: u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };

@@ -1,7 +1,15 @@
-//! File rules for edits and variations: count, declared type, real bytes (headers only), size, dimensions,
-//! dall-e-2's square-PNG-with-transparency rule, and the mask. Also the `images`/`mask` references of the
-//! JSON edit body.
+//! File rules for edits and variations: count, declared type, real bytes (headers and the file's end only),
+//! size, dimensions, dall-e-2's square-PNG-with-transparency rule, and the mask. The same rules hold for
+//! multipart file parts and for the `data:` URLs of the JSON edit body (`images[i].image_url`,
+//! `mask.image_url`), of which only the first and last bytes are decoded.
+//!
+//! Known models get every rule of `docs/validation.md`; models imagegate does not know (forwarded by policy)
+//! get only the byte-level rules, which protect imagegate itself and hold for any upstream: each file is a
+//! readable PNG, JPEG or WebP header, at most [`MAX_EDGE`] pixels a side, not cut short; one mask at most.
 
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde_json::Value;
 
 use super::reader::{Reader, invalid_type, missing, unsupported};
@@ -13,11 +21,83 @@ use crate::images::request::{Endpoint, Part, is_image_field};
 const MIB: usize = 1024 * 1024;
 /// No side of an input image may exceed this; checked from the header, before anything is allocated.
 pub const MAX_EDGE: u32 = 16384;
-const DALLE2_MAX_BYTES: usize = 4 * MIB;
-const GPT_MAX_BYTES: usize = 50 * MIB;
+const DALLE2_MAX_BYTES: u64 = 4 * MIB as u64;
+const GPT_MAX_BYTES: u64 = 50 * MIB as u64;
 const GPT_MAX_IMAGES: usize = 16;
-const MASK_MAX_BYTES: usize = 4 * MIB;
+const MASK_MAX_BYTES: u64 = 4 * MIB as u64;
 const JSON_IMAGE_URL_MAX: usize = 20_971_520;
+/// Base64 characters of a `data:` URL decoded for the header: 700,000 characters, 525,000 bytes, room for
+/// the largest metadata segments a JPEG puts before its frame header.
+const DATA_URL_HEAD_CHARS: usize = 700_000;
+/// Base64 characters decoded from a `data:` URL's end for the end checks: 1,368 characters, 1,026 bytes.
+const DATA_URL_TAIL_CHARS: usize = 4 * imageinfo::TAIL_WINDOW.div_ceil(3);
+
+/// Lenient about padding and trailing bits, as the decoders upstream are; strict about the alphabet.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// One uploaded file as the rules see it, wherever it came from.
+struct Upload<'a> {
+    /// How errors name it: `image`, `image[1]`, `mask`, `images[0].image_url`, …
+    param: String,
+    /// The declared media type: the part's `Content-Type`, or the `data:` URL's type.
+    declared: Option<&'a str>,
+    /// The file's first bytes (all of it, for multipart).
+    head: std::borrow::Cow<'a, [u8]>,
+    /// Its last bytes, up to `imageinfo::TAIL_WINDOW`.
+    tail: std::borrow::Cow<'a, [u8]>,
+    /// Its length in bytes.
+    len: u64,
+}
+
+impl<'a> Upload<'a> {
+    fn from_part(part: &'a Part, param: String) -> Self {
+        let data = part.data.as_ref();
+        let tail = &data[data.len().saturating_sub(imageinfo::TAIL_WINDOW)..];
+        Self {
+            param,
+            declared: part.content_type.as_deref(),
+            head: data.into(),
+            tail: tail.into(),
+            len: data.len() as u64,
+        }
+    }
+}
+
+/// What the rules for a request's files depend on.
+#[derive(Clone, Copy)]
+struct Rules {
+    /// `None` for models imagegate does not know: byte-level rules only.
+    family: Option<Family>,
+}
+
+impl Rules {
+    fn image_formats(self) -> &'static [ImageFormat] {
+        match self.family {
+            Some(Family::DallE2) => &[ImageFormat::Png],
+            _ => &[ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp],
+        }
+    }
+
+    fn image_max_bytes(self) -> Option<u64> {
+        match self.family? {
+            Family::DallE2 => Some(DALLE2_MAX_BYTES),
+            _ => Some(GPT_MAX_BYTES),
+        }
+    }
+
+    fn max_images(self) -> usize {
+        match self.family {
+            Some(Family::DallE2) => 1,
+            Some(_) => GPT_MAX_IMAGES,
+            None => usize::MAX,
+        }
+    }
+}
 
 /// Check the file parts of a multipart edit or variation. `family` is `None` for unknown models, which get
 /// only the byte-level checks.
@@ -28,6 +108,7 @@ pub fn check_form(
     model: &str,
 ) -> Result<(), ApiError> {
     let Some(form) = reader.form() else { return Ok(()) };
+    let rules = Rules { family };
     if form.parts.iter().any(|p| is_image_field(&p.name) && !p.is_file()) {
         return Err(ApiError::invalid_code(
             "Invalid type for 'image': expected one of an array of files or file, but got a string instead.",
@@ -41,24 +122,22 @@ pub fn check_form(
     }
     let single = images.len() == 1 && images[0].name == "image";
     let param = |i: usize| if single { "image".to_owned() } else { format!("image[{i}]") };
-    let max_images = match family {
-        Some(Family::DallE2) => 1,
-        Some(_) => GPT_MAX_IMAGES,
-        None => usize::MAX,
-    };
-    if images.len() > max_images {
-        return Err(ApiError::invalid_code(
-            format!("Too many images: '{model}' accepts at most {max_images}, but got {}.", images.len()),
-            Some("image"),
-            "too_many_images",
+    if images.len() > rules.max_images() {
+        return Err(too_many(&format!("'{model}' accepts at most {}", rules.max_images()), images.len(), "image"));
+    }
+    let masks: Vec<&Part> = form.parts.iter().filter(|p| p.name == "mask").collect();
+    if masks.len() > 1 {
+        return Err(ApiError::invalid(
+            format!("Duplicate parameter 'mask': send one mask, not {}; it applies to the first image.", masks.len()),
+            Some("mask".to_owned()),
         ));
     }
     let mut first: Option<ImageInfo> = None;
     for (i, part) in images.iter().enumerate() {
-        let info = check_image(part, &param(i), family)?;
+        let info = check_image(&Upload::from_part(part, param(i)), rules)?;
         first.get_or_insert(info);
     }
-    let mask = form.mask();
+    let mask = masks.first().copied();
     if let (Some(Family::DallE2), Some(info)) = (family, first) {
         dalle2_rules(&info, endpoint, mask.is_some(), &param(0))?;
     }
@@ -66,48 +145,82 @@ pub fn check_form(
         if endpoint != Endpoint::Edits {
             return Err(unsupported("mask", model));
         }
-        check_mask(mask, first)?;
+        if !mask.is_file() {
+            return Err(ApiError::invalid_code(
+                "Invalid type for 'mask': expected a file, but got a string instead.",
+                Some("mask"),
+                "invalid_type",
+            ));
+        }
+        check_mask(&Upload::from_part(mask, "mask".to_owned()), first, rules)?;
     }
     Ok(())
 }
 
-fn check_image(part: &Part, param: &str, family: Option<Family>) -> Result<ImageInfo, ApiError> {
-    let allowed: &[ImageFormat] = match family {
-        Some(Family::DallE2) => &[ImageFormat::Png],
-        _ => &[ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp],
-    };
-    if family.is_some() {
-        check_declared_type(part, param, allowed)?;
+/// The rules every image file meets, by its declared type and its bytes. Returns what its header says.
+fn check_image(upload: &Upload<'_>, rules: Rules) -> Result<ImageInfo, ApiError> {
+    let allowed = rules.image_formats();
+    if rules.family.is_some() {
+        check_declared_type(upload, allowed)?;
     }
-    let info = inspect(part, param)?;
-    if family.is_some()
-        && let Some(declared) = part.content_type.as_deref().and_then(ImageFormat::from_mime)
-        && declared != info.format
-    {
-        return Err(bad_image(
-            param,
-            &format!("declared as '{}' but the bytes are a {} image", declared.mime(), info.format.name()),
-        ));
+    let info = inspect(upload)?;
+    if rules.family.is_some() {
+        check_label_matches(upload, &info)?;
+        if let Some(max) = rules.image_max_bytes()
+            && upload.len >= max
+        {
+            return Err(too_large(&upload.param, max));
+        }
+        if !allowed.contains(&info.format) {
+            return Err(bad_image(&upload.param, &format!("must be a PNG image, got {}", info.format.name())));
+        }
     }
-    let max_bytes = match family {
-        Some(Family::DallE2) => Some(DALLE2_MAX_BYTES),
-        Some(_) => Some(GPT_MAX_BYTES),
-        None => None,
-    };
-    if let Some(max) = max_bytes
-        && part.data.len() >= max
-    {
-        return Err(too_large(param, max));
-    }
-    if family.is_some() && !allowed.contains(&info.format) {
-        return Err(bad_image(param, &format!("must be a PNG image, got {}", info.format.name())));
-    }
+    check_complete(upload, &info)?;
     Ok(info)
 }
 
-fn check_declared_type(part: &Part, param: &str, allowed: &[ImageFormat]) -> Result<(), ApiError> {
+/// The mask: for known models a PNG (declared and real) with an alpha channel, under 4 MiB, the size of the
+/// first image (when that is known); for unknown models the byte-level rules of any image.
+fn check_mask(upload: &Upload<'_>, first: Option<ImageInfo>, rules: Rules) -> Result<(), ApiError> {
+    if rules.family.is_none() {
+        check_image(upload, rules)?;
+        return Ok(());
+    }
+    check_declared_type(upload, &[ImageFormat::Png])?;
+    let info = inspect(upload)?;
+    check_label_matches(upload, &info)?;
+    if info.format != ImageFormat::Png {
+        return Err(bad_image(&upload.param, &format!("the mask must be a PNG image, got {}", info.format.name())));
+    }
+    if !info.has_alpha {
+        return Err(bad_image(
+            &upload.param,
+            "the mask must have an alpha channel (transparent pixels mark the area to edit)",
+        ));
+    }
+    if upload.len >= MASK_MAX_BYTES {
+        return Err(too_large(&upload.param, MASK_MAX_BYTES));
+    }
+    check_complete(upload, &info)?;
+    if let Some(first) = first
+        && (first.width, first.height) != (info.width, info.height)
+    {
+        return Err(ApiError::invalid_code(
+            format!(
+                "Invalid file '{}': the mask is {}x{} but the first image is {}x{}; they must match.",
+                upload.param, info.width, info.height, first.width, first.height
+            ),
+            Some(&upload.param),
+            "invalid_image_dimensions",
+        ));
+    }
+    Ok(())
+}
+
+fn check_declared_type(upload: &Upload<'_>, allowed: &[ImageFormat]) -> Result<(), ApiError> {
+    let param = upload.param.as_str();
     let supported = allowed.iter().map(|f| f.mime()).collect::<Vec<_>>();
-    match part.content_type.as_deref() {
+    match upload.declared {
         None => Err(ApiError::invalid_code(
             format!(
                 "Invalid file '{param}': failed to determine mimetype. Ensure you are providing the file's mimetype \
@@ -116,10 +229,11 @@ fn check_declared_type(part: &Part, param: &str, allowed: &[ImageFormat]) -> Res
             Some(param),
             "missing_file_mimetype",
         )),
-        Some(ct) if ImageFormat::from_mime(ct).is_some_and(|f| allowed.contains(&f)) => Ok(()),
+        Some(ct) if ImageFormat::from_declared(ct).is_some_and(|f| allowed.contains(&f)) => Ok(()),
         Some(ct) => Err(ApiError::invalid_code(
             format!(
-                "Invalid file '{param}': unsupported mimetype ('{ct}'). Supported file formats are {}.",
+                "Invalid file '{param}': unsupported mimetype ('{}'). Supported file formats are {}.",
+                clip(ct),
                 super::reader::list(&supported)
             ),
             Some(param),
@@ -128,8 +242,20 @@ fn check_declared_type(part: &Part, param: &str, allowed: &[ImageFormat]) -> Res
     }
 }
 
-fn inspect(part: &Part, param: &str) -> Result<ImageInfo, ApiError> {
-    let info = imageinfo::inspect(&part.data).map_err(|e| bad_image(param, &e.to_string()))?;
+/// No PNG labelled `image/jpeg`: the declared type names the format the bytes are.
+fn check_label_matches(upload: &Upload<'_>, info: &ImageInfo) -> Result<(), ApiError> {
+    match upload.declared.and_then(ImageFormat::from_declared) {
+        Some(declared) if declared != info.format => Err(bad_image(
+            &upload.param,
+            &format!("declared as '{}' but the bytes are a {} image", declared.mime(), info.format.name()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn inspect(upload: &Upload<'_>) -> Result<ImageInfo, ApiError> {
+    let param = upload.param.as_str();
+    let info = imageinfo::inspect(&upload.head).map_err(|e| bad_image(param, &e.to_string()))?;
     if info.width > MAX_EDGE || info.height > MAX_EDGE {
         return Err(ApiError::invalid_code(
             format!(
@@ -141,6 +267,12 @@ fn inspect(part: &Part, param: &str) -> Result<ImageInfo, ApiError> {
         ));
     }
     Ok(info)
+}
+
+/// The file is not cut short: it ends the way a whole file of its format ends (nothing is decoded).
+fn check_complete(upload: &Upload<'_>, info: &ImageInfo) -> Result<(), ApiError> {
+    imageinfo::check_end(&upload.head, &upload.tail, upload.len, info.format)
+        .map_err(|e| bad_image(&upload.param, &e.to_string()))
 }
 
 fn dalle2_rules(info: &ImageInfo, endpoint: Endpoint, has_mask: bool, param: &str) -> Result<(), ApiError> {
@@ -163,94 +295,67 @@ fn dalle2_rules(info: &ImageInfo, endpoint: Endpoint, has_mask: bool, param: &st
     Ok(())
 }
 
-fn check_mask(mask: &Part, first: Option<ImageInfo>) -> Result<(), ApiError> {
-    if !mask.is_file() {
-        return Err(ApiError::invalid_code(
-            "Invalid type for 'mask': expected a file, but got a string instead.",
-            Some("mask"),
-            "invalid_type",
-        ));
-    }
-    let info = inspect(mask, "mask")?;
-    if info.format != ImageFormat::Png {
-        return Err(bad_image("mask", &format!("the mask must be a PNG image, got {}", info.format.name())));
-    }
-    if !info.has_alpha {
-        return Err(bad_image(
-            "mask",
-            "the mask must have an alpha channel (transparent pixels mark the area to edit)",
-        ));
-    }
-    if mask.data.len() >= MASK_MAX_BYTES {
-        return Err(too_large("mask", MASK_MAX_BYTES));
-    }
-    if let Some(first) = first
-        && (first.width, first.height) != (info.width, info.height)
-    {
-        return Err(ApiError::invalid_code(
-            format!(
-                "Invalid file 'mask': the mask is {}x{} but the first image is {}x{}; they must match.",
-                info.width, info.height, first.width, first.height
-            ),
-            Some("mask"),
-            "invalid_image_dimensions",
-        ));
-    }
-    Ok(())
-}
-
-/// The `images` array and `mask` of the JSON edit body.
-pub fn check_json_refs(reader: &Reader<'_>) -> Result<(), ApiError> {
+/// The `images` array and `mask` of the JSON edit body. References by `file_id` and remote `http(s)` URLs
+/// are forwarded unchecked (imagegate does not fetch them); `data:` URLs get the file rules by their bytes.
+pub fn check_json_refs(reader: &Reader<'_>, family: Option<Family>) -> Result<(), ApiError> {
+    let rules = Rules { family };
     let Some(images) = reader.json("images") else { return Err(missing("images")) };
     let Value::Array(items) = images else { return Err(invalid_type("images", "an array", images)) };
     if items.is_empty() {
         return Err(missing("images"));
     }
     if items.len() > GPT_MAX_IMAGES {
-        return Err(ApiError::invalid_code(
-            format!("Too many images: at most {GPT_MAX_IMAGES} are accepted, but got {}.", items.len()),
-            Some("images"),
-            "too_many_images",
-        ));
+        return Err(too_many(&format!("at most {GPT_MAX_IMAGES} are accepted"), items.len(), "images"));
     }
+    let mut first: Option<Option<ImageInfo>> = None;
     for (i, item) in items.iter().enumerate() {
-        check_ref(item, &format!("images[{i}]"))?;
+        let param = format!("images[{i}]");
+        let info = match check_ref(item, &param)? {
+            Some(data) => Some(check_image(&data.upload(format!("{param}.image_url"))?, rules)?),
+            None => None,
+        };
+        first.get_or_insert(info);
     }
-    if let Some(mask) = reader.json("mask") {
-        check_ref(mask, "mask")?;
+    if let Some(mask) = reader.json("mask")
+        && let Some(data) = check_ref(mask, "mask")?
+    {
+        check_mask(&data.upload("mask.image_url".to_owned())?, first.flatten(), rules)?;
     }
     Ok(())
 }
 
-fn check_ref(value: &Value, param: &str) -> Result<(), ApiError> {
+/// The shape of one `ImageRefParam`: exactly one of `image_url` (http(s) or a base64 image `data:` URL) or
+/// `file_id`. Returns the `data:` URL, if that is what it is.
+fn check_ref<'a>(value: &'a Value, param: &str) -> Result<Option<DataUrl<'a>>, ApiError> {
     let Value::Object(obj) = value else { return Err(invalid_type(param, "an object", value)) };
     let url = obj.get("image_url").filter(|v| !v.is_null());
     let file = obj.get("file_id").filter(|v| !v.is_null());
     match (url, file) {
         (Some(Value::String(url)), None) => {
-            let data_url = url.strip_prefix("data:image/").is_some_and(|rest| rest.contains(";base64,"));
-            let ok_scheme = url.starts_with("https://") || url.starts_with("http://") || data_url;
-            if !ok_scheme {
+            let url_param = format!("{param}.image_url");
+            let data = DataUrl::parse(url);
+            let remote = url.starts_with("https://") || url.starts_with("http://");
+            if data.is_none() && !remote {
                 return Err(ApiError::invalid_code(
-                    format!("Invalid '{param}.image_url': expected an http(s) URL or a data:image/… base64 URL."),
-                    Some(&format!("{param}.image_url")),
+                    format!("Invalid '{url_param}': expected an http(s) URL or a data:image/…;base64, URL."),
+                    Some(&url_param),
                     "invalid_value",
                 ));
             }
             if url.len() > JSON_IMAGE_URL_MAX {
                 return Err(ApiError::invalid_code(
                     format!(
-                        "Invalid '{param}.image_url': string too long. Expected a string with maximum length \
+                        "Invalid '{url_param}': string too long. Expected a string with maximum length \
                          {JSON_IMAGE_URL_MAX}, but got a string with length {} instead.",
                         url.len()
                     ),
-                    Some(&format!("{param}.image_url")),
+                    Some(&url_param),
                     "string_above_max_length",
                 ));
             }
-            Ok(())
+            Ok(data)
         }
-        (None, Some(Value::String(_))) => Ok(()),
+        (None, Some(Value::String(_))) => Ok(None),
         (Some(v), None) => Err(invalid_type(&format!("{param}.image_url"), "a string", v)),
         (None, Some(v)) => Err(invalid_type(&format!("{param}.file_id"), "a string", v)),
         _ => Err(ApiError::invalid_code(
@@ -261,16 +366,81 @@ fn check_ref(value: &Value, param: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A `data:image/…;base64,…` URL, split but not decoded.
+struct DataUrl<'a> {
+    /// The declared media type, such as `image/png`.
+    mime: &'a str,
+    /// The base64 payload without its `=` padding.
+    payload: &'a str,
+    /// How many `=` the payload ended with.
+    padding: usize,
+}
+
+impl<'a> DataUrl<'a> {
+    /// `data:` + `image/…` type + optional parameters + `;base64` + `,` + payload.
+    fn parse(url: &'a str) -> Option<Self> {
+        let rest = url.strip_prefix("data:")?;
+        let (meta, payload) = rest.split_once(',')?;
+        let meta = meta.strip_suffix(";base64")?;
+        let mime = meta.split(';').next()?;
+        if !mime.starts_with("image/") {
+            return None;
+        }
+        let unpadded = payload.trim_end_matches('=');
+        Some(Self { mime, payload: unpadded, padding: payload.len() - unpadded.len() })
+    }
+
+    /// The upload the file rules check: the decoded head and tail of the payload and its decoded length.
+    /// Refuses a payload that is not base64.
+    fn upload(&self, param: String) -> Result<Upload<'a>, ApiError> {
+        let n = self.payload.len();
+        let base64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+        // A valid payload: the base64 alphabet, at most two `=` of padding, no dangling sixth of a byte.
+        if self.padding > 2 || n % 4 == 1 || !self.payload.bytes().all(base64) {
+            return Err(ApiError::invalid_code(
+                format!("Invalid '{param}': the data URL's payload is not valid base64."),
+                Some(&param),
+                "invalid_value",
+            ));
+        }
+        let len = (n / 4 * 3 + (n % 4).saturating_sub(1)) as u64;
+        // Both slices start a multiple of four characters into the payload, so they decode on their own.
+        let head = &self.payload[..n.min(DATA_URL_HEAD_CHARS)];
+        let tail_start = n.saturating_sub(DATA_URL_TAIL_CHARS) / 4 * 4;
+        let decode = |chars: &str| {
+            BASE64.decode(chars).map_err(|_| {
+                ApiError::invalid_code(
+                    format!("Invalid '{param}': the data URL's payload is not valid base64."),
+                    Some(&param),
+                    "invalid_value",
+                )
+            })
+        };
+        let head = decode(head)?;
+        let tail = decode(&self.payload[tail_start..])?;
+        Ok(Upload { declared: Some(self.mime), head: head.into(), tail: tail.into(), len, param })
+    }
+}
+
+fn too_many(limit: &str, got: usize, param: &str) -> ApiError {
+    ApiError::invalid_code(format!("Too many images: {limit}, but got {got}."), Some(param), "too_many_images")
+}
+
 fn bad_image(param: &str, reason: &str) -> ApiError {
     ApiError::invalid_code(format!("Invalid file '{param}': {reason}."), Some(param), "invalid_image_format")
 }
 
-fn too_large(param: &str, max: usize) -> ApiError {
+fn too_large(param: &str, max: u64) -> ApiError {
     ApiError::invalid_code(
-        format!("Invalid file '{param}': the file must be smaller than {} MB.", max / MIB),
+        format!("Invalid file '{param}': the file must be smaller than {} MB.", max / MIB as u64),
         Some(param),
         "image_too_large",
     )
+}
+
+/// A caller's declared type, at most 64 characters of it, for a message.
+fn clip(value: &str) -> String {
+    value.chars().take(64).collect()
 }
 
 fn color_name(color: ColorKind) -> &'static str {

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::images::request::{Form, ImageRequest, RequestBody};
+use crate::images::request::{Form, ImageRequest, RequestBody, parse_integer};
 
 /// Reads fields of one request with their expected types.
 pub struct Reader<'a> {
@@ -55,7 +55,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An integer field (multipart text must be a decimal integer).
+    /// An integer field (multipart text must be a plain decimal integer).
     pub fn integer(&self, name: &str) -> Result<Option<i64>, ApiError> {
         match self.body {
             RequestBody::Json { fields, .. } => match fields.get(name) {
@@ -68,13 +68,21 @@ impl<'a> Reader<'a> {
                 },
                 Some(other) => Err(invalid_type(name, "an integer", other)),
             },
+            // The one reading of integers in text (`request::parse_integer`): plain decimal digits, no `+`,
+            // no leading zeros, no whitespace, so what is checked is what the upstream will read.
             RequestBody::Multipart { .. } => match self.string(name)? {
                 None => Ok(None),
-                Some(text) => text
-                    .trim()
-                    .parse::<i64>()
-                    .map(Some)
-                    .map_err(|_| invalid_type(name, "an integer", &Value::String(text.to_owned()))),
+                Some(text) => parse_integer(text).map(Some).ok_or_else(|| {
+                    ApiError::invalid_code(
+                        format!(
+                            "Invalid type for '{name}': expected an integer written in plain decimal digits (such as \
+                             '2'; no '+', spaces or leading zeros), but got '{}' instead.",
+                            clip(text)
+                        ),
+                        Some(name),
+                        "invalid_type",
+                    )
+                }),
             },
         }
     }

@@ -7,6 +7,9 @@ request. Driven by `tests/api/sdk.rs` like `test_images_sdk.py`, with the same e
     IMAGEGATE_BASE_URL      the gateway, including `/v1`
     IMAGEGATE_KEY           a valid tenant key
     IMAGEGATE_FAKE_URL      root of the fake upstream (`/_fake/calls`)
+    IMAGEGATE_REHOST        `true` or `false`: the gateway's `images.rehost`, on which what GPT image
+                            models do with `response_format` depends (see docs/validation.md)
+    IMAGEGATE_MAX_MULTIPART the gateway's `server.max_multipart_body`, in bytes (for the 413 case)
 
 Every request carries a unique nonce (in `prompt`, or `user` for variations); the fake's
 recorded calls are searched for it, so the suite never resets the fake.
@@ -39,6 +42,9 @@ if not BASE_URL:
 
 KEY = os.environ["IMAGEGATE_KEY"]
 FAKE_URL = os.environ["IMAGEGATE_FAKE_URL"].rstrip("/")
+# Said explicitly by the harness, never assumed: these change what is refused and how.
+REHOST = {"true": True, "false": False}[os.environ["IMAGEGATE_REHOST"]]
+MAX_MULTIPART = int(os.environ["IMAGEGATE_MAX_MULTIPART"])
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -59,20 +65,27 @@ assert JPEG.startswith(b"\xff\xd8\xff") and len(JPEG) == 543
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def png(width: int, height: int, rgba: tuple[int, int, int, int] = (255, 0, 0, 0)) -> bytes:
-    """A valid one-colour RGBA PNG, built with zlib and struct."""
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    row = b"\x00" + bytes(rgba) * width
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+def png(width: int, height: int, rgba: tuple[int, int, int, int] = (255, 0, 0, 0), alpha: bool = True) -> bytes:
+    """A valid one-colour PNG, RGBA (or RGB with `alpha=False`), built with zlib and struct."""
+    pixel = bytes(rgba) if alpha else bytes(rgba[:3])
+    row = b"\x00" + pixel * width
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6 if alpha else 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(row * height, 9))
-        + chunk(b"IEND", b"")
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(row * height, 9))
+        + _chunk(b"IEND", b"")
     )
+
+
+def header_bomb() -> bytes:
+    """About 1 KB of PNG whose header claims 100000x100000 RGBA pixels (40 GB decoded)."""
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", os.urandom(1000)) + _chunk(b"IEND", b"")
 
 
 def nonce() -> str:
@@ -124,12 +137,39 @@ def assert_refused(send: Callable[[], Any], marker: str, param: str, code: str) 
             id="compression-with-png",
         ),
         pytest.param({"model": "gpt-image-1", "quality": "ultra"}, "quality", "invalid_value", id="unknown-quality"),
+        # With re-hosting on, GPT image models take response_format (imagegate answers links itself) but not
+        # 'url' with a stream; with it off they refuse response_format outright, as OpenAI does.
         pytest.param(
             {"model": "gpt-image-1", "response_format": "url", "stream": True},
             "response_format",
-            "invalid_value",
-            id="url-with-stream-on-gpt",
+            "invalid_value" if REHOST else "unknown_parameter",
+            id=f"url-with-stream-on-gpt-rehost-{'on' if REHOST else 'off'}",
         ),
+        pytest.param(
+            {"model": "gpt-image-2", "size": "18446744073709551600x18446744073709551600"},
+            "size",
+            "invalid_value",
+            id="gpt-image-2-size-of-huge-numbers",
+        ),
+        pytest.param({"model": "gpt-image-2", "size": "+1024x01024"}, "size", "invalid_value", id="size-sign-zero"),
+        # The SDK's types would catch these; extra_body sends them anyway, as a caller with stale types might.
+        pytest.param({"model": "gpt-image-1", "extra_body": {"n": "2"}}, "n", "invalid_type", id="n-as-string"),
+        pytest.param({"model": "gpt-image-1", "extra_body": {"stream": "yes"}}, "stream", "invalid_type", id="stream-yes"),
+        pytest.param({"model": "dall-e-3", "extra_body": {"size": 1024}}, "size", "invalid_type", id="size-as-int"),
+        pytest.param(
+            {"model": "gpt-image-1", "extra_body": {"output_format": "webp", "output_compression": 50.5}},
+            "output_compression",
+            "invalid_type",
+            id="compression-as-decimal",
+        ),
+        pytest.param(
+            {"model": "gpt-image-1", "extra_body": {"input_fidelity": "bogus"}},
+            "input_fidelity",
+            "invalid_value",
+            id="input-fidelity-bogus",
+        ),
+        # No model, but a GPT image parameter: a GPT image model's rules (style is DALL·E 3's).
+        pytest.param({"output_format": "webp", "style": "vivid"}, "style", "unsupported_parameter", id="implied-gpt"),
     ],
 )
 def test_a_generation_breaking_a_model_rule_raises_bad_request_and_reaches_no_upstream(
@@ -137,6 +177,24 @@ def test_a_generation_breaking_a_model_rule_raises_bad_request_and_reaches_no_up
 ) -> None:
     n = nonce()
     assert_refused(lambda: client().images.generate(prompt=f"a red fox {n}", **fields), n, param, code)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"model": "gpt-image-1", "output_format": "png", "output_compression": 100}, id="png-with-its-100"),
+        pytest.param({"output_format": "webp", "quality": "high"}, id="no-model-but-gpt-parameters"),
+    ],
+)
+def test_what_openai_accepts_is_forwarded(fields: dict[str, Any]) -> None:
+    n = nonce()
+    r = client().images.generate(prompt=f"a red fox {n}", **fields)
+    assert r.data
+    (call,) = calls_with(n)
+    for key, value in fields.items():
+        assert call["json"][key] == value, call["json"]
+    # Forwarded as sent: imagegate adds no model where the caller named none.
+    assert ("model" in call["json"]) == ("model" in fields), call["json"]
 
 
 def test_a_prompt_over_the_dall_e_2_limit_raises_bad_request() -> None:
@@ -209,6 +267,68 @@ def test_a_mask_of_another_size_raises_bad_request() -> None:
         "mask",
         "invalid_image_dimensions",
     )
+
+
+def test_a_png_labelled_as_jpeg_raises_bad_request() -> None:
+    n = nonce()
+    assert_refused(
+        lambda: client().images.edit(
+            model="gpt-image-1", image=("photo.jpg", png(64, 64), "image/jpeg"), prompt=f"add a hat {n}"
+        ),
+        n,
+        "image",
+        "invalid_image_format",
+    )
+
+
+def test_a_header_claiming_100000x100000_raises_bad_request_at_once() -> None:
+    n = nonce()
+    bomb = header_bomb()
+    assert len(bomb) < 1100
+    assert_refused(
+        lambda: client().images.edit(model="gpt-image-1", image=("bomb.png", bomb, "image/png"), prompt=f"x {n}"),
+        n,
+        "image",
+        "invalid_image_dimensions",
+    )
+
+
+def test_a_dall_e_2_edit_of_an_rgb_png_without_a_mask_raises_bad_request() -> None:
+    n = nonce()
+    assert_refused(
+        lambda: client().images.edit(
+            model="dall-e-2", image=("rgb.png", png(64, 64, alpha=False), "image/png"), prompt=f"add a hat {n}"
+        ),
+        n,
+        "image",
+        "invalid_image_format",
+    )
+
+
+def test_a_truncated_png_raises_bad_request() -> None:
+    n = nonce()
+    assert_refused(
+        lambda: client().images.edit(
+            model="gpt-image-1", image=("cut.png", png(64, 64)[:40], "image/png"), prompt=f"add a hat {n}"
+        ),
+        n,
+        "image",
+        "invalid_image_format",
+    )
+
+
+def test_an_upload_over_the_multipart_limit_raises_413_naming_the_limit() -> None:
+    n = nonce()
+    big = os.urandom(MAX_MULTIPART + 1024)  # never inspected: refused by its length
+    with pytest.raises(openai.APIStatusError) as info:
+        client().images.edit(model="gpt-image-1", image=("big.png", big, "image/png"), prompt=f"too big {n}")
+    err = info.value
+    assert err.status_code == 413
+    body = err.body
+    assert isinstance(body, dict) and ERROR_KEYS <= body.keys(), body
+    assert (body["type"], body["param"], body["code"]) == ("invalid_request_error", None, "request_too_large"), body
+    assert str(MAX_MULTIPART) in body["message"], body
+    assert calls_with(n) == []
 
 
 def test_an_image_declared_as_octet_stream_raises_bad_request() -> None:
