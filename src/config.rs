@@ -461,11 +461,19 @@ pub struct UsageSettings {
     pub batch_size: usize,
     /// Rows waiting in memory before new ones are dropped (and counted in the log) rather than slowing requests.
     pub queue_capacity: usize,
+    /// At shutdown, how long the writer keeps retrying rows the database will not take yet.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_flush_timeout: Duration,
 }
 
 impl Default for UsageSettings {
     fn default() -> Self {
-        Self { flush_interval: Duration::from_millis(500), batch_size: 500, queue_capacity: 100_000 }
+        Self {
+            flush_interval: Duration::from_millis(500),
+            batch_size: 500,
+            queue_capacity: 100_000,
+            shutdown_flush_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -703,6 +711,9 @@ impl Settings {
         }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        if self.usage.shutdown_flush_timeout.is_zero() {
+            faults.push("usage.shutdown_flush_timeout must be greater than zero".to_owned());
         }
         if self.limits.backend == LimitsBackend::Redis && self.limits.redis_url.is_none() {
             faults.push("limits.redis_url is required when limits.backend = \"redis\"".to_owned());

@@ -327,6 +327,9 @@ impl ImagesService {
         };
         match reply.body {
             ReplyBody::Stream(stream) if reply.status.is_success() => {
+                // The upstream's request id is known from the headers, before any event.
+                let mut record = record;
+                record.note_upstream_request_id(&reply.headers);
                 // The concurrency slot is held until the stream ends.
                 let body =
                     usage::meter_stream(stream, record, self.prices.clone(), Box::new(done), permit.slot, started);
