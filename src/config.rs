@@ -139,6 +139,9 @@ pub struct UpstreamSettings {
     pub stream_idle_timeout: Duration,
     /// Retries after a failed *connect* only: nothing reached the upstream, so nothing can be billed twice.
     pub connect_retries: u32,
+    /// Hosts this upstream's image links point at, added to `images.download.allowed_hosts` (exact names or
+    /// `*.suffix`). OpenAI's and Azure's (`*.blob.core.windows.net`) are there by default.
+    pub image_hosts: Vec<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -155,6 +158,7 @@ impl Default for UpstreamSettings {
             timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(300),
             connect_retries: 2,
+            image_hosts: Vec::new(),
         }
     }
 }
@@ -773,7 +777,7 @@ impl Settings {
                 .push("images.download.max_bytes and images.download.concurrency must be greater than zero".to_owned());
         }
         for host in images.download.allowed_hosts.iter().chain(&images.download.private_hosts) {
-            if host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('[') {
+            if !valid_host_pattern(host) {
                 faults.push(format!(
                     "images.download host {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
                      address, without scheme, port or path"
@@ -801,6 +805,14 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
             faults.push(format!("{at}.base_url must be http or https, got {}", up.base_url));
         }
     }
+    for host in &up.image_hosts {
+        if !valid_host_pattern(host) {
+            faults.push(format!(
+                "{at}.image_hosts entry {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
+                 address, without scheme, port or path"
+            ));
+        }
+    }
     for (name, d) in [
         ("connect_timeout", up.connect_timeout),
         ("timeout", up.timeout),
@@ -818,6 +830,11 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
             up.timeout.as_secs()
         ));
     }
+}
+
+/// A host name, `*.suffix` or IP address, without scheme, port or path.
+fn valid_host_pattern(host: &str) -> bool {
+    !(host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('['))
 }
 
 /// Names of `[upstreams.<name>]` tables: also path segments of environment variables, which are lowercased.
@@ -992,6 +1009,7 @@ kind = "mock"
 [upstreams.azure]
 base_url = "https://example.openai.azure.com/openai/v1"
 auth = "api-key"
+image_hosts = ["https://images.example.com/"]
 [upstreams.Bad-Name]
 kind = "mock"
 [[tenants]]
@@ -1005,6 +1023,7 @@ upstream = "nowhere"
         for needle in [
             "upstreams.azure.api_key is not set: set IMAGEGATE__UPSTREAMS__AZURE__API_KEY",
             "upstreams.Bad-Name: an upstream name is",
+            "upstreams.azure.image_hosts entry \"https://images.example.com/\" must be a host name",
             "tenants[1] (\"b\"): upstream 'nowhere' is not a configured upstream",
         ] {
             assert!(faults.iter().any(|f| f.contains(needle)), "no fault mentions {needle}: {faults:#?}");
@@ -1012,11 +1031,15 @@ upstream = "nowhere"
         assert!(!faults.iter().any(|f| f.contains("tenants[0]")), "{faults:#?}");
         let env =
             [("IMAGEGATE__UPSTREAMS__AZURE__API_KEY", "sk-azure"), ("IMAGEGATE__UPSTREAMS__BAD-NAME__KIND", "mock")];
-        let ok = body.replace("[upstreams.Bad-Name]\nkind = \"mock\"\n", "").replace("\"nowhere\"", "\"azure\"");
+        let ok = body
+            .replace("[upstreams.Bad-Name]\nkind = \"mock\"\n", "")
+            .replace("\"nowhere\"", "\"azure\"")
+            .replace("https://images.example.com/", "images.example.com");
         let s = load(dir.path(), &ok, &env[..1]).unwrap();
         let azure = &s.upstreams["azure"];
         assert_eq!(azure.api_key.as_ref().map(Secret::expose), Some("sk-azure"));
         assert_eq!((azure.auth, azure.timeout), (UpstreamAuth::ApiKey, Duration::from_secs(600)));
+        assert_eq!(azure.image_hosts, ["images.example.com"]);
     }
 
     #[test]

@@ -145,32 +145,26 @@ fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(A
     Ok((Arc::new(rehoster), store))
 }
 
-/// `images.download` with the image hosts of every configured upstream (`[upstream]` and each
-/// `[upstreams.<name>]`) added: a mock upstream's links point at this gateway (allowed, may be loopback, may
-/// be plain HTTP); an HTTP upstream's own host is allowed (and may be private: it is the host requests are
-/// already sent to). Other hosts still need listing in `images.download.allowed_hosts`.
+/// `images.download` covering the image hosts of every configured upstream (`[upstream]` and each
+/// `[upstreams.<name>]`): each upstream's `image_hosts` are allowed, and a mock upstream's links, which point
+/// at this gateway, make its host allowed (it may be loopback, and plain HTTP).
 pub fn download_settings(settings: &Settings, public_url: &Url) -> DownloadSettings {
     let mut download = settings.images.download.clone();
-    let add = |host: &str, download: &mut DownloadSettings| {
-        for list in [&mut download.allowed_hosts, &mut download.private_hosts] {
-            if !list.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-                list.push(host.to_owned());
-            }
+    let allow = |list: &mut Vec<String>, host: &str| {
+        if !list.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            list.push(host.to_owned());
         }
     };
     for up in std::iter::once(&settings.upstream).chain(settings.upstreams.values()) {
-        match up.kind {
-            UpstreamKind::Mock => {
-                if let Some(host) = public_url.host_str() {
-                    add(host, &mut download);
-                    download.allow_http = download.allow_http || public_url.scheme() == "http";
-                }
-            }
-            UpstreamKind::Openai => {
-                if let Some(host) = up.base_url.host_str() {
-                    add(host, &mut download);
-                }
-            }
+        for host in &up.image_hosts {
+            allow(&mut download.allowed_hosts, host);
+        }
+        if up.kind == UpstreamKind::Mock
+            && let Some(host) = public_url.host_str()
+        {
+            allow(&mut download.allowed_hosts, host);
+            allow(&mut download.private_hosts, host);
+            download.allow_http = download.allow_http || public_url.scheme() == "http";
         }
     }
     download
@@ -246,14 +240,15 @@ mod tests {
     use crate::config::{Secret, UpstreamSettings};
 
     #[test]
-    fn downloads_are_allowed_from_every_configured_upstreams_host() {
+    fn downloads_are_allowed_from_every_configured_upstreams_image_hosts() {
         let mut settings = Settings::default();
-        settings.upstream.base_url = Url::parse("https://api.openai.com/v1").unwrap();
+        settings.upstream.image_hosts = vec!["images.openai.example".into()];
         settings.upstreams.insert(
             "inhouse".into(),
             UpstreamSettings {
-                base_url: Url::parse("http://images.internal:8000/v1").unwrap(),
+                base_url: Url::parse("http://gen.internal:8000/v1").unwrap(),
                 api_key: Some(Secret::new("k")),
+                image_hosts: vec!["*.cdn.internal".into(), "IMAGES.openai.example".into()],
                 ..UpstreamSettings::default()
             },
         );
@@ -262,16 +257,18 @@ mod tests {
             .insert("offline".into(), UpstreamSettings { kind: UpstreamKind::Mock, ..UpstreamSettings::default() });
         let public = Url::parse("http://gateway.local:8080").unwrap();
         let d = download_settings(&settings, &public);
-        for host in ["*.blob.core.windows.net", "api.openai.com", "images.internal", "gateway.local"] {
-            assert!(d.allowed_hosts.iter().any(|h| h == host), "{host} not allowed: {:?}", d.allowed_hosts);
-        }
-        assert!(d.private_hosts.iter().any(|h| h == "images.internal"));
+        assert_eq!(
+            d.allowed_hosts,
+            ["*.blob.core.windows.net", "images.openai.example", "*.cdn.internal", "gateway.local"]
+        );
+        assert_eq!(d.private_hosts, ["gateway.local"], "only the mock's own links may be loopback");
         assert!(d.allow_http, "a mock upstream's links are plain HTTP here");
 
-        // Without a mock anywhere, plain HTTP stays off and the gateway's own host is not added.
+        // Without a mock anywhere, plain HTTP stays off and the gateway's own host is not added; an HTTP
+        // upstream's base URL host is not an image host unless listed.
         settings.upstreams.remove("offline");
         let d = download_settings(&settings, &public);
-        assert!(!d.allow_http && !d.allowed_hosts.iter().any(|h| h == "gateway.local"), "{d:?}");
-        assert_eq!(d.allowed_hosts.iter().filter(|h| *h == "api.openai.com").count(), 1);
+        assert!(!d.allow_http, "{d:?}");
+        assert!(!d.allowed_hosts.iter().any(|h| h == "gateway.local" || h == "gen.internal"), "{d:?}");
     }
 }
