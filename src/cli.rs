@@ -69,7 +69,7 @@ pub struct ServeArgs {
 /// `imagegate tenants …`.
 #[derive(Debug, Subcommand)]
 pub enum TenantsCommand {
-    /// List every tenant: name, status, allowed models, upstream attribution, where it was defined.
+    /// List every tenant: name, status, allowed models, organization, project, upstream, where it was defined.
     List {
         #[command(flatten)]
         config: ConfigArgs,
@@ -114,13 +114,20 @@ pub struct TenantCreateArgs {
     /// `OpenAI-Project` sent upstream for this tenant's requests (default: upstream.project).
     #[arg(long, value_name = "PROJECT")]
     pub project: Option<String>,
+    /// Send this tenant's requests to the upstream configured as [upstreams.NAME]. Default: [upstream].
+    #[arg(long, value_name = "NAME")]
+    pub upstream: Option<String>,
     /// Only these models may be used, comma-separated (e.g. gpt-image-1,dall-e-3). Default: every model.
     #[arg(long, value_name = "MODELS", value_delimiter = ',')]
     pub allowed_models: Option<Vec<String>>,
     /// Rate limits and budgets as a JSON object, e.g. '{"requests_per_minute":60,"usd_per_month":500}'.
-    /// Default: unlimited.
+    /// Keys: requests_per_minute, requests_burst, images_per_minute, images_burst, concurrent_requests,
+    /// images_per_day, images_per_month, usd_per_day, usd_per_month. Default: unlimited.
     #[arg(long, value_name = "JSON")]
     pub limits: Option<String>,
+    /// Free-form JSON object for your own bookkeeping, e.g. '{"cost_center":"4711"}'. Default: {}.
+    #[arg(long, value_name = "JSON")]
+    pub metadata: Option<String>,
     /// Store the prompt text of this tenant's requests in usage rows (off by default).
     #[arg(long)]
     pub log_prompts: bool,
@@ -153,6 +160,12 @@ pub struct TenantUpdateArgs {
     /// Send no tenant-specific project (upstream.project applies, if set).
     #[arg(long)]
     pub clear_project: bool,
+    /// Send this tenant's requests to the upstream configured as [upstreams.NAME].
+    #[arg(long, value_name = "NAME", conflicts_with = "default_upstream")]
+    pub upstream: Option<String>,
+    /// Send this tenant's requests to [upstream] again.
+    #[arg(long)]
+    pub default_upstream: bool,
     /// Allow only these models, comma-separated (replaces the current list).
     #[arg(long, value_name = "MODELS", value_delimiter = ',', conflicts_with = "all_models")]
     pub allowed_models: Option<Vec<String>>,
@@ -160,10 +173,13 @@ pub struct TenantUpdateArgs {
     #[arg(long)]
     pub all_models: bool,
     /// Replace all limits with this JSON object, e.g. '{"images_per_day":1000}'. Keys left out become
-    /// unlimited; '{}' removes every limit. Keys: requests_per_minute, images_per_minute,
-    /// concurrent_requests, images_per_day, images_per_month, usd_per_day, usd_per_month.
+    /// unlimited; '{}' removes every limit. Keys: requests_per_minute, requests_burst, images_per_minute,
+    /// images_burst, concurrent_requests, images_per_day, images_per_month, usd_per_day, usd_per_month.
     #[arg(long, value_name = "JSON")]
     pub limits: Option<String>,
+    /// Replace the metadata with this JSON object; '{}' empties it.
+    #[arg(long, value_name = "JSON")]
+    pub metadata: Option<String>,
     /// Start storing prompt text in this tenant's usage rows.
     #[arg(long, conflicts_with = "no_log_prompts")]
     pub log_prompts: bool,
@@ -221,8 +237,12 @@ pub struct KeyCreateArgs {
     #[arg(long, value_name = "LABEL")]
     pub name: Option<String>,
     /// Make the key stop working after this long, e.g. 30d, 12h, 1y. Default: never expires.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", conflicts_with = "expires_at")]
     pub expires_in: Option<String>,
+    /// Make the key stop working at this time: an RFC 3339 time (2027-01-01T09:00:00Z,
+    /// 2027-01-01T10:00:00+01:00), a date (2027-01-01, midnight UTC) or Unix milliseconds.
+    #[arg(long, value_name = "TIME")]
+    pub expires_at: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -230,8 +250,9 @@ pub struct KeyCreateArgs {
 /// `imagegate usage`.
 #[derive(Debug, clap::Args)]
 pub struct UsageArgs {
-    /// Start of the range (inclusive): a date (2026-11-01, midnight UTC), an RFC 3339 time or Unix
-    /// milliseconds. Default: the start of the current month (UTC).
+    /// Start of the range (inclusive): a date (2026-11-01, midnight UTC), an RFC 3339 time with any offset
+    /// (2026-11-01T09:00:00Z, 2026-11-01T10:00:00+01:00) or Unix milliseconds. Default: the start of the
+    /// current month (UTC).
     #[arg(long, value_name = "DATE")]
     pub from: Option<String>,
     /// End of the range (exclusive), same formats. Default: now. `--from 2026-11-01 --to 2026-12-01` is
@@ -241,7 +262,8 @@ pub struct UsageArgs {
     /// Only this tenant.
     #[arg(long, value_name = "NAME")]
     pub tenant: Option<String>,
-    /// Output format: a table for people, CSV for spreadsheets, JSON for scripts.
+    /// Output format: a table for people, CSV for spreadsheets, JSON for scripts (the admin API's shape:
+    /// {"object":"list","from":MS,"to":MS,"data":[...]}).
     #[arg(long, value_enum, default_value_t = UsageFormat::Table)]
     pub format: UsageFormat,
     #[command(flatten)]

@@ -31,6 +31,9 @@ pub struct Settings {
     pub server: ServerSettings,
     pub log: LogSettings,
     pub upstream: UpstreamSettings,
+    /// Further upstreams, by name (`[upstreams.<name>]`, the same keys as `[upstream]`), for tenants whose
+    /// `upstream` names one; `[upstream]` serves every other tenant.
+    pub upstreams: BTreeMap<String, UpstreamSettings>,
     pub validation: ValidationSettings,
     pub database: DatabaseSettings,
     pub storage: StorageSettings,
@@ -136,6 +139,9 @@ pub struct UpstreamSettings {
     pub stream_idle_timeout: Duration,
     /// Retries after a failed *connect* only: nothing reached the upstream, so nothing can be billed twice.
     pub connect_retries: u32,
+    /// Hosts this upstream's image links point at, added to `images.download.allowed_hosts` (exact names or
+    /// `*.suffix`). OpenAI's and Azure's (`*.blob.core.windows.net`) are there by default.
+    pub image_hosts: Vec<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -152,6 +158,7 @@ impl Default for UpstreamSettings {
             timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(300),
             connect_retries: 2,
+            image_hosts: Vec::new(),
         }
     }
 }
@@ -461,11 +468,19 @@ pub struct UsageSettings {
     pub batch_size: usize,
     /// Rows waiting in memory before new ones are dropped (and counted in the log) rather than slowing requests.
     pub queue_capacity: usize,
+    /// At shutdown, how long the writer keeps retrying rows the database will not take yet.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_flush_timeout: Duration,
 }
 
 impl Default for UsageSettings {
     fn default() -> Self {
-        Self { flush_interval: Duration::from_millis(500), batch_size: 500, queue_capacity: 100_000 }
+        Self {
+            flush_interval: Duration::from_millis(500),
+            batch_size: 500,
+            queue_capacity: 100_000,
+            shutdown_flush_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -510,7 +525,7 @@ pub enum LimitsBackend {
 }
 
 /// A tenant declared in configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSettings {
     /// Unique, human-readable name; appears in logs and usage.
@@ -536,17 +551,29 @@ pub struct TenantSettings {
     /// Response-cache overrides: `enabled`, `ttl`, `scope`.
     #[serde(default)]
     pub cache: Option<crate::cache::CachePolicy>,
+    /// The name of an `[upstreams.<name>]` table this tenant's requests go to; absent = `[upstream]`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Free-form table for the platform team; applied when present, left as it is when absent.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+    /// `active` or `suspended`; applied when present, left as it is when absent (new tenants start active).
+    #[serde(default)]
+    pub status: Option<crate::tenants::TenantStatus>,
     /// The tenant's keys, as printed by `imagegate keys new`.
     #[serde(default)]
     pub keys: Vec<KeySettings>,
 }
 
 /// One tenant key: its public id and the SHA-256 of the whole key. The key itself is never stored.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySettings {
     pub id: String,
     pub sha256: String,
+    /// When the key stops working: an RFC 3339 time (any offset), a date (midnight UTC) or Unix ms.
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 /// Sizes are written out as a number of bytes: the built-in defaults pass through figment as serialized
@@ -643,35 +670,18 @@ impl Settings {
     /// Every fault at once, so a deployment is fixed in one round.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut faults = Vec::new();
-        let up = &self.upstream;
-        if up.kind == UpstreamKind::Openai {
-            if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
+        validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
+        for (name, up) in &self.upstreams {
+            if !valid_upstream_name(name) {
                 faults.push(format!(
-                    "upstream.api_key is not set: export {ENV_OPENAI_API_KEY} (or {ENV_PREFIX}UPSTREAM__API_KEY), \
-                     or run the offline mock upstream explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
+                    "upstreams.{name}: an upstream name is 1-64 lowercase letters, digits, '-' or '_' (it is also \
+                     spelt in IMAGEGATE__UPSTREAMS__<NAME>__… variables)"
                 ));
             }
-            if !matches!(up.base_url.scheme(), "http" | "https") {
-                faults.push(format!("upstream.base_url must be http or https, got {}", up.base_url));
-            }
+            validate_upstream(&format!("upstreams.{name}"), up, self.server.request_timeout, &mut faults);
         }
-        for (name, d) in [
-            ("upstream.connect_timeout", up.connect_timeout),
-            ("upstream.timeout", up.timeout),
-            ("upstream.stream_idle_timeout", up.stream_idle_timeout),
-            ("server.request_timeout", self.server.request_timeout),
-        ] {
-            if d.is_zero() {
-                faults.push(format!("{name} must be greater than zero"));
-            }
-        }
-        if self.server.request_timeout <= up.timeout {
-            faults.push(format!(
-                "server.request_timeout ({}s) must exceed upstream.timeout ({}s) so upstream timeouts answer 504 \
-                 with a clear message",
-                self.server.request_timeout.as_secs(),
-                up.timeout.as_secs()
-            ));
+        if self.server.request_timeout.is_zero() {
+            faults.push("server.request_timeout must be greater than zero".to_owned());
         }
         for (name, size) in [
             ("server.max_json_body", self.server.max_json_body),
@@ -689,7 +699,7 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
         }
-        validate_tenants(&self.tenants, &mut faults);
+        validate_tenants(&self.tenants, &self.upstreams, &mut faults);
         if self.database.max_connections == 0 {
             faults.push("database.max_connections must be at least 1".to_owned());
         }
@@ -703,6 +713,9 @@ impl Settings {
         }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        if self.usage.shutdown_flush_timeout.is_zero() {
+            faults.push("usage.shutdown_flush_timeout must be greater than zero".to_owned());
         }
         if self.limits.backend == LimitsBackend::Redis && self.limits.redis_url.is_none() {
             faults.push("limits.redis_url is required when limits.backend = \"redis\"".to_owned());
@@ -764,7 +777,7 @@ impl Settings {
                 .push("images.download.max_bytes and images.download.concurrency must be greater than zero".to_owned());
         }
         for host in images.download.allowed_hosts.iter().chain(&images.download.private_hosts) {
-            if host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('[') {
+            if !valid_host_pattern(host) {
                 faults.push(format!(
                     "images.download host {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
                      address, without scheme, port or path"
@@ -774,7 +787,68 @@ impl Settings {
     }
 }
 
-fn validate_tenants(tenants: &[TenantSettings], faults: &mut Vec<String>) {
+/// Checks shared by `[upstream]` and every `[upstreams.<name>]`.
+fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration, faults: &mut Vec<String>) {
+    if up.kind == UpstreamKind::Openai {
+        if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
+            if at == "upstream" {
+                faults.push(format!(
+                    "upstream.api_key is not set: export {ENV_OPENAI_API_KEY} (or {ENV_PREFIX}UPSTREAM__API_KEY), \
+                     or run the offline mock upstream explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
+                ));
+            } else {
+                let env = at.replace('.', "__").to_ascii_uppercase();
+                faults.push(format!("{at}.api_key is not set: set {ENV_PREFIX}{env}__API_KEY, or kind = \"mock\""));
+            }
+        }
+        if !matches!(up.base_url.scheme(), "http" | "https") {
+            faults.push(format!("{at}.base_url must be http or https, got {}", up.base_url));
+        }
+    }
+    for host in &up.image_hosts {
+        if !valid_host_pattern(host) {
+            faults.push(format!(
+                "{at}.image_hosts entry {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
+                 address, without scheme, port or path"
+            ));
+        }
+    }
+    for (name, d) in [
+        ("connect_timeout", up.connect_timeout),
+        ("timeout", up.timeout),
+        ("stream_idle_timeout", up.stream_idle_timeout),
+    ] {
+        if d.is_zero() {
+            faults.push(format!("{at}.{name} must be greater than zero"));
+        }
+    }
+    if request_timeout <= up.timeout {
+        faults.push(format!(
+            "server.request_timeout ({}s) must exceed {at}.timeout ({}s) so upstream timeouts answer 504 with a \
+             clear message",
+            request_timeout.as_secs(),
+            up.timeout.as_secs()
+        ));
+    }
+}
+
+/// A host name, `*.suffix` or IP address, without scheme, port or path.
+fn valid_host_pattern(host: &str) -> bool {
+    !(host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('['))
+}
+
+/// Names of `[upstreams.<name>]` tables: also path segments of environment variables, which are lowercased.
+fn valid_upstream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+}
+
+fn validate_tenants(
+    tenants: &[TenantSettings],
+    upstreams: &BTreeMap<String, UpstreamSettings>,
+    faults: &mut Vec<String>,
+) {
     let mut names = std::collections::HashSet::new();
     let mut ids = std::collections::HashSet::new();
     for (i, t) in tenants.iter().enumerate() {
@@ -782,6 +856,10 @@ fn validate_tenants(tenants: &[TenantSettings], faults: &mut Vec<String>) {
             faults.push(format!("tenants[{i}].name must not be empty"));
         } else if !names.insert(t.name.as_str()) {
             faults.push(format!("tenants[{i}].name {:?} is declared twice", t.name));
+        }
+        let fields = crate::tenants::policy::Fields::of_config(t);
+        for invalid in crate::tenants::policy::check(&fields, &|name| upstreams.contains_key(name)) {
+            faults.push(format!("tenants[{i}] ({:?}): {invalid}", t.name));
         }
         for (j, k) in t.keys.iter().enumerate() {
             if !crate::tenants::keys::is_valid_key_id(&k.id) {
@@ -794,6 +872,14 @@ fn validate_tenants(tenants: &[TenantSettings], faults: &mut Vec<String>) {
             }
             if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 faults.push(format!("tenants[{i}].keys[{j}].sha256 must be 64 hex digits"));
+            }
+            if let Some(at) = &k.expires_at
+                && crate::ledger::report::parse_time(at).is_none()
+            {
+                faults.push(format!(
+                    "tenants[{i}].keys[{j}].expires_at {at:?} is not a time: use an RFC 3339 time \
+                     (2026-11-01T09:00:00Z, 2026-11-01T10:00:00+01:00), a date (2026-11-01) or Unix milliseconds"
+                ));
             }
         }
     }
@@ -912,6 +998,85 @@ name = "a"
         assert_eq!(s.images.download.max_bytes.as_u64(), 32 * 1024 * 1024);
         let s = load(dir.path(), "[upstream]\nkind = \"mock\"\n[server]\nmax_json_body = \"2 MiB\"\n", &[]).unwrap();
         assert_eq!(s.server.max_json_body.as_u64(), 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn named_upstreams_are_checked_like_the_default_and_tenants_may_only_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = r#"
+[upstream]
+kind = "mock"
+[upstreams.azure]
+base_url = "https://example.openai.azure.com/openai/v1"
+auth = "api-key"
+image_hosts = ["https://images.example.com/"]
+[upstreams.Bad-Name]
+kind = "mock"
+[[tenants]]
+name = "a"
+upstream = "azure"
+[[tenants]]
+name = "b"
+upstream = "nowhere"
+"#;
+        let faults = load(dir.path(), body, &[]).unwrap_err().0;
+        for needle in [
+            "upstreams.azure.api_key is not set: set IMAGEGATE__UPSTREAMS__AZURE__API_KEY",
+            "upstreams.Bad-Name: an upstream name is",
+            "upstreams.azure.image_hosts entry \"https://images.example.com/\" must be a host name",
+            "tenants[1] (\"b\"): upstream 'nowhere' is not a configured upstream",
+        ] {
+            assert!(faults.iter().any(|f| f.contains(needle)), "no fault mentions {needle}: {faults:#?}");
+        }
+        assert!(!faults.iter().any(|f| f.contains("tenants[0]")), "{faults:#?}");
+        let env =
+            [("IMAGEGATE__UPSTREAMS__AZURE__API_KEY", "sk-azure"), ("IMAGEGATE__UPSTREAMS__BAD-NAME__KIND", "mock")];
+        let ok = body
+            .replace("[upstreams.Bad-Name]\nkind = \"mock\"\n", "")
+            .replace("\"nowhere\"", "\"azure\"")
+            .replace("https://images.example.com/", "images.example.com");
+        let s = load(dir.path(), &ok, &env[..1]).unwrap();
+        let azure = &s.upstreams["azure"];
+        assert_eq!(azure.api_key.as_ref().map(Secret::expose), Some("sk-azure"));
+        assert_eq!((azure.auth, azure.timeout), (UpstreamAuth::ApiKey, Duration::from_secs(600)));
+        assert_eq!(azure.image_hosts, ["images.example.com"]);
+    }
+
+    #[test]
+    fn tenant_policy_and_key_expiry_faults_name_the_tenant_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = r#"
+[upstream]
+kind = "mock"
+[[tenants]]
+name = "a"
+organization = ""
+limits = { requests_per_minute = 0, usd_per_month = -5.0 }
+images = { retention = "0s" }
+cache = { ttl = "0s" }
+metadata = { owner = "ops" }
+status = "suspended"
+keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000000000000000000000000", expires_at = "soon" }]
+"#;
+        let faults = load(dir.path(), body, &[]).unwrap_err().0;
+        for needle in [
+            "tenants[0] (\"a\"): organization must not be empty",
+            "limits.requests_per_minute must be at least 1",
+            "limits.usd_per_month must be a number",
+            "images.retention must be greater than zero",
+            "cache.ttl must be greater than zero",
+            "keys[0].expires_at \"soon\" is not a time",
+        ] {
+            assert!(faults.iter().any(|f| f.contains(needle)), "no fault mentions {needle}: {faults:#?}");
+        }
+        let fixed = body
+            .replace("organization = \"\"\n", "")
+            .replace("requests_per_minute = 0, usd_per_month = -5.0", "requests_per_minute = 60")
+            .replace("\"0s\"", "\"1h\"")
+            .replace("\"soon\"", "\"2027-01-01T10:00:00+01:00\"");
+        let s = load(dir.path(), &fixed, &[]).unwrap();
+        assert_eq!(s.tenants[0].status, Some(crate::tenants::TenantStatus::Suspended));
+        assert_eq!(s.tenants[0].metadata, Some(serde_json::json!({"owner": "ops"})));
     }
 
     #[test]

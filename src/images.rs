@@ -30,7 +30,7 @@ use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
 use crate::pricing::Prices;
 use crate::rehost::{Origin, Plan, Rehoster};
 use crate::tenants::TenantContext;
-use crate::upstream::{Attribution, ReplyBody, Upstream, UpstreamReply};
+use crate::upstream::{Attribution, ReplyBody, UpstreamReply, Upstreams};
 
 /// The 429 (or, fail-closed, 503) for a request the limits did not let through.
 fn denied_error(tenant: &str, denied: Denied) -> ApiError {
@@ -70,7 +70,8 @@ pub struct RequestMeta {
 
 /// Owns the pipeline's collaborators. Cheap to share behind `Arc`.
 pub struct ImagesService {
-    upstream: Arc<dyn Upstream>,
+    /// Every configured upstream; each tenant's requests go to the one it names.
+    upstreams: Arc<Upstreams>,
     policy: ValidationPolicy,
     prices: Arc<Prices>,
     ledger: Ledger,
@@ -81,7 +82,7 @@ pub struct ImagesService {
 
 impl ImagesService {
     pub fn new(
-        upstream: Arc<dyn Upstream>,
+        upstreams: Arc<Upstreams>,
         policy: ValidationPolicy,
         prices: Arc<Prices>,
         ledger: Ledger,
@@ -89,7 +90,7 @@ impl ImagesService {
         rehoster: Arc<Rehoster>,
         cache: ResponseCache,
     ) -> Self {
-        Self { upstream, policy, prices, ledger, limiter, rehoster, cache }
+        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache }
     }
 
     /// The re-hoster, whose store also serves the links it hands out.
@@ -97,9 +98,9 @@ impl ImagesService {
         &self.rehoster
     }
 
-    /// Name of the configured upstream (`openai` or `mock`).
+    /// Name of the default upstream (`openai` or `mock`).
     pub fn upstream_name(&self) -> &'static str {
-        self.upstream.name()
+        self.upstreams.default_upstream().name()
     }
 
     /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
@@ -252,7 +253,16 @@ impl ImagesService {
             project: ctx.tenant.project.clone(),
             idempotency_key: meta.idempotency_key.clone(),
         };
-        let reply = match self.upstream.send(request, &attribution).await {
+        let Some(upstream) = self.upstreams.get(ctx.tenant.upstream.as_deref()) else {
+            let e = ApiError::Internal(anyhow::anyhow!(
+                "tenant '{}' names upstream '{}', which is not configured on this gateway",
+                ctx.tenant.name,
+                ctx.tenant.upstream.as_deref().unwrap_or_default()
+            ));
+            self.ledger.record(record.finish(e.status().as_u16(), started));
+            return Err(e);
+        };
+        let reply = match upstream.send(request, &attribution).await {
             Ok(reply) => reply,
             Err(e) => {
                 let e = ApiError::from(e);
@@ -327,6 +337,9 @@ impl ImagesService {
         };
         match reply.body {
             ReplyBody::Stream(stream) if reply.status.is_success() => {
+                // The upstream's request id is known from the headers, before any event.
+                let mut record = record;
+                record.note_upstream_request_id(&reply.headers);
                 // The concurrency slot is held until the stream ends.
                 let body =
                     usage::meter_stream(stream, record, self.prices.clone(), Box::new(done), permit.slot, started);

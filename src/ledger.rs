@@ -2,6 +2,20 @@
 //! bounded queue and never wait for the database; a background task writes batches in one transaction and,
 //! on shutdown, drains the queue before the process exits, so no row is lost to a SIGTERM.
 //!
+//! What the writer does when the database says no:
+//!
+//! - a **transient** failure (a locked SQLite file, a Postgres restart, a pool timeout) keeps the batch and
+//!   retries it with exponential backoff. Meanwhile new rows wait in the queue, so memory stays bounded by
+//!   `usage.queue_capacity`; rows that find the queue full are counted and logged as dropped;
+//! - a failure **caused by the rows** (a value the database refuses, a duplicate id) splits the batch and
+//!   writes its rows one by one, so one bad row never takes other tenants' rows down; a row the database
+//!   still refuses is logged with its request id and counted as rejected;
+//! - at shutdown the writer keeps retrying for at most `usage.shutdown_flush_timeout`; what is still
+//!   unwritten then is counted and logged as dropped.
+//!
+//! Stored text is cleaned first ([`sanitize`]): control characters (NUL, which PostgreSQL text refuses,
+//! among them) are removed and lengths capped, since rows keep the caller's model, size and quality as sent.
+//!
 //! `report` reads the ledger back as summaries (admin API, CLI).
 
 pub mod report;
@@ -12,17 +26,48 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::UsageSettings;
-use crate::db::Db;
+use crate::db::{Backend, Db};
 use crate::images::usage::UsageRecord;
+
+/// The longest model name stored (longer ones are cut).
+pub const MAX_MODEL_CHARS: usize = 128;
+/// The longest `size`, `quality`, request id or key id stored.
+pub const MAX_SHORT_CHARS: usize = 128;
+/// The longest prompt stored for tenants that opted into prompt logging.
+pub const MAX_PROMPT_CHARS: usize = 32_000;
+
+/// The first wait after a transient failure; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The sending side, shared by every request.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
+    counters: Arc<Counters>,
+}
+
+/// What the writer has done so far, for tests and operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerStats {
+    /// Rows stored.
+    pub written: u64,
+    /// Rows the database refused on their own (logged with their request id).
+    pub rejected: u64,
+    /// Rows lost because the queue was full or the shutdown deadline passed.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    written: AtomicU64,
+    rejected: AtomicU64,
+    dropped: AtomicU64,
     /// Rows dropped because the queue was full, not yet reported in the log.
-    dropped: Arc<AtomicU64>,
+    unreported_full: AtomicU64,
 }
 
 /// The writer task; `close` flushes and waits.
@@ -36,24 +81,42 @@ impl Ledger {
     pub fn start(db: Db, settings: &UsageSettings) -> (Self, LedgerWriter) {
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let dropped = Arc::new(AtomicU64::new(0));
-        let loop_state = Writer { db, batch_size: settings.batch_size, dropped: dropped.clone() };
-        let handle = tokio::spawn(write_loop(loop_state, rx, stopped, settings.flush_interval));
-        (Self { tx, dropped }, LedgerWriter { handle, stop })
+        let counters = Arc::new(Counters::default());
+        let writer = Writer {
+            db,
+            batch_size: settings.batch_size,
+            interval: settings.flush_interval,
+            shutdown_timeout: settings.shutdown_flush_timeout,
+            counters: counters.clone(),
+        };
+        let handle = tokio::spawn(writer.run(rx, stopped));
+        (Self { tx, counters }, LedgerWriter { handle, stop })
     }
 
     /// Queue a record; never blocks. A full queue drops the record; the writer reports how many were dropped
     /// (one log line per batch, not one per row, so an overload does not also flood the log).
-    pub fn record(&self, record: UsageRecord) {
+    pub fn record(&self, mut record: UsageRecord) {
+        sanitize(&mut record);
         record.emit();
         if self.tx.try_send(record).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.unreported_full.fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counters since the start.
+    pub fn stats(&self) -> LedgerStats {
+        LedgerStats {
+            written: self.counters.written.load(Ordering::Relaxed),
+            rejected: self.counters.rejected.load(Ordering::Relaxed),
+            dropped: self.counters.dropped.load(Ordering::Relaxed),
         }
     }
 }
 
 impl LedgerWriter {
-    /// Write every row queued so far, then stop. Call once the server has stopped serving.
+    /// Write every row queued so far (retrying for at most `usage.shutdown_flush_timeout`), then stop. Call
+    /// once the server has stopped serving.
     pub async fn close(self) {
         let _ = self.stop.send(());
         if let Err(e) = self.handle.await {
@@ -62,86 +125,294 @@ impl LedgerWriter {
     }
 }
 
+/// Remove control characters and cap the length of every stored text field, so no value the caller chose can
+/// make the database refuse the row (PostgreSQL text refuses NUL) or bloat it. Prompts keep line breaks and
+/// tabs.
+pub fn sanitize(record: &mut UsageRecord) {
+    for (field, max) in [
+        (&mut record.model, MAX_MODEL_CHARS),
+        (&mut record.request_id, MAX_SHORT_CHARS),
+        (&mut record.key_id, MAX_SHORT_CHARS),
+        (&mut record.tenant_id, MAX_SHORT_CHARS),
+    ] {
+        clean(field, max, false);
+    }
+    for field in [&mut record.size, &mut record.quality, &mut record.upstream_request_id].into_iter().flatten() {
+        clean(field, MAX_SHORT_CHARS, false);
+    }
+    if let Some(prompt) = record.prompt.as_mut() {
+        clean(prompt, MAX_PROMPT_CHARS, true);
+    }
+}
+
+fn clean(text: &mut String, max_chars: usize, keep_breaks: bool) {
+    let unwanted = |c: char| c.is_control() && !(keep_breaks && matches!(c, '\n' | '\t'));
+    if !text.chars().any(unwanted) && text.len() <= max_chars {
+        return;
+    }
+    *text = text.chars().filter(|c| !unwanted(*c)).take(max_chars).collect();
+}
+
 /// What the writer task works with.
 struct Writer {
     db: Db,
     batch_size: usize,
-    dropped: Arc<AtomicU64>,
+    interval: Duration,
+    shutdown_timeout: Duration,
+    counters: Arc<Counters>,
 }
 
-async fn write_loop(
-    writer: Writer,
-    mut rx: mpsc::Receiver<UsageRecord>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-    interval: Duration,
-) {
-    let batch_size = writer.batch_size;
-    let mut batch = Vec::with_capacity(batch_size);
-    loop {
-        let first = tokio::select! {
-            next = rx.recv() => next,
-            _ = &mut stop => None,
-        };
-        let Some(first) = first else { break };
-        batch.push(first);
-        let deadline = tokio::time::sleep(interval);
+/// Why a write did not complete.
+#[derive(Debug)]
+enum WriteError {
+    /// The database could not be used just now; the rows are kept for a retry.
+    Transient(String),
+    /// The shutdown deadline passed; the rows are kept (and then dropped by the caller).
+    Deadline,
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Transient(e) => f.write_str(e),
+            Self::Deadline => f.write_str("the shutdown deadline passed"),
+        }
+    }
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<UsageRecord>, mut stop: tokio::sync::oneshot::Receiver<()>) {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut backoff: Option<Duration> = None;
+        let mut stopping = false;
+        while !stopping {
+            if batch.is_empty() {
+                let first = tokio::select! {
+                    next = rx.recv() => next,
+                    _ = &mut stop => None,
+                };
+                let Some(first) = first else { break };
+                batch.push(first);
+                stopping = self.fill(&mut rx, &mut batch, &mut stop).await;
+                if stopping {
+                    break;
+                }
+            } else {
+                // Retrying: top the kept rows up with what queued meanwhile, without waiting.
+                top_up(&mut rx, &mut batch, self.batch_size);
+            }
+            match self.write(&mut batch, None).await {
+                Ok(()) => backoff = None,
+                Err(e) => {
+                    let wait = backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
+                    backoff = Some(wait);
+                    tracing::warn!(
+                        error = %e,
+                        rows = batch.len(),
+                        retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "usage write failed; the rows are kept and retried"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = &mut stop => stopping = true,
+                    }
+                }
+            }
+        }
+        self.drain(rx, batch).await;
+    }
+
+    /// Collect rows until the batch is full or `flush_interval` has passed since the first. Returns true when
+    /// the stop signal came meanwhile (the batch is then written by the shutdown drain).
+    async fn fill(
+        &self,
+        rx: &mut mpsc::Receiver<UsageRecord>,
+        batch: &mut Vec<UsageRecord>,
+        stop: &mut tokio::sync::oneshot::Receiver<()>,
+    ) -> bool {
+        let deadline = tokio::time::sleep(self.interval);
         tokio::pin!(deadline);
-        while batch.len() < batch_size {
+        while batch.len() < self.batch_size {
             tokio::select! {
                 next = rx.recv() => match next {
                     Some(r) => batch.push(r),
                     None => break,
                 },
                 () = &mut deadline => break,
+                _ = &mut *stop => return true,
             }
         }
-        writer.write_batch(&mut batch).await;
+        false
     }
-    // Shutting down: whatever is queued now is written before the process exits.
-    while let Ok(r) = rx.try_recv() {
-        batch.push(r);
-        if batch.len() >= batch_size {
-            writer.write_batch(&mut batch).await;
+
+    /// Shutting down: write whatever is queued now, retrying transient failures until the deadline.
+    async fn drain(&self, mut rx: mpsc::Receiver<UsageRecord>, mut batch: Vec<UsageRecord>) {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            top_up(&mut rx, &mut batch, self.batch_size);
+            if batch.is_empty() {
+                break;
+            }
+            match self.write(&mut batch, Some(deadline)).await {
+                Ok(()) => {}
+                Err(WriteError::Deadline) => break,
+                Err(e) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    tracing::warn!(error = %e, rows = batch.len(), "usage write failed during shutdown, retrying");
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        let mut lost = batch.len();
+        let first_lost = batch.first().map(|r| r.request_id.clone());
+        while rx.try_recv().is_ok() {
+            lost += 1;
+        }
+        self.report_full_queue();
+        if lost > 0 {
+            self.counters.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+            tracing::error!(
+                rows = lost,
+                first_request_id = first_lost.as_deref(),
+                timeout_secs = self.shutdown_timeout.as_secs_f64(),
+                "usage rows could not be written before usage.shutdown_flush_timeout and are lost"
+            );
+        } else {
+            tracing::debug!("usage writer drained");
         }
     }
-    writer.write_batch(&mut batch).await;
-    tracing::debug!("usage writer drained");
-}
 
-/// Rows per INSERT statement: 19 parameters each, well under SQLite's and PostgreSQL's parameter limits.
-const ROWS_PER_STATEMENT: usize = 50;
-const COLUMNS: usize = 19;
-
-impl Writer {
-    async fn write_batch(&self, batch: &mut Vec<UsageRecord>) {
-        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+    fn report_full_queue(&self) {
+        let dropped = self.counters.unreported_full.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             tracing::error!(
                 rows = dropped,
                 "usage queue full: rows were dropped (raise usage.queue_capacity, or the database cannot keep up)"
             );
         }
+    }
+
+    /// Write `batch`. On success it is empty afterwards; on a transient failure (or the deadline) it holds the
+    /// rows still to be written. Rows the database refuses on their own are logged, counted and removed.
+    async fn write(&self, batch: &mut Vec<UsageRecord>, deadline: Option<Instant>) -> Result<(), WriteError> {
+        self.report_full_queue();
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
-        let count = batch.len();
-        // One retry covers a transient failure (a busy SQLite file, a Postgres failover).
-        for attempt in 0..2 {
-            match insert(&self.db, batch).await {
-                Ok(()) => {
-                    batch.clear();
-                    return;
-                }
-                Err(e) if attempt == 0 => {
-                    tracing::warn!(error = %e, rows = count, "usage write failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => tracing::error!(error = %e, rows = count, "usage rows could not be written and were dropped"),
+        match insert_until(&self.db, batch, deadline).await {
+            Ok(()) => {
+                self.counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                batch.clear();
+                return Ok(());
+            }
+            Err(Attempt::Deadline) => return Err(WriteError::Deadline),
+            Err(Attempt::Failed(e)) if is_transient(&e, self.db.backend()) => {
+                return Err(WriteError::Transient(e.to_string()));
+            }
+            Err(Attempt::Failed(e)) if batch.len() > 1 => {
+                tracing::warn!(error = %e, rows = batch.len(), "the database refused a usage batch; writing its rows one by one");
+            }
+            Err(Attempt::Failed(e)) => {
+                self.reject(&batch[0], &e);
+                batch.clear();
+                return Ok(());
             }
         }
-        batch.clear();
+        // One by one: a row that still fails on its own is rejected; a transient failure keeps this row and
+        // every later one for the retry.
+        let rows = std::mem::take(batch);
+        let mut rows = rows.into_iter();
+        while let Some(row) = rows.next() {
+            match insert_until(&self.db, std::slice::from_ref(&row), deadline).await {
+                Ok(()) => {
+                    self.counters.written.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Attempt::Failed(e)) if !is_transient(&e, self.db.backend()) => self.reject(&row, &e),
+                Err(failure) => {
+                    batch.push(row);
+                    batch.extend(rows);
+                    return Err(match failure {
+                        Attempt::Deadline => WriteError::Deadline,
+                        Attempt::Failed(e) => WriteError::Transient(e.to_string()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&self, row: &UsageRecord, e: &sqlx::Error) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            request_id = %row.request_id,
+            tenant = %row.tenant,
+            error = %e,
+            "the database refused this usage row; it is not stored"
+        );
     }
 }
+
+/// Move queued rows into `batch` without waiting, up to `max`.
+fn top_up(rx: &mut mpsc::Receiver<UsageRecord>, batch: &mut Vec<UsageRecord>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Whether a failure is the database being unavailable (worth retrying the same rows) rather than the rows
+/// themselves being refused.
+fn is_transient(e: &sqlx::Error, backend: Backend) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| transient_code(&code, backend)),
+        _ => false,
+    }
+}
+
+/// SQLite reports numeric extended result codes, PostgreSQL five-character SQLSTATEs.
+fn transient_code(code: &str, backend: Backend) -> bool {
+    match backend {
+        // BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL (the primary code is the low byte)
+        Backend::Sqlite => {
+            code.parse::<i32>().is_ok_and(|extended| matches!(extended & 0xff, 5 | 6 | 10 | 13 | 14 | 15))
+        }
+        // connection exception, transaction rollback (serialization, deadlock), insufficient resources, operator
+        // intervention (shutdown, cancel), system error
+        Backend::Postgres => ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)),
+    }
+}
+
+enum Attempt {
+    Failed(sqlx::Error),
+    Deadline,
+}
+
+async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) -> Result<(), Attempt> {
+    match deadline {
+        None => insert(db, rows).await.map_err(Attempt::Failed),
+        Some(at) => match tokio::time::timeout_at(at, insert(db, rows)).await {
+            Ok(result) => result.map_err(Attempt::Failed),
+            Err(_) => Err(Attempt::Deadline),
+        },
+    }
+}
+
+/// Rows per INSERT statement: 19 parameters each, well under SQLite's and PostgreSQL's parameter limits.
+const ROWS_PER_STATEMENT: usize = 50;
+const COLUMNS: usize = 19;
 
 /// Write `batch` in one transaction, many rows per statement.
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
@@ -185,4 +456,70 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
         query.execute(&mut *tx).await?;
     }
     tx.commit().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> UsageRecord {
+        UsageRecord {
+            request_id: "req_1".into(),
+            created_at: 1,
+            tenant_id: "t".into(),
+            tenant: "team".into(),
+            key_id: "abcd1234".into(),
+            endpoint: "generations",
+            model: "gpt-image-1".into(),
+            images_requested: 1,
+            images_returned: None,
+            size: None,
+            quality: None,
+            input_tokens: None,
+            output_tokens: None,
+            cost_usd: 0.0,
+            status: 400,
+            latency_ms: 1,
+            stream: false,
+            cache_hit: false,
+            upstream_request_id: None,
+            prompt: None,
+        }
+    }
+
+    #[test]
+    fn stored_text_loses_control_characters_and_is_capped() {
+        let mut r = record();
+        r.model = format!("gpt\u{0}-image\u{1b}[31m-{}", "x".repeat(500));
+        r.size = Some("1024x1024\u{0}".into());
+        r.quality = Some("hi\r\ngh".into());
+        r.prompt = Some("line one\nline two\u{0}\ttabbed\r".into());
+        sanitize(&mut r);
+        assert!(r.model.starts_with("gpt-image[31m-xxx"), "{}", r.model);
+        assert_eq!(r.model.chars().count(), MAX_MODEL_CHARS);
+        assert_eq!(r.size.as_deref(), Some("1024x1024"));
+        assert_eq!(r.quality.as_deref(), Some("high"));
+        assert_eq!(r.prompt.as_deref(), Some("line one\nline two\ttabbed"));
+        let mut plain = record();
+        sanitize(&mut plain);
+        assert_eq!(plain, record(), "clean values are kept as they are");
+    }
+
+    #[test]
+    fn lock_and_connection_failures_are_transient_but_refused_values_are_not() {
+        for code in ["5", "517", "6", "10", "13"] {
+            assert!(transient_code(code, Backend::Sqlite), "{code}");
+        }
+        for code in ["19", "1555", "2067", "1"] {
+            assert!(!transient_code(code, Backend::Sqlite), "{code}");
+        }
+        for code in ["08006", "57P01", "40001", "53100"] {
+            assert!(transient_code(code, Backend::Postgres), "{code}");
+        }
+        for code in ["22021", "23505", "42P01", "22001"] {
+            assert!(!transient_code(code, Backend::Postgres), "{code}");
+        }
+        assert!(is_transient(&sqlx::Error::PoolTimedOut, Backend::Postgres));
+        assert!(!is_transient(&sqlx::Error::RowNotFound, Backend::Sqlite));
+    }
 }

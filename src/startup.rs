@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::cache::ResponseCache;
 use crate::cache::shared::SharedCache;
-use crate::config::{CacheBackend, LimitsBackend, Settings, UpstreamKind};
+use crate::config::{CacheBackend, DownloadSettings, LimitsBackend, Settings, UpstreamKind};
 use crate::db::Db;
 use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
@@ -33,9 +33,7 @@ use crate::storage::sweeper::Sweeper;
 use crate::tenants::repo::TenantRepo;
 use crate::tenants::store::TenantStore;
 use crate::tenants::sync;
-use crate::upstream::Upstream;
-use crate::upstream::mock::MockUpstream;
-use crate::upstream::openai::OpenAiUpstream;
+use crate::upstream::Upstreams;
 
 /// A gateway ready to serve.
 pub struct Application {
@@ -51,10 +49,11 @@ impl Application {
     /// Open the database, apply configured tenants, bind the socket and wire everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-        let repo = TenantRepo::new(db.clone());
+        let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
         sync::apply(&repo, &settings.tenants)
             .await
             .map_err(|e| anyhow::anyhow!("cannot apply the tenants of the configuration: {e}"))?;
+        warn_about_unknown_upstreams(&repo, &settings).await;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.server.listen))?;
@@ -63,10 +62,7 @@ impl Application {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{addr}"))?,
         };
-        let upstream: Arc<dyn Upstream> = match settings.upstream.kind {
-            UpstreamKind::Openai => Arc::new(OpenAiUpstream::new(&settings.upstream)?),
-            UpstreamKind::Mock => Arc::new(MockUpstream::new(public_url.clone())),
-        };
+        let upstreams = Arc::new(Upstreams::from_settings(&settings, &public_url)?);
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
         let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
         let limiter = limiter(&settings, &db).await?;
@@ -76,7 +72,7 @@ impl Application {
             ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
         let cache = response_cache(&settings).await?;
         let images =
-            ImagesService::new(upstream, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
+            ImagesService::new(upstreams, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }
@@ -98,6 +94,7 @@ impl Application {
         let settings = state.settings.clone();
         tracing::info!(
             upstream = state.images.upstream_name(),
+            upstreams = settings.upstreams.len(),
             db = ?state.db.backend(),
             images = ?store.backend(),
             rehost = settings.images.rehost,
@@ -134,18 +131,10 @@ impl Application {
     }
 }
 
-/// The image store and the re-hoster around it. The mock upstream's own links point at this gateway, so its
-/// host is allowed (and may be loopback) for downloads.
+/// The image store and the re-hoster around it.
 fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
     let store = ImageStore::open(&settings.storage, db.clone())?;
-    let mut download = settings.images.download.clone();
-    if settings.upstream.kind == UpstreamKind::Mock
-        && let Some(host) = public_url.host_str()
-    {
-        download.allowed_hosts.push(host.to_owned());
-        download.private_hosts.push(host.to_owned());
-        download.allow_http = download.allow_http || public_url.scheme() == "http";
-    }
+    let download = download_settings(settings, public_url);
     let fetcher = Fetcher::new(&download)?;
     let key = links::load_or_create_key(
         settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
@@ -154,6 +143,48 @@ fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(A
     let signer = LinkSigner::new(key, public_url.clone());
     let rehoster = Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone()));
     Ok((Arc::new(rehoster), store))
+}
+
+/// `images.download` covering the image hosts of every configured upstream (`[upstream]` and each
+/// `[upstreams.<name>]`): each upstream's `image_hosts` are allowed, and a mock upstream's links, which point
+/// at this gateway, make its host allowed (it may be loopback, and plain HTTP).
+pub fn download_settings(settings: &Settings, public_url: &Url) -> DownloadSettings {
+    let mut download = settings.images.download.clone();
+    let allow = |list: &mut Vec<String>, host: &str| {
+        if !list.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            list.push(host.to_owned());
+        }
+    };
+    for up in std::iter::once(&settings.upstream).chain(settings.upstreams.values()) {
+        for host in &up.image_hosts {
+            allow(&mut download.allowed_hosts, host);
+        }
+        if up.kind == UpstreamKind::Mock
+            && let Some(host) = public_url.host_str()
+        {
+            allow(&mut download.allowed_hosts, host);
+            allow(&mut download.private_hosts, host);
+            download.allow_http = download.allow_http || public_url.scheme() == "http";
+        }
+    }
+    download
+}
+
+/// Tenants in the database (created through the admin API or the CLI, perhaps by a gateway with another
+/// configuration) whose upstream this gateway does not know: their requests will fail with 500 until it does.
+async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
+    let Ok(tenants) = repo.list_tenants().await else { return };
+    for t in tenants {
+        if let Some(name) = t.upstream.as_deref()
+            && !settings.upstreams.contains_key(name)
+        {
+            tracing::warn!(
+                tenant = %t.name,
+                upstream = name,
+                "the tenant's upstream is not configured here: add [upstreams.{name}] or change the tenant's upstream"
+            );
+        }
+    }
 }
 
 /// The response cache, with its Redis tier when `cache.backend = "redis"`.
@@ -200,5 +231,44 @@ async fn flush_last_used(tenants: Arc<TenantStore>, every: Duration) {
         if let Err(e) = tenants.flush_last_used().await {
             tracing::warn!(error = %e, "could not record key last-used times");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Secret, UpstreamSettings};
+
+    #[test]
+    fn downloads_are_allowed_from_every_configured_upstreams_image_hosts() {
+        let mut settings = Settings::default();
+        settings.upstream.image_hosts = vec!["images.openai.example".into()];
+        settings.upstreams.insert(
+            "inhouse".into(),
+            UpstreamSettings {
+                base_url: Url::parse("http://gen.internal:8000/v1").unwrap(),
+                api_key: Some(Secret::new("k")),
+                image_hosts: vec!["*.cdn.internal".into(), "IMAGES.openai.example".into()],
+                ..UpstreamSettings::default()
+            },
+        );
+        settings
+            .upstreams
+            .insert("offline".into(), UpstreamSettings { kind: UpstreamKind::Mock, ..UpstreamSettings::default() });
+        let public = Url::parse("http://gateway.local:8080").unwrap();
+        let d = download_settings(&settings, &public);
+        assert_eq!(
+            d.allowed_hosts,
+            ["*.blob.core.windows.net", "images.openai.example", "*.cdn.internal", "gateway.local"]
+        );
+        assert_eq!(d.private_hosts, ["gateway.local"], "only the mock's own links may be loopback");
+        assert!(d.allow_http, "a mock upstream's links are plain HTTP here");
+
+        // Without a mock anywhere, plain HTTP stays off and the gateway's own host is not added; an HTTP
+        // upstream's base URL host is not an image host unless listed.
+        settings.upstreams.remove("offline");
+        let d = download_settings(&settings, &public);
+        assert!(!d.allow_http, "{d:?}");
+        assert!(!d.allowed_hosts.iter().any(|h| h == "gateway.local" || h == "gen.internal"), "{d:?}");
     }
 }

@@ -1,11 +1,12 @@
 //! Tenants and the identity a request carries: domain types only, no I/O and no HTTP.
 //!
-//! `keys` owns the key format and hashing, `repo` the SQL for tenants and keys, `store` the cached key →
+//! `keys` owns the key format and hashing, `policy` the rules every tenant setting must satisfy, `repo` the SQL for tenants and keys, `store` the cached key →
 //! tenant lookup used on every request, `sync` applies configuration-declared tenants at startup, and `auth`
 //! is the layer that turns a Bearer header into a [`TenantContext`] request extension.
 
 pub mod auth;
 pub mod keys;
+pub mod policy;
 pub mod repo;
 pub mod store;
 pub mod sync;
@@ -40,6 +41,9 @@ pub struct Tenant {
     pub organization: Option<String>,
     /// `OpenAI-Project` for this tenant's upstream calls.
     pub project: Option<String>,
+    /// Which `[upstreams.<name>]` answers this tenant; `None` = `[upstream]`.
+    #[serde(default)]
+    pub upstream: Option<String>,
     /// Store prompt text in usage rows (explicit opt-in; off by default).
     pub log_prompts: bool,
     /// Free-form JSON object for the platform team.

@@ -1,6 +1,9 @@
 //! The seam between the gateway and whatever produces images: the [`Upstream`] trait, what goes in
 //! ([`ImageRequest`] plus [`Attribution`]) and what comes out ([`UpstreamReply`]).
 //!
+//! [`Upstreams`] is the registry of every configured upstream: `[upstream]`, the default, and each named
+//! `[upstreams.<name>]`, which tenants choose with their `upstream` setting.
+//!
 //! `openai` forwards over HTTP to OpenAI, Azure's v1 API or any OpenAI-compatible server; `mock` answers
 //! offline with real generated images. Upstream answers, errors included, are passed on as they are; only a
 //! failure to get an answer becomes an [`UpstreamError`].
@@ -9,6 +12,8 @@ pub mod mock;
 pub mod openai;
 pub mod render;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +21,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use http::{HeaderMap, StatusCode};
 
+use crate::config::{Settings, UpstreamKind, UpstreamSettings};
 use crate::error::ApiError;
 use crate::images::request::ImageRequest;
 
@@ -96,4 +102,54 @@ pub fn sse_error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     out.extend_from_slice(&data);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
+}
+
+/// Every configured upstream, by name. Cheap to share behind `Arc`.
+pub struct Upstreams {
+    default: Arc<dyn Upstream>,
+    named: BTreeMap<String, Arc<dyn Upstream>>,
+}
+
+impl Upstreams {
+    pub fn new(default: Arc<dyn Upstream>, named: BTreeMap<String, Arc<dyn Upstream>>) -> Self {
+        Self { default, named }
+    }
+
+    /// Build `[upstream]` and every `[upstreams.<name>]` from validated settings. Mock upstreams link their
+    /// images to `public_url`.
+    pub fn from_settings(settings: &Settings, public_url: &url::Url) -> anyhow::Result<Self> {
+        let default = build(&settings.upstream, public_url)?;
+        let mut named = BTreeMap::new();
+        for (name, up) in &settings.upstreams {
+            let upstream = build(up, public_url).map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
+            named.insert(name.clone(), upstream);
+        }
+        Ok(Self::new(default, named))
+    }
+
+    /// `[upstream]`.
+    pub fn default_upstream(&self) -> &Arc<dyn Upstream> {
+        &self.default
+    }
+
+    /// The upstream a tenant's `upstream` setting names (`None` = `[upstream]`); `None` when no upstream of
+    /// that name is configured on this gateway.
+    pub fn get(&self, name: Option<&str>) -> Option<&Arc<dyn Upstream>> {
+        match name {
+            None => Some(&self.default),
+            Some(name) => self.named.get(name),
+        }
+    }
+
+    /// The names of the `[upstreams.<name>]` tables.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.named.keys().map(String::as_str)
+    }
+}
+
+fn build(settings: &UpstreamSettings, public_url: &url::Url) -> anyhow::Result<Arc<dyn Upstream>> {
+    Ok(match settings.kind {
+        UpstreamKind::Openai => Arc::new(openai::OpenAiUpstream::new(settings)?),
+        UpstreamKind::Mock => Arc::new(mock::MockUpstream::new(public_url.clone())),
+    })
 }

@@ -107,11 +107,11 @@ fn tenants_are_created_listed_shown_updated_suspended_and_resumed() {
 
     let list = cli.ok(&["tenants", "list"]);
     let header = row(&list, "name");
-    assert_eq!(header, ["name", "status", "allowed models", "org", "project", "source", "created"]);
+    assert_eq!(header, ["name", "status", "allowed models", "org", "project", "upstream", "source", "created"]);
     let a = row(&list, "team-a");
-    assert_eq!(a[..6], ["team-a", "active", "gpt-image-1,dall-e-3", "org-a", "proj_a", "api"]);
-    assert!(a[6].ends_with('Z') && a[6].contains('T'), "created is RFC 3339 UTC: {}", a[6]);
-    assert_eq!(row(&list, "team-b")[..6], ["team-b", "active", "all", "-", "-", "api"]);
+    assert_eq!(a[..7], ["team-a", "active", "gpt-image-1,dall-e-3", "org-a", "proj_a", "default", "api"]);
+    assert!(a[7].ends_with('Z') && a[7].contains('T'), "created is RFC 3339 UTC: {}", a[7]);
+    assert_eq!(row(&list, "team-b")[..7], ["team-b", "active", "all", "-", "-", "default", "api"]);
 
     let show = cli.ok(&["tenants", "show", "team-a"]);
     assert_eq!(row(&show, "log prompts")[1], "yes");
@@ -205,12 +205,14 @@ fn usage_without_rows_prints_an_empty_table_a_csv_header_and_empty_json() {
         ]
     );
 
+    // The admin API's shape exactly: {"object": "list", "from": ms, "to": ms, "data": [...]}.
     let json: serde_json::Value =
         serde_json::from_str(&cli.ok(&["usage", "--format", "json", "--from", "2020-01-01", "--to", "2020-02-01"]))
             .unwrap();
-    assert_eq!(json["from"], "2020-01-01T00:00:00Z");
-    assert_eq!(json["to"], "2020-02-01T00:00:00Z");
-    assert_eq!(json["rows"], serde_json::json!([]));
+    assert_eq!(
+        json,
+        serde_json::json!({"object": "list", "from": 1_577_836_800_000_i64, "to": 1_580_515_200_000_i64, "data": []})
+    );
 }
 
 #[tokio::test]
@@ -252,6 +254,12 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
 
     let csv = cli.ok(&["usage", "--format", "csv"]);
     assert_eq!(csv.lines().count(), 3, "{csv}");
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["usage", "--format", "json"])).unwrap();
+    assert_eq!(json["object"], "list");
+    let rows = json["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["model"], "dall-e-3");
+    assert_eq!((rows[1]["requests"].as_i64(), rows[1]["succeeded"].as_i64()), (Some(2), Some(1)));
     // A range before the rows finds nothing.
     assert!(!cli.ok(&["usage", "--from", "2020-01-01", "--to", "2020-02-01"]).contains("team-a"));
 }
@@ -276,6 +284,97 @@ fn failures_are_one_clear_line_and_exit_code_1() {
     assert!(cli.fails(&["keys", "create", "--tenant", "team-a", "--expires-in", "soon"]).contains("--expires-in"));
     assert!(cli.fails(&["usage", "--from", "yesterday"]).contains("invalid --from"));
     assert!(cli.fails(&["usage", "--from", "2030-01-01", "--to", "2029-01-01"]).contains("must be before"));
+    assert!(cli.fails(&["usage", "--to=-5"]).contains("invalid --to"));
+    assert!(cli.fails(&["tenants", "create", "x", "--metadata", "[1]"]).contains("metadata must be a JSON object"));
+    assert!(cli.fails(&["tenants", "update", "team-a", "--metadata", "{bad"]).contains("invalid --metadata"));
+    assert!(cli.fails(&["keys", "create", "--tenant", "team-a", "--expires-at", "2001-01-01"]).contains("future"));
+    assert!(cli.fails(&["tenants", "create", "x", "--upstream", "nowhere"]).contains("'nowhere' is not a configured"));
+}
+
+#[test]
+fn tenant_settings_are_checked_like_the_admin_api_checks_them() {
+    let cli = Cli::new();
+    cli.ok(&["tenants", "create", "team-a"]);
+    for (args, field) in [
+        (vec!["tenants", "create", "x", "--limits", r#"{"requests_per_minute":0}"#], "limits.requests_per_minute"),
+        (vec!["tenants", "create", "x", "--limits", r#"{"usd_per_day":-1}"#], "limits.usd_per_day"),
+        (
+            vec!["tenants", "create", "x", "--limits", r#"{"requests_per_minute":5,"requests_burst":6}"#],
+            "limits.requests_burst",
+        ),
+        (vec!["tenants", "create", "x", "--image-policy", r#"{"retention":"0s"}"#], "image_policy.retention"),
+        (vec!["tenants", "update", "team-a", "--cache-policy", r#"{"ttl":"0s"}"#], "cache_policy.ttl"),
+        (vec!["tenants", "update", "team-a", "--limits", r#"{"images_burst":0}"#], "limits.images_burst"),
+    ] {
+        let line = cli.fails(&args);
+        assert!(line.contains(field), "{args:?}: {line}");
+    }
+    assert!(cli.fails(&["tenants", "show", "x"]).contains("no tenant named 'x'"), "nothing refused was created");
+}
+
+#[test]
+fn metadata_key_expiry_and_upstreams_are_set_from_the_command_line() {
+    let cli = Cli::with_config("[upstreams.second]\nkind = \"mock\"\n");
+    cli.ok(&["tenants", "create", "team-a", "--metadata", r#"{"cost_center":"4711"}"#, "--upstream", "second"]);
+    let show = cli.ok(&["tenants", "show", "team-a"]);
+    assert_eq!(row(&show, "metadata")[1], r#"{"cost_center":"4711"}"#);
+    assert_eq!(row(&show, "upstream")[1], "second");
+    cli.ok(&["tenants", "update", "team-a", "--default-upstream", "--metadata", "{}"]);
+    let show = cli.ok(&["tenants", "show", "team-a"]);
+    assert_eq!((row(&show, "upstream")[1].as_str(), row(&show, "metadata")[1].as_str()), ("default", "{}"));
+    assert!(cli.fails(&["tenants", "update", "team-a", "--upstream", "third"]).contains("'third'"));
+
+    let out = cli.ok(&["keys", "create", "--tenant", "team-a", "--expires-at", "2099-01-01T02:00:00+02:00"]);
+    assert!(out.contains("expires 2099-01-01T00:00:00Z"), "{out}");
+    let out = cli.run(&["keys", "create", "--tenant", "team-a", "--expires-at", "2099-01-01", "--expires-in", "1d"]);
+    assert_eq!(out.status.code(), Some(2), "--expires-at and --expires-in exclude each other");
+}
+
+/// The ```text block under each `<!-- imagegate … --help -->` marker of docs/admin.md.
+fn documented_help() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/admin.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut rest = doc.as_str();
+    while let Some(start) = rest.find("<!-- imagegate ") {
+        let after = &rest[start + "<!-- ".len()..];
+        let (command, tail) = after.split_once(" -->").unwrap();
+        let body = tail.trim_start().strip_prefix("```text\n").unwrap_or_else(|| panic!("no ```text after {command}"));
+        let (text, next) = body.split_once("\n```").unwrap();
+        blocks.push((command.to_owned(), format!("{text}\n")));
+        rest = next;
+    }
+    blocks
+}
+
+#[test]
+fn the_help_text_in_docs_admin_md_is_what_the_binary_prints() {
+    let blocks = documented_help();
+    let commands: Vec<&str> = blocks.iter().map(|(c, _)| c.as_str()).collect();
+    for required in [
+        "imagegate --help",
+        "imagegate tenants --help",
+        "imagegate tenants list --help",
+        "imagegate tenants show --help",
+        "imagegate tenants create --help",
+        "imagegate tenants update --help",
+        "imagegate tenants suspend --help",
+        "imagegate tenants resume --help",
+        "imagegate keys --help",
+        "imagegate keys create --help",
+        "imagegate keys list --help",
+        "imagegate keys revoke --help",
+        "imagegate keys new --help",
+        "imagegate usage --help",
+    ] {
+        assert!(commands.contains(&required), "docs/admin.md lacks the help of `{required}`");
+    }
+    for (command, documented) in &blocks {
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_imagegate")).args(&args).env("COLUMNS", "100").output().unwrap();
+        assert!(out.status.success(), "{command}");
+        let printed = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(&printed, documented, "docs/admin.md shows an outdated `{command}`: paste the output above");
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::db::now_ms;
 use crate::error::ApiError;
-use crate::ledger::report::{self, SummaryQuery, SummaryRow};
+use crate::ledger::report::{self, SummaryQuery, UsageReport};
 use crate::state::AppState;
 use crate::tenants::keys;
 use crate::tenants::repo::{KeyInfo, NewTenant, TenantPatch};
@@ -79,8 +79,7 @@ pub async fn resume_tenant(State(state): State<AppState>, Segment(name): Segment
 }
 
 async fn set_status(state: &AppState, name: &str, status: TenantStatus) -> Result<Json<Tenant>, ApiError> {
-    let patch = TenantPatch { status: Some(status), ..TenantPatch::default() };
-    let tenant = state.tenants.repo().update_tenant(name, patch).await?;
+    let tenant = state.tenants.repo().set_status(name, status).await?;
     state.tenants.invalidate_all();
     Ok(Json(tenant))
 }
@@ -136,16 +135,6 @@ pub async fn revoke_key(State(state): State<AppState>, Segment(id): Segment) -> 
     Ok(Json(info))
 }
 
-/// The JSON form of a usage report.
-#[derive(Debug, Serialize)]
-pub struct UsageList {
-    object: &'static str,
-    from: i64,
-    to: i64,
-    data: Vec<SummaryRow>,
-}
-
-/// `GET /admin/v1/usage?from=&to=&tenant=&format=json|csv`
 /// `GET /admin/v1/cache`: this replica's response-cache counters (hits, misses, evictions, bytes held).
 pub async fn cache_stats(State(state): State<AppState>) -> Json<crate::cache::Stats> {
     Json(state.images.cache().stats().await)
@@ -157,6 +146,7 @@ pub async fn clear_cache(State(state): State<AppState>) -> Json<crate::cache::St
     Json(state.images.cache().stats().await)
 }
 
+/// `GET /admin/v1/usage?from=&to=&tenant=&format=json|csv`
 pub async fn usage(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let p = UsageParams::parse(query.as_deref(), now_ms())?;
     if let Some(name) = &p.tenant {
@@ -171,7 +161,7 @@ pub async fn usage(State(state): State<AppState>, RawQuery(query): RawQuery) -> 
         ];
         return Ok((headers, report::to_csv(&rows)?).into_response());
     }
-    Ok(Json(UsageList { object: "list", from: p.from, to: p.to, data: rows }).into_response())
+    Ok(Json(UsageReport::new(p.from, p.to, rows)).into_response())
 }
 
 /// The usage query, checked.
@@ -198,13 +188,17 @@ impl UsageParams {
                 }
             }
         }
+        let from_given = from.is_some();
         let from = match from {
             Some(ms) => ms,
             None => month_start(now).ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no month start for {now}")))?,
         };
+        let to_given = to.is_some();
         let to = to.unwrap_or(now);
         if from >= to {
-            return Err(ApiError::invalid(format!("'from' ({from}) must be before 'to' ({to})."), Some("from".into())));
+            // Name the bound the caller wrote: with only `to` given, `to` is what is wrong.
+            let param = if to_given && !from_given { "to" } else { "from" };
+            return Err(ApiError::invalid(format!("'from' ({from}) must be before 'to' ({to})."), Some(param.into())));
         }
         Ok(Self { from, to, tenant, csv })
     }
@@ -213,8 +207,8 @@ impl UsageParams {
 fn time_param(value: &str, param: &str) -> Result<i64, ApiError> {
     report::parse_time(value).ok_or_else(|| {
         let message = format!(
-            "Invalid '{param}' value '{value}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z) \
-             or Unix milliseconds."
+            "Invalid '{param}' value '{value}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z, \
+             2026-11-01T10:00:00+01:00) or Unix milliseconds, from 1970 on."
         );
         ApiError::invalid(message, Some(param.to_owned()))
     })
@@ -263,8 +257,8 @@ fn absolute_expiry(value: &serde_json::Value) -> Result<i64, ApiError> {
     };
     parsed.ok_or_else(|| {
         let message = format!(
-            "Invalid expires_at {value}: use an RFC 3339 time (2026-11-01T09:00:00Z), a date (2026-11-01) or Unix \
-             milliseconds."
+            "Invalid expires_at {value}: use an RFC 3339 time (2026-11-01T09:00:00Z, 2026-11-01T10:00:00+01:00), \
+             a date (2026-11-01) or Unix milliseconds."
         );
         ApiError::invalid(message, Some("expires_at".to_owned()))
     })
@@ -350,6 +344,10 @@ mod tests {
     fn usage_defaults_to_this_month_until_now() {
         let p = UsageParams::parse(None, NOW).unwrap();
         assert_eq!(p, UsageParams { from: 1_793_491_200_000, to: NOW, tenant: None, csv: false });
+        let p = UsageParams::parse(Some("from=2026-11-01T10:00:00%2B02:00&to=2026-11-01T10:00:00+02:00"), NOW);
+        assert_eq!(p.unwrap_err().param(), Some("from"), "equal bounds: from must be before to");
+        let p = UsageParams::parse(Some("from=2026-11-01T02:00:00%2B02:00"), NOW).unwrap();
+        assert_eq!(p.from, 1_793_491_200_000);
         let p = UsageParams::parse(Some("from=2026-10-01&to=2026-11-01&tenant=a%20b&format=csv"), NOW).unwrap();
         assert_eq!(
             (p.from, p.to, p.tenant.as_deref(), p.csv),
@@ -365,6 +363,9 @@ mod tests {
             ("format=xml", "format"),
             ("colour=red", "colour"),
             ("from=2026-11-02&to=2026-11-01", "from"),
+            ("to=-5", "to"),
+            ("to=2000-01-01", "to"),
+            ("from=-1", "from"),
         ] {
             let e = UsageParams::parse(Some(query), NOW).unwrap_err();
             assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{query}");
@@ -384,6 +385,8 @@ mod tests {
         assert_eq!(expiry(&spec(None, Some("30d")), NOW).unwrap(), Some(NOW + 30 * 86_400_000));
         assert_eq!(expiry(&spec(Some(serde_json::json!(NOW + 5)), None), NOW).unwrap(), Some(NOW + 5));
         assert_eq!(expiry(&spec(Some(serde_json::json!("2027-01-01")), None), NOW).unwrap(), Some(1_798_761_600_000));
+        let offset = spec(Some(serde_json::json!("2027-01-01T02:00:00+02:00")), None);
+        assert_eq!(expiry(&offset, NOW).unwrap(), Some(1_798_761_600_000));
         let both = spec(Some(serde_json::json!("2027-01-01")), Some("1d"));
         assert_eq!(param_of(expiry(&both, NOW).unwrap_err()).as_deref(), Some("expires_in"));
         for bad in [spec(Some(serde_json::json!("2020-01-01")), None), spec(Some(serde_json::json!(true)), None)] {

@@ -24,7 +24,7 @@ async fn with_db<T>(
 ) -> anyhow::Result<T> {
     let settings = config.database_settings()?;
     let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-    let repo = TenantRepo::new(db.clone());
+    let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
     let result = f(&settings, &repo, &db).await;
     db.close().await;
     result
@@ -64,10 +64,11 @@ async fn create_tenant(args: TenantCreateArgs) -> anyhow::Result<String> {
         limits: args.limits.as_deref().map(limits).transpose()?.unwrap_or_default(),
         organization: args.org.map(|o| non_empty(o, "--org", "omit it to use upstream.organization")).transpose()?,
         project: args.project.map(|p| non_empty(p, "--project", "omit it to use upstream.project")).transpose()?,
+        upstream: args.upstream.map(|u| non_empty(u, "--upstream", "omit it to use [upstream]")).transpose()?,
         log_prompts: args.log_prompts,
         image_policy: args.image_policy.as_deref().map(image_policy).transpose()?.unwrap_or_default(),
         cache_policy: args.cache_policy.as_deref().map(cache_policy).transpose()?.flatten(),
-        ..NewTenant::default()
+        metadata: args.metadata.as_deref().map(metadata).transpose()?,
     };
     with_db(&args.config, async |_, repo, _| {
         let tenant = repo.create_tenant(spec, "api").await?;
@@ -92,6 +93,14 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
     } else if args.clear_project {
         patch.project = Some(None);
     }
+    if let Some(upstream) = args.upstream {
+        patch.upstream = Some(Some(non_empty(upstream, "--upstream", "use --default-upstream for [upstream]")?));
+    } else if args.default_upstream {
+        patch.upstream = Some(None);
+    }
+    if let Some(json) = args.metadata.as_deref() {
+        patch.metadata = Some(metadata(json)?);
+    }
     if let Some(list) = args.allowed_models {
         patch.allowed_models = Some(Some(models(list, "use --all-models to allow every model")?));
     } else if args.all_models {
@@ -109,19 +118,11 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
     if let Some(json) = args.cache_policy.as_deref() {
         patch.cache_policy = Some(cache_policy(json)?);
     }
-    let changes = [
-        patch.organization.is_some(),
-        patch.project.is_some(),
-        patch.allowed_models.is_some(),
-        patch.limits.is_some(),
-        patch.log_prompts.is_some(),
-        patch.image_policy.is_some(),
-        patch.cache_policy.is_some(),
-    ];
-    if !changes.contains(&true) {
+    if patch.is_empty() {
         bail!(
-            "nothing to change: pass at least one of --org, --clear-org, --project, --clear-project, \
-             --allowed-models, --all-models, --limits, --log-prompts, --no-log-prompts, --image-policy, --cache-policy"
+            "nothing to change: pass at least one of --org, --clear-org, --project, --clear-project, --upstream, \
+             --default-upstream, --allowed-models, --all-models, --limits, --metadata, --log-prompts, \
+             --no-log-prompts, --image-policy, --cache-policy"
         );
     }
     with_db(&args.config, async |_, repo, _| {
@@ -130,8 +131,8 @@ async fn update_tenant(args: TenantUpdateArgs) -> anyhow::Result<String> {
         if tenant.source == "config" {
             out.push_str(&format!(
                 "note: '{}' is declared in the configuration file, and `imagegate serve` re-applies its \
-                 organization, project, allowed models, limits, log_prompts, image and cache policies from there at startup: make the \
-                 same change in the file to keep it\n",
+                 organization, project, upstream, allowed models, limits, log_prompts, image and cache policies (and \
+                 metadata, if the file sets it) from there at startup: make the same change in the file to keep it\n",
                 tenant.name
             ));
         }
@@ -146,8 +147,7 @@ async fn set_status(config: &ConfigArgs, name: &str, status: TenantStatus) -> an
         if tenant.status == status {
             return Ok(format!("tenant '{name}' is already {}\n", status.as_str()));
         }
-        let patch = TenantPatch { status: Some(status), ..TenantPatch::default() };
-        let tenant: Tenant = repo.update_tenant(name, patch).await?;
+        let tenant: Tenant = repo.set_status(name, status).await?;
         let ttl = humantime::format_duration(settings.auth.key_cache_ttl);
         Ok(match status {
             TenantStatus::Suspended => format!(
@@ -206,7 +206,11 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<String> {
 }
 
 async fn create_key(args: KeyCreateArgs) -> anyhow::Result<String> {
-    let expires_at = args.expires_in.as_deref().map(expiry).transpose()?;
+    let expires_at = match (args.expires_in.as_deref(), args.expires_at.as_deref()) {
+        (Some(text), _) => Some(expiry(text)?),
+        (None, Some(text)) => Some(expiry_at(text, now_ms())?),
+        (None, None) => None,
+    };
     let label = args.name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
     with_db(&args.config, async |_, repo, _| {
         let (key, info) = repo.issue_key(&args.tenant, label, expires_at).await?;
@@ -263,13 +267,7 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<String> {
             }
             UsageFormat::Csv => report::to_csv(&rows)?,
             UsageFormat::Json => {
-                let body = serde_json::json!({
-                    "from": table::time(from),
-                    "to": table::time(to),
-                    "tenant": args.tenant,
-                    "rows": rows,
-                });
-                format!("{}\n", serde_json::to_string_pretty(&body)?)
+                format!("{}\n", serde_json::to_string_pretty(&report::UsageReport::new(from, to, rows))?)
             }
         })
     })
@@ -286,8 +284,8 @@ pub fn config_check(args: &ConfigArgs) -> anyhow::Result<String> {
 fn bound(text: &str, flag: &str) -> anyhow::Result<i64> {
     report::parse_time(text).ok_or_else(|| {
         anyhow!(
-            "invalid {flag} '{text}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z) or Unix \
-             milliseconds"
+            "invalid {flag} '{text}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z, \
+             2026-11-01T10:00:00+01:00) or Unix milliseconds, from 1970 on"
         )
     })
 }
@@ -311,6 +309,25 @@ fn expiry(text: &str) -> anyhow::Result<i64> {
         .ok()
         .and_then(|ms| now_ms().checked_add(ms))
         .ok_or_else(|| anyhow!("--expires-in '{text}' is too far in the future"))
+}
+
+/// `--expires-at TIME` in Unix milliseconds; it must be in the future.
+fn expiry_at(text: &str, now: i64) -> anyhow::Result<i64> {
+    let at = report::parse_time(text).ok_or_else(|| {
+        anyhow!(
+            "invalid --expires-at '{text}': use an RFC 3339 time (2027-01-01T09:00:00Z, 2027-01-01T10:00:00+01:00), \
+             a date (2027-01-01) or Unix milliseconds"
+        )
+    })?;
+    if at <= now {
+        bail!("--expires-at must be in the future, got {}", table::time(at));
+    }
+    Ok(at)
+}
+
+/// Parse `--metadata` JSON (an object; `tenants::policy` refuses anything else).
+fn metadata(json: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(json).map_err(|e| anyhow!("invalid --metadata: {e} (example: '{{\"cost_center\":\"4711\"}}')"))
 }
 
 /// Parse `--image-policy` JSON, naming the flag and an example on failure.
@@ -378,6 +395,15 @@ mod tests {
         assert!(expiry("soon").unwrap_err().to_string().contains("--expires-in"));
         assert!(expiry("30d").unwrap() > now_ms());
         assert!(bound("yesterday", "--from").unwrap_err().to_string().contains("--from"));
+        assert!(bound("-5", "--to").unwrap_err().to_string().contains("--to"));
+        assert_eq!(
+            bound("2026-12-01T10:00:00+02:00", "--from").unwrap(),
+            bound("2026-12-01T08:00:00Z", "--from").unwrap()
+        );
+        assert!(expiry_at("2001-01-01", now_ms()).unwrap_err().to_string().contains("future"));
+        assert!(expiry_at("soon", now_ms()).unwrap_err().to_string().contains("--expires-at"));
+        assert!(expiry_at("2099-01-01T10:00:00+02:00", now_ms()).is_ok());
+        assert!(metadata("{not json").unwrap_err().to_string().contains("--metadata"));
         assert_eq!(models(vec![" a ".into(), "b".into(), "a".into()], "").unwrap(), ["a", "b"]);
         assert!(models(vec![String::new()], "").is_err());
     }

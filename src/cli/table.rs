@@ -71,7 +71,7 @@ pub fn compact_json(value: &serde_json::Value) -> String {
 
 /// `imagegate tenants list`.
 pub fn tenants(list: &[Tenant]) -> Table {
-    let mut table = new(&["name", "status", "allowed models", "org", "project", "source", "created"]);
+    let mut table = new(&["name", "status", "allowed models", "org", "project", "upstream", "source", "created"]);
     for t in list {
         table.add_row(vec![
             t.name.clone(),
@@ -79,6 +79,7 @@ pub fn tenants(list: &[Tenant]) -> Table {
             models(t.allowed_models.as_deref()),
             opt_text(t.organization.as_deref()),
             opt_text(t.project.as_deref()),
+            t.upstream.clone().unwrap_or_else(|| "default".to_owned()),
             t.source.clone(),
             time(t.created_at),
         ]);
@@ -91,7 +92,7 @@ pub fn tenant(t: &Tenant) -> Table {
     let limits = serde_json::to_value(&t.limits).unwrap_or(serde_json::Value::Null);
     let mut table = new(&["field", "value"]);
     let images = serde_json::to_value(&t.image_policy).unwrap_or(serde_json::Value::Null);
-    let rows: [(&str, String); 14] = [
+    let rows: [(&str, String); 15] = [
         ("name", t.name.clone()),
         ("id", t.id.clone()),
         ("status", t.status.as_str().to_owned()),
@@ -99,6 +100,7 @@ pub fn tenant(t: &Tenant) -> Table {
         ("allowed models", models(t.allowed_models.as_deref())),
         ("organization", opt_text(t.organization.as_deref())),
         ("project", opt_text(t.project.as_deref())),
+        ("upstream", t.upstream.clone().unwrap_or_else(|| "default".to_owned())),
         ("log prompts", if t.log_prompts { "yes" } else { "no" }.to_owned()),
         ("limits", compact_json(&limits)),
         (

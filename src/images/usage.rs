@@ -110,8 +110,7 @@ impl UsageRecord {
 
     /// Close the record from a whole upstream answer: images, tokens and cost from a 2xx body.
     pub fn finish_reply(mut self, reply: &UpstreamReply, prices: &Prices, started: Instant) -> Self {
-        self.upstream_request_id =
-            reply.headers.get(headers::X_UPSTREAM_REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        self.note_upstream_request_id(&reply.headers);
         if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
             && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
         {
@@ -119,6 +118,12 @@ impl UsageRecord {
             self.add_output(images, counts.usage.as_ref(), prices);
         }
         self.finish(reply.status.as_u16(), started)
+    }
+
+    /// Take the upstream's request id from its reply headers (whole answers and streams alike).
+    pub fn note_upstream_request_id(&mut self, reply_headers: &http::HeaderMap) {
+        self.upstream_request_id =
+            reply_headers.get(headers::X_UPSTREAM_REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
 
     /// Close the record of a request answered from the cache (or by a concurrent identical request's upstream

@@ -72,11 +72,30 @@ pub async fn summary(db: &Db, q: &SummaryQuery) -> Result<Vec<SummaryRow>, sqlx:
         .collect()
 }
 
-/// The rows as CSV with a header line, for spreadsheets.
+/// A usage report as the admin API and `imagegate usage --format json` both print it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageReport {
+    /// Always `list`.
+    pub object: &'static str,
+    /// The range used, Unix milliseconds: `[from, to)`.
+    pub from: i64,
+    pub to: i64,
+    pub data: Vec<SummaryRow>,
+}
+
+impl UsageReport {
+    pub fn new(from: i64, to: i64, data: Vec<SummaryRow>) -> Self {
+        Self { object: "list", from, to, data }
+    }
+}
+
+/// The rows as CSV with a header line, for spreadsheets. Text cells that a spreadsheet would run as a
+/// formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) are prefixed with `'`.
 pub fn to_csv(rows: &[SummaryRow]) -> anyhow::Result<String> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     for row in rows {
-        writer.serialize(row)?;
+        let safe = SummaryRow { tenant: inert(&row.tenant), model: inert(&row.model), ..row.clone() };
+        writer.serialize(safe)?;
     }
     if rows.is_empty() {
         writer.write_record([
@@ -95,17 +114,38 @@ pub fn to_csv(rows: &[SummaryRow]) -> anyhow::Result<String> {
     Ok(String::from_utf8(writer.into_inner()?)?)
 }
 
-/// Parse a time-range bound: RFC 3339 (`2026-11-01T00:00:00Z`), a date (`2026-11-01`, midnight UTC) or Unix
-/// milliseconds.
+/// A text cell that spreadsheets show as text (OWASP's advice against CSV injection).
+fn inert(cell: &str) -> String {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{cell}") } else { cell.to_owned() }
+}
+
+/// Parse a time-range bound or an expiry: an RFC 3339 time with any offset (`2026-11-01T09:00:00Z`,
+/// `2026-11-01T10:00:00+01:00`; without an offset it is UTC), a date (`2026-11-01`, midnight UTC) or Unix
+/// milliseconds. Times before 1970 are refused. A space before a trailing `hh:mm` offset is read as `+`:
+/// that is what an unencoded `+` in a query string becomes.
 pub fn parse_time(text: &str) -> Option<i64> {
-    if let Ok(ms) = text.parse::<i64>() {
-        return Some(ms);
-    }
-    let full = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_owned() };
-    humantime::parse_rfc3339_weak(&full)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
+    let text = text.trim();
+    let ms = if let Ok(ms) = text.parse::<i64>() {
+        ms
+    } else if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis()
+    } else if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        time.timestamp_millis()
+    } else if let Some(time) = plus_offset(text).and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
+        time.timestamp_millis()
+    } else {
+        let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok()?;
+        naive.and_utc().timestamp_millis()
+    };
+    (ms >= 0).then_some(ms)
+}
+
+/// `2026-12-01T10:00:00 02:00` → `2026-12-01T10:00:00+02:00`.
+fn plus_offset(text: &str) -> Option<String> {
+    let split = text.len().checked_sub(6)?;
+    let (time, offset) = (text.get(..split)?, text.get(split..)?);
+    let offset = offset.strip_prefix(' ')?;
+    (offset.len() == 5 && offset.as_bytes().get(2) == Some(&b':')).then(|| format!("{time}+{offset}"))
 }
 
 /// Images returned and USD spent by a tenant since `from_ms` (budgets start from the ledger after a restart).
@@ -132,7 +172,50 @@ mod tests {
         assert_eq!(parse_time("1700000000000"), Some(1_700_000_000_000));
         assert_eq!(parse_time("2026-11-01"), Some(1_793_491_200_000));
         assert_eq!(parse_time("2026-11-01T00:00:00Z"), Some(1_793_491_200_000));
+        assert_eq!(parse_time("2026-11-01T00:00:00"), Some(1_793_491_200_000));
+        assert_eq!(parse_time("2026-11-01T00:00:00.250Z"), Some(1_793_491_200_250));
         assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn rfc3339_offsets_are_honoured() {
+        let utc = parse_time("2026-12-01T08:00:00Z").unwrap();
+        assert_eq!(parse_time("2026-12-01T10:00:00+02:00"), Some(utc));
+        assert_eq!(parse_time("2026-12-01T03:00:00-05:00"), Some(utc));
+        assert_eq!(parse_time("2026-12-01T10:00:00 02:00"), Some(utc), "an unencoded + in a query string");
+        assert_eq!(parse_time("2026-12-01t08:00:00z"), Some(utc));
+    }
+
+    #[test]
+    fn times_before_1970_are_refused() {
+        assert_eq!(parse_time("-5"), None);
+        assert_eq!(parse_time("1969-12-31"), None);
+        assert_eq!(parse_time("0"), Some(0));
+    }
+
+    #[test]
+    fn csv_cells_never_become_formulas() {
+        let row = |model: &str| SummaryRow {
+            tenant: "-team".into(),
+            model: model.into(),
+            requests: 1,
+            succeeded: 1,
+            images_requested: 1,
+            images_returned: 1,
+            input_tokens: 0,
+            output_tokens: 0,
+            cost_usd: 0.0,
+            cache_hits: 0,
+        };
+        let rows: Vec<SummaryRow> =
+            ["=HYPERLINK(\"http://x\",\"y\")", "+1", "@SUM(A1)", "\tx", "\rx", "gpt-image-1"].map(row).into();
+        let csv = to_csv(&rows).unwrap();
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let cells: Vec<(String, String)> =
+            reader.records().map(|r| r.unwrap()).map(|r| (r[0].to_owned(), r[1].to_owned())).collect();
+        assert!(cells.iter().all(|(tenant, _)| tenant == "'-team"), "{cells:?}");
+        let models: Vec<&str> = cells.iter().map(|(_, m)| m.as_str()).collect();
+        assert_eq!(models, ["'=HYPERLINK(\"http://x\",\"y\")", "'+1", "'@SUM(A1)", "'\tx", "'\rx", "gpt-image-1"]);
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl TenantStore {
                 repo.key_with_tenant(&id).await.map(|found| found.map(|(k, t)| (Arc::new(k), Arc::new(t))))
             })
             .await
-            .map_err(|e| RepoError::Invalid(format!("key lookup failed: {e}")))?;
+            .map_err(|e| RepoError::Internal(format!("key lookup failed: {e}")))?;
         let Some((record, tenant)) = entry else { return Ok(Lookup::Unknown) };
         let now = now_ms();
         let active = record.revoked_at.is_none() && record.expires_at.is_none_or(|at| at > now);

@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::app::{ADMIN_TOKEN, TestApp, TestDb, error_of};
-use crate::support::fake_openai::FakeOpenAi;
+use crate::support::fake_openai::{FakeOpenAi, FakeOptions};
 
 /// A request to `/admin/v1{path}` carrying the admin token.
 fn admin(app: &TestApp, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -402,4 +402,180 @@ async fn usage_reads_back_per_tenant_and_model_on_sqlite() {
 #[tokio::test]
 async fn usage_reads_back_per_tenant_and_model_on_postgres() {
     usage_reads_back_per_tenant_and_model(TestDb::Postgres).await;
+}
+
+// ------------------------------------------------------------------------------------- concurrent changes
+
+async fn concurrent_updates_keep_every_change(db: TestDb) {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_on(db, &fake.url, |_| {}).await;
+    create_tenant(&app, json!({"name": "busy"})).await;
+    let patch = |body: Value| admin(&app, Method::PATCH, "/tenants/busy").json(&body).send();
+
+    for round in 0..20 {
+        let (org, project) = (format!("org-{round}"), format!("proj-{round}"));
+        let (a, b) = tokio::join!(patch(json!({"organization": org})), patch(json!({"project": project})));
+        assert_eq!((a.unwrap().status().as_u16(), b.unwrap().status().as_u16()), (200, 200));
+        let shown = json_of(admin(&app, Method::GET, "/tenants/busy").send().await.unwrap(), 200).await;
+        assert_eq!(
+            (shown["organization"].as_str(), shown["project"].as_str()),
+            (Some(org.as_str()), Some(project.as_str())),
+            "round {round}: one update undid the other"
+        );
+    }
+    for round in 0..20 {
+        json_of(admin(&app, Method::POST, "/tenants/busy/resume").send().await.unwrap(), 200).await;
+        let suspend = admin(&app, Method::POST, "/tenants/busy/suspend").send();
+        let (a, b) = tokio::join!(suspend, patch(json!({"metadata": {"round": round}})));
+        assert_eq!((a.unwrap().status().as_u16(), b.unwrap().status().as_u16()), (200, 200));
+        let shown = json_of(admin(&app, Method::GET, "/tenants/busy").send().await.unwrap(), 200).await;
+        assert_eq!(shown["status"], "suspended", "round {round}: a metadata change undid the suspension");
+        assert_eq!(shown["metadata"]["round"], round);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_updates_keep_every_change_on_sqlite() {
+    concurrent_updates_keep_every_change(TestDb::Sqlite).await;
+}
+
+#[tokio::test]
+async fn concurrent_updates_keep_every_change_on_postgres() {
+    concurrent_updates_keep_every_change(TestDb::Postgres).await;
+}
+
+// ---------------------------------------------------------------------------------------- tenant policy
+
+#[tokio::test]
+async fn bad_tenant_settings_are_refused_with_the_field_named() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+
+    for (extra, param) in [
+        (json!({"limits": {"usd_per_month": -1}}), "limits.usd_per_month"),
+        (json!({"limits": {"usd_per_day": -0.01}}), "limits.usd_per_day"),
+        (json!({"limits": {"requests_per_minute": 0}}), "limits.requests_per_minute"),
+        (json!({"limits": {"concurrent_requests": 0}}), "limits.concurrent_requests"),
+        (json!({"limits": {"requests_per_minute": 10, "requests_burst": 11}}), "limits.requests_burst"),
+        (json!({"limits": {"images_per_minute": 4, "images_burst": 5}}), "limits.images_burst"),
+        (json!({"image_policy": {"retention": "0s"}}), "image_policy.retention"),
+        (json!({"cache_policy": {"ttl": "0s"}}), "cache_policy.ttl"),
+        (json!({"metadata": ["not", "an", "object"]}), "metadata"),
+        (json!({"metadata": "text"}), "metadata"),
+        (json!({"metadata": null}), "metadata"),
+        (json!({"organization": ""}), "organization"),
+        (json!({"project": "   "}), "project"),
+        (json!({"organization": "org\r\nX-Injected: 1"}), "organization"),
+        (json!({"allowed_models": ["gpt-image-1", ""]}), "allowed_models[1]"),
+        (json!({"upstream": "nowhere"}), "upstream"),
+    ] {
+        let mut spec = json!({"name": "checked"});
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, error) = error_of(admin(&app, Method::POST, "/tenants").json(&spec).send().await.unwrap()).await;
+        assert_eq!((status, error["param"].as_str()), (400, Some(param)), "{spec}: {error}");
+        assert!(error["message"].as_str().unwrap().contains(param), "{error}");
+        // The same value in a PATCH of an existing tenant.
+        let res = admin(&app, Method::PATCH, "/tenants/team-a").json(&extra).send().await.unwrap();
+        let (status, error) = error_of(res).await;
+        assert_eq!((status, error["param"].as_str()), (400, Some(param)), "PATCH {extra}: {error}");
+    }
+    let (status, _) = error_of(admin(&app, Method::GET, "/tenants/checked").send().await.unwrap()).await;
+    assert_eq!(status, 404, "nothing refused was created");
+    let team_a = json_of(admin(&app, Method::GET, "/tenants/team-a").send().await.unwrap(), 200).await;
+    assert_eq!((team_a["organization"].as_str(), team_a["metadata"].clone()), (Some("org-team-a"), json!({})));
+    assert_eq!(team_a["limits"]["requests_per_minute"], Value::Null, "nothing refused was stored");
+
+    // What is allowed: budgets of zero, a burst equal to its rate, `{}` to empty the metadata.
+    let ok = json!({"limits": {"usd_per_day": 0, "requests_per_minute": 5, "requests_burst": 5}, "metadata": {}});
+    json_of(admin(&app, Method::PATCH, "/tenants/team-a").json(&ok).send().await.unwrap(), 200).await;
+}
+
+// ------------------------------------------------------------------------------------------- upstreams
+
+#[tokio::test]
+async fn each_tenant_reaches_the_upstream_it_names_with_that_upstreams_key() {
+    let first = FakeOpenAi::start().await;
+    let second_key = "sk-second-upstream";
+    let second =
+        FakeOpenAi::start_with(FakeOptions { expected_key: Some(second_key.into()), ..FakeOptions::default() }).await;
+    let app = TestApp::spawn_with(&first.url, |s| {
+        let named = imagegate::config::UpstreamSettings {
+            base_url: url::Url::parse(&second.url).unwrap(),
+            api_key: Some(imagegate::config::Secret::new(second_key)),
+            organization: Some("org-second".into()),
+            ..imagegate::config::UpstreamSettings::default()
+        };
+        s.upstreams.insert("second".into(), named);
+        s.tenants[1].upstream = Some("second".into());
+    })
+    .await;
+    let dalle = json!({"model": "dall-e-2", "prompt": "routed", "size": "256x256"});
+
+    // team-a names none: [upstream]. team-b (from the config file) names "second".
+    assert_eq!(generate_status(&app, &app.key, dalle.clone()).await, 200);
+    assert_eq!((first.call_count(), second.call_count()), (1, 0));
+    assert_eq!(first.last_call().unwrap().header("authorization"), Some("Bearer sk-upstream-test"));
+    assert_eq!(generate_status(&app, &app.other_key, dalle.clone()).await, 200);
+    assert_eq!((first.call_count(), second.call_count()), (1, 1));
+    let call = second.last_call().unwrap();
+    assert_eq!(call.header("authorization"), Some(format!("Bearer {second_key}").as_str()));
+    assert_eq!(call.header("openai-organization"), Some("org-second"), "the named upstream's own default");
+    assert_eq!(second.file_fetch_count(), 1, "the image was re-hosted from the second upstream's host");
+
+    // Through the admin API: create on "second", move back to [upstream] with null.
+    let created = create_tenant(&app, json!({"name": "routed", "upstream": "second"})).await;
+    assert_eq!(created["upstream"], "second");
+    let key = issue_key(&app, "routed", json!({})).await["key"].as_str().unwrap().to_owned();
+    assert_eq!(generate_status(&app, &key, dalle.clone()).await, 200);
+    assert_eq!((first.call_count(), second.call_count()), (1, 2));
+    let moved = admin(&app, Method::PATCH, "/tenants/routed").json(&json!({"upstream": null})).send().await.unwrap();
+    assert_eq!(json_of(moved, 200).await["upstream"], Value::Null);
+    assert_eq!(generate_status(&app, &key, dalle).await, 200);
+    assert_eq!((first.call_count(), second.call_count()), (2, 2));
+
+    // Unknown names: 400 naming `upstream`, nothing changed.
+    let res = admin(&app, Method::PATCH, "/tenants/routed").json(&json!({"upstream": "third"})).send().await.unwrap();
+    let (status, error) = error_of(res).await;
+    assert_eq!((status, error["param"].as_str()), (400, Some("upstream")));
+    assert!(error["message"].as_str().unwrap().contains("'third'"), "{error}");
+}
+
+// ------------------------------------------------------------------------------------ usage parameters
+
+#[tokio::test]
+async fn usage_bounds_take_any_rfc3339_offset_and_name_the_bad_one() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+
+    // 10:00+02:00 is 08:00Z; an unencoded `+` arrives as a space and means the same.
+    for query in ["from=2026-12-01T10:00:00%2B02:00", "from=2026-12-01T10:00:00+02:00"] {
+        let res = admin(&app, Method::GET, &format!("/usage?{query}&to=2026-12-02")).send().await.unwrap();
+        let body = json_of(res, 200).await;
+        assert_eq!(body["from"].as_i64(), Some(1_796_112_000_000), "{query}");
+    }
+    let res = admin(&app, Method::GET, "/usage?from=2026-11-30T20:00:00-05:00&to=2026-12-02").send().await.unwrap();
+    assert_eq!(json_of(res, 200).await["from"].as_i64(), Some(1_796_086_800_000));
+
+    for (query, param) in [("to=-5", "to"), ("to=2001-01-01", "to"), ("from=-5", "from")] {
+        let (status, error) =
+            error_of(admin(&app, Method::GET, &format!("/usage?{query}")).send().await.unwrap()).await;
+        assert_eq!((status, error["param"].as_str()), (400, Some(param)), "{query}: {error}");
+    }
+    let key =
+        admin(&app, Method::POST, "/tenants/team-a/keys").json(&json!({"expires_at": "2099-01-01T02:00:00+02:00"}));
+    assert_eq!(json_of(key.send().await.unwrap(), 201).await["expires_at"].as_i64(), Some(4_070_908_800_000));
+}
+
+#[tokio::test]
+async fn csv_cells_that_look_like_formulas_stay_text() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let model = "=HYPERLINK(\"http://attacker.example/\",\"click\")";
+    let _ = generate_status(&app, &app.key, json!({"model": model, "prompt": "x"})).await;
+    usage_when(&app, "team-a", 1).await;
+
+    let csv = admin(&app, Method::GET, "/usage?format=csv").send().await.unwrap().text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let models: Vec<String> = reader.records().map(|r| r.unwrap()[1].to_owned()).collect();
+    assert_eq!(models, [format!("'{model}")], "{csv}");
 }

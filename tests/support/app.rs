@@ -33,19 +33,74 @@ pub enum TestDb {
     Postgres,
 }
 
-/// Create an empty PostgreSQL database for one test and return its URL.
+impl TestDb {
+    /// The database of tests that do not choose one: `IMAGEGATE_TEST_DB=postgres` runs them on PostgreSQL
+    /// (`.ci/run` runs the whole `tests/api` binary a second time so), anything else on SQLite.
+    pub fn from_env() -> Self {
+        match std::env::var("IMAGEGATE_TEST_DB").as_deref() {
+            Ok("postgres" | "postgresql" | "pg") => Self::Postgres,
+            Ok("" | "sqlite") | Err(_) => Self::Sqlite,
+            Ok(other) => panic!("IMAGEGATE_TEST_DB={other}: use sqlite or postgres"),
+        }
+    }
+}
+
+/// The PostgreSQL server the tests use (a database on it that always exists).
+fn postgres_admin_url() -> String {
+    std::env::var("IMAGEGATE_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Create an empty PostgreSQL database for one test and return its URL. The database stays after the test
+/// (`.ci/run` drops every `ig_test_*` database before a run); [`PostgresDb`] drops its own when dropped.
 pub async fn fresh_postgres() -> String {
     use sqlx::Executor;
-    let admin = std::env::var("IMAGEGATE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let admin = postgres_admin_url();
     sqlx::any::install_default_drivers();
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed for this test (run `bash .ci/run`): {e}"));
     let name = format!("ig_test_{}", hex::encode(rand::random::<[u8; 6]>()));
     conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create database");
+    let _ = sqlx::Connection::close(conn).await;
     let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_owned();
     format!("{base}/{name}")
+}
+
+/// A fresh PostgreSQL database that is dropped (connections and all) when the last handle goes, so a run of
+/// the suite on PostgreSQL does not leave hundreds of databases behind.
+#[derive(Debug)]
+pub struct PostgresDb {
+    pub url: String,
+}
+
+impl PostgresDb {
+    pub async fn create() -> Arc<Self> {
+        Arc::new(Self { url: fresh_postgres().await })
+    }
+}
+
+impl Drop for PostgresDb {
+    fn drop(&mut self) {
+        let Some((_, name)) = self.url.rsplit_once('/') else { return };
+        if !name.starts_with("ig_test_") || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return;
+        }
+        let statement = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with its own runtime can.
+        let dropper = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                use sqlx::Executor;
+                sqlx::any::install_default_drivers();
+                let admin = postgres_admin_url();
+                if let Ok(mut conn) = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await {
+                    let _ = conn.execute(statement.as_str()).await;
+                    let _ = sqlx::Connection::close(conn).await;
+                }
+            });
+        });
+        let _ = dropper.join();
+    }
 }
 
 /// A running gateway and keys for two tenants.
@@ -65,6 +120,8 @@ pub struct TestApp {
     pub database_url: String,
     /// The settings it runs with (to restart it on the same data).
     pub settings: Settings,
+    /// The PostgreSQL database this app created, dropped with the last app using it.
+    pub postgres: Option<Arc<PostgresDb>>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -87,32 +144,18 @@ pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
             name: "team-a".into(),
             organization: Some("org-team-a".into()),
             project: Some("proj_team_a".into()),
-            keys: vec![KeySettings { id: a.id.clone(), sha256: a.sha256.clone() }],
-            ..tenant_defaults()
+            keys: vec![KeySettings { id: a.id.clone(), sha256: a.sha256.clone(), ..KeySettings::default() }],
+            ..TenantSettings::default()
         },
         TenantSettings {
             name: "team-b".into(),
             organization: None,
             project: None,
-            keys: vec![KeySettings { id: b.id.clone(), sha256: b.sha256.clone() }],
-            ..tenant_defaults()
+            keys: vec![KeySettings { id: b.id.clone(), sha256: b.sha256.clone(), ..KeySettings::default() }],
+            ..TenantSettings::default()
         },
     ];
     (s, a.key, b.key)
-}
-
-fn tenant_defaults() -> TenantSettings {
-    TenantSettings {
-        name: String::new(),
-        organization: None,
-        project: None,
-        allowed_models: None,
-        limits: Default::default(),
-        log_prompts: false,
-        images: Default::default(),
-        cache: None,
-        keys: Vec::new(),
-    }
 }
 
 impl TestApp {
@@ -121,25 +164,38 @@ impl TestApp {
         Self::spawn_with(upstream_url, |_| {}).await
     }
 
-    /// Gateway with settings adjusted by `tweak` (validated like a real deployment's), on SQLite.
+    /// Gateway with settings adjusted by `tweak` (validated like a real deployment's), on the database
+    /// `IMAGEGATE_TEST_DB` chooses ([`TestDb::from_env`]).
     pub async fn spawn_with(upstream_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-        Self::spawn_on(TestDb::Sqlite, upstream_url, tweak).await
+        Self::spawn_on(TestDb::from_env(), upstream_url, tweak).await
     }
 
-    /// Gateway on the chosen database.
-    pub async fn spawn_on(db: TestDb, upstream_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    /// The settings, keys and data directory a gateway on `db` would start with, before `tweak`.
+    pub async fn prepare(db: TestDb, upstream_url: &str) -> Prepared {
         let data_dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        let database_url = match db {
-            TestDb::Sqlite => format!("sqlite://{}?mode=rwc", data_dir.path().join("imagegate.db").display()),
-            TestDb::Postgres => fresh_postgres().await,
+        let (postgres, database_url) = match db {
+            TestDb::Sqlite => (None, format!("sqlite://{}?mode=rwc", data_dir.path().join("imagegate.db").display())),
+            TestDb::Postgres => {
+                let pg = PostgresDb::create().await;
+                let url = pg.url.clone();
+                (Some(pg), url)
+            }
         };
         let (mut settings, key, other_key) = settings_for(upstream_url);
         settings.storage.data_dir = data_dir.path().to_path_buf();
         settings.database.url = Some(Secret::new(database_url.clone()));
         settings.admin.token = Some(Secret::new(ADMIN_TOKEN));
         settings.usage.flush_interval = Duration::from_millis(50);
-        tweak(&mut settings);
-        Self::start(settings, key, other_key, data_dir, database_url).await
+        Prepared { settings, key, other_key, data_dir, database_url, postgres }
+    }
+
+    /// Gateway on the chosen database.
+    pub async fn spawn_on(db: TestDb, upstream_url: &str, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let mut p = Self::prepare(db, upstream_url).await;
+        tweak(&mut p.settings);
+        let mut app = Self::start(p.settings, p.key, p.other_key, p.data_dir, p.database_url).await;
+        app.postgres = p.postgres;
+        app
     }
 
     /// Start a gateway from complete settings (restarts reuse the same data directory and database).
@@ -171,6 +227,7 @@ impl TestApp {
             data_dir,
             database_url,
             settings,
+            postgres: None,
             stop: Some(stop),
             done: Some(done),
         }
@@ -200,10 +257,25 @@ impl TestApp {
 
     /// Stop this gateway gracefully and start a new one on the same database, data directory and port 0.
     pub async fn restart(self) -> TestApp {
-        let (settings, key, other_key) = (self.settings.clone(), self.key.clone(), self.other_key.clone());
+        let settings = self.settings.clone();
+        self.restart_with(settings).await
+    }
+
+    /// Stop this gateway gracefully and start one with other settings on the same database and data.
+    pub async fn restart_with(mut self, settings: Settings) -> TestApp {
+        let (key, other_key) = (self.key.clone(), self.other_key.clone());
         let (data_dir, database_url) = (self.data_dir.clone(), self.database_url.clone());
+        let postgres = self.postgres.take();
         self.shutdown().await;
-        Self::start(settings, key, other_key, data_dir, database_url).await
+        let mut app = Self::start(settings, key, other_key, data_dir, database_url).await;
+        app.postgres = postgres;
+        app
+    }
+
+    /// A connection pool on this gateway's database (for tests that look inside).
+    pub async fn pool(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(&self.database_url).await.expect("connect to the test database")
     }
 
     /// Rows of the usage ledger, oldest first, as JSON objects (polls up to 3 s for `expected` rows).
@@ -248,6 +320,10 @@ impl TestApp {
 
     /// Trigger graceful shutdown and wait for the server task to end.
     pub async fn shutdown(mut self) {
+        self.stop_and_wait().await;
+    }
+
+    async fn stop_and_wait(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -262,6 +338,25 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// What [`TestApp::prepare`] made: settings to adjust, then [`Prepared::start`].
+pub struct Prepared {
+    pub settings: Settings,
+    pub key: String,
+    pub other_key: String,
+    pub data_dir: Arc<tempfile::TempDir>,
+    pub database_url: String,
+    pub postgres: Option<Arc<PostgresDb>>,
+}
+
+impl Prepared {
+    /// Start the gateway with these (possibly adjusted) settings.
+    pub async fn start(self) -> TestApp {
+        let mut app = TestApp::start(self.settings, self.key, self.other_key, self.data_dir, self.database_url).await;
+        app.postgres = self.postgres;
+        app
     }
 }
 
