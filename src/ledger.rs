@@ -108,9 +108,9 @@ async fn write_loop(
     tracing::debug!("usage writer drained");
 }
 
-/// Rows per INSERT statement: 19 parameters each, well under SQLite's and PostgreSQL's parameter limits.
+/// Rows per INSERT statement: 20 parameters each, well under SQLite's and PostgreSQL's parameter limits.
 const ROWS_PER_STATEMENT: usize = 50;
-const COLUMNS: usize = 19;
+const COLUMNS: usize = 20;
 
 impl Writer {
     async fn write_batch(&self, batch: &mut Vec<UsageRecord>) {
@@ -156,7 +156,7 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
         let sql = format!(
             "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
              images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, \
-             latency_ms, stream, cache_hit, upstream_request_id, prompt) VALUES {}",
+             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by) VALUES {}",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);
@@ -180,7 +180,8 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(i64::from(r.stream))
                 .bind(i64::from(r.cache_hit))
                 .bind(r.upstream_request_id.clone())
-                .bind(r.prompt.clone());
+                .bind(r.prompt.clone())
+                .bind(r.refused_by);
         }
         query.execute(&mut *tx).await?;
     }
