@@ -594,8 +594,10 @@ impl Limiter {
 
     /// Settle in the background; the local backend does its work before the future is first polled.
     fn settle(&self, held: Held, usage: Usage) {
-        if let Ok(mut outstanding) = self.inner.outstanding.lock() {
-            outstanding.remove(&held.id);
+        // Not outstanding any more: shutdown settled it already.
+        let outstanding = self.inner.outstanding.lock().map(|mut o| o.remove(&held.id).is_some());
+        if outstanding.is_ok_and(|was| !was) {
+            return;
         }
         if usage.request_back && held.request {
             self.inner.counters.requests_given_back.fetch_add(1, Ordering::Relaxed);
@@ -791,6 +793,69 @@ mod tests {
         assert_eq!(go_duration(61_250), "1m1.25s");
         assert_eq!(go_duration(3_600_000), "1h0m0s");
         assert_eq!(go_duration(3_600_000 + 61_000), "1h1m1s");
+    }
+
+    fn local_limiter() -> Limiter {
+        Limiter::new(Arc::new(local::LocalBackend::new(system_clock(), None)), Limits::default(), OnBackendError::Open)
+    }
+
+    async fn remaining(limiter: &Limiter, limits: &Limits) -> (u64, u64) {
+        let report = limiter.peek("t", limits).await;
+        (report.requests.map_or(0, |r| r.remaining), report.images.map_or(0, |r| r.remaining))
+    }
+
+    #[tokio::test]
+    async fn a_permit_is_settled_once_and_a_dropped_one_keeps_only_its_request() {
+        let limiter = local_limiter();
+        let limits = Limits {
+            requests_per_minute: Some(10),
+            images_per_minute: Some(10),
+            concurrent_requests: Some(1),
+            ..Limits::default()
+        };
+        let permit = limiter.acquire("t", &limits, Demand::whole(4, 0.0)).await.unwrap();
+        assert_eq!(limiter.stats().in_flight, 1);
+        assert!(matches!(limiter.acquire("t", &limits, Demand::whole(1, 0.0)).await, Err(Denied::Refused(_))));
+        let stream = SlotGuard(permit.clone());
+        permit.finish(Usage { images: 2, usd: 0.0, request_back: false });
+        permit.finish(Usage::REFUNDED); // only the first settlement counts
+        drop((permit, stream));
+        assert_eq!(remaining(&limiter, &limits).await, (9, 8));
+        assert_eq!(limiter.stats().in_flight, 0);
+
+        // Dropped without a settlement (a timeout, a caller gone): the slot and images come back.
+        let permit = limiter.acquire("t", &limits, Demand::whole(3, 0.0)).await.unwrap();
+        drop(permit);
+        assert_eq!(remaining(&limiter, &limits).await, (8, 8));
+        assert!(limiter.acquire("t", &limits, Demand::whole(1, 0.0)).await.is_ok(), "the slot was released");
+    }
+
+    #[tokio::test]
+    async fn a_refused_extension_gives_the_request_back() {
+        let limiter = local_limiter();
+        let limits = Limits { requests_per_minute: Some(10), images_per_day: Some(2), ..Limits::default() };
+        let permit = limiter.acquire("t", &limits, Demand::request_only()).await.unwrap();
+        assert_eq!(remaining(&limiter, &limits).await.0, 9);
+        let Err(Denied::Refused(refusal)) = permit.extend(3, 0.0).await else { panic!("3 images > 2") };
+        assert_eq!((refusal.reason, refusal.report.requests.map(|r| r.remaining)), (Reason::ImagesPerDay, Some(9)));
+        assert_eq!(remaining(&limiter, &limits).await.0, 10, "a refused request spends nothing");
+        let stats = limiter.stats();
+        assert_eq!((stats.refusals["images_per_day"], stats.requests_given_back, stats.in_flight), (1, 1, 0));
+        let permit = limiter.acquire("t", &limits, Demand::request_only()).await.unwrap();
+        assert!(permit.extend(2, 0.0).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn shutdown_settles_what_is_still_in_flight() {
+        let limiter = local_limiter();
+        let limits = Limits { concurrent_requests: Some(1), ..Limits::default() };
+        let running = limiter.acquire("t", &limits, Demand::whole(1, 0.0)).await.unwrap();
+        limiter.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(limiter.stats().in_flight, 0);
+        let next = limiter.acquire("t", &limits, Demand::whole(1, 0.0)).await.unwrap();
+        drop(running); // settled already: it must not release the slot `next` holds now
+        assert!(limiter.acquire("t", &limits, Demand::whole(1, 0.0)).await.is_err());
+        drop(next);
     }
 
     #[test]

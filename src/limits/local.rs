@@ -494,6 +494,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn monthly_budgets_outlive_the_day_and_renew_with_the_month() {
+        let (clock, b) = backend();
+        let limits = Limits { images_per_month: Some(4), usd_per_month: Some(0.1), ..Limits::default() };
+        for _ in 0..3 {
+            let h = reserve(&b, &limits, Demand::whole(1, 0.03)).await.unwrap();
+            finish(&b, h, Usage { images: 1, usd: 0.03, request_back: false }).await;
+            clock.advance(86_400_000); // a day later: the month goes on
+        }
+        assert_eq!(reserve(&b, &limits, Demand::whole(1, 0.03)).await.unwrap_err().reason, Reason::UsdPerMonth);
+        assert_eq!(reserve(&b, &limits, Demand::whole(2, 0.0)).await.unwrap_err().reason, Reason::ImagesPerMonth);
+        assert!(reserve(&b, &limits, Demand::whole(1, 0.01)).await.is_ok(), "exactly 4 images and $0.10");
+        clock.advance(10 * 86_400_000); // 2026-12-08: a new month
+        assert!(reserve(&b, &limits, Demand::whole(3, 0.09)).await.is_ok());
+    }
+
+    #[tokio::test]
     async fn usd_budgets_reserve_the_estimate_and_reconcile_to_the_cost() {
         let (_, b) = backend();
         let limits = Limits { usd_per_day: Some(0.12), usd_per_month: Some(1.0), ..Limits::default() };
