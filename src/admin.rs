@@ -38,6 +38,7 @@ pub fn router(token: &Secret) -> Router<AppState> {
         .route("/keys/{id}", delete(handlers::revoke_key))
         .route("/usage", get(handlers::usage))
         .route("/cache", get(handlers::cache_stats).delete(handlers::clear_cache))
+        .route("/limits", get(handlers::limits_stats))
         // route_layer: unknown admin paths still answer 404 rather than 401, like the image routes.
         .route_layer(from_fn_with_state(guard, require_admin))
 }

@@ -499,8 +499,20 @@ pub struct LimitsSettings {
     pub redis_timeout: Duration,
     /// When the backend cannot answer: `open` lets requests through, `closed` refuses them with 503.
     pub on_backend_error: crate::limits::OnBackendError,
+    /// Redis: how long what a request holds (its concurrency slot, its images and USD against the budgets)
+    /// lives without renewal. Running requests renew it every third of it, so it only matters when a replica
+    /// dies holding some. Default: `server.request_timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub lease: Option<Duration>,
     /// Limits for tenants that set none of their own (field by field).
     pub default: crate::tenants::Limits,
+}
+
+impl LimitsSettings {
+    /// The lease, or its default.
+    pub fn lease_or(&self, request_timeout: Duration) -> Duration {
+        self.lease.unwrap_or(request_timeout)
+    }
 }
 
 impl Default for LimitsSettings {
@@ -511,6 +523,7 @@ impl Default for LimitsSettings {
             redis_prefix: "imagegate".to_owned(),
             redis_timeout: Duration::from_millis(250),
             on_backend_error: crate::limits::OnBackendError::Open,
+            lease: None,
             default: crate::tenants::Limits::default(),
         }
     }
@@ -722,6 +735,9 @@ impl Settings {
         }
         if self.limits.redis_timeout.is_zero() {
             faults.push("limits.redis_timeout must be greater than zero".to_owned());
+        }
+        if self.limits.lease.is_some_and(|l| l < Duration::from_secs(1)) {
+            faults.push("limits.lease must be at least 1s".to_owned());
         }
         self.validate_images(&mut faults);
         let cache = &self.cache;

@@ -49,12 +49,19 @@ pub enum ApiError {
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
     /// A tenant limit refused the request. 429 with `retry-after` (rates) or `x-should-retry: false`
-    /// (budgets, which do not come back within a retry's patience).
+    /// (budgets, which do not come back within a retry's patience, and demands larger than a burst, which
+    /// never fit).
     #[error("{message}")]
-    RateLimited { message: String, budget: bool, retry_after_ms: Option<u64>, report: crate::limits::Report },
-    /// The rate-limit backend did not answer and the policy is fail-closed. 503.
-    #[error("rate limits unavailable: {0}")]
-    LimitsUnavailable(String),
+    RateLimited {
+        message: String,
+        budget: bool,
+        retry_after_ms: Option<u64>,
+        never: bool,
+        report: crate::limits::Report,
+    },
+    /// The rate-limit backend did not answer and the policy is fail-closed. 503 with `retry-after: 1`.
+    #[error("rate limits unavailable: {detail}")]
+    LimitsUnavailable { detail: String, report: crate::limits::Report },
     /// The upstream answered, but its images could not be downloaded or stored. 502; the reason (never
     /// the upstream URL) is in the message.
     #[error("re-hosting failed: {0}")]
@@ -145,13 +152,16 @@ impl ApiError {
             Self::RequestTimeout(d) => Self::RequestTimeout(*d),
             Self::UpstreamUnavailable(m) => Self::UpstreamUnavailable(m.clone()),
             Self::UpstreamTimeout(d) => Self::UpstreamTimeout(*d),
-            Self::RateLimited { message, budget, retry_after_ms, report } => Self::RateLimited {
+            Self::RateLimited { message, budget, retry_after_ms, never, report } => Self::RateLimited {
                 message: message.clone(),
                 budget: *budget,
                 retry_after_ms: *retry_after_ms,
+                never: *never,
                 report: *report,
             },
-            Self::LimitsUnavailable(m) => Self::LimitsUnavailable(m.clone()),
+            Self::LimitsUnavailable { detail, report } => {
+                Self::LimitsUnavailable { detail: detail.clone(), report: *report }
+            }
             Self::RehostFailed(m) => Self::RehostFailed(m.clone()),
             Self::RangeNotSatisfiable { length } => Self::RangeNotSatisfiable { length: *length },
             Self::ShuttingDown => Self::ShuttingDown,
@@ -173,7 +183,7 @@ impl ApiError {
             Self::UpstreamUnavailable(_) | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::ShuttingDown | Self::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::LimitsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -197,7 +207,7 @@ impl ApiError {
             | Self::UpstreamTimeout(_)
             | Self::RehostFailed(_)
             | Self::ShuttingDown
-            | Self::LimitsUnavailable(_)
+            | Self::LimitsUnavailable { .. }
             | Self::Internal(_) => "server_error",
         }
     }
@@ -235,7 +245,7 @@ impl ApiError {
             | Self::NotFoundResource { message }
             | Self::Conflict { message }
             | Self::RateLimited { message, .. } => message.clone(),
-            Self::LimitsUnavailable(_) => "Rate limits cannot be checked right now; retry shortly.".to_owned(),
+            Self::LimitsUnavailable { .. } => "Rate limits cannot be checked right now; retry shortly.".to_owned(),
             Self::Unauthenticated { reason: AuthFailure::Missing } => "You didn't provide an API key. You need to \
                 provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer \
                 YOUR_KEY)."
@@ -282,7 +292,7 @@ impl ApiError {
             | Self::PermissionDenied { .. }
             | Self::ShuttingDown
             | Self::RateLimited { .. } => Level::Info,
-            Self::LimitsUnavailable(_) => Level::Error,
+            Self::LimitsUnavailable { .. } => Level::Error,
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_)
@@ -310,7 +320,7 @@ impl ApiError {
             Self::ShuttingDown => "internal.shutting_down",
             Self::RateLimited { budget: true, .. } => "client.budget_spent",
             Self::RateLimited { budget: false, .. } => "client.rate_limited",
-            Self::LimitsUnavailable(_) => "internal.limits_unavailable",
+            Self::LimitsUnavailable { .. } => "internal.limits_unavailable",
             Self::Internal(_) => "internal.error",
         }
     }
@@ -333,14 +343,18 @@ impl ApiError {
         {
             headers.insert(http::header::CONTENT_RANGE, value);
         }
-        if let Self::RateLimited { budget, retry_after_ms, report, .. } = self {
+        if let Self::RateLimited { budget, retry_after_ms, never, report, .. } = self {
             crate::limits::headers::apply(report, headers);
             match retry_after_ms {
-                Some(ms) if !*budget && *ms != u64::MAX => crate::limits::headers::retry(*ms, headers),
+                Some(ms) if !*budget && !*never => crate::limits::headers::retry(*ms, headers),
                 _ => {
                     headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
                 }
             }
+        }
+        if let Self::LimitsUnavailable { report, .. } = self {
+            crate::limits::headers::apply(report, headers);
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
     }
 }

@@ -26,8 +26,8 @@ use crate::cache::key::KeyParts;
 use crate::cache::{self, Answer, Directive, Lookup, Outcome, ResponseCache, Scope, Uncached};
 use crate::error::{ApiError, Failure};
 use crate::ledger::Ledger;
-use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
-use crate::pricing::Prices;
+use crate::limits::{Demand, Denied, Limiter, Permit, Refusal, Usage};
+use crate::pricing::{Ask, Prices, Unpriced};
 use crate::rehost::{Origin, Plan, Rehoster};
 use crate::tenants::TenantContext;
 use crate::upstream::{Attribution, ReplyBody, UpstreamReply, Upstreams};
@@ -35,26 +35,42 @@ use crate::upstream::{Attribution, ReplyBody, UpstreamReply, Upstreams};
 /// The 429 (or, fail-closed, 503) for a request the limits did not let through.
 fn denied_error(tenant: &str, denied: Denied) -> ApiError {
     match denied {
-        Denied::Unavailable(e) => ApiError::LimitsUnavailable(e.0),
-        Denied::Refused(Refusal { reason, retry_after_ms, report }) => {
+        Denied::Unavailable(e, report) => ApiError::LimitsUnavailable { detail: e.0, report },
+        Denied::Refused(Refusal { reason, retry_after_ms, never, report }) => {
             let message = if reason.is_budget() {
                 format!(
                     "Tenant '{tenant}' has spent its {} budget. It renews at the start of the next UTC {}.",
                     reason.describe(),
-                    if matches!(reason, crate::limits::Reason::ImagesPerDay | crate::limits::Reason::UsdPerDay) {
-                        "day"
-                    } else {
-                        "month"
-                    }
+                    if reason.is_daily() { "day" } else { "month" }
+                )
+            } else if let Some((asked, burst)) = never {
+                format!(
+                    "Rate limit reached for {} for tenant '{tenant}': this request needs {asked} at once, and \
+                     at most {burst} can ever be spent at once. Ask for fewer (a smaller n).",
+                    reason.describe()
                 )
             } else {
                 let wait = retry_after_ms
                     .map_or(String::new(), |ms| format!(" Please try again in {:.1}s.", ms as f64 / 1000.0));
                 format!("Rate limit reached for {} for tenant '{tenant}'.{wait}", reason.describe())
             };
-            ApiError::RateLimited { message, budget: reason.is_budget(), retry_after_ms, report }
+            ApiError::RateLimited {
+                message,
+                budget: reason.is_budget(),
+                retry_after_ms,
+                never: never.is_some(),
+                report,
+            }
         }
     }
+}
+
+/// What the settlement of a finished request's reservation is, from its usage record: the images the
+/// upstream returned (none for answers served by another request's call), the record's cost, and the request
+/// given back when the upstream refused it (429).
+fn usage_of(record: &UsageRecord) -> Usage {
+    let images = if record.cache_hit { 0 } else { record.images_returned.unwrap_or(0) };
+    Usage { images, usd: record.cost_usd, request_back: record.refused_by.is_some() }
 }
 
 /// Per-request facts from the HTTP edge the pipeline needs.
@@ -118,7 +134,7 @@ impl ImagesService {
             Err(e) => {
                 let record = UsageRecord::start(ctx, &request, &meta.request_id, &request.model());
                 self.ledger.record(record.finish(e.status().as_u16(), started));
-                return Err(e.into());
+                return Err(self.unreserved(ctx, e).await);
             }
         };
         let span = tracing::Span::current();
@@ -126,14 +142,15 @@ impl ImagesService {
         span.record("n", validated.n);
         span.record("stream", validated.stream);
         let record = UsageRecord::start(ctx, &request, &meta.request_id, &validated.model);
-        // 2. The tenant may use this model.
-        if !ctx.tenant.allows_model(&validated.model) {
-            let e = ApiError::PermissionDenied {
-                message: format!("Tenant '{}' may not use model '{}'.", ctx.tenant.name, validated.model),
-            };
-            self.ledger.record(record.finish(e.status().as_u16(), started));
-            return Err(e.into());
-        }
+        // 2. The tenant may use this model, and the budgets can count what it costs.
+        let cost = self.authorise(ctx, &request, &validated);
+        let cost = match cost {
+            Ok(cost) => cost,
+            Err(e) => {
+                self.ledger.record(record.finish(e.status().as_u16(), started));
+                return Err(self.unreserved(ctx, e).await);
+            }
+        };
         // The caller's format decides what goes upstream (GPT image models never see response_format) and is
         // part of the cache key.
         let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
@@ -143,29 +160,34 @@ impl ImagesService {
             && let Some(answer) = self.cache.get(&lookup.key).await
         {
             span.record("cache", Outcome::Hit.as_str());
-            let permit = self.acquire(ctx, Demand { images: 0 }, record.clone(), started).await?;
+            let permit = self.acquire(ctx, Demand::request_only(), record.clone(), started).await?;
             let record = record.finish_cached(answer.status, answer.images, started);
-            self.settle(record, ctx);
+            self.settle(record, &permit);
             return Ok(answer_reply(answer, &permit, Outcome::Hit));
         }
-        // 4. Rate limits and quotas: reserve the request and its `n` images, all or nothing.
-        let permit = self.acquire(ctx, Demand { images: validated.n }, record.clone(), started).await?;
         let Some(lookup) = lookup else {
+            // 4. Rate limits and quotas: reserve the request, its `n` images and its cost, all or nothing.
+            let permit = self.acquire(ctx, Demand::whole(validated.n, cost), record.clone(), started).await?;
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
             span.record("cache", Outcome::Bypass.as_str());
-            let (mut reply, record) = self.fetch(ctx, &request, plan, &validated.model, &meta, record, started).await?;
+            let fetched = self.fetch(ctx, &request, plan, &validated.model, &meta, record, started, &permit).await;
+            let (mut reply, record) = fetched.map_err(|e| after_reservation(e, &permit))?;
             set_cache_header(&mut reply.headers, Outcome::Bypass);
-            return Ok(self.meter(reply, record, ctx, permit, started));
+            return Ok(self.meter(reply, record, permit, started));
         };
+        // 4. Through the cache, only the request is reserved now: its images and cost are reserved by
+        // whichever caller's upstream call runs (`lead`); the others are served by it and spend no images.
+        let permit = self.acquire(ctx, Demand::request_only(), record.clone(), started).await?;
         // 5–6 through the cache: one upstream call for every concurrent identical miss. The caller whose fetch
         // runs records the upstream's usage; the others are served by it and cost nothing.
         let ran = Arc::new(AtomicBool::new(false));
         let fetch = async {
+            self.lead(ctx, &permit, validated.n, cost, record.clone(), started).await.map_err(Uncached::Error)?;
             let (reply, record) = self
-                .fetch(ctx, &request, plan, &validated.model, &meta, record.clone(), started)
+                .fetch(ctx, &request, plan, &validated.model, &meta, record.clone(), started, &permit)
                 .await
                 .map_err(Uncached::Error)?;
-            self.settle(record.finish_reply(&reply, &self.prices, started), ctx);
+            self.settle(record.finish_reply(&reply, &self.prices, started), &permit);
             let answer = Answer::from_reply(reply);
             if (200..300).contains(&answer.status) { Ok(answer) } else { Err(Uncached::Answer(answer)) }
         };
@@ -178,14 +200,14 @@ impl ImagesService {
                 Uncached::Answer(answer) => answer.clone(),
                 Uncached::Error(e) => {
                     if outcome == Outcome::Hit {
-                        self.settle(record.finish(e.status().as_u16(), started), ctx);
+                        self.settle_failed(record.finish(e.status().as_u16(), started), e, &permit);
                     }
-                    return Err(e.duplicate().into());
+                    return Err(after_reservation(e.duplicate(), &permit));
                 }
             },
         };
         if outcome == Outcome::Hit {
-            self.settle(record.finish_cached(answer.status, answer.images, started), ctx);
+            self.settle(record.finish_cached(answer.status, answer.images, started), &permit);
         }
         Ok(answer_reply(answer, &permit, outcome))
     }
@@ -216,6 +238,67 @@ impl ImagesService {
         Some(Lookup { key: cache::key::key(parts, request), ttl, directive })
     }
 
+    /// Whether the tenant may use the model, and the most the request may cost (held against its USD budgets).
+    /// A model without a price is refused when `pricing.unpriced = "reject"`, and for a tenant with a USD
+    /// budget (which it would otherwise bypass at cost 0).
+    fn authorise(
+        &self,
+        ctx: &TenantContext,
+        request: &ImageRequest,
+        validated: &validate::Validated,
+    ) -> Result<f64, ApiError> {
+        let model = validated.model.as_str();
+        if !ctx.tenant.allows_model(model) {
+            return Err(ApiError::PermissionDenied {
+                message: format!("Tenant '{}' may not use model '{model}'.", ctx.tenant.name),
+            });
+        }
+        let (size, quality, prompt) =
+            (request.field_str("size"), request.field_str("quality"), request.field_str("prompt"));
+        let input_images = match request.form() {
+            Some(form) => form.images().count() + usize::from(form.mask().is_some()),
+            None => {
+                request.field("images").and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0)
+                    + usize::from(request.field("mask").is_some_and(|m| !m.is_null()))
+            }
+        };
+        let partial_images = request.field("partial_images").and_then(|v| v.as_u64()).unwrap_or(0);
+        let ask = Ask {
+            model,
+            size: size.as_deref(),
+            quality: quality.as_deref(),
+            n: validated.n,
+            prompt_bytes: prompt.map_or(0, |p| p.len()),
+            input_images: u32::try_from(input_images).unwrap_or(u32::MAX),
+            partial_images: u32::try_from(partial_images).unwrap_or(u32::MAX),
+        };
+        if let Some(cost) = self.prices.reservation(&ask) {
+            return Ok(cost);
+        }
+        let limits = self.limiter.effective(&ctx.tenant.limits);
+        let has_usd_budget = limits.usd_per_day.is_some() || limits.usd_per_month.is_some();
+        if self.prices.unpriced == Unpriced::Reject || has_usd_budget {
+            let why = if has_usd_budget {
+                format!(
+                    "tenant '{}' has a USD budget, which cannot count a model imagegate has no price for",
+                    ctx.tenant.name
+                )
+            } else {
+                "this gateway refuses models it has no price for".to_owned()
+            };
+            return Err(ApiError::invalid_code(
+                format!(
+                    "imagegate has no price for model '{model}' at this size and quality, and {why}. Use a \
+                     priced model, or ask the administrator to price it (pricing.per_image / pricing.per_token, \
+                     or pricing.unpriced = \"<model to bill it as>\")."
+                ),
+                Some("model"),
+                "unpriced_model",
+            ));
+        }
+        Ok(0.0)
+    }
+
     /// Reserve `demand` from the tenant's limits; a refusal is recorded and returned.
     async fn acquire(
         &self,
@@ -228,10 +311,52 @@ impl ImagesService {
             Ok(permit) => Ok(permit),
             Err(denied) => {
                 let e = denied_error(&ctx.tenant.name, denied);
-                self.ledger.record(record.finish(e.status().as_u16(), started));
+                self.ledger.record(record.finish_refused(e.status().as_u16(), started));
                 Err(e)
             }
         }
+    }
+
+    /// This caller's upstream call runs (it leads the identical requests waiting on it): reserve its images
+    /// and cost now. A refusal is recorded, and gives the request back (a refused request spends nothing).
+    async fn lead(
+        &self,
+        ctx: &TenantContext,
+        permit: &Permit,
+        images: u32,
+        cost: f64,
+        record: UsageRecord,
+        started: Instant,
+    ) -> Result<(), ApiError> {
+        match permit.extend(images, cost).await {
+            Ok(()) => Ok(()),
+            Err(denied) => {
+                let e = denied_error(&ctx.tenant.name, denied);
+                self.ledger.record(record.finish_refused(e.status().as_u16(), started));
+                Err(e)
+            }
+        }
+    }
+
+    /// An error answered before anything was reserved, with the tenant's buckets as they stand (a read that
+    /// spends nothing), so every answer of the image routes carries the `x-ratelimit-*` headers.
+    pub async fn unreserved(&self, ctx: &TenantContext, failure: impl Into<Failure>) -> Failure {
+        let mut failure = failure.into();
+        let mut headers = HeaderMap::new();
+        crate::limits::headers::apply(&self.limiter.peek(&ctx.tenant.id, &ctx.tenant.limits).await, &mut headers);
+        for (name, value) in headers {
+            if let Some(name) = name
+                && !failure.headers.contains_key(&name)
+            {
+                failure.headers.insert(name, value);
+            }
+        }
+        failure
+    }
+
+    /// The rate limits (counters for the admin API, readiness, shutdown).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// Steps 5 and 6: the upstream call, then re-hosting of a successful whole answer. Failures are recorded
@@ -247,6 +372,7 @@ impl ImagesService {
         meta: &RequestMeta,
         record: UsageRecord,
         started: Instant,
+        permit: &Permit,
     ) -> Result<(UpstreamReply, UsageRecord), ApiError> {
         let attribution = Attribution {
             organization: ctx.tenant.organization.clone(),
@@ -266,12 +392,14 @@ impl ImagesService {
             Ok(reply) => reply,
             Err(e) => {
                 let e = ApiError::from(e);
-                self.ledger.record(record.finish(e.status().as_u16(), started));
+                self.settle_failed(record.finish(e.status().as_u16(), started), &e, permit);
                 return Err(e);
             }
         };
         if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
-            // The upstream's limit, not the tenant's: passed on as it is, and told apart in the logs.
+            // The upstream's limit, not the tenant's: passed on as it is, told apart in the logs, the counters
+            // and the ledger (`refused_by = upstream`), and the request is given back.
+            self.limiter.count_upstream_rate_limited();
             tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
         }
         let (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) = (plan, &reply) else {
@@ -297,7 +425,7 @@ impl ImagesService {
                 };
                 let mut record = record.finish_reply(&reply, &self.prices, started);
                 record.status = e.status().as_u16();
-                self.settle(record, ctx);
+                self.settle(record, permit);
                 Err(e)
             }
         }
@@ -308,9 +436,22 @@ impl ImagesService {
         &self.cache
     }
 
-    /// Book a finished record: spend its cost from the tenant's budgets and queue it for the ledger.
-    fn settle(&self, record: UsageRecord, ctx: &TenantContext) {
-        self.limiter.spend(&ctx.tenant.id, &ctx.tenant.limits, record.cost_usd);
+    /// Book a finished record: settle the reservation with what the request used (images returned, its cost;
+    /// the request given back when the upstream refused it) and queue the record for the ledger.
+    fn settle(&self, record: UsageRecord, permit: &Permit) {
+        permit.finish(usage_of(&record));
+        self.ledger.record(record);
+    }
+
+    /// Book a request that failed without an answer: nothing used; the request given back as well when the
+    /// upstream never processed it (it could not be reached) or imagegate refused it.
+    fn settle_failed(&self, mut record: UsageRecord, e: &ApiError, permit: &Permit) {
+        let refused = matches!(e, ApiError::RateLimited { .. } | ApiError::LimitsUnavailable { .. });
+        if refused {
+            record.refused_by = Some(usage::REFUSED_BY_GATEWAY);
+        }
+        let never_processed = refused || matches!(e, ApiError::UpstreamUnavailable(_));
+        permit.finish(if never_processed { Usage::REFUNDED } else { Usage::NOTHING });
         self.ledger.record(record);
     }
 
@@ -321,18 +462,12 @@ impl ImagesService {
         self.ledger.record(record.finish(status, Instant::now()));
     }
 
-    fn meter(
-        &self,
-        mut reply: UpstreamReply,
-        record: UsageRecord,
-        ctx: &TenantContext,
-        permit: Permit,
-        started: Instant,
-    ) -> UpstreamReply {
-        crate::limits::headers::apply(&permit.report, &mut reply.headers);
-        let (ledger, limiter, tenant) = (self.ledger.clone(), self.limiter.clone(), ctx.tenant.clone());
+    fn meter(&self, mut reply: UpstreamReply, record: UsageRecord, permit: Permit, started: Instant) -> UpstreamReply {
+        crate::limits::headers::apply(&permit.report(), &mut reply.headers);
+        let ledger = self.ledger.clone();
+        let settled = permit.clone();
         let done = move |record: UsageRecord| {
-            limiter.spend(&tenant.id, &tenant.limits, record.cost_usd);
+            settled.finish(usage_of(&record));
             ledger.record(record);
         };
         match reply.body {
@@ -340,9 +475,9 @@ impl ImagesService {
                 // The upstream's request id is known from the headers, before any event.
                 let mut record = record;
                 record.note_upstream_request_id(&reply.headers);
-                // The concurrency slot is held until the stream ends.
-                let body =
-                    usage::meter_stream(stream, record, self.prices.clone(), Box::new(done), permit.slot, started);
+                // The concurrency slot (and the reservation's lease) is held until the stream ends.
+                let hold = Some(crate::limits::SlotGuard(permit));
+                let body = usage::meter_stream(stream, record, self.prices.clone(), Box::new(done), hold, started);
                 UpstreamReply { body: ReplyBody::Stream(body), ..reply }
             }
             _ => {
@@ -353,6 +488,13 @@ impl ImagesService {
     }
 }
 
+/// An error after the reservation, with the headers that reservation earned.
+fn after_reservation(e: ApiError, permit: &Permit) -> Failure {
+    let mut headers = HeaderMap::new();
+    crate::limits::headers::apply(&permit.report(), &mut headers);
+    Failure::with_headers(e, headers)
+}
+
 /// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers.
 fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamReply {
     let mut headers = HeaderMap::new();
@@ -361,7 +503,7 @@ fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamRe
             headers.append(name, value);
         }
     }
-    crate::limits::headers::apply(&permit.report, &mut headers);
+    crate::limits::headers::apply(&permit.report(), &mut headers);
     set_cache_header(&mut headers, outcome);
     let status = http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::OK);
     UpstreamReply { status, headers, body: ReplyBody::Full(answer.body) }

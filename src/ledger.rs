@@ -410,9 +410,9 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
     }
 }
 
-/// Rows per INSERT statement: 19 parameters each, well under SQLite's and PostgreSQL's parameter limits.
+/// Rows per INSERT statement: 20 parameters each, well under SQLite's and PostgreSQL's parameter limits.
 const ROWS_PER_STATEMENT: usize = 50;
-const COLUMNS: usize = 19;
+const COLUMNS: usize = 20;
 
 /// Write `batch` in one transaction, many rows per statement.
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
@@ -427,7 +427,7 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
         let sql = format!(
             "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
              images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, \
-             latency_ms, stream, cache_hit, upstream_request_id, prompt) VALUES {}",
+             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by) VALUES {}",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);
@@ -451,7 +451,8 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(i64::from(r.stream))
                 .bind(i64::from(r.cache_hit))
                 .bind(r.upstream_request_id.clone())
-                .bind(r.prompt.clone());
+                .bind(r.prompt.clone())
+                .bind(r.refused_by);
         }
         query.execute(&mut *tx).await?;
     }
@@ -484,6 +485,7 @@ mod tests {
             cache_hit: false,
             upstream_request_id: None,
             prompt: None,
+            refused_by: None,
         }
     }
 

@@ -2,7 +2,9 @@
 //!
 //! Defaults are the published prices of the reference (§10, ⚠ third-party copies of OpenAI's pricing page).
 //! GPT image models are billed from the response's `usage` object; the per-image output-token table of §10.3
-//! is only a fallback for answers that carry no `usage`.
+//! is only a fallback for answers that carry no `usage`. Before a request is sent, [`Prices::reservation`]
+//! gives the most it may cost, which the USD budgets hold until the real cost is known. Models without a
+//! price follow `pricing.unpriced`: cost 0, refused, or billed as another model.
 
 use std::collections::BTreeMap;
 
@@ -10,6 +12,16 @@ use serde_json::Value;
 
 /// The size billed when a request gives none or `auto`.
 const DEFAULT_SIZE: &str = "1024x1024";
+
+/// The sizes `size = "auto"` (or no size) may produce on GPT image models, for the reservation's bound.
+const AUTO_SIZES: [&str; 3] = ["1024x1024", "1024x1536", "1536x1024"];
+
+/// Image input tokens assumed per input image (and mask) in a reservation: above what one input image is
+/// reported to cost even at `input_fidelity = "high"` (⚠ not published; the answer's `usage` settles it).
+pub const INPUT_IMAGE_TOKENS_BOUND: u64 = 8_000;
+
+/// Extra image output tokens per partial image of a stream (OpenAI's guide: 100 per partial image).
+pub const PARTIAL_IMAGE_TOKENS: u64 = 100;
 
 /// Prices, read from the `[pricing]` section of the config. `Default` is the published prices.
 ///
@@ -23,6 +35,58 @@ pub struct Prices {
     pub per_image: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
     /// Token prices for GPT image models: model id → USD per 1M tokens.
     pub per_token: BTreeMap<String, TokenPrices>,
+    /// Models priced in neither table (an Azure deployment name, a model newer than the tables):
+    /// `"zero"` (the default: cost 0, but refused for tenants with a USD budget, which it would bypass),
+    /// `"reject"` (refused with 400 for everyone), or a priced model id to bill them as.
+    pub unpriced: Unpriced,
+}
+
+/// What an unpriced model costs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(from = "String", into = "String")]
+pub enum Unpriced {
+    /// Cost 0; refused for tenants with a USD budget.
+    #[default]
+    Zero,
+    /// Refused with 400 for every tenant.
+    Reject,
+    /// Billed (and reserved) at this priced model's prices.
+    BillAs(String),
+}
+
+impl From<String> for Unpriced {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "zero" => Self::Zero,
+            "reject" => Self::Reject,
+            _ => Self::BillAs(s),
+        }
+    }
+}
+
+impl From<Unpriced> for String {
+    fn from(u: Unpriced) -> Self {
+        match u {
+            Unpriced::Zero => "zero".to_owned(),
+            Unpriced::Reject => "reject".to_owned(),
+            Unpriced::BillAs(model) => model,
+        }
+    }
+}
+
+/// What a request asks for, before it is sent: enough to bound its cost.
+#[derive(Debug, Clone, Default)]
+pub struct Ask<'a> {
+    pub model: &'a str,
+    pub size: Option<&'a str>,
+    pub quality: Option<&'a str>,
+    pub n: u32,
+    /// Bytes of the prompt (a token is at least one byte, so this bounds the text input tokens).
+    pub prompt_bytes: usize,
+    /// Input images and mask (edits).
+    pub input_images: u32,
+    /// `partial_images` of a stream.
+    pub partial_images: u32,
 }
 
 /// USD per 1M tokens for one GPT image model.
@@ -84,7 +148,7 @@ impl Default for Prices {
             ("gpt-image-2".to_owned(), gpt_image_2),
             ("gpt-image-2-2026-04-21".to_owned(), gpt_image_2),
         ]);
-        Self { per_image, per_token }
+        Self { per_image, per_token, unpriced: Unpriced::default() }
     }
 }
 
@@ -103,14 +167,17 @@ impl Prices {
     /// every other GPT model the gpt-image-1 table (1024x1024, 1024x1536, 1536x1024 only; ⚠ approximate for -mini).
     ///
     /// DALL·E models (`per_image`): `per_image[model][quality][size] × images`; quality defaults to "standard".
+    ///
+    /// A model in neither table is billed as `pricing.unpriced` names, if it names a model.
     pub fn estimate(&self, metered: &Metered<'_>) -> Option<f64> {
+        let model = self.priced_as(metered.model)?;
         let size = match metered.size.map(str::trim) {
             None | Some("auto") | Some("") => DEFAULT_SIZE.to_owned(),
             Some(s) => s.to_ascii_lowercase(),
         };
-        let quality = metered.quality.map(|q| q.trim().to_ascii_lowercase()).filter(|q| !q.is_empty() && q != "auto");
+        let quality = normal_quality(metered.quality);
         let images = f64::from(metered.images);
-        if let Some(prices) = self.per_token.get(metered.model) {
+        if let Some(prices) = self.per_token.get(model) {
             if let Some(cost) = metered.usage.and_then(|u| usage_cost(prices, u)) {
                 return Some(cost);
             }
@@ -118,14 +185,14 @@ impl Prices {
                 return Some(0.0);
             }
             let quality = quality.as_deref().unwrap_or("medium");
-            let tokens = if metered.model.starts_with("gpt-image-2") {
+            let tokens = if model.starts_with("gpt-image-2") {
                 gpt_image_2_output_tokens(quality, &size)?
             } else {
                 gpt_image_1_output_tokens(quality, &size)?
             };
             return Some(tokens as f64 * prices.image_output / 1e6 * images);
         }
-        let by_quality = self.per_image.get(metered.model)?;
+        let by_quality = self.per_image.get(model)?;
         if metered.images == 0 {
             return Some(0.0);
         }
@@ -133,10 +200,68 @@ impl Prices {
         Some(per_image * images)
     }
 
+    /// The model whose prices `model` is billed at: itself when priced, else the one `pricing.unpriced`
+    /// names; `None` when it has no price.
+    pub fn priced_as<'a>(&'a self, model: &'a str) -> Option<&'a str> {
+        if self.per_token.contains_key(model) || self.per_image.contains_key(model) {
+            return Some(model);
+        }
+        match &self.unpriced {
+            Unpriced::BillAs(other) => Some(other.as_str()),
+            Unpriced::Zero | Unpriced::Reject => None,
+        }
+    }
+
+    /// The most a request may cost, for the USD budgets to hold until its real cost is known; `None` when
+    /// the model (or, for DALL·E, its size and quality) has no price.
+    ///
+    /// DALL·E models: exact, `per_image[model][quality][size] × n`. GPT image models: an upper bound, `n ×`
+    /// the §10.3 output tokens of the size and quality asked for (quality `auto` or absent counts as `high`,
+    /// size `auto` or absent as the largest of 1024x1024, 1024x1536 and 1536x1024; sizes outside the
+    /// gpt-image-1 table use the gpt-image-2 formula) plus [`PARTIAL_IMAGE_TOKENS`] per partial image, at the
+    /// image output price; plus the prompt's bytes at the text input price; plus
+    /// [`INPUT_IMAGE_TOKENS_BOUND`] per input image at the image input price. Text output tokens are not
+    /// bounded (GPT image answers rarely carry any); the settlement bills what the answer's `usage` says.
+    pub fn reservation(&self, ask: &Ask<'_>) -> Option<f64> {
+        let model = self.priced_as(ask.model)?;
+        let n = f64::from(ask.n);
+        let quality = normal_quality(ask.quality);
+        let size = ask.size.map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty() && s != "auto");
+        if let Some(prices) = self.per_token.get(model) {
+            let quality = quality.as_deref().unwrap_or("high");
+            let tokens = |size: &str| {
+                let table =
+                    if model.starts_with("gpt-image-2") { None } else { gpt_image_1_output_tokens(quality, size) };
+                table.or_else(|| gpt_image_2_output_tokens(quality, size))
+            };
+            let per_image = match size.as_deref() {
+                Some(size) => tokens(size)?,
+                None => AUTO_SIZES.iter().filter_map(|s| tokens(s)).max()?,
+            };
+            let output = (per_image + u64::from(ask.partial_images) * PARTIAL_IMAGE_TOKENS) as f64 * n;
+            let text = ask.prompt_bytes as f64;
+            let images = f64::from(ask.input_images) * INPUT_IMAGE_TOKENS_BOUND as f64;
+            return Some((output * prices.image_output + text * prices.text_input + images * prices.image_input) / 1e6);
+        }
+        let by_quality = self.per_image.get(model)?;
+        let size = size.unwrap_or_else(|| DEFAULT_SIZE.to_owned());
+        let per_image = by_quality.get(quality.as_deref().unwrap_or("standard"))?.get(&size)?;
+        Some(per_image * n)
+    }
+
     /// Every fault in the prices (negative or non-finite numbers, sizes not written WxH, a model priced both per
-    /// image and per token), for startup validation. Empty when the prices are usable.
+    /// image and per token, an `unpriced` model that has no price itself), for startup validation. Empty when
+    /// the prices are usable.
     pub fn validate(&self) -> Vec<String> {
         let mut faults = Vec::new();
+        if let Unpriced::BillAs(model) = &self.unpriced
+            && !self.per_token.contains_key(model)
+            && !self.per_image.contains_key(model)
+        {
+            faults.push(format!(
+                "unpriced = \"{model}\" must be \"zero\", \"reject\" or a model priced in per_image or per_token"
+            ));
+        }
         for (model, by_quality) in &self.per_image {
             if self.per_token.contains_key(model) {
                 faults.push(format!("model \"{model}\" is priced both per_image and per_token"));
@@ -166,6 +291,11 @@ impl Prices {
         }
         faults
     }
+}
+
+/// A quality as the tables spell it, or `None` for absent and `auto`.
+fn normal_quality(quality: Option<&str>) -> Option<String> {
+    quality.map(|q| q.trim().to_ascii_lowercase()).filter(|q| !q.is_empty() && q != "auto")
 }
 
 /// Why a price is unusable, if it is.
@@ -361,6 +491,75 @@ mod tests {
         assert_eq!(est("dall-e-3", Some("512x512"), None, 1), None);
         assert_eq!(est("gpt-image-1", Some("2048x2048"), None, 1), None);
         assert_eq!(est("gpt-image-1", None, Some("hd"), 1), None);
+    }
+
+    fn ask<'a>(model: &'a str, size: Option<&'a str>, quality: Option<&'a str>, n: u32) -> Ask<'a> {
+        Ask { model, size, quality, n, ..Ask::default() }
+    }
+
+    #[test]
+    fn dall_e_reservations_are_exact() {
+        let p = Prices::default();
+        close(p.reservation(&ask("dall-e-3", None, None, 1)), 0.04, 1e-12);
+        close(p.reservation(&ask("dall-e-3", Some("1792x1024"), Some("hd"), 10)), 1.2, 1e-12);
+        close(p.reservation(&ask("dall-e-2", Some("256x256"), None, 3)), 0.048, 1e-12);
+        assert_eq!(p.reservation(&ask("dall-e-3", Some("512x512"), None, 1)), None, "no such price");
+        // The reservation equals what a full answer is billed.
+        let billed =
+            p.estimate(&Metered { model: "dall-e-3", size: None, quality: Some("hd"), images: 2, usage: None });
+        assert_eq!(p.reservation(&ask("dall-e-3", None, Some("hd"), 2)), billed);
+    }
+
+    #[test]
+    fn gpt_reservations_bound_the_table_cost() {
+        let p = Prices::default();
+        // Asked exactly: the §10.3 tokens × the output price.
+        close(p.reservation(&ask("gpt-image-1", Some("1024x1024"), Some("low"), 2)), 2.0 * 272.0 * 40.0 / 1e6, 1e-12);
+        // Quality auto counts as high, size auto as the largest size.
+        close(p.reservation(&ask("gpt-image-1", None, None, 1)), 6240.0 * 40.0 / 1e6, 1e-12);
+        close(p.reservation(&ask("gpt-image-1.5", Some("auto"), Some("auto"), 1)), 6240.0 * 32.0 / 1e6, 1e-12);
+        close(p.reservation(&ask("gpt-image-2", None, None, 1)), 7024.0 * 30.0 / 1e6, 1e-12);
+        // The bound is at least every table price of the model.
+        for q in ["low", "medium", "high"] {
+            for size in AUTO_SIZES {
+                let billed = est("gpt-image-1", Some(size), Some(q), 3).unwrap();
+                assert!(p.reservation(&ask("gpt-image-1", None, None, 3)).unwrap() >= billed, "{q} {size}");
+            }
+        }
+        // Prompt bytes, input images and partial images add to it.
+        let full = Ask {
+            model: "gpt-image-1",
+            size: Some("1024x1024"),
+            quality: Some("high"),
+            n: 1,
+            prompt_bytes: 1000,
+            input_images: 2,
+            partial_images: 3,
+        };
+        let expected = ((4160.0 + 300.0) * 40.0 + 1000.0 * 5.0 + 16_000.0 * 10.0) / 1e6;
+        close(p.reservation(&full), expected, 1e-12);
+    }
+
+    #[test]
+    fn unpriced_models_follow_the_setting() {
+        let mut p = Prices::default();
+        assert_eq!(p.priced_as("my-azure-deployment"), None);
+        assert_eq!(p.reservation(&ask("my-azure-deployment", None, None, 1)), None);
+        p.unpriced = Unpriced::BillAs("dall-e-3".into());
+        assert_eq!(p.priced_as("my-azure-deployment"), Some("dall-e-3"));
+        close(p.reservation(&ask("my-azure-deployment", None, None, 2)), 0.08, 1e-12);
+        close(p.estimate(&Metered { model: "my-azure-deployment", images: 2, ..Metered::default() }), 0.08, 1e-12);
+        assert!(p.validate().is_empty());
+        p.unpriced = Unpriced::BillAs("dall-e-9".into());
+        assert!(p.validate().iter().any(|f| f.contains("dall-e-9")), "{:?}", p.validate());
+        for (text, value) in [
+            ("zero", Unpriced::Zero),
+            ("reject", Unpriced::Reject),
+            ("gpt-image-1", Unpriced::BillAs("gpt-image-1".into())),
+        ] {
+            assert_eq!(Unpriced::from(text.to_owned()), value);
+            assert_eq!(String::from(value), text);
+        }
     }
 
     #[test]

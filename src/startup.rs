@@ -23,6 +23,9 @@ use crate::ledger::{Ledger, LedgerWriter};
 use crate::limits::local::LocalBackend;
 use crate::limits::redis::RedisBackend;
 use crate::limits::{Backend, Limiter, system_clock};
+
+/// How long shutdown waits for rate-limit settlements (releasing the holds of requests still in flight).
+const LIMITS_SHUTDOWN: Duration = Duration::from_secs(5);
 use crate::rehost::Rehoster;
 use crate::rehost::fetch::Fetcher;
 use crate::rehost::links::{self, LinkSigner};
@@ -120,6 +123,9 @@ impl Application {
                 Ok(())
             }
         };
+        // Requests still running past the drain deadline: release their slots and holds in a shared Redis now,
+        // rather than leave them to their leases.
+        state.images.limiter().shutdown(LIMITS_SHUTDOWN).await;
         flusher.abort();
         sweeper.stop().await;
         if let Err(e) = state.tenants.flush_last_used().await {
@@ -202,15 +208,18 @@ async fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
     Ok(ResponseCache::new(c, shared))
 }
 
-/// The rate-limit backend the settings ask for.
+/// The rate-limit backend the settings ask for. Redis is connected in the background: unreachable at startup,
+/// each request meets `on_backend_error` until it answers (the start waits for it at most `redis_timeout`).
 async fn limiter(settings: &Settings, db: &Db) -> anyhow::Result<Limiter> {
     let l = &settings.limits;
     let backend: Arc<dyn Backend> = match (l.backend, &l.redis_url) {
-        (LimitsBackend::Redis, Some(url)) => Arc::new(
-            RedisBackend::connect(url.expose(), &l.redis_prefix, l.redis_timeout, db.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot reach Redis for rate limits: {e}"))?,
-        ),
+        (LimitsBackend::Redis, Some(url)) => {
+            let lease = l.lease_or(settings.server.request_timeout);
+            let redis = RedisBackend::start(url.expose(), &l.redis_prefix, l.redis_timeout, lease, db.clone())
+                .map_err(|e| anyhow::anyhow!("cannot use Redis for rate limits: {e}"))?;
+            redis.wait_connected(l.redis_timeout).await;
+            Arc::new(redis)
+        }
         (LimitsBackend::Redis, None) => anyhow::bail!("limits.redis_url is required when limits.backend = \"redis\""),
         (LimitsBackend::Local, _) => Arc::new(LocalBackend::new(system_clock(), Some(db.clone()))),
     };

@@ -201,7 +201,7 @@ fn usage_without_rows_prints_an_empty_table_a_csv_header_and_empty_json() {
     assert_eq!(
         csv.lines().collect::<Vec<_>>(),
         [
-            "tenant,model,requests,succeeded,images_requested,images_returned,input_tokens,output_tokens,cost_usd,cache_hits"
+            "tenant,model,requests,succeeded,images_requested,images_returned,input_tokens,output_tokens,cost_usd,cache_hits,refused,upstream_rate_limited"
         ]
     );
 

@@ -140,6 +140,12 @@ pub async fn cache_stats(State(state): State<AppState>) -> Json<crate::cache::St
     Json(state.images.cache().stats().await)
 }
 
+/// `GET /admin/v1/limits`: this replica's rate-limit counters (backend errors, fail-open passes, refusals by
+/// limit, upstream 429s passed through).
+pub async fn limits_stats(State(state): State<AppState>) -> Json<crate::limits::Stats> {
+    Json(state.images.limiter().stats())
+}
+
 /// `DELETE /admin/v1/cache`: drop every answer this replica holds in memory.
 pub async fn clear_cache(State(state): State<AppState>) -> Json<crate::cache::Stats> {
     state.images.cache().clear();

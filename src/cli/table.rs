@@ -168,6 +168,8 @@ pub fn usage(rows: &[SummaryRow]) -> Table {
                 output_tokens: 0,
                 cost_usd: 0.0,
                 cache_hits: 0,
+                refused: 0,
+                upstream_rate_limited: 0,
             },
             |mut acc, r| {
                 acc.requests += r.requests;
@@ -178,6 +180,8 @@ pub fn usage(rows: &[SummaryRow]) -> Table {
                 acc.output_tokens += r.output_tokens;
                 acc.cost_usd += r.cost_usd;
                 acc.cache_hits += r.cache_hits;
+                acc.refused += r.refused;
+                acc.upstream_rate_limited += r.upstream_rate_limited;
                 acc
             },
         );
@@ -224,6 +228,8 @@ mod tests {
             output_tokens: 20,
             cost_usd: 0.5,
             cache_hits: 0,
+            refused: 0,
+            upstream_rate_limited: 0,
         };
         let text = usage(&[row.clone(), SummaryRow { tenant: "b".into(), ..row }]).to_string();
         assert!(text.is_ascii(), "{text}");

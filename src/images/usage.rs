@@ -52,10 +52,18 @@ pub struct UsageRecord {
     pub latency_ms: u64,
     pub stream: bool,
     pub cache_hit: bool,
+    /// Who refused the request: [`REFUSED_BY_GATEWAY`] (imagegate's limits: a 429, or the fail-closed 503)
+    /// or [`REFUSED_BY_UPSTREAM`] (the upstream answered 429); `None` otherwise.
+    pub refused_by: Option<&'static str>,
     pub upstream_request_id: Option<String>,
     /// Only when the tenant opted into prompt logging.
     pub prompt: Option<String>,
 }
+
+/// `refused_by` of a request imagegate's own limits refused.
+pub const REFUSED_BY_GATEWAY: &str = "gateway";
+/// `refused_by` of a request the upstream refused with 429.
+pub const REFUSED_BY_UPSTREAM: &str = "upstream";
 
 #[derive(Deserialize)]
 struct ResponseCounts {
@@ -95,6 +103,7 @@ impl UsageRecord {
             latency_ms: 0,
             stream: request.stream(),
             cache_hit: false,
+            refused_by: None,
             upstream_request_id: None,
             prompt: ctx.tenant.log_prompts.then(|| request.field_str("prompt")).flatten(),
         }
@@ -108,8 +117,17 @@ impl UsageRecord {
         self
     }
 
+    /// Close the record of a request imagegate's limits refused.
+    pub fn finish_refused(mut self, status: u16, started: Instant) -> Self {
+        self.refused_by = Some(REFUSED_BY_GATEWAY);
+        self.finish(status, started)
+    }
+
     /// Close the record from a whole upstream answer: images, tokens and cost from a 2xx body.
     pub fn finish_reply(mut self, reply: &UpstreamReply, prices: &Prices, started: Instant) -> Self {
+        if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
+            self.refused_by = Some(REFUSED_BY_UPSTREAM);
+        }
         self.note_upstream_request_id(&reply.headers);
         if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
             && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
@@ -131,6 +149,9 @@ impl UsageRecord {
     pub fn finish_cached(mut self, status: u16, images: Option<u32>, started: Instant) -> Self {
         if (200..300).contains(&status) {
             self.images_returned = images;
+        }
+        if status == 429 {
+            self.refused_by = Some(REFUSED_BY_UPSTREAM);
         }
         self.cache_hit = true;
         self.finish(status, started)
@@ -173,6 +194,7 @@ impl UsageRecord {
             latency_ms = self.latency_ms,
             stream = self.stream,
             cache_hit = self.cache_hit,
+            refused_by = self.refused_by,
             upstream_request_id = self.upstream_request_id.as_deref(),
             "usage"
         );

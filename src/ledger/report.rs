@@ -28,6 +28,10 @@ pub struct SummaryRow {
     pub output_tokens: i64,
     pub cost_usd: f64,
     pub cache_hits: i64,
+    /// Requests imagegate's own limits refused (429, or 503 when fail-closed).
+    pub refused: i64,
+    /// Requests the upstream refused with 429 (its quota, not the tenant's limits).
+    pub upstream_rate_limited: i64,
 }
 
 /// Summaries grouped by tenant and model, ordered by tenant then model.
@@ -41,7 +45,9 @@ pub async fn summary(db: &Db, q: &SummaryQuery) -> Result<Vec<SummaryRow>, sqlx:
          CAST(SUM(COALESCE(u.input_tokens, 0)) AS BIGINT) AS input_tokens, \
          CAST(SUM(COALESCE(u.output_tokens, 0)) AS BIGINT) AS output_tokens, \
          CAST(SUM(u.cost_usd) AS DOUBLE PRECISION) AS cost_usd, \
-         CAST(SUM(u.cache_hit) AS BIGINT) AS cache_hits \
+         CAST(SUM(u.cache_hit) AS BIGINT) AS cache_hits, \
+         CAST(SUM(CASE WHEN u.refused_by = 'gateway' THEN 1 ELSE 0 END) AS BIGINT) AS refused, \
+         CAST(SUM(CASE WHEN u.refused_by = 'upstream' THEN 1 ELSE 0 END) AS BIGINT) AS upstream_rate_limited \
          FROM usage_events u JOIN tenants t ON t.id = u.tenant_id \
          WHERE u.created_at >= $1 AND u.created_at < $2",
     );
@@ -67,6 +73,8 @@ pub async fn summary(db: &Db, q: &SummaryQuery) -> Result<Vec<SummaryRow>, sqlx:
                 output_tokens: r.try_get("output_tokens")?,
                 cost_usd: r.try_get("cost_usd")?,
                 cache_hits: r.try_get("cache_hits")?,
+                refused: r.try_get("refused")?,
+                upstream_rate_limited: r.try_get("upstream_rate_limited")?,
             })
         })
         .collect()
@@ -109,6 +117,8 @@ pub fn to_csv(rows: &[SummaryRow]) -> anyhow::Result<String> {
             "output_tokens",
             "cost_usd",
             "cache_hits",
+            "refused",
+            "upstream_rate_limited",
         ])?;
     }
     Ok(String::from_utf8(writer.into_inner()?)?)
@@ -148,15 +158,24 @@ fn plus_offset(text: &str) -> Option<String> {
     (offset.len() == 5 && offset.as_bytes().get(2) == Some(&b':')).then(|| format!("{time}+{offset}"))
 }
 
-/// Images returned and USD spent by a tenant since `from_ms` (budgets start from the ledger after a restart).
-pub async fn spent_since(db: &Db, tenant_id: &str, from_ms: i64) -> Result<(u64, f64), sqlx::Error> {
+/// What a tenant spent from its budgets in `[from_ms, until_ms)` (`until_ms` `None`: up to now), as the limits
+/// count it: images the upstream returned on rows not served from the cache (a 2xx whose re-hosting failed
+/// keeps its images: the upstream billed them), and the rows' `cost_usd`. Budgets start from this after a
+/// restart, and Redis reseeds a lost counter from it.
+pub async fn spent_since(
+    db: &Db,
+    tenant_id: &str,
+    from_ms: i64,
+    until_ms: Option<i64>,
+) -> Result<(u64, f64), sqlx::Error> {
     let row = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(COALESCE(images_returned, 0)), 0) AS BIGINT) AS images, \
-         CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) AS usd \
-         FROM usage_events WHERE tenant_id = $1 AND created_at >= $2",
+        "SELECT CAST(COALESCE(SUM(CASE WHEN cache_hit = 0 THEN COALESCE(images_returned, 0) ELSE 0 END), 0) \
+         AS BIGINT) AS images, CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) AS usd \
+         FROM usage_events WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3",
     )
     .bind(tenant_id.to_owned())
     .bind(from_ms)
+    .bind(until_ms.unwrap_or(i64::MAX))
     .fetch_one(db.pool())
     .await?;
     let images: i64 = row.try_get("images")?;
@@ -206,6 +225,8 @@ mod tests {
             output_tokens: 0,
             cost_usd: 0.0,
             cache_hits: 0,
+            refused: 0,
+            upstream_rate_limited: 0,
         };
         let rows: Vec<SummaryRow> =
             ["=HYPERLINK(\"http://x\",\"y\")", "+1", "@SUM(A1)", "\tx", "\rx", "gpt-image-1"].map(row).into();
@@ -233,8 +254,10 @@ mod tests {
             output_tokens: 20,
             cost_usd: 0.5,
             cache_hits: 0,
+            refused: 1,
+            upstream_rate_limited: 0,
         };
         let csv = to_csv(&[row]).unwrap();
-        assert!(csv.contains("\"a,b\",gpt-image-1,2,1,3,2,10,20,0.5,0"), "{csv}");
+        assert!(csv.contains("\"a,b\",gpt-image-1,2,1,3,2,10,20,0.5,0,1,0"), "{csv}");
     }
 }

@@ -4,7 +4,11 @@
 //!
 //! A bucket of `limit` per `period` refills one unit every `period / limit` and holds at most `burst` units
 //! (by default `limit`: a quiet tenant may spend its whole minute at once). Its state is one number, the
-//! theoretical arrival time (TAT); a demand of `n` units fits when `TAT + n·T − burst·T ≤ now`.
+//! theoretical arrival time (TAT); a demand of `n` units fits when `TAT + n·T − burst·T ≤ now`. Giving `k`
+//! units back moves the TAT back by `k·T`, never below now (a bucket cannot hold more than its burst).
+//!
+//! Times are integer milliseconds on a clock that never goes back (the local backend's monotonic clock,
+//! Redis' `TIME`), so the arithmetic here and in the Lua scripts is identical to the millisecond.
 
 /// One bucket's configuration, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +27,7 @@ impl Bucket {
     }
 
     /// Milliseconds to earn one unit.
-    fn interval(&self) -> u64 {
+    pub fn interval(&self) -> u64 {
         (self.period_ms / self.limit.max(1)).max(1)
     }
 }
@@ -66,6 +70,12 @@ pub fn check(bucket: Bucket, tat: u64, now: u64, n: u64) -> Verdict {
             retry_after_ms: Some(allow_at - now),
         }
     }
+}
+
+/// The TAT after giving `cells` units back to a bucket whose TAT is `tat`: earlier by their emission
+/// interval, never earlier than `now`.
+pub fn give_back(bucket: Bucket, tat: u64, now: u64, cells: u64) -> u64 {
+    tat.saturating_sub(cells.saturating_mul(bucket.interval())).max(now)
 }
 
 /// Units that could be spent now at a given TAT.
@@ -127,6 +137,21 @@ mod tests {
         let refused = check(b, v.new_tat, 0, 4);
         assert_eq!(refused.retry_after_ms, Some(12_000), "two more units take 2 × 6 s");
         assert_eq!(check(b, v.new_tat, 0, 11).retry_after_ms, Some(u64::MAX), "more than the burst never fits");
+    }
+
+    #[test]
+    fn giving_back_moves_the_tat_back_but_never_below_now() {
+        let b = Bucket::per_minute(10, None); // one unit every 6 s
+        let now = 1_000_000;
+        let v = check(b, 0, now, 4);
+        assert_eq!(v.remaining, 6);
+        let tat = give_back(b, v.new_tat, now, 3);
+        assert_eq!(tat, now + 6_000, "three of the four units came back");
+        assert_eq!(check(b, tat, now, 0).remaining, 9);
+        assert_eq!(give_back(b, tat, now, 5), now, "a bucket never holds more than its burst");
+        assert_eq!(check(b, give_back(b, tat, now, 5), now, 0).remaining, 10);
+        // Later, the refilled part cannot be given back twice.
+        assert_eq!(give_back(b, v.new_tat, now + 20_000, 4), now + 20_000);
     }
 
     #[test]

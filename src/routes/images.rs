@@ -52,7 +52,7 @@ async fn handle(
         Ok(extracted) => extracted,
         Err(e) => {
             state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
-            return Err(e);
+            return Err(state.images.unreserved(&ctx, e).await);
         }
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };

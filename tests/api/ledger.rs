@@ -415,6 +415,7 @@ fn record(request_id: &str) -> UsageRecord {
         cache_hit: false,
         upstream_request_id: None,
         prompt: None,
+        refused_by: None,
     }
 }
 

@@ -22,6 +22,7 @@
 //! - `#drop`: streams send one partial-image event, then the connection is aborted;
 //! - `#sse_error`: streams send one partial-image event, then `event: error` with an OpenAI error body, then end;
 //! - `#side=N`: GPT image answers are N×N pixels (default 64);
+//! - `#count=N`: answer with at most N images, whatever `n` asked (as when moderation drops some);
 //! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file.
 
 use std::collections::HashMap;
@@ -546,6 +547,8 @@ struct Triggers {
     gap: Duration,
     drop: bool,
     sse_error: bool,
+    /// `#count=N`: at most N images.
+    count: Option<u64>,
 }
 
 impl Triggers {
@@ -556,6 +559,7 @@ impl Triggers {
             gap: number_after(text, "#gap=").map(Duration::from_millis).unwrap_or_default(),
             drop: text.contains("#drop"),
             sse_error: text.contains("#sse_error"),
+            count: number_after(text, "#count="),
         }
     }
 }
@@ -662,7 +666,7 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
         );
     }
 
-    let n = params.int("n").unwrap_or(1).clamp(1, 10);
+    let n = params.int("n").unwrap_or(1).clamp(1, 10).min(triggers.count.unwrap_or(u64::MAX));
     let seed = if prompt.is_empty() {
         call.parts.iter().find(|p| p.text.is_none()).map(|p| p.sha256.clone()).unwrap_or_default()
     } else {

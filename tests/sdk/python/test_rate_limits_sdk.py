@@ -82,3 +82,24 @@ def test_the_sdk_does_not_retry_a_spent_budget() -> None:
     assert caught.value.response.headers["x-should-retry"] == "false"
     time.sleep(0.3)
     assert requests_seen(name, 2) == 2, "the SDK retried a spent budget"
+
+
+def test_sdk_retries_of_an_upstream_429_do_not_burn_the_budget() -> None:
+    name, key = tenant_with({"images_per_day": 1, "requests_per_minute": 60})
+    client = OpenAI(base_url=BASE_URL, api_key=key, timeout=60.0)  # default max_retries=2
+
+    # The upstream's own 429 (its retry-after is 1 s): the SDK retries twice, all three reach the upstream.
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.images.generate(model="gpt-image-1", prompt=f"{nonce()} #status=429")
+    err = caught.value
+    assert err.code == "rate_limit_exceeded"
+    assert "in organization" in err.message, "the upstream's own message"
+    assert requests_seen(name, 3) == 3, "the budget of 1 image refused none of the retries"
+
+    # Nothing was spent: the request bucket is whole again and the day's image is still there.
+    raw = client.images.with_raw_response.generate(model="gpt-image-1", prompt=nonce())
+    assert raw.headers["x-ratelimit-remaining-requests"] == "59"
+    assert raw.parse().data[0].b64_json
+    with pytest.raises(openai.RateLimitError) as spent:
+        client.images.generate(model="gpt-image-1", prompt=nonce())
+    assert spent.value.code == "insufficient_quota"
