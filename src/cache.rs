@@ -53,22 +53,30 @@ pub struct CachePolicy {
 pub enum Directive {
     #[default]
     Normal,
-    /// `no-cache`: do not answer from the cache; fetch anew and store the answer.
+    /// `no-cache` (or `max-age=0`): do not answer from the cache; fetch anew and store the answer.
     Revalidate,
     /// `no-store`: neither read nor write the cache.
     Bypass,
 }
 
 impl Directive {
-    /// From a `Cache-Control` header value; `no-store` wins over `no-cache`.
-    pub fn from_header(value: Option<&str>) -> Self {
-        let tokens = value.unwrap_or_default().split(',').map(|t| t.trim().to_ascii_lowercase());
+    /// From every `Cache-Control` header value of a request, each a comma-separated list of directives, read
+    /// case-insensitively; `no-store` wins over `no-cache`, and `max-age=0` means `no-cache`. Other
+    /// directives (`max-age=N` with N > 0, `private`, …) leave the cache's normal behaviour.
+    pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
         let mut directive = Self::Normal;
-        for token in tokens {
-            match token.as_str() {
-                "no-store" => return Self::Bypass,
-                "no-cache" | "max-age=0" => directive = Self::Revalidate,
-                _ => {}
+        for token in values.into_iter().flat_map(|v| v.split(',')) {
+            let (name, argument) = match token.split_once('=') {
+                Some((name, argument)) => (name.trim(), Some(argument.trim().trim_matches('"'))),
+                None => (token.trim(), None),
+            };
+            if name.eq_ignore_ascii_case("no-store") {
+                return Self::Bypass;
+            }
+            let revalidate = name.eq_ignore_ascii_case("no-cache")
+                || (name.eq_ignore_ascii_case("max-age") && argument.and_then(|a| a.parse::<u64>().ok()) == Some(0));
+            if revalidate {
+                directive = Self::Revalidate;
             }
         }
         directive
@@ -356,11 +364,16 @@ mod tests {
 
     #[test]
     fn cache_control_directives() {
-        assert_eq!(Directive::from_header(None), Directive::Normal);
-        assert_eq!(Directive::from_header(Some("No-Cache")), Directive::Revalidate);
-        assert_eq!(Directive::from_header(Some("max-age=0")), Directive::Revalidate);
-        assert_eq!(Directive::from_header(Some("no-cache, no-store")), Directive::Bypass);
-        assert_eq!(Directive::from_header(Some("private")), Directive::Normal);
+        let d = |values: &[&str]| Directive::from_headers(values.iter().copied());
+        assert_eq!(d(&[]), Directive::Normal);
+        assert_eq!(d(&["No-Cache"]), Directive::Revalidate);
+        assert_eq!(d(&["max-age=0"]), Directive::Revalidate);
+        assert_eq!(d(&["MAX-AGE = \"0\""]), Directive::Revalidate);
+        assert_eq!(d(&["max-age=60"]), Directive::Normal);
+        assert_eq!(d(&["no-cache, no-store"]), Directive::Bypass);
+        assert_eq!(d(&["no-store", "no-cache"]), Directive::Bypass, "no-store wins, in any header");
+        assert_eq!(d(&["private", " NO-CACHE "]), Directive::Revalidate, "every header is read");
+        assert_eq!(d(&["private"]), Directive::Normal);
     }
 
     #[tokio::test]

@@ -39,8 +39,8 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let raw = read_limited(body, limit, declared).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let cache = crate::cache::Directive::from_header(
-        parts.headers.get(http::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()),
+    let cache = crate::cache::Directive::from_headers(
+        parts.headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()),
     );
     let request = match kind {
         BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,

@@ -25,6 +25,11 @@ async fn post(app: &TestApp, key: &str, body: &Value, cache_control: Option<&str
     (status, outcome, res.json().await.unwrap())
 }
 
+/// `x-imagegate-cache` of a response ("" when absent).
+fn outcome_of(res: &reqwest::Response) -> String {
+    res.headers().get("x-imagegate-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
 async fn stats(app: &TestApp) -> Value {
     let res = app.client.get(format!("{}/admin/v1/cache", app.root)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(res.status(), 200);
@@ -121,6 +126,21 @@ async fn no_store_bypasses_and_no_cache_fetches_anew_and_stores() {
     assert_eq!(fake.call_count(), 4, "no-cache goes upstream although an entry exists");
     let (_, outcome, again) = post(&app, &app.key, &body, None).await;
     assert_eq!((outcome.as_str(), again), ("hit", fresh), "and its answer replaced the entry");
+
+    // Every Cache-Control header counts, whatever its case; max-age=0 revalidates.
+    let res = app
+        .client
+        .post(format!("{}/images/generations", app.base_url))
+        .bearer_auth(&app.key)
+        .header("cache-control", "private")
+        .header("cache-control", "No-Store")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outcome_of(&res), "bypass");
+    assert_eq!(post(&app, &app.key, &body, Some("max-age=0")).await.1, "miss");
+    assert_eq!(fake.call_count(), 6);
 }
 
 #[tokio::test]
