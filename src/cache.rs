@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use self::key::Key;
-use self::shared::SharedCache;
+use self::shared::{SharedCache, SharedError};
 use crate::config::CacheSettings;
 use crate::error::ApiError;
 use crate::tenants::Tenant;
@@ -164,6 +165,19 @@ struct Counters {
     evictions: AtomicU64,
     shared_hits: AtomicU64,
     shared_errors: AtomicU64,
+    shared_skipped: AtomicU64,
+}
+
+impl Counters {
+    /// Count a Redis failure (`Unavailable`: not asked, the circuit is open).
+    fn shared_failed(&self, error: &SharedError, doing: &'static str) {
+        if matches!(error, SharedError::Unavailable) {
+            self.shared_skipped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %error, doing, "shared cache failed; going on without it");
+        }
+    }
 }
 
 /// A snapshot of the cache's counters.
@@ -183,7 +197,12 @@ pub struct Stats {
     pub bytes: u64,
     pub max_bytes: u64,
     pub shared_hits: u64,
+    /// Redis calls that failed or timed out.
     pub shared_errors: u64,
+    /// Redis calls not made because Redis was down (the circuit was open).
+    pub shared_skipped: u64,
+    /// `up`, `connecting` or `down`; `null` without Redis.
+    pub shared_state: Option<&'static str>,
 }
 
 /// What the cache stage decided for one request.
@@ -259,8 +278,7 @@ impl ResponseCache {
             }
             Ok(None) => None,
             Err(e) => {
-                self.counters.shared_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "shared cache unavailable; treating as a miss");
+                self.counters.shared_failed(&e, "read");
                 None
             }
         }
@@ -298,11 +316,18 @@ impl ResponseCache {
         };
         if ran.load(Ordering::SeqCst) {
             self.counters.stores.fetch_add(1, Ordering::Relaxed);
-            if let Some(shared) = &self.shared
-                && let Err(e) = shared.put(&lookup.key, &entry.answer, entry.ttl).await
-            {
-                self.counters.shared_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "could not write the shared cache");
+            if let Some(shared) = &self.shared {
+                // Off the request's path: a slow or dead Redis never holds an answer up.
+                let (shared, counters, key, answer, ttl) =
+                    (shared.clone(), self.counters.clone(), lookup.key, entry.answer.clone(), entry.ttl);
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = shared.put(&key, &answer, ttl).await {
+                            counters.shared_failed(&e, "write");
+                        }
+                    }
+                    .in_current_span(),
+                );
             }
         } else {
             self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +359,8 @@ impl ResponseCache {
             max_bytes: self.settings.max_bytes.as_u64(),
             shared_hits: get(&c.shared_hits),
             shared_errors: get(&c.shared_errors),
+            shared_skipped: get(&c.shared_skipped),
+            shared_state: self.shared.as_ref().map(SharedCache::state),
         }
     }
 }

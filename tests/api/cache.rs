@@ -2,7 +2,9 @@
 //! different misses, callers steer it with `Cache-Control`, hits cost nothing and spend no images, cached
 //! links outlive the upstream's, memory stays bounded, and replicas can share it through Redis.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -259,28 +261,205 @@ async fn memory_stays_within_the_configured_bound_when_filled_past_it() {
     assert_eq!(after["entries"].as_u64(), Some(0), "{after}");
 }
 
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// A fresh key prefix for one test's Redis entries.
+fn redis_prefix() -> String {
+    format!("igtest-{}", hex::encode(rand::random::<[u8; 6]>()))
+}
+
+/// Cache settings for a replica sharing `redis_url` under `prefix`.
+fn on_redis(s: &mut imagegate::config::Settings, redis_url: &str, prefix: &str) {
+    s.cache.enabled = true;
+    s.cache.ttl = Duration::from_secs(60);
+    s.cache.backend = imagegate::config::CacheBackend::Redis;
+    s.cache.redis_url = Some(imagegate::config::Secret::new(redis_url));
+    s.cache.redis_prefix = prefix.to_owned();
+}
+
+/// A second replica: same database and Redis, its own data directory and memory.
+async fn second_replica(a: &TestApp, tweak: impl FnOnce(&mut imagegate::config::Settings)) -> TestApp {
+    let mut settings = a.settings.clone();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    settings.storage.data_dir = dir.path().to_path_buf();
+    tweak(&mut settings);
+    TestApp::start(settings, a.key.clone(), a.other_key.clone(), dir, a.database_url.clone()).await
+}
+
+/// Delete every Redis key under `prefix` (the test's entries).
+async fn delete_redis_keys(prefix: &str) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL").arg(&keys).query_async::<()>(&mut conn).await.unwrap();
+    }
+}
+
+/// A TCP proxy to the test Redis that can be switched into a black hole: connections stay open, but nothing
+/// gets through in either direction (a network partition, or a Redis that hangs).
+struct Proxy {
+    url: String,
+    blackhole: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(blackhole: bool) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let hole = Arc::new(AtomicBool::new(blackhole));
+        let switch = hole.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else { continue };
+                let (from_client, to_client) = client.into_split();
+                let (from_server, to_server) = server.into_split();
+                tokio::spawn(Self::pump(from_client, to_server, hole.clone()));
+                tokio::spawn(Self::pump(from_server, to_client, hole.clone()));
+            }
+        });
+        Proxy { url, blackhole: switch }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        hole: Arc<AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if !hole.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn set_blackhole(&self, on: bool) {
+        self.blackhole.store(on, Ordering::SeqCst);
+    }
+}
+
+/// Wait (at most 3 s) until Redis holds `count` cache entries under `prefix`: writes run in tasks of their own.
+async fn wait_for_redis_entries(prefix: &str, count: usize) {
+    let mut conn = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{prefix}:cache:*")).query_async(&mut conn).await.unwrap();
+        if keys.len() >= count || Instant::now() > deadline {
+            assert_eq!(keys.len(), count, "{keys:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Poll `app`'s cache counters until `check` holds (at most `within`).
+async fn wait_for_stats(app: &TestApp, within: Duration, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = stats(app).await;
+        if check(&s) || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn replicas_sharing_redis_serve_each_others_answers() {
     let fake = FakeOpenAi::start().await;
-    let prefix = format!("igtest-{}", hex::encode(rand::random::<[u8; 6]>()));
-    let shared = |s: &mut imagegate::config::Settings| {
-        s.cache.enabled = true;
-        s.cache.backend = imagegate::config::CacheBackend::Redis;
-        s.cache.redis_url = Some(imagegate::config::Secret::new("redis://127.0.0.1:6379"));
-        s.cache.redis_prefix = prefix.clone();
-    };
-    let a = TestApp::spawn_with(&fake.url, shared).await;
-    let mut settings = a.settings.clone();
-    let dir_b = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    settings.storage.data_dir = dir_b.path().to_path_buf();
-    let b = TestApp::start(settings, a.key.clone(), a.other_key.clone(), dir_b, a.database_url.clone()).await;
+    let prefix = redis_prefix();
+    let a = TestApp::spawn_with(&fake.url, |s| on_redis(s, REDIS, &prefix)).await;
+    let b = second_replica(&a, |_| {}).await;
+    for app in [&a, &b] {
+        let s = wait_for_stats(app, Duration::from_secs(5), |s| s["shared_state"] == "up").await;
+        assert_eq!(s["shared_state"], "up", "{s}");
+    }
 
     let body = json!({"model": "gpt-image-1", "prompt": "one replica fetches"});
     let (_, first, answer_a) = post(&a, &a.key, &body, None).await;
+    wait_for_redis_entries(&prefix, 1).await;
     let (_, second, answer_b) = post(&b, &b.key, &body, None).await;
 
     assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
     assert_eq!(answer_a, answer_b);
     assert_eq!(fake.call_count(), 1);
     assert_eq!(stats(&b).await["shared_hits"].as_u64(), Some(1));
+    delete_redis_keys(&prefix).await;
+}
+
+#[tokio::test]
+async fn a_replica_starts_and_answers_at_full_speed_while_its_redis_hangs() {
+    let fake = FakeOpenAi::start().await;
+    let proxy = Proxy::start(true).await;
+    let prefix = redis_prefix();
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        on_redis(s, &proxy.url, &prefix);
+        s.cache.redis_timeout = Duration::from_millis(300);
+        s.cache.redis_backoff = Duration::from_secs(60);
+    })
+    .await;
+
+    let started = Instant::now();
+    for i in 0..10 {
+        let (status, outcome, _) =
+            post(&app, &app.key, &json!({"model": "gpt-image-1", "prompt": format!("hang {i}")}), None).await;
+        assert_eq!((status, outcome.as_str()), (200, "miss"));
+    }
+    let elapsed = started.elapsed();
+    // Waiting for Redis would cost each miss a read and a write deadline: 10 × 0.6 s.
+    assert!(elapsed < Duration::from_millis(2500), "10 misses took {elapsed:?}");
+    let s = stats(&app).await;
+    assert!(s["shared_skipped"].as_u64().unwrap() >= 10, "{s}");
+    assert_ne!(s["shared_state"], "up", "{s}");
+}
+
+#[tokio::test]
+async fn a_failing_redis_is_skipped_after_a_few_failures_and_used_again_once_back() {
+    let fake = FakeOpenAi::start().await;
+    let proxy = Proxy::start(false).await;
+    let prefix = redis_prefix();
+    let a = TestApp::spawn_with(&fake.url, |s| {
+        on_redis(s, &proxy.url, &prefix);
+        s.cache.redis_timeout = Duration::from_millis(300);
+        s.cache.redis_backoff = Duration::from_millis(500);
+    })
+    .await;
+    let b = second_replica(&a, |s| s.cache.redis_url = Some(imagegate::config::Secret::new(REDIS))).await;
+    for app in [&a, &b] {
+        let s = wait_for_stats(app, Duration::from_secs(5), |s| s["shared_state"] == "up").await;
+        assert_eq!(s["shared_state"], "up", "{s}");
+    }
+
+    // Redis hangs: the first calls wait out their deadline, then the circuit opens and misses stop waiting.
+    proxy.set_blackhole(true);
+    let mut took = Vec::new();
+    for i in 0..8 {
+        let started = Instant::now();
+        let (status, _, _) =
+            post(&a, &a.key, &json!({"model": "gpt-image-1", "prompt": format!("partition {i}")}), None).await;
+        assert_eq!(status, 200);
+        took.push(started.elapsed());
+    }
+    let s = stats(&a).await;
+    assert!(s["shared_errors"].as_u64().unwrap() >= 3, "{s}");
+    assert!(s["shared_skipped"].as_u64().unwrap() >= 1, "{s}");
+    let total: Duration = took.iter().sum();
+    assert!(total < Duration::from_millis(2000), "8 misses against a hung Redis took {took:?}");
+    assert!(took[5..].iter().all(|t| *t < Duration::from_millis(300)), "the open circuit waits for nothing: {took:?}");
+
+    // Redis is back: within the backoff the replica reconnects and shares its answers again.
+    proxy.set_blackhole(false);
+    let s = wait_for_stats(&a, Duration::from_secs(5), |s| s["shared_state"] == "up").await;
+    assert_eq!(s["shared_state"], "up", "{s}");
+    let body = json!({"model": "gpt-image-1", "prompt": "after the partition"});
+    let (_, outcome, answer_a) = post(&a, &a.key, &body, None).await;
+    assert_eq!(outcome, "miss");
+    wait_for_redis_entries(&prefix, 1).await;
+    let (_, outcome, answer_b) = post(&b, &b.key, &body, None).await;
+    assert_eq!(answer_a, answer_b);
+    assert_eq!(outcome, "hit", "replica B found A's answer in Redis");
+    delete_redis_keys(&prefix).await;
 }
