@@ -145,11 +145,22 @@ struct Entry {
     ttl: Duration,
 }
 
-/// Entries expire after their own TTL (the tenant's).
+/// Entries expire after their own TTL, counted from when they were last written: a `no-cache` refresh
+/// replacing an entry starts a full new TTL (as Redis's `PX` does), it does not inherit the old deadline.
 struct PerEntryTtl;
 
 impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
     fn expire_after_create(&self, _key: &Key, value: &Arc<Entry>, _now: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Key,
+        value: &Arc<Entry>,
+        _now: Instant,
+        _remaining: Option<Duration>,
+    ) -> Option<Duration> {
         Some(value.ttl)
     }
 }
@@ -414,6 +425,22 @@ mod tests {
         assert!(stats.bytes <= 1_000_000, "{stats:?}");
         assert!(stats.entries < 256 && stats.entries > 50, "{stats:?}");
         assert!(stats.evictions > 0, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_lives_its_own_ttl_not_the_rest_of_the_entry_it_replaced() {
+        let cache = cache(1_000_000);
+        let short = Lookup { ttl: Duration::from_millis(800), ..lookup(1) };
+        let ran = Arc::new(AtomicBool::new(false));
+        cache.get_or_fetch(&short, &ran, async { Ok(answer(1)) }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let refresh = Lookup { directive: Directive::Revalidate, ..short };
+        cache.get_or_fetch(&refresh, &ran, async { Ok(answer(2)) }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // 1 s after the first store, 0.5 s after the refresh: the first entry's deadline has passed.
+        assert_eq!(cache.get(&[1; 32]).await.map(|a| a.body.len()), Some(2), "the refresh got a full TTL");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(cache.get(&[1; 32]).await.is_none(), "and expired after it");
     }
 
     #[tokio::test]

@@ -146,6 +146,27 @@ async fn no_store_bypasses_and_no_cache_fetches_anew_and_stores() {
 }
 
 #[tokio::test]
+async fn a_no_cache_refresh_lives_a_whole_ttl_of_its_own() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.cache.ttl = Duration::from_millis(1500);
+    })
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "a refreshed lamp"});
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "miss");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, outcome, refreshed) = post(&app, &app.key, &body, Some("no-cache")).await;
+    assert_eq!(outcome, "miss");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // 1.8 s after the first answer was stored (its TTL is over), 0.8 s after the refresh.
+    let (_, outcome, again) = post(&app, &app.key, &body, None).await;
+    assert_eq!(outcome, "hit", "the refresh did not inherit the old deadline");
+    assert!(again == refreshed, "and it serves the refreshed answer");
+    assert_eq!(fake.call_count(), 2);
+}
+
+#[tokio::test]
 async fn errors_streams_and_tenants_without_the_cache_are_never_served_from_it() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| {
