@@ -24,6 +24,7 @@ use crate::config::CacheSettings;
 use crate::error::ApiError;
 use crate::tenants::Tenant;
 use crate::upstream::{ReplyBody, UpstreamReply};
+use crate::wire::headers;
 
 /// Whose answers a cache entry may serve.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +43,7 @@ pub enum Scope {
 pub struct CachePolicy {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    /// How long an answer is reused, e.g. `"10m"`.
+    /// How long an answer is reused, e.g. `"10m"`. Zero turns the tenant's cache off.
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,6 +102,9 @@ impl Outcome {
         }
     }
 }
+
+/// Headers of the upstream call that made an answer; a hit made no upstream call, so it does not replay them.
+pub const NOT_REPLAYED: &[&str] = &[headers::X_UPSTREAM_REQUEST_ID, headers::OPENAI_PROCESSING_MS];
 
 /// A cached answer: status, the headers worth replaying, and the body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,13 +263,15 @@ impl ResponseCache {
         Self { local, shared, counters, settings: Arc::new(settings.clone()) }
     }
 
-    /// The TTL and scope for `tenant`'s requests, or `None` when its cache is off.
+    /// The TTL and scope for `tenant`'s requests, or `None` when its cache is off (or its TTL is zero, which
+    /// could store nothing).
     pub fn policy_for(&self, tenant: &Tenant) -> Option<(Duration, Scope)> {
         let policy = tenant.cache_policy.clone().unwrap_or_default();
         if !policy.enabled.unwrap_or(self.settings.enabled) {
             return None;
         }
-        Some((policy.ttl.unwrap_or(self.settings.ttl), policy.scope.unwrap_or(self.settings.scope)))
+        let ttl = policy.ttl.unwrap_or(self.settings.ttl);
+        (!ttl.is_zero()).then(|| (ttl, policy.scope.unwrap_or(self.settings.scope)))
     }
 
     /// Count a request that bypassed the cache.

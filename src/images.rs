@@ -340,10 +340,14 @@ impl ImagesService {
     }
 }
 
-/// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers.
+/// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers. A hit made
+/// no upstream call: it does not replay the headers of the call that made the answer.
 fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamReply {
     let mut headers = HeaderMap::new();
     for (name, value) in &answer.headers {
+        if outcome == Outcome::Hit && cache::NOT_REPLAYED.contains(&name.as_str()) {
+            continue;
+        }
         if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
             headers.append(name, value);
         }

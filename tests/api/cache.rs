@@ -44,13 +44,25 @@ async fn the_same_request_twice_reaches_the_upstream_once_and_the_hit_costs_noth
     let app = cached_app(&fake).await;
     let body = json!({"model": "gpt-image-1", "prompt": "a fox", "quality": "low"});
 
-    let (s1, o1, first) = post(&app, &app.key, &body, None).await;
+    let send = |body: Value| {
+        app.client.post(format!("{}/images/generations", app.base_url)).bearer_auth(&app.key).json(&body).send()
+    };
+    let miss = send(body.clone()).await.unwrap();
     // The same request spelt differently: other key order, a default spelt out, a null.
     let same = json!({"quality": "low", "prompt": "a fox", "model": "gpt-image-1", "n": 1, "user": null});
-    let (s2, o2, second) = post(&app, &app.key, &same, None).await;
+    let hit = send(same).await.unwrap();
 
-    assert_eq!((s1, o1.as_str(), s2, o2.as_str()), (200, "miss", 200, "hit"));
-    assert_eq!(first, second);
+    assert_eq!(
+        (miss.status().as_u16(), outcome_of(&miss).as_str(), hit.status().as_u16(), outcome_of(&hit).as_str()),
+        (200, "miss", 200, "hit")
+    );
+    assert!(miss.headers().contains_key("x-upstream-request-id"));
+    for name in ["x-upstream-request-id", "openai-processing-ms"] {
+        assert!(!hit.headers().contains_key(name), "a hit made no upstream call: no {name}");
+    }
+    assert_eq!(hit.headers()["openai-version"], "2020-10-01", "the answer's own headers are replayed");
+    let (first, second): (Value, Value) = (miss.json().await.unwrap(), hit.json().await.unwrap());
+    assert_eq!(first, second, "the body (its `created` too) is the stored one");
     assert_eq!(fake.call_count(), 1);
     let rows = app.usage_rows(2).await;
     assert_eq!((rows[0]["cache_hit"].as_i64(), rows[1]["cache_hit"].as_i64()), (Some(0), Some(1)));
@@ -199,6 +211,20 @@ async fn the_cache_is_off_unless_configured() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn(&fake.url).await;
     let body = json!({"model": "gpt-image-1", "prompt": "twice"});
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
+    assert_eq!(fake.call_count(), 2);
+}
+
+#[tokio::test]
+async fn a_tenant_ttl_of_zero_turns_its_cache_off() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.tenants[0].cache = Some(imagegate::cache::CachePolicy { ttl: Some(Duration::ZERO), ..Default::default() });
+    })
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "zero"});
     assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
     assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
     assert_eq!(fake.call_count(), 2);
