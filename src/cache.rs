@@ -12,7 +12,7 @@ pub mod shared;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -142,6 +142,76 @@ impl Answer {
         let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + 64).sum();
         (self.body.len() + headers + 512) as u64
     }
+
+    /// The links (`data[].url`) in a JSON answer; `None` when the body is not a JSON object.
+    fn links(&self) -> Option<Vec<String>> {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default)]
+            data: Vec<Item>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            #[serde(default)]
+            url: Option<String>,
+        }
+        let body: Body = serde_json::from_slice(&self.body).ok()?;
+        Some(body.data.into_iter().filter_map(|item| item.url).collect())
+    }
+}
+
+/// Why an answer was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    /// Not a 2xx answer.
+    Status,
+    /// Not a JSON object: nothing to tell its links by.
+    NotJson,
+    /// A link that is not one of imagegate's own signed links (re-hosting is off, or a failed download passed
+    /// the upstream's expiring URL on).
+    ForeignLink,
+    /// Its links expire too soon to keep the minimum remaining life a hit guarantees.
+    ShortLivedLinks,
+    /// Larger than `cache.max_entry_bytes`.
+    TooLarge,
+}
+
+impl NotStored {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Status => "error_status",
+            Self::NotJson => "not_json",
+            Self::ForeignLink => "foreign_link",
+            Self::ShortLivedLinks => "short_lived_links",
+            Self::TooLarge => "too_large",
+        }
+    }
+}
+
+/// How long `answer` may be stored for `lookup`: its TTL, shortened so that the entry expires while every link
+/// in it has at least `lookup.link_margin` left to live. `own_link_expiry` tells imagegate's own signed links
+/// (returning their expiry, Unix seconds) from any other link (`None`); an answer with any other link is not
+/// stored, since that link expires on the upstream's clock. Answers without links (base64) keep the full TTL.
+pub fn storable_for(
+    answer: &Answer,
+    lookup: &Lookup,
+    now: SystemTime,
+    own_link_expiry: impl Fn(&str) -> Option<i64>,
+) -> Result<Duration, NotStored> {
+    if !(200..300).contains(&answer.status) {
+        return Err(NotStored::Status);
+    }
+    let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut ttl = lookup.ttl;
+    for link in answer.links().ok_or(NotStored::NotJson)? {
+        let expires_ms = own_link_expiry(&link)
+            .and_then(|s| u128::try_from(s).ok())
+            .ok_or(NotStored::ForeignLink)?
+            .saturating_mul(1000);
+        let left = Duration::from_millis(u64::try_from(expires_ms.saturating_sub(now_ms)).unwrap_or(u64::MAX));
+        ttl = ttl.min(left.saturating_sub(lookup.link_margin));
+    }
+    if ttl.is_zero() { Err(NotStored::ShortLivedLinks) } else { Ok(ttl) }
 }
 
 struct Entry {
@@ -224,14 +294,24 @@ pub struct Stats {
 #[derive(Debug, Clone)]
 pub struct Lookup {
     pub key: Key,
+    /// The tenant's TTL; an entry's own TTL may be shorter (see [`storable_for`]).
     pub ttl: Duration,
+    /// The least life a hit's links must have left: half the image retention.
+    pub link_margin: Duration,
     pub directive: Directive,
+}
+
+/// A finished upstream call with a 2xx answer, and whether (and for how long) it may be stored.
+#[derive(Debug)]
+pub struct Fetched {
+    pub answer: Answer,
+    pub store_for: Result<Duration, NotStored>,
 }
 
 /// A miss that did not produce a cacheable answer, shared with every coalesced waiter.
 #[derive(Debug)]
 pub enum Uncached {
-    /// An answer that is not stored (an error status from the upstream, or too large).
+    /// An answer that is not stored (an error status from the upstream, too large, foreign links, …).
     Answer(Answer),
     /// No answer: the gateway's own error (upstream unreachable, re-hosting failed, …).
     Error(ApiError),
@@ -311,7 +391,7 @@ impl ResponseCache {
         fetch: F,
     ) -> Result<Answer, Arc<Uncached>>
     where
-        F: Future<Output = Result<Answer, Uncached>>,
+        F: Future<Output = Result<Fetched, Uncached>>,
     {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let max_entry = self.settings.max_entry_bytes.as_u64();
@@ -319,8 +399,14 @@ impl ResponseCache {
         let checked = async move {
             flag.store(true, Ordering::SeqCst);
             match fetch.await {
-                Ok(answer) if answer.weight() > max_entry => Err(Uncached::Answer(answer)),
-                Ok(answer) => Ok(Arc::new(Entry { answer, ttl: lookup.ttl })),
+                Ok(Fetched { answer, store_for: Ok(ttl) }) if answer.weight() <= max_entry => {
+                    Ok(Arc::new(Entry { answer, ttl }))
+                }
+                Ok(Fetched { answer, store_for }) => {
+                    let reason = store_for.err().unwrap_or(NotStored::TooLarge);
+                    tracing::debug!(reason = reason.as_str(), "answer not cached");
+                    Err(Uncached::Answer(answer))
+                }
                 Err(e) => Err(e),
             }
         };
@@ -402,8 +488,16 @@ mod tests {
         Answer { status: 200, headers: vec![], body: Bytes::from(vec![b'x'; len]), images: None }
     }
 
+    fn json_answer(body: serde_json::Value) -> Answer {
+        Answer { status: 200, headers: vec![], body: Bytes::from(body.to_string()), images: Some(1) }
+    }
+
     fn lookup(i: u8) -> Lookup {
-        Lookup { key: [i; 32], ttl: Duration::from_secs(60), directive: Directive::Normal }
+        Lookup { key: [i; 32], ttl: Duration::from_secs(60), link_margin: Duration::ZERO, directive: Directive::Normal }
+    }
+
+    async fn stored(answer: Answer, ttl: Duration) -> Result<Fetched, Uncached> {
+        Ok(Fetched { answer, store_for: Ok(ttl) })
     }
 
     #[test]
@@ -420,12 +514,35 @@ mod tests {
         assert_eq!(d(&["private"]), Directive::Normal);
     }
 
+    #[test]
+    fn only_answers_with_imagegates_own_links_or_base64_are_storable_and_never_past_the_links_margin() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let own = |link: &str| link.strip_prefix("https://gw/images/files/a.png?expires=").and_then(|e| e.parse().ok());
+        let lookup = Lookup { ttl: Duration::from_secs(3600), link_margin: Duration::from_secs(10), ..lookup(1) };
+        let b64 = json_answer(serde_json::json!({"data": [{"b64_json": "aGk="}]}));
+        assert_eq!(storable_for(&b64, &lookup, now, own), Ok(Duration::from_secs(3600)), "base64 never expires");
+        // A link living 20 s more: stored for 20 − 10 s, so a hit's link has at least 10 s left.
+        let ours = json_answer(serde_json::json!({"data": [{"url": "https://gw/images/files/a.png?expires=1000020"}]}));
+        assert_eq!(storable_for(&ours, &lookup, now, own), Ok(Duration::from_secs(10)));
+        let short =
+            json_answer(serde_json::json!({"data": [{"url": "https://gw/images/files/a.png?expires=1000009"}]}));
+        assert_eq!(storable_for(&short, &lookup, now, own), Err(NotStored::ShortLivedLinks));
+        let mixed = json_answer(serde_json::json!({"data": [
+            {"url": "https://gw/images/files/a.png?expires=1000020"},
+            {"url": "https://oaidalleapiprodscus.blob.core.windows.net/x.png?se=2026"},
+        ]}));
+        assert_eq!(storable_for(&mixed, &lookup, now, own), Err(NotStored::ForeignLink));
+        let error = Answer { status: 500, ..b64.clone() };
+        assert_eq!(storable_for(&error, &lookup, now, own), Err(NotStored::Status));
+        assert_eq!(storable_for(&answer(3), &lookup, now, own), Err(NotStored::NotJson));
+    }
+
     #[tokio::test]
     async fn memory_stays_within_the_byte_bound_when_filled_past_it() {
         let cache = cache(1_000_000);
         for i in 0..=255u8 {
             let ran = Arc::new(AtomicBool::new(false));
-            cache.get_or_fetch(&lookup(i), &ran, async { Ok(answer(10_000)) }).await.unwrap();
+            cache.get_or_fetch(&lookup(i), &ran, stored(answer(10_000), Duration::from_secs(60))).await.unwrap();
         }
         let stats = cache.stats().await;
         assert!(stats.bytes <= 1_000_000, "{stats:?}");
@@ -438,10 +555,10 @@ mod tests {
         let cache = cache(1_000_000);
         let short = Lookup { ttl: Duration::from_millis(800), ..lookup(1) };
         let ran = Arc::new(AtomicBool::new(false));
-        cache.get_or_fetch(&short, &ran, async { Ok(answer(1)) }).await.unwrap();
+        cache.get_or_fetch(&short, &ran, stored(answer(1), short.ttl)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let refresh = Lookup { directive: Directive::Revalidate, ..short };
-        cache.get_or_fetch(&refresh, &ran, async { Ok(answer(2)) }).await.unwrap();
+        cache.get_or_fetch(&refresh, &ran, stored(answer(2), refresh.ttl)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         // 1 s after the first store, 0.5 s after the refresh: the first entry's deadline has passed.
         assert_eq!(cache.get(&[1; 32]).await.map(|a| a.body.len()), Some(2), "the refresh got a full TTL");
@@ -459,7 +576,7 @@ mod tests {
         assert!(failed.is_err());
         assert!(cache.get(&[1; 32]).await.is_none());
         let ran = Arc::new(AtomicBool::new(false));
-        cache.get_or_fetch(&lookup(1), &ran, async { Ok(answer(3)) }).await.unwrap();
+        cache.get_or_fetch(&lookup(1), &ran, stored(answer(3), Duration::from_secs(60))).await.unwrap();
         assert!(ran.load(Ordering::SeqCst), "the next request fetched anew");
         assert_eq!(cache.get(&[1; 32]).await.unwrap().body.len(), 3);
     }

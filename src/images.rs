@@ -23,7 +23,7 @@ use self::request::{Endpoint, ImageRequest};
 use self::usage::UsageRecord;
 use self::validate::ValidationPolicy;
 use crate::cache::key::KeyParts;
-use crate::cache::{self, Answer, Directive, Lookup, Outcome, ResponseCache, Scope, Uncached};
+use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Scope, Uncached};
 use crate::error::{ApiError, Failure};
 use crate::ledger::Ledger;
 use crate::limits::{Demand, Denied, Limiter, Permit, Refusal};
@@ -166,7 +166,13 @@ impl ImagesService {
                 .map_err(Uncached::Error)?;
             self.settle(record.finish_reply(&reply, &self.prices, started), ctx);
             let answer = Answer::from_reply(reply);
-            if (200..300).contains(&answer.status) { Ok(answer) } else { Err(Uncached::Answer(answer)) }
+            if !(200..300).contains(&answer.status) {
+                return Err(Uncached::Answer(answer));
+            }
+            let store_for = cache::storable_for(&answer, &lookup, std::time::SystemTime::now(), |link| {
+                self.rehoster.own_link_expiry(link)
+            });
+            Ok(Fetched { answer, store_for })
         };
         let result = self.cache.get_or_fetch(&lookup, &ran, fetch).await;
         let outcome = if ran.load(Ordering::SeqCst) { Outcome::Miss } else { Outcome::Hit };
@@ -208,11 +214,17 @@ impl ImagesService {
             Scope::Tenant => ctx.tenant.id.as_str(),
             Scope::Shared => "shared",
         };
-        let parts =
-            KeyParts { scope, model: &validated.model, family: validated.family, want: plan.and_then(|p| p.want) };
-        // Never keep an answer longer than the links in it live.
-        let ttl = plan.map_or(ttl, |p| ttl.min(p.retention));
-        Some(Lookup { key: cache::key::key(parts, request), ttl, directive })
+        let retention = plan.map(|p| p.retention);
+        let parts = KeyParts {
+            scope,
+            model: &validated.model,
+            family: validated.family,
+            want: plan.and_then(|p| p.want),
+            retention,
+        };
+        // A hit's links have at least half the retention left: entries expire that long before their links.
+        let link_margin = retention.unwrap_or_default() / 2;
+        Some(Lookup { key: cache::key::key(parts, request), ttl, link_margin, directive })
     }
 
     /// Reserve `demand` from the tenant's limits; a refusal is recorded and returned.

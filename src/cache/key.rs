@@ -1,13 +1,15 @@
 //! The cache key: SHA-256 over the scope (a tenant, or `shared`), the endpoint, the model, the format the caller
-//! gets, and the request in canonical form. JSON bodies: top-level `null` fields dropped (OpenAI treats them
-//! as absent), the model's defaults filled in, keys sorted recursively; nested values are otherwise hashed as
-//! sent (a nested `null` counts). Multipart bodies: every text field's raw bytes, every occurrence of a
-//! repeated name in order, fields sorted by name; only the integer fields the validator parses (`n`,
-//! `output_compression`, `partial_images`) are normalised to their decimal value, and absent fields take the
-//! model's defaults; every file part's bytes in order. Two requests that OpenAI would treat alike get one key;
-//! any other difference (a parameter, a byte of a prompt or file, a field unknown to imagegate) gets another.
+//! gets, the image retention (links in an answer live as long as it; see `cache::storable_for`), and the
+//! request in canonical form. JSON bodies: top-level `null` fields dropped (OpenAI treats them as absent), the
+//! model's defaults filled in, keys sorted recursively; nested values are otherwise hashed as sent (a nested
+//! `null` counts). Multipart bodies: every text field's raw bytes, every occurrence of a repeated name in
+//! order, fields sorted by name; only the integer fields the validator parses (`n`, `output_compression`,
+//! `partial_images`) are normalised to their decimal value, and absent fields take the model's defaults;
+//! every file part's bytes in order. Two requests that OpenAI would treat alike get one key; any other
+//! difference (a parameter, a byte of a prompt or file, a field unknown to imagegate) gets another.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -28,6 +30,9 @@ pub struct KeyParts<'a> {
     pub family: Option<Family>,
     /// The format the caller gets (re-hosting may turn base64 into links).
     pub want: Option<ResponseFormat>,
+    /// How long the images re-hosted for this request are kept (`None`: re-hosting is off). Part of the key so
+    /// that a hit's links live at least half of the reader's own retention, whoever stored the entry.
+    pub retention: Option<Duration>,
 }
 
 /// Multipart integer fields the validator parses: `" 2"` and `"2"` mean the same.
@@ -49,6 +54,10 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
         Some(ResponseFormat::B64Json) => b"b64_json",
         None => b"as-answered",
     });
+    match parts.retention {
+        Some(retention) => put(&retention.as_millis().to_be_bytes()),
+        None => put(b"not-rehosted"),
+    }
     match &request.body {
         RequestBody::Json { fields: json, .. } => {
             put(b"json");
@@ -162,7 +171,7 @@ mod tests {
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from(body.to_owned())).unwrap();
         let model = req.model();
         let family = crate::images::models::lookup(&model).map(|m| m.family);
-        key(KeyParts { scope, model: &model, family, want: None }, &req)
+        key(KeyParts { scope, model: &model, family, want: None, retention: None }, &req)
     }
 
     #[test]
@@ -193,17 +202,22 @@ mod tests {
             assert_ne!(base, other);
         }
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(br#"{"prompt":"x"}"#)).unwrap();
-        let parts = KeyParts { scope: "t", model: "gpt-image-1", family: None, want: None };
+        let parts = KeyParts { scope: "t", model: "gpt-image-1", family: None, want: None, retention: None };
         let url = key(KeyParts { want: Some(ResponseFormat::Url), ..parts }, &req);
         let b64 = key(parts, &req);
         assert_ne!(url, b64, "links and base64 are different answers");
+        let day = key(KeyParts { retention: Some(Duration::from_secs(86_400)), ..parts }, &req);
+        let week = key(KeyParts { retention: Some(Duration::from_secs(7 * 86_400)), ..parts }, &req);
+        assert_ne!(day, week, "links kept a day are not links kept a week");
+        assert_ne!(day, b64);
     }
 
     fn form_key(parts: Vec<Part>) -> Key {
         let form = Form { parts };
         let (raw, content_type) = form.encode();
         let req = ImageRequest::from_form(Endpoint::Edits, raw, content_type, form);
-        let parts = KeyParts { scope: "t", model: "gpt-image-1", family: Some(Family::GptImage), want: None };
+        let parts =
+            KeyParts { scope: "t", model: "gpt-image-1", family: Some(Family::GptImage), want: None, retention: None };
         key(parts, &req)
     }
 

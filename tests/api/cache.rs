@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -30,6 +30,13 @@ async fn post(app: &TestApp, key: &str, body: &Value, cache_control: Option<&str
 /// `x-imagegate-cache` of a response ("" when absent).
 fn outcome_of(res: &reqwest::Response) -> String {
     res.headers().get("x-imagegate-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+/// Seconds a link of ours has left to live (its signed `expires`, against the clock now).
+fn life_left(link: &str) -> f64 {
+    let url = url::Url::parse(link).unwrap();
+    let expires: f64 = url.query_pairs().find(|(k, _)| k == "expires").unwrap().1.parse().unwrap();
+    expires - SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 async fn stats(app: &TestApp) -> Value {
@@ -227,6 +234,85 @@ async fn a_tenant_ttl_of_zero_turns_its_cache_off() {
     let body = json!({"model": "gpt-image-1", "prompt": "zero"});
     assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
     assert_eq!(post(&app, &app.key, &body, None).await.1, "bypass");
+    assert_eq!(fake.call_count(), 2);
+}
+
+#[tokio::test]
+async fn an_answer_holding_an_upstream_link_is_never_stored() {
+    let fake = FakeOpenAi::start().await;
+    // Re-hosting off: DALL·E answers carry the upstream's expiring links and are not cached; base64 is.
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.images.rehost = false;
+    })
+    .await;
+    let dalle = json!({"model": "dall-e-2", "prompt": "a harbour", "size": "256x256"});
+    let (_, first, answer) = post(&app, &app.key, &dalle, None).await;
+    assert!(answer["data"][0]["url"].as_str().unwrap().starts_with(&fake.base), "{answer}");
+    assert_eq!((first.as_str(), post(&app, &app.key, &dalle, None).await.1.as_str()), ("miss", "miss"));
+    assert_eq!(fake.call_count(), 2);
+    let gpt = json!({"model": "gpt-image-1", "prompt": "a harbour"});
+    assert_eq!(post(&app, &app.key, &gpt, None).await.1, "miss");
+    assert_eq!(post(&app, &app.key, &gpt, None).await.1, "hit", "base64 does not expire");
+    assert_eq!(stats(&app).await["stores"].as_u64(), Some(1));
+
+    // A download that fails with the tenant's pass-through fallback hands on the upstream's link: not stored.
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.images.on_download_error = imagegate::rehost::DownloadFallback::PassThrough;
+    })
+    .await;
+    let passed = json!({"model": "dall-e-2", "prompt": "y #image_url=/_fake/html", "size": "256x256"});
+    let (status, first, answer) = post(&app, &app.key, &passed, None).await;
+    assert_eq!(
+        (status, answer["data"][0]["url"].as_str().unwrap()),
+        (200, format!("{}/_fake/html", fake.base).as_str())
+    );
+    assert_eq!((first.as_str(), post(&app, &app.key, &passed, None).await.1.as_str()), ("miss", "miss"));
+    assert_eq!(stats(&app).await["stores"].as_u64(), Some(0));
+}
+
+#[tokio::test]
+async fn a_hit_hands_out_links_with_at_least_half_the_retention_left() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.images.retention = Duration::from_secs(4);
+    })
+    .await;
+    let body = json!({"model": "dall-e-2", "prompt": "a short-lived pier", "size": "256x256"});
+    let started = Instant::now();
+    let mut outcomes = Vec::new();
+    while started.elapsed() < Duration::from_millis(3500) {
+        let (status, outcome, answer) = post(&app, &app.key, &body, None).await;
+        assert_eq!(status, 200);
+        let left = life_left(answer["data"][0]["url"].as_str().unwrap());
+        assert!(left >= 1.9, "a {outcome} handed out a link with {left:.2} s left of a 4 s retention");
+        outcomes.push(outcome);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let misses = outcomes.iter().filter(|o| *o == "miss").count();
+    assert!(misses >= 2 && outcomes.iter().any(|o| o == "hit"), "entries expired before their links: {outcomes:?}");
+    assert_eq!(fake.call_count(), misses);
+}
+
+#[tokio::test]
+async fn a_shared_entry_never_gives_a_tenant_links_shorter_than_its_own_retention() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.cache.scope = imagegate::cache::Scope::Shared;
+        s.images.retention = Duration::from_secs(60);
+        s.tenants[1].images.retention = Some(Duration::from_secs(3600));
+    })
+    .await;
+    let body = json!({"model": "dall-e-3", "prompt": "one view, two retentions"});
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "miss");
+    let (_, outcome, answer) = post(&app, &app.other_key, &body, None).await;
+    assert_eq!(outcome, "miss", "a tenant keeping images an hour does not get links kept a minute");
+    assert!(life_left(answer["data"][0]["url"].as_str().unwrap()) > 3500.0);
+    assert_eq!(post(&app, &app.other_key, &body, None).await.1, "hit");
+    assert_eq!(post(&app, &app.key, &body, None).await.1, "hit");
     assert_eq!(fake.call_count(), 2);
 }
 
