@@ -1,7 +1,9 @@
 //! The response cache: identical requests answered once. An in-memory `moka` cache bounded in bytes, with a
-//! TTL per entry, holding only successful whole answers (after re-hosting, so they hold imagegate's durable
-//! links or base64, never an upstream link that expires); concurrent identical misses share one upstream
-//! call. Optionally backed by Redis, so a miss on one replica fills the cache for all.
+//! TTL per entry, holding only successful whole answers whose links are imagegate's own (re-hosted, signed,
+//! durable) or that carry base64, never an upstream link that expires; an entry expires while its links still
+//! have at least half the image retention to live. Concurrent identical misses share one upstream call, which
+//! runs in its own task so it completes, stores and records whatever happens to the callers waiting for it.
+//! Optionally backed by Redis, so a miss on one replica fills the cache for all.
 //!
 //! Policy (on or off, TTL, scope) is a deployment default in `[cache]`, overridable per tenant; callers steer
 //! single requests with `Cache-Control: no-cache` (fetch anew and store) or `no-store` (bypass).
@@ -9,13 +11,17 @@
 pub mod key;
 pub mod shared;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
 use self::key::Key;
@@ -254,12 +260,16 @@ struct Counters {
 }
 
 impl Counters {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Count a Redis failure (`Unavailable`: not asked, the circuit is open).
     fn shared_failed(&self, error: &SharedError, doing: &'static str) {
         if matches!(error, SharedError::Unavailable) {
-            self.shared_skipped.fetch_add(1, Ordering::Relaxed);
+            Self::add(&self.shared_skipped);
         } else {
-            self.shared_errors.fetch_add(1, Ordering::Relaxed);
+            Self::add(&self.shared_errors);
             tracing::warn!(error = %error, doing, "shared cache failed; going on without it");
         }
     }
@@ -270,10 +280,13 @@ impl Counters {
 pub struct Stats {
     pub enabled_by_default: bool,
     pub backend: &'static str,
+    /// Requests answered from a stored entry (counted once the limits let them through).
     pub hits: u64,
+    /// Requests whose own upstream call ran through the cache (`no-cache` refreshes included).
     pub misses: u64,
     pub bypasses: u64,
-    /// Misses answered by another request's upstream call (also counted in `hits`).
+    /// Requests served by another identical request's upstream call, already in flight. Those given a stored
+    /// answer also count in `hits`; those given an answer that was not stored (an error) count only here.
     pub coalesced: u64,
     pub stores: u64,
     /// Entries dropped to stay within `max_bytes` (expiries are not counted).
@@ -281,6 +294,7 @@ pub struct Stats {
     pub entries: u64,
     pub bytes: u64,
     pub max_bytes: u64,
+    /// Answers found in Redis (and copied into this replica's memory).
     pub shared_hits: u64,
     /// Redis calls that failed or timed out.
     pub shared_errors: u64,
@@ -308,7 +322,7 @@ pub struct Fetched {
     pub store_for: Result<Duration, NotStored>,
 }
 
-/// A miss that did not produce a cacheable answer, shared with every coalesced waiter.
+/// A miss that did not produce a stored answer, shared with every coalesced waiter.
 #[derive(Debug)]
 pub enum Uncached {
     /// An answer that is not stored (an error status from the upstream, too large, foreign links, …).
@@ -317,11 +331,98 @@ pub enum Uncached {
     Error(ApiError),
 }
 
+impl Uncached {
+    /// One caller's own copy: the value itself when nobody else holds it (an internal error keeps its cause),
+    /// else an equal one.
+    pub fn take(shared: Arc<Self>) -> Self {
+        Arc::try_unwrap(shared).unwrap_or_else(|shared| match shared.as_ref() {
+            Self::Answer(answer) => Self::Answer(answer.clone()),
+            Self::Error(e) => Self::Error(e.duplicate()),
+        })
+    }
+}
+
+/// What an upstream call through the cache gave: the stored answer, or what was not stored.
+pub type Served = Result<Answer, Arc<Uncached>>;
+
+/// How a request that went through [`ResponseCache::get_or_fetch`] was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Its own upstream call ran: the miss that fills the entry (or a `no-cache` refresh).
+    Fetched,
+    /// Another identical request's upstream call, already in flight, answered it.
+    Joined,
+    /// An entry stored while it waited for the limits answered it.
+    Found,
+}
+
+impl Role {
+    /// The `x-imagegate-cache` of a request so answered: a hit only when the answer came from a stored entry.
+    pub fn outcome(self, served: &Served) -> Outcome {
+        match self {
+            Self::Fetched => Outcome::Miss,
+            Self::Found => Outcome::Hit,
+            Self::Joined if served.is_ok() => Outcome::Hit,
+            Self::Joined => Outcome::Miss,
+        }
+    }
+
+    /// True when another request's upstream call (or entry) answered this one: it costs nothing.
+    pub fn served_by_another(self) -> bool {
+        self != Self::Fetched
+    }
+}
+
+/// An upstream call in flight, awaited by its caller and by every identical request that joins it.
+type Flight = Shared<BoxFuture<'static, Served>>;
+
+/// A call about to be launched: what its callers await, and where its task sends the answer. A task that ends
+/// without answering (a panic, the runtime shutting down) answers an internal error.
+fn flight() -> (Flight, oneshot::Sender<Served>) {
+    let (answer, answered) = oneshot::channel();
+    let flight = async move {
+        answered.await.unwrap_or_else(|_| {
+            Err(Arc::new(Uncached::Error(ApiError::Internal(anyhow::anyhow!(
+                "the upstream call's task ended without an answer"
+            )))))
+        })
+    }
+    .boxed()
+    .shared();
+    (flight, answer)
+}
+
+/// Calls in flight by key, with an id so that a finished call removes only itself.
+type Flights = Arc<Mutex<HashMap<Key, (u64, Flight)>>>;
+
+fn lock(flights: &Flights) -> MutexGuard<'_, HashMap<Key, (u64, Flight)>> {
+    flights.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Removes a call from the in-flight map when its task ends, however it ends (it is dropped on a panic or
+/// when the runtime shuts down), so a key never stays stuck on a call that will not answer.
+struct Landing {
+    flights: Flights,
+    key: Key,
+    id: u64,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        let mut flights = lock(&self.flights);
+        if flights.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            flights.remove(&self.key);
+        }
+    }
+}
+
 /// The cache. Cheap to clone.
 #[derive(Clone)]
 pub struct ResponseCache {
     local: moka::future::Cache<Key, Arc<Entry>>,
     shared: Option<SharedCache>,
+    flights: Flights,
+    next_flight: Arc<AtomicU64>,
     counters: Arc<Counters>,
     settings: Arc<CacheSettings>,
 }
@@ -336,11 +437,18 @@ impl ResponseCache {
             .expire_after(PerEntryTtl)
             .eviction_listener(move |_key, _value, cause| {
                 if cause == moka::notification::RemovalCause::Size {
-                    evictions.evictions.fetch_add(1, Ordering::Relaxed);
+                    Counters::add(&evictions.evictions);
                 }
             })
             .build();
-        Self { local, shared, counters, settings: Arc::new(settings.clone()) }
+        Self {
+            local,
+            shared,
+            flights: Arc::default(),
+            next_flight: Arc::default(),
+            counters,
+            settings: Arc::new(settings.clone()),
+        }
     }
 
     /// The TTL and scope for `tenant`'s requests, or `None` when its cache is off (or its TTL is zero, which
@@ -356,20 +464,24 @@ impl ResponseCache {
 
     /// Count a request that bypassed the cache.
     pub fn count_bypass(&self) {
-        self.counters.bypasses.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&self.counters.bypasses);
     }
 
-    /// A stored answer for `key`, from memory or (when configured) Redis.
+    /// Count a request answered by [`ResponseCache::get`], once the limits let it through.
+    pub fn count_hit(&self) {
+        Counters::add(&self.counters.hits);
+    }
+
+    /// A stored answer for `key`, from memory or (when configured) Redis. Not counted: the caller counts the
+    /// hit with [`ResponseCache::count_hit`] once it is let through.
     pub async fn get(&self, key: &Key) -> Option<Answer> {
         if let Some(entry) = self.local.get(key).await {
-            self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Some(entry.answer.clone());
         }
         let shared = self.shared.as_ref()?;
         match shared.get(key).await {
             Ok(Some((answer, ttl))) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
+                Counters::add(&self.counters.shared_hits);
                 self.local.insert(*key, Arc::new(Entry { answer: answer.clone(), ttl })).await;
                 Some(answer)
             }
@@ -381,62 +493,127 @@ impl ResponseCache {
         }
     }
 
-    /// Run `fetch` once for every concurrent caller of the same key, storing a successful answer. Returns the
-    /// answer and whether this caller's own `fetch` ran (the others were served by it). `Revalidate` skips the
-    /// coalescing and overwrites the entry.
-    pub async fn get_or_fetch<F>(
-        &self,
-        lookup: &Lookup,
-        ran: &Arc<std::sync::atomic::AtomicBool>,
-        fetch: F,
-    ) -> Result<Answer, Arc<Uncached>>
+    /// Answer `lookup` with one upstream call for every concurrent identical caller. The first caller's
+    /// `fetch` runs in a task of its own (it completes, stores and records even if that caller goes away);
+    /// identical callers arriving meanwhile wait for it; a caller finding an entry stored meanwhile takes it.
+    /// `Revalidate` runs its own call and replaces the entry. Returns what was served and how.
+    pub async fn get_or_fetch<F>(&self, lookup: &Lookup, fetch: F) -> (Served, Role)
     where
-        F: Future<Output = Result<Fetched, Uncached>>,
+        F: Future<Output = Result<Fetched, Uncached>> + Send + 'static,
     {
-        self.counters.misses.fetch_add(1, Ordering::Relaxed);
-        let max_entry = self.settings.max_entry_bytes.as_u64();
-        let flag = ran.clone();
-        let checked = async move {
-            flag.store(true, Ordering::SeqCst);
-            match fetch.await {
-                Ok(Fetched { answer, store_for: Ok(ttl) }) if answer.weight() <= max_entry => {
-                    Ok(Arc::new(Entry { answer, ttl }))
-                }
-                Ok(Fetched { answer, store_for }) => {
-                    let reason = store_for.err().unwrap_or(NotStored::TooLarge);
-                    tracing::debug!(reason = reason.as_str(), "answer not cached");
-                    Err(Uncached::Answer(answer))
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let entry = if lookup.directive == Directive::Revalidate {
-            let entry = checked.await.map_err(Arc::new)?;
-            self.local.insert(lookup.key, entry.clone()).await;
-            entry
-        } else {
-            self.local.entry(lookup.key).or_try_insert_with(checked).await?.into_value()
-        };
-        if ran.load(Ordering::SeqCst) {
-            self.counters.stores.fetch_add(1, Ordering::Relaxed);
-            if let Some(shared) = &self.shared {
-                // Off the request's path: a slow or dead Redis never holds an answer up.
-                let (shared, counters, key, answer, ttl) =
-                    (shared.clone(), self.counters.clone(), lookup.key, entry.answer.clone(), entry.ttl);
-                tokio::spawn(
-                    async move {
-                        if let Err(e) = shared.put(&key, &answer, ttl).await {
-                            counters.shared_failed(&e, "write");
-                        }
-                    }
-                    .in_current_span(),
-                );
-            }
-        } else {
-            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
-            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        if lookup.directive == Directive::Revalidate {
+            Counters::add(&self.counters.misses);
+            let (flight, answer) = flight();
+            self.launch(lookup.key, None, answer, fetch);
+            return (flight.await, Role::Fetched);
         }
-        Ok(entry.answer.clone())
+        enum Step<F> {
+            Join(Flight),
+            Look,
+            Lead { flight: Flight, answer: oneshot::Sender<Served>, landing: Landing, fetch: F },
+        }
+        let mut fetch = Some(fetch);
+        loop {
+            let step = {
+                let mut flights = lock(&self.flights);
+                if let Some((_, flight)) = flights.get(&lookup.key) {
+                    Step::Join(flight.clone())
+                } else if self.local.contains_key(&lookup.key) {
+                    Step::Look
+                } else if let Some(fetch) = fetch.take() {
+                    let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+                    let (flight, answer) = flight();
+                    flights.insert(lookup.key, (id, flight.clone()));
+                    let landing = Landing { flights: self.flights.clone(), key: lookup.key, id };
+                    Step::Lead { flight, answer, landing, fetch }
+                } else {
+                    // `fetch` is taken only on the way out: the loop never comes back here without it.
+                    Step::Look
+                }
+            };
+            match step {
+                Step::Lead { flight, answer, landing, fetch } => {
+                    // Spawned outside the lock: a task that cannot start is dropped at once, and its landing
+                    // takes the lock.
+                    self.launch(lookup.key, Some(landing), answer, fetch);
+                    Counters::add(&self.counters.misses);
+                    return (flight.await, Role::Fetched);
+                }
+                Step::Join(flight) => {
+                    let served = flight.await;
+                    Counters::add(&self.counters.coalesced);
+                    if served.is_ok() {
+                        Counters::add(&self.counters.hits);
+                    }
+                    return (served, Role::Joined);
+                }
+                Step::Look => {
+                    if let Some(entry) = self.local.get(&lookup.key).await {
+                        Counters::add(&self.counters.hits);
+                        return (Ok(entry.answer.clone()), Role::Found);
+                    }
+                    if fetch.is_none() {
+                        return (
+                            Err(Arc::new(Uncached::Error(ApiError::Internal(anyhow::anyhow!(
+                                "the response cache lost its upstream call"
+                            ))))),
+                            Role::Fetched,
+                        );
+                    }
+                    // Evicted between the check and the read: go round again.
+                }
+            }
+        }
+    }
+
+    /// Run `fetch` in a task of its own (with the caller's span), store what it gives and send it on `answer`.
+    /// `landing` takes the call out of the in-flight map once it is stored.
+    fn launch<F>(&self, key: Key, landing: Option<Landing>, answer: oneshot::Sender<Served>, fetch: F)
+    where
+        F: Future<Output = Result<Fetched, Uncached>> + Send + 'static,
+    {
+        let cache = self.clone();
+        tokio::spawn(
+            async move {
+                let _landing = landing;
+                let served = match fetch.await {
+                    Ok(fetched) => cache.store(key, fetched).await,
+                    Err(uncached) => Err(Arc::new(uncached)),
+                };
+                // Nobody may be waiting any more (every caller went away): the answer is stored all the same.
+                let _ = answer.send(served);
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// Store a fetched answer if it may be stored (in memory now, in Redis from a task of its own).
+    async fn store(&self, key: Key, fetched: Fetched) -> Served {
+        let Fetched { answer, store_for } = fetched;
+        let ttl = store_for.and_then(|ttl| {
+            if answer.weight() > self.settings.max_entry_bytes.as_u64() { Err(NotStored::TooLarge) } else { Ok(ttl) }
+        });
+        let ttl = match ttl {
+            Ok(ttl) => ttl,
+            Err(reason) => {
+                tracing::debug!(reason = reason.as_str(), "answer not cached");
+                return Err(Arc::new(Uncached::Answer(answer)));
+            }
+        };
+        self.local.insert(key, Arc::new(Entry { answer: answer.clone(), ttl })).await;
+        Counters::add(&self.counters.stores);
+        if let Some(shared) = &self.shared {
+            let (shared, counters, stored) = (shared.clone(), self.counters.clone(), answer.clone());
+            tokio::spawn(
+                async move {
+                    if let Err(e) = shared.put(&key, &stored, ttl).await {
+                        counters.shared_failed(&e, "write");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        Ok(answer)
     }
 
     /// Drop every entry held in memory (the shared cache expires on its own).
@@ -470,8 +647,6 @@ impl ResponseCache {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
 
     fn cache(max_bytes: u64) -> ResponseCache {
@@ -541,8 +716,8 @@ mod tests {
     async fn memory_stays_within_the_byte_bound_when_filled_past_it() {
         let cache = cache(1_000_000);
         for i in 0..=255u8 {
-            let ran = Arc::new(AtomicBool::new(false));
-            cache.get_or_fetch(&lookup(i), &ran, stored(answer(10_000), Duration::from_secs(60))).await.unwrap();
+            let (served, role) = cache.get_or_fetch(&lookup(i), stored(answer(10_000), Duration::from_secs(60))).await;
+            assert!(served.is_ok() && role == Role::Fetched);
         }
         let stats = cache.stats().await;
         assert!(stats.bytes <= 1_000_000, "{stats:?}");
@@ -551,33 +726,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn errors_are_shared_but_never_stored() {
+        let cache = cache(1_000_000);
+        let failing = async { Err(Uncached::Answer(Answer { status: 500, ..answer(3) })) };
+        let (served, role) = cache.get_or_fetch(&lookup(1), failing).await;
+        assert!(served.is_err() && role == Role::Fetched);
+        assert!(cache.get(&[1; 32]).await.is_none());
+        let (served, role) = cache.get_or_fetch(&lookup(1), stored(answer(3), Duration::from_secs(60))).await;
+        assert_eq!(role, Role::Fetched, "the next request fetched anew");
+        assert_eq!(served.unwrap().body.len(), 3);
+        assert_eq!(cache.get(&[1; 32]).await.unwrap().body.len(), 3);
+        let stats = cache.stats().await;
+        assert_eq!((stats.misses, stats.hits, stats.stores), (2, 0, 1), "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn waiters_share_the_call_and_only_a_stored_answer_is_a_hit_for_them() {
+        let cache = cache(1_000_000);
+        let slow = |answer: Answer, store: bool| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if store {
+                Ok(Fetched { answer, store_for: Ok(Duration::from_secs(60)) })
+            } else {
+                Err(Uncached::Answer(answer))
+            }
+        };
+        let one = lookup(1);
+        let callers = (0..5).map(|_| cache.get_or_fetch(&one, slow(answer(3), true)));
+        let roles: Vec<Role> = futures::future::join_all(callers).await.into_iter().map(|(_, role)| role).collect();
+        assert_eq!(roles.iter().filter(|r| **r == Role::Fetched).count(), 1, "{roles:?}");
+        let stats = cache.stats().await;
+        assert_eq!((stats.misses, stats.hits, stats.coalesced), (1, 4, 4), "{stats:?}");
+
+        let failing = Answer { status: 500, ..answer(3) };
+        let two = lookup(2);
+        let callers = (0..5).map(|_| cache.get_or_fetch(&two, slow(failing.clone(), false)));
+        let served = futures::future::join_all(callers).await;
+        let outcomes: Vec<Outcome> = served.iter().map(|(s, role)| role.outcome(s)).collect();
+        assert!(outcomes.iter().all(|o| *o == Outcome::Miss), "a shared error is no hit: {outcomes:?}");
+        let stats = cache.stats().await;
+        assert_eq!((stats.misses, stats.hits, stats.coalesced), (2, 4, 8), "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn the_first_callers_call_completes_and_stores_when_it_goes_away() {
+        let cache = cache(1_000_000);
+        let calls = Arc::new(AtomicU64::new(0));
+        let fetch = |calls: Arc<AtomicU64>| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Fetched { answer: answer(3), store_for: Ok(Duration::from_secs(60)) })
+        };
+        let one = lookup(1);
+        let first = cache.get_or_fetch(&one, fetch(calls.clone()));
+        assert!(tokio::time::timeout(Duration::from_millis(50), first).await.is_err(), "the first caller gave up");
+        let (served, role) = cache.get_or_fetch(&one, fetch(calls.clone())).await;
+        assert_eq!((role, served.is_ok()), (Role::Joined, true), "the second joined the call still running");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(cache.get(&[1; 32]).await.is_some());
+    }
+
+    #[tokio::test]
     async fn a_refresh_lives_its_own_ttl_not_the_rest_of_the_entry_it_replaced() {
         let cache = cache(1_000_000);
-        let short = Lookup { ttl: Duration::from_millis(800), ..lookup(1) };
-        let ran = Arc::new(AtomicBool::new(false));
-        cache.get_or_fetch(&short, &ran, stored(answer(1), short.ttl)).await.unwrap();
+        let ttl = Duration::from_millis(800);
+        cache.get_or_fetch(&lookup(1), stored(answer(1), ttl)).await.0.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let refresh = Lookup { directive: Directive::Revalidate, ..short };
-        cache.get_or_fetch(&refresh, &ran, stored(answer(2), refresh.ttl)).await.unwrap();
+        let refresh = Lookup { directive: Directive::Revalidate, ..lookup(1) };
+        cache.get_or_fetch(&refresh, stored(answer(2), ttl)).await.0.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         // 1 s after the first store, 0.5 s after the refresh: the first entry's deadline has passed.
         assert_eq!(cache.get(&[1; 32]).await.map(|a| a.body.len()), Some(2), "the refresh got a full TTL");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(cache.get(&[1; 32]).await.is_none(), "and expired after it");
-    }
-
-    #[tokio::test]
-    async fn errors_are_shared_but_never_stored() {
-        let cache = cache(1_000_000);
-        let ran = Arc::new(AtomicBool::new(false));
-        let failed = cache
-            .get_or_fetch(&lookup(1), &ran, async { Err(Uncached::Answer(Answer { status: 500, ..answer(3) })) })
-            .await;
-        assert!(failed.is_err());
-        assert!(cache.get(&[1; 32]).await.is_none());
-        let ran = Arc::new(AtomicBool::new(false));
-        cache.get_or_fetch(&lookup(1), &ran, stored(answer(3), Duration::from_secs(60))).await.unwrap();
-        assert!(ran.load(Ordering::SeqCst), "the next request fetched anew");
-        assert_eq!(cache.get(&[1; 32]).await.unwrap().body.len(), 3);
     }
 }

@@ -14,7 +14,6 @@ pub mod usage;
 pub mod validate;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -68,7 +67,9 @@ pub struct RequestMeta {
     pub cache: Directive,
 }
 
-/// Owns the pipeline's collaborators. Cheap to share behind `Arc`.
+/// Owns the pipeline's collaborators. Cheap to clone (every collaborator is shared), so that an upstream call
+/// through the cache can run in a task of its own.
+#[derive(Clone)]
 pub struct ImagesService {
     upstream: Arc<dyn Upstream>,
     policy: ValidationPolicy,
@@ -143,6 +144,7 @@ impl ImagesService {
         {
             span.record("cache", Outcome::Hit.as_str());
             let permit = self.acquire(ctx, Demand { images: 0 }, record.clone(), started).await?;
+            self.cache.count_hit();
             let record = record.finish_cached(answer.status, answer.images, started);
             self.settle(record, ctx);
             return Ok(answer_reply(answer, &permit, Outcome::Hit));
@@ -152,47 +154,88 @@ impl ImagesService {
         let Some(lookup) = lookup else {
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
             span.record("cache", Outcome::Bypass.as_str());
-            let (mut reply, record) = self.fetch(ctx, &request, plan, &validated.model, &meta, record, started).await?;
+            let (mut reply, record) = self
+                .fetch(ctx, &request, plan, &validated.model, &meta, record, started)
+                .await
+                .map_err(|e| with_outcome(e, Outcome::Bypass))?;
             set_cache_header(&mut reply.headers, Outcome::Bypass);
             return Ok(self.meter(reply, record, ctx, permit, started));
         };
-        // 5–6 through the cache: one upstream call for every concurrent identical miss. The caller whose fetch
-        // runs records the upstream's usage; the others are served by it and cost nothing.
-        let ran = Arc::new(AtomicBool::new(false));
-        let fetch = async {
-            let (reply, record) = self
-                .fetch(ctx, &request, plan, &validated.model, &meta, record.clone(), started)
-                .await
-                .map_err(Uncached::Error)?;
-            self.settle(record.finish_reply(&reply, &self.prices, started), ctx);
+        // 5–6 through the cache: one upstream call for every concurrent identical miss, run in a task of its own
+        // that records the upstream's usage and stores the answer whatever happens to this caller. The others
+        // are served by it and cost nothing.
+        let fetch = self.cached_fetch(ctx, request, plan, &validated.model, &meta, &lookup, record.clone(), started);
+        let (served, role) = self.cache.get_or_fetch(&lookup, fetch).await;
+        let outcome = role.outcome(&served);
+        span.record("cache", outcome.as_str());
+        let by_another = role.served_by_another();
+        match served.map_err(Uncached::take) {
+            Ok(answer) => {
+                if by_another {
+                    self.settle(record.finish_cached(answer.status, answer.images, started), ctx);
+                }
+                Ok(answer_reply(answer, &permit, outcome))
+            }
+            Err(Uncached::Answer(answer)) => Ok(self.shared_answer(answer, by_another, record, ctx, &permit, started)),
+            Err(Uncached::Error(e)) => {
+                if by_another {
+                    self.settle(record.finish(e.status().as_u16(), started), ctx);
+                }
+                Err(with_outcome(e, outcome))
+            }
+        }
+    }
+
+    /// The reply for an answer that was not stored (an upstream error, or a 2xx answer that may not be
+    /// stored). A caller served by another's call records it at no cost, and not as a cache hit.
+    fn shared_answer(
+        &self,
+        answer: Answer,
+        by_another: bool,
+        record: UsageRecord,
+        ctx: &TenantContext,
+        permit: &Permit,
+        started: Instant,
+    ) -> UpstreamReply {
+        if by_another {
+            let mut record = record.finish(answer.status, started);
+            if (200..300).contains(&answer.status) {
+                record.images_returned = answer.images;
+            }
+            self.settle(record, ctx);
+        }
+        answer_reply(answer, permit, Outcome::Miss)
+    }
+
+    /// Steps 5–6 for a request through the cache, as a task-ready future: the upstream call, re-hosting, the
+    /// usage record of the call, and whether (for how long) the answer may be stored.
+    #[expect(clippy::too_many_arguments, reason = "the pipeline's per-request state, passed explicitly")]
+    fn cached_fetch(
+        &self,
+        ctx: &TenantContext,
+        request: ImageRequest,
+        plan: Option<Plan>,
+        model: &str,
+        meta: &RequestMeta,
+        lookup: &Lookup,
+        record: UsageRecord,
+        started: Instant,
+    ) -> impl Future<Output = Result<Fetched, Uncached>> + Send + 'static {
+        let (this, ctx, model, meta, lookup) =
+            (self.clone(), ctx.clone(), model.to_owned(), meta.clone(), lookup.clone());
+        async move {
+            let (reply, record) =
+                this.fetch(&ctx, &request, plan, &model, &meta, record, started).await.map_err(Uncached::Error)?;
+            this.settle(record.finish_reply(&reply, &this.prices, started), &ctx);
             let answer = Answer::from_reply(reply);
             if !(200..300).contains(&answer.status) {
                 return Err(Uncached::Answer(answer));
             }
             let store_for = cache::storable_for(&answer, &lookup, std::time::SystemTime::now(), |link| {
-                self.rehoster.own_link_expiry(link)
+                this.rehoster.own_link_expiry(link)
             });
             Ok(Fetched { answer, store_for })
-        };
-        let result = self.cache.get_or_fetch(&lookup, &ran, fetch).await;
-        let outcome = if ran.load(Ordering::SeqCst) { Outcome::Miss } else { Outcome::Hit };
-        span.record("cache", outcome.as_str());
-        let answer = match result {
-            Ok(answer) => answer,
-            Err(failure) => match failure.as_ref() {
-                Uncached::Answer(answer) => answer.clone(),
-                Uncached::Error(e) => {
-                    if outcome == Outcome::Hit {
-                        self.settle(record.finish(e.status().as_u16(), started), ctx);
-                    }
-                    return Err(e.duplicate().into());
-                }
-            },
-        };
-        if outcome == Outcome::Hit {
-            self.settle(record.finish_cached(answer.status, answer.images, started), ctx);
         }
-        Ok(answer_reply(answer, &permit, outcome))
     }
 
     /// Which cache entry this request may use, or `None` when it bypasses the cache (streams, `no-store`,
@@ -372,4 +415,11 @@ fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamRe
 
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
     headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
+}
+
+/// A gateway error raised after the cache decision, carrying that decision.
+fn with_outcome(error: ApiError, outcome: Outcome) -> Failure {
+    let mut headers = HeaderMap::new();
+    set_cache_header(&mut headers, outcome);
+    Failure::with_headers(error, headers)
 }

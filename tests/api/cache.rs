@@ -1,6 +1,7 @@
-//! The response cache: identical requests reach the upstream once (also when they arrive together), anything
-//! different misses, callers steer it with `Cache-Control`, hits cost nothing and spend no images, cached
-//! links outlive the upstream's, memory stays bounded, and replicas can share it through Redis.
+//! The response cache: identical requests reach the upstream once (also when they arrive together, and when
+//! the first caller goes away), anything different misses, callers steer it with `Cache-Control`, hits cost
+//! nothing and spend no images, only imagegate's own links are cached and a hit's links have at least half
+//! the retention left, memory stays bounded, and replicas share it through Redis, which may be down.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,7 +97,9 @@ async fn fifty_concurrent_identical_misses_make_one_upstream_call() {
     let rows = app.usage_rows(50).await;
     let billed: Vec<&Value> = rows.iter().filter(|r| r["cost_usd"].as_f64().unwrap() > 0.0).collect();
     assert_eq!(billed.len(), 1, "only the upstream call costs money");
-    assert_eq!(stats(&app).await["coalesced"].as_u64(), Some(49));
+    let s = stats(&app).await;
+    let counted = ["misses", "hits", "coalesced", "stores"].map(|k| s[k].as_u64().unwrap());
+    assert_eq!(counted, [1, 49, 49, 1], "{s}");
 }
 
 #[tokio::test]
@@ -238,6 +241,101 @@ async fn a_tenant_ttl_of_zero_turns_its_cache_off() {
 }
 
 #[tokio::test]
+async fn waiters_sharing_an_upstream_error_are_misses_that_cost_nothing() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    let body = json!({"model": "gpt-image-1", "prompt": "x #sleep=400 #status=500"});
+
+    let answers = futures::future::join_all((0..5).map(|_| post(&app, &app.key, &body, None))).await;
+
+    assert_eq!(fake.call_count(), 1, "the waiters shared the call");
+    for (status, outcome, _) in &answers {
+        assert_eq!((*status, outcome.as_str()), (500, "miss"), "a shared error is not a cache hit");
+    }
+    let rows = app.usage_rows(5).await;
+    assert_eq!(rows.len(), 5);
+    for row in &rows {
+        assert_eq!(
+            (row["cache_hit"].as_i64(), row["cost_usd"].as_f64(), row["status"].as_i64()),
+            (Some(0), Some(0.0), Some(500))
+        );
+    }
+    let s = stats(&app).await;
+    let counted = ["misses", "hits", "coalesced", "stores"].map(|k| s[k].as_u64().unwrap());
+    assert_eq!(counted, [1, 0, 4, 0], "{s}");
+}
+
+#[tokio::test]
+async fn gateway_errors_after_the_cache_decision_say_what_it_was() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    // Re-hosting fails (the image link serves a web page): 502 for the caller and for those sharing its call.
+    let failing = json!({"model": "dall-e-2", "prompt": "x #sleep=400 #image_url=/_fake/html", "size": "256x256"});
+    let answers = futures::future::join_all((0..3).map(|_| app.post_json("/images/generations", &failing))).await;
+    assert_eq!(fake.call_count(), 1);
+    for res in &answers {
+        assert_eq!((res.status().as_u16(), outcome_of(res).as_str()), (502, "miss"));
+    }
+    let rows = app.usage_rows(3).await;
+    let billed = rows.iter().filter(|r| r["cost_usd"].as_f64().unwrap() > 0.0).count();
+    assert_eq!(billed, 1, "the upstream billed one call; the waiters cost nothing: {rows:?}");
+    assert!(rows.iter().all(|r| r["cache_hit"].as_i64() == Some(0) && r["status"].as_i64() == Some(502)));
+
+    let res = app
+        .client
+        .post(format!("{}/images/generations", app.base_url))
+        .bearer_auth(&app.key)
+        .header("cache-control", "no-store")
+        .json(&failing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((res.status().as_u16(), outcome_of(&res).as_str()), (502, "bypass"));
+
+    // Errors before the decision (validation here) carry no cache header.
+    let invalid = app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "x", "n": 0})).await;
+    assert_eq!((invalid.status().as_u16(), outcome_of(&invalid).as_str()), (400, ""));
+
+    // An upstream nobody answers on.
+    let unreachable = TestApp::spawn_with("http://127.0.0.1:1/v1", |s| s.cache.enabled = true).await;
+    let res = unreachable.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": "x"})).await;
+    assert_eq!((res.status().as_u16(), outcome_of(&res).as_str()), (502, "miss"));
+}
+
+#[tokio::test]
+async fn the_first_callers_upstream_call_completes_stores_and_is_recorded_when_it_disconnects() {
+    let fake = FakeOpenAi::start().await;
+    let app = cached_app(&fake).await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let give_up = |body: Value| {
+        let request = impatient.post(format!("{}/images/generations", app.base_url)).bearer_auth(&app.key).json(&body);
+        async move { assert!(request.send().await.is_err(), "the caller gave up before the answer") }
+    };
+
+    // Nobody else asks: the call still completes, is recorded with its cost, and its answer is stored.
+    let alone = json!({"model": "gpt-image-1", "prompt": "a patient fox #sleep=600"});
+    give_up(alone.clone()).await;
+    let rows = app.usage_rows(1).await;
+    assert_eq!(rows.len(), 1, "the abandoned call is recorded");
+    assert_eq!((rows[0]["status"].as_i64(), rows[0]["cache_hit"].as_i64()), (Some(200), Some(0)));
+    assert!(rows[0]["cost_usd"].as_f64().unwrap() > 0.0, "{}", rows[0]);
+    assert_eq!(post(&app, &app.key, &alone, None).await.1, "hit");
+    assert_eq!(fake.call_count(), 1);
+
+    // An identical request arriving while the abandoned call runs joins it instead of calling again.
+    let joined = json!({"model": "gpt-image-1", "prompt": "a joined fox #sleep=800"});
+    give_up(joined.clone()).await;
+    let (status, outcome, first) = post(&app, &app.key, &joined, None).await;
+    assert_eq!((status, outcome.as_str()), (200, "hit"));
+    let (_, outcome, later) = post(&app, &app.key, &joined, None).await;
+    assert_eq!((outcome.as_str(), &later), ("hit", &first));
+    assert_eq!(fake.call_count(), 2, "one upstream call per request, although their callers went away");
+    let rows = app.usage_rows(5).await;
+    let billed = rows.iter().filter(|r| r["cost_usd"].as_f64().unwrap() > 0.0).count();
+    assert_eq!((rows.len(), billed), (5, 2), "{rows:?}");
+}
+
+#[tokio::test]
 async fn an_answer_holding_an_upstream_link_is_never_stored() {
     let fake = FakeOpenAi::start().await;
     // Re-hosting off: DALL·E answers carry the upstream's expiring links and are not cached; base64 is.
@@ -351,6 +449,12 @@ async fn a_hit_spends_a_request_but_no_images() {
     assert_eq!(post(&app, &app.key, &body, None).await.0, 200);
     assert_eq!(post(&app, &app.key, &body, None).await.0, 200, "the 4th request of the minute");
     assert_eq!(post(&app, &app.key, &body, None).await.0, 429, "every hit spends a request");
+    let s = stats(&app).await;
+    assert_eq!(
+        (s["hits"].as_u64(), s["misses"].as_u64()),
+        (Some(3), Some(1)),
+        "refused requests count in neither: {s}"
+    );
 }
 
 #[tokio::test]
