@@ -366,6 +366,9 @@ pub struct CacheSettings {
     /// Longest wait for Redis; then the request goes on as a miss.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// After repeated Redis failures, how long the cache goes on without Redis before reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub redis_backoff: Duration,
 }
 
 impl Default for CacheSettings {
@@ -380,6 +383,7 @@ impl Default for CacheSettings {
             redis_url: None,
             redis_prefix: "imagegate".to_owned(),
             redis_timeout: Duration::from_millis(250),
+            redis_backoff: Duration::from_secs(5),
         }
     }
 }
@@ -741,8 +745,8 @@ impl Settings {
         }
         self.validate_images(&mut faults);
         let cache = &self.cache;
-        if cache.ttl.is_zero() || cache.redis_timeout.is_zero() {
-            faults.push("cache.ttl and cache.redis_timeout must be greater than zero".to_owned());
+        if cache.ttl.is_zero() || cache.redis_timeout.is_zero() || cache.redis_backoff.is_zero() {
+            faults.push("cache.ttl, cache.redis_timeout and cache.redis_backoff must be greater than zero".to_owned());
         }
         if cache.max_bytes.as_u64() == 0 || cache.max_entry_bytes > cache.max_bytes {
             faults.push("cache.max_bytes must be greater than zero and at least cache.max_entry_bytes".to_owned());

@@ -46,8 +46,8 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
     };
     let raw = read_limited(body, limit, &parts.headers).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let cache = crate::cache::Directive::from_header(
-        parts.headers.get(http::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()),
+    let cache = crate::cache::Directive::from_headers(
+        parts.headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()),
     );
     let request = match kind {
         BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,

@@ -14,7 +14,6 @@ pub mod usage;
 pub mod validate;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -23,7 +22,7 @@ use self::request::{Endpoint, ImageRequest};
 use self::usage::UsageRecord;
 use self::validate::ValidationPolicy;
 use crate::cache::key::KeyParts;
-use crate::cache::{self, Answer, Directive, Lookup, Outcome, ResponseCache, Scope, Uncached};
+use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Scope, Uncached};
 use crate::error::{ApiError, Failure};
 use crate::ledger::Ledger;
 use crate::limits::{Demand, Denied, Limiter, Permit, Refusal, Usage};
@@ -65,6 +64,14 @@ fn denied_error(tenant: &str, denied: Denied) -> ApiError {
     }
 }
 
+/// What the caller whose upstream call runs through the cache reserves when it turns out to lead: the images
+/// and cost that only it spends, on its own permit.
+struct Lead {
+    n: u32,
+    cost: f64,
+    permit: Permit,
+}
+
 /// What the settlement of a finished request's reservation is, from its usage record: the images the
 /// upstream returned (none for answers served by another request's call), the record's cost, and the request
 /// given back when the upstream refused it (429).
@@ -84,7 +91,9 @@ pub struct RequestMeta {
     pub cache: Directive,
 }
 
-/// Owns the pipeline's collaborators. Cheap to share behind `Arc`.
+/// Owns the pipeline's collaborators. Cheap to clone (every collaborator is shared), so that an upstream call
+/// through the cache can run in a task of its own.
+#[derive(Clone)]
 pub struct ImagesService {
     /// Every configured upstream; each tenant's requests go to the one it names.
     upstreams: Arc<Upstreams>,
@@ -161,6 +170,7 @@ impl ImagesService {
         {
             span.record("cache", Outcome::Hit.as_str());
             let permit = self.acquire(ctx, Demand::request_only(), record.clone(), started).await?;
+            self.cache.count_hit();
             let record = record.finish_cached(answer.status, answer.images, started);
             self.settle(record, &permit);
             return Ok(answer_reply(answer, &permit, Outcome::Hit));
@@ -171,45 +181,95 @@ impl ImagesService {
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
             span.record("cache", Outcome::Bypass.as_str());
             let fetched = self.fetch(ctx, &request, plan, &validated.model, &meta, record, started, &permit).await;
-            let (mut reply, record) = fetched.map_err(|e| after_reservation(e, &permit))?;
+            let (mut reply, record) = fetched.map_err(|e| after_reservation(e, &permit, Outcome::Bypass))?;
             set_cache_header(&mut reply.headers, Outcome::Bypass);
             return Ok(self.meter(reply, record, permit, started));
         };
         // 4. Through the cache, only the request is reserved now: its images and cost are reserved by
         // whichever caller's upstream call runs (`lead`); the others are served by it and spend no images.
         let permit = self.acquire(ctx, Demand::request_only(), record.clone(), started).await?;
-        // 5–6 through the cache: one upstream call for every concurrent identical miss. The caller whose fetch
-        // runs records the upstream's usage; the others are served by it and cost nothing.
-        let ran = Arc::new(AtomicBool::new(false));
-        let fetch = async {
-            self.lead(ctx, &permit, validated.n, cost, record.clone(), started).await.map_err(Uncached::Error)?;
-            let (reply, record) = self
-                .fetch(ctx, &request, plan, &validated.model, &meta, record.clone(), started, &permit)
+        // 5–6 through the cache: one upstream call for every concurrent identical miss, run in a task of its own
+        // that reserves the images and cost, records the upstream's usage and stores the answer whatever happens
+        // to this caller (the task holds a clone of the permit, so the concurrency slot is held until it ends).
+        // The others are served by it and cost nothing.
+        let lead = Lead { n: validated.n, cost, permit: permit.clone() };
+        let fetch =
+            self.cached_fetch(ctx, request, plan, &validated.model, &meta, &lookup, record.clone(), started, lead);
+        let (served, role) = self.cache.get_or_fetch(&lookup, fetch).await;
+        let outcome = role.outcome(&served);
+        span.record("cache", outcome.as_str());
+        let by_another = role.served_by_another();
+        match served.map_err(Uncached::take) {
+            Ok(answer) => {
+                if by_another {
+                    self.settle(record.finish_cached(answer.status, answer.images, started), &permit);
+                }
+                Ok(answer_reply(answer, &permit, outcome))
+            }
+            Err(Uncached::Answer(answer)) => Ok(self.shared_answer(answer, by_another, record, &permit, started)),
+            // This caller led, and its own limits refused the images (recorded by `lead`).
+            Err(Uncached::Refused(e)) => Err(after_reservation(e, &permit, Outcome::Miss)),
+            Err(Uncached::Error(e)) => {
+                if by_another {
+                    self.settle_failed(record.finish(e.status().as_u16(), started), &e, &permit);
+                }
+                Err(after_reservation(e, &permit, outcome))
+            }
+        }
+    }
+
+    /// The reply for an answer that was not stored (an upstream error, or a 2xx answer that may not be
+    /// stored). A caller served by another's call records it at no cost, and not as a cache hit; the images
+    /// are the other call's (its row counts them), so this row counts none.
+    fn shared_answer(
+        &self,
+        answer: Answer,
+        by_another: bool,
+        record: UsageRecord,
+        permit: &Permit,
+        started: Instant,
+    ) -> UpstreamReply {
+        if by_another {
+            self.settle(record.finish(answer.status, started), permit);
+        }
+        answer_reply(answer, permit, Outcome::Miss)
+    }
+
+    /// Steps 5–6 for a request through the cache, as a task-ready future: the reservation of the images and
+    /// cost, the upstream call, re-hosting, the usage record of the call, and whether (for how long) the
+    /// answer may be stored.
+    #[expect(clippy::too_many_arguments, reason = "the pipeline's per-request state, passed explicitly")]
+    fn cached_fetch(
+        &self,
+        ctx: &TenantContext,
+        request: ImageRequest,
+        plan: Option<Plan>,
+        model: &str,
+        meta: &RequestMeta,
+        lookup: &Lookup,
+        record: UsageRecord,
+        started: Instant,
+        lead: Lead,
+    ) -> impl Future<Output = Result<Fetched, Uncached>> + Send + 'static {
+        let (this, ctx, model, meta, lookup) =
+            (self.clone(), ctx.clone(), model.to_owned(), meta.clone(), lookup.clone());
+        async move {
+            let Lead { n, cost, permit } = lead;
+            this.lead(&ctx, &permit, n, cost, record.clone(), started).await.map_err(Uncached::Refused)?;
+            let (reply, record) = this
+                .fetch(&ctx, &request, plan, &model, &meta, record, started, &permit)
                 .await
                 .map_err(Uncached::Error)?;
-            self.settle(record.finish_reply(&reply, &self.prices, started), &permit);
+            this.settle(record.finish_reply(&reply, &this.prices, started), &permit);
             let answer = Answer::from_reply(reply);
-            if (200..300).contains(&answer.status) { Ok(answer) } else { Err(Uncached::Answer(answer)) }
-        };
-        let result = self.cache.get_or_fetch(&lookup, &ran, fetch).await;
-        let outcome = if ran.load(Ordering::SeqCst) { Outcome::Miss } else { Outcome::Hit };
-        span.record("cache", outcome.as_str());
-        let answer = match result {
-            Ok(answer) => answer,
-            Err(failure) => match failure.as_ref() {
-                Uncached::Answer(answer) => answer.clone(),
-                Uncached::Error(e) => {
-                    if outcome == Outcome::Hit {
-                        self.settle_failed(record.finish(e.status().as_u16(), started), e, &permit);
-                    }
-                    return Err(after_reservation(e.duplicate(), &permit));
-                }
-            },
-        };
-        if outcome == Outcome::Hit {
-            self.settle(record.finish_cached(answer.status, answer.images, started), &permit);
+            if !(200..300).contains(&answer.status) {
+                return Err(Uncached::Answer(answer));
+            }
+            let store_for = cache::storable_for(&answer, &lookup, std::time::SystemTime::now(), |link| {
+                this.rehoster.own_link_expiry(link)
+            });
+            Ok(Fetched { answer, store_for })
         }
-        Ok(answer_reply(answer, &permit, outcome))
     }
 
     /// Which cache entry this request may use, or `None` when it bypasses the cache (streams, `no-store`,
@@ -231,11 +291,17 @@ impl ImagesService {
             Scope::Tenant => ctx.tenant.id.as_str(),
             Scope::Shared => "shared",
         };
-        let parts =
-            KeyParts { scope, model: &validated.model, family: validated.family, want: plan.and_then(|p| p.want) };
-        // Never keep an answer longer than the links in it live.
-        let ttl = plan.map_or(ttl, |p| ttl.min(p.retention));
-        Some(Lookup { key: cache::key::key(parts, request), ttl, directive })
+        let retention = plan.map(|p| p.retention);
+        let parts = KeyParts {
+            scope,
+            model: &validated.model,
+            family: validated.family,
+            want: plan.and_then(|p| p.want),
+            retention,
+        };
+        // A hit's links have at least half the retention left: entries expire that long before their links.
+        let link_margin = retention.unwrap_or_default() / 2;
+        Some(Lookup { key: cache::key::key(parts, request), ttl, link_margin, directive })
     }
 
     /// Whether the tenant may use the model, and the most the request may cost (held against its USD budgets).
@@ -488,17 +554,22 @@ impl ImagesService {
     }
 }
 
-/// An error after the reservation, with the headers that reservation earned.
-fn after_reservation(e: ApiError, permit: &Permit) -> Failure {
+/// An error after the reservation, with the headers that reservation earned and the cache decision.
+fn after_reservation(e: ApiError, permit: &Permit, outcome: Outcome) -> Failure {
     let mut headers = HeaderMap::new();
     crate::limits::headers::apply(&permit.report(), &mut headers);
+    set_cache_header(&mut headers, outcome);
     Failure::with_headers(e, headers)
 }
 
-/// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers.
+/// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers. A hit made
+/// no upstream call: it does not replay the headers of the call that made the answer.
 fn answer_reply(answer: Answer, permit: &Permit, outcome: Outcome) -> UpstreamReply {
     let mut headers = HeaderMap::new();
     for (name, value) in &answer.headers {
+        if outcome == Outcome::Hit && cache::NOT_REPLAYED.contains(&name.as_str()) {
+            continue;
+        }
         if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
             headers.append(name, value);
         }

@@ -129,6 +129,16 @@ impl Rehoster {
         &self.links
     }
 
+    /// When `link` is one of imagegate's own signed image links, exactly as [`Rehoster::apply`] writes them,
+    /// its expiry (Unix seconds); `None` for any other link (the response cache stores only answers whose
+    /// links are imagegate's).
+    pub fn own_link_expiry(&self, link: &str) -> Option<i64> {
+        let parsed = url::Url::parse(link).ok()?;
+        let name = parsed.path_segments()?.next_back()?;
+        let expires: i64 = parsed.query_pairs().find(|(k, _)| k == "expires")?.1.parse().ok()?;
+        (self.links.url(name, expires) == link).then_some(expires)
+    }
+
     /// Decide the caller's format and return the request to send upstream (changed only where the format
     /// needs it). `None` when re-hosting is off or the request streams: the answer passes as it comes.
     pub fn plan(&self, request: ImageRequest, family: Option<Family>, tenant: &Tenant) -> (ImageRequest, Option<Plan>) {

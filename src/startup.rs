@@ -73,7 +73,7 @@ impl Application {
         let (rehoster, store) = rehoster(&settings, &db, &public_url)?;
         let policy =
             ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
-        let cache = response_cache(&settings).await?;
+        let cache = response_cache(&settings)?;
         let images =
             ImagesService::new(upstreams, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
@@ -193,14 +193,14 @@ async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
     }
 }
 
-/// The response cache, with its Redis tier when `cache.backend = "redis"`.
-async fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
+/// The response cache, with its Redis tier when `cache.backend = "redis"`. Redis need not be up: the tier
+/// connects in the background, and the cache works from memory until it does.
+fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
     let c = &settings.cache;
     let shared = match (c.backend, &c.redis_url) {
         (CacheBackend::Redis, Some(url)) => Some(
-            SharedCache::connect(url.expose(), &c.redis_prefix, c.redis_timeout)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot reach Redis for the response cache: {e}"))?,
+            SharedCache::new(url.expose(), &c.redis_prefix, c.redis_timeout, c.redis_backoff)
+                .map_err(|e| anyhow::anyhow!("cache.redis_url is not a usable Redis URL: {e}"))?,
         ),
         (CacheBackend::Redis, None) => anyhow::bail!("cache.redis_url is required when cache.backend = \"redis\""),
         (CacheBackend::Memory, _) => None,

@@ -1,10 +1,15 @@
 //! The cache key: SHA-256 over the scope (a tenant, or `shared`), the endpoint, the model, the format the caller
-//! gets, and the request in canonical form: JSON fields with `null` dropped, the model's defaults filled in and
-//! keys sorted (recursively); multipart text fields the same way, and every file part's bytes in order. Two
-//! requests that OpenAI would treat alike get one key; any other difference (a parameter, a file byte, a
-//! field unknown to imagegate) gets another.
+//! gets, the image retention (links in an answer live as long as it; see `cache::storable_for`), and the
+//! request in canonical form. JSON bodies: top-level `null` fields dropped (OpenAI treats them as absent), the
+//! model's defaults filled in, keys sorted recursively; nested values are otherwise hashed as sent (a nested
+//! `null` counts). Multipart bodies: every text field's raw bytes, every occurrence of a repeated name in
+//! order, fields sorted by name; only the integer fields the validator parses (`n`, `output_compression`,
+//! `partial_images`) are normalised to their decimal value, and absent fields take the model's defaults;
+//! every file part's bytes in order. Two requests that OpenAI would treat alike get one key; any other
+//! difference (a parameter, a byte of a prompt or file, a field unknown to imagegate) gets another.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -25,7 +30,13 @@ pub struct KeyParts<'a> {
     pub family: Option<Family>,
     /// The format the caller gets (re-hosting may turn base64 into links).
     pub want: Option<ResponseFormat>,
+    /// How long the images re-hosted for this request are kept (`None`: re-hosting is off). Part of the key so
+    /// that a hit's links live at least half of the reader's own retention, whoever stored the entry.
+    pub retention: Option<Duration>,
 }
+
+/// Multipart integer fields the validator parses: `" 2"` and `"2"` mean the same.
+const INTEGER_FIELDS: &[&str] = &["n", "output_compression", "partial_images"];
 
 /// The key of `request` (as it will be sent upstream).
 pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
@@ -34,7 +45,7 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
         hasher.update((bytes.len() as u64).to_be_bytes());
         hasher.update(bytes);
     };
-    put(b"imagegate-cache-v1");
+    put(b"imagegate-cache-v2");
     put(parts.scope.as_bytes());
     put(request.endpoint.name().as_bytes());
     put(parts.model.as_bytes());
@@ -43,38 +54,75 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
         Some(ResponseFormat::B64Json) => b"b64_json",
         None => b"as-answered",
     });
-    let mut fields: BTreeMap<String, Value> = BTreeMap::new();
-    let mut files: Vec<(&str, [u8; 32])> = Vec::new();
+    match parts.retention {
+        Some(retention) => put(&retention.as_millis().to_be_bytes()),
+        None => put(b"not-rehosted"),
+    }
     match &request.body {
         RequestBody::Json { fields: json, .. } => {
+            put(b"json");
+            let mut fields: BTreeMap<String, Value> = BTreeMap::new();
             for (name, value) in json {
                 if !value.is_null() {
                     fields.insert(name.clone(), canonical(value));
                 }
             }
+            fields.remove("model");
+            for (name, value) in defaults(parts.family) {
+                fields.entry(name.to_owned()).or_insert(value);
+            }
+            // A BTreeMap of canonical values serializes with sorted keys all the way down.
+            put(&serde_json::to_vec(&fields).unwrap_or_default());
         }
         RequestBody::Multipart { form, .. } => {
+            put(b"multipart");
+            let mut fields: BTreeMap<&str, Vec<Vec<u8>>> = BTreeMap::new();
+            let mut files: Vec<(&str, [u8; 32])> = Vec::new();
             for part in &form.parts {
                 if part.is_file() {
                     let name = if is_image_field(&part.name) { "image" } else { part.name.as_str() };
                     files.push((name, Sha256::digest(&part.data).into()));
-                } else if let Some(value) = request.field(&part.name) {
-                    fields.insert(part.name.clone(), canonical(&value));
+                } else {
+                    fields.entry(part.name.as_str()).or_default().push(text_value(&part.name, &part.data));
                 }
+            }
+            fields.remove("model");
+            for (name, value) in defaults(parts.family) {
+                fields.entry(name).or_insert_with(|| vec![as_text(&value).into_bytes()]);
+            }
+            for (name, values) in fields {
+                put(name.as_bytes());
+                put(&(values.len() as u64).to_be_bytes());
+                for value in values {
+                    put(&value);
+                }
+            }
+            put(b"files");
+            for (name, digest) in files {
+                put(name.as_bytes());
+                put(&digest);
             }
         }
     }
-    fields.remove("model");
-    for (name, value) in defaults(parts.family) {
-        fields.entry(name.to_owned()).or_insert(value);
-    }
-    // A BTreeMap of canonical values serializes with sorted keys all the way down.
-    put(&serde_json::to_vec(&fields).unwrap_or_default());
-    for (name, digest) in files {
-        put(name.as_bytes());
-        put(&digest);
-    }
     hasher.finalize().into()
+}
+
+/// A multipart text field as hashed: its raw bytes, or for an integer field the validator parses, its value.
+fn text_value(name: &str, data: &[u8]) -> Vec<u8> {
+    let integer =
+        INTEGER_FIELDS.contains(&name).then(|| std::str::from_utf8(data).ok()?.trim().parse::<i64>().ok()).flatten();
+    match integer {
+        Some(i) => i.to_string().into_bytes(),
+        None => data.to_vec(),
+    }
+}
+
+/// A default as multipart text: strings as they are, numbers and booleans as JSON spells them.
+fn as_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// `value` with every object's keys sorted.
@@ -123,7 +171,7 @@ mod tests {
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from(body.to_owned())).unwrap();
         let model = req.model();
         let family = crate::images::models::lookup(&model).map(|m| m.family);
-        key(KeyParts { scope, model: &model, family, want: None }, &req)
+        key(KeyParts { scope, model: &model, family, want: None, retention: None }, &req)
     }
 
     #[test]
@@ -154,17 +202,23 @@ mod tests {
             assert_ne!(base, other);
         }
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(br#"{"prompt":"x"}"#)).unwrap();
-        let url =
-            key(KeyParts { scope: "t", model: "gpt-image-1", family: None, want: Some(ResponseFormat::Url) }, &req);
-        let b64 = key(KeyParts { scope: "t", model: "gpt-image-1", family: None, want: None }, &req);
+        let parts = KeyParts { scope: "t", model: "gpt-image-1", family: None, want: None, retention: None };
+        let url = key(KeyParts { want: Some(ResponseFormat::Url), ..parts }, &req);
+        let b64 = key(parts, &req);
         assert_ne!(url, b64, "links and base64 are different answers");
+        let day = key(KeyParts { retention: Some(Duration::from_secs(86_400)), ..parts }, &req);
+        let week = key(KeyParts { retention: Some(Duration::from_secs(7 * 86_400)), ..parts }, &req);
+        assert_ne!(day, week, "links kept a day are not links kept a week");
+        assert_ne!(day, b64);
     }
 
     fn form_key(parts: Vec<Part>) -> Key {
         let form = Form { parts };
         let (raw, content_type) = form.encode();
         let req = ImageRequest::from_form(Endpoint::Edits, raw, content_type, form);
-        key(KeyParts { scope: "t", model: "gpt-image-1", family: Some(Family::GptImage), want: None }, &req)
+        let parts =
+            KeyParts { scope: "t", model: "gpt-image-1", family: Some(Family::GptImage), want: None, retention: None };
+        key(parts, &req)
     }
 
     fn text(name: &str, value: &str) -> Part {
@@ -189,5 +243,36 @@ mod tests {
         assert_ne!(base, form_key(vec![text("prompt", "hat"), file("image[]", b"two"), file("image[]", b"one")]));
         assert_ne!(base, form_key(vec![text("prompt", "hat"), file("image[]", b"one"), file("image[]", b"twO")]));
         assert_ne!(base, form_key(vec![text("prompt", "hat"), file("image[]", b"one"), file("mask", b"two")]));
+    }
+
+    #[test]
+    fn multipart_text_counts_byte_for_byte_and_every_repeated_part_counts() {
+        let prompt = |p: &str| form_key(vec![text("prompt", p), file("image", b"one")]);
+        // JSON-looking prompts are text: another spelling is another prompt.
+        assert_ne!(prompt(r#"{"scene": "beach", "mood": "calm"}"#), prompt(r#"{"mood":"calm","scene":"beach"}"#));
+        assert_ne!(prompt("1.0"), prompt("1.00"));
+        assert_ne!(prompt("true"), prompt("True"));
+        let tags = |values: &[&str]| {
+            let mut parts: Vec<Part> = values.iter().map(|v| text("tags[]", v)).collect();
+            parts.push(file("image", b"one"));
+            form_key(parts)
+        };
+        assert_ne!(tags(&["a", "b"]), tags(&["a", "c"]), "the second occurrence counts");
+        assert_ne!(tags(&["a", "b"]), tags(&["b", "a"]), "in order");
+        assert_ne!(tags(&["a"]), tags(&["a", "a"]), "and how many there are");
+        // The integer fields the validator parses, and defaults, are normalised.
+        let n = |v: &str| form_key(vec![text("prompt", "hat"), text("n", v), file("image", b"one")]);
+        assert_eq!(n(" 2"), n("2"));
+        assert_ne!(n("2"), n("3"));
+        assert_eq!(n("1"), prompt("hat"), "n = 1 is the default");
+        let sized = form_key(vec![text("prompt", "hat"), text("size", "auto"), file("image", b"one")]);
+        assert_eq!(sized, prompt("hat"), "size = auto is the default");
+    }
+
+    #[test]
+    fn only_top_level_nulls_are_dropped_from_json() {
+        let base = json_key("t1", r#"{"model":"dall-e-3","prompt":"a cat","x":{}}"#);
+        assert_eq!(base, json_key("t1", r#"{"model":"dall-e-3","prompt":"a cat","x":{},"y":null}"#));
+        assert_ne!(base, json_key("t1", r#"{"model":"dall-e-3","prompt":"a cat","x":{"a":null}}"#));
     }
 }
