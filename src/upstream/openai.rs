@@ -47,7 +47,7 @@ impl OpenAiUpstream {
             auth: settings.auth,
             organization: settings.organization.clone(),
             project: settings.project.clone(),
-            query: settings.query.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            query: settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
             timeout: settings.timeout,
             stream_idle_timeout: settings.stream_idle_timeout,
             connect_retries: settings.connect_retries,

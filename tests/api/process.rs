@@ -172,3 +172,39 @@ async fn logs_carry_request_ids_but_never_keys_prompts_or_image_data() {
     let image_b64 = base64::engine::general_purpose::STANDARD.encode(&image);
     assert!(!logs.contains(&image_b64[..32]));
 }
+
+#[tokio::test]
+async fn openai_api_key_in_the_environment_never_replaces_the_files_key_or_reaches_its_base_url() {
+    let fake = FakeOpenAi::start().await;
+    let real = "sk-proj-the-developers-real-openai-key";
+    let upstream = format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url);
+    let (dir, path, key) = config(&upstream, "");
+    let mut gw = GatewayProcess::start_with_env(&["serve", "--config", &path], dir.path(), &[("OPENAI_API_KEY", real)]);
+
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth(&key)
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let call = fake.last_call().unwrap();
+    assert_eq!(call.header("authorization"), Some(format!("Bearer {UPSTREAM_KEY}").as_str()), "the file's key");
+    gw.terminate();
+    gw.wait(Duration::from_secs(10));
+
+    // A file pointing at the fake without a key of its own: refused at startup, never sent the user's key.
+    let (dir, path, _) = config(&format!("[upstream]\nbase_url = \"{}\"", fake.url), "");
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["serve", "--config", &path])
+        .current_dir(dir.path())
+        .env("OPENAI_API_KEY", real)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only sent to https://api.openai.com"), "{stderr}");
+    assert!(!stderr.contains(real), "{stderr}");
+    assert!(fake.calls().iter().all(|c| c.headers.iter().all(|(_, v)| !v.contains(real))), "never sent upstream");
+}

@@ -309,11 +309,17 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Start the binary with `args` and wait for its "listening on" line.
     pub fn start(args: &[&str], dir: &Path) -> GatewayProcess {
+        Self::start_with_env(args, dir, &[])
+    }
+
+    /// Like [`GatewayProcess::start`], with these environment variables set (`OPENAI_API_KEY` too, if given).
+    pub fn start_with_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
             .args(args)
             .current_dir(dir)
             .env_remove("OPENAI_API_KEY")
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
