@@ -61,9 +61,13 @@ pub struct ServerSettings {
     /// Whole-request deadline up to the response headers; must exceed `upstream.timeout`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
+    /// How long SIGTERM/SIGINT waits, from the signal, for in-flight requests before exiting.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM/SIGINT, how long the listener keeps accepting (and serving) while `/readyz` answers 503,
+    /// so load balancers take the replica out before connections are refused. Part of `shutdown_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Largest JSON body (`/images/generations`, JSON `/images/edits`).
     #[serde(serialize_with = "exact_bytes")]
     pub max_json_body: ByteSize,
@@ -79,6 +83,7 @@ impl Default for ServerSettings {
             public_url: None,
             request_timeout: Duration::from_secs(660),
             shutdown_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
             max_json_body: ByteSize::mib(1),
             max_multipart_body: ByteSize::mib(100),
         }
@@ -680,6 +685,12 @@ impl Settings {
                  with a clear message",
                 self.server.request_timeout.as_secs(),
                 up.timeout.as_secs()
+            ));
+        }
+        if self.server.shutdown_grace >= self.server.shutdown_timeout {
+            faults.push(format!(
+                "server.shutdown_grace ({:?}) must be shorter than server.shutdown_timeout ({:?}), which it is part of",
+                self.server.shutdown_grace, self.server.shutdown_timeout
             ));
         }
         for (name, size) in [

@@ -2,8 +2,8 @@
 //! drain with a deadline. Tests build it on port 0 and read `local_addr()`.
 //!
 //! Background tasks (the usage writer, the `last_used_at` flusher, the image sweeper) are owned here and
-//! stopped in order on shutdown: stop accepting → drain requests → stop the sweeper → flush key usage → write
-//! queued usage rows → close the database.
+//! stopped in order on shutdown: `/readyz` turns 503 → keep serving for the grace period → stop accepting →
+//! drain requests → stop the sweeper → flush key usage → write queued usage rows → close the database.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -91,8 +91,10 @@ impl Application {
         &self.public_url
     }
 
-    /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish for up to
-    /// `server.shutdown_timeout`, write what is pending, and return.
+    /// Serve until `shutdown` resolves; then `/readyz` answers 503 while the listener keeps accepting for
+    /// `server.shutdown_grace` (a second SIGTERM/SIGINT ends the grace at once), then stop accepting, let
+    /// in-flight requests finish until `server.shutdown_timeout` after the signal, write what is pending, and
+    /// return.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Self { listener, public_url, state, writer, store, .. } = self;
         let settings = state.settings.clone();
@@ -106,19 +108,32 @@ impl Application {
         let flusher = tokio::spawn(flush_last_used(state.tenants.clone(), settings.auth.last_used_flush));
         let sweeper = Sweeper::start(store, settings.images.sweep_interval);
         let app = layers::apply(crate::routes::router(state.clone()), settings.server.request_timeout);
-        let started_draining = Arc::new(tokio::sync::Notify::new());
-        let notify = started_draining.clone();
+        let signalled = Arc::new(tokio::sync::Notify::new());
+        let notify = signalled.clone();
         let drain_state = state.clone();
+        let (grace, deadline) = (settings.server.shutdown_grace, settings.server.shutdown_timeout);
         let graceful = async move {
             shutdown.await;
             drain_state.begin_draining();
             notify.notify_one();
+            if !grace.is_zero() {
+                let again = crate::server::shutdown::signal();
+                tracing::info!(
+                    grace_ms = grace.as_millis() as u64,
+                    "shutting down: /readyz answers 503; still serving until load balancers notice (signal again \
+                     to stop at once)"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    () = again => tracing::info!("second signal: skipping the grace period"),
+                }
+            }
+            tracing::info!(deadline_secs = deadline.as_secs(), "stopped accepting; draining in-flight requests");
         };
         let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
-        let deadline = settings.server.shutdown_timeout;
         let served = tokio::select! {
             result = serve.into_future() => result.map(|()| tracing::info!("drained, exiting")),
-            () = drain_deadline(started_draining, deadline) => {
+            () = drain_deadline(signalled, deadline) => {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "drain deadline passed with requests in flight, exiting");
                 Ok(())
             }
@@ -186,9 +201,9 @@ async fn limiter(settings: &Settings, db: &Db) -> anyhow::Result<Limiter> {
     Ok(Limiter::new(backend, l.default.clone(), l.on_backend_error))
 }
 
-async fn drain_deadline(started: Arc<tokio::sync::Notify>, deadline: Duration) {
-    started.notified().await;
-    tracing::info!(deadline_secs = deadline.as_secs(), "draining in-flight requests");
+/// Resolves `deadline` after the shutdown signal.
+async fn drain_deadline(signalled: Arc<tokio::sync::Notify>, deadline: Duration) {
+    signalled.notified().await;
     tokio::time::sleep(deadline).await;
 }
 

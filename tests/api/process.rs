@@ -15,8 +15,10 @@ use crate::support::fake_openai::FakeOpenAi;
 fn config(upstream: &str, extra: &str) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = keys::generate();
+    // No load balancer waits on these gateways: no grace period unless a test asks for one.
+    let grace = if extra.contains("shutdown_grace") { "" } else { "shutdown_grace = \"0s\"\n" };
     let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{extra}\n{upstream}\n{FAKE_IMAGE_HOSTS}\
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{grace}{extra}\n{upstream}\n{FAKE_IMAGE_HOSTS}\
          [[tenants]]\nname = \"ci\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
         key.id, key.sha256
     );
@@ -171,6 +173,57 @@ async fn logs_carry_request_ids_but_never_keys_prompts_or_image_data() {
     }
     let image_b64 = base64::engine::general_purpose::STANDARD.encode(&image);
     assert!(!logs.contains(&image_b64[..32]));
+}
+
+/// A fresh client per request: no pooled connection survives into the next check.
+async fn get_status(url: &str) -> Result<u16, reqwest::Error> {
+    reqwest::Client::builder().pool_max_idle_per_host(0).build()?.get(url).send().await.map(|r| r.status().as_u16())
+}
+
+#[tokio::test]
+async fn after_sigterm_readyz_answers_503_while_requests_are_still_served_for_the_grace_period() {
+    let fake = FakeOpenAi::start().await;
+    let upstream = format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url);
+    let (dir, path, key) = config(&upstream, "shutdown_grace = \"1500ms\"");
+    let mut gw = GatewayProcess::start(&["serve", "--config", &path], dir.path());
+    let readyz = format!("{}/readyz", gw.root);
+    assert_eq!(get_status(&readyz).await.unwrap(), 200);
+
+    let signalled = std::time::Instant::now();
+    gw.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let res = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(res.status(), 503, "load balancers see the replica going");
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["status"], "draining");
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth(&key)
+        .json(&json!({"prompt": "during the grace period"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "traffic still arriving is served, not refused");
+    assert!(signalled.elapsed() < Duration::from_millis(1500), "checked within the grace period");
+
+    let status = gw.wait(Duration::from_secs(10));
+    assert!(status.success(), "{}", gw.printed());
+    assert!(signalled.elapsed() >= Duration::from_millis(1500), "the listener stayed open for the grace period");
+    assert!(get_status(&readyz).await.is_err(), "closed afterwards");
+}
+
+#[tokio::test]
+async fn a_second_signal_ends_the_grace_period_at_once() {
+    let (dir, path, _) = config("", "shutdown_grace = \"8s\"");
+    let mut gw = GatewayProcess::start(&["serve", "--mock", "--config", &path], dir.path());
+    let signalled = std::time::Instant::now();
+    gw.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = get_status(&format!("{}/readyz", gw.root)).await;
+    assert!(matches!(ready, Ok(503)), "{ready:?}: {}", gw.printed());
+    gw.terminate();
+    assert!(gw.wait(Duration::from_secs(5)).success(), "{}", gw.printed());
+    assert!(signalled.elapsed() < Duration::from_secs(4), "did not wait out the 8 s grace");
 }
 
 #[tokio::test]

@@ -75,6 +75,8 @@ pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
     let b = keys::generate();
     let mut s = Settings::default();
     s.server.listen = "127.0.0.1:0".parse().expect("addr");
+    // No load balancer to wait for: stop accepting at once (process tests cover the grace period).
+    s.server.shutdown_grace = Duration::ZERO;
     s.upstream.kind = UpstreamKind::Openai;
     s.upstream.base_url = Url::parse(upstream_url).expect("upstream url");
     s.upstream.api_key = Some(Secret::new(UPSTREAM_KEY));
