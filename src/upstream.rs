@@ -97,3 +97,11 @@ pub fn sse_error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
 }
+
+/// Headers every relayed SSE stream carries: `Cache-Control: no-cache` (no cache or proxy may store or replay
+/// it) and `X-Accel-Buffering: no` (nginx and compatible proxies pass each event on at once instead of
+/// buffering the stream).
+pub fn mark_event_stream(headers: &mut HeaderMap) {
+    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    headers.insert(http::HeaderName::from_static("x-accel-buffering"), http::HeaderValue::from_static("no"));
+}

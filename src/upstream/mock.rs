@@ -470,11 +470,9 @@ impl Plan {
             })
             .collect();
         let events = sse_events(self, steps);
-        UpstreamReply {
-            status: StatusCode::OK,
-            headers: reply_headers("text/event-stream", started),
-            body: ReplyBody::Stream(events),
-        }
+        let mut headers = reply_headers("text/event-stream", started);
+        super::mark_event_stream(&mut headers);
+        UpstreamReply { status: StatusCode::OK, headers, body: ReplyBody::Stream(events) }
     }
 
     /// One SSE event, rendered and framed.

@@ -136,13 +136,14 @@ impl OpenAiUpstream {
         deadline: Instant,
     ) -> Result<UpstreamReply, UpstreamError> {
         let status = response.status();
-        let headers = pass_through_headers(response.headers());
+        let mut headers = pass_through_headers(response.headers());
         let is_sse = response
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if stream && status.is_success() && is_sse {
+            super::mark_event_stream(&mut headers);
             let body = sse_stream(response, self.stream_idle_timeout);
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
