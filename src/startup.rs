@@ -34,7 +34,7 @@ use crate::tenants::repo::TenantRepo;
 use crate::tenants::store::TenantStore;
 use crate::tenants::sync;
 use crate::upstream::Upstream;
-use crate::upstream::mock::MockUpstream;
+use crate::upstream::mock::{MockLinks, MockUpstream};
 use crate::upstream::openai::OpenAiUpstream;
 
 /// A gateway ready to serve.
@@ -63,15 +63,23 @@ impl Application {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{addr}"))?,
         };
+        let key = links::load_or_create_key(
+            settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
+            &settings.storage.data_dir,
+        )?;
+        let signer = LinkSigner::new(key, public_url.clone());
         let upstream: Arc<dyn Upstream> = match settings.upstream.kind {
             UpstreamKind::Openai => Arc::new(OpenAiUpstream::new(&settings.upstream)?),
-            UpstreamKind::Mock => Arc::new(MockUpstream::new(public_url.clone())),
+            UpstreamKind::Mock => Arc::new(MockUpstream::new(
+                public_url.clone(),
+                MockLinks::new(signer.derive(crate::routes::MOCK_LINKS_KEY)),
+            )),
         };
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
         let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
-        let (rehoster, store) = rehoster(&settings, &db, &public_url)?;
+        let (rehoster, store) = rehoster(&settings, &db, &public_url, signer)?;
         let policy =
             ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
         let cache = response_cache(&settings).await?;
@@ -151,7 +159,12 @@ impl Application {
 
 /// The image store and the re-hoster around it. The mock upstream's own links point at this gateway, so its
 /// host is allowed (and may be loopback) for downloads.
-fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
+fn rehoster(
+    settings: &Settings,
+    db: &Db,
+    public_url: &Url,
+    signer: LinkSigner,
+) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
     let store = ImageStore::open(&settings.storage, db.clone())?;
     let mut download = settings.images.download.clone();
     if settings.upstream.kind == UpstreamKind::Mock
@@ -162,11 +175,6 @@ fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(A
         download.allow_http = download.allow_http || public_url.scheme() == "http";
     }
     let fetcher = Fetcher::new(&download)?;
-    let key = links::load_or_create_key(
-        settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
-        &settings.storage.data_dir,
-    )?;
-    let signer = LinkSigner::new(key, public_url.clone());
     let rehoster = Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone()));
     Ok((Arc::new(rehoster), store))
 }

@@ -54,6 +54,14 @@ impl LinkSigner {
         mac
     }
 
+    /// A key for another purpose, derived from this one (HMAC of `purpose`), so one configured secret serves
+    /// several signers without any of them revealing it.
+    pub fn derive(&self, purpose: &[u8]) -> Vec<u8> {
+        let mut mac = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
+        mac.update(purpose);
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// The link to file `name` (`{id}.{ext}`), valid until `expires` (Unix seconds).
     pub fn url(&self, name: &str, expires: i64) -> String {
         let signature = URL_SAFE_NO_PAD.encode(self.mac(name, expires).finalize().into_bytes());
@@ -143,6 +151,15 @@ mod tests {
         assert_eq!(s.verify(&name, Some(&exp), Some("AAAA"), 0), Err(LinkError::BadSignature));
         let other = signer("j".repeat(32).as_str());
         assert_eq!(other.verify(&name, Some(&exp), Some(&sig), 0), Err(LinkError::BadSignature));
+    }
+
+    #[test]
+    fn derived_keys_differ_by_purpose_and_by_key() {
+        let s = signer("k".repeat(32).as_str());
+        assert_eq!(s.derive(b"a"), s.derive(b"a"));
+        assert_ne!(s.derive(b"a"), s.derive(b"b"));
+        assert_ne!(s.derive(b"a"), signer("j".repeat(32).as_str()).derive(b"a"));
+        assert_ne!(s.derive(b"a"), "k".repeat(32).into_bytes());
     }
 
     #[test]

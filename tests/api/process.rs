@@ -78,6 +78,12 @@ async fn the_mock_upstream_serves_real_images_of_the_requested_size_and_format()
     let decoded = image::load_from_memory(&png.bytes().await.unwrap()).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (256, 256));
 
+    // The mock's own links (behind that one) are signed: a file it never handed out is refused, not rendered.
+    let forged = format!("{}/_mock/files/0000000000000001-4096x4096.png?se=9999999999&sig=AAAA", gw.root);
+    let res = client.get(&forged).send().await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("Signature did not match"));
+
     // Deterministic from the prompt.
     let again: serde_json::Value =
         post(json!({"model": "dall-e-2", "prompt": "a tree", "size": "256x256"})).await.unwrap().json().await.unwrap();
