@@ -267,3 +267,40 @@ async fn openai_api_key_in_the_environment_never_replaces_the_files_key_or_reach
     assert!(!stderr.contains(real), "{stderr}");
     assert!(fake.calls().iter().all(|c| c.headers.iter().all(|(_, v)| !v.contains(real))), "never sent upstream");
 }
+
+#[tokio::test]
+async fn upstream_and_download_failures_never_log_query_secrets_or_signed_urls() {
+    let fake = FakeOpenAi::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let gateways = [
+        // The upstream cannot be reached: reqwest's error names the URL, query and all.
+        format!(
+            "[upstream]\nbase_url = \"http://127.0.0.1:{closed}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\nconnect_retries = 0\n\
+             [upstream.query]\nkey = \"QUERYSECRET0123\""
+        ),
+        // The upstream answers, but its image link (signed, as Azure's are) cannot be fetched.
+        format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url),
+    ];
+    let prompt = format!("x #image_url=http://127.0.0.1:{closed}/img.png?se=1&sig=SIGSECRET0123");
+    for upstream in gateways {
+        let (dir, path, key) = config(&upstream, "[log]\nformat = \"json\"\nlevel = \"debug\"");
+        let mut gw = GatewayProcess::start(&["serve", "--config", &path], dir.path());
+        let res = reqwest::Client::new()
+            .post(format!("{}/v1/images/generations", gw.root))
+            .bearer_auth(&key)
+            .json(&json!({"model": "dall-e-2", "prompt": prompt}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 502);
+        let body = res.text().await.unwrap();
+        gw.terminate();
+        gw.wait(Duration::from_secs(10));
+        let logs = gw.printed();
+        assert!(logs.contains("request failed"), "the failure is logged: {logs}");
+        for secret in ["QUERYSECRET0123", "SIGSECRET0123", "img.png?"] {
+            assert!(!logs.contains(secret), "{secret} leaked into the logs: {logs}");
+            assert!(!body.contains(secret), "{secret} leaked into the answer: {body}");
+        }
+    }
+}
