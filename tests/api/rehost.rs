@@ -332,6 +332,27 @@ async fn endless_bodies_non_images_and_redirect_loops_are_refused() {
     assert_nothing_stored(&app).await;
 }
 
+#[tokio::test]
+async fn an_answer_with_one_bad_image_stores_none_of_its_good_ones() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+
+    // Images 0 and 2 are real PNGs, image 1 a web page.
+    let res = app
+        .post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "trio #bad_image=1", "n": 3}))
+        .await;
+
+    let (status, error) = error_of(res).await;
+    assert_eq!((status, error["code"].as_str()), (502, Some("image_rehost_failed")));
+    assert!(error["message"].as_str().unwrap().contains("image 1"), "{error}");
+    assert_nothing_stored(&app).await;
+    // The same prompt without the bad image stores all three.
+    let links =
+        links_of(app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "trio", "n": 3})).await)
+            .await;
+    assert_eq!((links.len(), images_rows(&app).await), (3, 3));
+}
+
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
