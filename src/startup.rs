@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::cache::ResponseCache;
 use crate::cache::shared::SharedCache;
-use crate::config::{CacheBackend, LimitsBackend, Settings, UpstreamKind};
+use crate::config::{CacheBackend, LimitsBackend, Settings, StorageBackend, UpstreamKind};
 use crate::db::Db;
 use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
@@ -63,6 +63,9 @@ impl Application {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{addr}"))?,
         };
+        for warning in deployment_warnings(&settings, addr) {
+            tracing::warn!("{warning}");
+        }
         let key = links::load_or_create_key(
             settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
             &settings.storage.data_dir,
@@ -179,6 +182,36 @@ fn rehoster(
     Ok((Arc::new(rehoster), store))
 }
 
+/// Deployment mistakes that still start, said once at startup: links other replicas refuse, links callers
+/// cannot reach.
+pub fn deployment_warnings(settings: &Settings, bound: SocketAddr) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let postgres = settings.database.url.as_ref().is_some_and(|u| u.expose().starts_with("postgres"));
+    if postgres && settings.images.signing_key.is_none() {
+        warnings.push(
+            "database.url is PostgreSQL (several replicas?) but images.signing_key is unset: each replica signs \
+             image links with its own generated <data_dir>/signing.key, so another replica answers them 403. Set \
+             IMAGEGATE__IMAGES__SIGNING_KEY to one shared key on every replica"
+                .to_owned(),
+        );
+    }
+    if postgres && settings.storage.backend == StorageBackend::Local && settings.images.rehost {
+        warnings.push(format!(
+            "database.url is PostgreSQL but re-hosted images are stored on local disk ({}): replicas that do not \
+             share that directory answer each other's links 404. Use storage.backend = \"s3\" or a shared volume",
+            settings.storage.images_dir().display()
+        ));
+    }
+    if settings.server.public_url.is_none() && bound.ip().is_unspecified() {
+        warnings.push(format!(
+            "server.public_url is unset and the gateway listens on {bound}: image links will point at \
+             http://{bound}, which callers cannot reach. Set server.public_url (IMAGEGATE__SERVER__PUBLIC_URL) to \
+             the address callers use"
+        ));
+    }
+    warnings
+}
+
 /// The response cache, with its Redis tier when `cache.backend = "redis"`.
 async fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
     let c = &settings.cache;
@@ -223,5 +256,33 @@ async fn flush_last_used(tenants: Arc<TenantStore>, every: Duration) {
         if let Err(e) = tenants.flush_last_used().await {
             tracing::warn!(error = %e, "could not record key last-used times");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn replica_and_container_mistakes_are_warned_about() {
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let mut s = Settings::default();
+        assert!(deployment_warnings(&s, local).is_empty(), "the embedded default is fine");
+
+        s.database.url = Some(Secret::new("postgres://db/imagegate"));
+        let w = deployment_warnings(&s, local);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("images.signing_key is unset") && w[1].contains("local disk"), "{w:?}");
+        s.images.signing_key = Some(Secret::new("k".repeat(32)));
+        s.storage.backend = StorageBackend::S3;
+        assert!(deployment_warnings(&s, local).is_empty(), "shared key and shared storage");
+
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let w = deployment_warnings(&s, any);
+        assert!(w.len() == 1 && w[0].contains("http://0.0.0.0:8080"), "{w:?}");
+        s.server.public_url = Some(Url::parse("https://images.example.com").unwrap());
+        assert!(deployment_warnings(&s, any).is_empty());
+        assert!(deployment_warnings(&s, "[::]:8080".parse().unwrap()).is_empty());
     }
 }
