@@ -392,6 +392,8 @@ impl SseEvents {
 struct Skim {
     in_string: bool,
     escaped: bool,
+    /// Hex digits of a `\uXXXX` escape still to come (never cut inside one).
+    hex_left: u8,
     kept: usize,
     dropping: bool,
 }
@@ -427,6 +429,11 @@ impl Skim {
                 out.push(b);
             } else if self.escaped {
                 self.escaped = false;
+                self.hex_left = if b == b'u' { 4 } else { 0 };
+                out.push(b);
+                self.kept += 1;
+            } else if self.hex_left > 0 {
+                self.hex_left -= 1;
                 out.push(b);
                 self.kept += 1;
             } else if b == b'"' {
@@ -532,6 +539,20 @@ mod tests {
         assert_eq!(parsed["note"], "caf\u{e9} \"q\"");
         assert_eq!(parsed["usage"]["output_tokens"], 7);
         assert_eq!(parsed["b64_json"].as_str().unwrap().len(), KEEP_STRING_BYTES);
+    }
+
+    #[test]
+    fn a_long_string_is_never_cut_inside_an_escape_or_a_character() {
+        // Escapes and multi-byte characters at every offset around the cut stay whole: the JSON still parses.
+        for pad in 0..12 {
+            let text =
+                format!("{}{}", "a".repeat(KEEP_STRING_BYTES - 6 + pad), "\\u00e9\\ud83d\\ude00\\\"é😀".repeat(8));
+            let data =
+                format!("{{\"type\":\"x.completed\",\"revised_prompt\":\"{text}\",\"usage\":{{\"output_tokens\":3}}}}");
+            let got = events(&[format!("data: {data}\n\n").as_bytes()]);
+            let parsed: serde_json::Value = serde_json::from_str(&got[0].0).unwrap_or_else(|e| panic!("{pad}: {e}"));
+            assert_eq!(parsed["usage"]["output_tokens"], 3, "{pad}");
+        }
     }
 
     #[test]
