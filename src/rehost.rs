@@ -254,7 +254,12 @@ impl Rehoster {
                 let decoded = tokio::task::spawn_blocking(move || BASE64.decode(b64.as_bytes()))
                     .await
                     .map_err(|e| RehostError::Encode(e.to_string()))?;
-                Ok(Obtained::Bytes(Bytes::from(decoded.map_err(|_| RehostError::BadBase64 { index })?)))
+                let bytes = Bytes::from(decoded.map_err(|_| RehostError::BadBase64 { index })?);
+                // Checked here, not when storing, so a bad image fails the answer before anything is stored.
+                if crate::images::imageinfo::sniff(&bytes).is_none() {
+                    return Err(RehostError::NotAnImage { index });
+                }
+                Ok(Obtained::Bytes(bytes))
             }
         }
     }
