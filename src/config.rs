@@ -2,8 +2,9 @@
 //! at startup with every fault reported together. Secrets are [`Secret`] and never print.
 //!
 //! Sources, later wins: built-in defaults (the `Default` impls below, mirrored in `config/default.toml`) →
-//! either `--config FILE` or `config/default.toml` + `config/$IMAGEGATE_ENV.toml` → `OPENAI_API_KEY` (for
-//! `upstream.api_key` only) → `IMAGEGATE__…` variables. Every key is documented in `docs/configuration.md`.
+//! either `--config FILE` or `config/default.toml` + `config/$IMAGEGATE_ENV.toml` → `IMAGEGATE__…` variables.
+//! `OPENAI_API_KEY` is a fallback for `upstream.api_key` only, used when no source set one and the upstream is
+//! OpenAI's own API. Every key is documented in `docs/configuration.md`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use figment::Figment;
+use figment::Provider as _;
 use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -61,9 +64,13 @@ pub struct ServerSettings {
     /// Whole-request deadline up to the response headers; must exceed `upstream.timeout`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How long SIGTERM/SIGINT waits for in-flight requests before exiting.
+    /// How long SIGTERM/SIGINT waits, from the signal, for in-flight requests before exiting.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// After SIGTERM/SIGINT, how long the listener keeps accepting (and serving) while `/readyz` answers 503,
+    /// so load balancers take the replica out before connections are refused. Part of `shutdown_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Largest JSON body (`/images/generations`, JSON `/images/edits`).
     #[serde(serialize_with = "exact_bytes")]
     pub max_json_body: ByteSize,
@@ -79,6 +86,7 @@ impl Default for ServerSettings {
             public_url: None,
             request_timeout: Duration::from_secs(660),
             shutdown_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
             max_json_body: ByteSize::mib(1),
             max_multipart_body: ByteSize::mib(100),
         }
@@ -117,7 +125,7 @@ pub struct UpstreamSettings {
     pub kind: UpstreamKind,
     /// Base URL including the version prefix, e.g. `https://api.openai.com/v1`.
     pub base_url: Url,
-    /// The upstream's key; callers never see it. Falls back to `OPENAI_API_KEY`.
+    /// The upstream's key; callers never see it. Falls back to `OPENAI_API_KEY` for OpenAI's own API only.
     pub api_key: Option<Secret>,
     /// How the key is sent: `bearer` (`Authorization: Bearer`) or `api-key` (Azure's `api-key` header).
     pub auth: UpstreamAuth,
@@ -125,8 +133,9 @@ pub struct UpstreamSettings {
     pub organization: Option<String>,
     /// Default `OpenAI-Project` when the tenant sets none.
     pub project: Option<String>,
-    /// Extra query parameters on every upstream call (Azure: `api-version`).
-    pub query: BTreeMap<String, String>,
+    /// Extra query parameters on every upstream call (Azure: `api-version`). Values are secrets: a proxy in
+    /// front of the upstream may take its key in the query.
+    pub query: BTreeMap<String, Secret>,
     /// TCP/TLS connect timeout.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -650,38 +659,42 @@ impl Settings {
     }
 
     /// Load with an explicit environment (tests pass their own instead of mutating the process's).
+    ///
+    /// Every setting of every source is a [`Leaf`]; a leaf that does not deserialize is reported (naming the
+    /// file or the environment variable it came from) and left out, and loading goes on with the rest, so one
+    /// run reports every fault: each unknown key, wrong type and bad value, then the semantic checks of
+    /// [`Settings::validate`] on whatever did parse.
     pub fn load_from(sources: &Sources, env: &[(String, String)]) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        match &sources.file {
-            Some(file) => {
-                if !file.is_file() {
-                    return Err(ConfigError(vec![format!("config file {} does not exist", file.display())]));
-                }
-                figment = figment.merge(Toml::file_exact(file));
-            }
-            None => {
-                let dir = sources.dir.clone().unwrap_or_else(|| PathBuf::from("config"));
-                figment = figment.merge(Toml::file(dir.join("default.toml")));
-                if let Some((_, profile)) = env.iter().find(|(k, _)| k == ENV_PROFILE) {
-                    let overlay = dir.join(format!("{profile}.toml"));
-                    if !overlay.is_file() {
-                        return Err(ConfigError(vec![format!(
-                            "{ENV_PROFILE}={profile} but {} does not exist",
-                            overlay.display()
-                        )]));
+        let mut faults = Vec::new();
+        let mut leaves = Vec::new();
+        let mut files_parse = true;
+        for (file, exact) in config_files(sources, env)? {
+            let data = if exact { Toml::file_exact(&file).data() } else { Toml::file(&file).data() };
+            match data {
+                Ok(profiles) => {
+                    let origin = Origin::File(file.clone());
+                    for dict in profiles.into_values() {
+                        flatten(&origin, &mut Vec::new(), Value::from(dict), &mut leaves);
                     }
-                    figment = figment.merge(Toml::file(overlay));
+                }
+                Err(e) => {
+                    // A file that is not TOML at all: its other settings are unknown, so the semantic checks
+                    // below would only report defaults the user never chose.
+                    files_parse = false;
+                    faults.extend(e.into_iter().map(|e| format!("{}: {}", file.display(), e.kind)));
                 }
             }
         }
-        if let Some((_, key)) = env.iter().find(|(k, v)| k == ENV_OPENAI_API_KEY && !v.is_empty()) {
-            figment = figment.merge(Serialized::default("upstream.api_key", key));
+        leaves.extend(env_leaves(env));
+        let Some(mut settings) = resolve(&mut leaves, &mut faults) else { return Err(ConfigError(faults)) };
+        let ignored_openai_key = apply_openai_api_key(&mut settings, env);
+        if files_parse && let Err(ConfigError(semantic)) = settings.validate() {
+            faults.extend(semantic.into_iter().map(|f| match &ignored_openai_key {
+                Some(note) if f.starts_with("upstream.api_key is not set") => format!("{f} ({note})"),
+                _ => f,
+            }));
         }
-        figment = apply_env(figment, env);
-        let settings: Settings =
-            figment.extract().map_err(|e| ConfigError(e.into_iter().map(|e| e.to_string()).collect()))?;
-        settings.validate()?;
-        Ok(settings)
+        if faults.is_empty() { Ok(settings) } else { Err(ConfigError(faults)) }
     }
 
     /// Every fault at once, so a deployment is fixed in one round.
@@ -699,6 +712,12 @@ impl Settings {
         }
         if self.server.request_timeout.is_zero() {
             faults.push("server.request_timeout must be greater than zero".to_owned());
+        }
+        if self.server.shutdown_grace >= self.server.shutdown_timeout {
+            faults.push(format!(
+                "server.shutdown_grace ({:?}) must be shorter than server.shutdown_timeout ({:?}), which it is part of",
+                self.server.shutdown_grace, self.server.shutdown_timeout
+            ));
         }
         for (name, size) in [
             ("server.max_json_body", self.server.max_json_body),
@@ -813,8 +832,9 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
         if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
             if at == "upstream" {
                 faults.push(format!(
-                    "upstream.api_key is not set: export {ENV_OPENAI_API_KEY} (or {ENV_PREFIX}UPSTREAM__API_KEY), \
-                     or run the offline mock upstream explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
+                    "upstream.api_key is not set: set it in the file or export {ENV_PREFIX}UPSTREAM__API_KEY \
+                     ({ENV_OPENAI_API_KEY} also works for https://api.openai.com), or run the offline mock upstream \
+                     explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
                 ));
             } else {
                 let env = at.replace('.', "__").to_ascii_uppercase();
@@ -905,17 +925,204 @@ fn validate_tenants(
     }
 }
 
-/// `IMAGEGATE__UPSTREAM__BASE_URL=…` → `upstream.base_url`. Values parse as figment parses environment values
-/// (numbers, booleans, arrays), strings otherwise. Built from the environment we are handed rather than
-/// figment's `Env`, which reads the process environment, so tests never depend on the developer's shell.
-fn apply_env(mut figment: Figment, env: &[(String, String)]) -> Figment {
-    for (key, value) in env {
-        let Some(rest) = key.strip_prefix(ENV_PREFIX) else { continue };
-        let path = rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join(".");
-        let value: figment::value::Value = value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
-        figment = figment.merge(Serialized::default(&path, value));
+/// The base URL `OPENAI_API_KEY` is meant for: OpenAI's own API.
+fn is_openai(url: &Url) -> bool {
+    url.scheme() == "https" && url.host_str() == Some("api.openai.com")
+}
+
+/// `OPENAI_API_KEY` fills `upstream.api_key` only when neither a file nor `IMAGEGATE__UPSTREAM__API_KEY` set
+/// one, and only for OpenAI's own API: the variable holds a developer's real OpenAI key, which must never be
+/// sent to a harness's fake, a proxy or another vendor's base URL (docs/decisions/0009). Returns why it was
+/// ignored, when it was, for the fault message.
+fn apply_openai_api_key(settings: &mut Settings, env: &[(String, String)]) -> Option<String> {
+    let key = env.iter().rev().find(|(k, v)| k == ENV_OPENAI_API_KEY && !v.trim().is_empty()).map(|(_, v)| v)?;
+    let up = &mut settings.upstream;
+    if up.api_key.as_ref().is_some_and(|k| !k.expose().trim().is_empty()) {
+        return None;
     }
-    figment
+    if is_openai(&up.base_url) {
+        up.api_key = Some(Secret::new(key.clone()));
+        return None;
+    }
+    Some(format!(
+        "{ENV_OPENAI_API_KEY} is set but is only sent to https://api.openai.com, and upstream.base_url is {}: set \
+         upstream.api_key or {ENV_PREFIX}UPSTREAM__API_KEY for that upstream",
+        up.base_url
+    ))
+}
+
+/// The files to read, in order, and whether each must exist (`--config FILE`) or may be absent.
+fn config_files(sources: &Sources, env: &[(String, String)]) -> Result<Vec<(PathBuf, bool)>, ConfigError> {
+    if let Some(file) = &sources.file {
+        if !file.is_file() {
+            return Err(ConfigError(vec![format!("config file {} does not exist", file.display())]));
+        }
+        return Ok(vec![(file.clone(), true)]);
+    }
+    let dir = sources.dir.clone().unwrap_or_else(|| PathBuf::from("config"));
+    let mut files = vec![(dir.join("default.toml"), false)];
+    if let Some((_, profile)) = env.iter().find(|(k, _)| k == ENV_PROFILE) {
+        let overlay = dir.join(format!("{profile}.toml"));
+        if !overlay.is_file() {
+            return Err(ConfigError(vec![format!("{ENV_PROFILE}={profile} but {} does not exist", overlay.display())]));
+        }
+        files.push((overlay, false));
+    }
+    Ok(files)
+}
+
+/// Where one setting came from: a file, or an environment variable (by its real spelling).
+#[derive(Debug, Clone)]
+enum Origin {
+    File(PathBuf),
+    Env(String),
+}
+
+/// One setting as one source gave it: a path of keys and a value (a scalar, an array, or an empty table).
+#[derive(Debug, Clone)]
+struct Leaf {
+    origin: Origin,
+    path: Vec<String>,
+    value: Value,
+    /// An environment value exactly as written, tried as a string when its parsed form (a number, a boolean,
+    /// an array…) does not fit the setting, so `IMAGEGATE__UPSTREAM__API_KEY=1234567890` is a string key.
+    raw: Option<String>,
+}
+
+/// A file's tables, flattened into one leaf per setting.
+fn flatten(origin: &Origin, path: &mut Vec<String>, value: Value, out: &mut Vec<Leaf>) {
+    match value {
+        Value::Dict(_, dict) if !dict.is_empty() => {
+            for (key, value) in dict {
+                path.push(key);
+                flatten(origin, path, value, out);
+                path.pop();
+            }
+        }
+        // The root of an empty file has nothing to say.
+        Value::Dict(..) if path.is_empty() => {}
+        value => out.push(Leaf { origin: origin.clone(), path: path.clone(), value, raw: None }),
+    }
+}
+
+/// `IMAGEGATE__UPSTREAM__BASE_URL=…` → `upstream.base_url`. Values parse as figment parses environment values
+/// (numbers, booleans, `[arrays]`, `{inline = "tables"}`), strings otherwise; the raw text is kept to retry as
+/// a string. Names are lowercased, so a key with a hyphen (Azure's `api-version`) is set through its table:
+/// `IMAGEGATE__UPSTREAM__QUERY={api-version="2024-10-21"}`. Built from the environment we are handed rather than
+/// figment's `Env`, which reads the process environment, so tests never depend on the developer's shell.
+fn env_leaves(env: &[(String, String)]) -> Vec<Leaf> {
+    env.iter()
+        .filter_map(|(name, text)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            let path = rest.split("__").map(str::to_ascii_lowercase).collect();
+            let value: Value = text.parse().unwrap_or_else(|_| Value::from(text.clone()));
+            let raw = (!matches!(&value, Value::String(_, s) if s == text)).then(|| text.clone());
+            Some(Leaf { origin: Origin::Env(name.clone()), path, value, raw })
+        })
+        .collect()
+}
+
+/// The leaves as one tree of tables, later leaves winning (tables merge, as figment merges them).
+fn tree(leaves: &[Leaf]) -> Value {
+    fn insert(dict: &mut figment::value::Dict, path: &[String], value: Value) {
+        match path {
+            [] => {}
+            // A table (an inline table from the environment) merges into the one already there.
+            [last] => match (dict.get_mut(last), value) {
+                (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => {
+                    for (key, value) in incoming {
+                        insert(existing, &[key], value);
+                    }
+                }
+                (_, value) => {
+                    dict.insert(last.clone(), value);
+                }
+            },
+            [first, rest @ ..] => {
+                let entry = dict.entry(first.clone()).or_insert_with(|| Value::from(figment::value::Dict::new()));
+                if !matches!(entry, Value::Dict(..)) {
+                    *entry = Value::from(figment::value::Dict::new());
+                }
+                if let Value::Dict(_, inner) = entry {
+                    insert(inner, rest, value);
+                }
+            }
+        }
+    }
+    let mut root = figment::value::Dict::new();
+    for leaf in leaves {
+        insert(&mut root, &leaf.path, leaf.value.clone());
+    }
+    Value::from(root)
+}
+
+/// Deserialize the defaults overlaid with `leaves`. serde stops at the first fault, so each fault is recorded
+/// and the leaves it concerns are dropped (or, for an environment value, first retried as a string) until the
+/// rest deserializes. Each round drops or reinterprets a leaf, so this ends.
+fn resolve(leaves: &mut Vec<Leaf>, faults: &mut Vec<String>) -> Option<Settings> {
+    for _ in 0..=2 * leaves.len() {
+        let figment =
+            Figment::from(Serialized::defaults(Settings::default())).merge(Serialized::defaults(tree(leaves)));
+        let error = match figment.extract::<Settings>() {
+            Ok(settings) => return Some(settings),
+            Err(e) => e.into_iter().next()?,
+        };
+        let overlaps = |leaf: &Leaf| leaf.path.starts_with(&error.path) || error.path.starts_with(&leaf.path);
+        let hits: Vec<usize> = leaves.iter().enumerate().filter(|(_, l)| overlaps(l)).map(|(i, _)| i).collect();
+        // The fault is the last writer's: earlier leaves at the same path were overridden by it.
+        let Some(&last) = hits.last() else {
+            faults.push(describe(None, &error));
+            return None;
+        };
+        if let Some(raw) = leaves[last].raw.take() {
+            leaves[last].value = Value::from(raw);
+            continue;
+        }
+        faults.push(describe(leaves.get(last), &error));
+        for i in hits.into_iter().rev() {
+            leaves.remove(i);
+        }
+    }
+    None
+}
+
+/// Settings whose values must not appear in fault messages.
+const SECRET_KEYS: &[&str] =
+    &["api_key", "token", "signing_key", "access_key_id", "secret_access_key", "url", "redis_url"];
+
+/// One fault, naming its source, its key and what is wrong, without echoing a secret's value.
+fn describe(leaf: Option<&Leaf>, error: &figment::Error) -> String {
+    use figment::error::{Actual, Kind};
+    let key = error.path.join(".");
+    let secret = error.path.last().is_some_and(|k| SECRET_KEYS.contains(&k.as_str()));
+    let found = |actual: &Actual| {
+        if !secret {
+            return actual.to_string();
+        }
+        match actual {
+            Actual::Str(_) => "a string".to_owned(),
+            Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_) => "a number".to_owned(),
+            Actual::Bool(_) => "a boolean".to_owned(),
+            other => other.to_string(),
+        }
+    };
+    let what = match &error.kind {
+        Kind::UnknownField(name, expected) => {
+            format!("unknown key `{name}`; expected one of: {}", expected.join(", "))
+        }
+        Kind::UnknownVariant(value, expected) => {
+            format!("unknown value `{value}`; expected one of: {}", expected.join(", "))
+        }
+        Kind::InvalidType(actual, expected) => format!("found {}, expected {expected}", found(actual)),
+        Kind::InvalidValue(actual, expected) => format!("invalid value {}, expected {expected}", found(actual)),
+        Kind::MissingField(name) => format!("missing key `{name}`"),
+        other => other.to_string(),
+    };
+    match leaf.map(|l| &l.origin) {
+        Some(Origin::Env(name)) => format!("{name} ({key}): {what}"),
+        Some(Origin::File(file)) => format!("{key} in {}: {what}", file.display()),
+        None => format!("{key}: {what}"),
+    }
 }
 
 #[cfg(test)]
@@ -1097,6 +1304,106 @@ keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000
         let s = load(dir.path(), &fixed, &[]).unwrap();
         assert_eq!(s.tenants[0].status, Some(crate::tenants::TenantStatus::Suspended));
         assert_eq!(s.tenants[0].metadata, Some(serde_json::json!({"owner": "ops"})));
+    }
+
+    #[test]
+    fn four_faults_in_one_file_are_four_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        // An unknown key, a wrong type, a bad enum value (each stops serde on its own) and a semantic fault.
+        let body = "[server]\nlistn = \"127.0.0.1:1\"\nrequest_timeout = \"10s\"\n[log]\nformat = \"xml\"\n\
+                    [upstream]\nkind = \"mock\"\nconnect_retries = \"many\"\n";
+        let error = load(dir.path(), body, &[]).unwrap_err();
+        let text = error.to_string();
+        assert_eq!(error.0.len(), 4, "{text}");
+        assert_eq!(text.lines().count(), 5, "a header and one line per fault: {text}");
+        for needle in
+            ["server.listn", "log.format", "`xml`", "upstream.connect_retries", "must exceed upstream.timeout"]
+        {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        assert!(error.0.iter().take(3).all(|f| f.contains(".toml: ")), "parse faults name the file: {text}");
+    }
+
+    #[test]
+    fn environment_faults_name_the_variable_and_do_not_hide_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("IMAGEGATE__SERVER__LISTN", "127.0.0.1:1"),
+            ("IMAGEGATE__UPSTREAM__TIMEOUT", "soon"),
+            ("IMAGEGATE__SERVER__MAX_JSON_BODY", "0"),
+        ];
+        let faults = load(dir.path(), "[upstream]\nkind = \"mock\"\n", &env).unwrap_err().0;
+        assert_eq!(faults.len(), 3, "{faults:?}");
+        assert!(faults[0].starts_with("IMAGEGATE__SERVER__LISTN (server.listn): unknown key `listn`"), "{faults:?}");
+        assert!(faults[1].starts_with("IMAGEGATE__UPSTREAM__TIMEOUT (upstream.timeout)"), "{faults:?}");
+        assert!(faults[2].contains("server.max_json_body must be greater than zero"), "{faults:?}");
+        assert!(faults.iter().all(|f| !f.contains("config.rs")), "{faults:?}");
+    }
+
+    #[test]
+    fn string_settings_take_numeric_looking_environment_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("IMAGEGATE__UPSTREAM__API_KEY", "1234567890"),
+            ("IMAGEGATE__UPSTREAM__ORGANIZATION", "true"),
+            ("IMAGEGATE__ADMIN__TOKEN", "[not-an-array-0123456789"),
+            ("IMAGEGATE__UPSTREAM__CONNECT_RETRIES", "7"),
+            ("IMAGEGATE__IMAGES__REHOST", "false"),
+            ("IMAGEGATE__IMAGES__DOWNLOAD__ALLOWED_HOSTS", "[\"a.example\", \"*.b.example\"]"),
+        ];
+        let s = load(dir.path(), "", &env).unwrap();
+        assert_eq!(s.upstream.api_key.as_ref().map(Secret::expose), Some("1234567890"));
+        assert_eq!(s.upstream.organization.as_deref(), Some("true"));
+        assert_eq!(s.admin.token.as_ref().map(Secret::expose), Some("[not-an-array-0123456789"));
+        assert_eq!(s.upstream.connect_retries, 7);
+        assert!(!s.images.rehost);
+        assert_eq!(s.images.download.allowed_hosts, ["a.example", "*.b.example"]);
+    }
+
+    #[test]
+    fn hyphenated_keys_are_set_from_the_environment_through_their_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = "[upstream]\nkind = \"mock\"\n[upstream.query]\ndeployment = \"d1\"\n";
+        let env = [("IMAGEGATE__UPSTREAM__QUERY", "{api-version=\"2024-10-21\"}")];
+        let s = load(dir.path(), file, &env).unwrap();
+        assert_eq!(s.upstream.query.get("api-version").map(Secret::expose), Some("2024-10-21"));
+        assert_eq!(s.upstream.query.get("deployment").map(Secret::expose), Some("d1"), "tables merge");
+        assert!(!format!("{s:?}").contains("2024-10-21"), "query values are redacted");
+    }
+
+    #[test]
+    fn openai_api_key_is_a_fallback_for_openai_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let user_key = [(ENV_OPENAI_API_KEY, "sk-users-real-key")];
+        // A file's own key wins, and is what goes to the file's base_url.
+        let file = "[upstream]\nbase_url = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-fake\"\n";
+        let s = load(dir.path(), file, &user_key).unwrap();
+        assert_eq!(s.upstream.api_key.as_ref().map(Secret::expose), Some("sk-fake"));
+        // So does IMAGEGATE__UPSTREAM__API_KEY.
+        let env = [(ENV_OPENAI_API_KEY, "sk-users-real-key"), ("IMAGEGATE__UPSTREAM__API_KEY", "sk-mine")];
+        let s = load(dir.path(), "", &env).unwrap();
+        assert_eq!(s.upstream.api_key.as_ref().map(Secret::expose), Some("sk-mine"));
+        // Without either, the user's OpenAI key is never sent to another base URL.
+        let file = "[upstream]\nbase_url = \"http://127.0.0.1:9/v1\"\n";
+        let text = load(dir.path(), file, &user_key).unwrap_err().to_string();
+        assert!(text.contains("upstream.api_key is not set") && text.contains("only sent to https://api.openai.com"));
+        assert!(!text.contains("sk-users-real-key"), "{text}");
+    }
+
+    #[test]
+    fn faults_never_echo_secret_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = load(dir.path(), "[upstream]\napi_key = 987654321\n", &[]).unwrap_err().to_string();
+        assert!(text.contains("upstream.api_key") && text.contains("a number"), "{text}");
+        assert!(!text.contains("987654321"), "{text}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_reported_without_guessing_at_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = load(dir.path(), "[server\nlisten = ", &[]).unwrap_err().0;
+        assert_eq!(faults.len(), 1, "no semantic faults about defaults the user never chose: {faults:?}");
+        assert!(faults[0].contains(".toml"), "{faults:?}");
     }
 
     #[test]

@@ -335,7 +335,14 @@ impl ApiError {
         if let Self::ShuttingDown = self {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if let Self::InvalidRequest { .. } | Self::PayloadTooLarge { .. } | Self::Unauthenticated { .. } = self {
+        // A timeout after the request went upstream may still have generated (and billed) the images: an SDK's
+        // automatic retry would pay for them again.
+        if let Self::InvalidRequest { .. }
+        | Self::PayloadTooLarge { .. }
+        | Self::Unauthenticated { .. }
+        | Self::UpstreamTimeout(_)
+        | Self::RequestTimeout(_) = self
+        {
             headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         if let Self::RangeNotSatisfiable { length } = self

@@ -35,11 +35,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     telemetry::init(&settings.log);
     tracing::debug!(settings = ?settings, "effective configuration");
+    // Listening from here on: a signal during startup stops the gateway gracefully once it is up.
+    let shutdown = server::shutdown::signal();
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(e) => return fail(&e),
     };
-    match app.run_until(server::shutdown::signal()).await {
+    match app.run_until(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

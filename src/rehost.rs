@@ -6,7 +6,8 @@
 //! upstream request must change for it (GPT image models refuse `response_format`, so it is removed;
 //! DALL·E is asked for `b64_json` when a default says so). [`Rehoster::apply`] then rewrites a successful
 //! answer: upstream URLs are downloaded under `fetch`'s guards and stored, base64 is stored when links are
-//! wanted, and every stored image gets a link signed by `links`.
+//! wanted, and every stored image gets a link signed by `links`. An answer is re-hosted whole or not at all:
+//! every image is obtained before any is stored, and a failed store removes the others' links.
 
 pub mod fetch;
 pub mod links;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -26,7 +27,7 @@ use self::links::LinkSigner;
 use crate::config::ImagesSettings;
 use crate::images::models::Family;
 use crate::images::request::ImageRequest;
-use crate::storage::{ImageStore, NewImage, StoreError};
+use crate::storage::{ImageStore, NewImage, StoreError, StoredImage};
 use crate::tenants::Tenant;
 
 /// How images reach the caller.
@@ -202,13 +203,41 @@ impl Rehoster {
         if jobs.is_empty() {
             return Ok(None);
         }
-        let done: Vec<(usize, Result<Value, RehostError>)> = futures::stream::iter(jobs)
-            .map(|(i, job)| async move { (i, self.run(i, job, plan, origin).await) })
-            .buffer_unordered(self.settings.download.concurrency)
+        let concurrency = self.settings.download.concurrency;
+        // Every image is fetched (or decoded) before any is stored: one that fails fails the answer, which must
+        // then leave nothing behind, and nothing was written yet.
+        let obtained: Vec<(usize, Obtained)> = futures::stream::iter(jobs)
+            .map(|(i, job)| async move { self.obtain(i, job, plan).await.map(|o| (i, o)) })
+            .buffer_unordered(concurrency)
+            .try_collect()
+            .await?;
+        let done: Vec<(usize, Result<Finished, RehostError>)> = futures::stream::iter(obtained)
+            .map(|(i, o)| async move { (i, self.finish(i, o, plan, origin).await) })
+            .buffer_unordered(concurrency)
             .collect()
             .await;
+        let mut stored = Vec::new();
+        let mut replacements = Vec::new();
+        let mut failure = None;
         for (i, result) in done {
-            let replacement = result?;
+            match result {
+                Ok((fields, image)) => {
+                    stored.extend(image);
+                    replacements.push((i, fields));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            // Storing one image failed after others were stored: their links are never handed out, so remove them.
+            if let Err(discard) = self.store.discard(&stored).await {
+                tracing::warn!(error = %discard, images = stored.len(), "could not remove the images of a failed answer");
+            }
+            return Err(e);
+        }
+        for (i, replacement) in replacements {
             if let (Some(item), Value::Object(fields)) = (data.get_mut(i).and_then(Value::as_object_mut), replacement) {
                 item.remove("url");
                 item.remove("b64_json");
@@ -218,28 +247,48 @@ impl Rehoster {
         serde_json::to_vec(&answer).map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
     }
 
-    /// One image: fetch or decode, store, and return the fields that replace `url` / `b64_json`.
-    async fn run(&self, index: usize, job: Job, plan: &Plan, origin: Origin<'_>) -> Result<Value, RehostError> {
-        let bytes = match job {
+    /// One image's bytes: downloaded or decoded. A failed download with the pass-through fallback gives the
+    /// fields to answer with instead.
+    async fn obtain(&self, index: usize, job: Job, plan: &Plan) -> Result<Obtained, RehostError> {
+        match job {
             Job::Download(url) => match self.fetcher.fetch(&url).await {
-                Ok(fetched) => fetched.bytes,
+                Ok(fetched) => Ok(Obtained::Bytes(fetched.bytes)),
                 Err(source) if plan.fallback == DownloadFallback::PassThrough => {
                     tracing::warn!(image = index, reason = %source, "could not re-host an upstream image; passing its URL on");
-                    return Ok(serde_json::json!({ "url": url }));
+                    Ok(Obtained::Fields(serde_json::json!({ "url": url })))
                 }
-                Err(source) => return Err(RehostError::Download { index, source }),
+                Err(source) => Err(RehostError::Download { index, source }),
             },
             Job::Decode(b64) => {
                 // Megabytes of base64: decoded off the async workers.
                 let decoded = tokio::task::spawn_blocking(move || BASE64.decode(b64.as_bytes()))
                     .await
                     .map_err(|e| RehostError::Encode(e.to_string()))?;
-                Bytes::from(decoded.map_err(|_| RehostError::BadBase64 { index })?)
+                let bytes = Bytes::from(decoded.map_err(|_| RehostError::BadBase64 { index })?);
+                // Checked here, not when storing, so a bad image fails the answer before anything is stored.
+                if crate::images::imageinfo::sniff(&bytes).is_none() {
+                    return Err(RehostError::NotAnImage { index });
+                }
+                Ok(Obtained::Bytes(bytes))
             }
+        }
+    }
+
+    /// The fields that replace one item's `url` / `b64_json`, and the image stored for them, if any.
+    async fn finish(
+        &self,
+        index: usize,
+        obtained: Obtained,
+        plan: &Plan,
+        origin: Origin<'_>,
+    ) -> Result<Finished, RehostError> {
+        let bytes = match obtained {
+            Obtained::Fields(fields) => return Ok((fields, None)),
+            Obtained::Bytes(bytes) => bytes,
         };
         if plan.want == Some(ResponseFormat::B64Json) {
             // A URL model answered with a link although base64 was wanted: inline it.
-            return Ok(serde_json::json!({ "b64_json": BASE64.encode(&bytes) }));
+            return Ok((serde_json::json!({ "b64_json": BASE64.encode(&bytes) }), None));
         }
         let new = NewImage {
             tenant_id: origin.tenant_id,
@@ -254,8 +303,17 @@ impl Rehoster {
             Err(e) => return Err(RehostError::Store(e)),
         };
         let name = format!("{}.{}", image.id, image.extension());
-        Ok(serde_json::json!({ "url": self.links.url(&name, image.expires_at / 1000) }))
+        Ok((serde_json::json!({ "url": self.links.url(&name, image.expires_at / 1000) }), Some(image)))
     }
+}
+
+/// The fields that replace one item's `url` / `b64_json`, and the image stored for them, if any.
+type Finished = (Value, Option<StoredImage>);
+
+/// One image, ready to store (or, after a passed-on failure, the fields to answer with).
+enum Obtained {
+    Bytes(Bytes),
+    Fields(Value),
 }
 
 /// The work one `data[]` item needs.

@@ -38,10 +38,18 @@ pub fn router(state: AppState) -> Router {
         router = router.nest(admin::PREFIX, admin::router(token));
     }
     if state.settings.upstream.kind == UpstreamKind::Mock {
-        router = router.route(&format!("{}/{{name}}", paths::MOCK_FILES), get(mock_files::get_mock_file));
+        let links = crate::upstream::mock::MockLinks::new(state.images.rehoster().links().derive(MOCK_LINKS_KEY));
+        router = router.route(
+            &format!("{}/{{name}}", paths::MOCK_FILES),
+            get(mock_files::get_mock_file).layer(axum::Extension(links)),
+        );
     }
     router.fallback(not_found).method_not_allowed_fallback(method_not_allowed).with_state(state)
 }
+
+/// What the mock upstream's link key is derived under, from the link-signing key (so mock links survive a
+/// restart and verify on every replica sharing that key).
+pub const MOCK_LINKS_KEY: &[u8] = b"imagegate mock upstream links";
 
 async fn not_found(request: Request) -> ApiError {
     ApiError::NotFound { method: request.method().to_string(), path: request.uri().path().to_owned() }

@@ -2,8 +2,8 @@
 //! drain with a deadline. Tests build it on port 0 and read `local_addr()`.
 //!
 //! Background tasks (the usage writer, the `last_used_at` flusher, the image sweeper) are owned here and
-//! stopped in order on shutdown: stop accepting → drain requests → stop the sweeper → flush key usage → write
-//! queued usage rows → close the database.
+//! stopped in order on shutdown: `/readyz` turns 503 → keep serving for the grace period → stop accepting →
+//! drain requests → stop the sweeper → flush key usage → write queued usage rows → close the database.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use url::Url;
 
 use crate::cache::ResponseCache;
 use crate::cache::shared::SharedCache;
-use crate::config::{CacheBackend, DownloadSettings, LimitsBackend, Settings, UpstreamKind};
+use crate::config::{CacheBackend, DownloadSettings, LimitsBackend, Settings, StorageBackend, UpstreamKind};
 use crate::db::Db;
 use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
@@ -37,6 +37,7 @@ use crate::tenants::repo::TenantRepo;
 use crate::tenants::store::TenantStore;
 use crate::tenants::sync;
 use crate::upstream::Upstreams;
+use crate::upstream::mock::MockLinks;
 
 /// A gateway ready to serve.
 pub struct Application {
@@ -65,12 +66,21 @@ impl Application {
             Some(url) => url.clone(),
             None => Url::parse(&format!("http://{addr}"))?,
         };
-        let upstreams = Arc::new(Upstreams::from_settings(&settings, &public_url)?);
+        for warning in deployment_warnings(&settings, addr) {
+            tracing::warn!("{warning}");
+        }
+        let key = links::load_or_create_key(
+            settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
+            &settings.storage.data_dir,
+        )?;
+        let signer = LinkSigner::new(key, public_url.clone());
+        let mock_links = MockLinks::new(signer.derive(crate::routes::MOCK_LINKS_KEY));
+        let upstreams = Arc::new(Upstreams::from_settings(&settings, &public_url, &mock_links)?);
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
         let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
-        let (rehoster, store) = rehoster(&settings, &db, &public_url)?;
+        let (rehoster, store) = rehoster(&settings, &db, &public_url, signer)?;
         let policy =
             ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
         let cache = response_cache(&settings)?;
@@ -90,8 +100,10 @@ impl Application {
         &self.public_url
     }
 
-    /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish for up to
-    /// `server.shutdown_timeout`, write what is pending, and return.
+    /// Serve until `shutdown` resolves; then `/readyz` answers 503 while the listener keeps accepting for
+    /// `server.shutdown_grace` (a second SIGTERM/SIGINT ends the grace at once), then stop accepting, let
+    /// in-flight requests finish until `server.shutdown_timeout` after the signal, write what is pending, and
+    /// return.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Self { listener, public_url, state, writer, store, .. } = self;
         let settings = state.settings.clone();
@@ -106,19 +118,32 @@ impl Application {
         let flusher = tokio::spawn(flush_last_used(state.tenants.clone(), settings.auth.last_used_flush));
         let sweeper = Sweeper::start(store, settings.images.sweep_interval);
         let app = layers::apply(crate::routes::router(state.clone()), settings.server.request_timeout);
-        let started_draining = Arc::new(tokio::sync::Notify::new());
-        let notify = started_draining.clone();
+        let signalled = Arc::new(tokio::sync::Notify::new());
+        let notify = signalled.clone();
         let drain_state = state.clone();
+        let (grace, deadline) = (settings.server.shutdown_grace, settings.server.shutdown_timeout);
         let graceful = async move {
             shutdown.await;
             drain_state.begin_draining();
             notify.notify_one();
+            if !grace.is_zero() {
+                let again = crate::server::shutdown::signal();
+                tracing::info!(
+                    grace_ms = grace.as_millis() as u64,
+                    "shutting down: /readyz answers 503; still serving until load balancers notice (signal again \
+                     to stop at once)"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    () = again => tracing::info!("second signal: skipping the grace period"),
+                }
+            }
+            tracing::info!(deadline_secs = deadline.as_secs(), "stopped accepting; draining in-flight requests");
         };
         let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
-        let deadline = settings.server.shutdown_timeout;
         let served = tokio::select! {
             result = serve.into_future() => result.map(|()| tracing::info!("drained, exiting")),
-            () = drain_deadline(started_draining, deadline) => {
+            () = drain_deadline(signalled, deadline) => {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "drain deadline passed with requests in flight, exiting");
                 Ok(())
             }
@@ -138,15 +163,15 @@ impl Application {
 }
 
 /// The image store and the re-hoster around it.
-fn rehoster(settings: &Settings, db: &Db, public_url: &Url) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
+fn rehoster(
+    settings: &Settings,
+    db: &Db,
+    public_url: &Url,
+    signer: LinkSigner,
+) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
     let store = ImageStore::open(&settings.storage, db.clone())?;
     let download = download_settings(settings, public_url);
     let fetcher = Fetcher::new(&download)?;
-    let key = links::load_or_create_key(
-        settings.images.signing_key.as_ref().map(crate::config::Secret::expose),
-        &settings.storage.data_dir,
-    )?;
-    let signer = LinkSigner::new(key, public_url.clone());
     let rehoster = Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone()));
     Ok((Arc::new(rehoster), store))
 }
@@ -193,6 +218,36 @@ async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
     }
 }
 
+/// Deployment mistakes that still start, said once at startup: links other replicas refuse, links callers
+/// cannot reach.
+pub fn deployment_warnings(settings: &Settings, bound: SocketAddr) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let postgres = settings.database.url.as_ref().is_some_and(|u| u.expose().starts_with("postgres"));
+    if postgres && settings.images.signing_key.is_none() {
+        warnings.push(
+            "database.url is PostgreSQL (several replicas?) but images.signing_key is unset: each replica signs \
+             image links with its own generated <data_dir>/signing.key, so another replica answers them 403. Set \
+             IMAGEGATE__IMAGES__SIGNING_KEY to one shared key on every replica"
+                .to_owned(),
+        );
+    }
+    if postgres && settings.storage.backend == StorageBackend::Local && settings.images.rehost {
+        warnings.push(format!(
+            "database.url is PostgreSQL but re-hosted images are stored on local disk ({}): replicas that do not \
+             share that directory answer each other's links 404. Use storage.backend = \"s3\" or a shared volume",
+            settings.storage.images_dir().display()
+        ));
+    }
+    if settings.server.public_url.is_none() && bound.ip().is_unspecified() {
+        warnings.push(format!(
+            "server.public_url is unset and the gateway listens on {bound}: image links will point at \
+             http://{bound}, which callers cannot reach. Set server.public_url (IMAGEGATE__SERVER__PUBLIC_URL) to \
+             the address callers use"
+        ));
+    }
+    warnings
+}
+
 /// The response cache, with its Redis tier when `cache.backend = "redis"`. Redis need not be up: the tier
 /// connects in the background, and the cache works from memory until it does.
 fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
@@ -226,9 +281,9 @@ async fn limiter(settings: &Settings, db: &Db) -> anyhow::Result<Limiter> {
     Ok(Limiter::new(backend, l.default.clone(), l.on_backend_error))
 }
 
-async fn drain_deadline(started: Arc<tokio::sync::Notify>, deadline: Duration) {
-    started.notified().await;
-    tracing::info!(deadline_secs = deadline.as_secs(), "draining in-flight requests");
+/// Resolves `deadline` after the shutdown signal.
+async fn drain_deadline(signalled: Arc<tokio::sync::Notify>, deadline: Duration) {
+    signalled.notified().await;
     tokio::time::sleep(deadline).await;
 }
 
@@ -279,5 +334,27 @@ mod tests {
         let d = download_settings(&settings, &public);
         assert!(!d.allow_http, "{d:?}");
         assert!(!d.allowed_hosts.iter().any(|h| h == "gateway.local" || h == "gen.internal"), "{d:?}");
+    }
+
+    #[test]
+    fn replica_and_container_mistakes_are_warned_about() {
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let mut s = Settings::default();
+        assert!(deployment_warnings(&s, local).is_empty(), "the embedded default is fine");
+
+        s.database.url = Some(Secret::new("postgres://db/imagegate"));
+        let w = deployment_warnings(&s, local);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("images.signing_key is unset") && w[1].contains("local disk"), "{w:?}");
+        s.images.signing_key = Some(Secret::new("k".repeat(32)));
+        s.storage.backend = StorageBackend::S3;
+        assert!(deployment_warnings(&s, local).is_empty(), "shared key and shared storage");
+
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let w = deployment_warnings(&s, any);
+        assert!(w.len() == 1 && w[0].contains("http://0.0.0.0:8080"), "{w:?}");
+        s.server.public_url = Some(Url::parse("https://images.example.com").unwrap());
+        assert!(deployment_warnings(&s, any).is_empty());
+        assert!(deployment_warnings(&s, "[::]:8080".parse().unwrap()).is_empty());
     }
 }

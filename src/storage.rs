@@ -226,35 +226,78 @@ impl ImageStore {
         }
     }
 
-    /// Delete expired links, then the objects no live link uses, checking `stop` between objects (each is
-    /// deleted whole or not at all). Returns (links, objects) deleted.
+    /// Remove the links of `images` (stored for an answer that then failed), so they are never served.
+    pub async fn discard(&self, images: &[StoredImage]) -> Result<(), StoreError> {
+        if images.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = images.iter().map(|i| i.id.as_str()).collect();
+        self.repo.delete_images(&ids).await?;
+        for id in ids {
+            self.meta.invalidate(id).await;
+        }
+        Ok(())
+    }
+
+    /// Delete expired links, then every object no live link uses, a batch at a time until none is left,
+    /// checking `stop` between objects (each is deleted whole or not at all). An object that cannot be deleted
+    /// is logged and skipped (its row stays, so the next sweep tries again); after
+    /// [`MAX_CONSECUTIVE_FAILURES`] in a row the store is taken to be down and the sweep ends. Returns
+    /// (links, objects) deleted.
     pub async fn sweep(&self, stop: &tokio_util::sync::CancellationToken) -> Result<(u64, u64), StoreError> {
         let now = now_ms();
         let links = self.repo.delete_expired_images(now).await?;
-        let mut objects = 0;
-        for sha256 in self.repo.expired_blobs(now, 500).await? {
-            if stop.is_cancelled() {
-                break;
-            }
-            let path = self.object_path(&sha256);
-            let objects_store = self.objects.clone();
-            let deleted = self
-                .repo
-                .delete_blob_with(&sha256, now, move || async move {
-                    match objects_store.delete(&path).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                        Err(e) => Err(StoreError::from(e)),
+        let (mut objects, mut failures_in_a_row) = (0, 0);
+        let mut after = None;
+        'batches: loop {
+            let batch = self.repo.expired_blobs(now, after.as_ref(), SWEEP_BATCH).await?;
+            let Some(last) = batch.last().cloned() else { break };
+            for (_, sha256) in &batch {
+                if stop.is_cancelled() {
+                    break 'batches;
+                }
+                match self.delete_blob(sha256, now).await {
+                    Ok(deleted) => {
+                        objects += u64::from(deleted);
+                        failures_in_a_row = 0;
                     }
-                })
-                .await?;
-            objects += u64::from(deleted);
+                    Err(e) => {
+                        tracing::warn!(sha256 = %sha256, error = %e, "could not delete an expired image; skipping it");
+                        failures_in_a_row += 1;
+                        if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES {
+                            tracing::warn!(failures_in_a_row, "image storage keeps failing; sweeping again later");
+                            break 'batches;
+                        }
+                    }
+                }
+            }
+            after = Some(last);
         }
         if links > 0 || objects > 0 {
             self.meta.invalidate_all();
         }
         Ok((links, objects))
     }
+
+    /// Delete the expired blob `sha256` with its object, in one transaction.
+    async fn delete_blob(&self, sha256: &str, now: i64) -> Result<bool, StoreError> {
+        let path = self.object_path(sha256);
+        let objects = self.objects.clone();
+        self.repo
+            .delete_blob_with(sha256, now, move || async move {
+                match objects.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(StoreError::from(e)),
+                }
+            })
+            .await
+    }
 }
+
+/// Expired blobs read from the database at once by a sweep.
+const SWEEP_BATCH: i64 = 500;
+/// Failed deletes in a row after which a sweep stops until its next interval.
+const MAX_CONSECUTIVE_FAILURES: u32 = 20;
 
 #[cfg(test)]
 mod tests {
@@ -322,6 +365,57 @@ mod tests {
         // The same bytes stored again after the sweep are written anew.
         let again = store.put(new(png(), Duration::from_secs(60))).await.unwrap();
         assert_eq!(store.read_all(&again).await.unwrap(), png());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_deletes_every_expired_object_in_batches_and_skips_one_it_cannot_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let objects = Arc::new(LocalFileSystem::new_with_prefix(&images).unwrap());
+        let store = ImageStore::with_objects(objects, String::new(), StorageBackend::Local, db);
+        let count = SWEEP_BATCH as u64 + 120;
+        let mut shas = Vec::new();
+        for seed in 0..count {
+            let bytes =
+                crate::upstream::render::render(seed, 4, 4, crate::upstream::render::OutputFormat::Png).unwrap();
+            shas.push(store.put(new(bytes, Duration::from_millis(1))).await.unwrap().sha256);
+        }
+        shas.sort();
+        shas.dedup();
+        let distinct = shas.len() as u64;
+        assert!(distinct > SWEEP_BATCH as u64, "more objects than one batch: {distinct}");
+        let files = || walk(&images);
+        assert_eq!(files(), distinct);
+        // One object cannot be deleted: a directory stands where its file was.
+        let stuck = images.join("images").join(&shas[3][..2]).join(&shas[3]);
+        std::fs::remove_file(&stuck).unwrap();
+        std::fs::create_dir(&stuck).unwrap();
+        std::fs::write(stuck.join("keep"), b"x").unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        let (links, deleted) = store.sweep(&Default::default()).await.unwrap();
+        assert_eq!(links, count, "every expired link");
+        assert_eq!(deleted, distinct - 1, "every object but the stuck one, past the first batch");
+        assert_eq!(files(), 1, "only the stuck one's stand-in is left");
+
+        std::fs::remove_dir_all(&stuck).unwrap();
+        assert_eq!(store.sweep(&Default::default()).await.unwrap(), (0, 1), "the next sweep retries it");
+    }
+
+    fn walk(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map_or(0, |entries| entries.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+    }
+
+    #[tokio::test]
+    async fn discarded_images_are_never_served() {
+        let (store, _dir) = store().await;
+        let a = store.put(new(png(), Duration::from_secs(60))).await.unwrap();
+        assert!(store.find(&a.id).await.unwrap().is_some(), "cached after a read");
+        store.discard(std::slice::from_ref(&a)).await.unwrap();
+        assert!(store.find(&a.id).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -117,11 +117,15 @@ impl Upstreams {
 
     /// Build `[upstream]` and every `[upstreams.<name>]` from validated settings. Mock upstreams link their
     /// images to `public_url`.
-    pub fn from_settings(settings: &Settings, public_url: &url::Url) -> anyhow::Result<Self> {
-        let default = build(&settings.upstream, public_url)?;
+    pub fn from_settings(
+        settings: &Settings,
+        public_url: &url::Url,
+        mock_links: &mock::MockLinks,
+    ) -> anyhow::Result<Self> {
+        let default = build(&settings.upstream, public_url, mock_links)?;
         let mut named = BTreeMap::new();
         for (name, up) in &settings.upstreams {
-            let upstream = build(up, public_url).map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
+            let upstream = build(up, public_url, mock_links).map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
             named.insert(name.clone(), upstream);
         }
         Ok(Self::new(default, named))
@@ -147,9 +151,21 @@ impl Upstreams {
     }
 }
 
-fn build(settings: &UpstreamSettings, public_url: &url::Url) -> anyhow::Result<Arc<dyn Upstream>> {
+fn build(
+    settings: &UpstreamSettings,
+    public_url: &url::Url,
+    mock_links: &mock::MockLinks,
+) -> anyhow::Result<Arc<dyn Upstream>> {
     Ok(match settings.kind {
         UpstreamKind::Openai => Arc::new(openai::OpenAiUpstream::new(settings)?),
-        UpstreamKind::Mock => Arc::new(mock::MockUpstream::new(public_url.clone())),
+        UpstreamKind::Mock => Arc::new(mock::MockUpstream::new(public_url.clone(), mock_links.clone())),
     })
+}
+
+/// Headers every relayed SSE stream carries: `Cache-Control: no-cache` (no cache or proxy may store or replay
+/// it) and `X-Accel-Buffering: no` (nginx and compatible proxies pass each event on at once instead of
+/// buffering the stream).
+pub fn mark_event_stream(headers: &mut HeaderMap) {
+    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    headers.insert(http::HeaderName::from_static("x-accel-buffering"), http::HeaderValue::from_static("no"));
 }

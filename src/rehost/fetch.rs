@@ -44,6 +44,8 @@ pub enum FetchError {
     BadSignature,
     #[error("the download took longer than {0:?}")]
     Timeout(Duration),
+    #[error("the image host did not accept a connection within {0:?}")]
+    ConnectTimeout(Duration),
     #[error("the image host could not be reached")]
     Unreachable,
 }
@@ -74,7 +76,8 @@ impl HostRules {
 }
 
 /// True for addresses on the public internet. Rust's `IpAddr::is_global` is unstable, so the special-purpose
-/// ranges (RFC 6890 and friends) are listed here.
+/// ranges (the IANA IPv4 and IPv6 special-purpose registries, RFC 6890 and friends) are listed here. IPv6 forms
+/// that embed an IPv4 address (mapped, compatible, SIIT-translated, 6to4) are judged by that address.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -90,20 +93,39 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a >= 240
                 || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
                 || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast (deprecated)
                 || (a == 198 && (18..20).contains(&b))) // benchmarking
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                is_public(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
+            };
+            match s {
+                // ::ffff:a.b.c.d (IPv4-mapped)
+                [0, 0, 0, 0, 0, 0xffff, hi, lo] => return embedded(hi, lo),
+                // ::ffff:0:a.b.c.d (IPv4-translated, SIIT)
+                [0, 0, 0, 0, 0xffff, 0, hi, lo] => return embedded(hi, lo),
+                // ::a.b.c.d (IPv4-compatible, deprecated; also :: and ::1)
+                [0, 0, 0, 0, 0, 0, hi, lo] => return embedded(hi, lo),
+                // 2002:a.b.c.d::/48 (6to4): the host is reached through that IPv4 address
+                [0x2002, hi, lo, ..] => return embedded(hi, lo),
+                _ => {}
             }
-            let first = v6.segments()[0];
+            let first = s[0];
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local
                 || (first & 0xffc0) == 0xfe80 // link-local
-                || (first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
-                || first == 0x0064) // NAT64 well-known prefix
+                || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (first == 0x2001 && s[1] < 0x0200) // 2001::/23 IETF protocol assignments (Teredo, ORCHID, benchmarking…)
+                || (first == 0x2001 && s[1] == 0x0db8) // documentation
+                || (first & 0xfff0) == 0x3ff0 // 3fff::/20 documentation
+                || (first == 0x0100 && s[1..4] == [0, 0, 0]) // 100::/64 discard-only
+                || first == 0x0064) // NAT64 well-known and local-use prefixes
         }
     }
 }
@@ -144,16 +166,25 @@ pub struct Fetcher {
     max_bytes: u64,
     max_redirects: usize,
     timeout: Duration,
+    /// Deadline for one TCP/TLS connect: the whole download's, at most [`MAX_CONNECT_TIMEOUT`].
+    connect_timeout: Duration,
 }
+
+/// The longest a connect to an image host may take.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Fetcher {
     pub fn new(settings: &DownloadSettings) -> anyhow::Result<Self> {
+        Self::build(settings, settings.timeout.min(MAX_CONNECT_TIMEOUT))
+    }
+
+    fn build(settings: &DownloadSettings, connect_timeout: Duration) -> anyhow::Result<Self> {
         let private_ok = HostRules::new(&settings.private_hosts);
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver { private_ok: private_ok.clone() }))
-            .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(connect_timeout)
             .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the image download client: {e}"))?;
@@ -165,6 +196,7 @@ impl Fetcher {
             max_bytes: settings.max_bytes.as_u64(),
             max_redirects: settings.max_redirects,
             timeout: settings.timeout,
+            connect_timeout,
         })
     }
 
@@ -206,7 +238,8 @@ impl Fetcher {
         let mut redirects = 0;
         let response = loop {
             self.check(&url)?;
-            let response = self.client.get(url.clone()).send().await.map_err(|e| classify(&e, &url))?;
+            let response =
+                self.client.get(url.clone()).send().await.map_err(|e| classify(e, &url, self.connect_timeout))?;
             if !response.status().is_redirection() {
                 break response;
             }
@@ -254,9 +287,10 @@ impl Fetcher {
     }
 }
 
-/// Turn a client error into the reason callers see, recognising the resolver's refusal.
-fn classify(e: &reqwest::Error, url: &Url) -> FetchError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+/// Turn a client error into the reason callers see, recognising the resolver's refusal. The client sets no
+/// overall timeout (the whole download's is `Fetcher::fetch`'s), so a timeout here is the connect's.
+fn classify(e: reqwest::Error, url: &Url, connect_timeout: Duration) -> FetchError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if let Some(PrivateResolution(host)) = err.downcast_ref::<PrivateResolution>() {
             return FetchError::PrivateAddress(host.clone());
@@ -264,8 +298,10 @@ fn classify(e: &reqwest::Error, url: &Url) -> FetchError {
         source = err.source();
     }
     if e.is_timeout() {
-        return FetchError::Timeout(Duration::ZERO);
+        return FetchError::ConnectTimeout(connect_timeout);
     }
+    // reqwest's message names the URL, whose query is the upstream's signature: log the host only.
+    let e = e.without_url();
     tracing::debug!(host = url.host_str().unwrap_or_default(), error = %e, "image download failed");
     FetchError::Unreachable
 }
@@ -305,10 +341,30 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            // IPv4-compatible and SIIT-translated forms of private addresses
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::169.254.169.254",
+            "::ffff:0:10.0.0.1",
+            // 6to4 around a private address
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::",
+            "2002:c0a8:101::1",
+            // site-local, Teredo, ORCHIDv2, benchmarking, documentation, discard-only
+            "fec0::1",
+            "feff::1",
+            "2001::1",
+            "2001:20::1",
+            "2001:2::1",
+            "2001:db8::1",
+            "3fff::1",
+            "100::1",
+            "192.88.99.1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip} must not count as public");
         }
-        for ip in ["20.60.1.1", "8.8.8.8", "2606:4700::1111"] {
+        for ip in ["20.60.1.1", "8.8.8.8", "2606:4700::1111", "2002:808:808::1", "::8.8.8.8", "2a00:1450::1"] {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
         }
     }
@@ -346,5 +402,34 @@ mod tests {
         );
         assert_eq!(f.fetch("file:///etc/passwd").await.unwrap_err(), FetchError::Scheme("file".into()));
         assert_eq!(f.fetch("not a url").await.unwrap_err(), FetchError::BadUrl);
+        for literal in ["http://[::127.0.0.1]/x.png", "http://[2002:7f00:1::1]/x.png", "http://[fec0::1]/x.png"] {
+            let f = fetcher(&["[::7f00:1]", "[2002:7f00:1::1]", "[fec0::1]"], &[]);
+            assert!(matches!(f.fetch(literal).await, Err(FetchError::PrivateAddress(_))), "{literal}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connect_timeout_reports_the_deadline_that_fired() {
+        // A listener whose accept queue is full: the kernel drops further SYNs, so a connect hangs.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _filled: Vec<_> = (0..4)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+            .collect();
+        let settings = DownloadSettings {
+            allowed_hosts: vec!["127.0.0.1".into()],
+            private_hosts: vec!["127.0.0.1".into()],
+            allow_http: true,
+            timeout: Duration::from_secs(5),
+            ..DownloadSettings::default()
+        };
+        let f = Fetcher::build(&settings, Duration::from_millis(300)).unwrap();
+        let started = std::time::Instant::now();
+        let err = f.fetch(&format!("http://{addr}/x.png")).await.unwrap_err();
+        assert_eq!(err, FetchError::ConnectTimeout(Duration::from_millis(300)));
+        assert_eq!(err.to_string(), "the image host did not accept a connection within 300ms");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

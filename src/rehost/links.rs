@@ -54,6 +54,14 @@ impl LinkSigner {
         mac
     }
 
+    /// A key for another purpose, derived from this one (HMAC of `purpose`), so one configured secret serves
+    /// several signers without any of them revealing it.
+    pub fn derive(&self, purpose: &[u8]) -> Vec<u8> {
+        let mut mac = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
+        mac.update(purpose);
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// The link to file `name` (`{id}.{ext}`), valid until `expires` (Unix seconds).
     pub fn url(&self, name: &str, expires: i64) -> String {
         let signature = URL_SAFE_NO_PAD.encode(self.mac(name, expires).finalize().into_bytes());
@@ -61,7 +69,8 @@ impl LinkSigner {
         paths::public_link(&self.base, &path, &format!("expires={expires}&signature={signature}"))
     }
 
-    /// Check a link's signature (in constant time), then its expiry against `now` (Unix seconds).
+    /// Check a link's signature (in constant time), then its expiry against `now` (Unix seconds). `expires`
+    /// must be spelt as signed (no sign, no leading zeros): other spellings of the same number are refused.
     pub fn verify(
         &self,
         name: &str,
@@ -71,6 +80,9 @@ impl LinkSigner {
     ) -> Result<(), LinkError> {
         let (Some(expires), Some(signature)) = (expires, signature) else { return Err(LinkError::BadSignature) };
         let expires_at: i64 = expires.parse().map_err(|_| LinkError::BadSignature)?;
+        if expires_at.to_string() != expires {
+            return Err(LinkError::BadSignature);
+        }
         let given = URL_SAFE_NO_PAD.decode(signature).map_err(|_| LinkError::BadSignature)?;
         self.mac(name, expires_at).verify_slice(&given).map_err(|_| LinkError::BadSignature)?;
         if expires_at <= now { Err(LinkError::Expired) } else { Ok(()) }
@@ -143,6 +155,19 @@ mod tests {
         assert_eq!(s.verify(&name, Some(&exp), Some("AAAA"), 0), Err(LinkError::BadSignature));
         let other = signer("j".repeat(32).as_str());
         assert_eq!(other.verify(&name, Some(&exp), Some(&sig), 0), Err(LinkError::BadSignature));
+        // The same number spelt otherwise is another link.
+        for spelling in ["02000", "+2000", "002000", " 2000"] {
+            assert_eq!(s.verify(&name, Some(spelling), Some(&sig), 0), Err(LinkError::BadSignature), "{spelling}");
+        }
+    }
+
+    #[test]
+    fn derived_keys_differ_by_purpose_and_by_key() {
+        let s = signer("k".repeat(32).as_str());
+        assert_eq!(s.derive(b"a"), s.derive(b"a"));
+        assert_ne!(s.derive(b"a"), s.derive(b"b"));
+        assert_ne!(s.derive(b"a"), signer("j".repeat(32).as_str()).derive(b"a"));
+        assert_ne!(s.derive(b"a"), "k".repeat(32).into_bytes());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `GET /images/files/{id}.{ext}?expires=…&signature=…`: re-hosted images, served to whoever holds a valid
 //! signed link (no key header, like OpenAI's own links), with a strong ETag (the SHA-256), long-lived cache
 //! headers, conditional requests (`If-None-Match`, `If-Modified-Since`) and single byte ranges (`If-Range`
-//! honoured). The bytes are streamed from the object store, never buffered whole.
+//! honoured). The bytes are streamed from the object store, never buffered whole; `HEAD` is answered from the
+//! metadata row alone, without opening the object (a real GET on S3).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,8 +10,8 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
-use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -30,6 +31,7 @@ pub struct LinkQuery {
 
 pub async fn get_image_file(
     State(state): State<AppState>,
+    method: Method,
     Path(name): Path<String>,
     Query(query): Query<LinkQuery>,
     headers: HeaderMap,
@@ -55,12 +57,15 @@ pub async fn get_image_file(
         return Ok(response);
     }
     let range = requested_range(&headers, &validators.etag, image.bytes)?;
-    let stream = match rehoster.store().read(&image, range.clone().map(|r| r.start..r.end)).await {
-        Ok(stream) => stream,
-        Err(StoreError::Missing) => return Err(gone()),
-        Err(e) => return Err(store_error(e)),
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        match rehoster.store().read(&image, range.clone().map(|r| r.start..r.end)).await {
+            Ok(stream) => Body::from_stream(stream.map(|chunk| chunk.map_err(std::io::Error::other))),
+            Err(StoreError::Missing) => return Err(gone()),
+            Err(e) => return Err(store_error(e)),
+        }
     };
-    let body = Body::from_stream(stream.map(|chunk| chunk.map_err(std::io::Error::other)));
     let mut response = Response::new(body);
     let h = response.headers_mut();
     validators.apply(h);

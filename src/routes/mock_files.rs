@@ -1,25 +1,35 @@
-//! `GET /_mock/files/{name}?se=<unix expiry>`: serves the images behind the mock upstream's expiring
-//! DALL·E-style URLs by re-rendering them from the name, answering expired and unknown links like Azure Blob
-//! Storage (which hosts OpenAI's real ones) does.
+//! `GET /_mock/files/{name}?se=<unix expiry>&sig=<signature>`: serves the images behind the mock upstream's
+//! expiring DALL·E-style URLs by re-rendering them from the name, answering unsigned, expired and unknown links
+//! like Azure Blob Storage (which hosts OpenAI's real ones) does. Only links the mock signed are rendered, so
+//! nobody can make the gateway render arbitrary sizes on demand.
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::Extension;
 use axum::extract::{Path, Query};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::upstream::mock::parse_file_name;
+use crate::upstream::mock::{MockLinks, parse_file_name};
 use crate::upstream::render;
 
-/// Serve one mock image: 200 with the image, 403 once `se` has passed, 404 for anything malformed.
-pub async fn get_mock_file(Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> Response {
+/// Serve one mock image: 200 with the image, 403 for a missing or wrong signature and once `se` has passed,
+/// 404 for anything malformed.
+pub async fn get_mock_file(
+    Extension(links): Extension<MockLinks>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let Some((seed, width, height, format)) = parse_file_name(&name) else {
         return blob_not_found();
     };
-    let Some(expires) = q.get("se").and_then(|s| s.parse::<u64>().ok()) else {
+    let Some((se, expires)) = q.get("se").and_then(|s| Some((s, s.parse::<u64>().ok()?))) else {
         return blob_not_found();
     };
+    if !q.get("sig").is_some_and(|sig| links.verify(&name, se, sig)) {
+        return signature_mismatch();
+    }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     if now >= expires {
         return authentication_failed(expires, now);
@@ -60,6 +70,17 @@ fn blob_not_found() -> Response {
     )
 }
 
+fn signature_mismatch() -> Response {
+    xml(
+        StatusCode::FORBIDDEN,
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>AuthenticationFailed</Code><Message>Server \
+         failed to authenticate the request. Make sure the value of Authorization header is formed correctly \
+         including the signature.</Message><AuthenticationErrorDetail>Signature did not match.\
+         </AuthenticationErrorDetail></Error>"
+            .to_owned(),
+    )
+}
+
 fn authentication_failed(expires: u64, now: u64) -> Response {
     xml(
         StatusCode::FORBIDDEN,
@@ -92,11 +113,44 @@ mod tests {
         SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
     }
 
+    fn links() -> MockLinks {
+        MockLinks::new(b"mock file tests".to_vec())
+    }
+
+    /// GET `name` with `se` and a valid signature for it.
     async fn get(name: &str, se: Option<String>) -> (StatusCode, axum::http::HeaderMap, bytes::Bytes) {
-        let q: HashMap<String, String> = se.map(|s| ("se".to_owned(), s)).into_iter().collect();
-        let response = get_mock_file(Path(name.to_owned()), Query(q)).await;
+        let sig = se.as_deref().and_then(|s| s.parse().ok()).map(|at| links().signature(name, at));
+        get_signed(name, se, sig).await
+    }
+
+    async fn get_signed(
+        name: &str,
+        se: Option<String>,
+        sig: Option<String>,
+    ) -> (StatusCode, axum::http::HeaderMap, bytes::Bytes) {
+        let q: HashMap<String, String> =
+            se.map(|s| ("se".to_owned(), s)).into_iter().chain(sig.map(|s| ("sig".to_owned(), s))).collect();
+        let response = get_mock_file(Extension(links()), Path(name.to_owned()), Query(q)).await;
         let (parts, body) = response.into_parts();
         (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn unsigned_or_forged_links_are_refused_before_anything_is_rendered() {
+        // A huge image nobody was handed: refused at once, never rendered.
+        let name = file_name(7, 4096, 4096, OutputFormat::Png);
+        let se = (now() + 60).to_string();
+        let forged = MockLinks::new(b"guessed".to_vec()).signature(&name, now() + 60);
+        let started = std::time::Instant::now();
+        for sig in [None, Some(forged), Some("AAAA".to_owned())] {
+            let (status, _, body) = get_signed(&name, Some(se.clone()), sig).await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(std::str::from_utf8(&body).unwrap().contains("Signature did not match"));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "nothing was rendered");
+        // A signature for another expiry does not carry over.
+        let sig = links().signature(&name, now() + 60);
+        assert_eq!(get_signed(&name, Some((now() + 61).to_string()), Some(sig)).await.0, StatusCode::FORBIDDEN);
     }
 
     #[tokio::test]
@@ -155,7 +209,7 @@ mod tests {
         use crate::images::request::{Endpoint, ImageRequest};
         use crate::upstream::{Attribution, ReplyBody, Upstream};
 
-        let mock = MockUpstream::new(url::Url::parse("http://localhost:8080").unwrap());
+        let mock = MockUpstream::new(url::Url::parse("http://localhost:8080").unwrap(), links());
         let req = ImageRequest::from_json(
             Endpoint::Generations,
             bytes::Bytes::from_static(br#"{"model":"dall-e-2","prompt":"a kite","size":"256x256"}"#),
@@ -169,7 +223,7 @@ mod tests {
         let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
         let se: u64 = q["se"].parse().unwrap();
         assert!(se > now() + URL_LIFETIME_SECS - 60);
-        let (status, _, bytes) = get(name, q.get("se").cloned()).await;
+        let (status, _, bytes) = get_signed(name, q.get("se").cloned(), q.get("sig").cloned()).await;
         assert_eq!(status, StatusCode::OK);
         let img = image::load_from_memory(&bytes).unwrap();
         assert_eq!((img.width(), img.height()), (256, 256));

@@ -1,12 +1,13 @@
 //! The global middleware stack, in one function, outermost first. `docs/architecture.md` mirrors this list.
 //!
-//! 1. Catch panics → 500 in OpenAI's shape, never a dropped connection.
-//! 2. Mark `authorization` and `api-key` sensitive so no later layer can log them.
-//! 3. Request id: a fresh `req_<32 hex>` of imagegate's own, on the request (extension), the span and the
-//!    response's `x-request-id`.
-//! 4. Trace: one span per request (method, route template, request id; tenant filled in by auth) and one
-//!    line when the response is ready.
-//! 5. Log errors once: the `ApiError` stored in response extensions, at its level.
+//! 1. Mark `authorization` and `api-key` sensitive so no later layer can log them.
+//! 2. Request id: a fresh `req_<32 hex>` of imagegate's own, on the request (extension), the span and the
+//!    response's `x-request-id` — every response, a caught panic's included.
+//! 3. Trace: one span per request (method, route template, request id; tenant filled in by auth) and one
+//!    line when the response is ready. Its own failure log is off: errors are logged once, by the next layer.
+//! 4. Log errors once: the `ApiError` stored in response extensions, at its level.
+//! 5. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the layers above, so the 500
+//!    carries the request id and its cause is logged in the request's span.
 //! 6. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
 //!
 //! Inside the router: image routes get tenant authentication (`tenants::auth`) via `route_layer`; body limits
@@ -39,21 +40,33 @@ pub struct RequestId(pub String);
 /// Wrap `router` in the global stack.
 pub fn apply(router: Router, request_timeout: Duration) -> Router {
     let stack = ServiceBuilder::new()
-        .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION, http::HeaderName::from_static(headers::API_KEY)]))
         .layer(from_fn(request_id))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
                 .on_request(())
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                // Its default logs every 5xx at ERROR, upstream pass-throughs included: `log_errors` logs ours.
+                .on_failure(()),
         )
         .layer(from_fn(log_errors))
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(HandleErrorLayer::new(
             move |_: tower::BoxError| async move { ApiError::RequestTimeout(request_timeout) },
         ))
         .layer(TimeoutLayer::new(request_timeout));
     router.layer(stack)
+}
+
+/// The 500 for a panic in a handler; its message goes to the log (through `log_errors`), never to the caller.
+fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned());
+    ApiError::Internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
 }
 
 async fn request_id(mut request: Request, next: Next) -> Response {
@@ -91,4 +104,88 @@ async fn log_errors(request: Request, next: Next) -> Response {
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::routing::get;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// Log lines written while a test runs, shared with the subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(logs.clone()).with_max_level(Level::DEBUG).with_ansi(false).finish();
+        (logs.clone(), tracing::subscriber::set_default(subscriber))
+    }
+
+    async fn call(app: Router, path: &str) -> (http::StatusCode, http::HeaderMap, serde_json::Value) {
+        let request = http::Request::get(path).body(Body::empty()).unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    #[allow(clippy::panic, reason = "the handler under test panics on purpose")]
+    async fn a_panic_answers_500_with_a_request_id_and_is_logged_once_in_its_span() {
+        let (logs, _guard) = capture();
+        async fn boom() -> &'static str {
+            panic!("the database exploded")
+        }
+        let router = Router::new().route("/boom", get(boom));
+        let (status, headers, body) = call(apply(router, Duration::from_secs(5)), "/boom").await;
+
+        assert_eq!(status, http::StatusCode::INTERNAL_SERVER_ERROR);
+        let id = headers.get(headers::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(id.starts_with("req_"), "the 500 carries imagegate's request id: {headers:?}");
+        assert_eq!(body["error"]["type"], "server_error");
+        assert!(!body.to_string().contains("exploded"), "the cause stays in the log: {body}");
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let failed: Vec<&str> = text.lines().filter(|l| l.contains("request failed")).collect();
+        assert_eq!(failed.len(), 1, "logged exactly once: {text}");
+        assert!(failed[0].contains("ERROR") && failed[0].contains("the database exploded"), "{text}");
+        assert!(failed[0].contains(&id), "the log line is in the request's span: {text}");
+    }
+
+    #[tokio::test]
+    async fn a_5xx_is_logged_once_and_a_passed_on_upstream_5xx_not_as_an_error() {
+        let (logs, _guard) = capture();
+        let router = Router::new()
+            .route("/ours", get(|| async { ApiError::UpstreamUnavailable("connection refused".into()) }))
+            .route("/theirs", get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "{\"error\":{}}") }));
+        let app = apply(router, Duration::from_secs(5));
+        assert_eq!(call(app.clone(), "/ours").await.0, http::StatusCode::BAD_GATEWAY);
+        assert_eq!(call(app, "/theirs").await.0, http::StatusCode::SERVICE_UNAVAILABLE);
+
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().filter(|l| l.contains("request failed")).count(), 1, "{text}");
+        assert_eq!(text.lines().filter(|l| l.contains("ERROR")).count(), 0, "no tower-http failure lines: {text}");
+    }
 }

@@ -76,14 +76,38 @@ impl ImageRepo {
         Ok(done.rows_affected())
     }
 
-    /// Up to `limit` blobs no live link uses any more.
-    pub async fn expired_blobs(&self, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
-        let rows = sqlx::query("SELECT sha256 FROM image_blobs WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2")
-            .bind(now)
-            .bind(limit)
-            .fetch_all(self.db.pool())
-            .await?;
-        rows.iter().map(|r| r.try_get::<String, _>("sha256")).collect()
+    /// Up to `limit` blobs no live link uses any more, in (expiry, sha256) order, starting after `after`: a
+    /// sweep pages through them with the last one it saw, so blobs it had to skip are not fetched again.
+    pub async fn expired_blobs(
+        &self,
+        now: i64,
+        after: Option<&(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        let (after_expiry, after_sha) = after.cloned().unwrap_or((i64::MIN, String::new()));
+        let rows = sqlx::query(
+            "SELECT expires_at, sha256 FROM image_blobs WHERE expires_at <= $1 \
+             AND (expires_at > $2 OR (expires_at = $2 AND sha256 > $3)) ORDER BY expires_at, sha256 LIMIT $4",
+        )
+        .bind(now)
+        .bind(after_expiry)
+        .bind(after_sha)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get::<i64, _>("expires_at")?, r.try_get::<String, _>("sha256")?))).collect()
+    }
+
+    /// Delete the links `ids` (of an answer that failed after they were stored). Their blobs keep their expiry:
+    /// another link may be about to use the same bytes, and the sweeper deletes them when they expire.
+    pub async fn delete_images(&self, ids: &[&str]) -> Result<u64, sqlx::Error> {
+        let mut deleted = 0;
+        for id in ids {
+            let done =
+                sqlx::query("DELETE FROM images WHERE id = $1").bind((*id).to_owned()).execute(self.db.pool()).await?;
+            deleted += done.rows_affected();
+        }
+        Ok(deleted)
     }
 
     /// Delete blob `sha256` if it is still expired, running `delete_object` inside the same transaction: a

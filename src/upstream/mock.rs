@@ -1,15 +1,18 @@
 //! The built-in offline upstream: [`MockUpstream`] answers image requests the way OpenAI does (shapes, defaults,
 //! `usage`, SSE streams, expiring DALL·E URLs) with real, deterministic images from `upstream::render`.
 //!
-//! It validates only what it needs to answer; the gateway validates requests on its own.
+//! It validates only what it needs to answer; the gateway validates requests on its own. Its DALL·E-style links
+//! are signed ([`MockLinks`]), so only images it handed out are rendered, and the `n` images of an answer are
+//! rendered in parallel.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt as _};
+use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -32,22 +35,70 @@ const IMAGE_TOKENS_PER_INPUT: u64 = 323;
 /// Extra image output tokens per partial image of a stream (OpenAI guide: ~100).
 const TOKENS_PER_PARTIAL: u64 = 100;
 
+/// Signs and checks the mock's image links (HMAC-SHA256 over the file name and the expiry), the way Azure's
+/// SAS signature protects OpenAI's real ones: the file route renders only what the mock handed out, not any
+/// size anyone asks for.
+#[derive(Clone)]
+pub struct MockLinks {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for MockLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockLinks").finish_non_exhaustive()
+    }
+}
+
+impl MockLinks {
+    pub fn new(key: impl Into<Vec<u8>>) -> Self {
+        Self { key: key.into() }
+    }
+
+    fn mac(&self, name: &str, expires: u64) -> Hmac<Sha256> {
+        // HMAC takes keys of any length.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
+        mac.update(name.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac
+    }
+
+    /// The `sig` of file `name` expiring at `expires` (Unix seconds).
+    pub fn signature(&self, name: &str, expires: u64) -> String {
+        URL_SAFE_NO_PAD.encode(self.mac(name, expires).finalize().into_bytes())
+    }
+
+    /// Whether `sig` signs `name` and `expires` (in its canonical spelling), in constant time.
+    pub fn verify(&self, name: &str, expires: &str, sig: &str) -> bool {
+        let Ok(at) = expires.parse::<u64>() else { return false };
+        let Ok(given) = URL_SAFE_NO_PAD.decode(sig) else { return false };
+        at.to_string() == expires && self.mac(name, at).verify_slice(&given).is_ok()
+    }
+}
+
+#[expect(clippy::panic, reason = "HMAC accepts keys of every length; this cannot run")]
+fn unreachable_hmac() -> Hmac<Sha256> {
+    panic!("HMAC rejected a key")
+}
+
 /// The offline upstream. `public_url` is where callers reach this gateway; DALL·E URLs point below it at
 /// `wire::paths::MOCK_FILES`.
 #[derive(Debug, Clone)]
 pub struct MockUpstream {
     public_url: Url,
+    links: MockLinks,
 }
 
 impl MockUpstream {
-    /// A mock whose DALL·E URLs start with `public_url` (e.g. `http://localhost:8080`).
-    pub fn new(public_url: Url) -> Self {
-        Self { public_url }
+    /// A mock whose DALL·E URLs start with `public_url` (e.g. `http://localhost:8080`), signed by `links`.
+    pub fn new(public_url: Url, links: MockLinks) -> Self {
+        Self { public_url, links }
     }
 
-    /// The expiring URL of a rendered file: `{public_url}/_mock/files/{name}?se={expires}`.
+    /// The expiring, signed URL of a rendered file: `{public_url}/_mock/files/{name}?se={expires}&sig={…}`.
     pub fn file_url(&self, name: &str, expires: u64) -> String {
-        paths::public_link(&self.public_url, &format!("{}/{name}", paths::MOCK_FILES), &format!("se={expires}"))
+        let query = format!("se={expires}&sig={}", self.links.signature(name, expires));
+        paths::public_link(&self.public_url, &format!("{}/{name}", paths::MOCK_FILES), &query)
     }
 
     async fn answer(&self, request: &ImageRequest) -> UpstreamReply {
@@ -374,11 +425,24 @@ impl Plan {
         let (seed_source, input_images) = match req.endpoint {
             Endpoint::Generations => (prompt.clone(), 0),
             Endpoint::Edits => {
+                // The same prompt on other images (or another mask) is another edit.
+                let mut inputs = Sha256::new();
                 let count = match req.form() {
-                    Some(form) => form.images().count() as u64,
-                    None => req.field("images").and_then(|v| v.as_array().map(|a| a.len() as u64)).unwrap_or(0),
+                    Some(form) => {
+                        for part in form.images().chain(form.mask()) {
+                            inputs.update(Sha256::digest(&part.data));
+                        }
+                        form.images().count() as u64
+                    }
+                    None => {
+                        for name in ["images", "mask"] {
+                            inputs.update(req.field(name).map(|v| v.to_string()).unwrap_or_default().as_bytes());
+                            inputs.update([0u8]);
+                        }
+                        req.field("images").and_then(|v| v.as_array().map(|a| a.len() as u64)).unwrap_or(0)
+                    }
                 };
-                (prompt.clone(), count)
+                (format!("{prompt}\0{}", hex::encode(inputs.finalize())), count)
             }
             Endpoint::Variations => {
                 let first = req.form().and_then(|f| f.images().next()).map(|p| p.data.clone()).unwrap_or_default();
@@ -448,17 +512,10 @@ impl Plan {
         .map_err(|e| anyhow::anyhow!("render task failed: {e}"))?
     }
 
+    /// Every image of the answer, each rendered on its own blocking thread, so `n` images take about as long as
+    /// one on a machine with `n` cores.
     async fn render_all_b64(&self) -> anyhow::Result<Vec<String>> {
-        let seeds: Vec<u64> = (0..self.n).map(|i| self.seed(i)).collect();
-        let (w, h, format, transparent) = (self.width, self.height, self.format, self.transparent);
-        tokio::task::spawn_blocking(move || {
-            seeds
-                .into_iter()
-                .map(|seed| render::render_with_background(seed, w, h, format, transparent).map(|b| BASE64.encode(&b)))
-                .collect::<anyhow::Result<Vec<String>>>()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("render task failed: {e}"))?
+        futures::future::try_join_all((0..self.n).map(|i| self.render_b64(self.seed(i)))).await
     }
 
     fn into_stream_reply(self, started: Instant) -> UpstreamReply {
@@ -470,11 +527,9 @@ impl Plan {
             })
             .collect();
         let events = sse_events(self, steps);
-        UpstreamReply {
-            status: StatusCode::OK,
-            headers: reply_headers("text/event-stream", started),
-            body: ReplyBody::Stream(events),
-        }
+        let mut headers = reply_headers("text/event-stream", started);
+        super::mark_event_stream(&mut headers);
+        UpstreamReply { status: StatusCode::OK, headers, body: ReplyBody::Stream(events) }
     }
 
     /// One SSE event, rendered and framed.
@@ -574,7 +629,11 @@ mod tests {
     use crate::images::request::{Form, Part};
 
     fn mock() -> MockUpstream {
-        MockUpstream::new(Url::parse("http://gw.example:8080/").unwrap())
+        MockUpstream::new(Url::parse("http://gw.example:8080/").unwrap(), links())
+    }
+
+    fn links() -> MockLinks {
+        MockLinks::new(b"a key for the tests".to_vec())
     }
 
     fn json_req(endpoint: Endpoint, body: Value) -> ImageRequest {
@@ -727,8 +786,10 @@ mod tests {
             let name = url.path().strip_prefix("/_mock/files/").unwrap();
             let (seed, w, h, format) = parse_file_name(name).unwrap();
             assert_eq!((seed, w, h, format), (render::seed_for("a boat", i as u32), 512, 512, OutputFormat::Png));
-            let se: u64 = url.query_pairs().find(|(k, _)| k == "se").unwrap().1.parse().unwrap();
+            let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+            let se: u64 = q["se"].parse().unwrap();
             assert_eq!(se, created + URL_LIFETIME_SECS);
+            assert!(links().verify(name, &q["se"], &q["sig"]), "signed");
         }
     }
 
@@ -761,10 +822,29 @@ mod tests {
 
     #[test]
     fn public_url_with_a_path_prefix_is_kept() {
-        let m = MockUpstream::new(Url::parse("https://example.com/gw/").unwrap());
-        assert_eq!(m.file_url("abc.png", 5), "https://example.com/gw/_mock/files/abc.png?se=5");
-        let m = MockUpstream::new(Url::parse("http://localhost:8080").unwrap());
-        assert_eq!(m.file_url("abc.png", 5), "http://localhost:8080/_mock/files/abc.png?se=5");
+        let sig = links().signature("abc.png", 5);
+        let m = MockUpstream::new(Url::parse("https://example.com/gw/").unwrap(), links());
+        assert_eq!(m.file_url("abc.png", 5), format!("https://example.com/gw/_mock/files/abc.png?se=5&sig={sig}"));
+        let m = MockUpstream::new(Url::parse("http://localhost:8080").unwrap(), links());
+        assert_eq!(m.file_url("abc.png", 5), format!("http://localhost:8080/_mock/files/abc.png?se=5&sig={sig}"));
+    }
+
+    #[test]
+    fn links_verify_only_as_signed() {
+        let l = links();
+        let sig = l.signature("abc.png", 2_000);
+        assert!(l.verify("abc.png", "2000", &sig));
+        for (name, se, sig) in [
+            ("abd.png", "2000", sig.as_str()),
+            ("abc.png", "2001", &sig),
+            ("abc.png", "02000", &sig),
+            ("abc.png", "+2000", &sig),
+            ("abc.png", "2000", "AAAA"),
+            ("abc.png", "2000", ""),
+        ] {
+            assert!(!l.verify(name, se, sig), "{name} {se} {sig}");
+        }
+        assert!(!MockLinks::new(b"another key".to_vec()).verify("abc.png", "2000", &sig));
     }
 
     #[test]
@@ -804,8 +884,20 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["usage"]["input_tokens_details"]["image_tokens"], 2 * IMAGE_TOKENS_PER_INPUT);
         assert_eq!(body["usage"]["input_tokens_details"]["text_tokens"], 3);
-        let expected = render::render(render::seed_for("add a hat", 0), 1024, 1024, OutputFormat::Png).unwrap();
-        assert_eq!(body["data"][0]["b64_json"], BASE64.encode(&expected));
+        let decoded = decode_b64(&body["data"][0]["b64_json"]);
+        assert_eq!((decoded.width(), decoded.height()), (1024, 1024));
+        // Deterministic from the prompt *and* the images: other images (or another order) give another edit.
+        let (_, _, again) = send_json(&req).await;
+        assert_eq!(again["data"], body["data"]);
+        let other = |parts| async move { send_json(&form_req(Endpoint::Edits, parts)).await.2["data"].clone() };
+        let base = || vec![text_part("prompt", "add a hat"), text_part("model", "gpt-image-1")];
+        let swapped = other([base(), vec![png_part("image[]", 2), png_part("image[]", 1)]].concat()).await;
+        let masked =
+            other([base(), vec![png_part("image[]", 1), png_part("image[]", 2), png_part("mask", 9)]].concat());
+        let third = other([base(), vec![png_part("image[]", 1), png_part("image[]", 3)]].concat()).await;
+        for different in [swapped, masked.await, third] {
+            assert_ne!(different[0]["b64_json"], body["data"][0]["b64_json"]);
+        }
     }
 
     #[tokio::test]

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -47,7 +49,7 @@ impl OpenAiUpstream {
             auth: settings.auth,
             organization: settings.organization.clone(),
             project: settings.project.clone(),
-            query: settings.query.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            query: settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
             timeout: settings.timeout,
             stream_idle_timeout: settings.stream_idle_timeout,
             connect_retries: settings.connect_retries,
@@ -98,44 +100,57 @@ impl OpenAiUpstream {
         self.build(request, attribution).send().await
     }
 
+    /// Send, retrying failed connects, until response headers arrive or `deadline` passes.
     async fn send_with_retries(
         &self,
         request: &ImageRequest,
         attribution: &Attribution,
+        deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut attempt = 0;
         loop {
-            match tokio::time::timeout(self.timeout, self.send_once(request, attribution)).await {
+            match tokio::time::timeout_at(deadline, self.send_once(request, attribution)).await {
                 Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
                 Ok(Ok(response)) => return Ok(response),
                 // A connect error means no byte of the request reached the upstream: safe to try again.
                 Ok(Err(e)) if e.is_connect() && attempt < self.connect_retries => {
                     attempt += 1;
-                    tracing::warn!(attempt, error = %e.without_url(), "upstream connect failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+                    tracing::warn!(attempt, error = %error_chain(e), "upstream connect failed, retrying");
+                    let pause = Duration::from_millis(100 * 2u64.pow(attempt));
+                    if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
+                        return Err(UpstreamError::Timeout(self.timeout));
+                    }
                 }
                 Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
-                Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(&e))),
+                Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(e))),
             }
         }
     }
 
-    async fn read_reply(&self, response: reqwest::Response, stream: bool) -> Result<UpstreamReply, UpstreamError> {
+    /// Read the answer: a stream is handed on at once (then the idle deadline applies between chunks); a whole
+    /// body must be complete by `deadline`, the same one the headers had.
+    async fn read_reply(
+        &self,
+        response: reqwest::Response,
+        stream: bool,
+        deadline: Instant,
+    ) -> Result<UpstreamReply, UpstreamError> {
         let status = response.status();
-        let headers = pass_through_headers(response.headers());
+        let mut headers = pass_through_headers(response.headers());
         let is_sse = response
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if stream && status.is_success() && is_sse {
+            super::mark_event_stream(&mut headers);
             let body = sse_stream(response, self.stream_idle_timeout);
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
-        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
+        let body = match tokio::time::timeout_at(deadline, response.bytes()).await {
             Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
             Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
-            Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(&e))),
+            Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(e))),
             Ok(Ok(body)) => body,
         };
         Ok(UpstreamReply { status, headers, body: ReplyBody::Full(body) })
@@ -149,8 +164,10 @@ impl Upstream for OpenAiUpstream {
         attribution: &'a Attribution,
     ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
         Box::pin(async move {
-            let response = self.send_with_retries(request, attribution).await?;
-            self.read_reply(response, request.stream()).await
+            // One deadline for the whole answer (`upstream.timeout`), headers and body together.
+            let deadline = Instant::now() + self.timeout;
+            let response = self.send_with_retries(request, attribution, deadline).await?;
+            self.read_reply(response, request.stream(), deadline).await
         })
     }
 
@@ -159,14 +176,14 @@ impl Upstream for OpenAiUpstream {
     }
 }
 
-/// The error and its causes, without the URL (which may carry query parameters).
-fn error_chain(e: &reqwest::Error) -> String {
-    let mut out = String::new();
-    let mut current: Option<&dyn std::error::Error> = Some(e);
+/// The error and its causes, without the URL: reqwest's message names it, query included, and the query may
+/// carry a secret (`[upstream.query]`, e.g. a key for a proxy in front of the upstream).
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut current = std::error::Error::source(&e);
     while let Some(err) = current {
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
+        out.push_str(": ");
         out.push_str(&err.to_string());
         current = err.source();
     }
@@ -200,7 +217,7 @@ fn sse_stream(response: reqwest::Response, idle: Duration) -> futures::stream::B
             Ok(Some(Ok(bytes))) => Some((bytes, Some(chunks))),
             Ok(None) => None,
             Ok(Some(Err(e))) => {
-                tracing::warn!(error = %error_chain(&e), "upstream stream broke");
+                tracing::warn!(error = %error_chain(e), "upstream stream broke");
                 Some((interrupted("The upstream stream was interrupted."), None))
             }
             Err(_) => {

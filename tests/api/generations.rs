@@ -187,3 +187,27 @@ async fn a_slow_upstream_answers_504_after_the_configured_timeout() {
     assert_eq!(error["code"], "timeout");
     assert_eq!(fake.call_count(), 1, "a timed-out request is never retried: it may have been billed");
 }
+
+#[tokio::test]
+async fn the_upstream_timeout_covers_headers_and_body_together_and_asks_sdks_not_to_retry() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.upstream.timeout = std::time::Duration::from_millis(800);
+        s.server.request_timeout = std::time::Duration::from_secs(10);
+    })
+    .await;
+
+    // Headers after 500 ms, the body 500 ms later: each part within the timeout, the whole not.
+    let started = std::time::Instant::now();
+    let res = app.post_json("/images/generations", &json!({"prompt": "x #sleep=500 #body_delay=500"})).await;
+    let elapsed = started.elapsed();
+
+    assert_eq!(res.headers()["x-should-retry"], "false", "a retry could pay for the images again");
+    let (status, error) = error_of(res).await;
+    assert_eq!((status, error["code"].as_str()), (504, Some("timeout")));
+    assert!(elapsed < std::time::Duration::from_millis(1000), "answered when the one deadline passed: {elapsed:?}");
+    assert_eq!(fake.call_count(), 1);
+    // Within the deadline, the same answer passes.
+    let res = app.post_json("/images/generations", &json!({"prompt": "x #sleep=200 #body_delay=200"})).await;
+    assert_eq!(res.status(), 200);
+}

@@ -15,8 +15,10 @@ use crate::support::fake_openai::FakeOpenAi;
 fn config(upstream: &str, extra: &str) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let key = keys::generate();
+    // No load balancer waits on these gateways: no grace period unless a test asks for one.
+    let grace = if extra.contains("shutdown_grace") { "" } else { "shutdown_grace = \"0s\"\n" };
     let body = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{extra}\n{upstream}\n{FAKE_IMAGE_HOSTS}\
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{grace}{extra}\n{upstream}\n{FAKE_IMAGE_HOSTS}\
          [[tenants]]\nname = \"ci\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
         key.id, key.sha256
     );
@@ -75,6 +77,12 @@ async fn the_mock_upstream_serves_real_images_of_the_requested_size_and_format()
     assert_eq!(png.headers()["content-type"], "image/png");
     let decoded = image::load_from_memory(&png.bytes().await.unwrap()).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (256, 256));
+
+    // The mock's own links (behind that one) are signed: a file it never handed out is refused, not rendered.
+    let forged = format!("{}/_mock/files/0000000000000001-4096x4096.png?se=9999999999&sig=AAAA", gw.root);
+    let res = client.get(&forged).send().await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("Signature did not match"));
 
     // Deterministic from the prompt.
     let again: serde_json::Value =
@@ -171,4 +179,128 @@ async fn logs_carry_request_ids_but_never_keys_prompts_or_image_data() {
     }
     let image_b64 = base64::engine::general_purpose::STANDARD.encode(&image);
     assert!(!logs.contains(&image_b64[..32]));
+}
+
+/// A fresh client per request: no pooled connection survives into the next check.
+async fn get_status(url: &str) -> Result<u16, reqwest::Error> {
+    reqwest::Client::builder().pool_max_idle_per_host(0).build()?.get(url).send().await.map(|r| r.status().as_u16())
+}
+
+#[tokio::test]
+async fn after_sigterm_readyz_answers_503_while_requests_are_still_served_for_the_grace_period() {
+    let fake = FakeOpenAi::start().await;
+    let upstream = format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url);
+    let (dir, path, key) = config(&upstream, "shutdown_grace = \"1500ms\"");
+    let mut gw = GatewayProcess::start(&["serve", "--config", &path], dir.path());
+    let readyz = format!("{}/readyz", gw.root);
+    assert_eq!(get_status(&readyz).await.unwrap(), 200);
+
+    let signalled = std::time::Instant::now();
+    gw.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let res = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(res.status(), 503, "load balancers see the replica going");
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["status"], "draining");
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth(&key)
+        .json(&json!({"prompt": "during the grace period"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "traffic still arriving is served, not refused");
+    assert!(signalled.elapsed() < Duration::from_millis(1500), "checked within the grace period");
+
+    let status = gw.wait(Duration::from_secs(10));
+    assert!(status.success(), "{}", gw.printed());
+    assert!(signalled.elapsed() >= Duration::from_millis(1500), "the listener stayed open for the grace period");
+    assert!(get_status(&readyz).await.is_err(), "closed afterwards");
+}
+
+#[tokio::test]
+async fn a_second_signal_ends_the_grace_period_at_once() {
+    let (dir, path, _) = config("", "shutdown_grace = \"8s\"");
+    let mut gw = GatewayProcess::start(&["serve", "--mock", "--config", &path], dir.path());
+    let signalled = std::time::Instant::now();
+    gw.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = get_status(&format!("{}/readyz", gw.root)).await;
+    assert!(matches!(ready, Ok(503)), "{ready:?}: {}", gw.printed());
+    gw.terminate();
+    assert!(gw.wait(Duration::from_secs(5)).success(), "{}", gw.printed());
+    assert!(signalled.elapsed() < Duration::from_secs(4), "did not wait out the 8 s grace");
+}
+
+#[tokio::test]
+async fn openai_api_key_in_the_environment_never_replaces_the_files_key_or_reaches_its_base_url() {
+    let fake = FakeOpenAi::start().await;
+    let real = "sk-proj-the-developers-real-openai-key";
+    let upstream = format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url);
+    let (dir, path, key) = config(&upstream, "");
+    let mut gw = GatewayProcess::start_with_env(&["serve", "--config", &path], dir.path(), &[("OPENAI_API_KEY", real)]);
+
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth(&key)
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let call = fake.last_call().unwrap();
+    assert_eq!(call.header("authorization"), Some(format!("Bearer {UPSTREAM_KEY}").as_str()), "the file's key");
+    gw.terminate();
+    gw.wait(Duration::from_secs(10));
+
+    // A file pointing at the fake without a key of its own: refused at startup, never sent the user's key.
+    let (dir, path, _) = config(&format!("[upstream]\nbase_url = \"{}\"", fake.url), "");
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["serve", "--config", &path])
+        .current_dir(dir.path())
+        .env("OPENAI_API_KEY", real)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only sent to https://api.openai.com"), "{stderr}");
+    assert!(!stderr.contains(real), "{stderr}");
+    assert!(fake.calls().iter().all(|c| c.headers.iter().all(|(_, v)| !v.contains(real))), "never sent upstream");
+}
+
+#[tokio::test]
+async fn upstream_and_download_failures_never_log_query_secrets_or_signed_urls() {
+    let fake = FakeOpenAi::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let gateways = [
+        // The upstream cannot be reached: reqwest's error names the URL, query and all.
+        format!(
+            "[upstream]\nbase_url = \"http://127.0.0.1:{closed}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\nconnect_retries = 0\n\
+             [upstream.query]\nkey = \"QUERYSECRET0123\""
+        ),
+        // The upstream answers, but its image link (signed, as Azure's are) cannot be fetched.
+        format!("[upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"", fake.url),
+    ];
+    let prompt = format!("x #image_url=http://127.0.0.1:{closed}/img.png?se=1&sig=SIGSECRET0123");
+    for upstream in gateways {
+        let (dir, path, key) = config(&upstream, "[log]\nformat = \"json\"\nlevel = \"debug\"");
+        let mut gw = GatewayProcess::start(&["serve", "--config", &path], dir.path());
+        let res = reqwest::Client::new()
+            .post(format!("{}/v1/images/generations", gw.root))
+            .bearer_auth(&key)
+            .json(&json!({"model": "dall-e-2", "prompt": prompt}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 502);
+        let body = res.text().await.unwrap();
+        gw.terminate();
+        gw.wait(Duration::from_secs(10));
+        let logs = gw.printed();
+        assert!(logs.contains("request failed"), "the failure is logged: {logs}");
+        for secret in ["QUERYSECRET0123", "SIGSECRET0123", "img.png?"] {
+            assert!(!logs.contains(secret), "{secret} leaked into the logs: {logs}");
+            assert!(!body.contains(secret), "{secret} leaked into the answer: {body}");
+        }
+    }
 }

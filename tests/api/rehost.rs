@@ -332,6 +332,67 @@ async fn endless_bodies_non_images_and_redirect_loops_are_refused() {
     assert_nothing_stored(&app).await;
 }
 
+#[tokio::test]
+async fn an_answer_with_one_bad_image_stores_none_of_its_good_ones() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+
+    // Images 0 and 2 are real PNGs, image 1 a web page.
+    let res = app
+        .post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "trio #bad_image=1", "n": 3}))
+        .await;
+
+    let (status, error) = error_of(res).await;
+    assert_eq!((status, error["code"].as_str()), (502, Some("image_rehost_failed")));
+    assert!(error["message"].as_str().unwrap().contains("image 1"), "{error}");
+    assert_nothing_stored(&app).await;
+    // The same prompt without the bad image stores all three.
+    let links =
+        links_of(app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "trio", "n": 3})).await)
+            .await;
+    assert_eq!((links.len(), images_rows(&app).await), (3, 3));
+}
+
+#[tokio::test]
+async fn head_is_answered_from_the_metadata_without_reading_the_object() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let link = links_of(app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "h"})).await)
+        .await
+        .remove(0);
+    let length = app.client.get(&link).send().await.unwrap().bytes().await.unwrap().len();
+    // Take the object away behind the gateway's back: only a read of it can notice.
+    fn remove_all(dir: &std::path::Path) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.path().is_dir() { remove_all(&entry.path()) } else { std::fs::remove_file(entry.path()).unwrap() }
+        }
+    }
+    remove_all(&app.data_dir.path().join("images"));
+
+    let head = app.client.head(&link).send().await.unwrap();
+    assert_eq!(head.status(), 200, "HEAD never opens the object");
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), length.to_string());
+    assert!(head.headers()["etag"].to_str().unwrap().starts_with('"'));
+    let head = app.client.head(&link).header("range", "bytes=0-3").send().await.unwrap();
+    assert_eq!((head.status().as_u16(), head.headers()["content-length"].to_str().unwrap()), (206, "4"));
+    assert_eq!(app.client.get(&link).send().await.unwrap().status(), 404, "a GET does read it");
+}
+
+#[tokio::test]
+async fn only_the_signed_spelling_of_expires_verifies() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let link = links_of(app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "e"})).await)
+        .await
+        .remove(0);
+    let expires = url::Url::parse(&link).unwrap().query_pairs().find(|(k, _)| k == "expires").unwrap().1.into_owned();
+    assert_eq!(app.client.get(&link).send().await.unwrap().status(), 200);
+    for spelling in [format!("0{expires}"), format!("%2B{expires}"), format!("00{expires}")] {
+        let other = link.replace(&format!("expires={expires}"), &format!("expires={spelling}"));
+        assert_eq!(app.client.get(&other).send().await.unwrap().status(), 403, "{other}");
+    }
+}
+
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

@@ -101,3 +101,85 @@ async fn streaming_edits_relay_edit_events() {
     let types: Vec<&str> = events.iter().map(|(_, e, _)| e["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["image_edit.partial_image", "image_edit.completed"]);
 }
+
+#[tokio::test]
+async fn streams_are_metered_whatever_valid_sse_framing_the_upstream_uses() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let framings = ["lf", "crlf", "cr", "nospace"];
+    for framing in framings {
+        let res = app
+            .post_json(
+                "/images/generations",
+                &json!({"model": "gpt-image-1", "prompt": format!("k #framing={framing}"), "stream": true, "n": 2}),
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        let body = res.bytes().await.unwrap();
+        if framing == "crlf" {
+            assert!(body.windows(4).any(|w| w == b"\r\n\r\n"), "relayed byte for byte");
+        }
+    }
+
+    let rows = app.usage_rows(framings.len()).await;
+    assert_eq!(rows.len(), framings.len());
+    let lf = &rows[0];
+    assert_eq!(lf["images_returned"], 2);
+    assert!(lf["output_tokens"].as_i64().unwrap() > 0 && lf["cost_usd"].as_f64().unwrap() > 0.0, "{lf}");
+    for (framing, row) in framings.iter().zip(&rows).skip(1) {
+        for column in ["images_returned", "output_tokens"] {
+            assert_eq!(row[column], lf[column], "{framing}: {column} in {row}");
+        }
+        // The prompts differ in length, so their text tokens do too.
+        assert!(row["input_tokens"].as_i64().unwrap() > 0 && row["cost_usd"].as_f64().unwrap() > 0.0, "{row}");
+    }
+}
+
+#[tokio::test]
+async fn streams_tell_caches_and_proxies_not_to_hold_them() {
+    let fake = FakeOpenAi::start().await;
+    let gateways = [
+        TestApp::spawn(&fake.url).await,
+        TestApp::spawn_with(&fake.url, |s| s.upstream.kind = imagegate::config::UpstreamKind::Mock).await,
+    ];
+    for app in &gateways {
+        let res =
+            app.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": "p", "stream": true})).await;
+        assert_eq!(res.status(), 200);
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        assert_eq!(res.headers()["cache-control"], "no-cache");
+        assert_eq!(res.headers()["x-accel-buffering"], "no");
+        assert!(!events(res).await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn streams_carry_base64_even_when_links_are_the_default_but_an_explicit_url_is_refused() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.tenants[0].images.response_format = Some(imagegate::rehost::ResponseFormat::Url);
+    })
+    .await;
+
+    // An explicit url with stream=true cannot be honoured: refused before anything is sent.
+    let res = app
+        .post_json(
+            "/images/generations",
+            &json!({"model": "gpt-image-1", "prompt": "p", "stream": true, "response_format": "url"}),
+        )
+        .await;
+    let (status, error) = crate::support::app::error_of(res).await;
+    assert_eq!((status, error["param"].as_str()), (400, Some("response_format")));
+    assert_eq!(fake.call_count(), 0);
+
+    // The tenant's default of url does not apply to streams: the events pass as they come, with base64.
+    let res =
+        app.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": "p", "stream": true})).await;
+    let events = events(res).await;
+    assert!(events.last().unwrap().1["b64_json"].as_str().unwrap().len() > 100);
+    assert!(fake.calls()[0].field("response_format").is_none());
+    assert!(
+        !app.data_dir.path().join("images").read_dir().unwrap().any(|e| e.unwrap().path().is_dir()),
+        "nothing stored"
+    );
+}

@@ -132,6 +132,8 @@ pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
     let b = keys::generate();
     let mut s = Settings::default();
     s.server.listen = "127.0.0.1:0".parse().expect("addr");
+    // No load balancer to wait for: stop accepting at once (process tests cover the grace period).
+    s.server.shutdown_grace = Duration::ZERO;
     s.upstream.kind = UpstreamKind::Openai;
     s.upstream.base_url = Url::parse(upstream_url).expect("upstream url");
     s.upstream.api_key = Some(Secret::new(UPSTREAM_KEY));
@@ -404,11 +406,17 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Start the binary with `args` and wait for its "listening on" line.
     pub fn start(args: &[&str], dir: &Path) -> GatewayProcess {
+        Self::start_with_env(args, dir, &[])
+    }
+
+    /// Like [`GatewayProcess::start`], with these environment variables set (`OPENAI_API_KEY` too, if given).
+    pub fn start_with_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
             .args(args)
             .current_dir(dir)
             .env_remove("OPENAI_API_KEY")
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

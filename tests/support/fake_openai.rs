@@ -23,7 +23,10 @@
 //! - `#sse_error`: streams send one partial-image event, then `event: error` with an OpenAI error body, then end;
 //! - `#side=N`: GPT image answers are N×N pixels (default 64);
 //! - `#count=N`: answer with at most N images, whatever `n` asked (as when moderation drops some);
-//! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file.
+//! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file;
+//! - `#bad_image=N`: DALL·E image N (0-based) points at `/_fake/html`, the others at stored files;
+//! - `#body_delay=MS`: the status and headers go out at once, the body MS later;
+//! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space.
 
 use std::collections::HashMap;
 use std::future::IntoFuture as _;
@@ -549,6 +552,12 @@ struct Triggers {
     sse_error: bool,
     /// `#count=N`: at most N images.
     count: Option<u64>,
+    /// `#framing=crlf|cr|nospace`: SSE line breaks as CRLF or CR, or `data:` without its space.
+    framing: Option<String>,
+    /// `#body_delay=MS`: send the status and headers at once, the body this much later.
+    body_delay: Option<Duration>,
+    /// `#bad_image=N`: DALL·E image N (0-based) points at a web page instead of a stored file.
+    bad_image: Option<u64>,
 }
 
 impl Triggers {
@@ -560,6 +569,12 @@ impl Triggers {
             drop: text.contains("#drop"),
             sse_error: text.contains("#sse_error"),
             count: number_after(text, "#count="),
+            framing: text
+                .find("#framing=")
+                .and_then(|at| text[at + "#framing=".len()..].split_whitespace().next())
+                .map(str::to_owned),
+            body_delay: number_after(text, "#body_delay=").map(Duration::from_millis),
+            bad_image: number_after(text, "#bad_image="),
         }
     }
 }
@@ -643,6 +658,22 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
     if let Some(status) = triggers.status {
         return triggered_error(status, &model);
     }
+    if let Some(delay) = triggers.body_delay {
+        return delay_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), delay).await;
+    }
+    answer(inner, &params, endpoint, &model, &prompt, &triggers)
+}
+
+/// The answer after the triggers that fail or delay it.
+fn answer(
+    inner: &Inner,
+    params: &Params<'_>,
+    endpoint: Endpoint,
+    model: &str,
+    prompt: &str,
+    triggers: &Triggers,
+) -> Response {
+    let (call, model, prompt) = (params.call, model.to_owned(), prompt.to_owned());
 
     let gpt = is_gpt_image_model(&model);
     if gpt && params.text("response_format").is_some() {
@@ -673,14 +704,14 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
         prompt.clone()
     };
     if !gpt {
-        return dalle_response(inner, &params, &model, n, &seed, &prompt);
+        return dalle_response(inner, params, &model, n, &seed, &prompt, triggers.bad_image);
     }
-    let look = GptLook::resolve(&params);
+    let look = GptLook::resolve(params);
     let text_tokens = u64::try_from(prompt.chars().count().div_ceil(4)).unwrap_or(u64::MAX).max(1);
     let image_tokens = params.input_images() * INPUT_IMAGE_TOKENS;
     if stream {
         let partial_images = params.int("partial_images").unwrap_or(0).min(3);
-        sse_response(endpoint, &look, n, partial_images, &seed, (text_tokens, image_tokens), &triggers)
+        sse_response(endpoint, &look, n, partial_images, &seed, (text_tokens, image_tokens), triggers)
     } else {
         gpt_response(&look, n, &seed, (text_tokens, image_tokens))
     }
@@ -805,13 +836,33 @@ fn triggered_error(status: u16, model: &str) -> Response {
     }
 }
 
+/// Send `response`'s status and headers now and its body `delay` later.
+async fn delay_body(response: Response, delay: Duration) -> Response {
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let later = futures::stream::once(async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, std::io::Error>(bytes)
+    });
+    Response::from_parts(parts, Body::from_stream(later))
+}
+
 /// DALL·E answer: `url` (default) or `b64_json` images, plus `revised_prompt` for dall-e-3.
-fn dalle_response(inner: &Inner, params: &Params<'_>, model: &str, n: u64, seed: &str, prompt: &str) -> Response {
+fn dalle_response(
+    inner: &Inner,
+    params: &Params<'_>,
+    model: &str,
+    n: u64,
+    seed: &str,
+    prompt: &str,
+    bad_image: Option<u64>,
+) -> Response {
     let as_b64 = params.text("response_format").as_deref() == Some("b64_json");
     let data: Vec<Value> = (0..n)
         .map(|i| {
             let png = render_image(seed, i * 4 + 3, false, "png");
             let url = match image_url_trigger(prompt) {
+                _ if bad_image == Some(i) && !as_b64 => format!("{}/_fake/html", inner.base),
                 Some(url) if url.starts_with('/') => format!("{}{url}", inner.base),
                 Some(url) => url,
                 None if as_b64 => String::new(),
@@ -988,7 +1039,9 @@ fn sse_response(
         }
     }
     let gap = triggers.gap;
-    let events = futures::stream::iter(items.into_iter().enumerate()).then(move |(i, item)| async move {
+    let framing = triggers.framing.clone();
+    let items = items.into_iter().map(move |item| item.map(|frame| reframe(frame, framing.as_deref())));
+    let events = futures::stream::iter(items.enumerate()).then(move |(i, item)| async move {
         // An abort must not overtake the partial event still in hyper's write buffer, hence the minimum pause.
         let pause = if item.is_err() { gap.max(DROP_DELAY) } else { gap };
         if i > 0 && !pause.is_zero() {
@@ -1001,6 +1054,17 @@ fn sse_response(
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// A frame with other (valid) SSE framing: `crlf` or `cr` line breaks, or `nospace` after `data:`.
+fn reframe(frame: Bytes, framing: Option<&str>) -> Bytes {
+    let text = String::from_utf8_lossy(&frame);
+    match framing {
+        Some("crlf") => Bytes::from(text.replace('\n', "\r\n")),
+        Some("cr") => Bytes::from(text.replace('\n', "\r")),
+        Some("nospace") => Bytes::from(text.replace("data: ", "data:").replace("event: ", "event:")),
+        _ => frame,
+    }
 }
 
 fn b64(bytes: &[u8]) -> String {
