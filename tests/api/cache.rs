@@ -506,7 +506,7 @@ async fn second_replica(a: &TestApp, tweak: impl FnOnce(&mut imagegate::config::
     let dir = Arc::new(tempfile::tempdir().unwrap());
     settings.storage.data_dir = dir.path().to_path_buf();
     tweak(&mut settings);
-    TestApp::start(settings, a.key.clone(), a.other_key.clone(), dir, a.database_url.clone()).await
+    a.replica(settings, dir).await
 }
 
 /// Delete every Redis key under `prefix` (the test's entries).

@@ -235,9 +235,7 @@ async fn gateway(
 async fn beside(app: &TestApp, policy: imagegate::limits::OnBackendError) -> TestApp {
     let mut settings = app.settings.clone();
     settings.limits.on_backend_error = policy;
-    let (key, other, dir, db) =
-        (app.key.clone(), app.other_key.clone(), app.data_dir.clone(), app.database_url.clone());
-    TestApp::start(settings, key, other, dir, db).await
+    app.replica(settings, app.data_dir.clone()).await
 }
 
 async fn admin_get(app: &TestApp, path: &str) -> Value {

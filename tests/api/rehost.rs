@@ -509,7 +509,7 @@ async fn replicas_sharing_postgres_and_s3_serve_each_others_links() {
     let mut settings = a.settings.clone();
     let dir_b = std::sync::Arc::new(tempfile::tempdir().unwrap());
     settings.storage.data_dir = dir_b.path().to_path_buf();
-    let b = TestApp::start(settings, a.key.clone(), a.other_key.clone(), dir_b, a.database_url.clone()).await;
+    let b = a.replica(settings, dir_b).await;
 
     let res = a
         .post_json(

@@ -235,6 +235,15 @@ impl TestApp {
         }
     }
 
+    /// Another replica beside this one: the same database and tenant keys, with settings and a data directory
+    /// of its own. It holds the PostgreSQL database alive too, so it keeps working after this one stops.
+    pub async fn replica(&self, settings: Settings, data_dir: Arc<tempfile::TempDir>) -> TestApp {
+        let (key, other, db) = (self.key.clone(), self.other_key.clone(), self.database_url.clone());
+        let mut app = Self::start(settings, key, other, data_dir, db).await;
+        app.postgres = self.postgres.clone();
+        app
+    }
+
     /// POST JSON to `/v1{path}` with the tenant key.
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
         self.client
