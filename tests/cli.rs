@@ -223,14 +223,18 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
         let db = Db::connect(&DatabaseSettings::default(), &cli.data_dir()).await.unwrap();
         let tenant = TenantRepo::new(db.clone()).get_tenant("team-a").await.unwrap();
         let now = imagegate::db::now_ms();
-        for (i, (model, status, cost)) in
-            [("gpt-image-1", 200, 0.25), ("gpt-image-1", 500, 0.0), ("dall-e-3", 200, 0.04)].into_iter().enumerate()
-        {
+        let rows = [
+            ("gpt-image-1", 200, 0.25, None),
+            ("gpt-image-1", 429, 0.0, Some("upstream")),
+            ("dall-e-3", 200, 0.04, None),
+            ("gpt-image-1", 429, 0.0, Some("gateway")),
+        ];
+        for (i, (model, status, cost, refused_by)) in rows.into_iter().enumerate() {
             sqlx::query(
                 "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
                  images_requested, images_returned, input_tokens, output_tokens, cost_usd, status, latency_ms, \
-                 stream, cache_hit) VALUES ($1, $2, $3, 'abcd1234', 'generations', $4, 2, $5, 10, 100, $6, $7, 5, \
-                 0, 0)",
+                 stream, cache_hit, refused_by) VALUES ($1, $2, $3, 'abcd1234', 'generations', $4, 2, $5, 10, 100, \
+                 $6, $7, 5, 0, 0, $8)",
             )
             .bind(format!("req-{i}"))
             .bind(now - 1_000)
@@ -239,6 +243,7 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
             .bind(if status == 200 { 2_i64 } else { 0 })
             .bind(cost)
             .bind(i64::from(status))
+            .bind(refused_by)
             .execute(db.pool())
             .await
             .unwrap();
@@ -247,10 +252,11 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
     }
 
     let table = cli.ok(&["usage"]);
-    assert_eq!(row(&table, "team-a"), ["team-a", "dall-e-3", "1", "1", "2/2", "10", "100", "0.0400", "0"]);
-    assert_eq!(row(&table, "TOTAL"), ["TOTAL", "", "3", "2", "4/6", "30", "300", "0.2900", "0"]);
+    assert_eq!(row(&table, "team-a"), ["team-a", "dall-e-3", "1", "1", "2/2", "10", "100", "0.0400", "0", "0", "0"]);
+    // Columns: requests, ok, images, tokens in/out, cost, cache hits, refused by imagegate, refused upstream.
+    assert_eq!(row(&table, "TOTAL"), ["TOTAL", "", "4", "2", "4/8", "40", "400", "0.2900", "0", "1", "1"]);
     let gpt = table.lines().find(|l| l.contains("gpt-image-1")).unwrap();
-    assert!(gpt.contains("0.2500") && gpt.contains("2/4"), "{gpt}");
+    assert!(gpt.contains("0.2500") && gpt.contains("2/6"), "{gpt}");
 
     let csv = cli.ok(&["usage", "--format", "csv"]);
     assert_eq!(csv.lines().count(), 3, "{csv}");
@@ -259,7 +265,8 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
     let rows = json["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["model"], "dall-e-3");
-    assert_eq!((rows[1]["requests"].as_i64(), rows[1]["succeeded"].as_i64()), (Some(2), Some(1)));
+    assert_eq!((rows[1]["requests"].as_i64(), rows[1]["succeeded"].as_i64()), (Some(3), Some(1)));
+    assert_eq!((rows[1]["refused"].as_i64(), rows[1]["upstream_rate_limited"].as_i64()), (Some(1), Some(1)));
     // A range before the rows finds nothing.
     assert!(!cli.ok(&["usage", "--from", "2020-01-01", "--to", "2020-02-01"]).contains("team-a"));
 }

@@ -151,43 +151,29 @@ pub fn usage(rows: &[SummaryRow]) -> Table {
         "tokens out",
         "cost USD",
         "cache hits",
+        "refused",
+        "upstream 429",
     ]);
     for r in rows {
         table.add_row(usage_cells(&r.tenant, &r.model, r));
     }
     if rows.len() > 1 {
-        let total = rows.iter().fold(
-            SummaryRow {
-                tenant: String::new(),
-                model: String::new(),
-                requests: 0,
-                succeeded: 0,
-                images_requested: 0,
-                images_returned: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                cost_usd: 0.0,
-                cache_hits: 0,
-                refused: 0,
-                upstream_rate_limited: 0,
-            },
-            |mut acc, r| {
-                acc.requests += r.requests;
-                acc.succeeded += r.succeeded;
-                acc.images_requested += r.images_requested;
-                acc.images_returned += r.images_returned;
-                acc.input_tokens += r.input_tokens;
-                acc.output_tokens += r.output_tokens;
-                acc.cost_usd += r.cost_usd;
-                acc.cache_hits += r.cache_hits;
-                acc.refused += r.refused;
-                acc.upstream_rate_limited += r.upstream_rate_limited;
-                acc
-            },
-        );
+        let total = rows.iter().fold(SummaryRow::default(), |mut acc, r| {
+            acc.requests += r.requests;
+            acc.succeeded += r.succeeded;
+            acc.images_requested += r.images_requested;
+            acc.images_returned += r.images_returned;
+            acc.input_tokens += r.input_tokens;
+            acc.output_tokens += r.output_tokens;
+            acc.cost_usd += r.cost_usd;
+            acc.cache_hits += r.cache_hits;
+            acc.refused += r.refused;
+            acc.upstream_rate_limited += r.upstream_rate_limited;
+            acc
+        });
         table.add_row(usage_cells("TOTAL", "", &total));
     }
-    align_right(&mut table, &[2, 3, 4, 5, 6, 7, 8]);
+    align_right(&mut table, &[2, 3, 4, 5, 6, 7, 8, 9, 10]);
     table
 }
 
@@ -202,6 +188,8 @@ fn usage_cells(tenant: &str, model: &str, r: &SummaryRow) -> Vec<String> {
         r.output_tokens.to_string(),
         format!("{:.4}", r.cost_usd),
         r.cache_hits.to_string(),
+        r.refused.to_string(),
+        r.upstream_rate_limited.to_string(),
     ]
 }
 
@@ -228,11 +216,14 @@ mod tests {
             output_tokens: 20,
             cost_usd: 0.5,
             cache_hits: 0,
-            refused: 0,
-            upstream_rate_limited: 0,
+            refused: 3,
+            upstream_rate_limited: 1,
         };
         let text = usage(&[row.clone(), SummaryRow { tenant: "b".into(), ..row }]).to_string();
         assert!(text.is_ascii(), "{text}");
         assert!(text.contains("TOTAL") && text.contains("1.0000") && text.contains("4/6"), "{text}");
+        let total = text.lines().find(|l| l.contains("TOTAL")).unwrap_or_default();
+        let cells: Vec<&str> = total.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(cells[cells.len() - 2..], ["6", "2"], "refused and upstream 429s add up: {text}");
     }
 }

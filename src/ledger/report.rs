@@ -14,7 +14,7 @@ pub struct SummaryQuery {
 }
 
 /// Usage of one tenant with one model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SummaryRow {
     pub tenant: String,
     pub model: String,
@@ -221,12 +221,7 @@ mod tests {
             succeeded: 1,
             images_requested: 1,
             images_returned: 1,
-            input_tokens: 0,
-            output_tokens: 0,
-            cost_usd: 0.0,
-            cache_hits: 0,
-            refused: 0,
-            upstream_rate_limited: 0,
+            ..SummaryRow::default()
         };
         let rows: Vec<SummaryRow> =
             ["=HYPERLINK(\"http://x\",\"y\")", "+1", "@SUM(A1)", "\tx", "\rx", "gpt-image-1"].map(row).into();
