@@ -410,14 +410,24 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
     }
 }
 
-/// Rows per INSERT statement: 20 parameters each, well under SQLite's and PostgreSQL's parameter limits.
-const ROWS_PER_STATEMENT: usize = 50;
+/// Parameters per row of the INSERT.
 const COLUMNS: usize = 20;
+
+/// Rows per INSERT statement. PostgreSQL takes 50 (1,000 parameters, one round trip). SQLite takes 8: sqlx
+/// looks up every parameter's name when it binds, and SQLite finds a name by walking the statement's list
+/// of parameters, so binding costs grow with the square of the parameters per statement; at 50 rows that
+/// lookup was a tenth of the gateway's CPU under sustained load (measured with `perf`, docs/performance.md).
+fn rows_per_statement(backend: Backend) -> usize {
+    match backend {
+        Backend::Sqlite => 8,
+        Backend::Postgres => 50,
+    }
+}
 
 /// Write `batch` in one transaction, many rows per statement.
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin().await?;
-    for rows in batch.chunks(ROWS_PER_STATEMENT) {
+    for rows in batch.chunks(rows_per_statement(db.backend())) {
         let values: Vec<String> = (0..rows.len())
             .map(|row| {
                 let params: Vec<String> = (1..=COLUMNS).map(|c| format!("${}", row * COLUMNS + c)).collect();
