@@ -549,14 +549,17 @@ impl Backend for RedisBackend {
     }
 }
 
+/// Misbehaving Redis servers, shared with `tests/api/rate_limits_redis.rs`.
+#[cfg(test)]
+#[path = "../../tests/support/redis_proxy.rs"]
+mod redis_proxy;
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::Instant;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
+    use super::redis_proxy::{Proxy, silent_redis};
     use super::*;
     use crate::config::{DatabaseSettings, Secret};
     use crate::limits::gcra;
@@ -919,15 +922,7 @@ mod tests {
     async fn an_unreachable_redis_fails_calls_at_once_and_connects_when_it_comes() {
         let (db, _dir) = ledger().await;
         // A closed port, and a server that accepts connections and never answers: neither blocks the start.
-        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let silent_url = format!("redis://{}", silent.local_addr().unwrap());
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = silent.accept().await {
-                held.push(socket);
-            }
-        });
-        for url in ["redis://127.0.0.1:1".to_owned(), silent_url] {
+        for url in ["redis://127.0.0.1:1".to_owned(), silent_redis().await] {
             let started = Instant::now();
             let backend = RedisBackend::start(&url, "x", TIMEOUT, LEASE, db.clone()).unwrap();
             let limits = Limits { requests_per_minute: Some(1), ..Limits::default() };
@@ -950,52 +945,6 @@ mod tests {
         let limits = Limits { requests_per_minute: Some(1), ..Limits::default() };
         assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), "a").await.unwrap().is_ok());
         delete_keys(&prefix);
-    }
-
-    /// A TCP proxy to the real Redis that can refuse connections, or hold everything clients send (and
-    /// deliver it, in order, when released).
-    struct Proxy {
-        refuse: AtomicBool,
-        hold: tokio::sync::watch::Sender<bool>,
-    }
-
-    impl Proxy {
-        async fn start() -> (String, Arc<Proxy>) {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("redis://{}", listener.local_addr().unwrap());
-            let proxy = Arc::new(Proxy { refuse: AtomicBool::new(false), hold: tokio::sync::watch::channel(false).0 });
-            let this = proxy.clone();
-            tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if this.refuse.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let mut held = this.hold.subscribe();
-                    tokio::spawn(async move {
-                        let server = TcpStream::connect("127.0.0.1:6379").await.unwrap();
-                        let (mut from_client, mut to_client) = client.into_split();
-                        let (mut from_server, mut to_server) = server.into_split();
-                        tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
-                        let mut buf = vec![0_u8; 16 * 1024];
-                        while let Ok(read @ 1..) = from_client.read(&mut buf).await {
-                            // Held: wait until released, then forward in order.
-                            if held.wait_for(|h| !*h).await.is_err() {
-                                return;
-                            }
-                            if to_server.write_all(&buf[..read]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            });
-            (url, proxy)
-        }
-
-        fn hold(&self, on: bool) {
-            self.hold.send_replace(on);
-        }
     }
 
     #[tokio::test]

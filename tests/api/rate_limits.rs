@@ -13,6 +13,11 @@ fn limits(v: Value) -> imagegate::tenants::Limits {
     serde_json::from_value(v).unwrap()
 }
 
+/// A gateway whose first tenant has the limits `plan`.
+async fn limited(fake: &FakeOpenAi, plan: Value) -> TestApp {
+    TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(plan)).await
+}
+
 fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     res.headers().get(name).map(|v| v.to_str().unwrap())
 }
@@ -46,7 +51,7 @@ async fn settled(app: &TestApp, rows: usize) -> Vec<Value> {
 #[tokio::test]
 async fn a_tenant_gets_exactly_its_requests_per_minute_then_openai_shaped_429s() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(json!({"requests_per_minute": 3}))).await;
+    let app = limited(&fake, json!({"requests_per_minute": 3})).await;
 
     for (remaining, reset) in [("2", "20s"), ("1", "40s"), ("0", "1m0s")] {
         let res = app.post_json("/images/generations", &json!({"prompt": "x"})).await;
@@ -91,10 +96,7 @@ async fn a_tenant_gets_exactly_its_requests_per_minute_then_openai_shaped_429s()
 #[tokio::test]
 async fn images_per_minute_are_weighted_by_n_and_a_refusal_spends_nothing() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| {
-        s.tenants[0].limits = limits(json!({"requests_per_minute": 10, "images_per_minute": 5}))
-    })
-    .await;
+    let app = limited(&fake, json!({"requests_per_minute": 10, "images_per_minute": 5})).await;
 
     let res = app.post_json("/images/generations", &json!({"prompt": "x", "n": 4})).await;
     assert_eq!(res.status(), 200);
@@ -111,10 +113,7 @@ async fn images_per_minute_are_weighted_by_n_and_a_refusal_spends_nothing() {
 #[tokio::test]
 async fn a_request_larger_than_the_burst_is_told_it_can_never_fit() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| {
-        s.tenants[0].limits = limits(json!({"images_per_minute": 10, "images_burst": 3}))
-    })
-    .await;
+    let app = limited(&fake, json!({"images_per_minute": 10, "images_burst": 3})).await;
     let res = app.post_json("/images/generations", &json!({"prompt": "x", "n": 4})).await;
     assert_eq!(res.headers()["x-should-retry"], "false", "retrying can never help");
     assert!(res.headers().get("retry-after").is_none());
@@ -129,7 +128,7 @@ async fn a_request_larger_than_the_burst_is_told_it_can_never_fit() {
 #[tokio::test]
 async fn concurrent_requests_beyond_the_limit_are_refused_while_others_run() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(json!({"concurrent_requests": 2}))).await;
+    let app = limited(&fake, json!({"concurrent_requests": 2})).await;
     let url = format!("{}/images/generations", app.base_url);
     let slow = |client: reqwest::Client, url: String, key: String| async move {
         client.post(url).bearer_auth(key).json(&json!({"prompt": "x #sleep=800"})).send().await.unwrap().status()
@@ -150,7 +149,7 @@ async fn concurrent_requests_beyond_the_limit_are_refused_while_others_run() {
 #[tokio::test]
 async fn a_spent_budget_answers_429_that_sdks_must_not_retry() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(json!({"images_per_day": 3}))).await;
+    let app = limited(&fake, json!({"images_per_day": 3})).await;
 
     assert_eq!(app.post_json("/images/generations", &json!({"prompt": "x", "n": 2})).await.status(), 200);
     let res = app.post_json("/images/generations", &json!({"prompt": "x", "n": 2})).await;
@@ -168,7 +167,7 @@ async fn a_spent_budget_answers_429_that_sdks_must_not_retry() {
 async fn a_usd_budget_reserves_the_cost_before_the_call_and_counts_the_real_cost_after() {
     let fake = FakeOpenAi::start().await;
     // dall-e-3 standard 1024x1024 costs $0.04: two fit $0.10, a third does not (0.12 > 0.10).
-    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(json!({"usd_per_month": 0.10}))).await;
+    let app = limited(&fake, json!({"usd_per_month": 0.10})).await;
     let body = |i: u32| json!({"model": "dall-e-3", "prompt": format!("x {i}")});
 
     assert_eq!(app.post_json("/images/generations", &body(1)).await.status(), 200);
@@ -187,7 +186,7 @@ async fn a_usd_budget_reserves_the_cost_before_the_call_and_counts_the_real_cost
 #[tokio::test]
 async fn concurrent_requests_cannot_overspend_a_usd_budget() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(json!({"usd_per_day": 0.05}))).await;
+    let app = limited(&fake, json!({"usd_per_day": 0.05})).await;
     let url = format!("{}/images/generations", app.base_url);
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -242,10 +241,7 @@ async fn the_default_plan_applies_to_tenants_without_limits_of_their_own() {
 #[tokio::test]
 async fn upstream_429s_pass_through_and_are_not_counted_against_the_tenant() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| {
-        s.tenants[0].limits = limits(json!({"requests_per_minute": 10, "images_per_minute": 10, "images_per_day": 2}))
-    })
-    .await;
+    let app = limited(&fake, json!({"requests_per_minute": 10, "images_per_minute": 10, "images_per_day": 2})).await;
 
     for _ in 0..3 {
         let res = app.post_json("/images/generations", &json!({"prompt": "x #status=429", "n": 2})).await;
@@ -279,10 +275,7 @@ async fn upstream_429s_pass_through_and_are_not_counted_against_the_tenant() {
 #[tokio::test]
 async fn upstream_failures_give_the_images_back_but_keep_the_request() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| {
-        s.tenants[0].limits = limits(json!({"requests_per_minute": 10, "images_per_minute": 10, "images_per_day": 4}))
-    })
-    .await;
+    let app = limited(&fake, json!({"requests_per_minute": 10, "images_per_minute": 10, "images_per_day": 4})).await;
     for (i, status) in [500, 502, 400].into_iter().enumerate() {
         let res = app.post_json("/images/generations", &json!({"prompt": format!("x #status={status}"), "n": 4})).await;
         assert_eq!(res.status(), status);
@@ -303,10 +296,7 @@ async fn upstream_failures_give_the_images_back_but_keep_the_request() {
 #[tokio::test]
 async fn fewer_images_than_asked_give_the_rest_back() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| {
-        s.tenants[0].limits = limits(json!({"images_per_minute": 10, "images_per_day": 5}))
-    })
-    .await;
+    let app = limited(&fake, json!({"images_per_minute": 10, "images_per_day": 5})).await;
     let res =
         app.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": "x #count=1", "n": 4})).await;
     assert_eq!(res.status(), 200);
@@ -432,7 +422,7 @@ async fn every_answer_of_the_image_routes_carries_the_rate_limit_headers() {
 #[tokio::test]
 async fn unpriced_models_cannot_bypass_a_usd_budget() {
     let fake = FakeOpenAi::start().await;
-    let app = TestApp::spawn_with(&fake.url, |s| s.tenants[0].limits = limits(json!({"usd_per_day": 5.0}))).await;
+    let app = limited(&fake, json!({"usd_per_day": 5.0})).await;
     let body = json!({"model": "my-azure-deployment", "prompt": "x"});
     let (status, error) = error_of(app.post_json("/images/generations", &body).await).await;
     assert_eq!((status, error["param"].as_str(), error["code"].as_str()), (400, Some("model"), Some("unpriced_model")));

@@ -3,17 +3,15 @@
 //! Redis meets the configured policy at startup and at run time, never a hang; lost counters are reseeded from
 //! the ledger; no concurrency slot outlives its request (shutdown, long streams). Every test deletes its keys.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::app::{
     ADMIN_TOKEN, FAKE_IMAGE_HOSTS, GatewayProcess, TestApp, UPSTREAM_KEY, error_of, fresh_postgres,
 };
 use crate::support::fake_openai::FakeOpenAi;
+use crate::support::redis_proxy::{Proxy, silent_redis};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -169,49 +167,6 @@ async fn two_replicas_sharing_redis_grant_every_limit_once_in_total() {
     assert_eq!(fake.call_count(), 20 + 3 + 3 + 5 + 3);
 }
 
-/// A TCP proxy in front of the real Redis that can refuse connections, or hold everything clients send.
-struct Proxy {
-    refuse: std::sync::atomic::AtomicBool,
-    hold: tokio::sync::watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn start() -> (String, Arc<Proxy>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("redis://{}", listener.local_addr().unwrap());
-        let proxy = Arc::new(Proxy {
-            refuse: std::sync::atomic::AtomicBool::new(false),
-            hold: tokio::sync::watch::channel(false).0,
-        });
-        let this = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                if this.refuse.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue;
-                }
-                let mut held = this.hold.subscribe();
-                tokio::spawn(async move {
-                    let server = TcpStream::connect("127.0.0.1:6379").await.unwrap();
-                    let (mut from_client, mut to_client) = client.into_split();
-                    let (mut from_server, mut to_server) = server.into_split();
-                    tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
-                    let mut buf = vec![0_u8; 16 * 1024];
-                    while let Ok(read @ 1..) = from_client.read(&mut buf).await {
-                        if held.wait_for(|h| !*h).await.is_err() || to_server.write_all(&buf[..read]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (url, proxy)
-    }
-
-    fn hold(&self, on: bool) {
-        self.hold.send_replace(on);
-    }
-}
-
 async fn gateway(
     fake: &FakeOpenAi,
     url: &str,
@@ -257,14 +212,7 @@ async fn with_redis_down_at_startup_fail_open_serves_and_fail_closed_refuses_wit
     let fake = FakeOpenAi::start().await;
     let prefix = Prefix::new();
     // A closed port, and a port that accepts and never answers.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
+    let silent_url = silent_redis().await;
     let team = json!({"requests_per_minute": 2});
     for url in ["redis://127.0.0.1:1".to_owned(), silent_url] {
         let started = Instant::now();

@@ -4,3 +4,4 @@
 
 pub mod app;
 pub mod fake_openai;
+pub mod redis_proxy;
