@@ -147,7 +147,9 @@ pub fn sanitize(record: &mut UsageRecord) {
 
 fn clean(text: &mut String, max_chars: usize, keep_breaks: bool) {
     let unwanted = |c: char| c.is_control() && !(keep_breaks && matches!(c, '\n' | '\t'));
-    if !text.chars().any(unwanted) && text.len() <= max_chars {
+    // Byte length first: it bounds the characters, and is free.
+    let short = text.len() <= max_chars || text.chars().nth(max_chars).is_none();
+    if short && !text.chars().any(unwanted) {
         return;
     }
     *text = text.chars().filter(|c| !unwanted(*c)).take(max_chars).collect();
