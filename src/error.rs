@@ -55,8 +55,8 @@ pub enum ApiError {
     RateLimited {
         message: String,
         budget: bool,
+        /// `None` for budgets and for demands that can never fit (see `limits::Refusal`).
         retry_after_ms: Option<u64>,
-        never: bool,
         report: crate::limits::Report,
     },
     /// The rate-limit backend did not answer and the policy is fail-closed. 503 with `retry-after: 1`.
@@ -152,11 +152,10 @@ impl ApiError {
             Self::RequestTimeout(d) => Self::RequestTimeout(*d),
             Self::UpstreamUnavailable(m) => Self::UpstreamUnavailable(m.clone()),
             Self::UpstreamTimeout(d) => Self::UpstreamTimeout(*d),
-            Self::RateLimited { message, budget, retry_after_ms, never, report } => Self::RateLimited {
+            Self::RateLimited { message, budget, retry_after_ms, report } => Self::RateLimited {
                 message: message.clone(),
                 budget: *budget,
                 retry_after_ms: *retry_after_ms,
-                never: *never,
                 report: *report,
             },
             Self::LimitsUnavailable { detail, report } => {
@@ -350,10 +349,10 @@ impl ApiError {
         {
             headers.insert(http::header::CONTENT_RANGE, value);
         }
-        if let Self::RateLimited { budget, retry_after_ms, never, report, .. } = self {
+        if let Self::RateLimited { budget, retry_after_ms, report, .. } = self {
             crate::limits::headers::apply(report, headers);
             match retry_after_ms {
-                Some(ms) if !*budget && !*never => crate::limits::headers::retry(*ms, headers),
+                Some(ms) if !*budget => crate::limits::headers::retry(*ms, headers),
                 _ => {
                     headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
                 }

@@ -125,7 +125,12 @@ async fn read_limited(body: Body, limit: u64, headers: &HeaderMap) -> Result<Byt
 /// Refuse a request whose body is left (partly) unread: answer at once with `Connection: close`, and
 /// [`linger`] on the rest of the body unless the client asked to be told before sending it.
 pub fn refuse_unread(error: ApiError, body: Body, headers: &HeaderMap) -> Failure {
-    linger(body, headers, LINGER_BYTES, LINGER_TIME);
+    refuse_unread_within(error, body, headers, LINGER_BYTES, LINGER_TIME)
+}
+
+/// [`refuse_unread`] with a linger of at most `cap` bytes within `time`.
+pub fn refuse_unread_within(error: ApiError, body: Body, headers: &HeaderMap, cap: u64, time: Duration) -> Failure {
+    linger(body, headers, cap, time);
     let mut close = HeaderMap::new();
     close.insert(CONNECTION, HeaderValue::from_static("close"));
     Failure::with_headers(error, close)
@@ -134,7 +139,7 @@ pub fn refuse_unread(error: ApiError, body: Body, headers: &HeaderMap) -> Failur
 /// Read and drop at most `cap` more bytes of `body` within `time`, in the background, so the answer already
 /// sent reaches a client that is still uploading; dropping the body then closes the connection. No linger
 /// for `Expect: 100-continue` requests (reading would invite the upload with a `100 Continue`).
-pub fn linger(body: Body, headers: &HeaderMap, cap: u64, time: Duration) {
+fn linger(body: Body, headers: &HeaderMap, cap: u64, time: Duration) {
     let expects_continue =
         headers.get(EXPECT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if expects_continue || cap == 0 {

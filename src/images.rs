@@ -53,13 +53,7 @@ fn denied_error(tenant: &str, denied: Denied) -> ApiError {
                     .map_or(String::new(), |ms| format!(" Please try again in {:.1}s.", ms as f64 / 1000.0));
                 format!("Rate limit reached for {} for tenant '{tenant}'.{wait}", reason.describe())
             };
-            ApiError::RateLimited {
-                message,
-                budget: reason.is_budget(),
-                retry_after_ms,
-                never: never.is_some(),
-                report,
-            }
+            ApiError::RateLimited { message, budget: reason.is_budget(), retry_after_ms, report }
         }
     }
 }
@@ -373,14 +367,8 @@ impl ImagesService {
         record: UsageRecord,
         started: Instant,
     ) -> Result<Permit, ApiError> {
-        match self.limiter.acquire(&ctx.tenant.id, &ctx.tenant.limits, demand).await {
-            Ok(permit) => Ok(permit),
-            Err(denied) => {
-                let e = denied_error(&ctx.tenant.name, denied);
-                self.ledger.record(record.finish_refused(e.status().as_u16(), started));
-                Err(e)
-            }
-        }
+        let acquired = self.limiter.acquire(&ctx.tenant.id, &ctx.tenant.limits, demand).await;
+        acquired.map_err(|denied| self.refused(ctx, denied, record, started))
     }
 
     /// This caller's upstream call runs (it leads the identical requests waiting on it): reserve its images
@@ -394,14 +382,14 @@ impl ImagesService {
         record: UsageRecord,
         started: Instant,
     ) -> Result<(), ApiError> {
-        match permit.extend(images, cost).await {
-            Ok(()) => Ok(()),
-            Err(denied) => {
-                let e = denied_error(&ctx.tenant.name, denied);
-                self.ledger.record(record.finish_refused(e.status().as_u16(), started));
-                Err(e)
-            }
-        }
+        permit.extend(images, cost).await.map_err(|denied| self.refused(ctx, denied, record, started))
+    }
+
+    /// The error for a refusal by the limits, recorded in the ledger.
+    fn refused(&self, ctx: &TenantContext, denied: Denied, record: UsageRecord, started: Instant) -> ApiError {
+        let e = denied_error(&ctx.tenant.name, denied);
+        self.ledger.record(record.finish_refused(e.status().as_u16(), started));
+        e
     }
 
     /// An error answered before anything was reserved, with the tenant's buckets as they stand (a read that

@@ -77,8 +77,7 @@ impl Usage {
 }
 
 /// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     RequestsPerMinute,
     ImagesPerMinute,
@@ -352,11 +351,6 @@ pub fn go_duration(ms: u64) -> String {
         (0, _) => format!("{m}m{seconds}"),
         _ => format!("{h}h{m}m{seconds}"),
     }
-}
-
-/// How long a refused caller should wait, when a wait helps.
-pub fn retry_after(refusal: &Refusal) -> Option<Duration> {
-    refusal.retry_after_ms.map(Duration::from_millis)
 }
 
 /// Counters of what the limits did on this replica (`GET /admin/v1/limits`).

@@ -144,11 +144,6 @@ impl Upstreams {
             Some(name) => self.named.get(name),
         }
     }
-
-    /// The names of the `[upstreams.<name>]` tables.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.named.keys().map(String::as_str)
-    }
 }
 
 fn build(

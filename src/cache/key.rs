@@ -35,9 +35,6 @@ pub struct KeyParts<'a> {
     pub retention: Option<Duration>,
 }
 
-/// Multipart integer fields the validator parses: `" 2"` and `"2"` mean the same.
-const INTEGER_FIELDS: &[&str] = &["n", "output_compression", "partial_images"];
-
 /// The key of `request` (as it will be sent upstream).
 pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
     let mut hasher = Sha256::new();
@@ -110,7 +107,8 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
 /// A multipart text field as hashed: its raw bytes, or for an integer field the validator parses, its value.
 fn text_value(name: &str, data: &[u8]) -> Vec<u8> {
     let integer =
-        INTEGER_FIELDS.contains(&name).then(|| std::str::from_utf8(data).ok()?.trim().parse::<i64>().ok()).flatten();
+        // The multipart integer fields the validator parses: `" 2"` and `"2"` mean the same.
+        (name == "n" || crate::images::validate::INTEGER_FIELDS.contains(&name)).then(|| std::str::from_utf8(data).ok()?.trim().parse::<i64>().ok()).flatten();
     match integer {
         Some(i) => i.to_string().into_bytes(),
         None => data.to_vec(),

@@ -356,17 +356,10 @@ fn limits(json: &str) -> anyhow::Result<Limits> {
 
 /// A cleaned `--allowed-models` list; empty names are refused.
 fn models(list: Vec<String>, hint: &str) -> anyhow::Result<Vec<String>> {
-    let mut out: Vec<String> = Vec::with_capacity(list.len());
-    for model in list {
-        let model = model.trim().to_owned();
-        if model.is_empty() {
-            bail!("--allowed-models has an empty model name ({hint})");
-        }
-        if !out.contains(&model) {
-            out.push(model);
-        }
+    if list.iter().any(|m| m.trim().is_empty()) {
+        bail!("--allowed-models has an empty model name ({hint})");
     }
-    Ok(out)
+    Ok(crate::tenants::repo::trimmed_models(list))
 }
 
 fn non_empty(value: String, flag: &str, hint: &str) -> anyhow::Result<String> {

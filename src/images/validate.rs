@@ -47,7 +47,8 @@ const STRING_FIELDS: &[&str] = &[
     "input_fidelity",
     "user",
 ];
-const INTEGER_FIELDS: &[&str] = &["output_compression", "partial_images"];
+/// Integer fields besides `n` (which has rules of its own).
+pub(crate) const INTEGER_FIELDS: &[&str] = &["output_compression", "partial_images"];
 const GPT_ONLY: &[&str] = &["background", "moderation", "output_format", "output_compression", "partial_images"];
 
 /// The model a generation naming none runs on when it uses a parameter only GPT image models take. OpenAI's

@@ -238,11 +238,6 @@ impl RedisBackend {
         }
         true
     }
-
-    /// Whether Redis answers within the timeout (for readiness probes).
-    pub async fn ping(&self) -> Result<(), BackendError> {
-        self.inner.ping().await
-    }
 }
 
 impl Drop for RedisBackend {
@@ -929,7 +924,7 @@ mod tests {
             let err = backend.reserve("t1", &limits, Demand::whole(1, 0.0), "a").await.unwrap_err();
             assert!(err.0.contains("not connected"), "{err}");
             assert!(backend.peek("t1", &limits).await.is_err());
-            assert!(backend.ping().await.is_err());
+            assert!(backend.ready().await.is_err());
             assert!(started.elapsed() < Duration::from_millis(100), "{url}: {:?}", started.elapsed());
             assert!(!backend.wait_connected(Duration::from_millis(500)).await);
         }
@@ -956,7 +951,7 @@ mod tests {
         let limits = Limits { requests_per_minute: Some(5), concurrent_requests: Some(1), ..Limits::default() };
         let id = new_id();
         assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), &id).await.unwrap().is_ok());
-        assert!(backend.ping().await.is_ok());
+        assert!(backend.ready().await.is_ok());
 
         proxy.hold(true);
         let bound = TIMEOUT + Duration::from_millis(200);
@@ -968,7 +963,7 @@ mod tests {
         let backend = Arc::new(backend);
         assert!(backend.clone().finish(held(&id, &limits, Demand::whole(1, 0.0), true), Usage::NOTHING).await.is_err());
         assert!(backend.peek("t1", &limits).await.is_err());
-        assert!(backend.ping().await.is_err());
+        assert!(backend.ready().await.is_err());
         assert!(started.elapsed() < bound * 3, "{:?}", started.elapsed());
         proxy.hold(false);
         delete_keys(&prefix);

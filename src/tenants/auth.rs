@@ -5,8 +5,7 @@
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::HeaderValue;
-use http::header::{AUTHORIZATION, CONNECTION};
+use http::header::AUTHORIZATION;
 
 use super::keys;
 use super::store::Lookup;
@@ -32,10 +31,8 @@ pub async fn require_tenant(State(state): State<AppState>, mut request: Request,
             // so a small request sees the 401 rather than a reset connection. An unauthenticated caller never
             // gets more of imagegate's time or memory than that.
             let (parts, body) = request.into_parts();
-            crate::extract::linger(body, &parts.headers, UNAUTHENTICATED_LINGER_BYTES, UNAUTHENTICATED_LINGER_TIME);
-            let mut response = e.into_response();
-            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-            response
+            let (cap, time) = (UNAUTHENTICATED_LINGER_BYTES, UNAUTHENTICATED_LINGER_TIME);
+            crate::extract::refuse_unread_within(e, body, &parts.headers, cap, time).into_response()
         }
     }
 }

@@ -7,12 +7,11 @@ use serde_json::Value;
 use super::Limits;
 use crate::cache::CachePolicy;
 use crate::config::TenantSettings;
+use crate::ledger::MAX_MODEL_CHARS; // the longest model name accepted: the ledger stores as much
 use crate::rehost::ImagePolicy;
 
 /// The longest organization or project id accepted (they are sent as HTTP headers).
 const MAX_ATTRIBUTION_CHARS: usize = 256;
-/// The longest model name accepted in `allowed_models`.
-const MAX_MODEL_CHARS: usize = 128;
 
 /// One refused value: which field, and why (a phrase that reads after the field name).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

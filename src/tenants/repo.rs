@@ -593,7 +593,7 @@ fn check_name(name: &str) -> Result<(), RepoError> {
 }
 
 /// Model names as stored: trimmed, each once, in the order given.
-fn trimmed_models(list: Vec<String>) -> Vec<String> {
+pub(crate) fn trimmed_models(list: Vec<String>) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(list.len());
     for model in list {
         let model = model.trim().to_owned();
