@@ -630,20 +630,21 @@ impl ResponseCache {
                 return Err(Arc::new(Uncached::Answer(answer)));
             }
         };
-        self.local.insert(key, Arc::new(Entry { answer: answer.clone(), ttl })).await;
+        let entry = Arc::new(Entry { answer, ttl });
+        self.local.insert(key, entry.clone()).await;
         Counters::add(&self.counters.stores);
         if let Some(shared) = &self.shared {
-            let (shared, counters, stored) = (shared.clone(), self.counters.clone(), answer.clone());
+            let (shared, counters, stored) = (shared.clone(), self.counters.clone(), entry.clone());
             tokio::spawn(
                 async move {
-                    if let Err(e) = shared.put(&key, &stored, ttl).await {
+                    if let Err(e) = shared.put(&key, &stored.answer, ttl).await {
                         counters.shared_failed(&e, "write");
                     }
                 }
                 .in_current_span(),
             );
         }
-        Ok(answer)
+        Ok(entry.answer.clone())
     }
 
     /// Drop every entry held in memory (the shared cache expires on its own).

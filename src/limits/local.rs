@@ -80,13 +80,15 @@ impl LocalBackend {
     /// Read what the tenant spent before `since` in the windows its budgets need, once per window.
     async fn seed(&self, tenant_id: &str, limits: &Limits, demand: Demand) -> Result<(), BackendError> {
         let Some(db) = self.db.as_ref() else { return Ok(()) };
+        let day_budget = budget_applies(limits.images_per_day.is_some(), limits.usd_per_day.is_some(), demand);
+        let month_budget = budget_applies(limits.images_per_month.is_some(), limits.usd_per_month.is_some(), demand);
+        if !day_budget && !month_budget {
+            return Ok(()); // nothing to seed: no lock, no allocation on the request path
+        }
         let need = {
             let mut tenants = self.tenants.lock().map_err(|_| poisoned())?;
             let state = tenants.entry(tenant_id.to_owned()).or_default();
             self.roll(state);
-            let day_budget = budget_applies(limits.images_per_day.is_some(), limits.usd_per_day.is_some(), demand);
-            let month_budget =
-                budget_applies(limits.images_per_month.is_some(), limits.usd_per_month.is_some(), demand);
             SeedNeed {
                 day: (day_budget && !state.day.seeded).then_some(state.day.start),
                 month: (month_budget && !state.month.seeded).then_some(state.month.start),
@@ -106,6 +108,9 @@ impl LocalBackend {
             Some(start) => Some((start, read(start).await?)),
             None => None,
         };
+        if day.is_none() && month.is_none() {
+            return Ok(()); // both windows already seeded
+        }
         let mut tenants = self.tenants.lock().map_err(|_| poisoned())?;
         let state = tenants.entry(tenant_id.to_owned()).or_default();
         for (window, seed) in [(&mut state.day, day), (&mut state.month, month)] {

@@ -126,7 +126,7 @@ impl<'de> Visitor<'de> for Node<'_> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let path = Path::Key(self.path.key(&key));
-            let value = map.next_value_seed(Node { path: path.clone(), duplicate: &mut *self.duplicate })?;
+            let value = map.next_value_seed(Node { path, duplicate: &mut *self.duplicate })?;
             if out.contains_key(&key) {
                 if self.duplicate.is_none() {
                     *self.duplicate = Some(self.path.key(&key));
