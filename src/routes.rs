@@ -37,7 +37,9 @@ pub fn router(state: AppState) -> Router {
     if let Some(token) = &state.settings.admin.token {
         router = router.nest(admin::PREFIX, admin::router(token));
     }
-    if state.settings.upstream.kind == UpstreamKind::Mock {
+    // The mock's links are served by the gateway itself, for the default upstream or any named one.
+    let settings = &state.settings;
+    if std::iter::once(&settings.upstream).chain(settings.upstreams.values()).any(|u| u.kind == UpstreamKind::Mock) {
         let links = crate::upstream::mock::MockLinks::new(state.images.rehoster().links().derive(MOCK_LINKS_KEY));
         router = router.route(
             &format!("{}/{{name}}", paths::MOCK_FILES),

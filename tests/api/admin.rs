@@ -540,6 +540,24 @@ async fn each_tenant_reaches_the_upstream_it_names_with_that_upstreams_key() {
     assert!(error["message"].as_str().unwrap().contains("'third'"), "{error}");
 }
 
+#[tokio::test]
+async fn a_tenant_on_a_named_mock_upstream_gets_its_images_rehosted() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        let offline = imagegate::config::UpstreamSettings {
+            kind: imagegate::config::UpstreamKind::Mock,
+            ..imagegate::config::UpstreamSettings::default()
+        };
+        s.upstreams.insert("offline".into(), offline);
+        s.tenants[1].upstream = Some("offline".into());
+    })
+    .await;
+    // The mock answers DALL·E with links to the gateway's own /_mock/files, which re-hosting downloads.
+    let dalle = json!({"model": "dall-e-2", "prompt": "offline", "size": "256x256"});
+    assert_eq!(generate_status(&app, &app.other_key, dalle).await, 200);
+    assert_eq!(fake.call_count(), 0, "the mock answered, not [upstream]");
+}
+
 // ------------------------------------------------------------------------------------ usage parameters
 
 #[tokio::test]
