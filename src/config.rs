@@ -44,6 +44,8 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub auth: AuthSettings,
     pub admin: AdminSettings,
+    /// The web console (`console`).
+    pub console: ConsoleSettings,
     pub usage: UsageSettings,
     pub limits: LimitsSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
@@ -470,6 +472,62 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// The web console: pages for the platform team (admin token) and for each team (a tenant key).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// Serve the console (`false`: its path answers the ordinary 404).
+    pub enabled: bool,
+    /// Where it is served: an absolute path without a trailing slash.
+    pub path: String,
+    /// How long a sign-in lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed sign-ins from one address before it must wait.
+    pub max_failed_sign_ins: u32,
+    /// The first wait after `max_failed_sign_ins` failures; it doubles with each further failure, up to an hour.
+    #[serde(with = "humantime_serde")]
+    pub lockout: Duration,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/console".to_owned(),
+            session_ttl: Duration::from_secs(8 * 3600),
+            max_failed_sign_ins: 5,
+            lockout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConsoleSettings {
+    fn validate(&self, faults: &mut Vec<String>) {
+        let path = self.path.as_str();
+        let well_formed = path.len() > 1
+            && path.starts_with('/')
+            && !path.ends_with('/')
+            && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
+            && !path.contains("//");
+        if !well_formed {
+            faults.push(format!(
+                "console.path {path:?} must be an absolute path of letters, digits, '-', '_', '.' and '/', without                  a trailing slash (e.g. \"/console\")"
+            ));
+        }
+        let first = path.split('/').nth(1).unwrap_or_default();
+        if ["v1", "admin", "images", "healthz", "readyz", "_mock"].contains(&first) {
+            faults.push(format!("console.path {path:?} is taken by the gateway's own routes (/{first})"));
+        }
+        if self.session_ttl.is_zero() || self.lockout.is_zero() || self.max_failed_sign_ins == 0 {
+            faults.push(
+                "console.session_ttl, console.lockout and console.max_failed_sign_ins must be greater than zero"
+                    .to_owned(),
+            );
+        }
+    }
+}
+
 /// The usage ledger writer.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -700,6 +758,7 @@ impl Settings {
     /// Every fault at once, so a deployment is fixed in one round.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut faults = Vec::new();
+        self.console.validate(&mut faults);
         validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
         for (name, up) in &self.upstreams {
             if !valid_upstream_name(name) {

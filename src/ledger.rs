@@ -18,6 +18,7 @@
 //!
 //! `report` reads the ledger back as summaries (admin API, CLI).
 
+pub mod browse;
 pub mod report;
 
 use std::sync::Arc;

@@ -11,6 +11,7 @@
 //! - `cache`     the response cache: canonical request keys, byte-bounded memory (+ Redis), coalesced misses.
 //! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
 //! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
+//! - `console`   the web console at `console.path` (overview, tenants and keys, usage, gallery), same services.
 //! - `limits`    per-tenant rate limits, concurrency and budgets (in-process or Redis).
 //! - `rehost`    durable links instead of expiring ones: guarded downloads, signed links, answer rewriting.
 //! - `storage`   stored images: bytes in an object store (local or S3) by SHA-256, metadata, the sweeper.
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod error;
 pub mod extract;
