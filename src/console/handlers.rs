@@ -309,9 +309,22 @@ async fn tenants_page(
 /// A refusal the form can show beside itself (validation, conflicts); anything else is an error page.
 fn shown_on_form(e: ApiError) -> Result<(StatusCode, (String, Option<String>)), ConsoleError> {
     if e.status().is_client_error() {
-        Ok((e.status(), (e.client_message(), e.param().map(str::to_owned))))
+        Ok((e.status(), (without_position(&e.client_message()), e.param().map(str::to_owned))))
     } else {
         Err(e.into())
+    }
+}
+
+/// A JSON error's message without serde's ` at line 1 column 46`: the console built that JSON from the form,
+/// so the position means nothing to the person who filled it in.
+fn without_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => {
+            let tail = message[at..].split(" column ").nth(1).unwrap_or_default();
+            let rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+            format!("{}{rest}", &message[..at])
+        }
+        _ => message.to_owned(),
     }
 }
 
