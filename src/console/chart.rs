@@ -13,19 +13,28 @@ pub fn colour(i: usize) -> &'static str {
 
 /// A stacked bar chart: `labels` along the x axis, `series` (name, one value per label) stacked.
 pub fn stacked_bars(title: &str, labels: &[String], series: &[(String, Vec<f64>)], money: bool) -> Markup {
-    const W: f64 = 640.0;
-    const H: f64 = 200.0;
+    const W: f64 = 1000.0;
+    const H: f64 = 220.0;
     const LEFT: f64 = 56.0;
     const BOTTOM: f64 = 22.0;
     const TOP: f64 = 8.0;
     let totals: Vec<f64> =
         (0..labels.len()).map(|i| series.iter().map(|(_, v)| v.get(i).copied().unwrap_or(0.0)).sum()).collect();
-    let max = nice_max(totals.iter().copied().fold(0.0, f64::max));
+    let step = nice_step(totals.iter().copied().fold(0.0, f64::max) / 4.0, money);
+    let max = step * 4.0;
     let plot_h = H - BOTTOM - TOP;
     let slot = (W - LEFT) / labels.len().max(1) as f64;
     let bar = (slot * 0.8).max(1.0);
     let y = |v: f64| TOP + plot_h - v / max * plot_h;
-    let fmt = |v: f64| if money { format!("${v:.2}") } else { format!("{v:.0}") };
+    let fmt = |v: f64| {
+        if money {
+            format!("${v:.2}")
+        } else if v.fract() == 0.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    };
     let label_every = (labels.len() / 8).max(1);
     // (x, y, height, colour, tooltip) of every segment, stacked bottom-up.
     let mut rects = Vec::new();
@@ -72,10 +81,12 @@ pub fn stacked_bars(title: &str, labels: &[String], series: &[(String, Vec<f64>)
     }
 }
 
-/// A rounded-up axis maximum (1, 2 or 5 times a power of ten), never zero.
-fn nice_max(v: f64) -> f64 {
-    if !v.is_finite() || v <= 0.0 {
-        return 1.0;
+/// A round step between the axis's five lines (1, 2 or 5 times a power of ten) of at least `v`: counts step by
+/// whole numbers, money by at least a cent.
+fn nice_step(v: f64, money: bool) -> f64 {
+    let floor = if money { 0.01 } else { 1.0 };
+    if !v.is_finite() || v <= floor {
+        return floor;
     }
     let magnitude = 10f64.powf(v.log10().floor());
     [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|m| *m >= v).unwrap_or(10.0 * magnitude)
@@ -113,12 +124,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn axis_maxima_are_round() {
-        assert_eq!(nice_max(0.0), 1.0);
-        assert_eq!(nice_max(7.0), 10.0);
-        assert_eq!(nice_max(12.0), 20.0);
-        assert_eq!(nice_max(0.03), 0.05);
-        assert_eq!(nice_max(500.0), 500.0);
+    fn axis_steps_are_round_and_counts_step_by_whole_numbers() {
+        assert_eq!(nice_step(0.0, false), 1.0);
+        assert_eq!(nice_step(0.3, false), 1.0);
+        assert_eq!(nice_step(1.75, false), 2.0);
+        assert_eq!(nice_step(12.0, false), 20.0);
+        assert_eq!(nice_step(500.0, false), 500.0);
+        assert_eq!(nice_step(0.0, true), 0.01);
+        assert_eq!(nice_step(0.03, true), 0.05);
     }
 
     #[test]
