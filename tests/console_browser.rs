@@ -238,8 +238,11 @@ async fn the_console_shows_a_teams_usage_and_images_and_only_its_own_to_the_team
     browser.goto(&format!("{root}/console/tenants/design")).await.unwrap();
     shot(&browser, "tenant").await;
     click(&browser, "#keys tr[data-key] form button").await;
-    browser.wait().for_element(Locator::Css("#issue-key")).await.unwrap();
-    assert!(text(&browser, "#keys tbody").await.contains("revoked"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !page(&browser).await.contains(">revoked<") {
+        assert!(Instant::now() < deadline, "the key shows as revoked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let refused = app
         .client
         .post(format!("{root}/v1/images/generations"))
@@ -256,6 +259,7 @@ async fn the_console_shows_a_teams_usage_and_images_and_only_its_own_to_the_team
     browser.execute("document.querySelector('#create-tenant input[name=csrf]').remove()", vec![]).await.unwrap();
     fill(&browser, "#create-tenant input[name=name]", "forged").await;
     click(&browser, "#create-tenant button[type=submit]").await;
+    browser.wait().for_element(Locator::Css("p.error")).await.unwrap();
     assert!(page(&browser).await.contains("403"), "refused without the token");
     browser.goto(&format!("{root}/console/tenants")).await.unwrap();
     assert!(!page(&browser).await.contains("forged"), "and nothing was created");

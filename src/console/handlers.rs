@@ -28,6 +28,8 @@ use crate::tenants::{Tenant, TenantStatus, keys};
 
 /// Rows per page of the usage table.
 pub const USAGE_PAGE: i64 = 50;
+/// Tenants drawn in a colour of their own in the overview's charts (the rest are summed).
+pub const MAX_SERIES: usize = 8;
 /// Images per page of the gallery.
 pub const GALLERY_PAGE: i64 = 24;
 
@@ -214,25 +216,27 @@ pub async fn overview(
     let filter = tenant_filter(&state, &viewer, q.get("tenant").map(String::as_str)).await?;
     let tenants = visible_tenants(&state, &viewer).await?;
     let names: HashMap<&str, &str> = tenants.iter().map(|t| (t.id.as_str(), t.name.as_str())).collect();
-    let totals =
-        browse::daily_totals(&state.db, from, to, filter.as_ref().map(|t| t.id.as_str())).await.map_err(db_error)?;
-
     let first_day = from / DAY_MS;
-    let labels: Vec<String> = (0..days)
+    // One bar per day up to 90 days, one per week beyond: a year stays 53 bars, not 365.
+    let bucket = if days > 90 { 7 } else { 1 };
+    let tenant_id = filter.as_ref().map(|t| t.id.as_str());
+    let totals = browse::slot_totals(&state.db, from, to, bucket * DAY_MS, tenant_id).await.map_err(db_error)?;
+
+    let width = usize::try_from((days + bucket - 1) / bucket).unwrap_or(0);
+    let labels: Vec<String> = (0..width as i64)
         .map(|i| {
-            chrono::DateTime::from_timestamp_millis((first_day + i) * DAY_MS)
+            chrono::DateTime::from_timestamp_millis((first_day + i * bucket) * DAY_MS)
                 .map_or_else(String::new, |t| t.format("%Y-%m-%d").to_string())
         })
         .collect();
-    let width = usize::try_from(days).unwrap_or(0);
-    // tenant name → (images, requests, usd) per day
+    // tenant name → (images, requests, usd) per bar
     let mut per_tenant: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
     let mut models: HashMap<String, (i64, i64, f64)> = HashMap::new();
     let mut o = Overview { days, ..Overview::default() };
     for t in &totals {
         let name = names.get(t.tenant_id.as_str()).map_or_else(|| t.tenant_id.clone(), |n| (*n).to_owned());
         let series = per_tenant.entry(name).or_insert_with(|| [vec![0.0; width], vec![0.0; width], vec![0.0; width]]);
-        if let Some(i) = usize::try_from(t.day - first_day).ok().filter(|i| *i < width) {
+        if let Some(i) = usize::try_from(t.slot).ok().filter(|i| *i < width) {
             series[0][i] += t.images as f64;
             series[1][i] += t.requests as f64;
             series[2][i] += t.cost_usd;
@@ -248,7 +252,20 @@ pub async fn overview(
         o.errors += t.errors;
         o.cache_hits += t.cache_hits;
     }
-    for (name, [images, requests, usd]) in per_tenant {
+    // The tenants that cost most get a colour each; the rest share one.
+    let mut ranked: Vec<(String, [Vec<f64>; 3])> = per_tenant.into_iter().collect();
+    ranked.sort_by(|a, b| b.1[2].iter().sum::<f64>().total_cmp(&a.1[2].iter().sum::<f64>()).then(a.0.cmp(&b.0)));
+    if ranked.len() > MAX_SERIES {
+        let rest = ranked.split_off(MAX_SERIES - 1);
+        let mut other = [vec![0.0; width], vec![0.0; width], vec![0.0; width]];
+        for (_, series) in &rest {
+            for (sum, part) in other.iter_mut().zip(series) {
+                sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+        }
+        ranked.push((format!("{} other tenants", rest.len()), other));
+    }
+    for (name, [images, requests, usd]) in ranked {
         o.images.push((name.clone(), images));
         o.requests.push((name.clone(), requests));
         o.usd.push((name, usd));

@@ -177,9 +177,9 @@ pub fn overview(frame: &Frame<'_>, o: &Overview) -> Markup {
                 div.card { span.n #cache-ratio { (ratio(o.cache_hits, o.total_requests)) } span { "cache hits" } }
             }
             section.charts {
-                (chart::stacked_bars("Images per day", &o.labels, &o.images, false))
-                (chart::stacked_bars("Requests per day", &o.labels, &o.requests, false))
-                (chart::stacked_bars("Estimated USD per day", &o.labels, &o.usd, true))
+                (chart::stacked_bars(if o.days > 90 { "Images per week" } else { "Images per day" }, &o.labels, &o.images, false))
+                (chart::stacked_bars(if o.days > 90 { "Requests per week" } else { "Requests per day" }, &o.labels, &o.requests, false))
+                (chart::stacked_bars(if o.days > 90 { "Estimated USD per week" } else { "Estimated USD per day" }, &o.labels, &o.usd, true))
             }
             section {
                 h2 { "Top models" }

@@ -13,11 +13,11 @@ use crate::db::Db;
 /// Milliseconds in a UTC day.
 pub const DAY_MS: i64 = 86_400_000;
 
-/// Totals of one tenant with one model on one UTC day.
+/// Totals of one tenant with one model in one slot of a range (a day, a week).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct DayTotals {
-    /// Days since 1970-01-01 (UTC).
-    pub day: i64,
+pub struct SlotTotals {
+    /// Which slot: `(created_at - from) / slot length`.
+    pub slot: i64,
     pub tenant_id: String,
     pub model: String,
     pub requests: i64,
@@ -31,16 +31,18 @@ pub struct DayTotals {
     pub errors: i64,
 }
 
-/// Per-day totals by tenant and model in `[from_ms, to_ms)`, optionally for one tenant (by id).
-pub async fn daily_totals(
+/// Totals by slot of `slot_ms` (a day, a week), tenant and model in `[from_ms, to_ms)`, optionally for one
+/// tenant (by id). At most slots × tenants × models rows come back, however many rows the range holds.
+pub async fn slot_totals(
     db: &Db,
     from_ms: i64,
     to_ms: i64,
+    slot_ms: i64,
     tenant_id: Option<&str>,
-) -> Result<Vec<DayTotals>, sqlx::Error> {
+) -> Result<Vec<SlotTotals>, sqlx::Error> {
     // CASTs: PostgreSQL sums BIGINT into NUMERIC, which the portable driver cannot decode.
     let mut sql = String::from(
-        "SELECT CAST(created_at / 86400000 AS BIGINT) AS day, tenant_id, model, COUNT(*) AS requests, \
+        "SELECT CAST((created_at - $1) / $3 AS BIGINT) AS slot, tenant_id, model, COUNT(*) AS requests, \
          CAST(SUM(COALESCE(images_returned, 0)) AS BIGINT) AS images, \
          CAST(SUM(cost_usd) AS DOUBLE PRECISION) AS cost_usd, \
          CAST(SUM(cache_hit) AS BIGINT) AS cache_hits, \
@@ -49,18 +51,18 @@ pub async fn daily_totals(
          FROM usage_events WHERE created_at >= $1 AND created_at < $2",
     );
     if tenant_id.is_some() {
-        sql.push_str(" AND tenant_id = $3");
+        sql.push_str(" AND tenant_id = $4");
     }
-    sql.push_str(" GROUP BY CAST(created_at / 86400000 AS BIGINT), tenant_id, model");
-    let mut query = sqlx::query(&sql).bind(from_ms).bind(to_ms);
+    sql.push_str(" GROUP BY 1, 2, 3");
+    let mut query = sqlx::query(&sql).bind(from_ms).bind(to_ms).bind(slot_ms.max(1));
     if let Some(t) = tenant_id {
         query = query.bind(t.to_owned());
     }
     let rows = query.fetch_all(db.pool()).await?;
     rows.iter()
         .map(|r| {
-            Ok(DayTotals {
-                day: r.try_get("day")?,
+            Ok(SlotTotals {
+                slot: r.try_get("slot")?,
                 tenant_id: r.try_get("tenant_id")?,
                 model: r.try_get("model")?,
                 requests: r.try_get("requests")?,

@@ -138,7 +138,8 @@ async fn forged_altered_and_expired_sessions_are_sent_to_sign_in() {
     assert_eq!(v.get("/overview").await.status(), 200);
     let real = v.cookies.iter().find(|c| c.starts_with("imagegate_console=")).unwrap().clone();
     let (id, sig) = real.trim_start_matches("imagegate_console=").rsplit_once('.').unwrap();
-    let flipped = if id.starts_with('A') { format!("B{}", &id[1..]) } else { format!("A{}", &id[1..]) };
+    let swapped = if id.starts_with('A') { "B" } else { "A" };
+    let flipped = format!("{swapped}{}", &id[1..]);
     for forged in [
         format!("imagegate_console={flipped}.{sig}"),
         format!("imagegate_console={id}.AAAA{}", &sig[4..]),
