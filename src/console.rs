@@ -31,9 +31,9 @@ use http::header::{CACHE_CONTROL, COOKIE, HeaderValue, SET_COOKIE};
 use http::{HeaderMap, StatusCode};
 
 use self::session::{Backoff, Holder, Sessions};
+use crate::domain::Tenant;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::tenants::Tenant;
 use crate::tenants::store::Lookup;
 
 /// The session cookie's name.

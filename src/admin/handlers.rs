@@ -1,8 +1,6 @@
 //! The admin API's handlers: read the path, query or JSON body, call `tenants::repo` or `ledger::report`,
 //! answer JSON (or CSV). Every rejection is an [`ApiError`], so admin errors have OpenAI's shape too.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use axum::Json;
 use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -13,13 +11,13 @@ use http_body_util::LengthLimitError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::db::now_ms;
+use crate::domain::{Tenant, TenantStatus};
 use crate::error::ApiError;
 use crate::ledger::report::{self, SummaryQuery, UsageReport};
 use crate::state::AppState;
 use crate::tenants::admin_ops::{self, CreatedKey, KeyRequest};
 use crate::tenants::repo::{KeyInfo, NewTenant, TenantPatch};
-use crate::tenants::{Tenant, TenantStatus};
+use crate::time::now_ms;
 
 /// The largest admin request body accepted (tenant specs are small; metadata is free-form but not bulk data).
 pub const MAX_BODY: usize = 256 * 1024;
@@ -159,7 +157,8 @@ impl UsageParams {
         let from_given = from.is_some();
         let from = match from {
             Some(ms) => ms,
-            None => month_start(now).ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no month start for {now}")))?,
+            None => crate::time::month_start(now)
+                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no month start for {now}")))?,
         };
         let to_given = to.is_some();
         let to = to.unwrap_or(now);
@@ -173,7 +172,7 @@ impl UsageParams {
 }
 
 fn time_param(value: &str, param: &str) -> Result<i64, ApiError> {
-    report::parse_time(value).ok_or_else(|| {
+    crate::time::parse_time(value).ok_or_else(|| {
         let message = format!(
             "Invalid '{param}' value '{value}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z, \
              2026-11-01T10:00:00+01:00) or Unix milliseconds, from 1970 on."
@@ -191,13 +190,6 @@ fn format_param(value: &str) -> Result<bool, ApiError> {
             Some("format".to_owned()),
         )),
     }
-}
-
-/// Midnight UTC on the first day of the month `now_ms` falls in.
-fn month_start(now_ms: i64) -> Option<i64> {
-    let now = UNIX_EPOCH + Duration::from_millis(u64::try_from(now_ms).ok()?);
-    let text = humantime::format_rfc3339_seconds(now).to_string();
-    report::parse_time(&format!("{}-01", text.get(..7)?))
 }
 
 /// A path segment (`{name}`, `{id}`), with a rejection in OpenAI's shape.

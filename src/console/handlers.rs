@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq as _;
 use super::pages::{self, Frame, GalleryItem, Overview, UsageFilters};
 use super::session::{Holder, SIGN_IN_PURPOSE};
 use super::{ClientAddr, Console, ConsoleError, ConsoleRef, SESSION_COOKIE, SIGN_IN_COOKIE, Scope, Viewer};
-use crate::db::now_ms;
+use crate::domain::{Tenant, TenantStatus, keys};
 use crate::error::ApiError;
 use crate::ledger::browse::{self, DAY_MS, RowFilter, StatusFilter};
 use crate::ledger::report;
@@ -24,7 +24,7 @@ use crate::state::AppState;
 use crate::tenants::admin_ops::{self, KeyRequest};
 use crate::tenants::repo::{NewTenant, TenantPatch};
 use crate::tenants::store::Lookup;
-use crate::tenants::{Tenant, TenantStatus, keys};
+use crate::time::now_ms;
 
 /// Rows per page of the usage table.
 pub const USAGE_PAGE: i64 = 50;
@@ -196,9 +196,7 @@ async fn tenant_filter(state: &AppState, viewer: &Viewer, name: Option<&str>) ->
 /// Midnight UTC of the day and of the month `now` falls in.
 fn day_and_month_start(now: i64) -> (i64, i64) {
     let day = now - now.rem_euclid(DAY_MS);
-    let month = chrono::DateTime::from_timestamp_millis(now)
-        .and_then(|t| report::parse_time(&t.format("%Y-%m-01").to_string()))
-        .unwrap_or(day);
+    let month = crate::time::month_start(now).unwrap_or(day);
     (day, month)
 }
 
@@ -582,7 +580,7 @@ async fn usage_query(
         if v.is_empty() {
             return Ok(None);
         }
-        report::parse_time(&v).map(Some).ok_or_else(|| {
+        crate::time::parse_time(&v).map(Some).ok_or_else(|| {
             ApiError::invalid(format!("Invalid '{name}' value '{v}': use a date (2026-11-01)."), Some(name.to_owned()))
         })
     };

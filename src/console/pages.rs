@@ -5,9 +5,9 @@ use http::StatusCode;
 use maud::{DOCTYPE, Markup, html};
 
 use super::chart;
+use crate::domain::{Limits, Tenant, TenantStatus};
 use crate::ledger::browse::{LedgerRow, StatusFilter};
 use crate::tenants::repo::KeyInfo;
-use crate::tenants::{Limits, Tenant, TenantStatus};
 
 /// What the layout needs to know about the page and who is looking.
 #[derive(Debug, Clone)]

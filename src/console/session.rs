@@ -18,7 +18,8 @@ use sha2::{Digest as _, Sha256};
 use sqlx::Row as _;
 use subtle::ConstantTimeEq as _;
 
-use crate::db::{Db, now_ms};
+use crate::db::Db;
+use crate::time::now_ms;
 
 type HmacSha256 = Hmac<Sha256>;
 

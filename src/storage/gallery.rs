@@ -7,7 +7,7 @@ use object_store::PutPayload;
 use object_store::path::Path as ObjectPath;
 
 use super::{ImageStore, StoreError, StoredImage};
-use crate::db::now_ms;
+use crate::time::now_ms;
 
 /// The longest side of a thumbnail, in pixels.
 pub const THUMB_SIDE: u32 = 256;

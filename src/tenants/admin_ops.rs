@@ -3,16 +3,14 @@
 //! replica's key cache so the change applies here at once (other replicas follow within
 //! `auth.key_cache_ttl`). Results are [`ApiError`]s so both front ends show the same messages.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
-use super::keys;
 use super::repo::{KeyInfo, NewTenant, TenantPatch};
 use super::store::TenantStore;
-use super::{Tenant, TenantStatus};
+use crate::domain::keys;
+use crate::domain::{Tenant, TenantStatus};
 use crate::error::ApiError;
-use crate::ledger::report;
+use crate::time::RelativeError;
 
 /// Create a tenant (source `api`).
 pub async fn create_tenant(store: &TenantStore, spec: NewTenant) -> Result<Tenant, ApiError> {
@@ -97,7 +95,7 @@ pub fn expiry(spec: &KeyRequest, now: i64) -> Result<Option<i64>, ApiError> {
 fn absolute_expiry(value: &serde_json::Value) -> Result<i64, ApiError> {
     let parsed = match value {
         serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => report::parse_time(s),
+        serde_json::Value::String(s) => crate::time::parse_time(s),
         _ => None,
     };
     parsed.ok_or_else(|| {
@@ -110,16 +108,14 @@ fn absolute_expiry(value: &serde_json::Value) -> Result<i64, ApiError> {
 }
 
 fn relative_expiry(text: &str, now: i64) -> Result<i64, ApiError> {
-    let invalid = |why: String| ApiError::invalid(why, Some("expires_in".to_owned()));
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| invalid(format!("Invalid expires_in '{text}': {e} (examples: 30d, 12h, 1y).")))?;
-    if duration < Duration::from_secs(1) {
-        return Err(invalid("expires_in must be at least one second.".to_owned()));
-    }
-    i64::try_from(duration.as_millis())
-        .ok()
-        .and_then(|ms| now.checked_add(ms))
-        .ok_or_else(|| invalid(format!("expires_in '{text}' is too far in the future.")))
+    crate::time::after(text, now).map_err(|e| {
+        let message = match e {
+            RelativeError::Unreadable(_) => format!("Invalid expires_in '{text}': {e}."),
+            RelativeError::TooShort => format!("expires_in {e}."),
+            RelativeError::TooFar => format!("expires_in '{text}' {e}."),
+        };
+        ApiError::invalid(message, Some("expires_in".to_owned()))
+    })
 }
 
 /// Parse a JSON body with serde (an empty body reads as `{}`), with errors naming the problem the way the
