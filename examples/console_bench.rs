@@ -16,12 +16,10 @@ use std::time::{Duration, Instant};
 
 use imagegate::config::{Secret, Settings, UpstreamKind};
 use imagegate::startup::Application;
-use rand::{Rng as _, SeedableRng as _};
 use serde_json::json;
 use sqlx::Executor as _;
 
 const ADMIN: &str = "bench-admin-token-0123456789abcdef";
-const MODELS: [&str; 5] = ["gpt-image-1", "gpt-image-1-mini", "dall-e-3", "dall-e-2", "gpt-image-1.5"];
 const DAY_MS: i64 = 86_400_000;
 
 struct Args {
@@ -145,80 +143,38 @@ async fn run(db: &str, args: &Args) {
     }
 }
 
-/// Ledger rows spread evenly over the last 365 days, in multi-row INSERTs inside transactions.
+/// Ledger rows spread evenly over the last 365 days, generated inside the database (one INSERT … SELECT over
+/// a recursive counter per tenant), with models, refusals, errors and cache hits mixed in by arithmetic.
 async fn generate(pool: &sqlx::AnyPool, tenants: &[String], rows: usize) {
-    const PER_STATEMENT: usize = 1000;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let now = now_ms();
     let start = now - 365 * DAY_MS;
-    let columns = "request_id, created_at, tenant_id, key_id, endpoint, model, images_requested, images_returned, \
-                   size, cost_usd, status, latency_ms, stream, cache_hit, refused_by";
-    let mut written = 0;
-    while written < rows {
-        let n = PER_STATEMENT.min(rows - written);
-        let marks: Vec<String> = (0..n)
-            .map(|r| {
-                let b = r * 15;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 10,
-                    b + 11,
-                    b + 12,
-                    b + 13,
-                    b + 14,
-                    b + 15
-                )
-            })
-            .collect();
-        let sql = format!("INSERT INTO usage_events ({columns}) VALUES {}", marks.join(", "));
-        let mut q = sqlx::query(&sql);
-        for r in 0..n {
-            let i = written + r;
-            let created = start + (i as i64 * 365 * DAY_MS) / rows as i64;
-            let tenant = &tenants[rng.gen_range(0..tenants.len())];
-            let model = MODELS[rng.gen_range(0..MODELS.len())];
-            let roll: u32 = rng.gen_range(0..100);
-            let (status, refused_by, returned, cache_hit) = match roll {
-                0..4 => (429_i64, Some("gateway"), None, 0_i64),
-                4..5 => (429, Some("upstream"), None, 0),
-                5..7 => (400, None, None, 0),
-                7..9 => (502, None, None, 0),
-                9..19 => (200, None, Some(1_i64), 1),
-                _ => (200, None, Some(rng.gen_range(1..=4)), 0),
-            };
-            let cost = if status == 200 && cache_hit == 0 { returned.unwrap_or(0) as f64 * 0.04 } else { 0.0 };
-            q = q
-                .bind(format!("req_{i:010}"))
-                .bind(created)
-                .bind(tenant.clone())
-                .bind("benchkey")
-                .bind("generations")
-                .bind(model)
-                .bind(returned.unwrap_or(1))
-                .bind(returned)
-                .bind("1024x1024")
-                .bind(cost)
-                .bind(status)
-                .bind(rng.gen_range(800_i64..20_000))
-                .bind(0_i64)
-                .bind(cache_hit)
-                .bind(refused_by);
-        }
-        q.execute(pool).await.unwrap();
-        written += n;
-        if written % 100_000 == 0 {
-            eprintln!("  {written} rows");
-        }
+    let per_tenant = (rows / tenants.len()) as i64;
+    let total = per_tenant * tenants.len() as i64;
+    for (k, tenant) in tenants.iter().enumerate() {
+        let k = k as i64;
+        // Row j of tenant k is row j * tenants + k of the whole range, in time order.
+        let sql = format!(
+            "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, images_requested, \
+             images_returned, size, cost_usd, status, latency_ms, stream, cache_hit, refused_by) \
+             WITH RECURSIVE n(j) AS (SELECT 0 UNION ALL SELECT j + 1 FROM n WHERE j < {last}) \
+             SELECT 'req_' || CAST({k} AS TEXT) || '_' || CAST(j AS TEXT), \
+               CAST({start} + ((j * {t} + {k}) * CAST({span} AS BIGINT)) / {total} AS BIGINT), $1, 'benchkey', 'generations', \
+               CASE (j * 7 + {k}) % 5 WHEN 0 THEN 'gpt-image-1' WHEN 1 THEN 'gpt-image-1-mini' WHEN 2 THEN 'dall-e-3' \
+                 WHEN 3 THEN 'dall-e-2' ELSE 'gpt-image-1.5' END, \
+               1 + (j % 4), CASE WHEN (j * 13 + {k}) % 100 < 9 THEN NULL ELSE 1 + (j % 4) END, '1024x1024', \
+               CASE WHEN (j * 13 + {k}) % 100 < 19 THEN 0.0 ELSE (1 + (j % 4)) * 0.04 END, \
+               CASE WHEN (j * 13 + {k}) % 100 < 5 THEN 429 WHEN (j * 13 + {k}) % 100 < 7 THEN 400 \
+                 WHEN (j * 13 + {k}) % 100 < 9 THEN 502 ELSE 200 END, \
+               800 + (j * 37) % 19000, 0, CASE WHEN (j * 13 + {k}) % 100 BETWEEN 9 AND 18 THEN 1 ELSE 0 END, \
+               CASE WHEN (j * 13 + {k}) % 100 < 4 THEN 'gateway' WHEN (j * 13 + {k}) % 100 < 5 THEN 'upstream' ELSE NULL END \
+             FROM n",
+            last = per_tenant - 1,
+            t = tenants.len(),
+            span = 365 * DAY_MS,
+        );
+        sqlx::query(&sql).bind(tenant.clone()).execute(pool).await.unwrap();
     }
+    eprintln!("  {total} rows");
 }
 
 async fn sign_in(http: &reqwest::Client, root: &str) -> String {
