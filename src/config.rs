@@ -27,6 +27,9 @@ pub const ENV_PROFILE: &str = "IMAGEGATE_ENV";
 /// OpenAI's usual variable, accepted for `upstream.api_key`.
 pub const ENV_OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 
+/// The pool that, when configured, serves tenants that name no upstream (instead of `[upstream]`).
+pub const DEFAULT_POOL: &str = "default";
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,6 +40,9 @@ pub struct Settings {
     /// Further upstreams, by name (`[upstreams.<name>]`, the same keys as `[upstream]`), for tenants whose
     /// `upstream` names one; `[upstream]` serves every other tenant.
     pub upstreams: BTreeMap<String, UpstreamSettings>,
+    /// Pools of deployments, by name (`[pools.<name>]`): ordered lists of `[upstreams.<name>]` tables used as
+    /// one. Tenants name a pool as they name an upstream; `[pools.default]` serves tenants that name none.
+    pub pools: BTreeMap<String, PoolSettings>,
     pub validation: ValidationSettings,
     pub database: DatabaseSettings,
     pub storage: StorageSettings,
@@ -151,6 +157,50 @@ pub struct UpstreamSettings {
     /// Hosts this upstream's image links point at, added to `images.download.allowed_hosts` (exact names or
     /// `*.suffix`). OpenAI's and Azure's (`*.blob.core.windows.net`) are there by default.
     pub image_hosts: Vec<String>,
+    /// How the path is built: `openai` (`<base_url>/images/…`, model in the body: OpenAI, Azure's v1 API,
+    /// compatible servers) or `azure-deployment` (`<base_url>/deployments/<served name>/images/…`, Azure's
+    /// classic route; set `query.api-version`).
+    pub route: UpstreamRoute,
+    /// The models this deployment serves, each with the name it serves it as (`"gpt-image-1" = "img-east"`).
+    /// Empty: every model, under its own name. The served name replaces `model` in JSON and multipart bodies.
+    pub models: BTreeMap<String, String>,
+    /// Share of its priority tier's traffic, relative to the other deployments of the tier (pools only).
+    pub weight: u32,
+    /// Tier: a pool uses the lowest tier that has a deployment able to take the request (pools only).
+    pub priority: u32,
+    /// This deployment's own quota: requests per minute (absent = no limit).
+    pub requests_per_minute: Option<u32>,
+    /// This deployment's own quota: images per minute, counting each request's `n` (absent = no limit).
+    pub images_per_minute: Option<u32>,
+    /// Calls in flight at once (absent = no limit).
+    pub max_concurrent: Option<u32>,
+    /// How long a deployment that answered 429 without `retry-after` rests before it is tried again.
+    #[serde(with = "humantime_serde")]
+    pub rest_after_429: Duration,
+    /// How long a deployment stays out after a connect failure or a 5xx answer, before real traffic probes it.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_for: Duration,
+    /// Consecutive connect failures or 5xx answers that take the deployment out.
+    pub failures_to_trip: u32,
+}
+
+/// How an upstream's URL path is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamRoute {
+    /// `<base_url>/images/generations`, the model in the body.
+    #[default]
+    Openai,
+    /// `<base_url>/deployments/<deployment>/images/generations`: Azure OpenAI's deployment route.
+    AzureDeployment,
+}
+
+/// A pool: deployments (`[upstreams.<name>]` tables) used as one, in order.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Names of `[upstreams.<name>]` tables, each at most once.
+    pub deployments: Vec<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -168,6 +218,16 @@ impl Default for UpstreamSettings {
             stream_idle_timeout: Duration::from_secs(300),
             connect_retries: 2,
             image_hosts: Vec::new(),
+            route: UpstreamRoute::Openai,
+            models: BTreeMap::new(),
+            weight: 1,
+            priority: 0,
+            requests_per_minute: None,
+            images_per_minute: None,
+            max_concurrent: None,
+            rest_after_429: Duration::from_secs(10),
+            unhealthy_for: Duration::from_secs(30),
+            failures_to_trip: 1,
         }
     }
 }
@@ -700,7 +760,10 @@ impl Settings {
     /// Every fault at once, so a deployment is fixed in one round.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut faults = Vec::new();
-        validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
+        // `[pools.default]` replaces `[upstream]`, which then goes unused and needs no key.
+        if !self.pools.contains_key(DEFAULT_POOL) {
+            validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
+        }
         for (name, up) in &self.upstreams {
             if !valid_upstream_name(name) {
                 faults.push(format!(
@@ -735,7 +798,8 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
         }
-        validate_tenants(&self.tenants, &self.upstreams, &mut faults);
+        validate_pools(self, &mut faults);
+        validate_tenants(&self.tenants, &|name| self.routes_to(name), &mut faults);
         if self.database.max_connections == 0 {
             faults.push("database.max_connections must be at least 1".to_owned());
         }
@@ -779,6 +843,16 @@ impl Settings {
 }
 
 impl Settings {
+    /// Whether a tenant's `upstream` setting may name `name`: an `[upstreams.<name>]` table or a pool.
+    pub fn routes_to(&self, name: &str) -> bool {
+        self.upstreams.contains_key(name) || self.pools.contains_key(name)
+    }
+
+    /// Every name a tenant's `upstream` setting may hold: the named upstreams and the pools.
+    pub fn route_names(&self) -> Vec<String> {
+        self.upstreams.keys().chain(self.pools.keys()).cloned().collect()
+    }
+
     fn validate_images(&self, faults: &mut Vec<String>) {
         let (storage, images) = (&self.storage, &self.images);
         if storage.backend == StorageBackend::S3 {
@@ -862,6 +936,7 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
             faults.push(format!("{at}.{name} must be greater than zero"));
         }
     }
+    validate_deployment(at, up, faults);
     if request_timeout <= up.timeout {
         faults.push(format!(
             "server.request_timeout ({}s) must exceed {at}.timeout ({}s) so upstream timeouts answer 504 with a \
@@ -869,6 +944,78 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
             request_timeout.as_secs(),
             up.timeout.as_secs()
         ));
+    }
+}
+
+/// Pools name existing `[upstreams.<name>]` tables, each once, and do not share a name with one (a tenant's
+/// `upstream` setting names either).
+fn validate_pools(settings: &Settings, faults: &mut Vec<String>) {
+    for (name, pool) in &settings.pools {
+        if !valid_upstream_name(name) {
+            faults.push(format!("pools.{name}: a pool name is 1-64 lowercase letters, digits, '-' or '_'"));
+        }
+        if settings.upstreams.contains_key(name) {
+            faults.push(format!(
+                "pools.{name}: [upstreams.{name}] has the same name; a tenant's `upstream` names either, so rename one"
+            ));
+        }
+        if pool.deployments.is_empty() {
+            faults.push(format!("pools.{name}.deployments must name at least one [upstreams.<name>] table"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, deployment) in pool.deployments.iter().enumerate() {
+            if !settings.upstreams.contains_key(deployment) {
+                faults
+                    .push(format!("pools.{name}.deployments[{i}]: '{deployment}' is not an [upstreams.<name>] table"));
+            } else if !seen.insert(deployment.as_str()) {
+                faults.push(format!("pools.{name}.deployments[{i}]: '{deployment}' is listed twice"));
+            }
+        }
+    }
+}
+
+/// The pool-member settings of an upstream: weight, capacity, the models it serves, its route.
+fn validate_deployment(at: &str, up: &UpstreamSettings, faults: &mut Vec<String>) {
+    if up.weight == 0 {
+        faults.push(format!("{at}.weight must be at least 1 (leave the deployment out of the pool to stop using it)"));
+    }
+    for (name, value) in [
+        ("requests_per_minute", up.requests_per_minute),
+        ("images_per_minute", up.images_per_minute),
+        ("max_concurrent", up.max_concurrent),
+    ] {
+        if value == Some(0) {
+            faults.push(format!("{at}.{name} must be at least 1 (leave it out for no limit)"));
+        }
+    }
+    if up.failures_to_trip == 0 {
+        faults.push(format!("{at}.failures_to_trip must be at least 1"));
+    }
+    for (name, d) in [("rest_after_429", up.rest_after_429), ("unhealthy_for", up.unhealthy_for)] {
+        if d.is_zero() {
+            faults.push(format!("{at}.{name} must be greater than zero"));
+        }
+    }
+    for (model, served) in &up.models {
+        if model.trim().is_empty() || served.trim().is_empty() || served.contains(['/', '?', '#']) {
+            faults.push(format!(
+                "{at}.models: {model:?} = {served:?}: both names must be non-empty, and the served name has no '/', \
+                 '?' or '#' (it may be a path segment)"
+            ));
+        }
+    }
+    if up.route == UpstreamRoute::AzureDeployment {
+        if up.models.is_empty() {
+            faults.push(format!(
+                "{at}.route = \"azure-deployment\" needs {at}.models: each model with the Azure deployment that \
+                 serves it (\"gpt-image-1\" = \"my-deployment\")"
+            ));
+        }
+        if !up.query.contains_key("api-version") {
+            faults.push(format!(
+                "{at}.route = \"azure-deployment\" needs {at}.query.api-version (e.g. \"2025-04-01-preview\")"
+            ));
+        }
     }
 }
 
@@ -884,11 +1031,7 @@ fn valid_upstream_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
 }
 
-fn validate_tenants(
-    tenants: &[TenantSettings],
-    upstreams: &BTreeMap<String, UpstreamSettings>,
-    faults: &mut Vec<String>,
-) {
+fn validate_tenants(tenants: &[TenantSettings], routes_to: &dyn Fn(&str) -> bool, faults: &mut Vec<String>) {
     let mut names = std::collections::HashSet::new();
     let mut ids = std::collections::HashSet::new();
     for (i, t) in tenants.iter().enumerate() {
@@ -898,7 +1041,7 @@ fn validate_tenants(
             faults.push(format!("tenants[{i}].name {:?} is declared twice", t.name));
         }
         let fields = crate::tenants::policy::Fields::of_config(t);
-        for invalid in crate::tenants::policy::check(&fields, &|name| upstreams.contains_key(name)) {
+        for invalid in crate::tenants::policy::check(&fields, routes_to) {
             faults.push(format!("tenants[{i}] ({:?}): {invalid}", t.name));
         }
         for (j, k) in t.keys.iter().enumerate() {
@@ -1267,6 +1410,73 @@ upstream = "nowhere"
         assert_eq!(azure.api_key.as_ref().map(Secret::expose), Some("sk-azure"));
         assert_eq!((azure.auth, azure.timeout), (UpstreamAuth::ApiKey, Duration::from_secs(600)));
         assert_eq!(azure.image_hosts, ["images.example.com"]);
+    }
+
+    #[test]
+    fn pools_list_every_fault_at_once_and_a_default_pool_replaces_the_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = r#"
+[upstreams.east]
+base_url = "https://east.openai.azure.com/openai"
+api_key = "k1"
+auth = "api-key"
+route = "azure-deployment"
+weight = 0
+images_per_minute = 0
+[upstreams.west]
+base_url = "https://west.openai.azure.com/openai/v1"
+api_key = "k2"
+models = { "gpt-image-1" = "img/west" }
+[pools.default]
+deployments = ["east", "west", "east", "north"]
+[pools.west]
+deployments = []
+[[tenants]]
+name = "a"
+upstream = "default"
+"#;
+        let faults = load(dir.path(), body, &[]).unwrap_err().0;
+        for needle in [
+            "upstreams.east.weight must be at least 1",
+            "upstreams.east.images_per_minute must be at least 1",
+            "upstreams.east.route = \"azure-deployment\" needs upstreams.east.models",
+            "upstreams.east.route = \"azure-deployment\" needs upstreams.east.query.api-version",
+            "upstreams.west.models: \"gpt-image-1\" = \"img/west\"",
+            "pools.default.deployments[2]: 'east' is listed twice",
+            "pools.default.deployments[3]: 'north' is not an [upstreams.<name>] table",
+            "pools.west: [upstreams.west] has the same name",
+            "pools.west.deployments must name at least one",
+        ] {
+            assert!(faults.iter().any(|f| f.contains(needle)), "no fault mentions {needle}: {faults:#?}");
+        }
+        assert!(!faults.iter().any(|f| f.starts_with("upstream.api_key")), "[upstream] is unused: {faults:#?}");
+        assert!(!faults.iter().any(|f| f.contains("tenants[0]")), "a tenant may name a pool: {faults:#?}");
+        let ok = r#"
+[upstreams.east]
+base_url = "https://east.openai.azure.com/openai"
+api_key = "k1"
+auth = "api-key"
+route = "azure-deployment"
+query = { "api-version" = "2025-04-01-preview" }
+models = { "gpt-image-1" = "img-east" }
+weight = 3
+priority = 0
+images_per_minute = 10
+requests_per_minute = 60
+max_concurrent = 4
+rest_after_429 = "5s"
+[upstreams.openai]
+api_key = "sk-openai"
+priority = 1
+[pools.default]
+deployments = ["east", "openai"]
+"#;
+        let s = load(dir.path(), ok, &[]).unwrap();
+        let east = &s.upstreams["east"];
+        assert_eq!((east.route, east.weight, east.images_per_minute), (UpstreamRoute::AzureDeployment, 3, Some(10)));
+        assert_eq!(east.models["gpt-image-1"], "img-east");
+        assert_eq!(s.pools["default"].deployments, ["east", "openai"]);
+        assert!(s.routes_to("default") && s.routes_to("east") && !s.routes_to("north"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::limits::{Demand, Denied, Limiter, Permit, Refusal, Usage};
 use crate::pricing::{Ask, Prices, Unpriced};
 use crate::rehost::{Origin, Plan, Rehoster};
 use crate::tenants::TenantContext;
-use crate::upstream::{Attribution, ReplyBody, UpstreamReply, Upstreams};
+use crate::upstream::{Attribution, ReplyBody, Upstream as _, UpstreamReply, Upstreams};
 
 /// The 429 (or, fail-closed, 503) for a request the limits did not let through.
 fn denied_error(tenant: &str, denied: Denied) -> ApiError {
@@ -117,9 +117,14 @@ impl ImagesService {
         &self.rehoster
     }
 
+    /// Every upstream and pool (the admin API shows their deployments' state).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
     /// Name of the default upstream (`openai` or `mock`).
     pub fn upstream_name(&self) -> &'static str {
-        self.upstreams.default_upstream().name()
+        self.upstreams.default_pool().kind()
     }
 
     /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
@@ -442,14 +447,17 @@ impl ImagesService {
             self.ledger.record(record.finish(e.status().as_u16(), started));
             return Err(e);
         };
+        let mut record = record;
         let reply = match upstream.send(request, &attribution).await {
             Ok(reply) => reply,
             Err(e) => {
+                record.note_upstream_failure(&e);
                 let e = ApiError::from(e);
                 self.settle_failed(record.finish(e.status().as_u16(), started), &e, permit);
                 return Err(e);
             }
         };
+        record.note_deployment(&reply.headers);
         if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
             // The upstream's limit, not the tenant's: passed on as it is, told apart in the logs, the counters
             // and the ledger (`refused_by = upstream`), and the request is given back.
@@ -504,7 +512,7 @@ impl ImagesService {
         if refused {
             record.refused_by = Some(usage::REFUSED_BY_GATEWAY);
         }
-        let never_processed = refused || matches!(e, ApiError::UpstreamUnavailable(_));
+        let never_processed = refused || matches!(e, ApiError::UpstreamUnavailable(_) | ApiError::UpstreamBusy { .. });
         permit.finish(if never_processed { Usage::REFUNDED } else { Usage::NOTHING });
         self.ledger.record(record);
     }

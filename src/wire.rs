@@ -25,6 +25,8 @@ pub mod headers {
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     /// `hit`, `miss` or `bypass`: how the response cache answered.
     pub const X_IMAGEGATE_CACHE: &str = "x-imagegate-cache";
+    /// The pool deployment (`[upstreams.<name>]`, or `upstream`) that answered.
+    pub const X_IMAGEGATE_DEPLOYMENT: &str = "x-imagegate-deployment";
 
     /// Upstream response headers passed to the caller unchanged (besides `content-type`).
     /// `x-request-id` is renamed to [`X_UPSTREAM_REQUEST_ID`]. The upstream's `x-ratelimit-*` headers stay

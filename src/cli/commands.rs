@@ -24,7 +24,7 @@ async fn with_db<T>(
 ) -> anyhow::Result<T> {
     let settings = config.database_settings()?;
     let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-    let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
+    let repo = TenantRepo::with_upstreams(db.clone(), settings.route_names());
     let result = f(&settings, &repo, &db).await;
     db.close().await;
     result
