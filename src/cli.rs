@@ -3,6 +3,7 @@
 //! database and `table` renders their plain-ASCII tables. `main.rs` only dispatches and prints.
 
 pub mod commands;
+pub mod pools;
 pub mod table;
 
 use std::net::SocketAddr;
@@ -40,6 +41,22 @@ pub enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show each pool deployment's state in a running gateway: healthy, resting or unhealthy, calls in flight,
+    /// capacity left this minute (through its admin API, with `admin.token`).
+    Pools(PoolsArgs),
+}
+
+/// `imagegate pools`.
+#[derive(Debug, clap::Args)]
+pub struct PoolsArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The gateway's base URL. Default: server.public_url, else http://<server.listen>.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<url::Url>,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where configuration comes from, shared by every command that reads it.

@@ -30,6 +30,16 @@ async fn with_db<T>(
     result
 }
 
+/// `imagegate pools`: ask the running gateway the configuration describes.
+pub async fn pools(args: super::PoolsArgs) -> anyhow::Result<String> {
+    let settings = args.config.database_settings()?;
+    let token = settings.admin.token.as_ref().ok_or_else(|| {
+        anyhow!("admin.token is not set: the pool state comes from the admin API (set IMAGEGATE__ADMIN__TOKEN)")
+    })?;
+    let url = super::pools::gateway_url(args.url, &settings)?;
+    super::pools::status(&url, token.expose(), args.json).await
+}
+
 /// `imagegate tenants …`.
 pub async fn tenants(command: TenantsCommand) -> anyhow::Result<String> {
     match command {

@@ -164,6 +164,10 @@ impl UsageRecord {
             self.deployment = Some(name.to_owned());
         }
         self.possibly_billed = e.possibly_billed();
+        if matches!(e, crate::upstream::UpstreamError::Busy { .. }) {
+            // The pool's deployments are at their quotas (or answered 429): the upstream side refused.
+            self.refused_by = Some(REFUSED_BY_UPSTREAM);
+        }
     }
 
     /// Close the record of a request answered from the cache (or by a concurrent identical request's upstream

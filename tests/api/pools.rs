@@ -173,6 +173,12 @@ async fn a_429_rests_the_deployment_for_its_retry_after_and_the_request_moves_on
     assert_eq!(limited_status["state"], "resting");
     // The fake's retry-after is 1 s, not the 10 s default back-off.
     assert!(limited_status["resting_for_ms"].as_u64().unwrap() <= 1000, "{limited_status}");
+
+    // `imagegate pools` shows the same, as a table.
+    let table = imagegate::cli::pools::status(&Url::parse(&app.root).unwrap(), ADMIN_TOKEN, false).await.unwrap();
+    let row = table.lines().find(|l| l.contains("limited")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("resting") && row.contains("default"), "{table}");
+    assert!(table.lines().any(|l| l.contains("| good") && l.contains("healthy")), "{table}");
 }
 
 #[tokio::test]
@@ -191,6 +197,7 @@ async fn when_every_deployment_is_resting_the_caller_gets_429_with_the_soonest_r
     assert_eq!((a.call_count(), b.call_count()), (1, 1), "the second request went nowhere");
     let rows = app.usage_rows(2).await;
     assert!(rows.iter().all(|r| r["images_returned"].is_null() && r["cost_usd"] == 0.0), "{rows:?}");
+    assert!(rows.iter().all(|r| r["refused_by"] == "upstream"), "{rows:?}");
 }
 
 #[tokio::test]
