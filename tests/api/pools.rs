@@ -421,3 +421,38 @@ async fn models_are_renamed_in_json_and_multipart_bodies_and_only_serving_deploy
     assert_eq!((status, error["param"].as_str()), (400, Some("model")));
     assert_eq!((a.call_count(), b.call_count()), (2, 0));
 }
+
+#[tokio::test]
+async fn the_python_sdk_with_default_retries_succeeds_through_a_pool_with_a_failing_deployment() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("tests/sdk/python/.venv/bin/python");
+    if !python.exists() {
+        assert!(std::env::var_os("CI").is_none(), "{} is missing: run `bash .ci/run`", python.display());
+        eprintln!("skipping: {} is missing (run `bash .ci/run` to install the SDKs)", python.display());
+        return;
+    }
+    let failing = fake_with("#status=500").await;
+    let good = FakeOpenAi::start().await;
+    let mut failing_deployment = deployment(&failing.url);
+    // Out only briefly, so half-open probes by the SDK's real calls meet the failure again.
+    failing_deployment.unhealthy_for = Duration::from_millis(50);
+    let app = gateway(vec![("failing", failing_deployment), ("good", deployment(&good.url))]).await;
+
+    let output = tokio::process::Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk/python/test_pools_sdk.py"])
+        .current_dir(&root)
+        .env("IMAGEGATE_POOL_BASE_URL", &app.base_url)
+        .env("IMAGEGATE_POOL_KEY", &app.key)
+        .env("IMAGEGATE_POOL_FAILING", &failing.base)
+        .env("IMAGEGATE_POOL_GOOD", &good.base)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && text.contains("1 passed"), "{text}");
+    assert_eq!(good.call_count(), 8, "one generation per call");
+    let rows = app.usage_rows(8).await;
+    assert_eq!(rows.len(), 8, "one ledger row per call: the SDK never had to retry");
+    assert!(rows.iter().all(|r| r["deployment"] == "good" && r["status"] == 200), "{rows:?}");
+}
