@@ -12,6 +12,7 @@
 //! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
 //! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
 //! - `limits`    per-tenant rate limits, concurrency and budgets (in-process or Redis).
+//! - `replay`    the replay window: an upstream call outlives its caller; identical retries attach to it.
 //! - `rehost`    durable links instead of expiring ones: guarded downloads, signed links, answer rewriting.
 //! - `storage`   stored images: bytes in an object store (local or S3) by SHA-256, metadata, the sweeper.
 //! - `ledger`    the usage ledger: rows written off the request path; `ledger::report` reads them back.
@@ -32,6 +33,7 @@ pub mod ledger;
 pub mod limits;
 pub mod pricing;
 pub mod rehost;
+pub mod replay;
 pub mod routes;
 pub mod server;
 pub mod startup;
