@@ -485,10 +485,12 @@ impl Pool {
         attribution: &Attribution,
         slot: Slot,
     ) -> Result<Attempt, UpstreamError> {
+        // Only a deployment that lists its models renames them; the body is otherwise forwarded as sent (a
+        // missing `model` stays missing).
         let model = request.model();
         let served = deployment.served_name(&model).unwrap_or(&model);
         let renamed;
-        let request = if served == model && request.field_str("model").is_some() {
+        let request = if deployment.models.is_empty() || request.field_str("model").as_deref() == Some(served) {
             request
         } else {
             renamed = request.clone().with_field("model", Some(served));
