@@ -28,6 +28,21 @@ use tracing::Instrument;
 /// `Idempotency-Key`.
 pub type ReplayKey = [u8; 32];
 
+/// The [`ReplayKey`] of a request: each part length-prefixed, so no two different requests hash alike by
+/// shifting bytes from one part to the next.
+pub fn key(tenant_id: &str, key_id: &str, endpoint: &str, body: &[u8], idempotency_key: Option<&str>) -> ReplayKey {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in
+        [tenant_id.as_bytes(), key_id.as_bytes(), endpoint.as_bytes(), body, idempotency_key.unwrap_or("").as_bytes()]
+    {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.update([u8::from(idempotency_key.is_some())]);
+    hasher.finalize().into()
+}
+
 /// What a finished call's result is, for the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kept {
@@ -211,6 +226,22 @@ mod tests {
     }
 
     const KEY: ReplayKey = [7; 32];
+
+    #[test]
+    fn keys_differ_by_tenant_key_endpoint_body_and_idempotency_key() {
+        let base = key("t", "k", "generations", b"{}", None);
+        assert_eq!(base, key("t", "k", "generations", b"{}", None));
+        for other in [
+            key("u", "k", "generations", b"{}", None),
+            key("t", "j", "generations", b"{}", None),
+            key("t", "k", "edits", b"{}", None),
+            key("t", "k", "generations", b"{ }", None),
+            key("t", "k", "generations", b"{}", Some("")),
+            key("tk", "", "generations", b"{}", None),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 
     #[tokio::test]
     async fn a_call_whose_caller_hung_up_runs_to_its_end_and_the_next_identical_request_gets_its_result() {

@@ -21,6 +21,8 @@ pub mod headers {
     pub const RETRY_AFTER_MS: &str = "retry-after-ms";
     /// Azure's key header, used when `upstream.auth = "api-key"`.
     pub const API_KEY: &str = "api-key";
+    /// How many times an OpenAI SDK has retried this request (absent or `0` on the first try).
+    pub const X_STAINLESS_RETRY_COUNT: &str = "x-stainless-retry-count";
     /// Caller-supplied idempotency key, forwarded unchanged.
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     /// `hit`, `miss` or `bypass`: how the response cache answered.
