@@ -27,34 +27,10 @@ use tracing::Instrument as _;
 use self::key::Key;
 use self::shared::{SharedCache, SharedError};
 use crate::config::CacheSettings;
+use crate::domain::{Scope, Tenant};
 use crate::error::ApiError;
-use crate::tenants::Tenant;
 use crate::upstream::{ReplyBody, UpstreamReply};
 use crate::wire::headers;
-
-/// Whose answers a cache entry may serve.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// Only the tenant that caused it (the default).
-    #[default]
-    Tenant,
-    /// Every tenant with the shared scope (explicit opt-in: they see each other's images for equal requests).
-    Shared,
-}
-
-/// Per-tenant overrides of `[cache]`; `None` = the deployment's value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CachePolicy {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-    /// How long an answer is reused, e.g. `"10m"`. Zero turns the tenant's cache off.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<Duration>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<Scope>,
-}
 
 /// How a caller asked this request to use the cache (`Cache-Control` request header).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -150,7 +126,7 @@ impl Answer {
             ReplyBody::Full(body) => Bytes::copy_from_slice(&body),
             ReplyBody::Stream(_) => Bytes::new(),
         };
-        let images = crate::images::usage::count_images(&body);
+        let images = crate::wire::count_images(&body);
         Self { status: reply.status.as_u16(), headers, body, images }
     }
 
