@@ -54,6 +54,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub admin: AdminSettings,
     pub usage: UsageSettings,
+    /// The replay window: identical retries attach to an earlier call instead of paying again (docs/pools.md).
+    pub replay: ReplaySettings,
     pub limits: LimitsSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
@@ -70,7 +72,8 @@ pub struct ServerSettings {
     /// Base URL callers use to reach this gateway (used for links imagegate hands out). Defaults to
     /// `http://<bound address>`.
     pub public_url: Option<Url>,
-    /// Whole-request deadline up to the response headers; must exceed `upstream.timeout`.
+    /// Whole-request deadline up to the response headers; must exceed `upstream.timeout` unless the replay
+    /// window is on (then the upstream call outlives a caller the deadline sends away, and a retry collects it).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// How long SIGTERM/SIGINT waits, from the signal, for in-flight requests before exiting.
@@ -533,6 +536,23 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// The replay window (docs/pools.md#the-replay-window).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplaySettings {
+    /// Attach identical retries from the same key to an earlier call or its result.
+    pub enabled: bool,
+    /// How long a finished call's result is kept for retries.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        Self { enabled: true, window: Duration::from_secs(600) }
+    }
+}
+
 /// The usage ledger writer.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -772,6 +792,8 @@ level = "=bad=filter=["
 [upstream]
 kind = "openai"
 timeout = "20s"
+[replay]
+enabled = false
 [[tenants]]
 name = "a"
 keys = [{ id = "NOT-AN-ID", sha256 = "xyz" }]
@@ -979,7 +1001,7 @@ keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000
         let dir = tempfile::tempdir().unwrap();
         // An unknown key, a wrong type, a bad enum value (each stops serde on its own) and a semantic fault.
         let body = "[server]\nlistn = \"127.0.0.1:1\"\nrequest_timeout = \"10s\"\n[log]\nformat = \"xml\"\n\
-                    [upstream]\nkind = \"mock\"\nconnect_retries = \"many\"\n";
+                    [upstream]\nkind = \"mock\"\nconnect_retries = \"many\"\n[replay]\nenabled = false\n";
         let error = load(dir.path(), body, &[]).unwrap_err();
         let text = error.to_string();
         assert_eq!(error.0.len(), 4, "{text}");

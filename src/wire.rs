@@ -27,6 +27,8 @@ pub mod headers {
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     /// `hit`, `miss` or `bypass`: how the response cache answered.
     pub const X_IMAGEGATE_CACHE: &str = "x-imagegate-cache";
+    /// `true` on an answer an earlier identical request's call made (the replay window).
+    pub const X_IMAGEGATE_REPLAYED: &str = "x-imagegate-replayed";
     /// The pool deployment (`[upstreams.<name>]`, or `upstream`) that answered.
     pub const X_IMAGEGATE_DEPLOYMENT: &str = "x-imagegate-deployment";
 

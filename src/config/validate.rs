@@ -4,12 +4,19 @@ use super::*;
 use crate::domain::rules::{Fields, PolicyNames};
 
 impl Settings {
+    /// The request deadline an upstream's `timeout` must stay under, so an upstream timeout answers its own
+    /// clear 504. With the replay window on, an upstream call outlives its caller (a retry collects it), so a
+    /// shorter `server.request_timeout` is a choice of how long a caller waits, and no fault.
+    fn caller_deadline(&self) -> Option<Duration> {
+        (!self.replay.enabled).then_some(self.server.request_timeout)
+    }
+
     /// Every fault at once, so a deployment is fixed in one round.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut faults = Vec::new();
         // `[pools.default]` replaces `[upstream]`, which then goes unused and needs no key.
         if !self.pools.contains_key(DEFAULT_POOL) {
-            validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
+            validate_upstream("upstream", &self.upstream, self.caller_deadline(), &mut faults);
         }
         for (name, up) in &self.upstreams {
             if !valid_upstream_name(name) {
@@ -18,7 +25,7 @@ impl Settings {
                      spelt in IMAGEGATE__UPSTREAMS__<NAME>__… variables)"
                 ));
             }
-            validate_upstream(&format!("upstreams.{name}"), up, self.server.request_timeout, &mut faults);
+            validate_upstream(&format!("upstreams.{name}"), up, self.caller_deadline(), &mut faults);
         }
         if self.server.request_timeout.is_zero() {
             faults.push("server.request_timeout must be greater than zero".to_owned());
@@ -60,6 +67,11 @@ impl Settings {
         }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        if self.replay.window.is_zero() {
+            faults.push(
+                "replay.window must be greater than zero (to turn replays off, set replay.enabled = false)".to_owned(),
+            );
         }
         if self.usage.shutdown_flush_timeout.is_zero() {
             faults.push("usage.shutdown_flush_timeout must be greater than zero".to_owned());
@@ -138,7 +150,7 @@ impl Settings {
 }
 
 /// Checks shared by `[upstream]` and every `[upstreams.<name>]`.
-fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration, faults: &mut Vec<String>) {
+fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Option<Duration>, faults: &mut Vec<String>) {
     if up.kind == UpstreamKind::Openai {
         if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
             if at == "upstream" {
@@ -174,7 +186,9 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
         }
     }
     validate_deployment(at, up, faults);
-    if request_timeout <= up.timeout {
+    if let Some(request_timeout) = request_timeout
+        && request_timeout <= up.timeout
+    {
         faults.push(format!(
             "server.request_timeout ({}s) must exceed {at}.timeout ({}s) so upstream timeouts answer 504 with a \
              clear message",

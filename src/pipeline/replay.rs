@@ -28,6 +28,26 @@ use tracing::Instrument;
 /// `Idempotency-Key`.
 pub type ReplayKey = [u8; 32];
 
+/// The body as it identifies a request: JSON as sent; a multipart form by its parts (an SDK's retry encodes
+/// the same form with a new boundary).
+pub fn fingerprint(request: &crate::images::request::ImageRequest) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let Some(form) = request.form() else { return request.raw().0.to_vec() };
+    let mut hasher = Sha256::new();
+    for part in &form.parts {
+        for field in [
+            part.name.as_bytes(),
+            part.file_name.as_deref().unwrap_or("").as_bytes(),
+            part.content_type.as_deref().unwrap_or("").as_bytes(),
+            &part.data,
+        ] {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field);
+        }
+    }
+    hasher.finalize().to_vec()
+}
+
 /// The [`ReplayKey`] of a request: each part length-prefixed, so no two different requests hash alike by
 /// shifting bytes from one part to the next.
 pub fn key(tenant_id: &str, key_id: &str, endpoint: &str, body: &[u8], idempotency_key: Option<&str>) -> ReplayKey {

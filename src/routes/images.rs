@@ -55,7 +55,12 @@ async fn handle(
             return Err(state.images.unreserved(&ctx, e).await);
         }
     };
-    let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
+    let meta = RequestMeta {
+        request_id,
+        idempotency_key: extracted.idempotency_key,
+        sdk_retry: extracted.sdk_retry,
+        cache: extracted.cache,
+    };
     let reply = state.images.handle(&ctx, extracted.request, meta).await?;
     Ok(into_response(reply))
 }

@@ -456,3 +456,86 @@ async fn the_python_sdk_with_default_retries_succeeds_through_a_pool_with_a_fail
     assert_eq!(rows.len(), 8, "one ledger row per call: the SDK never had to retry");
     assert!(rows.iter().all(|r| r["deployment"] == "good" && r["status"] == 200), "{rows:?}");
 }
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_does_not_cancel_the_generation_and_its_sdk_retry_gets_the_images_without_a_second_call()
+{
+    let fake = fake_with("#sleep=700").await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.tenants[0].limits.images_per_day = Some(1);
+    })
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "a lighthouse keeper"});
+    let send = |retry: Option<&str>, timeout: Duration| {
+        let mut request = app
+            .client
+            .post(format!("{}/images/generations", app.base_url))
+            .bearer_auth(&app.key)
+            .timeout(timeout)
+            .json(&body);
+        if let Some(count) = retry {
+            request = request.header("x-stainless-retry-count", count);
+        }
+        request.send()
+    };
+
+    // The caller gives up once the upstream has the call (an SDK timeout, a closed tab).
+    let first = send(None, Duration::from_millis(300)).await;
+    assert!(first.is_err_and(|e| e.is_timeout()));
+    assert_eq!(fake.call_count(), 1);
+    // The call ran to its end anyway: the image budget is spent and the ledger has the row.
+    let rows = app.usage_rows(1).await;
+    assert_eq!((rows[0]["status"].as_i64(), rows[0]["images_returned"].as_i64()), (Some(200), Some(1)), "{rows:?}");
+    assert!(rows[0]["cost_usd"].as_f64().unwrap() > 0.0);
+
+    // The SDK's automatic retry gets those images, without a second upstream call.
+    let retry = send(Some("1"), Duration::from_secs(10)).await.unwrap();
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["x-imagegate-replayed"], "true");
+    let answer: Value = retry.json().await.unwrap();
+    assert!(answer["data"][0]["b64_json"].as_str().is_some_and(|b| !b.is_empty()));
+    assert_eq!(fake.call_count(), 1);
+    let rows = app.usage_rows(2).await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[1]["images_returned"].as_i64(), rows[1]["cost_usd"].as_f64()), (None, Some(0.0)), "{rows:?}");
+
+    // A new request finds the day's one image spent (by the call whose caller hung up).
+    let other =
+        app.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": "a keeper's cat"})).await;
+    let (status, error) = error_of(other).await;
+    assert_eq!((status, error["code"].as_str()), (429, Some("insufficient_quota")));
+    assert_eq!(fake.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_retries_a_gateway_504_regardless_causes_one_generation_and_gets_the_images() {
+    let fake = fake_with("#sleep=1500").await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.server.request_timeout = Duration::from_secs(1);
+        s.upstream.timeout = Duration::from_secs(10);
+    })
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "a fog horn"});
+
+    // Like the Vercel AI SDK or async-openai: no x-stainless-retry-count, and a 504 is retried regardless.
+    let mut statuses = Vec::new();
+    let mut images = None;
+    for _ in 0..4 {
+        let res = app.post_json("/images/generations", &body).await;
+        statuses.push(res.status().as_u16());
+        if res.status() == 200 {
+            images = Some(res.json::<Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(res.headers()["x-should-retry"], "false");
+    }
+    assert_eq!(statuses.first(), Some(&504), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    assert!(images.unwrap()["data"][0]["b64_json"].as_str().is_some_and(|b| !b.is_empty()));
+    assert_eq!(fake.call_count(), 1, "one generation in total");
+
+    // Once the images were delivered, the same request again is a deliberate new generation, as at OpenAI.
+    let again = app.post_json("/images/generations", &body).await;
+    assert_eq!(again.status(), 504);
+    assert_eq!(fake.call_count(), 2);
+}
