@@ -41,8 +41,10 @@ pub enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Show each pool deployment's state in a running gateway: healthy, resting or unhealthy, calls in flight,
-    /// capacity left this minute (through its admin API, with `admin.token`).
+    /// Show each upstream pool deployment's state in a running gateway (through its admin API)
+    ///
+    /// Healthy, resting or unhealthy (and for how long), calls in flight, and the capacity left this minute, as
+    /// this replica sees them. Reads `admin.token` from the configuration.
     Pools(PoolsArgs),
 }
 

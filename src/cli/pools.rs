@@ -85,3 +85,22 @@ pub fn gateway_url(explicit: Option<Url>, settings: &crate::config::Settings) ->
     }
     Ok(Url::parse(&format!("http://{listen}"))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_row_per_deployment_with_absent_limits_as_a_dash() {
+        let body = serde_json::json!({"pools": [{"name": "default", "deployments": [
+            {"name": "east", "state": "resting", "resting_for_ms": 800, "unhealthy_for_ms": null, "in_flight": 0,
+             "weight": 3, "priority": 0, "requests_left": null, "images_left": 2, "concurrent_left": null},
+            {"name": "west", "state": "healthy", "resting_for_ms": null, "unhealthy_for_ms": null, "in_flight": 1,
+             "weight": 1, "priority": 0, "requests_left": 19, "images_left": null, "concurrent_left": null}]}]});
+        let text = render(&body);
+        let east = text.lines().find(|l| l.contains("east")).unwrap();
+        assert!(east.contains("resting") && east.contains("0.8s") && east.contains(" 2 "), "{text}");
+        let west = text.lines().find(|l| l.contains("west")).unwrap();
+        assert!(west.contains("healthy") && west.contains(" 19 ") && west.contains(" - "), "{text}");
+    }
+}

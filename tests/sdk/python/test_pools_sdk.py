@@ -57,3 +57,15 @@ def test_every_call_succeeds_and_no_prompt_is_generated_twice() -> None:
     # and each of its failures moved the request on inside the gateway rather than back to the SDK.
     assert 1 <= len(failed) <= len(prompts), failed
     assert max(collections.Counter(failed).values()) == 1, failed
+
+
+def test_an_sdk_timeout_shorter_than_the_generation_gets_the_images_from_its_own_retries() -> None:
+    # The SDK gives up after 0.5 s and retries (x-stainless-retry-count: 1, 2); the gateway's call, which takes
+    # longer, is not cancelled, and a retry attaches to it.
+    client = OpenAI(base_url=BASE_URL, api_key=KEY, timeout=0.5)  # default max_retries=2
+    prompt = f"a slow tide {uuid.uuid4().hex} #sleep=700"
+
+    result = client.images.generate(model="gpt-image-1", prompt=prompt)
+
+    assert result.data and result.data[0].b64_json
+    assert collections.Counter(prompts_received(GOOD))[prompt] == 1
