@@ -8,8 +8,12 @@
 //! Policy (on or off, TTL, scope) is a deployment default in `[cache]`, overridable per tenant; callers steer
 //! single requests with `Cache-Control: no-cache` (fetch anew and store) or `no-store` (bypass).
 
+mod answer;
+mod coalesce;
+mod directive;
 pub mod key;
 pub mod shared;
+mod stats;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,188 +28,19 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
+pub use self::answer::{Answer, ENTRY_OVERHEAD, HEADER_OVERHEAD, NOT_REPLAYED, NotStored, storable_for};
+pub use self::coalesce::{Fetched, Lookup, Role, Served, Uncached};
+use self::coalesce::{Flight, Flights, Landing, flight, lock};
+pub use self::directive::{Directive, Outcome};
 use self::key::Key;
 use self::shared::{SharedCache, SharedError};
+use self::stats::Counters;
+pub use self::stats::Stats;
 use crate::config::CacheSettings;
 use crate::domain::{Scope, Tenant};
 use crate::error::ApiError;
 use crate::upstream::{ReplyBody, UpstreamReply};
 use crate::wire::headers;
-
-/// How a caller asked this request to use the cache (`Cache-Control` request header).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Directive {
-    #[default]
-    Normal,
-    /// `no-cache` (or `max-age=0`): do not answer from the cache; fetch anew and store the answer.
-    Revalidate,
-    /// `no-store`: neither read nor write the cache.
-    Bypass,
-}
-
-impl Directive {
-    /// From every `Cache-Control` header value of a request, each a comma-separated list of directives, read
-    /// case-insensitively; `no-store` wins over `no-cache`, and `max-age=0` means `no-cache`. Other
-    /// directives (`max-age=N` with N > 0, `private`, …) leave the cache's normal behaviour.
-    pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut directive = Self::Normal;
-        for token in values.into_iter().flat_map(|v| v.split(',')) {
-            let (name, argument) = match token.split_once('=') {
-                Some((name, argument)) => (name.trim(), Some(argument.trim().trim_matches('"'))),
-                None => (token.trim(), None),
-            };
-            if name.eq_ignore_ascii_case("no-store") {
-                return Self::Bypass;
-            }
-            let revalidate = name.eq_ignore_ascii_case("no-cache")
-                || (name.eq_ignore_ascii_case("max-age") && argument.and_then(|a| a.parse::<u64>().ok()) == Some(0));
-            if revalidate {
-                directive = Self::Revalidate;
-            }
-        }
-        directive
-    }
-}
-
-/// What the `x-imagegate-cache` header says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Hit,
-    Miss,
-    Bypass,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Miss => "miss",
-            Self::Bypass => "bypass",
-        }
-    }
-}
-
-/// Headers of the upstream call that made an answer; a hit made no upstream call, so it does not replay them.
-pub const NOT_REPLAYED: &[&str] =
-    &[headers::X_UPSTREAM_REQUEST_ID, headers::OPENAI_PROCESSING_MS, headers::X_IMAGEGATE_DEPLOYMENT];
-
-/// A cached answer: status, the headers worth replaying, and the body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Answer {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    #[serde(skip)]
-    pub body: Bytes,
-    /// Images in the body (`data[]`), counted once when stored so hits need not parse it again.
-    #[serde(default)]
-    pub images: Option<u32>,
-}
-
-/// Bytes an entry costs besides its body and headers: the key and the entry as moka keeps them (its hash
-/// table slot, its access-order and write-order queue nodes, its timer-wheel node, the `Arc`s around key and
-/// value), the `Entry` and the allocator's rounding of the body. Measured, not guessed: `tests/cache_memory.rs`
-/// (`calibrate`) grows a cache by 20,000 entries of ~1 KB and reads the process's RSS; without headers an
-/// entry took 1,712 to 1,843 bytes (over several runs) for a 1,043-byte body.
-pub const ENTRY_OVERHEAD: usize = 768;
-
-/// Bytes each replayed header costs besides its name and value: its slot in the `Vec` and the two `String`s'
-/// heap chunks. Measured the same way: four headers (133 bytes of names and values) added 440 to 520 bytes.
-pub const HEADER_OVERHEAD: usize = 88;
-
-impl Answer {
-    /// A whole upstream reply (streams never reach the cache; their body reads as empty).
-    pub fn from_reply(reply: UpstreamReply) -> Self {
-        let headers = reply
-            .headers
-            .iter()
-            .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
-            .collect();
-        // A copy of exactly the body's size: the reply's bytes may share a larger read buffer, which the
-        // cache's byte bound would not see.
-        let body = match reply.body {
-            ReplyBody::Full(body) => Bytes::copy_from_slice(&body),
-            ReplyBody::Stream(_) => Bytes::new(),
-        };
-        let images = crate::wire::count_images(&body);
-        Self { status: reply.status.as_u16(), headers, body, images }
-    }
-
-    /// Bytes it holds, as the byte bound counts them.
-    pub fn weight(&self) -> u64 {
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD).sum();
-        (self.body.len() + headers + ENTRY_OVERHEAD) as u64
-    }
-
-    /// The links (`data[].url`) in a JSON answer; `None` when the body is not a JSON object.
-    fn links(&self) -> Option<Vec<String>> {
-        #[derive(Deserialize)]
-        struct Body {
-            #[serde(default)]
-            data: Vec<Item>,
-        }
-        #[derive(Deserialize)]
-        struct Item {
-            #[serde(default)]
-            url: Option<String>,
-        }
-        let body: Body = serde_json::from_slice(&self.body).ok()?;
-        Some(body.data.into_iter().filter_map(|item| item.url).collect())
-    }
-}
-
-/// Why an answer was not stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotStored {
-    /// Not a 2xx answer.
-    Status,
-    /// Not a JSON object: nothing to tell its links by.
-    NotJson,
-    /// A link that is not one of imagegate's own signed links (re-hosting is off, or a failed download passed
-    /// the upstream's expiring URL on).
-    ForeignLink,
-    /// Its links expire too soon to keep the minimum remaining life a hit guarantees.
-    ShortLivedLinks,
-    /// Larger than `cache.max_entry_bytes`.
-    TooLarge,
-}
-
-impl NotStored {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Status => "error_status",
-            Self::NotJson => "not_json",
-            Self::ForeignLink => "foreign_link",
-            Self::ShortLivedLinks => "short_lived_links",
-            Self::TooLarge => "too_large",
-        }
-    }
-}
-
-/// How long `answer` may be stored for `lookup`: its TTL, shortened so that the entry expires while every link
-/// in it has at least `lookup.link_margin` left to live. `own_link_expiry` tells imagegate's own signed links
-/// (returning their expiry, Unix seconds) from any other link (`None`); an answer with any other link is not
-/// stored, since that link expires on the upstream's clock. Answers without links (base64) keep the full TTL.
-pub fn storable_for(
-    answer: &Answer,
-    lookup: &Lookup,
-    now: SystemTime,
-    own_link_expiry: impl Fn(&str) -> Option<i64>,
-) -> Result<Duration, NotStored> {
-    if !(200..300).contains(&answer.status) {
-        return Err(NotStored::Status);
-    }
-    let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    let mut ttl = lookup.ttl;
-    for link in answer.links().ok_or(NotStored::NotJson)? {
-        let expires_ms = own_link_expiry(&link)
-            .and_then(|s| u128::try_from(s).ok())
-            .ok_or(NotStored::ForeignLink)?
-            .saturating_mul(1000);
-        let left = Duration::from_millis(u64::try_from(expires_ms.saturating_sub(now_ms)).unwrap_or(u64::MAX));
-        ttl = ttl.min(left.saturating_sub(lookup.link_margin));
-    }
-    if ttl.is_zero() { Err(NotStored::ShortLivedLinks) } else { Ok(ttl) }
-}
 
 struct Entry {
     answer: Answer,
@@ -229,181 +64,6 @@ impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
         _remaining: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.ttl)
-    }
-}
-
-/// Counters, for `GET /admin/v1/cache`.
-#[derive(Debug, Default)]
-struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    bypasses: AtomicU64,
-    coalesced: AtomicU64,
-    stores: AtomicU64,
-    evictions: AtomicU64,
-    shared_hits: AtomicU64,
-    shared_errors: AtomicU64,
-    shared_skipped: AtomicU64,
-}
-
-impl Counters {
-    fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Count a Redis failure (`Unavailable`: not asked, the circuit is open).
-    fn shared_failed(&self, error: &SharedError, doing: &'static str) {
-        if matches!(error, SharedError::Unavailable) {
-            Self::add(&self.shared_skipped);
-        } else {
-            Self::add(&self.shared_errors);
-            tracing::warn!(error = %error, doing, "shared cache failed; going on without it");
-        }
-    }
-}
-
-/// A snapshot of the cache's counters.
-#[derive(Debug, Clone, Serialize)]
-pub struct Stats {
-    pub enabled_by_default: bool,
-    pub backend: &'static str,
-    /// Requests answered from a stored entry (counted once the limits let them through).
-    pub hits: u64,
-    /// Requests whose own upstream call ran through the cache (`no-cache` refreshes included).
-    pub misses: u64,
-    pub bypasses: u64,
-    /// Requests served by another identical request's upstream call, already in flight. Those given a stored
-    /// answer also count in `hits`; those given an answer that was not stored (an error) count only here.
-    pub coalesced: u64,
-    pub stores: u64,
-    /// Entries dropped to stay within `max_bytes` (expiries are not counted).
-    pub evictions: u64,
-    pub entries: u64,
-    pub bytes: u64,
-    pub max_bytes: u64,
-    /// Answers found in Redis (and copied into this replica's memory).
-    pub shared_hits: u64,
-    /// Redis calls that failed or timed out.
-    pub shared_errors: u64,
-    /// Redis calls not made because Redis was down (the circuit was open).
-    pub shared_skipped: u64,
-    /// `up`, `connecting` or `down`; `null` without Redis.
-    pub shared_state: Option<&'static str>,
-}
-
-/// What the cache stage decided for one request.
-#[derive(Debug, Clone)]
-pub struct Lookup {
-    pub key: Key,
-    /// The tenant's TTL; an entry's own TTL may be shorter (see [`storable_for`]).
-    pub ttl: Duration,
-    /// The least life a hit's links must have left: half the image retention.
-    pub link_margin: Duration,
-    pub directive: Directive,
-}
-
-/// A finished upstream call with a 2xx answer, and whether (and for how long) it may be stored.
-#[derive(Debug)]
-pub struct Fetched {
-    pub answer: Answer,
-    pub store_for: Result<Duration, NotStored>,
-}
-
-/// A miss that did not produce a stored answer, shared with every coalesced waiter.
-#[derive(Debug)]
-pub enum Uncached {
-    /// An answer that is not stored (an error status from the upstream, too large, foreign links, …).
-    Answer(Answer),
-    /// No answer: the gateway's own error (upstream unreachable, re-hosting failed, …).
-    Error(ApiError),
-    /// The leading caller's own limits refused the call before anything was sent. That answer is the
-    /// leader's alone (it names the leader's tenant and limits): waiters try again, one of them leading.
-    Refused(ApiError),
-}
-
-impl Uncached {
-    /// One caller's own copy: the value itself when nobody else holds it (an internal error keeps its cause),
-    /// else an equal one.
-    pub fn take(shared: Arc<Self>) -> Self {
-        Arc::try_unwrap(shared).unwrap_or_else(|shared| match shared.as_ref() {
-            Self::Answer(answer) => Self::Answer(answer.clone()),
-            Self::Error(e) => Self::Error(e.duplicate()),
-            Self::Refused(e) => Self::Refused(e.duplicate()),
-        })
-    }
-}
-
-/// What an upstream call through the cache gave: the stored answer, or what was not stored.
-pub type Served = Result<Answer, Arc<Uncached>>;
-
-/// How a request that went through [`ResponseCache::get_or_fetch`] was answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Its own upstream call ran: the miss that fills the entry (or a `no-cache` refresh).
-    Fetched,
-    /// Another identical request's upstream call, already in flight, answered it.
-    Joined,
-    /// An entry stored while it waited for the limits answered it.
-    Found,
-}
-
-impl Role {
-    /// The `x-imagegate-cache` of a request so answered: a hit only when the answer came from a stored entry.
-    pub fn outcome(self, served: &Served) -> Outcome {
-        match self {
-            Self::Fetched => Outcome::Miss,
-            Self::Found => Outcome::Hit,
-            Self::Joined if served.is_ok() => Outcome::Hit,
-            Self::Joined => Outcome::Miss,
-        }
-    }
-
-    /// True when another request's upstream call (or entry) answered this one: it costs nothing.
-    pub fn served_by_another(self) -> bool {
-        self != Self::Fetched
-    }
-}
-
-/// An upstream call in flight, awaited by its caller and by every identical request that joins it.
-type Flight = Shared<BoxFuture<'static, Served>>;
-
-/// A call about to be launched: what its callers await, and where its task sends the answer. A task that ends
-/// without answering (a panic, the runtime shutting down) answers an internal error.
-fn flight() -> (Flight, oneshot::Sender<Served>) {
-    let (answer, answered) = oneshot::channel();
-    let flight = async move {
-        answered.await.unwrap_or_else(|_| {
-            Err(Arc::new(Uncached::Error(ApiError::Internal(anyhow::anyhow!(
-                "the upstream call's task ended without an answer"
-            )))))
-        })
-    }
-    .boxed()
-    .shared();
-    (flight, answer)
-}
-
-/// Calls in flight by key, with an id so that a finished call removes only itself.
-type Flights = Arc<Mutex<HashMap<Key, (u64, Flight)>>>;
-
-fn lock(flights: &Flights) -> MutexGuard<'_, HashMap<Key, (u64, Flight)>> {
-    flights.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Removes a call from the in-flight map when its task ends, however it ends (it is dropped on a panic or
-/// when the runtime shuts down), so a key never stays stuck on a call that will not answer.
-struct Landing {
-    flights: Flights,
-    key: Key,
-    id: u64,
-}
-
-impl Drop for Landing {
-    fn drop(&mut self) {
-        let mut flights = lock(&self.flights);
-        if flights.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-            flights.remove(&self.key);
-        }
     }
 }
 

@@ -131,16 +131,6 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Calls running plus results kept (for tests and the admin API).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// No call running and no result kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Answer a request: attach to an identical earlier request's call or result when the rules above allow,
     /// else run `call` in a task of its own. `kept` classifies a finished result. `None` only when the call's
     /// task ended without a result (a panic, the runtime shutting down).
