@@ -327,7 +327,8 @@ impl ImagesService {
             &replay::fingerprint(&request),
             call.meta.idempotency_key.as_deref(),
         );
-        let says_retry = call.meta.sdk_retry || call.meta.idempotency_key.is_some();
+        let keyed = call.meta.idempotency_key.is_some();
+        let says_retry = call.meta.sdk_retry || keyed;
         let (this, mut own) = (self.clone(), call.clone());
         let task = async move {
             if let Err(e) = this.acquire(&mut own, Demand::whole(images, cost)).await {
@@ -342,7 +343,7 @@ impl ImagesService {
                 Err(e) => Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass))),
             }
         };
-        let (result, role) = window.run(key, says_retry, task, Replayed::kept).await;
+        let (result, role) = window.run(key, says_retry, keyed, task, Replayed::kept).await;
         let result = result.unwrap_or_else(|| {
             let e = ApiError::Internal(anyhow::anyhow!("the upstream call's task ended without an answer"));
             Replayed::Failed(Arc::new(Failure::from(e)))

@@ -102,13 +102,19 @@ impl<T> Entry<T> {
 
 /// Calls in flight and results kept, by [`ReplayKey`]. Cheap to clone.
 pub struct ReplayWindow<T> {
-    entries: Arc<Mutex<HashMap<ReplayKey, Arc<Entry<T>>>>>,
+    table: Arc<Mutex<Table<T>>>,
     window: Duration,
+}
+
+struct Table<T> {
+    entries: HashMap<ReplayKey, Arc<Entry<T>>>,
+    /// When results older than the window were last dropped (at most once a second, not on every request).
+    pruned: Instant,
 }
 
 impl<T> Clone for ReplayWindow<T> {
     fn clone(&self) -> Self {
-        Self { entries: self.entries.clone(), window: self.window }
+        Self { table: self.table.clone(), window: self.window }
     }
 }
 
@@ -124,26 +130,54 @@ impl<T> Drop for Waiting<T> {
 impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
     /// Results are kept for `window` after their call ends.
     pub fn new(window: Duration) -> Self {
-        Self { entries: Arc::new(Mutex::new(HashMap::new())), window }
+        Self { table: Arc::new(Mutex::new(Table { entries: HashMap::new(), pruned: Instant::now() })), window }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<ReplayKey, Arc<Entry<T>>>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Table<T>> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Forget `entry` if it is still the one kept under `key`.
+    fn forget(&self, key: &ReplayKey, entry: &Arc<Entry<T>>) {
+        let mut table = self.lock();
+        if table.entries.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            table.entries.remove(key);
+        }
     }
 
     /// Answer a request: attach to an identical earlier request's call or result when the rules above allow,
-    /// else run `call` in a task of its own. `kept` classifies a finished result. `None` only when the call's
+    /// else run `call` in a task of its own. `kept` classifies a finished result. Images a caller received
+    /// leave the window at once (so it holds only what nobody got), unless `keep_delivered` (the request has an
+    /// `Idempotency-Key`, whose repeats get the same answer for the whole window). `None` only when the call's
     /// task ended without a result (a panic, the runtime shutting down).
-    pub async fn run<F>(&self, key: ReplayKey, says_retry: bool, call: F, kept: fn(&T) -> Kept) -> (Option<T>, Role)
+    pub async fn run<F>(
+        &self,
+        key: ReplayKey,
+        says_retry: bool,
+        keep_delivered: bool,
+        call: F,
+        kept: fn(&T) -> Kept,
+    ) -> (Option<T>, Role)
     where
         F: Future<Output = T> + Send + 'static,
     {
         let now = Instant::now();
         let (entry, role) = {
-            let mut entries = self.lock();
+            let mut table = self.lock();
             let window = self.window;
-            entries.retain(|_, e| e.ended().is_none_or(|ended| now.duration_since(ended) < window));
-            match entries.get(&key) {
+            if now.duration_since(table.pruned) >= Duration::from_secs(1) {
+                table.entries.retain(|_, e| e.ended().is_none_or(|ended| now.duration_since(ended) < window));
+                table.pruned = now;
+            }
+            let entries = &mut table.entries;
+            let existing =
+                entries.get(&key).filter(|e| e.ended().is_none_or(|ended| now.duration_since(ended) < window));
+            match existing {
                 Some(entry) if self.may_attach(entry, says_retry) => {
                     entry.waiting.fetch_add(1, Ordering::SeqCst);
                     (entry.clone(), Role::Attached)
@@ -165,6 +199,9 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
             && kept(result) == Kept::Images
         {
             waiting.0.delivered.store(true, Ordering::SeqCst);
+            if !keep_delivered {
+                self.forget(&key, &waiting.0);
+            }
         }
         (result, role)
     }
@@ -201,10 +238,7 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
                 let keep = kept(&result);
                 *ended.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
                 if keep == Kept::Nothing {
-                    let mut entries = this.lock();
-                    if entries.get(&key).is_some_and(|e| Arc::ptr_eq(e, &ended)) {
-                        entries.remove(&key);
-                    }
+                    this.forget(&key, &ended);
                 }
                 // Nobody may be waiting any more: the call ran to its end all the same.
                 let _ = tx.send(result);
@@ -259,15 +293,15 @@ mod tests {
         let runs = Arc::new(AtomicU32::new(0));
         let first = tokio::time::timeout(
             Duration::from_millis(20),
-            window.run(KEY, false, call(&runs, 100, Kept::Images), same),
+            window.run(KEY, false, false, call(&runs, 100, Kept::Images), same),
         )
         .await;
         assert!(first.is_err(), "the caller gave up");
-        let (result, role) = window.run(KEY, false, call(&runs, 100, Kept::Images), same).await;
+        let (result, role) = window.run(KEY, false, false, call(&runs, 100, Kept::Images), same).await;
         assert_eq!((result, role), (Some(Kept::Images), Role::Attached));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Received now: a deliberate repeat is a new call.
-        let (_, role) = window.run(KEY, false, call(&runs, 1, Kept::Images), same).await;
+        let (_, role) = window.run(KEY, false, false, call(&runs, 1, Kept::Images), same).await;
         assert_eq!((role, runs.load(Ordering::SeqCst)), (Role::Ran, 2));
     }
 
@@ -276,14 +310,14 @@ mod tests {
         let window = ReplayWindow::new(Duration::from_secs(60));
         let runs = Arc::new(AtomicU32::new(0));
         let (a, b, c) = tokio::join!(
-            window.run(KEY, false, call(&runs, 100, Kept::Images), same),
+            window.run(KEY, false, false, call(&runs, 100, Kept::Images), same),
             async {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                window.run(KEY, true, call(&runs, 100, Kept::Images), same).await
+                window.run(KEY, true, false, call(&runs, 100, Kept::Images), same).await
             },
             async {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                window.run(KEY, false, call(&runs, 100, Kept::Images), same).await
+                window.run(KEY, false, false, call(&runs, 100, Kept::Images), same).await
             },
         );
         assert_eq!((a.1, b.1, c.1), (Role::Ran, Role::Attached, Role::Ran));
@@ -294,25 +328,39 @@ mod tests {
     async fn a_possibly_billed_result_is_replayed_and_a_result_with_nothing_generated_is_not_kept() {
         let window = ReplayWindow::new(Duration::from_secs(60));
         let runs = Arc::new(AtomicU32::new(0));
-        window.run(KEY, false, call(&runs, 1, Kept::PossiblyBilled), same).await;
-        let (result, role) = window.run(KEY, false, call(&runs, 1, Kept::Images), same).await;
+        window.run(KEY, false, false, call(&runs, 1, Kept::PossiblyBilled), same).await;
+        let (result, role) = window.run(KEY, false, false, call(&runs, 1, Kept::Images), same).await;
         assert_eq!((result, role), (Some(Kept::PossiblyBilled), Role::Attached));
         let other = [8; 32];
-        window.run(other, false, call(&runs, 1, Kept::Nothing), same).await;
-        let (_, role) = window.run(other, true, call(&runs, 1, Kept::Images), same).await;
+        window.run(other, false, false, call(&runs, 1, Kept::Nothing), same).await;
+        let (_, role) = window.run(other, true, false, call(&runs, 1, Kept::Images), same).await;
         assert_eq!(role, Role::Ran, "nothing was generated: a retry runs anew");
         assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn delivered_images_leave_the_window_at_once_unless_the_request_has_an_idempotency_key() {
+        let window = ReplayWindow::new(Duration::from_secs(60));
+        let runs = Arc::new(AtomicU32::new(0));
+        window.run(KEY, false, false, call(&runs, 1, Kept::Images), same).await;
+        assert_eq!(window.len(), 0, "nobody can need it again: the window holds only what nobody got");
+        let keyed = [9; 32];
+        window.run(keyed, true, true, call(&runs, 1, Kept::Images), same).await;
+        let (_, role) = window.run(keyed, true, true, call(&runs, 1, Kept::Images), same).await;
+        assert_eq!((role, runs.load(Ordering::SeqCst)), (Role::Attached, 2));
     }
 
     #[tokio::test]
     async fn results_leave_the_window_when_it_ends() {
         let window = ReplayWindow::new(Duration::from_millis(30));
         let runs = Arc::new(AtomicU32::new(0));
-        let _ =
-            tokio::time::timeout(Duration::from_millis(5), window.run(KEY, false, call(&runs, 10, Kept::Images), same))
-                .await;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(5),
+            window.run(KEY, false, false, call(&runs, 10, Kept::Images), same),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(80)).await;
-        let (_, role) = window.run(KEY, true, call(&runs, 1, Kept::Images), same).await;
+        let (_, role) = window.run(KEY, true, false, call(&runs, 1, Kept::Images), same).await;
         assert_eq!((role, runs.load(Ordering::SeqCst)), (Role::Ran, 2));
     }
 }
