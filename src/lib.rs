@@ -15,6 +15,8 @@
 //! - `rehost`    durable links instead of expiring ones: guarded downloads, signed links, answer rewriting.
 //! - `storage`   stored images: bytes in an object store (local or S3) by SHA-256, metadata, the sweeper.
 //! - `ledger`    the usage ledger: rows written off the request path; `ledger::report` reads them back.
+//! - `catalog`   the model catalog as data (`config/models.toml` + `[models]`): rules, prices, lifecycle,
+//!   aliases; read by validation, pricing and the lifecycle headers.
 //! - `db`        the SQLite/PostgreSQL pool and embedded migrations; `pricing` turns usage into USD.
 //! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
 //! - `wire`      header names, paths and event names, spelt once.
@@ -22,6 +24,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod db;
