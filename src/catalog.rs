@@ -6,9 +6,10 @@
 //! knows a model by name: the validation rules, the prices and the lifecycle headers all read a [`Model`].
 //!
 //! `lifecycle` turns dates into a status and the `Deprecation` / `Sunset` / `Link` headers; `sizes` checks
-//! free `WxH` sizes against a model's bounds.
+//! free `WxH` sizes against a model's bounds; `listing` lists the catalog with each model's status.
 
 mod lifecycle;
+mod listing;
 mod sizes;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use self::lifecycle::{Date, Lifecycle, Status};
+pub use self::listing::Listing;
 pub use self::sizes::FreeSizes;
 
 /// The built-in catalog's source.
@@ -116,7 +118,7 @@ pub enum OutputTokens {
 }
 
 /// USD per 1M tokens for one model billed by tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenPrices {
     pub text_input: f64,
@@ -128,6 +130,10 @@ pub struct TokenPrices {
     /// How output tokens are estimated without `usage`.
     #[serde(default)]
     pub output_tokens: OutputTokens,
+    /// The formula's factor `q` for quality tiers beyond `low` (16), `medium` (48) and `high` (96), such as
+    /// `{ xhigh = 192 }`: without one, a request for an unknown tier has no price (and no reservation).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub quality_factors: BTreeMap<String, u32>,
 }
 
 /// Per-image prices: quality → size `WxH` → USD.
@@ -206,6 +212,8 @@ pub struct Model {
     /// How sure each rule is (absent: documented).
     pub sure: BTreeMap<String, Sure>,
     pub source: Source,
+    /// Who set the lifecycle dates: `Config` when the operator declared the model or any of its dates.
+    pub lifecycle_source: Source,
 }
 
 impl Model {
@@ -275,6 +283,7 @@ impl Catalog {
         };
         let implied_by_parameters = builtin.get("implied_by_parameters").and_then(Value::as_str).map(str::to_owned);
         let mut tables: BTreeMap<String, (Map<String, Value>, Source)> = BTreeMap::new();
+        let mut operator_dates = BTreeSet::new();
         if let Some(Value::Object(models)) = builtin.get("models") {
             for (id, table) in models {
                 match table {
@@ -290,6 +299,9 @@ impl Catalog {
                 faults.push(format!("models.\"{id}\" must be a table of model keys (see docs/models.md)"));
                 continue;
             };
+            if NOT_INHERITED[1..].iter().any(|k| t.contains_key(*k)) {
+                operator_dates.insert(id.clone());
+            }
             match tables.get_mut(id) {
                 Some((existing, source)) => {
                     merge_into(existing, t, true);
@@ -311,7 +323,10 @@ impl Catalog {
             };
             match serde_json::from_value::<Spec>(Value::Object(merged)) {
                 Ok(spec) => match resolve(id, spec, *source) {
-                    Ok(model) => {
+                    Ok(mut model) => {
+                        if operator_dates.contains(id) {
+                            model.lifecycle_source = Source::Config;
+                        }
                         models.insert(id.clone(), Arc::new(model));
                     }
                     Err(more) => faults.extend(more),
@@ -383,6 +398,11 @@ impl Catalog {
     /// The model a generation naming none runs on when it uses a parameter its default model does not take.
     pub fn implied_by_parameters(&self) -> Option<&Arc<Model>> {
         self.implied_by_parameters.as_deref().and_then(|id| self.models.get(id))
+    }
+
+    /// Every parameter some model takes, in alphabetical order.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.known_params.iter().map(String::as_str)
     }
 
     /// Whether some model in the catalog takes this parameter.
@@ -535,6 +555,7 @@ fn resolve(id: &str, spec: Spec, source: Source) -> Result<Model, Vec<String>> {
         lifecycle: Lifecycle { deprecated_on, shutdown_on, replacement: spec.replacement.filter(|r| !r.is_empty()) },
         sure: spec.sure,
         source,
+        lifecycle_source: Source::Builtin,
     })
 }
 

@@ -117,6 +117,11 @@ impl ImagesService {
         &self.rehoster
     }
 
+    /// The validation policy: the model catalog and what it refuses.
+    pub fn policy(&self) -> &ValidationPolicy {
+        &self.policy
+    }
+
     /// Name of the default upstream (`openai` or `mock`).
     pub fn upstream_name(&self) -> &'static str {
         self.upstreams.default_upstream().name()
@@ -144,7 +149,10 @@ impl ImagesService {
         span.record("model", validated.model.as_str());
         span.record("n", validated.n);
         span.record("stream", validated.stream);
-        let record = UsageRecord::start(ctx, &request, &meta.request_id, &validated.model);
+        let mut record = UsageRecord::start(ctx, &request, &meta.request_id, &validated.model);
+        record.requested_model.clone_from(&validated.requested);
+        // The model an alias names and file types mended from their bytes are what the upstream sees.
+        let request = validate::prepare(request, &validated);
         // 2. The tenant may use this model, and the budgets can count what it costs.
         let cost = self.authorise(ctx, &request, &validated);
         let cost = match cost {
@@ -156,7 +164,7 @@ impl ImagesService {
         };
         // The caller's format decides what goes upstream (GPT image models never see response_format) and is
         // part of the cache key.
-        let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
+        let (request, plan) = self.rehoster.plan(request, validated.known.as_deref(), &ctx.tenant);
         // 3. Cache: a hit is answered here, spending a request but no images.
         let lookup = self.cache_lookup(ctx, &request, &validated, plan.as_ref(), meta.cache);
         if let Some(lookup) = lookup.as_ref().filter(|l| l.directive == Directive::Normal)
@@ -289,7 +297,7 @@ impl ImagesService {
         let parts = KeyParts {
             scope,
             model: &validated.model,
-            family: validated.family,
+            defaults: validated.known.as_deref().map(|m| &m.defaults),
             want: plan.and_then(|p| p.want),
             retention,
         };
@@ -349,8 +357,9 @@ impl ImagesService {
             return Err(ApiError::invalid_code(
                 format!(
                     "imagegate has no price for model '{model}' at this size and quality, and {why}. Use a \
-                     priced model, or ask the administrator to price it (pricing.per_image / pricing.per_token, \
-                     or pricing.unpriced = \"<model to bill it as>\")."
+                     priced model, or ask the administrator to price it in the model catalog: \
+                     [models.\"{model}\"] price = {{ per_token = {{ … }} }} or price.per_image, or extends = \
+                     \"<a priced model>\" (docs/models.md)."
                 ),
                 Some("model"),
                 "unpriced_model",
