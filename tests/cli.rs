@@ -222,7 +222,7 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
     {
         let db = Db::connect(&DatabaseSettings::default(), &cli.data_dir()).await.unwrap();
         let tenant = TenantRepo::new(db.clone()).get_tenant("team-a").await.unwrap();
-        let now = imagegate::db::now_ms();
+        let now = imagegate::time::now_ms();
         let rows = [
             ("gpt-image-1", 200, 0.25, None),
             ("gpt-image-1", 429, 0.0, Some("upstream")),
@@ -453,7 +453,7 @@ async fn models_lists_the_catalog_with_each_status_and_usage_shows_who_still_cal
                  VALUES ($1, $2, $3, 'abcd1234', 'generations', $4, 1, 0.01, 200, 5, 0, 0)",
             )
             .bind(format!("req-{i}"))
-            .bind(imagegate::db::now_ms() - 1_000)
+            .bind(imagegate::time::now_ms() - 1_000)
             .bind(tenant.id.clone())
             .bind(model)
             .execute(db.pool())

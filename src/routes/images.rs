@@ -8,13 +8,13 @@ use http::HeaderValue;
 
 use crate::catalog::Date;
 
+use crate::domain::TenantContext;
 use crate::error::Failure;
 use crate::extract;
-use crate::images::RequestMeta;
 use crate::images::request::Endpoint;
+use crate::pipeline::RequestMeta;
 use crate::server::layers::RequestId;
 use crate::state::AppState;
-use crate::tenants::TenantContext;
 use crate::upstream::{ReplyBody, UpstreamReply};
 
 /// `POST /v1/images/generations`

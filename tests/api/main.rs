@@ -17,6 +17,7 @@ mod models;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
+mod redis_backend;
 mod rehost;
 mod sdk;
 mod streaming;
