@@ -179,6 +179,16 @@ impl ImagesService {
         meta: RequestMeta,
     ) -> Result<UpstreamReply, Failure> {
         let started = Instant::now();
+        // 0. Chained edits: inputs that are imagegate's own links become their bytes (the upstream cannot reach
+        // them), after their signature, expiry and tenant are checked.
+        let request = match self.rehoster.resolve_own_links(&request, &ctx.tenant).await {
+            Ok(Some(resolved)) => resolved,
+            Ok(None) => request,
+            Err(e) => {
+                let call = Call::new(ctx, &request, meta, started, request.model());
+                return Err(self.refuse_unreserved(&call, e).await);
+            }
+        };
         // 1. Validate against the model's rules (structural checks happened while parsing).
         let validated = match validate::validate(&request, &self.policy) {
             Ok(v) => v,

@@ -9,6 +9,7 @@
 //! wanted, and every stored image gets a link signed by `links`. An answer is re-hosted whole or not at all:
 //! every image is obtained before any is stored, and a failed store removes the others' links.
 
+mod chain;
 pub mod fetch;
 pub mod links;
 

@@ -319,3 +319,69 @@ async fn the_admin_api_lists_the_catalog_with_each_models_status_and_aliases() {
     let res = app.client.get(format!("{}/admin/v1/models", app.root)).send().await.unwrap();
     assert_eq!(res.status(), 401);
 }
+
+/// A generation answered with an imagegate link, for the tenant of `key`.
+async fn generated_link(app: &TestApp, key: &str) -> String {
+    let res = app
+        .client
+        .post(format!("{}/images/generations", app.base_url))
+        .bearer_auth(key)
+        .json(&json!({"model": "gpt-image-1", "prompt": "a red kite", "response_format": "url"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let link = body["data"][0]["url"].as_str().unwrap().to_owned();
+    assert!(link.starts_with(&app.root), "{link}");
+    link
+}
+
+#[tokio::test]
+async fn a_chained_edit_sends_the_upstream_the_bytes_behind_an_imagegate_link_never_the_link() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let link = generated_link(&app, &app.key).await;
+    let stored = app.client.get(&link).send().await.unwrap().bytes().await.unwrap();
+
+    // The JSON edit body: images[].image_url.
+    let edit = json!({"model": "gpt-image-1", "prompt": "add a tail", "images": [{"image_url": link}]});
+    let res = app.post_json("/images/edits", &edit).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap_or_default());
+    let call = fake.last_call().unwrap();
+    let sent = call.json.as_ref().unwrap()["images"][0]["image_url"].as_str().unwrap().to_owned();
+    let b64 = sent.strip_prefix("data:image/png;base64,").expect("a data: URL of the image");
+    use base64::Engine as _;
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(b64).unwrap(), stored);
+    assert!(!serde_json::to_string(&call.json).unwrap().contains(&app.root), "the upstream never sees the link");
+
+    // A multipart part carrying the link becomes a file part with the image.
+    let form = Form::new().text("model", "gpt-image-1").text("prompt", "x").text("image", link.clone());
+    let res = app.post_form("/images/edits", form).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap_or_default());
+    let call = fake.last_call().unwrap();
+    let part = call.part("image").unwrap();
+    assert_eq!((part.content_type.as_deref(), part.len), (Some("image/png"), stored.len()));
+    assert!(part.text.is_none());
+}
+
+#[tokio::test]
+async fn a_chained_edit_refuses_another_tenants_link_a_forged_one_and_never_calls_the_upstream() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let theirs = generated_link(&app, &app.other_key).await;
+    let calls = fake.call_count();
+    let forged = format!("{}AAAA", theirs.trim_end_matches(|c: char| c != '='));
+    let mine = generated_link(&app, &app.key).await;
+    let tampered = mine.replacen("expires=", "expires=1", 1);
+    for (label, link) in [("another tenant's", theirs), ("a forged", forged), ("a tampered", tampered)] {
+        let edit = json!({"model": "gpt-image-1", "prompt": "x", "images": [{"image_url": link}]});
+        let (status, error) = error_of(app.post_json("/images/edits", &edit).await).await;
+        assert_eq!(
+            (status, error["param"].as_str(), error["code"].as_str()),
+            (400, Some("images[0].image_url"), Some("invalid_image_url")),
+            "{label} link: {error}"
+        );
+    }
+    assert_eq!(fake.call_count(), calls + 1, "only the second generation reached the upstream");
+}

@@ -115,8 +115,8 @@ async fn the_python_sdk_drives_a_model_declared_in_config_only() {
         return;
     };
     assert!(ok, "Python models suite failed:\n{output}");
-    assert!(output.contains("12 passed"), "{output}");
-    let rows = app.usage_rows(12).await;
+    assert!(output.contains("13 passed"), "{output}");
+    let rows = app.usage_rows(14).await;
     let of = |model: &str| rows.iter().filter(|r| r["model"] == model && r["status"] == 200).collect::<Vec<_>>();
     let new = of("gpt-image-3");
     assert_eq!(new.len(), 3, "generate, alias and edit: {rows:#?}");

@@ -162,3 +162,23 @@ def test_a_png_declared_as_jpeg_is_still_refused() -> None:
         client().images.edit(model="gpt-image-1", image=("a.jpg", png(64, 64), "image/jpeg"), prompt=f"x {n}")
     assert (info.value.param, info.value.code) == ("image", "invalid_image_format")
     assert calls_with(n) == []
+
+
+# --------------------------------------------------------------------------------------------- chained edits
+
+
+def test_a_chained_edit_sends_the_upstream_the_image_behind_the_link_never_the_link() -> None:
+    link = client().images.generate(model="gpt-image-1", prompt=f"a kite {nonce()}", response_format="url").data[0].url
+    assert link and link.startswith(BASE_URL.rsplit("/v1", 1)[0]), link
+    n = nonce()
+    # The SDK's `images.edit` sends files; the JSON edit body (images[].image_url) goes through its client.
+    edited = client().post(
+        "/images/edits",
+        body={"model": "gpt-image-1", "prompt": f"add a tail {n}", "images": [{"image_url": link}]},
+        cast_to=openai.types.ImagesResponse,
+    )
+    assert edited.data and edited.data[0].b64_json
+    (call,) = calls_with(n)
+    sent = call["json"]["images"][0]["image_url"]
+    assert sent.startswith("data:image/png;base64,"), sent[:40]
+    assert link.split("?")[0] not in json.dumps(call), "the upstream never sees the gateway's link"
