@@ -243,12 +243,15 @@ impl Model {
     }
 }
 
-/// The `[models]` section of the config: models by name, plus `[models.aliases]`.
+/// The `[models]` section of the config: models by name, plus `[models.aliases]` and
+/// `[models.tenant_aliases."<tenant>"]`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ModelsSettings {
     /// Requested model → model actually used (and sent upstream).
     pub aliases: BTreeMap<String, String>,
+    /// Per tenant (by name): requested model → model used, before the deployment-wide `aliases`.
+    pub tenant_aliases: BTreeMap<String, BTreeMap<String, String>>,
     /// Models added or overridden, by id: the keys of `config/models.toml`.
     #[serde(flatten)]
     pub entries: BTreeMap<String, Value>,
@@ -259,6 +262,7 @@ pub struct ModelsSettings {
 pub struct Catalog {
     models: BTreeMap<String, Arc<Model>>,
     aliases: BTreeMap<String, String>,
+    tenant_aliases: BTreeMap<String, BTreeMap<String, String>>,
     implied_by_parameters: Option<String>,
     /// Every parameter some model takes: one a model does not take among these is refused as unsupported.
     known_params: BTreeSet<String>,
@@ -335,7 +339,13 @@ impl Catalog {
             }
         }
         let known_params = models.values().flat_map(|m| m.params.keys().cloned()).collect();
-        let catalog = Catalog { models, aliases: operator.aliases.clone(), implied_by_parameters, known_params };
+        let catalog = Catalog {
+            models,
+            aliases: operator.aliases.clone(),
+            tenant_aliases: operator.tenant_aliases.clone(),
+            implied_by_parameters,
+            known_params,
+        };
         faults.extend(catalog.cross_faults());
         if faults.is_empty() { Ok(catalog) } else { Err(faults) }
     }
@@ -350,16 +360,19 @@ impl Catalog {
                 faults.push(format!("models.\"{}\".replacement = \"{r}\" is not a model in the catalog", m.id));
             }
         }
-        for (from, to) in &self.aliases {
-            if from == to {
-                faults.push(format!("models.aliases.\"{from}\" names itself"));
-            } else if !self.models.contains_key(to) {
-                faults.push(format!(
-                    "models.aliases.\"{from}\" = \"{to}\": \"{to}\" is not a model in the catalog (declare it \
-                     under [models.\"{to}\"])"
-                ));
-            } else if self.aliases.contains_key(to) {
-                faults.push(format!("models.aliases.\"{from}\" = \"{to}\": \"{to}\" is itself an alias"));
+        let tenants = self.tenant_aliases.iter().map(|(t, a)| (format!("models.tenant_aliases.\"{t}\""), a));
+        for (at, aliases) in std::iter::once(("models.aliases".to_owned(), &self.aliases)).chain(tenants) {
+            for (from, to) in aliases {
+                if from == to {
+                    faults.push(format!("{at}.\"{from}\" names itself"));
+                } else if !self.models.contains_key(to) {
+                    faults.push(format!(
+                        "{at}.\"{from}\" = \"{to}\": \"{to}\" is not a model in the catalog (declare it under \
+                         [models.\"{to}\"])"
+                    ));
+                } else if aliases.contains_key(to) || self.aliases.contains_key(to) {
+                    faults.push(format!("{at}.\"{from}\" = \"{to}\": \"{to}\" is itself an alias"));
+                }
             }
         }
         if let Some(id) = &self.implied_by_parameters
@@ -388,6 +401,12 @@ impl Catalog {
     /// The model an alias moves `id` to, if it is an alias.
     pub fn alias(&self, id: &str) -> Option<&str> {
         self.aliases.get(id).map(String::as_str)
+    }
+
+    /// The model `id` is moved to for `tenant`: its own alias first, then the deployment's.
+    pub fn alias_for(&self, tenant: Option<&str>, id: &str) -> Option<&str> {
+        let own = tenant.and_then(|t| self.tenant_aliases.get(t)).and_then(|a| a.get(id));
+        own.map(String::as_str).or_else(|| self.alias(id))
     }
 
     /// Every alias.

@@ -190,7 +190,7 @@ impl ImagesService {
             }
         };
         // 1. Validate against the model's rules (structural checks happened while parsing).
-        let validated = match validate::validate(&request, &self.policy) {
+        let validated = match validate::validate_for(&request, &self.policy, Some(&ctx.tenant.name)) {
             Ok(v) => v,
             Err(e) => {
                 let call = Call::new(ctx, &request, meta, started, request.model());

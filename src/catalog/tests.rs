@@ -132,3 +132,32 @@ fn a_brand_new_model_is_declared_from_scratch() {
     assert_eq!(m.defaults.get("quality"), Some(&json!("draft")));
     assert!(catalog.knows_param("quality") && !catalog.knows_param("frame_count"));
 }
+
+#[test]
+fn a_tenants_own_aliases_come_first_and_are_checked_like_the_deployments() {
+    let settings = operator(
+        r#"
+        [aliases]
+        "gpt-image-1" = "gpt-image-2"
+        [tenant_aliases."team-a"]
+        "gpt-image-1" = "gpt-image-1.5"
+        [tenant_aliases."team-b"]
+        "old" = "nowhere"
+        "#,
+    );
+    let faults = Catalog::build(&settings).unwrap_err();
+    assert!(faults.iter().any(|f| f.contains("models.tenant_aliases.\"team-b\".\"old\"")), "{faults:#?}");
+    let settings = operator(
+        r#"
+        [aliases]
+        "gpt-image-1" = "gpt-image-2"
+        [tenant_aliases."team-a"]
+        "gpt-image-1" = "gpt-image-1.5"
+        "#,
+    );
+    let catalog = Catalog::build(&settings).unwrap();
+    assert_eq!(catalog.alias_for(Some("team-a"), "gpt-image-1"), Some("gpt-image-1.5"));
+    assert_eq!(catalog.alias_for(Some("team-b"), "gpt-image-1"), Some("gpt-image-2"));
+    assert_eq!(catalog.alias_for(None, "gpt-image-1"), Some("gpt-image-2"));
+    assert_eq!(catalog.alias_for(Some("team-a"), "gpt-image-2"), None);
+}

@@ -53,16 +53,17 @@ impl ValidationPolicy {
         m.lifecycle_source == Source::Config || self.builtin_lifecycle
     }
 
-    /// The model a request runs on after aliases, and the catalog entry, without checking anything else.
-    pub fn effective_model(&self, request: &ImageRequest) -> Option<Arc<Model>> {
+    /// The model a request of `tenant` runs on after aliases, and the catalog entry, without checking
+    /// anything else.
+    pub fn effective_model(&self, request: &ImageRequest, tenant: Option<&str>) -> Option<Arc<Model>> {
         let named = request.field_str("model")?;
-        let id = self.catalog.alias(&named).unwrap_or(&named);
+        let id = self.catalog.alias_for(tenant, &named).unwrap_or(&named);
         self.catalog.get(id).cloned()
     }
 
-    /// The warning headers (`Deprecation`, `Sunset`, `Link`) for a call of `request` on `today`.
-    pub fn notice(&self, request: &ImageRequest, today: Date) -> Vec<(&'static str, String)> {
-        match self.effective_model(request) {
+    /// The warning headers (`Deprecation`, `Sunset`, `Link`) for a call of `request` by `tenant` on `today`.
+    pub fn notice(&self, request: &ImageRequest, tenant: Option<&str>, today: Date) -> Vec<(&'static str, String)> {
+        match self.effective_model(request, tenant) {
             Some(m) if self.lifecycle_applies(&m) => m.lifecycle.headers(today),
             _ => Vec::new(),
         }
@@ -128,11 +129,20 @@ const N_MAX: i64 = 10;
 
 /// Check `request` against the generic rules and, for models of the catalog, the model's rules.
 pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Validated, ApiError> {
+    validate_for(request, policy, None)
+}
+
+/// [`validate`] for a request of `tenant` (by name), whose own aliases (`[models.tenant_aliases]`) apply first.
+pub fn validate_for(
+    request: &ImageRequest,
+    policy: &ValidationPolicy,
+    tenant: Option<&str>,
+) -> Result<Validated, ApiError> {
     let reader = Reader::new(request);
     let endpoint = request.endpoint;
     let catalog = &policy.catalog;
     let (model, requested) = match reader.string("model")? {
-        Some(named) => match catalog.alias(named) {
+        Some(named) => match catalog.alias_for(tenant, named) {
             Some(to) => (to.to_owned(), Some(named.to_owned())),
             None => (named.to_owned(), None),
         },

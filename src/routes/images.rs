@@ -60,7 +60,7 @@ async fn handle(
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
     // A deprecated model's callers are told, on every answer, before it goes away.
-    let notice = state.images.policy().notice(&extracted.request, Date::today());
+    let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
     let mut response = match state.images.handle(&ctx, extracted.request, meta).await {
         Ok(reply) => into_response(reply),
         Err(failure) => failure.into_response(),

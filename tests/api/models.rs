@@ -385,3 +385,31 @@ async fn a_chained_edit_refuses_another_tenants_link_a_forged_one_and_never_call
     }
     assert_eq!(fake.call_count(), calls + 1, "only the second generation reached the upstream");
 }
+
+#[tokio::test]
+async fn a_tenants_own_alias_moves_only_that_tenants_callers() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.models = models(
+            r#"
+            [tenant_aliases."team-a"]
+            "gpt-image-1" = "gpt-image-2"
+            "#,
+        );
+    })
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "x"});
+    let res = app.post_json("/images/generations", &body).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(fake.last_call().unwrap().field("model").as_deref(), Some("gpt-image-2"), "team-a is moved");
+    let res = app
+        .client
+        .post(format!("{}/images/generations", app.base_url))
+        .bearer_auth(&app.other_key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(fake.last_call().unwrap().field("model").as_deref(), Some("gpt-image-1"), "team-b is not");
+}
