@@ -13,6 +13,7 @@ mod edits;
 mod errors;
 mod generations;
 mod ledger;
+mod models;
 mod pools;
 mod process;
 mod rate_limits;
