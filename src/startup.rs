@@ -53,7 +53,7 @@ impl Application {
     /// Open the database, apply configured tenants, bind the socket and wire everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-        let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
+        let repo = TenantRepo::with_upstreams(db.clone(), settings.route_names());
         sync::apply(&repo, &settings.tenants)
             .await
             .map_err(|e| anyhow::anyhow!("cannot apply the tenants of the configuration: {e}"))?;
@@ -81,11 +81,18 @@ impl Application {
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
         let (rehoster, store) = rehoster(&settings, &db, &public_url, signer)?;
-        let policy =
-            ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
+        let catalog = Arc::new(settings.catalog().map_err(crate::config::ConfigError)?);
+        let prices = Arc::new(settings.pricing.clone().with_catalog(&catalog));
+        let policy = ValidationPolicy {
+            unknown_models: settings.validation.unknown_models,
+            rehost: settings.images.rehost,
+            catalog,
+            mend_file_types: settings.validation.mend_file_types,
+            builtin_lifecycle: settings.builtin_lifecycle(),
+        };
         let cache = response_cache(&settings)?;
-        let images =
-            ImagesService::new(upstreams, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
+        let images = ImagesService::new(upstreams, policy, prices, ledger, limiter, rehoster, cache)
+            .with_replay(settings.replay.enabled.then_some(settings.replay.window));
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }
@@ -209,7 +216,7 @@ async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
     let Ok(tenants) = repo.list_tenants().await else { return };
     for t in tenants {
         if let Some(name) = t.upstream.as_deref()
-            && !settings.upstreams.contains_key(name)
+            && !settings.routes_to(name)
         {
             tracing::warn!(
                 tenant = %t.name,

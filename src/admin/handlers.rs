@@ -30,7 +30,7 @@ pub struct List<T> {
 }
 
 impl<T> List<T> {
-    fn of(data: Vec<T>) -> Json<Self> {
+    pub fn of(data: Vec<T>) -> Json<Self> {
         Json(Self { object: "list", data })
     }
 }
@@ -104,6 +104,19 @@ pub async fn cache_stats(State(state): State<AppState>) -> Json<crate::cache::St
 /// limit, upstream 429s passed through).
 pub async fn limits_stats(State(state): State<AppState>) -> Json<crate::limits::Stats> {
     Json(state.images.limiter().stats())
+}
+
+/// `GET /admin/v1/pools`: every pool (the default first, then named upstreams and pools) with each
+/// deployment's state on this replica: healthy, resting or unhealthy (and for how long), calls in flight, and
+/// the capacity left this minute.
+pub async fn pools(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let pools: Vec<serde_json::Value> = state
+        .images
+        .upstreams()
+        .pools()
+        .map(|pool| serde_json::json!({"name": pool.name(), "deployments": pool.status()}))
+        .collect();
+    Json(serde_json::json!({ "pools": pools }))
 }
 
 /// `DELETE /admin/v1/cache`: drop every answer this replica holds in memory.
