@@ -53,6 +53,8 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub auth: AuthSettings,
     pub admin: AdminSettings,
+    /// The web console (`console`).
+    pub console: ConsoleSettings,
     pub usage: UsageSettings,
     /// The replay window: identical retries attach to an earlier call instead of paying again (docs/pools.md).
     pub replay: ReplaySettings,
@@ -581,6 +583,36 @@ impl Default for AuthSettings {
 pub struct AdminSettings {
     /// Bearer token for `/admin/v1/*`; the admin API is off (404) when unset. Use IMAGEGATE__ADMIN__TOKEN.
     pub token: Option<Secret>,
+}
+
+/// The web console: pages for the platform team (admin token) and for each team (a tenant key).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// Serve the console (`false`: its path answers the ordinary 404).
+    pub enabled: bool,
+    /// Where it is served: an absolute path without a trailing slash.
+    pub path: String,
+    /// How long a sign-in lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed sign-ins from one address before it must wait.
+    pub max_failed_sign_ins: u32,
+    /// The first wait after `max_failed_sign_ins` failures; it doubles with each further failure, up to an hour.
+    #[serde(with = "humantime_serde")]
+    pub lockout: Duration,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/console".to_owned(),
+            session_ttl: Duration::from_secs(8 * 3600),
+            max_failed_sign_ins: 5,
+            lockout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The replay window (docs/pools.md#the-replay-window).

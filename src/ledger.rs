@@ -18,6 +18,7 @@
 //!
 //! `report` reads the ledger back as summaries (admin API, CLI).
 
+pub mod browse;
 pub mod record;
 pub mod report;
 

@@ -22,8 +22,8 @@
 //!    instead of expiring ones (guarded downloads, signed links, answer rewriting).
 //! 8. `pipeline`: one request as a `Call`: validate → authorise → cache → limit → upstream → re-host → usage.
 //! 9. `state`: `AppState`, what every handler and layer shares.
-//! 10. `extract`, `server`, `routes`, `admin`: HTTP: body extraction, the layer stack and tenant auth layer,
-//!     the route table and handlers, the admin API.
+//! 10. `extract`, `server`, `routes`, `admin`, `console`: HTTP: body extraction, the layer stack and tenant auth
+//!     layer, the route table and handlers, the admin API, the web console.
 //! 11. `startup`, `cli`, `telemetry`: wiring `AppState` from `config::Settings` and binding the listener; the
 //!     command line; logging.
 
@@ -32,6 +32,7 @@ pub mod cache;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod domain;
 pub mod error;

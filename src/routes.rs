@@ -37,6 +37,9 @@ pub fn router(state: AppState) -> Router {
     if let Some(token) = &state.settings.admin.token {
         router = router.nest(admin::PREFIX, admin::router(token));
     }
+    if let Some(console) = crate::console::router(&state) {
+        router = router.nest(&state.settings.console.path, console);
+    }
     // The mock's links are served by the gateway itself, for the default upstream or any named one.
     let settings = &state.settings;
     if std::iter::once(&settings.upstream).chain(settings.upstreams.values()).any(|u| u.kind == UpstreamKind::Mock) {

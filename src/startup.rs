@@ -147,7 +147,9 @@ impl Application {
             }
             tracing::info!(deadline_secs = deadline.as_secs(), "stopped accepting; draining in-flight requests");
         };
-        let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
+        // The peer address is kept for the console's sign-in back-off.
+        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(graceful);
         let served = tokio::select! {
             result = serve.into_future() => result.map(|()| tracing::info!("drained, exiting")),
             () = drain_deadline(signalled, deadline) => {

@@ -6,6 +6,7 @@
 //! expiry) before writing the object, and the sweeper deletes an expired blob's row and object inside one
 //! transaction, so a concurrent `put` of the same bytes waits for that transaction and writes the object anew.
 
+pub mod gallery;
 pub mod repo;
 pub mod sweeper;
 
@@ -283,13 +284,18 @@ impl ImageStore {
     /// Delete the expired blob `sha256` with its object, in one transaction.
     async fn delete_blob(&self, sha256: &str, now: i64) -> Result<bool, StoreError> {
         let path = self.object_path(sha256);
+        // The gallery's thumbnail of the object (if one was made) goes with it.
+        let thumb = self.thumb_path(sha256);
         let objects = self.objects.clone();
         self.repo
             .delete_blob_with(sha256, now, move || async move {
-                match objects.delete(&path).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(StoreError::from(e)),
+                for path in [thumb, path] {
+                    match objects.delete(&path).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(StoreError::from(e)),
+                    }
                 }
+                Ok(())
             })
             .await
     }

@@ -4,6 +4,7 @@
 //! tenant lookup used on every request, `sync` applies configuration-declared tenants at startup, and `auth`
 //! is the layer that turns a Bearer header into a [`TenantContext`] request extension.
 
+pub mod admin_ops;
 pub mod repo;
 pub mod store;
 pub mod sync;

@@ -8,16 +8,16 @@ use http::StatusCode;
 use http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use http::request::Parts;
 use http_body_util::LengthLimitError;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-use crate::domain::keys;
 use crate::domain::{Tenant, TenantStatus};
 use crate::error::ApiError;
 use crate::ledger::report::{self, SummaryQuery, UsageReport};
 use crate::state::AppState;
+use crate::tenants::admin_ops::{self, CreatedKey, KeyRequest};
 use crate::tenants::repo::{KeyInfo, NewTenant, TenantPatch};
-use crate::time::{RelativeError, now_ms};
+use crate::time::now_ms;
 
 /// The largest admin request body accepted (tenant specs are small; metadata is free-form but not bulk data).
 pub const MAX_BODY: usize = 256 * 1024;
@@ -45,9 +45,7 @@ pub async fn create_tenant(
     State(state): State<AppState>,
     JsonBody(spec): JsonBody<NewTenant>,
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
-    let tenant = state.tenants.repo().create_tenant(spec, "api").await?;
-    state.tenants.invalidate_all();
-    Ok((StatusCode::CREATED, Json(tenant)))
+    Ok((StatusCode::CREATED, Json(admin_ops::create_tenant(&state.tenants, spec).await?)))
 }
 
 /// `GET /admin/v1/tenants/{name}`
@@ -61,9 +59,7 @@ pub async fn update_tenant(
     Segment(name): Segment,
     JsonBody(patch): JsonBody<TenantPatch>,
 ) -> Result<Json<Tenant>, ApiError> {
-    let tenant = state.tenants.repo().update_tenant(&name, patch).await?;
-    state.tenants.invalidate_all();
-    Ok(Json(tenant))
+    Ok(Json(admin_ops::update_tenant(&state.tenants, &name, patch).await?))
 }
 
 /// `POST /admin/v1/tenants/{name}/suspend`
@@ -77,36 +73,12 @@ pub async fn resume_tenant(State(state): State<AppState>, Segment(name): Segment
 }
 
 async fn set_status(state: &AppState, name: &str, status: TenantStatus) -> Result<Json<Tenant>, ApiError> {
-    let tenant = state.tenants.repo().set_status(name, status).await?;
-    state.tenants.invalidate_all();
-    Ok(Json(tenant))
+    Ok(Json(admin_ops::set_status(&state.tenants, name, status).await?))
 }
 
 /// `GET /admin/v1/tenants/{name}/keys`: ids and dates, never secrets.
 pub async fn list_keys(State(state): State<AppState>, Segment(name): Segment) -> Result<Json<List<KeyInfo>>, ApiError> {
     Ok(List::of(state.tenants.repo().list_keys(&name).await?))
-}
-
-/// Body of `POST /admin/v1/tenants/{name}/keys`; every field is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyRequest {
-    #[serde(default)]
-    pub name: Option<String>,
-    /// RFC 3339 time, a date (midnight UTC) or Unix milliseconds.
-    #[serde(default)]
-    pub expires_at: Option<serde_json::Value>,
-    /// A duration from now, e.g. `30d`, `12h`.
-    #[serde(default)]
-    pub expires_in: Option<String>,
-}
-
-/// A new key: the secret (shown this once) and its listing.
-#[derive(Debug, Serialize)]
-pub struct CreatedKey {
-    key: String,
-    #[serde(flatten)]
-    info: KeyInfo,
 }
 
 /// `POST /admin/v1/tenants/{name}/keys`
@@ -115,22 +87,12 @@ pub async fn create_key(
     Segment(tenant): Segment,
     JsonBody(spec): JsonBody<KeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    let expires_at = expiry(&spec, now_ms())?;
-    let label = spec.name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
-    let (key, info) = state.tenants.repo().issue_key(&tenant, label, expires_at).await?;
-    state.tenants.invalidate_all();
-    Ok((StatusCode::CREATED, Json(CreatedKey { key: key.key, info })))
+    Ok((StatusCode::CREATED, Json(admin_ops::issue_key(&state.tenants, &tenant, spec, now_ms()).await?)))
 }
 
 /// `DELETE /admin/v1/keys/{id}`: revoke; revoking twice keeps the first time.
 pub async fn revoke_key(State(state): State<AppState>, Segment(id): Segment) -> Result<Json<KeyInfo>, ApiError> {
-    if keys::parse(&id).is_some() {
-        let message = "Pass the key's id (the 8 characters after `ig_`), not the whole key.";
-        return Err(ApiError::invalid(message, Some("id".to_owned())));
-    }
-    let info = state.tenants.repo().revoke_key(&id).await?;
-    state.tenants.invalidate_all();
-    Ok(Json(info))
+    Ok(Json(admin_ops::revoke_key(&state.tenants, &id).await?))
 }
 
 /// `GET /admin/v1/cache`: this replica's response-cache counters (hits, misses, evictions, bytes held).
@@ -243,49 +205,6 @@ fn format_param(value: &str) -> Result<bool, ApiError> {
     }
 }
 
-/// The key's expiry in Unix milliseconds, from `expires_at` or `expires_in` (not both); it must be in the future.
-fn expiry(spec: &KeyRequest, now: i64) -> Result<Option<i64>, ApiError> {
-    let at = match (&spec.expires_at, spec.expires_in.as_deref()) {
-        (None, None) => return Ok(None),
-        (Some(_), Some(_)) => {
-            let message = "Pass either expires_at or expires_in, not both.";
-            return Err(ApiError::invalid(message, Some("expires_in".to_owned())));
-        }
-        (Some(at), None) => absolute_expiry(at)?,
-        (None, Some(text)) => relative_expiry(text, now)?,
-    };
-    if at <= now {
-        return Err(ApiError::invalid("expires_at must be in the future.", Some("expires_at".to_owned())));
-    }
-    Ok(Some(at))
-}
-
-fn absolute_expiry(value: &serde_json::Value) -> Result<i64, ApiError> {
-    let parsed = match value {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => crate::time::parse_time(s),
-        _ => None,
-    };
-    parsed.ok_or_else(|| {
-        let message = format!(
-            "Invalid expires_at {value}: use an RFC 3339 time (2026-11-01T09:00:00Z, 2026-11-01T10:00:00+01:00), \
-             a date (2026-11-01) or Unix milliseconds."
-        );
-        ApiError::invalid(message, Some("expires_at".to_owned()))
-    })
-}
-
-fn relative_expiry(text: &str, now: i64) -> Result<i64, ApiError> {
-    crate::time::after(text, now).map_err(|e| {
-        let message = match e {
-            RelativeError::Unreadable(_) => format!("Invalid expires_in '{text}': {e}."),
-            RelativeError::TooShort => format!("expires_in {e}."),
-            RelativeError::TooFar => format!("expires_in '{text}' {e}."),
-        };
-        ApiError::invalid(message, Some("expires_in".to_owned()))
-    })
-}
-
 /// A path segment (`{name}`, `{id}`), with a rejection in OpenAI's shape.
 #[derive(Debug)]
 pub struct Segment(pub String);
@@ -311,7 +230,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
         let raw = axum::body::to_bytes(request.into_body(), MAX_BODY).await.map_err(body_error)?;
-        parse_json(&raw).map(Self)
+        admin_ops::parse_json(&raw).map(Self)
     }
 }
 
@@ -324,19 +243,6 @@ fn body_error(e: axum::Error) -> ApiError {
     } else {
         ApiError::invalid(format!("Could not read the request body: {inner}"), None)
     }
-}
-
-fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
-    let raw = if raw.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { raw };
-    serde_json::from_slice(raw).map_err(|e| {
-        let message = e.to_string();
-        let param = ["unknown field `", "missing field `"]
-            .iter()
-            .find_map(|prefix| message.strip_prefix(prefix))
-            .and_then(|rest| rest.split('`').next())
-            .map(str::to_owned);
-        ApiError::invalid(format!("Invalid JSON body: {message}."), param)
-    })
 }
 
 #[cfg(test)]
@@ -380,40 +286,5 @@ mod tests {
             assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{query}");
             assert_eq!(param_of(e).as_deref(), Some(param), "{query}");
         }
-    }
-
-    #[test]
-    fn expiry_takes_one_form_and_must_be_in_the_future() {
-        let spec = |at: Option<serde_json::Value>, inn: Option<&str>| KeyRequest {
-            name: None,
-            expires_at: at,
-            expires_in: inn.map(str::to_owned),
-        };
-        assert_eq!(expiry(&spec(None, None), NOW).unwrap(), None);
-        assert_eq!(expiry(&spec(None, Some("1s")), NOW).unwrap(), Some(NOW + 1000));
-        assert_eq!(expiry(&spec(None, Some("30d")), NOW).unwrap(), Some(NOW + 30 * 86_400_000));
-        assert_eq!(expiry(&spec(Some(serde_json::json!(NOW + 5)), None), NOW).unwrap(), Some(NOW + 5));
-        assert_eq!(expiry(&spec(Some(serde_json::json!("2027-01-01")), None), NOW).unwrap(), Some(1_798_761_600_000));
-        let offset = spec(Some(serde_json::json!("2027-01-01T02:00:00+02:00")), None);
-        assert_eq!(expiry(&offset, NOW).unwrap(), Some(1_798_761_600_000));
-        let both = spec(Some(serde_json::json!("2027-01-01")), Some("1d"));
-        assert_eq!(param_of(expiry(&both, NOW).unwrap_err()).as_deref(), Some("expires_in"));
-        for bad in [spec(Some(serde_json::json!("2020-01-01")), None), spec(Some(serde_json::json!(true)), None)] {
-            assert_eq!(param_of(expiry(&bad, NOW).unwrap_err()).as_deref(), Some("expires_at"));
-        }
-        for bad in ["soon", "10ms"] {
-            assert_eq!(param_of(expiry(&spec(None, Some(bad)), NOW).unwrap_err()).as_deref(), Some("expires_in"));
-        }
-    }
-
-    #[test]
-    fn json_errors_name_the_field() {
-        let e = parse_json::<NewTenant>(br#"{"name":"a","colour":"red"}"#).unwrap_err();
-        assert_eq!(param_of(e).as_deref(), Some("colour"));
-        let e = parse_json::<NewTenant>(b"").unwrap_err();
-        assert_eq!(param_of(e).as_deref(), Some("name"));
-        let e = parse_json::<NewTenant>(b"{not json").unwrap_err();
-        assert!(e.to_string().starts_with("Invalid JSON body"), "{e}");
-        assert!(parse_json::<KeyRequest>(b"  ").is_ok());
     }
 }

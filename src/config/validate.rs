@@ -14,6 +14,7 @@ impl Settings {
     /// Every fault at once, so a deployment is fixed in one round.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut faults = Vec::new();
+        self.console.validate(&mut faults);
         // `[pools.default]` replaces `[upstream]`, which then goes unused and needs no key.
         if !self.pools.contains_key(DEFAULT_POOL) {
             validate_upstream("upstream", &self.upstream, self.caller_deadline(), &mut faults);
@@ -340,6 +341,32 @@ fn tenant_fields(t: &TenantSettings) -> Fields<'_> {
         metadata: t.metadata.as_ref(),
         upstream: t.upstream.as_deref(),
         names: PolicyNames { cache: "cache", images: "images" },
+    }
+}
+
+impl ConsoleSettings {
+    fn validate(&self, faults: &mut Vec<String>) {
+        let path = self.path.as_str();
+        let well_formed = path.len() > 1
+            && path.starts_with('/')
+            && !path.ends_with('/')
+            && path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'))
+            && !path.contains("//");
+        if !well_formed {
+            faults.push(format!(
+                "console.path {path:?} must be an absolute path of letters, digits, '-', '_', '.' and '/', without                  a trailing slash (e.g. \"/console\")"
+            ));
+        }
+        let first = path.split('/').nth(1).unwrap_or_default();
+        if ["v1", "admin", "images", "healthz", "readyz", "_mock"].contains(&first) {
+            faults.push(format!("console.path {path:?} is taken by the gateway's own routes (/{first})"));
+        }
+        if self.session_ttl.is_zero() || self.lockout.is_zero() || self.max_failed_sign_ins == 0 {
+            faults.push(
+                "console.session_ttl, console.lockout and console.max_failed_sign_ins must be greater than zero"
+                    .to_owned(),
+            );
+        }
     }
 }
 

@@ -23,6 +23,10 @@ impl ImageRepo {
         Self { db }
     }
 
+    pub(super) fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// Record the blob of `image`, or extend its expiry to cover `image`.
     pub async fn upsert_blob(&self, image: &StoredImage) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -141,7 +145,7 @@ impl ImageRepo {
     }
 }
 
-fn image_from_row(row: &AnyRow) -> Result<StoredImage, sqlx::Error> {
+pub(super) fn image_from_row(row: &AnyRow) -> Result<StoredImage, sqlx::Error> {
     let bytes: i64 = row.try_get("bytes")?;
     let width: Option<i64> = row.try_get("width")?;
     let height: Option<i64> = row.try_get("height")?;

@@ -49,16 +49,7 @@ impl TenantStore {
 
     /// Check a presented key.
     pub async fn authenticate(&self, key: PresentedKey<'_>) -> Result<Lookup, RepoError> {
-        let id = key.id.to_owned();
-        let repo = self.repo.clone();
-        let entry = self
-            .cache
-            .try_get_with(id.clone(), async move {
-                repo.key_with_tenant(&id).await.map(|found| found.map(|(k, t)| (Arc::new(k), Arc::new(t))))
-            })
-            .await
-            .map_err(|e| RepoError::Internal(format!("key lookup failed: {e}")))?;
-        let Some((record, tenant)) = entry else { return Ok(Lookup::Unknown) };
+        let Some((record, tenant)) = self.cached(key.id).await? else { return Ok(Lookup::Unknown) };
         let now = now_ms();
         let active = record.revoked_at.is_none() && record.expires_at.is_none_or(|at| at > now);
         if !active || !keys::matches(key.full, &record.secret_sha256) {
@@ -71,6 +62,31 @@ impl TenantStore {
             used.insert(record.id.clone(), now);
         }
         Ok(Lookup::Found(TenantContext { tenant, key_id: record.id.clone() }))
+    }
+
+    /// The state of key `id` as the request path sees it (from the same cache, so a revocation or suspension
+    /// shows within `auth.key_cache_ttl`), for a console session whose key was checked in full at sign-in.
+    pub async fn check_key_id(&self, id: &str) -> Result<Lookup, RepoError> {
+        let Some((record, tenant)) = self.cached(id).await? else { return Ok(Lookup::Unknown) };
+        let active = record.revoked_at.is_none() && record.expires_at.is_none_or(|at| at > now_ms());
+        if !active {
+            return Ok(Lookup::Unknown);
+        }
+        if tenant.status == TenantStatus::Suspended {
+            return Ok(Lookup::Suspended(tenant.name.clone()));
+        }
+        Ok(Lookup::Found(TenantContext { tenant, key_id: record.id.clone() }))
+    }
+
+    async fn cached(&self, id: &str) -> Result<CachedKey, RepoError> {
+        let repo = self.repo.clone();
+        let key_id = id.to_owned();
+        self.cache
+            .try_get_with(id.to_owned(), async move {
+                repo.key_with_tenant(&key_id).await.map(|found| found.map(|(k, t)| (Arc::new(k), Arc::new(t))))
+            })
+            .await
+            .map_err(|e| RepoError::Internal(format!("key lookup failed: {e}")))
     }
 
     /// Forget cached keys at once on this replica (after an admin change); other replicas follow within the TTL.
