@@ -601,7 +601,8 @@ impl ResponseCache {
         F: Future<Output = Result<Fetched, Uncached>> + Send + 'static,
     {
         let cache = self.clone();
-        tokio::spawn(
+        // `carry`: what the call learns (upstream, images) still reaches the leading request's access-log line.
+        tokio::spawn(crate::telemetry::facts::carry(
             async move {
                 let served = match fetch.await {
                     Ok(fetched) => cache.store(key, fetched).await,
@@ -614,7 +615,7 @@ impl ResponseCache {
                 let _ = answer.send(served);
             }
             .instrument(tracing::Span::current()),
-        );
+        ));
     }
 
     /// Store a fetched answer if it may be stored (in memory now, in Redis from a task of its own).

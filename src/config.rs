@@ -46,6 +46,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub usage: UsageSettings,
     pub limits: LimitsSettings,
+    /// Prometheus metrics at `/metrics`.
+    pub metrics: MetricsSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
     /// Tenants declared in configuration, with the hashes of their keys.
@@ -101,11 +103,32 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter directive such as `info` or `imagegate=debug,tower_http=info`. `RUST_LOG` wins.
     pub level: String,
+    /// One access-log line per request (target `imagegate::access`).
+    pub access: bool,
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".to_owned() }
+        Self { format: LogFormat::Human, level: "info".to_owned(), access: true }
+    }
+}
+
+/// Prometheus metrics (`docs/observability.md`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Serve `/metrics`; when off, nothing answers there.
+    pub enabled: bool,
+    /// Serve `/metrics` on this address only, instead of on `server.listen` (e.g. a port reachable by
+    /// Prometheus alone).
+    pub listen: Option<SocketAddr>,
+    /// When set, `/metrics` wants `Authorization: Bearer <token>`. Use IMAGEGATE__METRICS__TOKEN.
+    pub token: Option<Secret>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { enabled: true, listen: None, token: None }
     }
 }
 
@@ -743,6 +766,14 @@ impl Settings {
             && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.expose().starts_with(p))
         {
             faults.push("database.url must start with sqlite:, postgres: or postgresql:".to_owned());
+        }
+        if self.metrics.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            faults.push("metrics.token must be at least 16 characters".to_owned());
+        }
+        if self.metrics.listen.is_some_and(|m| m.port() != 0 && m == self.server.listen) {
+            faults.push(
+                "metrics.listen must differ from server.listen (leave it unset to serve /metrics there)".to_owned(),
+            );
         }
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             faults.push("admin.token must be at least 16 characters".to_owned());

@@ -404,6 +404,10 @@ impl IntoResponse for Failure {
 #[derive(Debug, Clone)]
 pub struct LoggedError {
     pub kind: &'static str,
+    /// The wire `type`, `code` and `param` the caller was given.
+    pub error_type: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<String>,
     pub level: Level,
     pub status: u16,
     pub detail: String,
@@ -422,6 +426,9 @@ impl IntoResponse for ApiError {
         };
         response.extensions_mut().insert(LoggedError {
             kind: self.kind(),
+            error_type: self.error_type(),
+            code: self.code(),
+            param: self.param().map(str::to_owned),
             level: self.level(),
             status: self.status().as_u16(),
             detail,

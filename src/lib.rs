@@ -30,6 +30,7 @@ pub mod extract;
 pub mod images;
 pub mod ledger;
 pub mod limits;
+pub mod metrics;
 pub mod pricing;
 pub mod rehost;
 pub mod routes;

@@ -9,6 +9,7 @@
 //! failure to get an answer becomes an [`UpstreamError`].
 
 pub mod mock;
+pub mod observed;
 pub mod openai;
 pub mod render;
 
@@ -104,6 +105,9 @@ pub fn sse_error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     Bytes::from(out)
 }
 
+/// The name `[upstream]` goes by in metrics and logs.
+pub const DEFAULT_NAME: &str = "default";
+
 /// Every configured upstream, by name. Cheap to share behind `Arc`.
 pub struct Upstreams {
     default: Arc<dyn Upstream>,
@@ -129,6 +133,16 @@ impl Upstreams {
             named.insert(name.clone(), upstream);
         }
         Ok(Self::new(default, named))
+    }
+
+    /// Every upstream wrapped in [`observed::Observed`]: timed and counted in `metrics` under its name
+    /// (`default` for `[upstream]`).
+    pub fn observed(self, metrics: &Arc<crate::metrics::Metrics>) -> Self {
+        let wrap = |name: &str, up: Arc<dyn Upstream>| -> Arc<dyn Upstream> {
+            Arc::new(observed::Observed::new(up, name, metrics.clone()))
+        };
+        let named = self.named.into_iter().map(|(name, up)| (name.clone(), wrap(&name, up))).collect();
+        Self::new(wrap(DEFAULT_NAME, self.default), named)
     }
 
     /// `[upstream]`.
