@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod access_log;
 mod admin;
 mod auth;
 mod cache;
@@ -13,6 +14,7 @@ mod edits;
 mod errors;
 mod generations;
 mod ledger;
+mod metrics;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
