@@ -602,7 +602,7 @@ impl ResponseCache {
     {
         let cache = self.clone();
         // `carry`: what the call learns (upstream, images) still reaches the leading request's access-log line.
-        tokio::spawn(crate::telemetry::facts::carry(
+        tokio::spawn(crate::metrics::facts::carry(
             async move {
                 let served = match fetch.await {
                     Ok(fetched) => cache.store(key, fetched).await,

@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use crate::config::UsageSettings;
 use crate::db::{Backend, Db};
 use crate::images::usage::UsageRecord;
+use crate::metrics::facts;
 use crate::metrics::{Metrics, UsageSample};
-use crate::telemetry::facts;
 
 /// The longest model name stored (longer ones are cut).
 pub const MAX_MODEL_CHARS: usize = 128;
@@ -121,7 +121,7 @@ impl Ledger {
         if let Some(m) = &self.metrics {
             m.usage(UsageSample {
                 tenant: &r.tenant,
-                model: &r.model,
+                model: crate::images::models::label(&r.model),
                 images,
                 cached: r.cache_hit,
                 input_tokens: r.input_tokens,

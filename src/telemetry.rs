@@ -3,8 +3,6 @@
 //! What must never be logged (keys, base64, image bytes) is kept out at the source: headers are marked
 //! sensitive, bodies are never logged, and errors carry fixed messages.
 
-pub mod facts;
-
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};

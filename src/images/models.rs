@@ -38,6 +38,12 @@ pub fn lookup(id: &str) -> Option<&'static Model> {
     MODELS.iter().find(|m| m.id == id)
 }
 
+/// The `model` label of a metric: a known model's id, or `other` for any name a caller made up, so callers
+/// cannot grow the number of series.
+pub fn label(id: &str) -> &'static str {
+    lookup(id).map_or(crate::metrics::OTHER, |m| m.id)
+}
+
 /// Every known model id, for error messages.
 pub fn known_ids() -> impl Iterator<Item = &'static str> {
     MODELS.iter().map(|m| m.id)
@@ -185,6 +191,14 @@ mod tests {
         ] {
             assert!(free_size_ok(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn made_up_models_share_one_metric_label_so_callers_cannot_grow_the_series() {
+        assert_eq!(label("gpt-image-1"), "gpt-image-1");
+        assert_eq!(label("dall-e-3"), "dall-e-3");
+        assert_eq!(label("my-own-model-123"), "other");
+        assert_eq!(label("ig_secret_key_pasted_as_model"), "other");
     }
 
     #[test]

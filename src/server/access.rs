@@ -20,8 +20,8 @@ use axum::response::Response;
 
 use super::layers::RequestId;
 use crate::error::LoggedError;
+use crate::metrics::facts::{self, Slot};
 use crate::metrics::{Metrics, RequestSample};
-use crate::telemetry::facts::{self, Slot};
 use crate::wire::headers;
 
 /// The longest client string (`User-Agent`, SDK version) logged; longer ones are cut.
@@ -80,7 +80,7 @@ pub async fn access(State(access): State<Access>, request: Request, next: Next) 
         method: method.as_str(),
         status,
         tenant: f.tenant.as_deref().unwrap_or_default(),
-        model: f.model.as_deref().unwrap_or_default(),
+        model: f.model.as_deref().map_or("", crate::images::models::label),
         elapsed,
     });
     if access.log {

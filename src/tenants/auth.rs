@@ -23,7 +23,7 @@ pub async fn require_tenant(State(state): State<AppState>, mut request: Request,
         Ok(ctx) => {
             tracing::Span::current().record("tenant", ctx.tenant.name.as_str());
             tracing::Span::current().record("key_id", ctx.key_id.as_str());
-            crate::telemetry::facts::note(|f| {
+            crate::metrics::facts::note(|f| {
                 f.tenant = Some(ctx.tenant.name.clone());
                 f.key_id = Some(ctx.key_id.clone());
             });

@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 
 use super::{Attribution, Upstream, UpstreamError, UpstreamReply};
 use crate::images::request::ImageRequest;
+use crate::metrics::facts;
 use crate::metrics::{Metrics, UpstreamOutcome};
-use crate::telemetry::facts;
 
 /// `inner`, observed under `name` (`default`, or the `[upstreams.<name>]` key).
 pub struct Observed {
