@@ -26,7 +26,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// The exposed name of every metric. Counters end in `_total` as exposed (the registry adds the suffix).
@@ -364,8 +363,10 @@ impl Metrics {
         );
         register(&mut r, n::LEDGER_ROWS, "Usage rows by outcome", m.ledger_rows.clone());
         register(&mut r, n::LEDGER_BATCH_DURATION, "Time to write one batch of usage rows", m.ledger_batch.clone());
-        let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
-        r.register(n::BUILD_INFO.strip_suffix("_info").unwrap_or(n::BUILD_INFO), "The running version", info);
+        // A gauge of 1 rather than OpenMetrics' `info` type, which the classic text format does not know.
+        let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))]).set(1);
+        register(&mut r, n::BUILD_INFO, "The running version (always 1)", info);
         Self { registry: r, ..m }
     }
 
