@@ -48,6 +48,8 @@ pub struct Settings {
     pub limits: LimitsSettings,
     /// Prometheus metrics at `/metrics`.
     pub metrics: MetricsSettings,
+    /// OpenTelemetry traces over OTLP (off unless an endpoint is set).
+    pub tracing: TracingSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
     /// Tenants declared in configuration, with the hashes of their keys.
@@ -124,6 +126,25 @@ pub struct MetricsSettings {
     pub listen: Option<SocketAddr>,
     /// When set, `/metrics` wants `Authorization: Bearer <token>`. Use IMAGEGATE__METRICS__TOKEN.
     pub token: Option<Secret>,
+}
+
+/// OpenTelemetry traces (`docs/observability.md#traces`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// The OTLP/HTTP (protobuf) URL spans are sent to, e.g. `http://collector:4318/v1/traces`. Tracing is off
+    /// (no spans exported, no `traceparent` read or sent) while unset.
+    pub otlp_endpoint: Option<Url>,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of traces started here that are recorded, 0 to 1; a caller's sampled trace is always followed.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: "imagegate".to_owned(), sample_ratio: 1.0 }
+    }
 }
 
 impl Default for MetricsSettings {
@@ -766,6 +787,14 @@ impl Settings {
             && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.expose().starts_with(p))
         {
             faults.push("database.url must start with sqlite:, postgres: or postgresql:".to_owned());
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            faults.push(format!("tracing.sample_ratio must be between 0 and 1, got {}", self.tracing.sample_ratio));
+        }
+        if let Some(url) = &self.tracing.otlp_endpoint
+            && !matches!(url.scheme(), "http" | "https")
+        {
+            faults.push(format!("tracing.otlp_endpoint must be http or https, got {url}"));
         }
         if self.metrics.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             faults.push("metrics.token must be at least 16 characters".to_owned());

@@ -105,6 +105,7 @@ impl Ledger {
 
     /// Queue a record; never blocks. A full queue drops the record; the writer reports how many were dropped
     /// (one log line per batch, not one per row, so an overload does not also flood the log).
+    #[tracing::instrument(name = "ledger", level = "debug", skip_all)]
     pub fn record(&self, mut record: UsageRecord) {
         sanitize(&mut record);
         record.emit();

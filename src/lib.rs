@@ -40,5 +40,6 @@ pub mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod tenants;
+pub mod traces;
 pub mod upstream;
 pub mod wire;

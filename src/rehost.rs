@@ -196,6 +196,7 @@ impl Rehoster {
 
     /// Rewrite a successful JSON answer according to `plan`. Answers that are not an object with `data`
     /// pass unchanged.
+    #[tracing::instrument(name = "rehost", level = "debug", skip_all)]
     pub async fn apply(&self, plan: &Plan, body: &Bytes, origin: Origin<'_>) -> Result<Option<Bytes>, RehostError> {
         if !plan.rewrite {
             return Ok(None);

@@ -57,6 +57,7 @@ const GPT_ONLY: &[&str] = &["background", "moderation", "output_format", "output
 pub const IMPLIED_GPT_MODEL: &str = "gpt-image-1";
 
 /// Check `request` against the generic rules and, for known models, the model's rules.
+#[tracing::instrument(name = "validate", level = "debug", skip_all)]
 pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Validated, ApiError> {
     let reader = Reader::new(request);
     let endpoint = request.endpoint;

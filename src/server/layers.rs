@@ -86,14 +86,17 @@ async fn request_id(mut request: Request, next: Next) -> Response {
 fn make_span(request: &Request<Body>) -> tracing::Span {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
     let id = request.extensions().get::<RequestId>().map_or("", |r| r.0.as_str());
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method = %request.method(),
         route,
         request_id = id,
         tenant = tracing::field::Empty,
         key_id = tracing::field::Empty,
-    )
+    );
+    // With tracing on, a caller's `traceparent` makes this span part of the caller's trace.
+    crate::traces::adopt_caller(&span, request.headers());
+    span
 }
 
 async fn log_errors(request: Request, next: Next) -> Response {
