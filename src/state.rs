@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
 use crate::db::Db;
-use crate::images::ImagesService;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::pipeline::ImagesService;
 use crate::tenants::store::TenantStore;
 
 /// Shared state; clone freely.

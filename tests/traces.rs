@@ -146,7 +146,7 @@ async fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, us
 async fn the_binary_exports_its_spans_over_otlp_http_when_an_endpoint_is_set_and_sends_the_last_on_sigterm() {
     let (endpoint, received) = collector().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = imagegate::tenants::keys::generate();
+    let key = imagegate::domain::keys::generate();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"0s\"\n[tracing]\notlp_endpoint = \"{endpoint}\"\n\
          [[tenants]]\nname = \"ci\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",
@@ -174,7 +174,7 @@ async fn the_binary_exports_its_spans_over_otlp_http_when_an_endpoint_is_set_and
 async fn without_an_endpoint_the_binary_sends_no_traceparent_upstream() {
     let fake = FakeOpenAi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = imagegate::tenants::keys::generate();
+    let key = imagegate::domain::keys::generate();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"0s\"\n[upstream]\nbase_url = \"{}\"\napi_key = \"{}\"\n\
          [[tenants]]\nname = \"ci\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",

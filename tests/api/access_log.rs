@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use imagegate::tenants::keys;
+use imagegate::domain::keys;
 use serde_json::{Value, json};
 
 use crate::support::app::{FAKE_IMAGE_HOSTS, GatewayProcess, UPSTREAM_KEY};

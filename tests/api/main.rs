@@ -18,6 +18,7 @@ mod metrics;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
+mod redis_backend;
 mod rehost;
 mod sdk;
 mod streaming;
