@@ -188,7 +188,27 @@ async fn the_output_parses_line_for_line_uses_only_the_documented_names_and_hold
     assert_eq!(parsed, sample_lines, "{text}");
     assert!(text.trim_end().ends_with("# EOF"));
 
-    let documented: Vec<&str> = vec![
+    let documented = documented();
+    for sample in &s.samples {
+        let base = ["_count", "_sum", "_created", "_bucket"]
+            .iter()
+            .find_map(|suffix| sample.metric.strip_suffix(suffix))
+            .unwrap_or(&sample.metric);
+        assert!(
+            documented.contains(&sample.metric.as_str()) || documented.contains(&base),
+            "{} is not in imagegate::metrics::names",
+            sample.metric
+        );
+    }
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/observability.md")).unwrap();
+    for name in documented {
+        assert!(docs.contains(&format!("`{name}`")), "docs/observability.md does not describe {name}");
+    }
+}
+
+/// Every name in `imagegate::metrics::names`.
+fn documented() -> Vec<&'static str> {
+    vec![
         names::HTTP_REQUESTS,
         names::HTTP_REQUEST_DURATION,
         names::HTTP_REQUESTS_IN_FLIGHT,
@@ -215,21 +235,27 @@ async fn the_output_parses_line_for_line_uses_only_the_documented_names_and_hold
         names::LEDGER_ROWS,
         names::LEDGER_BATCH_DURATION,
         names::BUILD_INFO,
-    ];
-    for sample in &s.samples {
-        let base = ["_count", "_sum", "_created", "_bucket"]
-            .iter()
-            .find_map(|suffix| sample.metric.strip_suffix(suffix))
-            .unwrap_or(&sample.metric);
-        assert!(
-            documented.contains(&sample.metric.as_str()) || documented.contains(&base),
-            "{} is not in imagegate::metrics::names",
-            sample.metric
-        );
-    }
-    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/observability.md")).unwrap();
-    for name in documented {
-        assert!(docs.contains(&format!("`{name}`")), "docs/observability.md does not describe {name}");
+    ]
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_query_only_metrics_the_gateway_exports() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard = std::fs::read_to_string(format!("{root}/deploy/grafana/imagegate.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
+    let alerts = std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).unwrap();
+    let documented = documented();
+    for (file, text) in [("imagegate.json", &dashboard), ("alerts.yml", &alerts)] {
+        let mut used = 0;
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("imagegate_") {
+                continue;
+            }
+            used += 1;
+            let base = ["_bucket", "_count", "_sum"].iter().find_map(|s| word.strip_suffix(s)).unwrap_or(word);
+            assert!(documented.contains(&base), "{file} queries {word}, which the gateway does not export");
+        }
+        assert!(used > 5, "{file} queries imagegate's metrics");
     }
 }
 
