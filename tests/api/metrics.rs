@@ -110,8 +110,15 @@ async fn requests_are_counted_by_route_tenant_model_and_status_class_and_timed_o
     let tokens = value(&s, names::TOKENS, &[("tenant", "team-a"), ("model", "gpt-image-1"), ("direction", "output")]);
     assert_eq!(tokens, Some(ledger_output));
 
-    // Rows written show up once the writer has written them.
-    let (_, s) = scrape(&app).await;
+    // Rows written show up once the writer has counted them (just after they are visible in the database).
+    let mut s = scrape(&app).await.1;
+    for _ in 0..100 {
+        if value(&s, names::LEDGER_ROWS, &[("outcome", "written")]) == Some(4.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        s = scrape(&app).await.1;
+    }
     assert_eq!(value(&s, names::LEDGER_ROWS, &[("outcome", "written")]), Some(4.0));
     assert_eq!(value(&s, names::LEDGER_ROWS, &[("outcome", "dropped")]), Some(0.0));
     assert_eq!(value(&s, names::LEDGER_QUEUE_DEPTH, &[]), Some(0.0));
