@@ -91,7 +91,7 @@ pub const REHOST_BUCKETS: [f64; 11] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 /// Buckets for database batches: 1 ms to 10 s.
 pub const BATCH_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-/// The `model` label value for models imagegate has no rules for (`images::models::label`).
+/// The `model` label value for models the catalog does not know (see [`Metrics::model_label`]).
 pub const OTHER: &str = "other";
 
 /// `2xx`, `4xx`, `5xx` (and `1xx`/`3xx`).
@@ -111,34 +111,34 @@ struct RequestLabels {
     method: String,
     status: &'static str,
     tenant: String,
-    model: &'static str,
+    model: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DurationLabels {
     route: String,
-    model: &'static str,
+    model: String,
     status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ImageLabels {
     tenant: String,
-    model: &'static str,
+    model: String,
     source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     tenant: String,
-    model: &'static str,
+    model: String,
     direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TenantModel {
     tenant: String,
-    model: &'static str,
+    model: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,8 +184,8 @@ fn rehost_histogram() -> Histogram {
 #[derive(Debug, Clone, Copy)]
 pub struct UsageSample<'a> {
     pub tenant: &'a str,
-    /// A bounded label value: a known model's id or [`OTHER`] (`images::models::label`).
-    pub model: &'static str,
+    /// The model as recorded (bounded by [`Metrics::model_label`]).
+    pub model: &'a str,
     pub images: u32,
     /// Served from the response cache (or another request's upstream call): no images were generated for it.
     pub cached: bool,
@@ -201,8 +201,8 @@ pub struct RequestSample<'a> {
     pub method: &'a str,
     pub status: u16,
     pub tenant: &'a str,
-    /// A bounded label value (`images::models::label`), empty when the request named no model.
-    pub model: &'static str,
+    /// The model as recorded (bounded by [`Metrics::model_label`]), empty when the request named none.
+    pub model: &'a str,
     pub elapsed: Duration,
 }
 
@@ -233,6 +233,8 @@ pub struct Snapshot {
 /// Every metric of one gateway.
 pub struct Metrics {
     registry: Registry,
+    /// The model ids that are label values as they are (the catalog's); any other is [`OTHER`].
+    models: std::collections::HashSet<String>,
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Histograms<DurationLabels>,
     in_flight: Gauge,
@@ -270,7 +272,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(std::iter::empty::<String>())
     }
 }
 
@@ -281,10 +283,13 @@ fn register(registry: &mut Registry, name: &str, help: &str, metric: impl promet
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// Metrics whose `model` label takes the values `models` (the catalog's ids; a deployment's own models
+    /// are configured by its operator, so they are few) and [`OTHER`] for anything else a caller sends.
+    pub fn new<S: Into<String>>(models: impl IntoIterator<Item = S>) -> Self {
         let mut r = Registry::default();
         let m = Self {
             registry: Registry::default(),
+            models: models.into_iter().map(Into::into).collect(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(request_histogram),
             in_flight: Gauge::default(),
@@ -370,6 +375,11 @@ impl Metrics {
         Self { registry: r, ..m }
     }
 
+    /// The `model` label of `model`: itself when the catalog knows it, else [`OTHER`]; empty stays empty.
+    pub fn model_label(&self, model: &str) -> String {
+        if model.is_empty() || self.models.contains(model) { model.to_owned() } else { OTHER.to_owned() }
+    }
+
     /// A request has started: counted in flight until the guard is dropped (answered, or the caller left).
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
@@ -379,14 +389,14 @@ impl Metrics {
     /// A request has been answered (its response headers are ready).
     pub fn request_done(&self, s: RequestSample<'_>) {
         let status = status_class(s.status);
-        let model = s.model;
+        let model = self.model_label(s.model);
         self.http_requests
             .get_or_create(&RequestLabels {
                 route: s.route.to_owned(),
                 method: s.method.to_owned(),
                 status,
                 tenant: s.tenant.to_owned(),
-                model,
+                model: model.clone(),
             })
             .inc();
         self.http_duration
@@ -396,16 +406,16 @@ impl Metrics {
 
     /// One usage record: images, tokens and cost by tenant and model.
     pub fn usage(&self, u: UsageSample<'_>) {
-        let (tenant, model) = (u.tenant.to_owned(), u.model);
+        let (tenant, model) = (u.tenant.to_owned(), self.model_label(u.model));
         if u.images > 0 {
             let source = if u.cached { "cache" } else { "upstream" };
-            self.images
-                .get_or_create(&ImageLabels { tenant: tenant.clone(), model, source })
-                .inc_by(u64::from(u.images));
+            let labels = ImageLabels { tenant: tenant.clone(), model: model.clone(), source };
+            self.images.get_or_create(&labels).inc_by(u64::from(u.images));
         }
         for (direction, tokens) in [("input", u.input_tokens), ("output", u.output_tokens)] {
             if let Some(t) = tokens.filter(|t| *t > 0) {
-                self.tokens.get_or_create(&TokenLabels { tenant: tenant.clone(), model, direction }).inc_by(t);
+                let labels = TokenLabels { tenant: tenant.clone(), model: model.clone(), direction };
+                self.tokens.get_or_create(&labels).inc_by(t);
             }
         }
         if u.cost_usd > 0.0 && u.cost_usd.is_finite() {
@@ -557,8 +567,18 @@ mod tests {
     }
 
     #[test]
+    fn models_the_catalog_does_not_know_share_one_label_value_so_callers_cannot_grow_the_series() {
+        let m = Metrics::new(["gpt-image-1", "dall-e-3"]);
+        assert_eq!(m.model_label("gpt-image-1"), "gpt-image-1");
+        assert_eq!(m.model_label("dall-e-3"), "dall-e-3");
+        assert_eq!(m.model_label("my-own-model-123"), OTHER);
+        assert_eq!(m.model_label("ig_secret_key_pasted_as_model"), OTHER);
+        assert_eq!(m.model_label(""), "");
+    }
+
+    #[test]
     fn usage_counts_images_by_source_tokens_by_direction_and_cost_by_tenant_and_model() {
-        let m = Metrics::new();
+        let m = Metrics::new(["gpt-image-1"]);
         let base = UsageSample {
             tenant: "team-a",
             model: "gpt-image-1",
@@ -587,7 +607,7 @@ mod tests {
 
     #[test]
     fn snapshots_replace_rather_than_add_so_scraping_twice_counts_nothing_twice() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         let snap = Snapshot {
             cache_requests: vec![("hit", 3), ("miss", 1)],
             limit_refusals: vec![("requests_per_minute", 2)],
@@ -603,7 +623,7 @@ mod tests {
 
     #[test]
     fn upstream_failures_are_counted_by_kind_and_successes_are_not() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         let took = Duration::from_millis(1500);
         m.upstream_call("default", "generations", UpstreamOutcome::Status(200), took);
         m.upstream_call("default", "generations", UpstreamOutcome::Status(429), took);

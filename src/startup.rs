@@ -79,25 +79,24 @@ impl Application {
         )?;
         let signer = LinkSigner::new(key, public_url.clone());
         let mock_links = MockLinks::new(signer.derive(crate::routes::MOCK_LINKS_KEY));
-        let metrics = Arc::new(Metrics::new());
+        let catalog = Arc::new(settings.catalog().map_err(crate::config::ConfigError)?);
+        let metrics = Arc::new(Metrics::new(catalog.ids()));
         let upstreams = Arc::new(Upstreams::from_settings(&settings, &public_url, &mock_links)?.observed(&metrics));
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
         let (ledger, writer) = Ledger::start_observed(db.clone(), &settings.usage, Some(metrics.clone()));
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
         let (rehoster, store) = rehoster(&settings, &db, &public_url, signer, &metrics)?;
-        let policy =
-            ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
+        let prices = Arc::new(settings.pricing.clone().with_catalog(&catalog));
+        let policy = ValidationPolicy {
+            unknown_models: settings.validation.unknown_models,
+            rehost: settings.images.rehost,
+            catalog,
+            mend_file_types: settings.validation.mend_file_types,
+            builtin_lifecycle: settings.builtin_lifecycle(),
+        };
         let cache = response_cache(&settings)?;
-        let images = ImagesService::new(
-            upstreams,
-            policy,
-            Arc::new(settings.pricing.clone()),
-            ledger.clone(),
-            limiter,
-            rehoster,
-            cache,
-        );
+        let images = ImagesService::new(upstreams, policy, prices, ledger.clone(), limiter, rehoster, cache);
         let metrics_listener = match settings.metrics.listen.filter(|_| settings.metrics.enabled) {
             Some(at) => Some(
                 TcpListener::bind(at)

@@ -80,7 +80,7 @@ pub async fn access(State(access): State<Access>, request: Request, next: Next) 
         method: method.as_str(),
         status,
         tenant: f.tenant.as_deref().unwrap_or_default(),
-        model: f.model.as_deref().map_or("", crate::images::models::label),
+        model: f.model.as_deref().unwrap_or_default(),
         elapsed,
     });
     if access.log {

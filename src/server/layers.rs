@@ -147,7 +147,7 @@ mod tests {
     }
 
     fn quiet() -> Access {
-        Access { metrics: std::sync::Arc::new(crate::metrics::Metrics::new()), log: false }
+        Access { metrics: std::sync::Arc::new(crate::metrics::Metrics::default()), log: false }
     }
 
     fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {

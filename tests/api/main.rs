@@ -15,6 +15,7 @@ mod errors;
 mod generations;
 mod ledger;
 mod metrics;
+mod models;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
