@@ -57,7 +57,7 @@ impl Application {
     /// Open the database, apply configured tenants, bind the socket and wire everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-        let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
+        let repo = TenantRepo::with_upstreams(db.clone(), settings.route_names());
         sync::apply(&repo, &settings.tenants)
             .await
             .map_err(|e| anyhow::anyhow!("cannot apply the tenants of the configuration: {e}"))?;
@@ -81,7 +81,8 @@ impl Application {
         let mock_links = MockLinks::new(signer.derive(crate::routes::MOCK_LINKS_KEY));
         let catalog = Arc::new(settings.catalog().map_err(crate::config::ConfigError)?);
         let metrics = Arc::new(Metrics::new(catalog.ids()));
-        let upstreams = Arc::new(Upstreams::from_settings(&settings, &public_url, &mock_links)?.observed(&metrics));
+        let upstreams =
+            Arc::new(Upstreams::from_settings_observed(&settings, &public_url, &mock_links, Some(&metrics))?);
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
         let (ledger, writer) = Ledger::start_observed(db.clone(), &settings.usage, Some(metrics.clone()));
         let limiter = limiter(&settings, &db).await?;
@@ -96,7 +97,8 @@ impl Application {
             builtin_lifecycle: settings.builtin_lifecycle(),
         };
         let cache = response_cache(&settings)?;
-        let images = ImagesService::new(upstreams, policy, prices, ledger.clone(), limiter, rehoster, cache);
+        let images = ImagesService::new(upstreams, policy, prices, ledger.clone(), limiter, rehoster, cache)
+            .with_replay(settings.replay.enabled.then_some(settings.replay.window));
         let metrics_listener = match settings.metrics.listen.filter(|_| settings.metrics.enabled) {
             Some(at) => Some(
                 TcpListener::bind(at)
@@ -241,7 +243,7 @@ async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
     let Ok(tenants) = repo.list_tenants().await else { return };
     for t in tenants {
         if let Some(name) = t.upstream.as_deref()
-            && !settings.upstreams.contains_key(name)
+            && !settings.routes_to(name)
         {
             tracing::warn!(
                 tenant = %t.name,

@@ -49,8 +49,9 @@ impl Upstream for Observed {
                         tracing::Span::current().record("status", reply.status.as_u16());
                         UpstreamOutcome::Status(reply.status.as_u16())
                     }
-                    Err(UpstreamError::Unavailable(_)) => UpstreamOutcome::Unavailable,
-                    Err(UpstreamError::Timeout(_)) => UpstreamOutcome::Timeout,
+                    Err(UpstreamError::Timeout { .. }) => UpstreamOutcome::Timeout,
+                    // Unreachable, broken mid-answer, or every deployment resting: no answer came.
+                    Err(_) => UpstreamOutcome::Unavailable,
                 };
                 self.metrics.upstream_call(&self.name, request.endpoint.name(), outcome, elapsed);
                 facts::note(|f| {

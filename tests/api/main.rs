@@ -16,6 +16,7 @@ mod generations;
 mod ledger;
 mod metrics;
 mod models;
+mod pools;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
