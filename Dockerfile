@@ -23,6 +23,9 @@ RUN cargo build --release --locked && strip target/release/imagegate
 
 # --- runtime stage ---------------------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
+# Unpinned on purpose (DL3008): bookworm's security updates replace these versions, and a pinned one then
+# no longer installs; the base image's tag is what pins the release.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \

@@ -125,6 +125,7 @@ impl ResponseCache {
 
     /// A stored answer for `key`, from memory or (when configured) Redis. Not counted: the caller counts the
     /// hit with [`ResponseCache::count_hit`] once it is let through.
+    #[tracing::instrument(name = "cache", level = "debug", skip_all)]
     pub async fn get(&self, key: &Key) -> Option<Answer> {
         if let Some(entry) = self.local.get(key).await {
             return Some(entry.answer.clone());
@@ -148,6 +149,7 @@ impl ResponseCache {
     /// `fetch` runs in a task of its own (it completes, stores and records even if that caller goes away);
     /// identical callers arriving meanwhile wait for it; a caller finding an entry stored meanwhile takes it.
     /// `Revalidate` runs its own call and replaces the entry. Returns what was served and how.
+    #[tracing::instrument(name = "cache", level = "debug", skip_all)]
     pub async fn get_or_fetch<F>(&self, lookup: &Lookup, fetch: F) -> (Served, Role)
     where
         F: Future<Output = Result<Fetched, Uncached>> + Send + 'static,
@@ -238,7 +240,8 @@ impl ResponseCache {
         F: Future<Output = Result<Fetched, Uncached>> + Send + 'static,
     {
         let cache = self.clone();
-        tokio::spawn(
+        // `carry`: what the call learns (upstream, images) still reaches the leading request's access-log line.
+        tokio::spawn(crate::metrics::facts::carry(
             async move {
                 let served = match fetch.await {
                     Ok(fetched) => cache.store(key, fetched).await,
@@ -251,7 +254,7 @@ impl ResponseCache {
                 let _ = answer.send(served);
             }
             .instrument(tracing::Span::current()),
-        );
+        ));
     }
 
     /// Store a fetched answer if it may be stored (in memory now, in Redis from a task of its own).

@@ -59,6 +59,10 @@ pub struct Settings {
     /// The replay window: identical retries attach to an earlier call instead of paying again (docs/pools.md).
     pub replay: ReplaySettings,
     pub limits: LimitsSettings,
+    /// Prometheus metrics at `/metrics`.
+    pub metrics: MetricsSettings,
+    /// OpenTelemetry traces over OTLP (off unless an endpoint is set).
+    pub tracing: TracingSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: the catalog's, OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
     /// Models added to or changed in the built-in catalog (`[models."name"]`) and `[models.aliases]`.
@@ -117,11 +121,51 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter directive such as `info` or `imagegate=debug,tower_http=info`. `RUST_LOG` wins.
     pub level: String,
+    /// One access-log line per request (target `imagegate::access`).
+    pub access: bool,
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".to_owned() }
+        Self { format: LogFormat::Human, level: "info".to_owned(), access: true }
+    }
+}
+
+/// Prometheus metrics (`docs/observability.md`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Serve `/metrics`; when off, nothing answers there.
+    pub enabled: bool,
+    /// Serve `/metrics` on this address only, instead of on `server.listen` (e.g. a port reachable by
+    /// Prometheus alone).
+    pub listen: Option<SocketAddr>,
+    /// When set, `/metrics` wants `Authorization: Bearer <token>`. Use IMAGEGATE__METRICS__TOKEN.
+    pub token: Option<Secret>,
+}
+
+/// OpenTelemetry traces (`docs/observability.md#traces`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// The OTLP/HTTP (protobuf) URL spans are sent to, e.g. `http://collector:4318/v1/traces`. Tracing is off
+    /// (no spans exported, no `traceparent` read or sent) while unset.
+    pub otlp_endpoint: Option<Url>,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of traces started here that are recorded, 0 to 1; a caller's sampled trace is always followed.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: "imagegate".to_owned(), sample_ratio: 1.0 }
+    }
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { enabled: true, listen: None, token: None }
     }
 }
 

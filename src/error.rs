@@ -455,6 +455,10 @@ pub fn add_missing(target: &mut HeaderMap, extra: &HeaderMap) {
 #[derive(Debug, Clone)]
 pub struct LoggedError {
     pub kind: &'static str,
+    /// The wire `type`, `code` and `param` the caller was given.
+    pub error_type: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<String>,
     pub level: Level,
     pub status: u16,
     pub detail: String,
@@ -473,6 +477,9 @@ impl IntoResponse for ApiError {
         };
         response.extensions_mut().insert(LoggedError {
             kind: self.kind(),
+            error_type: self.error_type(),
+            code: self.code(),
+            param: self.param().map(str::to_owned),
             level: self.level(),
             status: self.status().as_u16(),
             detail,

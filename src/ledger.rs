@@ -33,6 +33,8 @@ use tokio::time::Instant;
 use self::record::UsageRecord;
 use crate::config::UsageSettings;
 use crate::db::{Backend, Db};
+use crate::metrics::facts;
+use crate::metrics::{Metrics, UsageSample};
 
 /// The longest model name stored (longer ones are cut).
 pub const MAX_MODEL_CHARS: usize = 128;
@@ -50,6 +52,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
     counters: Arc<Counters>,
+    /// Images, tokens and cost by tenant and model, batch latency and database errors, when observed.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// What the writer has done so far, for tests and operators.
@@ -81,6 +85,11 @@ pub struct LedgerWriter {
 impl Ledger {
     /// Start the writer on `db`.
     pub fn start(db: Db, settings: &UsageSettings) -> (Self, LedgerWriter) {
+        Self::start_observed(db, settings, None)
+    }
+
+    /// Start the writer on `db`, counting every record's images, tokens and cost, and every batch, in `metrics`.
+    pub fn start_observed(db: Db, settings: &UsageSettings, metrics: Option<Arc<Metrics>>) -> (Self, LedgerWriter) {
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let counters = Arc::new(Counters::default());
@@ -90,20 +99,52 @@ impl Ledger {
             interval: settings.flush_interval,
             shutdown_timeout: settings.shutdown_flush_timeout,
             counters: counters.clone(),
+            metrics: metrics.clone(),
         };
         let handle = tokio::spawn(writer.run(rx, stopped));
-        (Self { tx, counters }, LedgerWriter { handle, stop })
+        (Self { tx, counters, metrics }, LedgerWriter { handle, stop })
     }
 
     /// Queue a record; never blocks. A full queue drops the record; the writer reports how many were dropped
     /// (one log line per batch, not one per row, so an overload does not also flood the log).
+    #[tracing::instrument(name = "ledger", level = "debug", skip_all)]
     pub fn record(&self, mut record: UsageRecord) {
         sanitize(&mut record);
         record.emit();
+        self.observe(&record);
         if self.tx.try_send(record).is_err() {
             self.counters.unreported_full.fetch_add(1, Ordering::Relaxed);
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The record's images, tokens and cost in the metrics, and its facts on the request's access-log line.
+    fn observe(&self, r: &UsageRecord) {
+        let images = r.images_returned.unwrap_or(0);
+        if let Some(m) = &self.metrics {
+            m.usage(UsageSample {
+                tenant: &r.tenant,
+                model: &r.model,
+                images,
+                cached: r.cache_hit,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cost_usd: r.cost_usd,
+            });
+        }
+        facts::note(|f| {
+            f.model = Some(r.model.clone());
+            f.images = r.images_returned;
+            f.cost_usd = Some(r.cost_usd);
+            f.stream = r.stream;
+        });
+    }
+
+    /// Rows waiting in the queue now, and how many it holds at most.
+    pub fn queue(&self) -> (u64, u64) {
+        let max = self.tx.max_capacity();
+        let waiting = max.saturating_sub(self.tx.capacity());
+        (waiting as u64, max as u64)
     }
 
     /// Counters since the start.
@@ -167,6 +208,7 @@ struct Writer {
     interval: Duration,
     shutdown_timeout: Duration,
     counters: Arc<Counters>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Why a write did not complete.
@@ -304,13 +346,26 @@ impl Writer {
         }
     }
 
-    /// Write `batch`. On success it is empty afterwards; on a transient failure (or the deadline) it holds the
-    /// rows still to be written. Rows the database refuses on their own are logged, counted and removed.
+    /// [`Writer::write_batch`], timed and its database failures counted in the metrics.
     async fn write(&self, batch: &mut Vec<UsageRecord>, deadline: Option<Instant>) -> Result<(), WriteError> {
         self.report_full_queue();
         if batch.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
+        let result = self.write_batch(batch, deadline).await;
+        if let Some(m) = &self.metrics {
+            m.ledger_batch(started.elapsed());
+            if matches!(result, Err(WriteError::Transient(_))) {
+                m.ledger_database_error();
+            }
+        }
+        result
+    }
+
+    /// Write `batch`. On success it is empty afterwards; on a transient failure (or the deadline) it holds the
+    /// rows still to be written. Rows the database refuses on their own are logged, counted and removed.
+    async fn write_batch(&self, batch: &mut Vec<UsageRecord>, deadline: Option<Instant>) -> Result<(), WriteError> {
         match insert_until(&self.db, batch, deadline).await {
             Ok(()) => {
                 self.counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);

@@ -5,9 +5,10 @@
 //! import each other (`tests/layers.rs` reads this list and checks the first; `.ci/run` runs
 //! `../shared/tools/module-cycles` for the second). Lowest first:
 //!
-//! 0. `wire`, `time`, `signing`, `catalog`, `pricing`: leaves: names on the wire, clocks and calendars, the link
-//!    HMAC, the model catalog as data (`config/models.toml` + `[models]`: rules, prices, lifecycle, aliases),
-//!    prices and cost estimates.
+//! 0. `wire`, `time`, `signing`, `catalog`, `pricing`, `metrics`, `traces`: leaves: names on the wire, clocks
+//!    and calendars, the link HMAC, the model catalog as data (`config/models.toml` + `[models]`: rules, prices,
+//!    lifecycle, aliases), prices and cost estimates, the Prometheus registry and per-request facts, W3C trace
+//!    context in and out.
 //! 1. `domain`: tenants, the identity a request carries, limits and policies as data, the key format, the rules
 //!    every tenant setting satisfies. No I/O, no HTTP.
 //! 2. `error`: `ApiError`, the only type that becomes an error response (OpenAI's error shape and headers).
@@ -25,7 +26,7 @@
 //! 10. `extract`, `server`, `routes`, `admin`, `console`: HTTP: body extraction, the layer stack and tenant auth
 //!     layer, the route table and handlers, the admin API, the web console.
 //! 11. `startup`, `cli`, `telemetry`: wiring `AppState` from `config::Settings` and binding the listener; the
-//!     command line; logging.
+//!     command line; logging and OTLP traces.
 
 pub(crate) mod admin;
 pub mod cache;
@@ -40,6 +41,7 @@ pub(crate) mod extract;
 pub mod images;
 pub mod ledger;
 pub mod limits;
+pub mod metrics;
 pub(crate) mod pipeline;
 pub mod pricing;
 pub mod rehost;
@@ -52,5 +54,6 @@ pub mod storage;
 pub mod telemetry;
 pub mod tenants;
 pub mod time;
+pub mod traces;
 pub(crate) mod upstream;
 pub mod wire;

@@ -155,6 +155,7 @@ impl Limiter {
     }
 
     /// Check and reserve `demand` for the tenant.
+    #[tracing::instrument(name = "limit", level = "debug", skip_all)]
     pub async fn acquire(&self, tenant_id: &str, limits: &Limits, demand: Demand) -> Result<Permit, Denied> {
         let limits = self.effective(limits);
         let id = hex::encode(rand::random::<[u8; 12]>());

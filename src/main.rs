@@ -35,7 +35,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    telemetry::init(&settings.log);
+    let traces = match telemetry::init_with_traces(&settings.log, &settings.tracing) {
+        Ok(traces) => traces,
+        Err(e) => return fail(&e),
+    };
     tracing::debug!(settings = ?settings, "effective configuration");
     // Listening from here on: a signal during startup stops the gateway gracefully once it is up.
     let shutdown = server::shutdown::signal();
@@ -43,7 +46,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(app) => app,
         Err(e) => return fail(&e),
     };
-    match app.run_until(shutdown).await {
+    let result = app.run_until(shutdown).await;
+    if let Some(traces) = traces {
+        // The batch exporter's shutdown blocks until the last spans are sent: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

@@ -28,6 +28,7 @@ use crate::config::ImagesSettings;
 use crate::domain::{DownloadFallback, ResponseFormat, Tenant};
 use crate::images::models::Model;
 use crate::images::request::ImageRequest;
+use crate::metrics::Metrics;
 use crate::storage::{ImageStore, NewImage, StoreError, StoredImage};
 
 /// Why an answer could not be re-hosted.
@@ -70,11 +71,18 @@ pub struct Rehoster {
     fetcher: Fetcher,
     links: LinkSigner,
     settings: Arc<ImagesSettings>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Rehoster {
     pub fn new(store: ImageStore, fetcher: Fetcher, links: LinkSigner, settings: Arc<ImagesSettings>) -> Self {
-        Self { store, fetcher, links, settings }
+        Self { store, fetcher, links, settings, metrics: None }
+    }
+
+    /// Count re-hosted images, their bytes and the time each answer took in `metrics`.
+    #[must_use]
+    pub fn observed(self, metrics: Arc<Metrics>) -> Self {
+        Self { metrics: Some(metrics), ..self }
     }
 
     pub fn store(&self) -> &ImageStore {
@@ -140,6 +148,7 @@ impl Rehoster {
 
     /// Rewrite a successful JSON answer according to `plan`. Answers that are not an object with `data`
     /// pass unchanged.
+    #[tracing::instrument(name = "rehost", level = "debug", skip_all)]
     pub async fn apply(&self, plan: &Plan, body: &Bytes, origin: Origin<'_>) -> Result<Option<Bytes>, RehostError> {
         if !plan.rewrite {
             return Ok(None);
@@ -155,6 +164,27 @@ impl Rehoster {
         if jobs.is_empty() {
             return Ok(None);
         }
+        let started = std::time::Instant::now();
+        let result = self.rewrite(jobs, &mut answer, plan, origin).await;
+        if let Some(m) = &self.metrics {
+            let (images, bytes) = match &result {
+                Ok(stored) => (stored.len() as u64, stored.iter().map(|i| i.bytes).sum()),
+                Err(_) => (0, 0),
+            };
+            m.rehosted(result.is_ok(), images, bytes, started.elapsed());
+        }
+        result?;
+        serde_json::to_vec(&answer).map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
+    }
+
+    /// Obtain and store every image of `jobs` and put their links (or base64) into `answer`; the images stored.
+    async fn rewrite(
+        &self,
+        jobs: Vec<(usize, Job)>,
+        answer: &mut Value,
+        plan: &Plan,
+        origin: Origin<'_>,
+    ) -> Result<Vec<StoredImage>, RehostError> {
         let concurrency = self.settings.download.concurrency;
         // Every image is fetched (or decoded) before any is stored: one that fails fails the answer, which must
         // then leave nothing behind, and nothing was written yet.
@@ -189,6 +219,7 @@ impl Rehoster {
             }
             return Err(e);
         }
+        let Some(data) = answer.get_mut("data").and_then(Value::as_array_mut) else { return Ok(stored) };
         for (i, replacement) in replacements {
             if let (Some(item), Value::Object(fields)) = (data.get_mut(i).and_then(Value::as_object_mut), replacement) {
                 item.remove("url");
@@ -196,7 +227,7 @@ impl Rehoster {
                 item.extend(fields);
             }
         }
-        serde_json::to_vec(&answer).map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
+        Ok(stored)
     }
 
     /// One image's bytes: downloaded or decoded. A failed download with the pass-through fallback gives the

@@ -4,6 +4,7 @@
 pub mod files;
 pub mod health;
 pub mod images;
+pub mod metrics;
 pub mod mock_files;
 
 use axum::Router;
@@ -34,6 +35,9 @@ pub fn router(state: AppState) -> Router {
         .route(paths::READYZ, get(health::readyz))
         // Signed links need no key, like OpenAI's own image links.
         .route(&format!("{}/{{name}}", paths::IMAGE_FILES), get(files::get_image_file));
+    if state.settings.metrics.enabled && state.settings.metrics.listen.is_none() {
+        router = router.route(paths::METRICS, get(metrics::metrics));
+    }
     if let Some(token) = &state.settings.admin.token {
         router = router.nest(admin::PREFIX, admin::router(token));
     }
@@ -50,6 +54,11 @@ pub fn router(state: AppState) -> Router {
         );
     }
     router.fallback(not_found).method_not_allowed_fallback(method_not_allowed).with_state(state)
+}
+
+/// `/metrics` alone, for `metrics.listen` (a listener of its own).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route(paths::METRICS, get(metrics::metrics)).with_state(state)
 }
 
 /// What the mock upstream's link key is derived under, from the link-signing key (so mock links survive a

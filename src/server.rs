@@ -1,6 +1,7 @@
-//! HTTP plumbing: the global layer stack (`layers`), the tenant authentication layer of the image routes
-//! (`auth`) and shutdown signals (`shutdown`).
+//! HTTP plumbing: the global layer stack (`layers`), the access log and request metrics (`access`), the tenant
+//! authentication layer of the image routes (`auth`) and shutdown signals (`shutdown`).
 
+pub mod access;
 pub mod auth;
 pub mod layers;
 pub mod shutdown;

@@ -26,9 +26,11 @@ use crate::pipeline::ImagesService;
 
 /// How long shutdown waits for rate-limit settlements (releasing the holds of requests still in flight).
 const LIMITS_SHUTDOWN: Duration = Duration::from_secs(5);
+use crate::metrics::Metrics;
 use crate::rehost::Rehoster;
 use crate::rehost::fetch::Fetcher;
 use crate::rehost::links::{self, LinkSigner};
+use crate::server::access::Access;
 use crate::server::layers;
 use crate::state::AppState;
 use crate::storage::ImageStore;
@@ -47,6 +49,8 @@ pub struct Application {
     state: AppState,
     writer: LedgerWriter,
     store: ImageStore,
+    /// `metrics.listen`'s own listener, when set.
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Application {
@@ -75,13 +79,15 @@ impl Application {
         )?;
         let signer = LinkSigner::new(key, public_url.clone());
         let mock_links = MockLinks::new(signer.derive(crate::routes::MOCK_LINKS_KEY));
-        let upstreams = Arc::new(Upstreams::from_settings(&settings, &public_url, &mock_links)?);
+        let catalog = Arc::new(settings.catalog().map_err(crate::config::ConfigError)?);
+        let metrics = Arc::new(Metrics::new(catalog.ids()));
+        let upstreams =
+            Arc::new(Upstreams::from_settings_observed(&settings, &public_url, &mock_links, Some(&metrics))?);
         let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
-        let (ledger, writer) = Ledger::start(db.clone(), &settings.usage);
+        let (ledger, writer) = Ledger::start_observed(db.clone(), &settings.usage, Some(metrics.clone()));
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
-        let (rehoster, store) = rehoster(&settings, &db, &public_url, signer)?;
-        let catalog = Arc::new(settings.catalog().map_err(crate::config::ConfigError)?);
+        let (rehoster, store) = rehoster(&settings, &db, &public_url, signer, &metrics)?;
         let prices = Arc::new(settings.pricing.clone().with_catalog(&catalog));
         let policy = ValidationPolicy {
             unknown_models: settings.validation.unknown_models,
@@ -91,15 +97,28 @@ impl Application {
             builtin_lifecycle: settings.builtin_lifecycle(),
         };
         let cache = response_cache(&settings)?;
-        let images = ImagesService::new(upstreams, policy, prices, ledger, limiter, rehoster, cache)
+        let images = ImagesService::new(upstreams, policy, prices, ledger.clone(), limiter, rehoster, cache)
             .with_replay(settings.replay.enabled.then_some(settings.replay.window));
-        let state = AppState::new(Arc::new(settings), db, tenants, images);
-        Ok(Self { listener, addr, public_url, state, writer, store })
+        let metrics_listener = match settings.metrics.listen.filter(|_| settings.metrics.enabled) {
+            Some(at) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {at} (metrics.listen): {e}"))?,
+            ),
+            None => None,
+        };
+        let state = AppState::new(Arc::new(settings), db, tenants, images, metrics, ledger);
+        Ok(Self { listener, addr, public_url, state, writer, store, metrics_listener })
     }
 
     /// The bound address (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served when `metrics.listen` gives it a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The base URL callers use.
@@ -112,7 +131,7 @@ impl Application {
     /// in-flight requests finish until `server.shutdown_timeout` after the signal, write what is pending, and
     /// return.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, public_url, state, writer, store, .. } = self;
+        let Self { listener, public_url, state, writer, store, metrics_listener, .. } = self;
         let settings = state.settings.clone();
         tracing::info!(
             upstream = state.images.upstream_name(),
@@ -124,7 +143,12 @@ impl Application {
         );
         let flusher = tokio::spawn(flush_last_used(state.tenants.clone(), settings.auth.last_used_flush));
         let sweeper = Sweeper::start(store, settings.images.sweep_interval);
-        let app = layers::apply(crate::routes::router(state.clone()), settings.server.request_timeout);
+        let access = Access { metrics: state.metrics.clone(), log: settings.log.access };
+        let app = layers::apply(crate::routes::router(state.clone()), settings.server.request_timeout, access);
+        let metrics_server = metrics_listener.map(|l| {
+            tracing::info!(addr = ?l.local_addr().ok(), "metrics on their own listener");
+            tokio::spawn(axum::serve(l, crate::routes::metrics_router(state.clone())).into_future())
+        });
         let signalled = Arc::new(tokio::sync::Notify::new());
         let notify = signalled.clone();
         let drain_state = state.clone();
@@ -161,6 +185,9 @@ impl Application {
         // rather than leave them to their leases.
         state.images.limiter().shutdown(LIMITS_SHUTDOWN).await;
         flusher.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
         sweeper.stop().await;
         if let Err(e) = state.tenants.flush_last_used().await {
             tracing::warn!(error = %e, "could not record key last-used times");
@@ -177,11 +204,13 @@ fn rehoster(
     db: &Db,
     public_url: &Url,
     signer: LinkSigner,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
     let store = ImageStore::open(&settings.storage, db.clone())?;
     let download = download_settings(settings, public_url);
     let fetcher = Fetcher::new(&download)?;
-    let rehoster = Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone()));
+    let rehoster =
+        Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone())).observed(metrics.clone());
     Ok((Arc::new(rehoster), store))
 }
 

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
 use crate::db::Db;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::pipeline::ImagesService;
 use crate::tenants::store::TenantStore;
 
@@ -19,12 +21,23 @@ pub struct Inner {
     pub db: Db,
     pub tenants: Arc<TenantStore>,
     pub images: ImagesService,
+    /// This gateway's metrics (`/metrics`).
+    pub metrics: Arc<Metrics>,
+    /// The usage ledger, for its queue and counters on `/metrics`.
+    pub ledger: Ledger,
     draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(settings: Arc<Settings>, db: Db, tenants: Arc<TenantStore>, images: ImagesService) -> Self {
-        Self(Arc::new(Inner { settings, db, tenants, images, draining: AtomicBool::new(false) }))
+    pub fn new(
+        settings: Arc<Settings>,
+        db: Db,
+        tenants: Arc<TenantStore>,
+        images: ImagesService,
+        metrics: Arc<Metrics>,
+        ledger: Ledger,
+    ) -> Self {
+        Self(Arc::new(Inner { settings, db, tenants, images, metrics, ledger, draining: AtomicBool::new(false) }))
     }
 
     /// Mark the gateway as shutting down: `/readyz` turns 503.

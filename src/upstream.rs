@@ -11,6 +11,7 @@
 //! failure to get an answer becomes an [`UpstreamError`].
 
 pub mod mock;
+pub mod observed;
 pub mod openai;
 pub mod pool;
 pub mod render;
@@ -152,6 +153,9 @@ pub fn sse_error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     Bytes::from(out)
 }
 
+/// The name `[upstream]` goes by in metrics and logs.
+pub const DEFAULT_NAME: &str = "default";
+
 /// Every configured upstream and pool, by name. Cheap to share behind `Arc`. Every entry is a [`Pool`]: a
 /// named upstream is a pool of one deployment, so a tenant's `upstream` setting names either.
 pub struct Upstreams {
@@ -172,9 +176,27 @@ impl Upstreams {
         public_url: &url::Url,
         mock_links: &mock::MockLinks,
     ) -> anyhow::Result<Self> {
+        Self::from_settings_observed(settings, public_url, mock_links, None)
+    }
+
+    /// [`Upstreams::from_settings`], every deployment wrapped in [`observed::Observed`] when `metrics` is
+    /// given: timed and counted under its name (`default` for `[upstream]`).
+    pub fn from_settings_observed(
+        settings: &Settings,
+        public_url: &url::Url,
+        mock_links: &mock::MockLinks,
+        metrics: Option<&Arc<crate::metrics::Metrics>>,
+    ) -> anyhow::Result<Self> {
+        let observe = |name: &str, up: Arc<dyn Upstream>| -> Arc<dyn Upstream> {
+            match metrics {
+                Some(m) => Arc::new(observed::Observed::new(up, name, m.clone())),
+                None => up,
+            }
+        };
         let mut deployments = BTreeMap::new();
         for (name, up) in &settings.upstreams {
             let upstream = build(up, public_url, mock_links).map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
+            let upstream = observe(name, upstream);
             deployments.insert(name.clone(), Arc::new(Deployment::new(name, up, upstream)));
         }
         let mut named = BTreeMap::new();
@@ -192,7 +214,7 @@ impl Upstreams {
         let default = match named.get(crate::config::DEFAULT_POOL).filter(|_| settings.pools.contains_key("default")) {
             Some(pool) => pool.clone(),
             None => {
-                let upstream = build(&settings.upstream, public_url, mock_links)?;
+                let upstream = observe(DEFAULT_NAME, build(&settings.upstream, public_url, mock_links)?);
                 let deployment = Arc::new(Deployment::new("upstream", &settings.upstream, upstream));
                 Arc::new(Pool::new("upstream", vec![deployment]))
             }

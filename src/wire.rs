@@ -58,6 +58,8 @@ pub mod paths {
     pub const VARIATIONS: &str = "/images/variations";
     pub const HEALTHZ: &str = "/healthz";
     pub const READYZ: &str = "/readyz";
+    /// Prometheus metrics (on `server.listen`, or on `metrics.listen` when set).
+    pub const METRICS: &str = "/metrics";
     /// Where re-hosted images are served: `{IMAGE_FILES}/{id}.{ext}?expires=…&signature=…`.
     pub const IMAGE_FILES: &str = "/images/files";
     /// Where the built-in mock upstream serves the images behind its expiring DALL·E-style URLs.

@@ -63,6 +63,22 @@ impl Settings {
         {
             faults.push("database.url must start with sqlite:, postgres: or postgresql:".to_owned());
         }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            faults.push(format!("tracing.sample_ratio must be between 0 and 1, got {}", self.tracing.sample_ratio));
+        }
+        if let Some(url) = &self.tracing.otlp_endpoint
+            && !matches!(url.scheme(), "http" | "https")
+        {
+            faults.push(format!("tracing.otlp_endpoint must be http or https, got {url}"));
+        }
+        if self.metrics.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            faults.push("metrics.token must be at least 16 characters".to_owned());
+        }
+        if self.metrics.listen.is_some_and(|m| m.port() != 0 && m == self.server.listen) {
+            faults.push(
+                "metrics.listen must differ from server.listen (leave it unset to serve /metrics there)".to_owned(),
+            );
+        }
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             faults.push("admin.token must be at least 16 characters".to_owned());
         }

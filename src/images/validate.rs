@@ -133,6 +133,7 @@ pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Val
 }
 
 /// [`validate`] for a request of `tenant` (by name), whose own aliases (`[models.tenant_aliases]`) apply first.
+#[tracing::instrument(name = "validate", level = "debug", skip_all)]
 pub fn validate_for(
     request: &ImageRequest,
     policy: &ValidationPolicy,

@@ -232,7 +232,8 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
             ended: Mutex::new(None),
         });
         let (this, ended) = (self.clone(), entry.clone());
-        tokio::spawn(
+        // `carry`: what the call learns (upstream, images) still reaches the request's access-log line.
+        tokio::spawn(crate::metrics::facts::carry(
             async move {
                 let result = call.await;
                 let keep = kept(&result);
@@ -244,7 +245,7 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
                 let _ = tx.send(result);
             }
             .instrument(tracing::Span::current()),
-        );
+        ));
         entry
     }
 }

@@ -19,10 +19,15 @@ pub const UNAUTHENTICATED_LINGER_TIME: std::time::Duration = std::time::Duration
 
 /// Middleware: authenticate, record the tenant on the request span, and continue.
 pub async fn require_tenant(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    match authenticate(&state, request.headers()).await {
+    let span = tracing::debug_span!("authenticate");
+    match tracing::Instrument::instrument(authenticate(&state, request.headers()), span).await {
         Ok(ctx) => {
             tracing::Span::current().record("tenant", ctx.tenant.name.as_str());
             tracing::Span::current().record("key_id", ctx.key_id.as_str());
+            crate::metrics::facts::note(|f| {
+                f.tenant = Some(ctx.tenant.name.clone());
+                f.key_id = Some(ctx.key_id.clone());
+            });
             request.extensions_mut().insert(ctx);
             next.run(request).await
         }

@@ -3,12 +3,14 @@
 //! 1. Mark `authorization` and `api-key` sensitive so no later layer can log them.
 //! 2. Request id: a fresh `req_<32 hex>` of imagegate's own, on the request (extension), the span and the
 //!    response's `x-request-id` — every response, a caught panic's included.
-//! 3. Trace: one span per request (method, route template, request id; tenant filled in by auth) and one
-//!    line when the response is ready. Its own failure log is off: errors are logged once, by the next layer.
-//! 4. Log errors once: the `ApiError` stored in response extensions, at its level.
-//! 5. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the layers above, so the 500
+//! 3. Trace: one span per request (method, route template, request id; tenant filled in by auth). Its own
+//!    response and failure lines are off: the access layer writes one line per request, `log_errors` the error.
+//! 4. Access: one access-log line and the request metrics per request, with the facts the inner layers and
+//!    the pipeline noted (`server::access`).
+//! 5. Log errors once: the `ApiError` stored in response extensions, at its level.
+//! 6. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the layers above, so the 500
 //!    carries the request id and its cause is logged in the request's span.
-//! 6. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
+//! 7. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
 //!
 //! Inside the router: image routes get tenant authentication (`server::auth`) via `route_layer`; body limits
 //! are applied per endpoint by `extract` so a 413 states the right limit.
@@ -19,7 +21,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::{Next, from_fn};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 use http::header::AUTHORIZATION;
@@ -27,9 +29,9 @@ use tower::ServiceBuilder;
 use tower::timeout::TimeoutLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tower_http::trace::TraceLayer;
 
+use super::access::Access;
 use crate::error::{self, ApiError, LoggedError};
 use crate::wire::headers;
 
@@ -38,7 +40,7 @@ use crate::wire::headers;
 pub struct RequestId(pub String);
 
 /// Wrap `router` in the global stack.
-pub fn apply(router: Router, request_timeout: Duration) -> Router {
+pub fn apply(router: Router, request_timeout: Duration, access: Access) -> Router {
     let stack = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION, http::HeaderName::from_static(headers::API_KEY)]))
         .layer(from_fn(request_id))
@@ -46,10 +48,12 @@ pub fn apply(router: Router, request_timeout: Duration) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(make_span)
                 .on_request(())
-                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                // The access layer writes the request's line.
+                .on_response(())
                 // Its default logs every 5xx at ERROR, upstream pass-throughs included: `log_errors` logs ours.
                 .on_failure(()),
         )
+        .layer(from_fn_with_state(access, super::access::access))
         .layer(from_fn(log_errors))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(HandleErrorLayer::new(
@@ -82,14 +86,17 @@ async fn request_id(mut request: Request, next: Next) -> Response {
 fn make_span(request: &Request<Body>) -> tracing::Span {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
     let id = request.extensions().get::<RequestId>().map_or("", |r| r.0.as_str());
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method = %request.method(),
         route,
         request_id = id,
         tenant = tracing::field::Empty,
         key_id = tracing::field::Empty,
-    )
+    );
+    // With tracing on, a caller's `traceparent` makes this span part of the caller's trace.
+    crate::traces::adopt_caller(&span, request.headers());
+    span
 }
 
 async fn log_errors(request: Request, next: Next) -> Response {
@@ -114,6 +121,8 @@ mod tests {
     use http_body_util::BodyExt as _;
     use tower::ServiceExt as _;
 
+    use tracing::Level;
+
     use super::*;
 
     /// Log lines written while a test runs, shared with the subscriber.
@@ -135,6 +144,10 @@ mod tests {
         fn make_writer(&'a self) -> Captured {
             self.clone()
         }
+    }
+
+    fn quiet() -> Access {
+        Access { metrics: std::sync::Arc::new(crate::metrics::Metrics::default()), log: false }
     }
 
     fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
@@ -160,7 +173,7 @@ mod tests {
             panic!("the database exploded")
         }
         let router = Router::new().route("/boom", get(boom));
-        let (status, headers, body) = call(apply(router, Duration::from_secs(5)), "/boom").await;
+        let (status, headers, body) = call(apply(router, Duration::from_secs(5), quiet()), "/boom").await;
 
         assert_eq!(status, http::StatusCode::INTERNAL_SERVER_ERROR);
         let id = headers.get(headers::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
@@ -180,7 +193,7 @@ mod tests {
         let router = Router::new()
             .route("/ours", get(|| async { ApiError::UpstreamUnavailable("connection refused".into()) }))
             .route("/theirs", get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "{\"error\":{}}") }));
-        let app = apply(router, Duration::from_secs(5));
+        let app = apply(router, Duration::from_secs(5), quiet());
         assert_eq!(call(app.clone(), "/ours").await.0, http::StatusCode::BAD_GATEWAY);
         assert_eq!(call(app, "/theirs").await.0, http::StatusCode::SERVICE_UNAVAILABLE);
 

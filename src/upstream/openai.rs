@@ -106,7 +106,8 @@ impl OpenAiUpstream {
         if let Some(key) = &attribution.idempotency_key {
             builder = builder.header(headers::IDEMPOTENCY_KEY, key);
         }
-        builder
+        // With tracing on: `traceparent` of the upstream call's span, so the upstream's trace joins ours.
+        builder.headers(crate::traces::outgoing())
     }
 
     async fn send_once(

@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod access_log;
 mod admin;
 mod auth;
 mod cache;
@@ -14,6 +15,7 @@ mod edits;
 mod errors;
 mod generations;
 mod ledger;
+mod metrics;
 mod models;
 mod pools;
 mod process;

@@ -122,6 +122,8 @@ pub struct TestApp {
     pub settings: Settings,
     /// The PostgreSQL database this app created, dropped with the last app using it.
     pub postgres: Option<Arc<PostgresDb>>,
+    /// `http://127.0.0.1:PORT` of `metrics.listen`, when the settings give `/metrics` a listener of its own.
+    pub metrics_root: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -212,6 +214,7 @@ impl TestApp {
         settings.validate().expect("test settings must be valid");
         let app = Application::build(settings.clone()).await.expect("build app");
         let root = format!("http://{}", app.local_addr());
+        let metrics_root = app.metrics_addr().map(|a| format!("http://{a}"));
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {
             app.run_until(async move {
@@ -230,6 +233,7 @@ impl TestApp {
             database_url,
             settings,
             postgres: None,
+            metrics_root,
             stop: Some(stop),
             done: Some(done),
         }
