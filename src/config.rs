@@ -77,6 +77,16 @@ pub struct ServerSettings {
     /// Largest multipart body (`/images/edits`, `/images/variations`).
     #[serde(serialize_with = "exact_bytes")]
     pub max_multipart_body: ByteSize,
+    /// A request head must arrive whole within this time of the connection opening or of the previous answer
+    /// ending; otherwise the connection is closed (slow-loris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1.1: at most
+    /// `header_read_timeout`, which also times the wait for the next head).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections at most; a connection accepted beyond it is closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -89,6 +99,9 @@ impl Default for ServerSettings {
             shutdown_grace: Duration::from_secs(5),
             max_json_body: ByteSize::mib(1),
             max_multipart_body: ByteSize::mib(100),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }
@@ -712,6 +725,12 @@ impl Settings {
         }
         if self.server.request_timeout.is_zero() {
             faults.push("server.request_timeout must be greater than zero".to_owned());
+        }
+        if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+            faults.push("server.header_read_timeout and server.idle_timeout must be greater than zero".to_owned());
+        }
+        if self.server.max_connections == 0 {
+            faults.push("server.max_connections must be at least 1".to_owned());
         }
         if self.server.shutdown_grace >= self.server.shutdown_timeout {
             faults.push(format!(

@@ -1,4 +1,6 @@
-//! HTTP plumbing: the global layer stack (`layers`) and shutdown signals (`shutdown`).
+//! HTTP plumbing: connections (`conn`: accept loop, caps and timeouts), the global layer stack (`layers`) and
+//! shutdown signals (`shutdown`).
 
+pub mod conn;
 pub mod layers;
 pub mod shutdown;

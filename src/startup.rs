@@ -29,6 +29,7 @@ const LIMITS_SHUTDOWN: Duration = Duration::from_secs(5);
 use crate::rehost::Rehoster;
 use crate::rehost::fetch::Fetcher;
 use crate::rehost::links::{self, LinkSigner};
+use crate::server::conn::{self, ConnLimits};
 use crate::server::layers;
 use crate::state::AppState;
 use crate::storage::ImageStore;
@@ -140,9 +141,16 @@ impl Application {
             }
             tracing::info!(deadline_secs = deadline.as_secs(), "stopped accepting; draining in-flight requests");
         };
-        let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
-        let served = tokio::select! {
-            result = serve.into_future() => result.map(|()| tracing::info!("drained, exiting")),
+        let limits = ConnLimits {
+            header_read_timeout: settings.server.header_read_timeout,
+            idle_timeout: settings.server.idle_timeout,
+            max_connections: settings.server.max_connections,
+        };
+        let served: anyhow::Result<()> = tokio::select! {
+            () = conn::serve(listener, app, limits, graceful) => {
+                tracing::info!("drained, exiting");
+                Ok(())
+            }
             () = drain_deadline(signalled, deadline) => {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "drain deadline passed with requests in flight, exiting");
                 Ok(())
@@ -158,7 +166,7 @@ impl Application {
         }
         writer.close().await;
         state.db.close().await;
-        Ok(served?)
+        served
     }
 }
 

@@ -9,6 +9,7 @@ mod support;
 mod admin;
 mod auth;
 mod cache;
+mod connections;
 mod edits;
 mod errors;
 mod generations;
