@@ -45,6 +45,10 @@ pub enum ApiError {
     /// The upstream could not be reached (connect/TLS/reset). 502.
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// The upstream answered something the gateway will not pass on (a redirect, an answer over its size
+    /// limit). 502; the detail is logged, never returned.
+    #[error("unusable upstream answer: {0}")]
+    UpstreamBadAnswer(String),
     /// The upstream did not answer within the configured timeout. 504.
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
@@ -151,6 +155,7 @@ impl ApiError {
             Self::PayloadTooLarge { limit } => Self::PayloadTooLarge { limit: *limit },
             Self::RequestTimeout(d) => Self::RequestTimeout(*d),
             Self::UpstreamUnavailable(m) => Self::UpstreamUnavailable(m.clone()),
+            Self::UpstreamBadAnswer(m) => Self::UpstreamBadAnswer(m.clone()),
             Self::UpstreamTimeout(d) => Self::UpstreamTimeout(*d),
             Self::RateLimited { message, budget, retry_after_ms, report } => Self::RateLimited {
                 message: message.clone(),
@@ -179,7 +184,9 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamUnavailable(_) | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_) | Self::UpstreamBadAnswer(_) | Self::RehostFailed(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ShuttingDown | Self::LimitsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -203,6 +210,7 @@ impl ApiError {
             Self::RateLimited { budget: false, .. } => "requests",
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
+            | Self::UpstreamBadAnswer(_)
             | Self::UpstreamTimeout(_)
             | Self::RehostFailed(_)
             | Self::ShuttingDown
@@ -220,6 +228,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
             Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
+            Self::UpstreamBadAnswer(_) => Some("upstream_bad_answer"),
             Self::RehostFailed(_) => Some("image_rehost_failed"),
             Self::RangeNotSatisfiable { .. } => Some("range_not_satisfiable"),
             Self::RateLimited { budget: true, .. } => Some("insufficient_quota"),
@@ -260,6 +269,11 @@ impl ApiError {
             ),
             Self::RequestTimeout(d) => format!("The request did not complete within {}s.", d.as_secs()),
             Self::UpstreamUnavailable(_) => "The upstream image API could not be reached.".to_owned(),
+            Self::UpstreamBadAnswer(_) => {
+                "The upstream image API gave an answer imagegate does not pass on; quote the x-request-id when \
+                 reporting it."
+                    .to_owned()
+            }
             Self::RehostFailed(reason) => format!(
                 "The upstream generated the images, but imagegate could not store them to give you durable links: \
                  {reason}."
@@ -294,6 +308,7 @@ impl ApiError {
             Self::LimitsUnavailable { .. } => Level::Error,
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
+            | Self::UpstreamBadAnswer(_)
             | Self::UpstreamTimeout(_)
             | Self::RehostFailed(_) => Level::Warn,
             Self::Internal(_) => Level::Error,
@@ -314,6 +329,7 @@ impl ApiError {
             Self::RequestTimeout(_) => "internal.request_timeout",
             Self::UpstreamUnavailable(_) => "upstream.unavailable",
             Self::UpstreamTimeout(_) => "upstream.timeout",
+            Self::UpstreamBadAnswer(_) => "upstream.bad_answer",
             Self::RehostFailed(_) => "upstream.rehost_failed",
             Self::RangeNotSatisfiable { .. } => "client.range_not_satisfiable",
             Self::ShuttingDown => "internal.shutting_down",
@@ -340,6 +356,7 @@ impl ApiError {
         | Self::PayloadTooLarge { .. }
         | Self::Unauthenticated { .. }
         | Self::UpstreamTimeout(_)
+        | Self::UpstreamBadAnswer(_)
         | Self::RequestTimeout(_) = self
         {
             headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));

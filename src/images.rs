@@ -6,6 +6,7 @@
 //! before the cache lookup and rewrites the answer after the upstream call; the response cache (`crate::cache`)
 //! answers hits before the images are reserved, so a hit spends a request but no images.
 
+pub mod answer;
 pub mod imageinfo;
 pub mod models;
 pub mod multipart;
@@ -443,7 +444,7 @@ impl ImagesService {
             return Err(e);
         };
         let reply = match upstream.send(request, &attribution).await {
-            Ok(reply) => reply,
+            Ok(reply) => answer_held_to_n(reply, request.n()),
             Err(e) => {
                 let e = ApiError::from(e);
                 self.settle_failed(record.finish(e.status().as_u16(), started), &e, permit);
@@ -539,6 +540,19 @@ impl ImagesService {
                 reply
             }
         }
+    }
+}
+
+/// A successful whole answer with more images than asked for keeps the first `n` (`images::answer`): the
+/// caller asked for and is charged `n`, and no extra image is downloaded, stored or cached.
+fn answer_held_to_n(reply: UpstreamReply, n: u32) -> UpstreamReply {
+    let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body) else { return reply };
+    match answer::hold_to_n(body, n) {
+        Some((held, items)) => {
+            tracing::warn!(kind = "upstream.too_many_images", asked = n, answered = items, "kept the first n images");
+            UpstreamReply { body: ReplyBody::Full(held), ..reply }
+        }
+        None => reply,
     }
 }
 

@@ -70,6 +70,9 @@ pub enum UpstreamError {
     /// No answer within the deadline.
     #[error("upstream timed out after {0:?}")]
     Timeout(Duration),
+    /// An answer the gateway will not pass on: a redirect, or larger than the request's answer limit.
+    #[error("unusable upstream answer: {0}")]
+    BadAnswer(String),
 }
 
 impl From<UpstreamError> for ApiError {
@@ -77,6 +80,7 @@ impl From<UpstreamError> for ApiError {
         match e {
             UpstreamError::Unavailable(msg) => ApiError::UpstreamUnavailable(msg),
             UpstreamError::Timeout(d) => ApiError::UpstreamTimeout(d),
+            UpstreamError::BadAnswer(detail) => ApiError::UpstreamBadAnswer(detail),
         }
     }
 }

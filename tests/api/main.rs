@@ -20,4 +20,5 @@ mod rate_limits_redis;
 mod rehost;
 mod sdk;
 mod streaming;
+mod upstream_answers;
 mod validation;

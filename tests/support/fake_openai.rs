@@ -26,7 +26,11 @@
 //! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file;
 //! - `#bad_image=N`: DALL·E image N (0-based) points at `/_fake/html`, the others at stored files;
 //! - `#body_delay=MS`: the status and headers go out at once, the body MS later;
-//! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space.
+//! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space;
+//! - `#redirect=URL`: answer `307 Temporary Redirect` to URL (a leading `/` is relative to the fake);
+//! - `#huge=MIB` / `#huge_declared=MIB`: a 200 JSON answer of MIB mebibytes, streamed without a length or with
+//!   its `content-length` declared; the bytes the gateway pulled are in [`FakeOpenAi::huge_bytes_sent`];
+//! - `#items=N`: answer exactly N images, whatever `n` asked (a broken upstream).
 
 use std::collections::HashMap;
 use std::future::IntoFuture as _;
@@ -168,6 +172,7 @@ impl FakeOpenAi {
             files: Mutex::new(HashMap::new()),
             file_fetches: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
+            huge_bytes: Arc::new(AtomicUsize::new(0)),
         });
         let app = router(Arc::clone(&inner));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -201,6 +206,11 @@ impl FakeOpenAi {
     /// Number of `GET /_fake/files/*` requests (DALL·E image downloads), expired or not.
     pub fn file_fetch_count(&self) -> usize {
         self.inner.file_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of `#huge` answers that the gateway has read so far (pulled from the fake's body stream).
+    pub fn huge_bytes_sent(&self) -> usize {
+        self.inner.huge_bytes.load(Ordering::SeqCst)
     }
 
     /// Forgets the recorded calls and the file-fetch count (stored images stay downloadable).
@@ -247,6 +257,8 @@ struct Inner {
     file_fetches: AtomicUsize,
     /// Calls ever served (not reset), for `x-ratelimit-remaining-requests`.
     served: AtomicUsize,
+    /// Bytes of `#huge` answers pulled by the client.
+    huge_bytes: Arc<AtomicUsize>,
 }
 
 struct StoredFile {
@@ -558,6 +570,10 @@ struct Triggers {
     body_delay: Option<Duration>,
     /// `#bad_image=N`: DALL·E image N (0-based) points at a web page instead of a stored file.
     bad_image: Option<u64>,
+    /// `#huge=MIB` (no length) or `#huge_declared=MIB` (with `content-length`): an answer of MIB mebibytes.
+    huge: Option<(u64, bool)>,
+    /// `#items=N`: exactly N images.
+    items: Option<u64>,
 }
 
 impl Triggers {
@@ -575,8 +591,41 @@ impl Triggers {
                 .map(str::to_owned),
             body_delay: number_after(text, "#body_delay=").map(Duration::from_millis),
             bad_image: number_after(text, "#bad_image="),
+            huge: number_after(text, "#huge_declared=")
+                .map(|m| (m, true))
+                .or_else(|| number_after(text, "#huge=").map(|m| (m, false))),
+            items: number_after(text, "#items="),
         }
     }
+}
+
+/// The word after `key` (up to whitespace).
+fn text_after(text: &str, key: &str) -> Option<String> {
+    let at = text.find(key)?;
+    text[at + key.len()..].split_whitespace().next().map(str::to_owned)
+}
+
+/// A 200 JSON answer of `mib` MiB (one huge `b64_json`), each chunk counted in `huge_bytes` as it is pulled.
+fn huge_answer(inner: &Inner, mib: u64, declared: bool) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let total = usize::try_from(mib).unwrap_or(usize::MAX).saturating_mul(1024 * 1024);
+    let head: &'static [u8] = b"{\"created\":1,\"data\":[{\"b64_json\":\"";
+    let tail: &'static [u8] = b"\"}]}";
+    let filler = total.saturating_sub(head.len() + tail.len());
+    let counter = inner.huge_bytes.clone();
+    let chunks = std::iter::once(Bytes::from_static(head))
+        .chain((0..filler.div_ceil(CHUNK)).map(move |i| Bytes::from(vec![b'A'; CHUNK.min(filler - i * CHUNK)])))
+        .chain(std::iter::once(Bytes::from_static(tail)));
+    let stream = futures::stream::iter(chunks).map(move |chunk| {
+        counter.fetch_add(chunk.len(), Ordering::SeqCst);
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if declared {
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(filler + head.len() + tail.len()));
+    }
+    response
 }
 
 /// The URL after `#image_url=` (up to whitespace): DALL·E answers point there instead of at a stored file.
@@ -658,6 +707,13 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
     if let Some(status) = triggers.status {
         return triggered_error(status, &model);
     }
+    if let Some(to) = text_after(&format!("{prompt} {user}"), "#redirect=") {
+        let to = if to.starts_with('/') { format!("{}{to}", inner.base) } else { to };
+        return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, header_value(&to))]).into_response();
+    }
+    if let Some((mib, declared)) = triggers.huge {
+        return huge_answer(inner, mib, declared);
+    }
     if let Some(delay) = triggers.body_delay {
         return delay_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), delay).await;
     }
@@ -698,6 +754,7 @@ fn answer(
     }
 
     let n = params.int("n").unwrap_or(1).clamp(1, 10).min(triggers.count.unwrap_or(u64::MAX));
+    let n = triggers.items.unwrap_or(n);
     let seed = if prompt.is_empty() {
         call.parts.iter().find(|p| p.text.is_none()).map(|p| p.sha256.clone()).unwrap_or_default()
     } else {
