@@ -77,6 +77,10 @@ pub struct ServerSettings {
     /// Largest multipart body (`/images/edits`, `/images/variations`).
     #[serde(serialize_with = "exact_bytes")]
     pub max_multipart_body: ByteSize,
+    /// Largest JSON `/images/edits` body (images inline as data URLs); parsed within a value budget
+    /// proportional to it.
+    #[serde(serialize_with = "exact_bytes")]
+    pub max_json_edit_body: ByteSize,
     /// A request head must arrive whole within this time of the connection opening or of the previous answer
     /// ending; otherwise the connection is closed (slow-loris guard).
     #[serde(with = "humantime_serde")]
@@ -99,6 +103,7 @@ impl Default for ServerSettings {
             shutdown_grace: Duration::from_secs(5),
             max_json_body: ByteSize::mib(1),
             max_multipart_body: ByteSize::mib(100),
+            max_json_edit_body: ByteSize::mib(100),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
@@ -741,6 +746,7 @@ impl Settings {
         for (name, size) in [
             ("server.max_json_body", self.server.max_json_body),
             ("server.max_multipart_body", self.server.max_multipart_body),
+            ("server.max_json_edit_body", self.server.max_json_edit_body),
         ] {
             if size.as_u64() == 0 {
                 faults.push(format!("{name} must be greater than zero"));

@@ -15,6 +15,7 @@ use crate::error::{ApiError, Failure};
 use crate::images::multipart;
 use crate::images::request::{Endpoint, ImageRequest};
 use crate::state::AppState;
+use crate::tenants::Tenant;
 use crate::wire::headers;
 
 /// What a handler needs from the request besides the tenant.
@@ -33,16 +34,35 @@ enum BodyKind {
 
 /// Read and parse the body for `endpoint`: JSON for generations, multipart for variations, either for edits.
 /// A refusal may carry headers (`Connection: close` when the body was left unread).
-pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Request) -> Result<Extracted, Failure> {
+pub async fn image_request(
+    state: &AppState,
+    tenant: &Tenant,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Extracted, Failure> {
     let (parts, body) = request.into_parts();
     let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let kind = match body_kind(endpoint, content_type.as_deref()) {
         Ok(kind) => kind,
         Err(e) => return Err(refuse_unread(e, body, &parts.headers)),
     };
+    // JSON edits are for GPT image models only: a tenant that may use none of them is refused before its
+    // (possibly large) body is read.
+    if (endpoint, kind) == (Endpoint::Edits, BodyKind::Json) && !may_use_json_edits(tenant) {
+        let e = ApiError::PermissionDenied {
+            message: format!(
+                "Tenant '{}' may not use any model that takes JSON edits (GPT image models); send a multipart \
+                 form for the models it may use.",
+                tenant.name
+            ),
+        };
+        return Err(refuse_unread(e, body, &parts.headers));
+    }
+    let server = &state.settings.server;
     let limit = match (endpoint, kind) {
-        (Endpoint::Generations, _) => state.settings.server.max_json_body.as_u64(),
-        _ => state.settings.server.max_multipart_body.as_u64(),
+        (Endpoint::Generations, _) => server.max_json_body.as_u64(),
+        (_, BodyKind::Json) => server.max_json_edit_body.as_u64(),
+        (_, BodyKind::Multipart) => server.max_multipart_body.as_u64(),
     };
     let raw = read_limited(body, limit, &parts.headers).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -58,6 +78,14 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
         }
     };
     Ok(Extracted { request, idempotency_key, cache })
+}
+
+/// Whether any model the tenant may use could take a JSON edit: a GPT image model, or a model imagegate does
+/// not know (forwarded when `validation.unknown_models` allows it).
+fn may_use_json_edits(tenant: &Tenant) -> bool {
+    tenant.allowed_models.as_ref().is_none_or(|models| {
+        models.iter().any(|m| crate::images::models::lookup(m).is_none_or(|known| known.family.is_gpt()))
+    })
 }
 
 fn body_kind(endpoint: Endpoint, content_type: Option<&str>) -> Result<BodyKind, ApiError> {

@@ -13,6 +13,7 @@ mod connections;
 mod edits;
 mod errors;
 mod generations;
+mod hostile_bodies;
 mod ledger;
 mod process;
 mod rate_limits;
