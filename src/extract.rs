@@ -72,8 +72,9 @@ pub async fn image_request(
     let request = match kind {
         BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,
         BodyKind::Multipart => {
-            let content_type = content_type.unwrap_or_default();
-            let form = multipart::parse(&content_type, raw.clone()).await?;
+            let form = multipart::parse(content_type.as_deref().unwrap_or_default(), raw).await?;
+            // What goes upstream is the form as parsed and validated, never the caller's encoding of it.
+            let (form, raw, content_type) = form.reencoded();
             ImageRequest::from_form(endpoint, raw, content_type, form)
         }
     };

@@ -72,6 +72,9 @@ pub struct FakeOptions {
     pub url_ttl: Option<Duration>,
     /// Key expected in `Authorization: Bearer <key>`; `None` means [`DEFAULT_KEY`].
     pub expected_key: Option<String>,
+    /// Parse multipart bodies with the *last* `boundary` parameter of their content type (as some servers
+    /// do), instead of the first.
+    pub last_boundary: bool,
 }
 
 /// One request that reached `/v1/images/*`, as received.
@@ -173,6 +176,7 @@ impl FakeOpenAi {
             file_fetches: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
             huge_bytes: Arc::new(AtomicUsize::new(0)),
+            last_boundary: opts.last_boundary,
         });
         let app = router(Arc::clone(&inner));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -259,6 +263,8 @@ struct Inner {
     served: AtomicUsize,
     /// Bytes of `#huge` answers pulled by the client.
     huge_bytes: Arc<AtomicUsize>,
+    /// See [`FakeOptions::last_boundary`].
+    last_boundary: bool,
 }
 
 struct StoredFile {
@@ -423,7 +429,7 @@ async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     let content_type =
         head.headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let (json, parts, body_error) = parse_body(content_type.as_deref(), bytes.clone()).await;
+    let (json, parts, body_error) = parse_body(content_type.as_deref(), bytes.clone(), inner.last_boundary).await;
     let call = RecordedCall {
         method: head.method.to_string(),
         path,
@@ -448,10 +454,14 @@ async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
 }
 
 /// Parses the body into (JSON, multipart parts, error message for a malformed body).
-async fn parse_body(content_type: Option<&str>, bytes: Bytes) -> (Option<Value>, Vec<RecordedPart>, Option<String>) {
+async fn parse_body(
+    content_type: Option<&str>,
+    bytes: Bytes,
+    last_boundary: bool,
+) -> (Option<Value>, Vec<RecordedPart>, Option<String>) {
     let is_multipart = content_type.is_some_and(|ct| ct.to_ascii_lowercase().starts_with("multipart/"));
     if is_multipart {
-        let (parts, error) = parse_multipart(content_type.unwrap_or_default(), bytes).await;
+        let (parts, error) = parse_multipart(content_type.unwrap_or_default(), bytes, last_boundary).await;
         return (None, parts, error);
     }
     if bytes.is_empty() {
@@ -473,8 +483,18 @@ async fn parse_body(content_type: Option<&str>, bytes: Bytes) -> (Option<Value>,
     }
 }
 
-async fn parse_multipart(content_type: &str, bytes: Bytes) -> (Vec<RecordedPart>, Option<String>) {
-    let boundary = match multer::parse_boundary(content_type) {
+async fn parse_multipart(content_type: &str, bytes: Bytes, last_boundary: bool) -> (Vec<RecordedPart>, Option<String>) {
+    let last = content_type
+        .split(';')
+        .filter_map(|p| p.split_once('='))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+        .next_back();
+    let parsed = match last {
+        Some(last) if last_boundary => Ok(last),
+        _ => multer::parse_boundary(content_type),
+    };
+    let boundary = match parsed {
         Ok(boundary) => boundary,
         Err(err) => return (Vec::new(), Some(format!("Invalid multipart/form-data body: {err}"))),
     };
