@@ -556,3 +556,35 @@ async fn s3_links_survive_a_restart() {
     assert_eq!(res.status(), 200);
     assert_eq!(sha256(&res.bytes().await.unwrap()), sha256(&render_image("a kite", 3, false, "png")));
 }
+
+#[tokio::test]
+async fn a_mock_upstream_does_not_open_the_download_guard_to_the_gateways_host_for_a_real_upstream() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        // The real upstream's links (http://127.0.0.1:<fake port>/…) are not allowed here…
+        s.images.download = imagegate::config::DownloadSettings::default();
+        // …and a mock upstream on the same gateway must not make them allowed (the gateway is on 127.0.0.1).
+        let offline = imagegate::config::UpstreamSettings {
+            kind: imagegate::config::UpstreamKind::Mock,
+            ..imagegate::config::UpstreamSettings::default()
+        };
+        s.upstreams.insert("offline".into(), offline);
+        s.tenants[1].upstream = Some("offline".into());
+    })
+    .await;
+
+    let res = app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "a pier"})).await;
+    assert_eq!(res.status(), 502, "a loopback plain-HTTP link of a real upstream was downloaded");
+    assert_eq!(fake.file_fetch_count(), 0, "never fetched");
+
+    // The mock's own links are still re-hosted.
+    let res = app
+        .client
+        .post(format!("{}/images/generations", app.base_url))
+        .bearer_auth(&app.other_key)
+        .json(&json!({"model": "dall-e-2", "prompt": "offline", "size": "256x256"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+}
