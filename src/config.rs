@@ -52,6 +52,10 @@ pub struct Settings {
     pub tenants: Vec<TenantSettings>,
 }
 
+/// Admin tokens printed in imagegate's own documentation and templates: anyone can read them, so none of them
+/// is accepted.
+pub const DOCUMENTED_EXAMPLE_TOKENS: &[&str] = &["at-least-16-characters"];
+
 /// The listening socket, public address, deadlines and body limits.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -772,6 +776,11 @@ impl Settings {
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             faults.push("admin.token must be at least 16 characters".to_owned());
         }
+        if self.admin.token.as_ref().is_some_and(|t| DOCUMENTED_EXAMPLE_TOKENS.contains(&t.expose().trim())) {
+            faults.push(
+                "admin.token is the example from the documentation: generate one (openssl rand -hex 32)".to_owned(),
+            );
+        }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
         }
@@ -1437,5 +1446,16 @@ keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000
         let text =
             load(dir.path(), "[upstream]\nkind = \"mock\"\nbase_ulr = \"http://x\"\n", &[]).unwrap_err().to_string();
         assert!(text.contains("base_ulr"), "{text}");
+    }
+
+    #[test]
+    fn the_documented_example_admin_token_is_refused() {
+        let mut s = Settings::default();
+        s.upstream.kind = UpstreamKind::Mock;
+        s.admin.token = Some(Secret::new("at-least-16-characters"));
+        let faults = s.validate().unwrap_err().to_string();
+        assert!(faults.contains("example from the documentation"), "{faults}");
+        s.admin.token = Some(Secret::new("a-real-generated-token-4f9c2a"));
+        assert!(s.validate().is_ok());
     }
 }

@@ -476,7 +476,10 @@ impl ImagesService {
                     crate::rehost::RehostError::Store(inner) => {
                         ApiError::Internal(anyhow::anyhow!("storing a re-hosted image failed: {inner}"))
                     }
-                    other => ApiError::RehostFailed(other.to_string()),
+                    other => {
+                        tracing::warn!(error = %other, "re-hosting failed");
+                        ApiError::RehostFailed(other.public_reason())
+                    }
                 };
                 let mut record = record.finish_reply(&reply, &self.prices, started);
                 record.status = e.status().as_u16();
