@@ -50,6 +50,17 @@ pub struct Settings {
     pub pricing: crate::pricing::Prices,
     /// Tenants declared in configuration, with the hashes of their keys.
     pub tenants: Vec<TenantSettings>,
+    /// What the upstream learns about who asks (`user` for abuse monitoring); see `docs/security.md`.
+    pub attribution: AttributionSettings,
+}
+
+/// Abuse attribution on the shared upstream account.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributionSettings {
+    /// `derived` (default): OpenAI's `user` is sent as an opaque id derived from the tenant and the caller's
+    /// own `user`; `pass_through`: the caller's `user` as sent. Tenants may override it (`images.end_user`).
+    pub end_user: crate::attribution::EndUser,
 }
 
 /// Admin tokens printed in imagegate's own documentation and templates: anyone can read them, so none of them

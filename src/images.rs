@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use self::request::{Endpoint, ImageRequest};
 use self::usage::UsageRecord;
 use self::validate::ValidationPolicy;
+use crate::attribution::{Attributor, EndUser};
 use crate::cache::key::KeyParts;
 use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Scope, Uncached};
 use crate::error::{ApiError, Failure};
@@ -98,6 +99,8 @@ pub struct ImagesService {
     limiter: Limiter,
     rehoster: Arc<Rehoster>,
     cache: ResponseCache,
+    attributor: Attributor,
+    end_user: EndUser,
 }
 
 impl ImagesService {
@@ -110,7 +113,23 @@ impl ImagesService {
         rehoster: Arc<Rehoster>,
         cache: ResponseCache,
     ) -> Self {
-        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache }
+        let attributor = Attributor::new(rehoster.links().derive(b"imagegate attribution"));
+        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache, attributor, end_user: EndUser::default() }
+    }
+
+    /// What the upstream receives as `user` for tenants that do not choose (`[attribution] end_user`).
+    pub fn with_end_user(self, end_user: EndUser) -> Self {
+        Self { end_user, ..self }
+    }
+
+    /// The request as the upstream gets it: with `user` derived from the tenant (and the caller's own `user`)
+    /// unless the tenant's policy passes the caller's through. `None`: send `request` as it is.
+    fn attributed(&self, ctx: &TenantContext, request: &ImageRequest) -> Option<ImageRequest> {
+        if ctx.tenant.image_policy.end_user.unwrap_or(self.end_user) == EndUser::PassThrough {
+            return None;
+        }
+        let id = self.attributor.end_user(&ctx.tenant.id, request.field_str("user").as_deref());
+        Some(request.clone().with_field("user", Some(&id)))
     }
 
     /// The re-hoster, whose store also serves the links it hands out.
@@ -282,9 +301,18 @@ impl ImagesService {
             self.cache.count_bypass();
             return None;
         };
+        // The shared scope still separates what makes answers differ upstream: which upstream, and whose
+        // organization and project (their own models, settings and moderation).
+        let shared;
         let scope = match scope {
             Scope::Tenant => ctx.tenant.id.as_str(),
-            Scope::Shared => "shared",
+            Scope::Shared => {
+                let t = &ctx.tenant;
+                let part = |v: &Option<String>| v.clone().unwrap_or_default();
+                shared = serde_json::json!(["shared", part(&t.upstream), part(&t.organization), part(&t.project)])
+                    .to_string();
+                shared.as_str()
+            }
         };
         let retention = plan.map(|p| p.retention);
         let parts = KeyParts {
@@ -432,8 +460,14 @@ impl ImagesService {
         let attribution = Attribution {
             organization: ctx.tenant.organization.clone(),
             project: ctx.tenant.project.clone(),
-            idempotency_key: meta.idempotency_key.clone(),
+            // Scoped to the tenant: two tenants choosing the same key must not share the upstream's answer.
+            idempotency_key: meta
+                .idempotency_key
+                .as_deref()
+                .map(|k| self.attributor.idempotency_key(&ctx.tenant.id, k)),
         };
+        let attributed = self.attributed(ctx, request);
+        let request = attributed.as_ref().unwrap_or(request);
         let Some(upstream) = self.upstreams.get(ctx.tenant.upstream.as_deref()) else {
             let e = ApiError::Internal(anyhow::anyhow!(
                 "tenant '{}' names upstream '{}', which is not configured on this gateway",

@@ -18,9 +18,11 @@
 //! - `db`        the SQLite/PostgreSQL pool and embedded migrations; `pricing` turns usage into USD.
 //! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
 //! - `wire`      header names, paths and event names, spelt once.
+//! - `attribution` per-tenant idempotency keys and `user` ids sent upstream (abuse attribution).
 //! - `config`, `telemetry`, `cli`: settings, logging, and the command line.
 
 pub mod admin;
+pub mod attribution;
 pub mod cache;
 pub mod cli;
 pub mod config;

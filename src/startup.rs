@@ -86,7 +86,8 @@ impl Application {
             ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
         let cache = response_cache(&settings)?;
         let images =
-            ImagesService::new(upstreams, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
+            ImagesService::new(upstreams, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache)
+                .with_end_user(settings.attribution.end_user);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }

@@ -7,6 +7,7 @@
 mod support;
 
 mod admin;
+mod attribution;
 mod auth;
 mod cache;
 mod connections;
