@@ -11,11 +11,11 @@ use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
+use crate::domain::Tenant;
 use crate::error::{ApiError, Failure};
 use crate::images::multipart;
 use crate::images::request::{Endpoint, ImageRequest};
 use crate::state::AppState;
-use crate::tenants::Tenant;
 use crate::wire::headers;
 
 /// What a handler needs from the request besides the tenant.

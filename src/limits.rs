@@ -9,9 +9,11 @@
 //! the in-process backend (the embedded default), `redis` the shared one for several replicas (Lua scripts on
 //! Redis' clock, same semantics). Refusals become OpenAI-shaped 429s; every answer carries `x-ratelimit-*`.
 
+mod backend;
+mod clock;
 pub mod gcra;
-pub mod headers;
 pub mod local;
+mod permit;
 pub mod redis;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,335 +25,13 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio_util::task::TaskTracker;
 
+pub use self::backend::{Backend, BackendError, Demand, Grant, Held, Reason, Refusal, USD_EPSILON, Usage};
+pub use self::clock::{Clock, SharedClock, system_clock};
 use self::gcra::Bucket;
-use crate::tenants::Limits;
-
-/// Budgets in USD are compared with this tolerance, so $0.04 × 3 fits a $0.12 budget despite binary floats.
-pub const USD_EPSILON: f64 = 1e-9;
-
-/// What one reservation asks for.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Demand {
-    /// One request from the request bucket, and a concurrency slot when the tenant has that limit.
-    pub request: bool,
-    /// Images (`n`) from the image bucket and the image budgets.
-    pub images: u32,
-    /// The most this request may cost, held against the USD budgets until its real cost is known.
-    pub usd: f64,
-}
-
-impl Demand {
-    /// A request that will call the upstream: the request, its images and their estimated cost.
-    pub fn whole(images: u32, usd: f64) -> Self {
-        Self { request: true, images, usd }
-    }
-
-    /// Only the request (a cache hit, or a cached request before it knows whether it leads the upstream call).
-    pub fn request_only() -> Self {
-        Self { request: true, images: 0, usd: 0.0 }
-    }
-
-    /// Images and cost added to a reservation that already holds its request.
-    pub fn more(images: u32, usd: f64) -> Self {
-        Self { request: false, images, usd }
-    }
-}
-
-/// What a finished request really used; everything else it reserved is given back.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Usage {
-    /// Images the upstream returned (0 for failures and for answers served by another request's call).
-    pub images: u32,
-    /// The request's cost from the usage record.
-    pub usd: f64,
-    /// Give the request back too: the upstream never processed it (connection failure) or refused it (429),
-    /// or imagegate refused it after the request was reserved.
-    pub request_back: bool,
-}
-
-impl Usage {
-    /// Nothing used, the request kept: failures, timeouts, and requests dropped before their outcome was known.
-    pub const NOTHING: Usage = Usage { images: 0, usd: 0.0, request_back: false };
-    /// Nothing used, and the request given back as well.
-    pub const REFUNDED: Usage = Usage { images: 0, usd: 0.0, request_back: true };
-}
-
-/// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    RequestsPerMinute,
-    ImagesPerMinute,
-    Concurrency,
-    ImagesPerDay,
-    ImagesPerMonth,
-    UsdPerDay,
-    UsdPerMonth,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 7] = [
-        Self::RequestsPerMinute,
-        Self::ImagesPerMinute,
-        Self::Concurrency,
-        Self::ImagesPerDay,
-        Self::ImagesPerMonth,
-        Self::UsdPerDay,
-        Self::UsdPerMonth,
-    ];
-
-    /// Budgets do not come back within a retry's patience: SDKs are told not to retry.
-    pub fn is_budget(self) -> bool {
-        matches!(self, Self::ImagesPerDay | Self::ImagesPerMonth | Self::UsdPerDay | Self::UsdPerMonth)
-    }
-
-    /// Whether the budget renews with the UTC day (else the month); meaningless for rates.
-    pub fn is_daily(self) -> bool {
-        matches!(self, Self::ImagesPerDay | Self::UsdPerDay)
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::RequestsPerMinute => "requests per minute",
-            Self::ImagesPerMinute => "images per minute",
-            Self::Concurrency => "concurrent requests",
-            Self::ImagesPerDay => "images per day",
-            Self::ImagesPerMonth => "images per month",
-            Self::UsdPerDay => "USD per day",
-            Self::UsdPerMonth => "USD per month",
-        }
-    }
-
-    /// The snake_case name, as in the admin counters.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RequestsPerMinute => "requests_per_minute",
-            Self::ImagesPerMinute => "images_per_minute",
-            Self::Concurrency => "concurrent_requests",
-            Self::ImagesPerDay => "images_per_day",
-            Self::ImagesPerMonth => "images_per_month",
-            Self::UsdPerDay => "usd_per_day",
-            Self::UsdPerMonth => "usd_per_month",
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
-    }
-}
-
-/// The state of one per-minute bucket after a decision, for the `x-ratelimit-*` headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketReport {
-    pub limit: u64,
-    pub remaining: u64,
-    /// Milliseconds until the bucket is full again.
-    pub reset_ms: u64,
-}
-
-/// Header material: the request and image buckets, when the tenant has them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Report {
-    pub requests: Option<BucketReport>,
-    pub images: Option<BucketReport>,
-}
-
-impl Report {
-    /// What to say when the backend could not be asked: the limits, with nothing counted against them
-    /// (`remaining` = the limit, reset `0s`) when requests go through unenforced, or nothing left (`0`,
-    /// reset `1s`, the `retry-after` of the 503) when they are refused.
-    pub fn unknown(limits: &Limits, open: bool) -> Self {
-        let bucket = |limit: Option<u32>| {
-            limit.map(|l| BucketReport {
-                limit: u64::from(l),
-                remaining: if open { u64::from(l) } else { 0 },
-                reset_ms: if open { 0 } else { 1000 },
-            })
-        };
-        Self { requests: bucket(limits.requests_per_minute), images: bucket(limits.images_per_minute) }
-    }
-}
-
-/// A granted reservation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Grant {
-    pub report: Report,
-    /// A concurrency slot was taken and is released when the reservation is finished.
-    pub holds_slot: bool,
-}
-
-/// A refusal: which limit, when to come back, and the buckets as they stand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
-    pub reason: Reason,
-    /// `None` for budgets (no useful retry time) and for demands that can never fit.
-    pub retry_after_ms: Option<u64>,
-    /// `Some((asked, burst))` when the demand is larger than the bucket's burst: it never fits.
-    pub never: Option<(u64, u64)>,
-    pub report: Report,
-}
-
-/// The backend could not decide (Redis unreachable, timeout).
-#[derive(Debug, thiserror::Error)]
-#[error("rate-limit backend unavailable: {0}")]
-pub struct BackendError(pub String);
-
-/// What a reservation holds, as the backend needs it to finish it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Held {
-    pub tenant_id: String,
-    /// Unique per reservation: the Redis lease's member.
-    pub id: String,
-    /// One request cell was taken from the request bucket.
-    pub request: bool,
-    pub slot: bool,
-    pub images: u32,
-    pub usd: f64,
-    /// The buckets the cells came from (for giving them back at the same rate).
-    pub requests_bucket: Option<Bucket>,
-    pub images_bucket: Option<Bucket>,
-}
-
-/// Where limits are kept. Every method is bounded in time; none panics.
-pub trait Backend: Send + Sync + 'static {
-    /// Check every limit in `limits` for `demand` and reserve all of them or none, under the reservation `id`
-    /// (a second call with the same id adds to that reservation).
-    fn reserve<'a>(
-        &'a self,
-        tenant_id: &'a str,
-        limits: &'a Limits,
-        demand: Demand,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Result<Grant, Refusal>, BackendError>>;
-
-    /// Settle a reservation: release its slot and held amounts, give back what `usage` did not use, and add
-    /// what it did use to the tenant's spending. A backend that keeps its state in memory does all of it
-    /// before returning the future, so the next decision sees it.
-    fn finish(self: Arc<Self>, held: Held, usage: Usage) -> BoxFuture<'static, Result<(), BackendError>>;
-
-    /// Keep a long-running reservation's lease alive (backends whose holds expire).
-    fn refresh<'a>(&'a self, _held: &'a Held) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    /// The request and image buckets as they stand, spending nothing (headers of early errors).
-    fn peek<'a>(&'a self, tenant_id: &'a str, limits: &'a Limits) -> BoxFuture<'a, Result<Report, BackendError>>;
-
-    /// Whether the backend answers now (readiness).
-    fn ready(&self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    /// How long an unrefreshed hold lives, for backends whose holds expire; `None` when they never need to.
-    fn lease(&self) -> Option<Duration> {
-        None
-    }
-
-    /// `local` or `redis`, for logs.
-    fn name(&self) -> &'static str;
-}
-
-/// What to do when the backend cannot answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBackendError {
-    /// Let the request through (logged and counted): availability over strictness.
-    #[default]
-    Open,
-    /// Refuse with 503: strictness over availability.
-    Closed,
-}
-
-/// Time as the limits see it: the wall clock names budget windows (UTC days and months, as the ledger's
-/// timestamps do); the monotonic one drives buckets, so a wall-clock jump never blocks or frees a tenant.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since the Unix epoch.
-    fn wall_ms(&self) -> u64;
-    /// Milliseconds on a clock that never goes back.
-    fn mono_ms(&self) -> u64;
-}
-
-/// A clock the backends share.
-pub type SharedClock = Arc<dyn Clock>;
-
-/// The system's clocks.
-struct SystemClock {
-    started: Instant,
-}
-
-impl Clock for SystemClock {
-    fn wall_ms(&self) -> u64 {
-        u64::try_from(crate::db::now_ms()).unwrap_or(0)
-    }
-
-    fn mono_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
-/// The system clock.
-pub fn system_clock() -> SharedClock {
-    Arc::new(SystemClock { started: Instant::now() })
-}
-
-/// Start of the UTC day and month containing `now_ms`, and their ends, as Unix milliseconds.
-pub fn windows(now_ms: u64) -> (u64, u64, u64, u64) {
-    const DAY: u64 = 86_400_000;
-    let day_start = now_ms - now_ms % DAY;
-    let days = i64::try_from(day_start / DAY).unwrap_or(0);
-    let (y, m, _) = civil_from_days(days);
-    let month_start = u64::try_from(days_from_civil(y, m, 1)).unwrap_or(0) * DAY;
-    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    let month_end = u64::try_from(days_from_civil(ny, nm, 1)).unwrap_or(0) * DAY;
-    (day_start, day_start + DAY, month_start, month_end)
-}
-
-/// Howard Hinnant's days-from-civil: days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The inverse of [`days_from_civil`].
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
-}
-
-/// A duration in OpenAI's `x-ratelimit-reset-*` format, which is Go's `time.Duration` string at millisecond
-/// precision: `0s`, `12ms`, `1s`, `1.5s`, `59.5s`, `6m0s`, `1h0m0s`.
-pub fn go_duration(ms: u64) -> String {
-    if ms == 0 {
-        return "0s".to_owned();
-    }
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let (h, m) = (ms / 3_600_000, (ms / 60_000) % 60);
-    let (s, frac) = ((ms / 1000) % 60, ms % 1000);
-    let seconds = if frac == 0 {
-        format!("{s}s")
-    } else {
-        let digits = format!("{frac:03}");
-        format!("{s}.{}s", digits.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => seconds,
-        (0, _) => format!("{m}m{seconds}"),
-        _ => format!("{h}h{m}m{seconds}"),
-    }
-}
+pub use self::permit::{Permit, SlotGuard};
+use self::permit::{PermitInner, PermitState};
+use crate::domain::{Limits, OnBackendError, Report};
+use crate::error::ApiError;
 
 /// Counters of what the limits did on this replica (`GET /admin/v1/limits`).
 #[derive(Debug, Default)]
@@ -412,6 +92,36 @@ pub enum Denied {
     Refused(Refusal),
     /// The backend could not answer and the policy is fail-closed; the buckets as far as known.
     Unavailable(BackendError, Report),
+}
+
+impl Denied {
+    /// The 429 (or, fail-closed, 503) for a request of `tenant` the limits did not let through, in words that
+    /// say which limit and when it renews.
+    pub fn into_error(self, tenant: &str) -> ApiError {
+        match self {
+            Denied::Unavailable(e, report) => ApiError::LimitsUnavailable { detail: e.0, report },
+            Denied::Refused(Refusal { reason, retry_after_ms, never, report }) => {
+                let message = if reason.is_budget() {
+                    format!(
+                        "Tenant '{tenant}' has spent its {} budget. It renews at the start of the next UTC {}.",
+                        reason.describe(),
+                        if reason.is_daily() { "day" } else { "month" }
+                    )
+                } else if let Some((asked, burst)) = never {
+                    format!(
+                        "Rate limit reached for {} for tenant '{tenant}': this request needs {asked} at once, and \
+                         at most {burst} can ever be spent at once. Ask for fewer (a smaller n).",
+                        reason.describe()
+                    )
+                } else {
+                    let wait = retry_after_ms
+                        .map_or(String::new(), |ms| format!(" Please try again in {:.1}s.", ms as f64 / 1000.0));
+                    format!("Rate limit reached for {} for tenant '{tenant}'.{wait}", reason.describe())
+                };
+                ApiError::RateLimited { message, budget: reason.is_budget(), retry_after_ms, report }
+            }
+        }
+    }
 }
 
 impl Limiter {
@@ -623,171 +333,10 @@ fn report_unsettled(inner: Option<&LimiterInner>, tenant: &str, e: &BackendError
     tracing::warn!(kind = "limits.backend_unavailable", tenant, error = %e, "a reservation was not settled; its hold expires with its lease");
 }
 
-impl Held {
-    fn record(&mut self, demand: Demand, slot: bool) {
-        self.request |= demand.request;
-        self.slot |= slot;
-        self.images += demand.images;
-        self.usd += demand.usd;
-    }
-}
-
-/// A granted request: header material and what it holds, finished once ([`Permit::finish`]) or, if it never
-/// is (the request was dropped: a timeout, a disconnected caller), with [`Usage::NOTHING`] when the last
-/// clone goes. Clones share one reservation (a stream and its metering hold one each).
-#[derive(Clone)]
-pub struct Permit(Arc<PermitInner>);
-
-struct PermitInner {
-    limiter: Limiter,
-    limits: Limits,
-    state: Mutex<PermitState>,
-}
-
-struct PermitState {
-    /// `None` once finished.
-    held: Option<Held>,
-    report: Report,
-    refresher: Option<tokio::task::AbortHandle>,
-}
-
-impl Permit {
-    /// The buckets after this request's reservation, for its headers.
-    pub fn report(&self) -> Report {
-        self.0.state.lock().map(|s| s.report).unwrap_or_default()
-    }
-
-    /// Reserve `images` and `usd` more on this reservation (a cached request that turned out to lead the
-    /// upstream call). A refusal (or fail-closed) finishes the permit with the request given back: a refused
-    /// request spends nothing.
-    pub async fn extend(&self, images: u32, usd: f64) -> Result<(), Denied> {
-        let limiter = &self.0.limiter;
-        let Some((tenant_id, id)) = self.with_held(|h| (h.tenant_id.clone(), h.id.clone())) else {
-            return Ok(());
-        };
-        let demand = Demand::more(images, usd);
-        let outcome = limiter.inner.backend.reserve(&tenant_id, &self.0.limits, demand, &id).await;
-        let current = self.report();
-        let denied = match outcome {
-            Ok(Ok(grant)) => {
-                self.with_held(|h| h.record(demand, false));
-                if let Ok(mut outstanding) = limiter.inner.outstanding.lock()
-                    && let Some(h) = outstanding.get_mut(&id)
-                {
-                    h.record(demand, false);
-                }
-                if let Ok(mut state) = self.0.state.lock() {
-                    state.report.images = grant.report.images.or(state.report.images);
-                }
-                self.start_refresher();
-                return Ok(());
-            }
-            Ok(Err(mut refusal)) => {
-                limiter.count_refusal(refusal.reason);
-                refusal.report.requests = current.requests;
-                Denied::Refused(refusal)
-            }
-            Err(e) => match limiter.backend_failed(&e, &self.0.limits) {
-                Ok(_) => return Ok(()),
-                Err(_) => Denied::Unavailable(e, current),
-            },
-        };
-        self.finish(Usage::REFUNDED);
-        Err(denied)
-    }
-
-    /// Settle the reservation with what the request used. Only the first call counts.
-    pub fn finish(&self, usage: Usage) {
-        let taken = self.0.state.lock().ok().and_then(|mut s| {
-            if let Some(r) = s.refresher.take() {
-                r.abort();
-            }
-            s.held.take()
-        });
-        if let Some(held) = taken {
-            self.0.limiter.settle(held, usage);
-        }
-    }
-
-    fn with_held<T>(&self, f: impl FnOnce(&mut Held) -> T) -> Option<T> {
-        self.0.state.lock().ok().and_then(|mut s| s.held.as_mut().map(f))
-    }
-
-    /// Keep the reservation's lease alive while it lasts (backends whose holds expire).
-    fn start_refresher(&self) {
-        let backend = self.0.limiter.inner.backend.clone();
-        let Some(lease) = backend.lease() else { return };
-        let Ok(mut state) = self.0.state.lock() else { return };
-        let Some(held) = state.held.clone().filter(|h| h.slot || h.images > 0 || h.usd > 0.0) else { return };
-        if let Some(old) = state.refresher.take() {
-            old.abort();
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-        let counters = Arc::downgrade(&self.0.limiter.inner);
-        let every = (lease / 3).max(Duration::from_millis(100));
-        let task = handle.spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(e) = backend.refresh(&held).await {
-                    if let Some(inner) = counters.upgrade() {
-                        inner.counters.backend_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::warn!(kind = "limits.backend_unavailable", error = %e, "a reservation's lease was not refreshed");
-                }
-            }
-        });
-        state.refresher = Some(task.abort_handle());
-    }
-}
-
-impl Drop for PermitInner {
-    fn drop(&mut self) {
-        let Ok(state) = self.state.get_mut() else { return };
-        if let Some(r) = state.refresher.take() {
-            r.abort();
-        }
-        if let Some(held) = state.held.take() {
-            self.limiter.settle(held, Usage::NOTHING);
-        }
-    }
-}
-
-/// Holds a stream's reservation until the stream ends (the metered stream drops it last).
-pub struct SlotGuard(pub Permit);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn day_and_month_windows_are_utc_calendar_boundaries() {
-        // 2026-11-25T10:00:00Z
-        let now = 1_795_600_800_000;
-        let (d0, d1, m0, m1) = windows(now);
-        assert_eq!(d0, 1_795_564_800_000); // 2026-11-25
-        assert_eq!(d1 - d0, 86_400_000);
-        assert_eq!(m0, 1_793_491_200_000); // 2026-11-01
-        assert_eq!(m1, 1_796_083_200_000); // 2026-12-01
-        // December rolls into the next year.
-        let (_, _, m0, m1) = windows(1_798_000_000_000); // 2026-12-23
-        assert_eq!((m0, m1), (1_796_083_200_000, 1_798_761_600_000));
-    }
-
-    #[test]
-    fn reset_durations_are_go_durations_like_openai_headers() {
-        assert_eq!(go_duration(0), "0s", "Go prints a zero duration as 0s");
-        assert_eq!(go_duration(12), "12ms");
-        assert_eq!(go_duration(999), "999ms");
-        assert_eq!(go_duration(1000), "1s");
-        assert_eq!(go_duration(1001), "1.001s");
-        assert_eq!(go_duration(1500), "1.5s");
-        assert_eq!(go_duration(59_500), "59.5s", "no rounding up to a whole minute");
-        assert_eq!(go_duration(60_000), "1m0s");
-        assert_eq!(go_duration(360_000), "6m0s");
-        assert_eq!(go_duration(61_250), "1m1.25s");
-        assert_eq!(go_duration(3_600_000), "1h0m0s");
-        assert_eq!(go_duration(3_600_000 + 61_000), "1h1m1s");
-    }
+    use crate::domain::BucketReport;
 
     fn local_limiter() -> Limiter {
         Limiter::new(Arc::new(local::LocalBackend::new(system_clock(), None)), Limits::default(), OnBackendError::Open)

@@ -1,6 +1,7 @@
-//! HTTP plumbing: connections (`conn`: accept loop, caps and timeouts), the global layer stack (`layers`) and
-//! shutdown signals (`shutdown`).
+//! HTTP plumbing: connections (`conn`: accept loop, caps and timeouts), the global layer stack (`layers`), the
+//! tenant authentication layer of the image routes (`auth`) and shutdown signals (`shutdown`).
 
+pub mod auth;
 pub mod conn;
 pub mod layers;
 pub mod shutdown;

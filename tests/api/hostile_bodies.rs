@@ -20,7 +20,7 @@ async fn a_20_mib_json_array_of_zeros_raises_peak_memory_by_a_few_times_its_size
     const BODY: usize = 20 << 20;
     let fake = FakeOpenAi::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = imagegate::tenants::keys::generate();
+    let key = imagegate::domain::keys::generate();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"0s\"\n[upstream]\nbase_url = \"{}\"\n\
          api_key = \"{UPSTREAM_KEY}\"\n{FAKE_IMAGE_HOSTS}[[tenants]]\nname = \"ci\"\n\
