@@ -72,20 +72,20 @@ pub async fn image_request(
     let request = match kind {
         BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,
         BodyKind::Multipart => {
-            let form = multipart::parse(content_type.as_deref().unwrap_or_default(), raw).await?;
-            // What goes upstream is the form as parsed and validated, never the caller's encoding of it.
-            let (form, raw, content_type) = form.reencoded();
+            let content_type = content_type.unwrap_or_default();
+            let (raw, content_type, form) = multipart::parse_body(content_type, raw).await?;
             ImageRequest::from_form(endpoint, raw, content_type, form)
         }
     };
     Ok(Extracted { request, idempotency_key, cache })
 }
 
-/// Whether any model the tenant may use could take a JSON edit: a GPT image model, or a model imagegate does
-/// not know (forwarded when `validation.unknown_models` allows it).
+/// Whether any model the tenant may use could take a JSON edit: one the built-in catalog says takes them, or a
+/// model it does not know (an operator's model, or one forwarded when `validation.unknown_models` allows it).
 fn may_use_json_edits(tenant: &Tenant) -> bool {
     tenant.allowed_models.as_ref().is_none_or(|models| {
-        models.iter().any(|m| crate::images::models::lookup(m).is_none_or(|known| known.family.is_gpt()))
+        let catalog = crate::images::models::Catalog::builtin();
+        models.iter().any(|m| catalog.get(m).is_none_or(|known| known.json_edits))
     })
 }
 

@@ -138,6 +138,9 @@ pub fn sanitize(record: &mut UsageRecord) {
     ] {
         clean(field, max, false);
     }
+    if let Some(requested) = &mut record.requested_model {
+        clean(requested, MAX_MODEL_CHARS, false);
+    }
     for field in [&mut record.size, &mut record.quality, &mut record.upstream_request_id].into_iter().flatten() {
         clean(field, MAX_SHORT_CHARS, false);
     }
@@ -414,7 +417,7 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
 }
 
 /// Parameters per row of the INSERT.
-const COLUMNS: usize = 20;
+const COLUMNS: usize = 21;
 
 /// Rows per INSERT statement. PostgreSQL takes 50 (1,000 parameters, one round trip). SQLite takes 8: sqlx
 /// looks up every parameter's name when it binds, and SQLite finds a name by walking the statement's list
@@ -440,7 +443,7 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
         let sql = format!(
             "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
              images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, \
-             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by) VALUES {}",
+             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model) VALUES {}",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);
@@ -465,7 +468,8 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(i64::from(r.cache_hit))
                 .bind(r.upstream_request_id.clone())
                 .bind(r.prompt.clone())
-                .bind(r.refused_by);
+                .bind(r.refused_by)
+                .bind(r.requested_model.clone());
         }
         query.execute(&mut *tx).await?;
     }
@@ -485,6 +489,7 @@ mod tests {
             key_id: "abcd1234".into(),
             endpoint: "generations",
             model: "gpt-image-1".into(),
+            requested_model: None,
             images_requested: 1,
             images_returned: None,
             size: None,

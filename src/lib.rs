@@ -5,8 +5,10 @@
 //! import each other (`tests/layers.rs` reads this list and checks the first; `.ci/run` runs
 //! `../shared/tools/module-cycles` for the second). Lowest first:
 //!
-//! 0. `wire`, `time`, `signing`, `pricing`, `attribution`: leaves: names on the wire, clocks and calendars, the
-//!    link HMAC, prices and cost estimates, the per-tenant ids sent upstream (`user`, `Idempotency-Key`).
+//! 0. `wire`, `time`, `signing`, `catalog`, `pricing`, `attribution`: leaves: names on the wire, clocks and
+//!    calendars, the link HMAC, the model catalog as data (`config/models.toml` + `[models]`: rules, prices,
+//!    lifecycle, aliases), prices and cost estimates, the per-tenant ids sent upstream (`user`,
+//!    `Idempotency-Key`).
 //! 1. `domain`: tenants, the identity a request carries, limits and policies as data, the key format, the rules
 //!    every tenant setting satisfies. No I/O, no HTTP.
 //! 2. `error`: `ApiError`, the only type that becomes an error response (OpenAI's error shape and headers).
@@ -26,29 +28,30 @@
 //! 11. `startup`, `cli`, `telemetry`: wiring `AppState` from `config::Settings` and binding the listener; the
 //!     command line; logging.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod attribution;
 pub mod cache;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
-pub mod extract;
+pub(crate) mod extract;
 pub mod images;
 pub mod ledger;
 pub mod limits;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod pricing;
 pub mod rehost;
-pub mod routes;
+pub(crate) mod routes;
 pub mod server;
-pub mod signing;
+pub(crate) mod signing;
 pub mod startup;
-pub mod state;
+pub(crate) mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod tenants;
 pub mod time;
-pub mod upstream;
+pub(crate) mod upstream;
 pub mod wire;

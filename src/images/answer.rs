@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::models::{self, FREE_MAX_EDGE, Family};
+use super::models::{Catalog, Model};
 use super::request::ImageRequest;
 
 /// Room for the envelope (`created`, `usage`, `revised_prompt`s, an error body) beside the images.
@@ -17,22 +17,29 @@ const ENVELOPE: u64 = 1024 * 1024;
 const UNKNOWN_MODEL_PIXELS: u64 = 4096 * 4096;
 
 /// The largest whole answer accepted for `request`: for each of its `n` images, the base64 of an
-/// uncompressed RGBA image of the model's largest size (PNG and WebP never exceed that by more than their
-/// framing), plus [`ENVELOPE`]. For `gpt-image-1` and `n = 1`: about 9 MiB; `n = 10`: about 84 MiB.
+/// uncompressed RGBA image of the model's largest size in the built-in catalog (PNG and WebP never exceed that
+/// by more than their framing), plus [`ENVELOPE`]. For `gpt-image-1` and `n = 1`: about 9 MiB; `n = 10`: about
+/// 84 MiB. Models the built-in catalog does not know are assumed to make 4096 × 4096 images.
 pub fn max_answer_bytes(request: &ImageRequest) -> u64 {
-    let pixels = models::lookup(&request.model()).map_or(UNKNOWN_MODEL_PIXELS, |m| largest_pixels(m.family));
+    let catalog = Catalog::builtin();
+    let pixels = catalog.get(&request.model()).map_or(UNKNOWN_MODEL_PIXELS, |m| largest_pixels(m));
     // 4 bytes a pixel, a little framing (PNG chunks, filter bytes), then base64's 4/3.
     let per_image = (pixels * 4 + pixels / 64 + 64 * 1024) * 4 / 3;
     u64::from(request.n().max(1)).saturating_mul(per_image).saturating_add(ENVELOPE)
 }
 
-fn largest_pixels(family: Family) -> u64 {
-    match family {
-        Family::DallE2 => 1024 * 1024,
-        Family::DallE3 => 1792 * 1024,
-        Family::GptImage => 1536 * 1024,
-        // The free sizes' pixel ceiling (8,294,400) with the longest edge as the other side, rounded up.
-        Family::GptImage2 => u64::from(FREE_MAX_EDGE) * 2160,
+/// The most pixels an image of `model` has: its largest listed `WxH` size, or its free sizes' ceiling.
+fn largest_pixels(model: &Model) -> u64 {
+    let listed = model
+        .sizes
+        .iter()
+        .filter_map(|size| size.split_once('x'))
+        .filter_map(|(w, h)| Some(w.parse::<u64>().ok()? * h.parse::<u64>().ok()?))
+        .max();
+    let free = model.free_sizes.map(|f| f.max_pixels);
+    match listed.max(free) {
+        Some(pixels) if pixels > 0 => pixels,
+        _ => UNKNOWN_MODEL_PIXELS,
     }
 }
 

@@ -3,7 +3,10 @@
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
+use http::HeaderValue;
+
+use crate::catalog::Date;
 
 use crate::domain::TenantContext;
 use crate::error::Failure;
@@ -56,8 +59,18 @@ async fn handle(
         }
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
-    let reply = state.images.handle(&ctx, extracted.request, meta).await?;
-    Ok(into_response(reply))
+    // A deprecated model's callers are told, on every answer, before it goes away.
+    let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
+    let mut response = match state.images.handle(&ctx, extracted.request, meta).await {
+        Ok(reply) => into_response(reply),
+        Err(failure) => failure.into_response(),
+    };
+    for (name, value) in notice {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    Ok(response)
 }
 
 /// The upstream's status, filtered headers and body (whole, or streamed chunk by chunk).

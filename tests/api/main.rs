@@ -16,6 +16,7 @@ mod errors;
 mod generations;
 mod hostile_bodies;
 mod ledger;
+mod models;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
