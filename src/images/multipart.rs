@@ -176,10 +176,11 @@ mod tests {
         assert_eq!(names, ["output_compression", "image", "prompt"]);
         let again = parse(&ct, raw).await.unwrap();
         assert_eq!(again.parts.len(), 3, "the forwarded body carries one copy");
-        // Nothing repeated: the caller's bytes are forwarded as they came.
+        // Nothing repeated: the form still goes out re-encoded under imagegate's boundary, part for part.
         let (ct, raw) = body(&[("prompt", None, b"x")]);
-        let (forwarded, _, _) = parse_body(ct, raw.clone()).await.unwrap();
-        assert_eq!(forwarded, raw);
+        let (forwarded, forwarded_ct, _) = parse_body(ct, raw.clone()).await.unwrap();
+        assert!(forwarded_ct.contains("boundary=imagegate-"), "{forwarded_ct}");
+        assert_eq!(parse(&forwarded_ct, forwarded).await.unwrap().text("prompt"), Some("x"));
     }
 
     #[tokio::test]
