@@ -417,7 +417,7 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
 }
 
 /// Parameters per row of the INSERT.
-const COLUMNS: usize = 21;
+const COLUMNS: usize = 23;
 
 /// Rows per INSERT statement. PostgreSQL takes 50 (1,000 parameters, one round trip). SQLite takes 8: sqlx
 /// looks up every parameter's name when it binds, and SQLite finds a name by walking the statement's list
@@ -443,7 +443,8 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
         let sql = format!(
             "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
              images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, \
-             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model) VALUES {}",
+             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model, deployment, \
+             possibly_billed) VALUES {}",
             values.join(", ")
         );
         let mut query = sqlx::query(&sql);
@@ -469,7 +470,9 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(r.upstream_request_id.clone())
                 .bind(r.prompt.clone())
                 .bind(r.refused_by)
-                .bind(r.requested_model.clone());
+                .bind(r.requested_model.clone())
+                .bind(r.deployment.clone())
+                .bind(i64::from(r.possibly_billed));
         }
         query.execute(&mut *tx).await?;
     }
@@ -504,6 +507,8 @@ mod tests {
             upstream_request_id: None,
             prompt: None,
             refused_by: None,
+            deployment: None,
+            possibly_billed: false,
         }
     }
 

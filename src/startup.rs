@@ -54,7 +54,7 @@ impl Application {
     /// Open the database, apply configured tenants, bind the socket and wire everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-        let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
+        let repo = TenantRepo::with_upstreams(db.clone(), settings.route_names());
         sync::apply(&repo, &settings.tenants)
             .await
             .map_err(|e| anyhow::anyhow!("cannot apply the tenants of the configuration: {e}"))?;
@@ -93,7 +93,8 @@ impl Application {
         };
         let cache = response_cache(&settings)?;
         let images = ImagesService::new(upstreams, policy, prices, ledger, limiter, rehoster, cache)
-            .with_end_user(settings.attribution.end_user);
+            .with_end_user(settings.attribution.end_user)
+            .with_replay(settings.replay.enabled.then_some(settings.replay.window));
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }
@@ -227,7 +228,7 @@ async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
     let Ok(tenants) = repo.list_tenants().await else { return };
     for t in tenants {
         if let Some(name) = t.upstream.as_deref()
-            && !settings.upstreams.contains_key(name)
+            && !settings.routes_to(name)
         {
             tracing::warn!(
                 tenant = %t.name,

@@ -1,7 +1,10 @@
 //! Forwarding over HTTP to OpenAI or any OpenAI-compatible API (Azure's v1 API with `auth = "api-key"`).
 //!
-//! The body goes out exactly as the caller sent it; only the credentials and attribution headers are ours.
-//! Retries happen only when the connection could not be made, so a request is never billed twice.
+//! The body goes out exactly as the caller sent it (a pool may have renamed `model`); only the credentials and
+//! attribution headers are ours. Retries happen only when the connection could not be made, so a request is
+//! never billed twice. Failures are told apart by what the upstream may have done: a failed connect
+//! ([`UpstreamError::Unavailable`]) reached nothing; a deadline or a broken connection after the body went out
+//! ([`UpstreamError::Timeout`], [`UpstreamError::Broken`]) may have generated, and billed, the images.
 
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use http::{HeaderMap, HeaderName};
 use url::Url;
 
 use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
-use crate::config::{Secret, UpstreamAuth, UpstreamSettings};
+use crate::config::{Secret, UpstreamAuth, UpstreamRoute, UpstreamSettings};
 use crate::images::request::ImageRequest;
 use crate::wire::headers;
 
@@ -31,6 +34,7 @@ pub struct OpenAiUpstream {
     timeout: Duration,
     stream_idle_timeout: Duration,
     connect_retries: u32,
+    route: UpstreamRoute,
 }
 
 impl OpenAiUpstream {
@@ -56,13 +60,26 @@ impl OpenAiUpstream {
             timeout: settings.timeout,
             stream_idle_timeout: settings.stream_idle_timeout,
             connect_retries: settings.connect_retries,
+            route: settings.route,
         })
     }
 
+    /// `<base_url>/images/…`, or on Azure's deployment route `<base_url>/deployments/<model>/images/…`, where
+    /// the pool has already put the deployment's name for the model in `model`.
     fn url(&self, request: &ImageRequest) -> Url {
         let mut url = self.base_url.clone();
-        let path = format!("{}{}", url.path().trim_end_matches('/'), request.endpoint.path());
-        url.set_path(&path);
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}{}", request.endpoint.path()));
+        if self.route == UpstreamRoute::AzureDeployment {
+            url.set_path(&base);
+            let model = request.model();
+            let tail = request.endpoint.path().trim_start_matches('/').split('/');
+            // Pushing a segment percent-encodes it; `path_segments_mut` fails only for URLs that cannot be a
+            // base (validated http(s) URLs always can).
+            if let Ok(mut segments) = url.path_segments_mut() {
+                segments.pop_if_empty().push("deployments").push(&model).extend(tail);
+            }
+        }
         url
     }
 
@@ -113,19 +130,28 @@ impl OpenAiUpstream {
         let mut attempt = 0;
         loop {
             match tokio::time::timeout_at(deadline, self.send_once(request, attribution)).await {
-                Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+                // The body went out (connects fail within `connect_timeout`, shorter than the deadline) and no
+                // answer came: the upstream may be generating.
+                Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
                 Ok(Ok(response)) => return Ok(response),
-                // A connect error means no byte of the request reached the upstream: safe to try again.
-                Ok(Err(e)) if e.is_connect() && attempt < self.connect_retries => {
+                // A connect error (refused, timed out, TLS) means no byte of the request reached the upstream:
+                // safe to try again, and nothing can have been billed.
+                Ok(Err(e)) if e.is_connect() => {
+                    if attempt >= self.connect_retries {
+                        return Err(UpstreamError::Unavailable(error_chain(e)));
+                    }
                     attempt += 1;
                     tracing::warn!(attempt, error = %error_chain(e), "upstream connect failed, retrying");
                     let pause = Duration::from_millis(100 * 2u64.pow(attempt));
                     if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
-                        return Err(UpstreamError::Timeout(self.timeout));
+                        return Err(UpstreamError::Unavailable("connect retries ran out of time".to_owned()));
                     }
                 }
-                Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
-                Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(e))),
+                Ok(Err(e)) if e.is_timeout() => {
+                    return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
+                }
+                // Connected, and then the exchange broke: the request may have been received.
+                Ok(Err(e)) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
             }
         }
     }
@@ -155,9 +181,12 @@ impl OpenAiUpstream {
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
         let body = match tokio::time::timeout_at(deadline, read_capped(response, limit)).await {
-            Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
-            Ok(Err(Capped::Http(e))) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
-            Ok(Err(Capped::Http(e))) => return Err(UpstreamError::Unavailable(error_chain(e))),
+            Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
+            Ok(Err(Capped::Http(e))) if e.is_timeout() => {
+                return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
+            }
+            // The answer started and broke off (reset mid-answer): whatever it was, it may have been billed.
+            Ok(Err(Capped::Http(e))) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
             Ok(Err(Capped::Over(declared))) => {
                 return Err(UpstreamError::BadAnswer(format!(
                     "the answer is larger ({}) than this request's limit of {limit} bytes (images::answer)",

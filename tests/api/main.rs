@@ -17,6 +17,7 @@ mod generations;
 mod hostile_bodies;
 mod ledger;
 mod models;
+mod pools;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
