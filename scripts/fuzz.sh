@@ -17,13 +17,14 @@ fi
 shift $(($# > 0 ? 1 : 0))
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  echo "error: cargo-fuzz needs a nightly toolchain: rustup toolchain install nightly" >&2
-  exit 2
+  echo "==> installing the nightly toolchain (cargo-fuzz needs it)"
+  rustup toolchain install nightly --profile minimal
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
-  echo "==> installing cargo-fuzz"
+  echo "==> installing cargo-fuzz from crates.io"
   cargo install cargo-fuzz --locked
 fi
+summary=()
 
 if (($# > 0)); then
   targets=("$@")
@@ -38,16 +39,23 @@ for target in "${targets[@]}"; do
   before=$(find "$corpus" -type f | wc -l)
   echo "==> fuzzing $target for ${seconds}s (corpus $corpus: $before files)"
   # -timeout: an input taking over 10 s is a hang, reported like a crash.
+  log=$(mktemp)
   if cargo +nightly fuzz run "$target" "$corpus" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -timeout=10 -print_final_stats=1; then
+    -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -timeout=10 -print_final_stats=1 2>&1 | tee "$log"; then
     after=$(find "$corpus" -type f | wc -l)
-    echo "==> $target: no crash; corpus $before -> $after files"
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    echo "==> $target: no crash; ${runs:-?} executions; corpus $before -> $after files"
+    summary+=("$target: ${seconds}s, ${runs:-?} executions, 0 crashes")
   else
     failed+=("$target")
+    summary+=("$target: CRASHED (fuzz/artifacts/$target/)")
     echo "==> $target: FAILED; the input is in fuzz/artifacts/$target/ (see docs/fuzzing.md)" >&2
   fi
+  rm -f "$log"
 done
 
+echo "==> summary (for docs/fuzzing.md):"
+printf '    %s\n' "${summary[@]}"
 if ((${#failed[@]} > 0)); then
   echo "fuzzing failed for: ${failed[*]}" >&2
   exit 1

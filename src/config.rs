@@ -69,7 +69,22 @@ pub struct Settings {
     pub models: crate::catalog::ModelsSettings,
     /// Tenants declared in configuration, with the hashes of their keys.
     pub tenants: Vec<TenantSettings>,
+    /// What the upstream learns about who asks (`user` for abuse monitoring); see `docs/security.md`.
+    pub attribution: AttributionSettings,
 }
+
+/// Abuse attribution on the shared upstream account.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributionSettings {
+    /// `derived` (default): OpenAI's `user` is sent as an opaque id derived from the tenant and the caller's
+    /// own `user`; `pass_through`: the caller's `user` as sent. Tenants may override it (`images.end_user`).
+    pub end_user: crate::attribution::EndUser,
+}
+
+/// Admin tokens printed in imagegate's own documentation and templates: anyone can read them, so none of them
+/// is accepted.
+pub const DOCUMENTED_EXAMPLE_TOKENS: &[&str] = &["at-least-16-characters"];
 
 /// The listening socket, public address, deadlines and body limits.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -97,6 +112,20 @@ pub struct ServerSettings {
     /// Largest multipart body (`/images/edits`, `/images/variations`).
     #[serde(serialize_with = "exact_bytes")]
     pub max_multipart_body: ByteSize,
+    /// Largest JSON `/images/edits` body (images inline as data URLs); parsed within a value budget
+    /// proportional to it.
+    #[serde(serialize_with = "exact_bytes")]
+    pub max_json_edit_body: ByteSize,
+    /// A request head must arrive whole within this time of the connection opening or of the previous answer
+    /// ending; otherwise the connection is closed (slow-loris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1.1: at most
+    /// `header_read_timeout`, which also times the wait for the next head).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections at most; a connection accepted beyond it is closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -109,6 +138,10 @@ impl Default for ServerSettings {
             shutdown_grace: Duration::from_secs(5),
             max_json_body: ByteSize::mib(1),
             max_multipart_body: ByteSize::mib(100),
+            max_json_edit_body: ByteSize::mib(100),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }
@@ -1225,5 +1258,16 @@ keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000
         let text =
             load(dir.path(), "[upstream]\nkind = \"mock\"\nbase_ulr = \"http://x\"\n", &[]).unwrap_err().to_string();
         assert!(text.contains("base_ulr"), "{text}");
+    }
+
+    #[test]
+    fn the_documented_example_admin_token_is_refused() {
+        let mut s = Settings::default();
+        s.upstream.kind = UpstreamKind::Mock;
+        s.admin.token = Some(Secret::new("at-least-16-characters"));
+        let faults = s.validate().unwrap_err().to_string();
+        assert!(faults.contains("example from the documentation"), "{faults}");
+        s.admin.token = Some(Secret::new("a-real-generated-token-4f9c2a"));
+        assert!(s.validate().is_ok());
     }
 }

@@ -50,6 +50,10 @@ pub enum ApiError {
     /// The upstream could not be reached (connect/TLS/reset). 502.
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
+    /// The upstream answered something the gateway will not pass on (a redirect, an answer over its size
+    /// limit). 502; the detail is logged, never returned.
+    #[error("unusable upstream answer: {0}")]
+    UpstreamBadAnswer(String),
     /// The upstream did not answer within the configured timeout. 504, `x-should-retry: false` (the images
     /// may have been generated and billed).
     #[error("upstream timed out after {0:?}")]
@@ -166,6 +170,7 @@ impl ApiError {
             Self::PayloadTooLarge { limit } => Self::PayloadTooLarge { limit: *limit },
             Self::RequestTimeout(d) => Self::RequestTimeout(*d),
             Self::UpstreamUnavailable(m) => Self::UpstreamUnavailable(m.clone()),
+            Self::UpstreamBadAnswer(m) => Self::UpstreamBadAnswer(m.clone()),
             Self::UpstreamTimeout(d) => Self::UpstreamTimeout(*d),
             Self::UpstreamBroken(m) => Self::UpstreamBroken(m.clone()),
             Self::UpstreamBusy { retry_after_ms } => Self::UpstreamBusy { retry_after_ms: *retry_after_ms },
@@ -196,7 +201,10 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamUnavailable(_) | Self::UpstreamBroken(_) | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_)
+            | Self::UpstreamBroken(_)
+            | Self::UpstreamBadAnswer(_)
+            | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -222,6 +230,7 @@ impl ApiError {
             Self::RateLimited { budget: false, .. } | Self::UpstreamBusy { .. } => "requests",
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
+            | Self::UpstreamBadAnswer(_)
             | Self::UpstreamTimeout(_)
             | Self::UpstreamBroken(_)
             | Self::RehostFailed(_)
@@ -241,6 +250,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
             Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
+            Self::UpstreamBadAnswer(_) => Some("upstream_bad_answer"),
             Self::UpstreamBroken(_) => Some("upstream_connection_broken"),
             Self::UpstreamBusy { .. } => Some("rate_limit_exceeded"),
             Self::RehostFailed(_) => Some("image_rehost_failed"),
@@ -286,6 +296,11 @@ impl ApiError {
             ),
             Self::RequestTimeout(d) => format!("The request did not complete within {}s.", d.as_secs()),
             Self::UpstreamUnavailable(_) => "The upstream image API could not be reached.".to_owned(),
+            Self::UpstreamBadAnswer(_) => {
+                "The upstream image API gave an answer imagegate does not pass on; quote the x-request-id when \
+                 reporting it."
+                    .to_owned()
+            }
             Self::UpstreamBroken(_) => "The connection to the upstream image API broke after the request was sent; \
                 the images may have been generated and billed, so this request is not retried."
                 .to_owned(),
@@ -332,6 +347,7 @@ impl ApiError {
             Self::LimitsUnavailable { .. } => Level::Error,
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
+            | Self::UpstreamBadAnswer(_)
             | Self::UpstreamTimeout(_)
             | Self::UpstreamBroken(_)
             | Self::RehostFailed(_) => Level::Warn,
@@ -354,6 +370,7 @@ impl ApiError {
             Self::RequestTimeout(_) => "internal.request_timeout",
             Self::UpstreamUnavailable(_) => "upstream.unavailable",
             Self::UpstreamTimeout(_) => "upstream.timeout",
+            Self::UpstreamBadAnswer(_) => "upstream.bad_answer",
             Self::UpstreamBroken(_) => "upstream.broken",
             Self::UpstreamBusy { .. } => "upstream.busy",
             Self::RehostFailed(_) => "upstream.rehost_failed",
@@ -382,6 +399,7 @@ impl ApiError {
         | Self::PayloadTooLarge { .. }
         | Self::Unauthenticated { .. }
         | Self::UpstreamTimeout(_)
+        | Self::UpstreamBadAnswer(_)
         | Self::UpstreamBroken(_)
         | Self::RequestTimeout(_) = self
         {

@@ -11,6 +11,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 
+use crate::domain::Tenant;
 use crate::error::{ApiError, Failure};
 use crate::images::multipart;
 use crate::images::request::{Endpoint, ImageRequest};
@@ -35,16 +36,35 @@ enum BodyKind {
 
 /// Read and parse the body for `endpoint`: JSON for generations, multipart for variations, either for edits.
 /// A refusal may carry headers (`Connection: close` when the body was left unread).
-pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Request) -> Result<Extracted, Failure> {
+pub async fn image_request(
+    state: &AppState,
+    tenant: &Tenant,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Extracted, Failure> {
     let (parts, body) = request.into_parts();
     let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let kind = match body_kind(endpoint, content_type.as_deref()) {
         Ok(kind) => kind,
         Err(e) => return Err(refuse_unread(e, body, &parts.headers)),
     };
+    // JSON edits are for GPT image models only: a tenant that may use none of them is refused before its
+    // (possibly large) body is read.
+    if (endpoint, kind) == (Endpoint::Edits, BodyKind::Json) && !may_use_json_edits(tenant) {
+        let e = ApiError::PermissionDenied {
+            message: format!(
+                "Tenant '{}' may not use any model that takes JSON edits (GPT image models); send a multipart \
+                 form for the models it may use.",
+                tenant.name
+            ),
+        };
+        return Err(refuse_unread(e, body, &parts.headers));
+    }
+    let server = &state.settings.server;
     let limit = match (endpoint, kind) {
-        (Endpoint::Generations, _) => state.settings.server.max_json_body.as_u64(),
-        _ => state.settings.server.max_multipart_body.as_u64(),
+        (Endpoint::Generations, _) => server.max_json_body.as_u64(),
+        (_, BodyKind::Json) => server.max_json_edit_body.as_u64(),
+        (_, BodyKind::Multipart) => server.max_multipart_body.as_u64(),
     };
     let raw = read_limited(body, limit, &parts.headers).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -66,6 +86,15 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
         }
     };
     Ok(Extracted { request, idempotency_key, sdk_retry, cache })
+}
+
+/// Whether any model the tenant may use could take a JSON edit: one the built-in catalog says takes them, or a
+/// model it does not know (an operator's model, or one forwarded when `validation.unknown_models` allows it).
+fn may_use_json_edits(tenant: &Tenant) -> bool {
+    tenant.allowed_models.as_ref().is_none_or(|models| {
+        let catalog = crate::images::models::Catalog::builtin();
+        models.iter().any(|m| catalog.get(m).is_none_or(|known| known.json_edits))
+    })
 }
 
 fn body_kind(endpoint: Endpoint, content_type: Option<&str>) -> Result<BodyKind, ApiError> {

@@ -1,7 +1,8 @@
 //! The request model: what an image request is once parsed (`request`, `multipart`), the models and their
-//! rules (`models`, `validate`), and what uploaded files really are (`imageinfo`). No I/O: the pipeline that
-//! runs requests is `crate::pipeline`.
+//! rules (`models`, `validate`), what uploaded files really are (`imageinfo`), and what an upstream answer may
+//! be (`answer`: its size and image count). No I/O: the pipeline that runs requests is `crate::pipeline`.
 
+pub mod answer;
 pub mod imageinfo;
 pub mod models;
 pub mod multipart;

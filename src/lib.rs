@@ -5,10 +5,11 @@
 //! import each other (`tests/layers.rs` reads this list and checks the first; `.ci/run` runs
 //! `../shared/tools/module-cycles` for the second). Lowest first:
 //!
-//! 0. `wire`, `time`, `signing`, `catalog`, `pricing`, `metrics`, `traces`: leaves: names on the wire, clocks
-//!    and calendars, the link HMAC, the model catalog as data (`config/models.toml` + `[models]`: rules, prices,
-//!    lifecycle, aliases), prices and cost estimates, the Prometheus registry and per-request facts, W3C trace
-//!    context in and out.
+//! 0. `wire`, `time`, `signing`, `catalog`, `pricing`, `metrics`, `traces`, `attribution`: leaves: names on
+//!    the wire, clocks and calendars, the link HMAC, the model catalog as data (`config/models.toml` +
+//!    `[models]`: rules, prices, lifecycle, aliases), prices and cost estimates, the Prometheus registry and
+//!    per-request facts, W3C trace context in and out, the per-tenant ids sent upstream (`user`,
+//!    `Idempotency-Key`).
 //! 1. `domain`: tenants, the identity a request carries, limits and policies as data, the key format, the rules
 //!    every tenant setting satisfies. No I/O, no HTTP.
 //! 2. `error`: `ApiError`, the only type that becomes an error response (OpenAI's error shape and headers).
@@ -29,6 +30,7 @@
 //!     command line; logging and OTLP traces.
 
 pub(crate) mod admin;
+pub mod attribution;
 pub mod cache;
 pub mod catalog;
 pub mod cli;

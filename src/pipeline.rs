@@ -17,10 +17,12 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use self::replay::ReplayWindow;
+use crate::attribution::{Attributor, EndUser};
 use crate::cache::key::KeyParts;
 use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Uncached};
 use crate::domain::{Scope, TenantContext};
 use crate::error::{self, ApiError, Failure, ratelimit_headers};
+use crate::images::answer;
 use crate::images::request::{Endpoint, ImageRequest};
 use crate::images::validate::{self, ValidationPolicy};
 use crate::ledger::Ledger;
@@ -135,6 +137,8 @@ pub struct ImagesService {
     limiter: Limiter,
     rehoster: Arc<Rehoster>,
     cache: ResponseCache,
+    attributor: Attributor,
+    end_user: EndUser,
     /// Uncached whole answers run in tasks of their own, and identical retries attach to them.
     replay: Option<ReplayWindow<Replayed>>,
 }
@@ -178,7 +182,19 @@ impl ImagesService {
         rehoster: Arc<Rehoster>,
         cache: ResponseCache,
     ) -> Self {
-        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache, replay: None }
+        let attributor = Attributor::new(rehoster.links().derive(b"imagegate attribution"));
+        Self {
+            upstreams,
+            policy,
+            prices,
+            ledger,
+            limiter,
+            rehoster,
+            cache,
+            attributor,
+            end_user: EndUser::default(),
+            replay: None,
+        }
     }
 
     /// Run uncached whole answers through a replay window (`replay.enabled`), keeping results for `window`.
@@ -186,6 +202,21 @@ impl ImagesService {
     pub fn with_replay(mut self, window: Option<std::time::Duration>) -> Self {
         self.replay = window.map(ReplayWindow::new);
         self
+    }
+
+    /// What the upstream receives as `user` for tenants that do not choose (`[attribution] end_user`).
+    pub fn with_end_user(self, end_user: EndUser) -> Self {
+        Self { end_user, ..self }
+    }
+
+    /// The request as the upstream gets it: with `user` derived from the tenant (and the caller's own `user`)
+    /// unless the tenant's policy passes the caller's through. `None`: send `request` as it is.
+    fn attributed(&self, ctx: &TenantContext, request: &ImageRequest) -> Option<ImageRequest> {
+        if ctx.tenant.image_policy.end_user.unwrap_or(self.end_user) == EndUser::PassThrough {
+            return None;
+        }
+        let id = self.attributor.end_user(&ctx.tenant.id, request.field_str("user").as_deref());
+        Some(request.clone().with_field("user", Some(&id)))
     }
 
     /// The re-hoster, whose store also serves the links it hands out.
@@ -436,9 +467,18 @@ impl ImagesService {
             self.cache.count_bypass();
             return None;
         };
+        // The shared scope still separates what makes answers differ upstream: which upstream, and whose
+        // organization and project (their own models, settings and moderation).
+        let shared;
         let scope = match scope {
             Scope::Tenant => ctx.tenant.id.as_str(),
-            Scope::Shared => "shared",
+            Scope::Shared => {
+                let t = &ctx.tenant;
+                let part = |v: &Option<String>| v.clone().unwrap_or_default();
+                shared = serde_json::json!(["shared", part(&t.upstream), part(&t.organization), part(&t.project)])
+                    .to_string();
+                shared.as_str()
+            }
         };
         let retention = plan.map(|p| p.retention);
         let parts = KeyParts {
@@ -568,8 +608,15 @@ impl ImagesService {
         let attribution = Attribution {
             organization: tenant.organization.clone(),
             project: tenant.project.clone(),
-            idempotency_key: call.meta.idempotency_key.clone(),
+            // Scoped to the tenant: two tenants choosing the same key must not share the upstream's answer.
+            idempotency_key: call
+                .meta
+                .idempotency_key
+                .as_deref()
+                .map(|k| self.attributor.idempotency_key(&tenant.id, k)),
         };
+        let attributed = self.attributed(&call.ctx, request);
+        let request = attributed.as_ref().unwrap_or(request);
         let Some(upstream) = self.upstreams.get(tenant.upstream.as_deref()) else {
             let e = ApiError::Internal(anyhow::anyhow!(
                 "tenant '{}' names upstream '{}', which is not configured on this gateway",
@@ -580,7 +627,7 @@ impl ImagesService {
             return Err(e);
         };
         let reply = match upstream.send(request, &attribution).await {
-            Ok(reply) => reply,
+            Ok(reply) => answer_held_to_n(reply, request.n()),
             Err(e) => {
                 let mut record = call.record.clone();
                 record.note_upstream_failure(&e);
@@ -616,7 +663,10 @@ impl ImagesService {
                     crate::rehost::RehostError::Store(inner) => {
                         ApiError::Internal(anyhow::anyhow!("storing a re-hosted image failed: {inner}"))
                     }
-                    other => ApiError::RehostFailed(other.to_string()),
+                    other => {
+                        tracing::warn!(error = %other, "re-hosting failed");
+                        ApiError::RehostFailed(other.public_reason())
+                    }
                 };
                 let mut record = record.finish_reply(&reply, &self.prices, call.started);
                 record.status = e.status().as_u16();
@@ -702,4 +752,17 @@ fn reply_of(answer: Answer) -> UpstreamReply {
 
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
     headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
+}
+
+/// A successful whole answer with more images than asked for keeps the first `n` (`images::answer`): the
+/// caller asked for and is charged `n`, and no extra image is downloaded, stored or cached.
+fn answer_held_to_n(reply: UpstreamReply, n: u32) -> UpstreamReply {
+    let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body) else { return reply };
+    match answer::hold_to_n(body, n) {
+        Some((held, items)) => {
+            tracing::warn!(kind = "upstream.too_many_images", asked = n, answered = items, "kept the first n images");
+            UpstreamReply { body: ReplyBody::Full(held), ..reply }
+        }
+        None => reply,
+    }
 }

@@ -46,6 +46,22 @@ pub enum RehostError {
     Encode(String),
 }
 
+impl RehostError {
+    /// The reason as the caller may read it: the same words without the image host's name or address, which
+    /// can be internal (the full error goes to the log).
+    pub fn public_reason(&self) -> String {
+        match self {
+            Self::Download { index, source: FetchError::HostNotAllowed(_) } => {
+                format!("image {index}: its host is not in images.download.allowed_hosts")
+            }
+            Self::Download { index, source: FetchError::PrivateAddress(_) } => {
+                format!("image {index}: its host points at a private or loopback address")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// What to do with one request's images, decided before the upstream call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {

@@ -28,9 +28,10 @@ use crate::pipeline::ImagesService;
 const LIMITS_SHUTDOWN: Duration = Duration::from_secs(5);
 use crate::metrics::Metrics;
 use crate::rehost::Rehoster;
-use crate::rehost::fetch::Fetcher;
+use crate::rehost::fetch::{Fetcher, OwnLinks};
 use crate::rehost::links::{self, LinkSigner};
 use crate::server::access::Access;
+use crate::server::conn::{self, ConnLimits};
 use crate::server::layers;
 use crate::state::AppState;
 use crate::storage::ImageStore;
@@ -98,6 +99,7 @@ impl Application {
         };
         let cache = response_cache(&settings)?;
         let images = ImagesService::new(upstreams, policy, prices, ledger.clone(), limiter, rehoster, cache)
+            .with_end_user(settings.attribution.end_user)
             .with_replay(settings.replay.enabled.then_some(settings.replay.window));
         let metrics_listener = match settings.metrics.listen.filter(|_| settings.metrics.enabled) {
             Some(at) => Some(
@@ -171,11 +173,17 @@ impl Application {
             }
             tracing::info!(deadline_secs = deadline.as_secs(), "stopped accepting; draining in-flight requests");
         };
-        // The peer address is kept for the console's sign-in back-off.
-        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(graceful);
-        let served = tokio::select! {
-            result = serve.into_future() => result.map(|()| tracing::info!("drained, exiting")),
+        let limits = ConnLimits {
+            header_read_timeout: settings.server.header_read_timeout,
+            idle_timeout: settings.server.idle_timeout,
+            max_connections: settings.server.max_connections,
+        };
+        // conn::serve puts each connection's peer address on its requests (the console's sign-in back-off).
+        let served: anyhow::Result<()> = tokio::select! {
+            () = conn::serve(listener, app, limits, graceful) => {
+                tracing::info!("drained, exiting");
+                Ok(())
+            }
             () = drain_deadline(signalled, deadline) => {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "drain deadline passed with requests in flight, exiting");
                 Ok(())
@@ -194,7 +202,7 @@ impl Application {
         }
         writer.close().await;
         state.db.close().await;
-        Ok(served?)
+        served
     }
 }
 
@@ -207,17 +215,29 @@ fn rehoster(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<Rehoster>, ImageStore)> {
     let store = ImageStore::open(&settings.storage, db.clone())?;
-    let download = download_settings(settings, public_url);
-    let fetcher = Fetcher::new(&download)?;
+    let download = download_settings(settings);
+    let fetcher = Fetcher::with_own_links(&download, mock_links(settings, public_url))?;
     let rehoster =
         Rehoster::new(store.clone(), fetcher, signer, Arc::new(settings.images.clone())).observed(metrics.clone());
     Ok((Arc::new(rehoster), store))
 }
 
+/// The mock upstream's links, on this gateway's own origin, when any upstream is the mock: re-hosting downloads
+/// exactly those (`/_mock/files/…` on that scheme, host and port) without opening the download guard to that
+/// host for every upstream.
+pub fn mock_links(settings: &Settings, public_url: &Url) -> Option<OwnLinks> {
+    let any_mock =
+        std::iter::once(&settings.upstream).chain(settings.upstreams.values()).any(|up| up.kind == UpstreamKind::Mock);
+    if !any_mock {
+        return None;
+    }
+    OwnLinks::new(public_url, &format!("{}/", crate::wire::paths::MOCK_FILES))
+}
+
 /// `images.download` covering the image hosts of every configured upstream (`[upstream]` and each
-/// `[upstreams.<name>]`): each upstream's `image_hosts` are allowed, and a mock upstream's links, which point
-/// at this gateway, make its host allowed (it may be loopback, and plain HTTP).
-pub fn download_settings(settings: &Settings, public_url: &Url) -> DownloadSettings {
+/// `[upstreams.<name>]`): each upstream's `image_hosts` are allowed. (A mock upstream's links are exempted
+/// one by one by [`mock_links`], never by allowing the gateway's host.)
+pub fn download_settings(settings: &Settings) -> DownloadSettings {
     let mut download = settings.images.download.clone();
     let allow = |list: &mut Vec<String>, host: &str| {
         if !list.iter().any(|h| h.eq_ignore_ascii_case(host)) {
@@ -227,13 +247,6 @@ pub fn download_settings(settings: &Settings, public_url: &Url) -> DownloadSetti
     for up in std::iter::once(&settings.upstream).chain(settings.upstreams.values()) {
         for host in &up.image_hosts {
             allow(&mut download.allowed_hosts, host);
-        }
-        if up.kind == UpstreamKind::Mock
-            && let Some(host) = public_url.host_str()
-        {
-            allow(&mut download.allowed_hosts, host);
-            allow(&mut download.private_hosts, host);
-            download.allow_http = download.allow_http || public_url.scheme() == "http";
         }
     }
     download
@@ -358,18 +371,17 @@ mod tests {
             .upstreams
             .insert("offline".into(), UpstreamSettings { kind: UpstreamKind::Mock, ..UpstreamSettings::default() });
         let public = Url::parse("http://gateway.local:8080").unwrap();
-        let d = download_settings(&settings, &public);
-        assert_eq!(
-            d.allowed_hosts,
-            ["*.blob.core.windows.net", "images.openai.example", "*.cdn.internal", "gateway.local"]
-        );
-        assert_eq!(d.private_hosts, ["gateway.local"], "only the mock's own links may be loopback");
-        assert!(d.allow_http, "a mock upstream's links are plain HTTP here");
+        let d = download_settings(&settings);
+        assert_eq!(d.allowed_hosts, ["*.blob.core.windows.net", "images.openai.example", "*.cdn.internal"]);
+        assert!(d.private_hosts.is_empty(), "a mock opens no host to private downloads: {d:?}");
+        assert!(!d.allow_http, "a mock allows no plain-HTTP host: {d:?}");
+        assert!(mock_links(&settings, &public).is_some(), "the mock's own links are exempt one by one");
 
         // Without a mock anywhere, plain HTTP stays off and the gateway's own host is not added; an HTTP
         // upstream's base URL host is not an image host unless listed.
         settings.upstreams.remove("offline");
-        let d = download_settings(&settings, &public);
+        assert!(mock_links(&settings, &public).is_none());
+        let d = download_settings(&settings);
         assert!(!d.allow_http, "{d:?}");
         assert!(!d.allowed_hosts.iter().any(|h| h == "gateway.local" || h == "gen.internal"), "{d:?}");
     }

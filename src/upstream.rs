@@ -88,6 +88,10 @@ pub enum UpstreamError {
     /// No deployment of the pool serves this model.
     #[error("no deployment serves model {model}")]
     ModelNotServed { model: String },
+    /// An answer the gateway will not pass on: a redirect, or larger than the request's answer limit. The
+    /// upstream answered, so it may have billed: never retried or moved elsewhere.
+    #[error("unusable upstream answer: {0}")]
+    BadAnswer(String),
 }
 
 impl UpstreamError {
@@ -101,7 +105,7 @@ impl UpstreamError {
 
     /// Whether the upstream may have generated (and billed) images: the request went out and no answer came.
     pub fn possibly_billed(&self) -> bool {
-        matches!(self, Self::Timeout { .. } | Self::Broken { .. })
+        matches!(self, Self::Timeout { .. } | Self::Broken { .. } | Self::BadAnswer(_))
     }
 
     /// The same failure, naming the deployment it happened at.
@@ -120,6 +124,7 @@ impl From<UpstreamError> for ApiError {
             UpstreamError::Unavailable(msg) => ApiError::UpstreamUnavailable(msg),
             UpstreamError::Timeout { after, .. } => ApiError::UpstreamTimeout(after),
             UpstreamError::Broken { detail, .. } => ApiError::UpstreamBroken(detail),
+            UpstreamError::BadAnswer(detail) => ApiError::UpstreamBadAnswer(detail),
             UpstreamError::Busy { retry_after_ms } => ApiError::UpstreamBusy { retry_after_ms },
             UpstreamError::ModelNotServed { model } => ApiError::invalid_code(
                 format!("The model '{model}' is not served by any deployment of this gateway's upstream pool."),

@@ -1,4 +1,5 @@
-//! Fuzz target `request_multipart`: a `multipart/form-data` body parsed with `images::multipart::parse`, turned
+//! Fuzz target `request_multipart`: a `multipart/form-data` body parsed with `images::multipart::parse`,
+//! re-encoded as the gateway forwards it (`Form::reencoded`, which must parse back to the same parts), turned
 //! into an `ImageRequest` and validated with the default policy. Nothing may panic.
 //!
 //! Input layout: the first byte picks the endpoint (low 2 bits: 0 and 3 edits, 1 variations, 2 generations)
@@ -51,6 +52,23 @@ pub fn run(data: &[u8]) {
     let Ok(form) = futures::executor::block_on(multipart::parse(content_type, raw.clone())) else { return };
     // The accessors validation and the upstream client use.
     let _ = (form.images().count(), form.mask().map(|m| m.data.len()), form.text("prompt"));
+    // What goes upstream is the form re-encoded under a fresh boundary: it must parse back to the same parts.
+    let (reencoded, forwarded, forwarded_type) = form.clone().reencoded();
+    let again = futures::executor::block_on(multipart::parse(&forwarded_type, forwarded))
+        .unwrap_or_else(|e| panic!("a re-encoded form does not parse: {e}"));
+    // Names and file names are written as HTML forms write them: `"`, CR and LF percent-encoded (as the SDKs'
+    // own encoders do); everything else, the data above all, must come back as it was.
+    let escaped = |s: &str| s.replace('"', "%22").replace('\r', "%0D").replace('\n', "%0A");
+    type Summary = Vec<(String, Option<String>, Option<String>, Bytes)>;
+    let summary = |f: &imagegate::images::request::Form, escape: bool| -> Summary {
+        let name = |s: &str| if escape { escaped(s) } else { s.to_owned() };
+        f.parts
+            .iter()
+            .map(|p| (name(&p.name), p.file_name.as_deref().map(name), p.content_type.clone(), p.data.clone()))
+            .collect()
+    };
+    assert_eq!(summary(&again, false), summary(&form, true), "re-encoding changed the form");
+    assert_eq!(summary(&reencoded, false), summary(&form, false), "re-slicing changed the form");
     let request = ImageRequest::from_form(endpoint, raw.clone(), content_type.to_owned(), form);
     // The body is forwarded byte for byte: parsing must never alter it.
     assert_eq!(request.raw().0, &raw, "from_form changed the raw body");

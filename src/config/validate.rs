@@ -31,6 +31,12 @@ impl Settings {
         if self.server.request_timeout.is_zero() {
             faults.push("server.request_timeout must be greater than zero".to_owned());
         }
+        if self.server.header_read_timeout.is_zero() || self.server.idle_timeout.is_zero() {
+            faults.push("server.header_read_timeout and server.idle_timeout must be greater than zero".to_owned());
+        }
+        if self.server.max_connections == 0 {
+            faults.push("server.max_connections must be at least 1".to_owned());
+        }
         if self.server.shutdown_grace >= self.server.shutdown_timeout {
             faults.push(format!(
                 "server.shutdown_grace ({:?}) must be shorter than server.shutdown_timeout ({:?}), which it is part of",
@@ -40,6 +46,7 @@ impl Settings {
         for (name, size) in [
             ("server.max_json_body", self.server.max_json_body),
             ("server.max_multipart_body", self.server.max_multipart_body),
+            ("server.max_json_edit_body", self.server.max_json_edit_body),
         ] {
             if size.as_u64() == 0 {
                 faults.push(format!("{name} must be greater than zero"));
@@ -81,6 +88,11 @@ impl Settings {
         }
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
             faults.push("admin.token must be at least 16 characters".to_owned());
+        }
+        if self.admin.token.as_ref().is_some_and(|t| DOCUMENTED_EXAMPLE_TOKENS.contains(&t.expose().trim())) {
+            faults.push(
+                "admin.token is the example from the documentation: generate one (openssl rand -hex 32)".to_owned(),
+            );
         }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());

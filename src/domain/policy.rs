@@ -72,4 +72,7 @@ pub struct ImagePolicy {
     pub retention: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_download_error: Option<DownloadFallback>,
+    /// What the upstream receives as `user` for this tenant (`[attribution] end_user` when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<crate::attribution::EndUser>,
 }

@@ -1,28 +1,59 @@
 //! Parsing `multipart/form-data` bodies into a [`Form`], keeping every part and its order.
 //!
-//! The body is already in memory (bounded by `server.max_multipart_body`); parsing only slices it, so file
-//! parts share the request's buffer and are forwarded without copies.
+//! The body is already in memory (bounded by `server.max_multipart_body`); parsing only slices it. The parsed
+//! form is then encoded afresh for the upstream (`Form::reencoded`): one copy, after which the caller's
+//! buffer is freed, so what the upstream parses is what was validated.
 
 use bytes::Bytes;
 
 use super::request::{Form, Part};
 use crate::error::ApiError;
 
-/// Parse a request body: the body to forward, its content type and the form. A body whose repeated
-/// identical fields were collapsed is re-encoded (every other part byte for byte); otherwise the caller's
-/// bytes go upstream unchanged.
+/// Fields imagegate reads as text: a file part under one of these names is refused (a parser that took the
+/// file for the field, or the field for the file, would act on something else than what was validated).
+pub const TEXT_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "n",
+    "size",
+    "quality",
+    "style",
+    "response_format",
+    "background",
+    "moderation",
+    "output_format",
+    "output_compression",
+    "input_fidelity",
+    "user",
+    "stream",
+    "partial_images",
+];
+
+/// Parse a request body: the body to forward, its content type and the form. The form is always re-encoded
+/// under a boundary of imagegate's own (`Form::reencoded`), so the upstream parses exactly what was validated
+/// (repeated identical fields collapsed, see [`collapse_repeats`]), whatever the caller's encoding did.
 pub async fn parse_body(content_type: String, raw: Bytes) -> Result<(Bytes, String, Form), ApiError> {
-    let mut form = parse(&content_type, raw.clone()).await?;
-    if collapse_repeats(&mut form) {
-        let (raw, content_type) = form.encode();
-        return Ok((raw, content_type, form));
-    }
+    let mut form = parse(&content_type, raw).await?;
+    collapse_repeats(&mut form);
+    let (form, raw, content_type) = form.reencoded();
     Ok((raw, content_type, form))
 }
 
-/// Parse `raw` with the boundary from `content_type`. Repeated identical scalar fields are kept (see
+/// Parse `raw` with the boundary from `content_type`. A content type naming its boundary twice is refused
+/// (parsers disagree on which one counts). Repeated identical scalar fields are kept (see
 /// [`collapse_repeats`]); repeated differing ones are refused.
 pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
+    let boundaries = content_type
+        .split(';')
+        .skip(1)
+        .filter(|param| param.split_once('=').is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("boundary")))
+        .count();
+    if boundaries > 1 {
+        return Err(ApiError::invalid(
+            "Invalid multipart/form-data request: the Content-Type header names more than one boundary.",
+            None,
+        ));
+    }
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::invalid("Invalid multipart/form-data request: the Content-Type header has no boundary.", None)
     })?;
@@ -39,6 +70,12 @@ pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
             return Err(ApiError::invalid("Invalid multipart/form-data request: a part has no field name.", None));
         };
         let file_name = field.file_name().map(str::to_owned);
+        if file_name.is_some() && TEXT_FIELDS.contains(&name.as_str()) {
+            return Err(ApiError::invalid(
+                format!("Invalid value for '{name}': it is a text field, and was sent as a file."),
+                Some(name),
+            ));
+        }
         let content_type = field.content_type().map(|m| m.essence_str().to_owned());
         let data = field.bytes().await.map_err(|e| malformed(&e))?;
         if file_name.is_none() && std::str::from_utf8(&data).is_err() {
@@ -139,10 +176,11 @@ mod tests {
         assert_eq!(names, ["output_compression", "image", "prompt"]);
         let again = parse(&ct, raw).await.unwrap();
         assert_eq!(again.parts.len(), 3, "the forwarded body carries one copy");
-        // Nothing repeated: the caller's bytes are forwarded as they came.
+        // Nothing repeated: the form still goes out re-encoded under imagegate's boundary, part for part.
         let (ct, raw) = body(&[("prompt", None, b"x")]);
-        let (forwarded, _, _) = parse_body(ct, raw.clone()).await.unwrap();
-        assert_eq!(forwarded, raw);
+        let (forwarded, forwarded_ct, _) = parse_body(ct, raw.clone()).await.unwrap();
+        assert!(forwarded_ct.contains("boundary=imagegate-"), "{forwarded_ct}");
+        assert_eq!(parse(&forwarded_ct, forwarded).await.unwrap().text("prompt"), Some("x"));
     }
 
     #[tokio::test]
@@ -156,5 +194,31 @@ mod tests {
         assert_eq!(err.status().as_u16(), 400);
         let err = parse("multipart/form-data", Bytes::new()).await.unwrap_err();
         assert!(err.client_message().contains("boundary"));
+    }
+
+    #[tokio::test]
+    async fn two_boundaries_and_a_file_named_like_a_text_field_are_refused() {
+        let (ct, raw) = body(&[("prompt", None, b"a")]);
+        let err = parse(&format!("{ct}; boundary=other"), raw.clone()).await.unwrap_err();
+        assert!(err.client_message().contains("more than one boundary"), "{}", err.client_message());
+        let err = parse(&format!("{ct}; BOUNDARY=\"other\""), raw).await.unwrap_err();
+        assert!(err.client_message().contains("more than one boundary"));
+
+        let (ct, raw) = body(&[("prompt", None, b"a"), ("model", Some("m.txt"), b"gpt-image-1")]);
+        let err = parse(&ct, raw).await.unwrap_err();
+        assert_eq!(err.param(), Some("model"));
+    }
+
+    #[tokio::test]
+    async fn a_reencoded_form_parses_back_to_the_same_parts_under_a_fresh_boundary() {
+        let (ct, raw) = body(&[("image[]", Some("a.png"), b"\x89PNG--XBOUNDARYX"), ("prompt", None, b"hello")]);
+        let form = parse(&ct, raw).await.unwrap();
+        let (form, body, content_type) = form.reencoded();
+        assert!(content_type.starts_with("multipart/form-data; boundary=imagegate-"), "{content_type}");
+        let again = parse(&content_type, body).await.unwrap();
+        assert_eq!(again.parts.len(), 2);
+        assert_eq!(&again.parts[0].data[..], b"\x89PNG--XBOUNDARYX");
+        assert_eq!(&form.parts[0].data[..], b"\x89PNG--XBOUNDARYX");
+        assert_eq!(again.text("prompt"), Some("hello"));
     }
 }

@@ -103,9 +103,31 @@ impl Form {
 impl Form {
     /// Encode as `multipart/form-data` with a fresh boundary: (body, content type).
     pub fn encode(&self) -> (Bytes, String) {
+        let (body, content_type, _) = self.encode_with_spans();
+        (body, content_type)
+    }
+
+    /// This form as the upstream will receive it: encoded afresh (one boundary of imagegate's own, one
+    /// canonical header per part), with every part's data now a slice of the new body, so the caller's body
+    /// can be freed. What the upstream parses is then exactly what was validated, whatever tricks the
+    /// caller's encoding played (two `boundary` parameters, a form hidden inside a file).
+    pub fn reencoded(self) -> (Self, Bytes, String) {
+        let (body, content_type, spans) = self.encode_with_spans();
+        let parts = self
+            .parts
+            .into_iter()
+            .zip(spans)
+            .map(|(part, (start, end))| Part { data: body.slice(start..end), ..part })
+            .collect();
+        (Self { parts }, body, content_type)
+    }
+
+    /// The encoding, and where each part's data sits in it.
+    fn encode_with_spans(&self) -> (Bytes, String, Vec<(usize, usize)>) {
         let boundary = format!("imagegate-{}", hex::encode(rand::random::<[u8; 12]>()));
         let size: usize = self.parts.iter().map(|p| p.data.len() + p.name.len() + 160).sum();
         let mut out = Vec::with_capacity(size + boundary.len() + 8);
+        let mut spans = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             out.extend_from_slice(
                 format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", quote(&part.name)).as_bytes(),
@@ -118,11 +140,13 @@ impl Form {
                 out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
             }
             out.extend_from_slice(b"\r\n");
+            let start = out.len();
             out.extend_from_slice(&part.data);
+            spans.push((start, out.len()));
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        (Bytes::from(out), format!("multipart/form-data; boundary={boundary}"))
+        (Bytes::from(out), format!("multipart/form-data; boundary={boundary}"), spans)
     }
 }
 

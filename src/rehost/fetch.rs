@@ -135,6 +135,8 @@ pub fn is_public(ip: IpAddr) -> bool {
 #[derive(Debug)]
 struct GuardedResolver {
     private_ok: HostRules,
+    /// The host of [`OwnLinks`], which may resolve anywhere (only its own links are ever requested from it).
+    own_host: Option<String>,
 }
 
 /// The resolver's refusal, found again in the error chain of the failed request.
@@ -145,7 +147,8 @@ struct PrivateResolution(String);
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_owned();
-        let private_ok = self.private_ok.matches(&host);
+        let private_ok =
+            self.private_ok.matches(&host) || self.own_host.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(&host));
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if !private_ok && addrs.iter().any(|a| !is_public(a.ip())) {
@@ -153,6 +156,39 @@ impl Resolve for GuardedResolver {
             }
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
+    }
+}
+
+/// The gateway's own links that re-hosting may download although they are on its own (often loopback,
+/// plain-HTTP) address: the mock upstream's `/_mock/files/…`. Exactly this origin (scheme, host, port) and
+/// path prefix are exempt from the allowlist, the private-address and the HTTPS rules; nothing else on that
+/// host is, so a real upstream's link to `http://127.0.0.1:<port>/` stays refused.
+#[derive(Debug, Clone)]
+pub struct OwnLinks {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+    path_prefix: String,
+}
+
+impl OwnLinks {
+    /// Links under `path_prefix` on the origin of `public_url`.
+    pub fn new(public_url: &Url, path_prefix: &str) -> Option<Self> {
+        Some(Self {
+            scheme: public_url.scheme().to_owned(),
+            host: public_url.host_str()?.to_owned(),
+            port: public_url.port_or_known_default(),
+            path_prefix: path_prefix.to_owned(),
+        })
+    }
+
+    fn matches(&self, url: &Url) -> bool {
+        url.scheme() == self.scheme
+            && url.host_str().is_some_and(|h| h.eq_ignore_ascii_case(&self.host))
+            && url.port_or_known_default() == self.port
+            && url.path().starts_with(&self.path_prefix)
+            && url.username().is_empty()
+            && url.password().is_none()
     }
 }
 
@@ -168,6 +204,7 @@ pub struct Fetcher {
     timeout: Duration,
     /// Deadline for one TCP/TLS connect: the whole download's, at most [`MAX_CONNECT_TIMEOUT`].
     connect_timeout: Duration,
+    own: Option<Arc<OwnLinks>>,
 }
 
 /// The longest a connect to an image host may take.
@@ -175,15 +212,21 @@ const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Fetcher {
     pub fn new(settings: &DownloadSettings) -> anyhow::Result<Self> {
-        Self::build(settings, settings.timeout.min(MAX_CONNECT_TIMEOUT))
+        Self::build(settings, settings.timeout.min(MAX_CONNECT_TIMEOUT), None)
     }
 
-    fn build(settings: &DownloadSettings, connect_timeout: Duration) -> anyhow::Result<Self> {
+    /// A fetcher that also downloads the gateway's own links described by `own` (see [`OwnLinks`]).
+    pub fn with_own_links(settings: &DownloadSettings, own: Option<OwnLinks>) -> anyhow::Result<Self> {
+        Self::build(settings, settings.timeout.min(MAX_CONNECT_TIMEOUT), own)
+    }
+
+    fn build(settings: &DownloadSettings, connect_timeout: Duration, own: Option<OwnLinks>) -> anyhow::Result<Self> {
         let private_ok = HostRules::new(&settings.private_hosts);
+        let own_host = own.as_ref().map(|o| o.host.clone());
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { private_ok: private_ok.clone() }))
+            .dns_resolver(Arc::new(GuardedResolver { private_ok: private_ok.clone(), own_host }))
             .connect_timeout(connect_timeout)
             .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -197,6 +240,7 @@ impl Fetcher {
             max_redirects: settings.max_redirects,
             timeout: settings.timeout,
             connect_timeout,
+            own: own.map(Arc::new),
         })
     }
 
@@ -210,6 +254,9 @@ impl Fetcher {
 
     /// Refuse a URL before connecting: scheme, allowlist, and IP literals that are not public.
     fn check(&self, url: &Url) -> Result<(), FetchError> {
+        if self.own.as_ref().is_some_and(|own| own.matches(url)) {
+            return Ok(());
+        }
         match url.scheme() {
             "https" => {}
             "http" if self.allow_http => {}
@@ -425,7 +472,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             ..DownloadSettings::default()
         };
-        let f = Fetcher::build(&settings, Duration::from_millis(300)).unwrap();
+        let f = Fetcher::build(&settings, Duration::from_millis(300), None).unwrap();
         let started = std::time::Instant::now();
         let err = f.fetch(&format!("http://{addr}/x.png")).await.unwrap_err();
         assert_eq!(err, FetchError::ConnectTimeout(Duration::from_millis(300)));

@@ -7,12 +7,11 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
-use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::rehost::links::LinkError;
@@ -23,19 +22,42 @@ use crate::storage::{StoreError, StoredImage};
 const MAX_AGE_CAP: i64 = 365 * 24 * 3600;
 
 /// The link's query string.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 pub struct LinkQuery {
     expires: Option<String>,
     signature: Option<String>,
+}
+
+impl LinkQuery {
+    /// `expires` and `signature` from the raw query; either given twice is an OpenAI-shaped 400 (axum's own
+    /// extractor answered a plain-text one). Other parameters are ignored.
+    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let mut query = Self::default();
+        for (name, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            let slot = match name.as_ref() {
+                "expires" => &mut query.expires,
+                "signature" => &mut query.signature,
+                _ => continue,
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(ApiError::invalid(
+                    format!("Duplicate query parameter '{name}': give each parameter once."),
+                    Some(name.into_owned()),
+                ));
+            }
+        }
+        Ok(query)
+    }
 }
 
 pub async fn get_image_file(
     State(state): State<AppState>,
     method: Method,
     Path(name): Path<String>,
-    Query(query): Query<LinkQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let query = LinkQuery::parse(raw.as_deref())?;
     let rehoster = state.images.rehoster();
     let now = i64::try_from(crate::time::now_secs()).unwrap_or(i64::MAX);
     rehoster.links().verify(&name, query.expires.as_deref(), query.signature.as_deref(), now).map_err(|e| {

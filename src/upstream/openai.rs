@@ -44,6 +44,9 @@ impl OpenAiUpstream {
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
+            // A redirect would resend the body and the key (Azure's `api-key` header survives reqwest's
+            // cross-origin stripping) to whatever origin it names: never followed, answered 502.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let api_key = settings.api_key.clone().ok_or_else(|| anyhow::anyhow!("upstream.api_key is not set"))?;
         Ok(Self {
@@ -161,8 +164,12 @@ impl OpenAiUpstream {
         response: reqwest::Response,
         stream: bool,
         deadline: Instant,
+        limit: u64,
     ) -> Result<UpstreamReply, UpstreamError> {
         let status = response.status();
+        if status.is_redirection() {
+            return Err(UpstreamError::BadAnswer(format!("the upstream answered {status}, a redirect (not followed)")));
+        }
         let mut headers = pass_through_headers(response.headers());
         let is_sse = response
             .headers()
@@ -174,13 +181,19 @@ impl OpenAiUpstream {
             let body = sse_stream(response, self.stream_idle_timeout);
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
-        let body = match tokio::time::timeout_at(deadline, response.bytes()).await {
+        let body = match tokio::time::timeout_at(deadline, read_capped(response, limit)).await {
             Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
-            Ok(Err(e)) if e.is_timeout() => {
+            Ok(Err(Capped::Http(e))) if e.is_timeout() => {
                 return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
             }
             // The answer started and broke off (reset mid-answer): whatever it was, it may have been billed.
-            Ok(Err(e)) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
+            Ok(Err(Capped::Http(e))) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
+            Ok(Err(Capped::Over(declared))) => {
+                return Err(UpstreamError::BadAnswer(format!(
+                    "the answer is larger ({}) than this request's limit of {limit} bytes (images::answer)",
+                    declared.map_or_else(|| "read past the limit".to_owned(), |n| format!("{n} bytes declared"))
+                )));
+            }
             Ok(Ok(body)) => body,
         };
         Ok(UpstreamReply { status, headers, body: ReplyBody::Full(body) })
@@ -197,13 +210,38 @@ impl Upstream for OpenAiUpstream {
             // One deadline for the whole answer (`upstream.timeout`), headers and body together.
             let deadline = Instant::now() + self.timeout;
             let response = self.send_with_retries(request, attribution, deadline).await?;
-            self.read_reply(response, request.stream(), deadline).await
+            let limit = crate::images::answer::max_answer_bytes(request);
+            self.read_reply(response, request.stream(), deadline, limit).await
         })
     }
 
     fn name(&self) -> &'static str {
         "openai"
     }
+}
+
+enum Capped {
+    Http(reqwest::Error),
+    /// Over the limit: the declared length, if one was declared.
+    Over(Option<u64>),
+}
+
+/// The whole body, refused as soon as it is known to exceed `limit`: from its declared length before a byte
+/// is read, otherwise once the bytes read pass it. Never more than `limit` bytes are held.
+async fn read_capped(mut response: reqwest::Response, limit: u64) -> Result<Bytes, Capped> {
+    if let Some(declared) = response.content_length()
+        && declared > limit
+    {
+        return Err(Capped::Over(Some(declared)));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(Capped::Http)? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(Capped::Over(None));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// The error and its causes, without the URL: reqwest's message names it, query included, and the query may

@@ -406,6 +406,9 @@ async fn a_shared_scope_serves_every_tenant_that_opted_in() {
     let app = TestApp::spawn_with(&fake.url, |s| {
         s.cache.enabled = true;
         s.cache.scope = imagegate::domain::Scope::Shared;
+        // Same upstream, organization and project as team-a.
+        s.tenants[1].organization = s.tenants[0].organization.clone();
+        s.tenants[1].project = s.tenants[0].project.clone();
     })
     .await;
     let body = json!({"model": "dall-e-3", "prompt": "a shared view"});
@@ -414,6 +417,22 @@ async fn a_shared_scope_serves_every_tenant_that_opted_in() {
     assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
     assert_eq!(a, b);
     assert_eq!(fake.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_shared_scope_never_serves_a_tenant_of_another_organization_or_project() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        s.cache.enabled = true;
+        s.cache.scope = imagegate::domain::Scope::Shared;
+    })
+    .await;
+    // team-a bills org-team-a / proj_team_a; team-b the upstream's defaults: answers may differ upstream.
+    let body = json!({"model": "dall-e-3", "prompt": "a shared view"});
+    let (_, first, _) = post(&app, &app.key, &body, None).await;
+    let (_, second, _) = post(&app, &app.other_key, &body, None).await;
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "miss"));
+    assert_eq!(fake.call_count(), 2);
 }
 
 #[tokio::test]

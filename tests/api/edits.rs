@@ -1,5 +1,5 @@
-//! `/v1/images/edits` and `/v1/images/variations`: multipart bodies reach the upstream byte for byte, parts in
-//! order, whatever order the fields came in; the JSON edit body works too.
+//! `/v1/images/edits` and `/v1/images/variations`: multipart forms reach the upstream part for part, in order,
+//! whatever order the fields came in (re-encoded under imagegate's own boundary); the JSON edit body works too.
 
 use reqwest::multipart::{Form, Part};
 use serde_json::json;

@@ -81,7 +81,9 @@ async fn tenant_attribution_replaces_whatever_the_caller_sent() {
     let call = &fake.calls()[0];
     assert_eq!(call.header("openai-organization"), Some("org-team-a"));
     assert_eq!(call.header("openai-project"), Some("proj_team_a"));
-    assert_eq!(call.header("idempotency-key"), Some("idem-123"));
+    // The caller's key is forwarded scoped to its tenant (an opaque derivation), never as sent.
+    let forwarded = call.header("idempotency-key").unwrap();
+    assert!(forwarded.starts_with("ig-") && !forwarded.contains("idem-123"), "{forwarded}");
 }
 
 #[tokio::test]

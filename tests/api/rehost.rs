@@ -269,7 +269,9 @@ async fn an_image_url_on_a_private_address_is_refused_without_connecting() {
     })
     .await;
     assert_eq!(status, 502);
-    assert!(error["message"].as_str().unwrap().contains("'localhost' points at a private"), "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("points at a private"), "{error}");
+    assert!(!message.contains("localhost") && !message.contains("127.0.0.1"), "an internal host told: {error}");
     assert_eq!(fake.file_fetch_count(), 0);
     assert_nothing_stored(&app).await;
 }
@@ -283,7 +285,9 @@ async fn an_image_url_on_a_host_off_the_allowlist_is_refused() {
     .await;
 
     assert_eq!(status, 502);
-    assert!(error["message"].as_str().unwrap().contains("host '127.0.0.1' is not in"), "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("not in images.download.allowed_hosts"), "{error}");
+    assert!(!message.contains("127.0.0.1"), "an internal address told to the caller: {error}");
     assert_eq!(fake.file_fetch_count(), 0);
     assert_nothing_stored(&app).await;
 }
@@ -301,7 +305,8 @@ async fn a_redirect_to_loopback_is_refused_at_the_hop() {
     .await;
 
     assert_eq!(status, 502);
-    assert!(error["message"].as_str().unwrap().contains("'127.0.0.1' points at a private"), "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("points at a private") && !message.contains("127.0.0.1"), "{error}");
     assert_eq!(fake.file_fetch_count(), 1, "the redirect was fetched, its target never");
     assert_nothing_stored(&app).await;
 }
@@ -555,4 +560,51 @@ async fn s3_links_survive_a_restart() {
     let res = app.client.get(on_origin(&links[0], &app.root)).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(sha256(&res.bytes().await.unwrap()), sha256(&render_image("a kite", 3, false, "png")));
+}
+
+#[tokio::test]
+async fn a_mock_upstream_does_not_open_the_download_guard_to_the_gateways_host_for_a_real_upstream() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| {
+        // The real upstream's links (http://127.0.0.1:<fake port>/…) are not allowed here…
+        s.images.download = imagegate::config::DownloadSettings::default();
+        // …and a mock upstream on the same gateway must not make them allowed (the gateway is on 127.0.0.1).
+        let offline = imagegate::config::UpstreamSettings {
+            kind: imagegate::config::UpstreamKind::Mock,
+            ..imagegate::config::UpstreamSettings::default()
+        };
+        s.upstreams.insert("offline".into(), offline);
+        s.tenants[1].upstream = Some("offline".into());
+    })
+    .await;
+
+    let res = app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "a pier"})).await;
+    assert_eq!(res.status(), 502, "a loopback plain-HTTP link of a real upstream was downloaded");
+    assert_eq!(fake.file_fetch_count(), 0, "never fetched");
+
+    // The mock's own links are still re-hosted.
+    let res = app
+        .client
+        .post(format!("{}/images/generations", app.base_url))
+        .bearer_auth(&app.other_key)
+        .json(&json!({"model": "dall-e-2", "prompt": "offline", "size": "256x256"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_link_with_a_duplicated_query_parameter_gets_an_openai_shaped_400() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let links =
+        links_of(app.post_json("/images/generations", &json!({"model": "dall-e-2", "prompt": "a pier"})).await).await;
+
+    let (status, error) = error_of(app.client.get(format!("{}&signature=x", links[0])).send().await.unwrap()).await;
+
+    assert_eq!(status, 400);
+    assert_eq!(error["param"], "signature", "{error}");
+    assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(app.client.get(&links[0]).send().await.unwrap().status(), 200);
 }

@@ -139,6 +139,9 @@ pub fn settings_for(upstream_url: &str) -> (Settings, String, String) {
     s.upstream.kind = UpstreamKind::Openai;
     s.upstream.base_url = Url::parse(upstream_url).expect("upstream url");
     s.upstream.api_key = Some(Secret::new(UPSTREAM_KEY));
+    // Most tests check what reaches the upstream byte for byte: the caller's `user` goes through unchanged
+    // here. The default (an id derived per tenant) is tested in `tests/api/attribution.rs`.
+    s.attribution.end_user = imagegate::attribution::EndUser::PassThrough;
     // The fake upstream's image links point at itself, on loopback over plain HTTP.
     s.images.download.allowed_hosts = vec!["127.0.0.1".into()];
     s.images.download.private_hosts = vec!["127.0.0.1".into()];

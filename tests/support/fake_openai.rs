@@ -27,6 +27,10 @@
 //! - `#bad_image=N`: DALL·E image N (0-based) points at `/_fake/html`, the others at stored files;
 //! - `#body_delay=MS`: the status and headers go out at once, the body MS later;
 //! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space;
+//! - `#redirect=URL`: answer `307 Temporary Redirect` to URL (a leading `/` is relative to the fake);
+//! - `#huge=MIB` / `#huge_declared=MIB`: a 200 JSON answer of MIB mebibytes, streamed without a length or with
+//!   its `content-length` declared; the bytes the gateway pulled are in [`FakeOpenAi::huge_bytes_sent`];
+//! - `#items=N`: answer exactly N images, whatever `n` asked (a broken upstream);
 //! - `#sse_error_first`: streams send `event: error` before any image event, then end;
 //! - `#reset_body`: the status, headers and the first bytes of a JSON body go out, then the connection is aborted.
 //!
@@ -73,6 +77,9 @@ pub struct FakeOptions {
     pub url_ttl: Option<Duration>,
     /// Key expected in `Authorization: Bearer <key>`; `None` means [`DEFAULT_KEY`].
     pub expected_key: Option<String>,
+    /// Parse multipart bodies with the *last* `boundary` parameter of their content type (as some servers
+    /// do), instead of the first.
+    pub last_boundary: bool,
     /// Trigger words applied to every call, as if they were in the prompt.
     pub triggers: Option<String>,
     /// Answer as an Azure OpenAI resource instead of OpenAI.
@@ -191,6 +198,8 @@ impl FakeOpenAi {
             files: Mutex::new(HashMap::new()),
             file_fetches: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
+            huge_bytes: Arc::new(AtomicUsize::new(0)),
+            last_boundary: opts.last_boundary,
         });
         let app = router(Arc::clone(&inner));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -224,6 +233,11 @@ impl FakeOpenAi {
     /// Number of `GET /_fake/files/*` requests (DALL·E image downloads), expired or not.
     pub fn file_fetch_count(&self) -> usize {
         self.inner.file_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of `#huge` answers that the gateway has read so far (pulled from the fake's body stream).
+    pub fn huge_bytes_sent(&self) -> usize {
+        self.inner.huge_bytes.load(Ordering::SeqCst)
     }
 
     /// Forgets the recorded calls and the file-fetch count (stored images stay downloadable).
@@ -272,6 +286,10 @@ struct Inner {
     file_fetches: AtomicUsize,
     /// Calls ever served (not reset), for `x-ratelimit-remaining-requests`.
     served: AtomicUsize,
+    /// Bytes of `#huge` answers pulled by the client.
+    huge_bytes: Arc<AtomicUsize>,
+    /// See [`FakeOptions::last_boundary`].
+    last_boundary: bool,
 }
 
 struct StoredFile {
@@ -443,7 +461,7 @@ async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     let content_type =
         head.headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let (json, parts, body_error) = parse_body(content_type.as_deref(), bytes.clone()).await;
+    let (json, parts, body_error) = parse_body(content_type.as_deref(), bytes.clone(), inner.last_boundary).await;
     let call = RecordedCall {
         method: head.method.to_string(),
         path,
@@ -552,10 +570,14 @@ async fn azure_handle(
 }
 
 /// Parses the body into (JSON, multipart parts, error message for a malformed body).
-async fn parse_body(content_type: Option<&str>, bytes: Bytes) -> (Option<Value>, Vec<RecordedPart>, Option<String>) {
+async fn parse_body(
+    content_type: Option<&str>,
+    bytes: Bytes,
+    last_boundary: bool,
+) -> (Option<Value>, Vec<RecordedPart>, Option<String>) {
     let is_multipart = content_type.is_some_and(|ct| ct.to_ascii_lowercase().starts_with("multipart/"));
     if is_multipart {
-        let (parts, error) = parse_multipart(content_type.unwrap_or_default(), bytes).await;
+        let (parts, error) = parse_multipart(content_type.unwrap_or_default(), bytes, last_boundary).await;
         return (None, parts, error);
     }
     if bytes.is_empty() {
@@ -577,8 +599,18 @@ async fn parse_body(content_type: Option<&str>, bytes: Bytes) -> (Option<Value>,
     }
 }
 
-async fn parse_multipart(content_type: &str, bytes: Bytes) -> (Vec<RecordedPart>, Option<String>) {
-    let boundary = match multer::parse_boundary(content_type) {
+async fn parse_multipart(content_type: &str, bytes: Bytes, last_boundary: bool) -> (Vec<RecordedPart>, Option<String>) {
+    let last = content_type
+        .split(';')
+        .filter_map(|p| p.split_once('='))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+        .next_back();
+    let parsed = match last {
+        Some(last) if last_boundary => Ok(last),
+        _ => multer::parse_boundary(content_type),
+    };
+    let boundary = match parsed {
         Ok(boundary) => boundary,
         Err(err) => return (Vec::new(), Some(format!("Invalid multipart/form-data body: {err}"))),
     };
@@ -678,6 +710,10 @@ struct Triggers {
     body_delay: Option<Duration>,
     /// `#bad_image=N`: DALL·E image N (0-based) points at a web page instead of a stored file.
     bad_image: Option<u64>,
+    /// `#huge=MIB` (no length) or `#huge_declared=MIB` (with `content-length`): an answer of MIB mebibytes.
+    huge: Option<(u64, bool)>,
+    /// `#items=N`: exactly N images.
+    items: Option<u64>,
 }
 
 impl Triggers {
@@ -697,8 +733,41 @@ impl Triggers {
                 .map(str::to_owned),
             body_delay: number_after(text, "#body_delay=").map(Duration::from_millis),
             bad_image: number_after(text, "#bad_image="),
+            huge: number_after(text, "#huge_declared=")
+                .map(|m| (m, true))
+                .or_else(|| number_after(text, "#huge=").map(|m| (m, false))),
+            items: number_after(text, "#items="),
         }
     }
+}
+
+/// The word after `key` (up to whitespace).
+fn text_after(text: &str, key: &str) -> Option<String> {
+    let at = text.find(key)?;
+    text[at + key.len()..].split_whitespace().next().map(str::to_owned)
+}
+
+/// A 200 JSON answer of `mib` MiB (one huge `b64_json`), each chunk counted in `huge_bytes` as it is pulled.
+fn huge_answer(inner: &Inner, mib: u64, declared: bool) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let total = usize::try_from(mib).unwrap_or(usize::MAX).saturating_mul(1024 * 1024);
+    let head: &'static [u8] = b"{\"created\":1,\"data\":[{\"b64_json\":\"";
+    let tail: &'static [u8] = b"\"}]}";
+    let filler = total.saturating_sub(head.len() + tail.len());
+    let counter = inner.huge_bytes.clone();
+    let chunks = std::iter::once(Bytes::from_static(head))
+        .chain((0..filler.div_ceil(CHUNK)).map(move |i| Bytes::from(vec![b'A'; CHUNK.min(filler - i * CHUNK)])))
+        .chain(std::iter::once(Bytes::from_static(tail)));
+    let stream = futures::stream::iter(chunks).map(move |chunk| {
+        counter.fetch_add(chunk.len(), Ordering::SeqCst);
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if declared {
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(filler + head.len() + tail.len()));
+    }
+    response
 }
 
 /// The URL after `#image_url=` (up to whitespace): DALL·E answers point there instead of at a stored file.
@@ -780,6 +849,13 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
     if let Some(status) = triggers.status {
         return triggered_error(status, &model);
     }
+    if let Some(to) = text_after(&format!("{prompt} {user}"), "#redirect=") {
+        let to = if to.starts_with('/') { format!("{}{to}", inner.base) } else { to };
+        return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, header_value(&to))]).into_response();
+    }
+    if let Some((mib, declared)) = triggers.huge {
+        return huge_answer(inner, mib, declared);
+    }
     if triggers.reset_body {
         let head = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"created\": 17")) });
         let cut = futures::stream::once(async {
@@ -830,6 +906,7 @@ fn answer(
     }
 
     let n = params.int("n").unwrap_or(1).clamp(1, 10).min(triggers.count.unwrap_or(u64::MAX));
+    let n = triggers.items.unwrap_or(n);
     let seed = if prompt.is_empty() {
         call.parts.iter().find(|p| p.text.is_none()).map(|p| p.sha256.clone()).unwrap_or_default()
     } else {

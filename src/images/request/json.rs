@@ -3,6 +3,12 @@
 //! `serde_json` keeps the last of two equal keys; other parsers keep the first. Since the body is forwarded
 //! byte for byte, a duplicate would let what imagegate validated, priced and limited differ from what the
 //! upstream executes, so a duplicate key at any depth is refused, naming its path (`n`, `images[0].image_url`).
+//!
+//! The tree is built within a memory budget proportional to the body: at most [`BASE_VALUES`] values plus one
+//! per [`BYTES_PER_VALUE`] bytes of body. A tree node takes far more memory than the byte or two a value such
+//! as `0,` takes in the body (a 20 MiB `[0,0,…]` became ~730 MiB of tree); with the budget the tree stays a
+//! small fraction of the body, and depth is bounded by `serde_json`'s recursion limit (128). Real requests
+//! have a few dozen values: images are strings (URLs, data URLs), at most 16 of them.
 
 use std::fmt;
 
@@ -11,15 +17,38 @@ use serde_json::{Map, Number, Value};
 
 use crate::error::ApiError;
 
-/// Parse `raw` as JSON, refusing duplicate keys.
+/// Values any body may have, however small.
+pub const BASE_VALUES: usize = 4096;
+/// Body bytes that earn one more value beyond [`BASE_VALUES`].
+pub const BYTES_PER_VALUE: usize = 256;
+
+/// What the walk found besides the tree: the first duplicate key, and the values it may still build.
+struct Walk {
+    duplicate: Option<String>,
+    values_left: usize,
+    over_budget: bool,
+}
+
+/// Parse `raw` as JSON, refusing duplicate keys and more values than the body's budget.
 pub fn parse(raw: &[u8]) -> Result<Value, ApiError> {
-    let mut duplicate: Option<String> = None;
+    let budget = BASE_VALUES + raw.len() / BYTES_PER_VALUE;
+    let mut walk = Walk { duplicate: None, values_left: budget, over_budget: false };
     let mut de = serde_json::Deserializer::from_slice(raw);
-    let parsed = Node { path: Path::Root, duplicate: &mut duplicate }.deserialize(&mut de).and_then(|v| {
+    let parsed = Node { path: Path::Root, walk: &mut walk }.deserialize(&mut de).and_then(|v| {
         de.end()?;
         Ok(v)
     });
-    if let Some(param) = duplicate {
+    if walk.over_budget {
+        return Err(ApiError::invalid(
+            format!(
+                "The JSON body has too many values: at most {budget} for a body of {} bytes. Send images as \
+                 strings (URLs or data URLs) and no more than the API takes.",
+                raw.len()
+            ),
+            None,
+        ));
+    }
+    if let Some(param) = walk.duplicate {
         return Err(ApiError::invalid(
             format!("Duplicate parameter '{param}': a JSON object may name each key only once."),
             Some(param),
@@ -62,13 +91,19 @@ impl Path {
 /// Deserializes one value like `serde_json::Value` does, recording the first duplicate key it meets.
 struct Node<'a> {
     path: Path,
-    duplicate: &'a mut Option<String>,
+    walk: &'a mut Walk,
 }
 
 impl<'de> DeserializeSeed<'de> for Node<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        // Every value spends one from the budget before it is built; the walk stops at the first overspend.
+        if self.walk.values_left == 0 {
+            self.walk.over_budget = true;
+            return Err(de::Error::custom("too many values"));
+        }
+        self.walk.values_left -= 1;
         deserializer.deserialize_any(self)
     }
 }
@@ -115,7 +150,7 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
         while let Some(item) =
-            seq.next_element_seed(Node { path: self.path.index(items.len()), duplicate: &mut *self.duplicate })?
+            seq.next_element_seed(Node { path: self.path.index(items.len()), walk: &mut *self.walk })?
         {
             items.push(item);
         }
@@ -126,10 +161,10 @@ impl<'de> Visitor<'de> for Node<'_> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let path = Path::Key(self.path.key(&key));
-            let value = map.next_value_seed(Node { path, duplicate: &mut *self.duplicate })?;
+            let value = map.next_value_seed(Node { path, walk: &mut *self.walk })?;
             if out.contains_key(&key) {
-                if self.duplicate.is_none() {
-                    *self.duplicate = Some(self.path.key(&key));
+                if self.walk.duplicate.is_none() {
+                    self.walk.duplicate = Some(self.path.key(&key));
                 }
                 // Stop at the first duplicate: the request is refused whatever follows.
                 return Err(de::Error::custom("duplicate key"));
@@ -164,6 +199,18 @@ mod tests {
         assert_eq!(duplicate_of(r#"{"mask":{"file_id":"a","file_id":"b"}}"#).as_deref(), Some("mask.file_id"));
         // Equal keys in different objects are fine.
         assert!(parse(br#"{"a":{"k":1},"b":{"k":2},"k":3}"#).is_ok());
+    }
+
+    #[test]
+    fn a_body_with_more_values_than_its_budget_is_refused_before_the_tree_outgrows_it() {
+        let within = format!("{{\"a\":[{}0]}}", "0,".repeat(BASE_VALUES - 3));
+        assert!(parse(within.as_bytes()).is_ok());
+        let zeros = format!("[{}0]", "0,".repeat(1_000_000));
+        let e = parse(zeros.as_bytes()).unwrap_err();
+        assert!(e.client_message().contains("too many values"), "{}", e.client_message());
+        // Long strings cost one value each, whatever their length.
+        let long = format!("{{\"images\":[{{\"image_url\":\"data:image/png;base64,{}\"}}]}}", "A".repeat(1 << 20));
+        assert!(parse(long.as_bytes()).is_ok());
     }
 
     #[test]
