@@ -56,7 +56,9 @@ async fn handle(
         }
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
-    let reply = state.images.handle(&ctx, extracted.request, meta).await?;
+    // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
+    // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
+    let reply = Box::pin(state.images.handle(&ctx, extracted.request, meta)).await?;
     Ok(into_response(reply))
 }
 
