@@ -41,7 +41,7 @@ use axum::routing::post;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Parser;
-use imagegate::tenants::keys::{self, NewKey};
+use imagegate::domain::keys::{self, NewKey};
 use serde::Deserialize;
 use serde_json::{Value, json};
 

@@ -316,7 +316,7 @@ impl ConfigArgs {
 
 /// The text printed by `imagegate keys new`.
 pub fn new_key_text(tenant: &str) -> String {
-    let key = crate::tenants::keys::generate();
+    let key = crate::domain::keys::generate();
     format!(
         "New key for tenant {tenant:?} (shown once; imagegate stores only its hash):\n\n  {key}\n\n\
          Admit it by adding this to your configuration:\n\n\

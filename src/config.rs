@@ -6,6 +6,9 @@
 //! `OPENAI_API_KEY` is a fallback for `upstream.api_key` only, used when no source set one and the upstream is
 //! OpenAI's own API. Every key is documented in `docs/configuration.md`.
 
+mod load;
+mod validate;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -316,7 +319,7 @@ pub struct ImagesSettings {
     pub rehost: bool,
     /// What callers get when they do not set `response_format`: `url` or `b64_json`; unset = the model's own
     /// default (links for DALL·E, base64 for GPT image models). Tenants may override it.
-    pub response_format: Option<crate::rehost::ResponseFormat>,
+    pub response_format: Option<crate::domain::ResponseFormat>,
     /// How long stored images and their links live. Tenants may override it.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -325,7 +328,7 @@ pub struct ImagesSettings {
     pub signing_key: Option<Secret>,
     /// When an upstream image cannot be downloaded: `fail` answers 502; `pass_through` hands on the upstream's
     /// own (expiring) URL. Tenants may override it.
-    pub on_download_error: crate::rehost::DownloadFallback,
+    pub on_download_error: crate::domain::DownloadFallback,
     /// How often expired images are deleted.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
@@ -340,7 +343,7 @@ impl Default for ImagesSettings {
             response_format: None,
             retention: Duration::from_secs(30 * 24 * 3600),
             signing_key: None,
-            on_download_error: crate::rehost::DownloadFallback::Fail,
+            on_download_error: crate::domain::DownloadFallback::Fail,
             sweep_interval: Duration::from_secs(600),
             download: DownloadSettings::default(),
         }
@@ -359,7 +362,7 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// `tenant` (entries serve only the tenant that caused them) or `shared` (every tenant with the shared
     /// scope; explicit opt-in). Tenants may override it.
-    pub scope: crate::cache::Scope,
+    pub scope: crate::domain::Scope,
     /// Memory the in-process cache may hold (bodies and headers), not a number of entries.
     #[serde(serialize_with = "exact_bytes")]
     pub max_bytes: ByteSize,
@@ -385,7 +388,7 @@ impl Default for CacheSettings {
         Self {
             enabled: false,
             ttl: Duration::from_secs(3600),
-            scope: crate::cache::Scope::Tenant,
+            scope: crate::domain::Scope::Tenant,
             max_bytes: ByteSize::mib(256),
             max_entry_bytes: ByteSize::mib(8),
             backend: CacheBackend::Memory,
@@ -511,14 +514,14 @@ pub struct LimitsSettings {
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
     /// When the backend cannot answer: `open` lets requests through, `closed` refuses them with 503.
-    pub on_backend_error: crate::limits::OnBackendError,
+    pub on_backend_error: crate::domain::OnBackendError,
     /// Redis: how long what a request holds (its concurrency slot, its images and USD against the budgets)
     /// lives without renewal. Running requests renew it every third of it, so it only matters when a replica
     /// dies holding some. Default: `server.request_timeout`.
     #[serde(default, with = "humantime_serde")]
     pub lease: Option<Duration>,
     /// Limits for tenants that set none of their own (field by field).
-    pub default: crate::tenants::Limits,
+    pub default: crate::domain::Limits,
 }
 
 impl LimitsSettings {
@@ -535,9 +538,9 @@ impl Default for LimitsSettings {
             redis_url: None,
             redis_prefix: "imagegate".to_owned(),
             redis_timeout: Duration::from_millis(250),
-            on_backend_error: crate::limits::OnBackendError::Open,
+            on_backend_error: crate::domain::OnBackendError::Open,
             lease: None,
-            default: crate::tenants::Limits::default(),
+            default: crate::domain::Limits::default(),
         }
     }
 }
@@ -567,16 +570,16 @@ pub struct TenantSettings {
     pub allowed_models: Option<Vec<String>>,
     /// Rate limits and budgets.
     #[serde(default)]
-    pub limits: crate::tenants::Limits,
+    pub limits: crate::domain::Limits,
     /// Store prompt text in usage rows (explicit opt-in).
     #[serde(default)]
     pub log_prompts: bool,
     /// Re-hosting overrides: `response_format`, `retention`, `on_download_error`.
     #[serde(default)]
-    pub images: crate::rehost::ImagePolicy,
+    pub images: crate::domain::ImagePolicy,
     /// Response-cache overrides: `enabled`, `ttl`, `scope`.
     #[serde(default)]
-    pub cache: Option<crate::cache::CachePolicy>,
+    pub cache: Option<crate::domain::CachePolicy>,
     /// The name of an `[upstreams.<name>]` table this tenant's requests go to; absent = `[upstream]`.
     #[serde(default)]
     pub upstream: Option<String>,
@@ -585,7 +588,7 @@ pub struct TenantSettings {
     pub metadata: Option<serde_json::Value>,
     /// `active` or `suspended`; applied when present, left as it is when absent (new tenants start active).
     #[serde(default)]
-    pub status: Option<crate::tenants::TenantStatus>,
+    pub status: Option<crate::domain::TenantStatus>,
     /// The tenant's keys, as printed by `imagegate keys new`.
     #[serde(default)]
     pub keys: Vec<KeySettings>,
@@ -649,480 +652,6 @@ pub struct Sources {
     pub file: Option<PathBuf>,
     /// Directory holding `default.toml` and profile overlays.
     pub dir: Option<PathBuf>,
-}
-
-impl Settings {
-    /// Load from files and the process environment, then validate.
-    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
-        Self::load_from(sources, &env)
-    }
-
-    /// Load with an explicit environment (tests pass their own instead of mutating the process's).
-    ///
-    /// Every setting of every source is a [`Leaf`]; a leaf that does not deserialize is reported (naming the
-    /// file or the environment variable it came from) and left out, and loading goes on with the rest, so one
-    /// run reports every fault: each unknown key, wrong type and bad value, then the semantic checks of
-    /// [`Settings::validate`] on whatever did parse.
-    pub fn load_from(sources: &Sources, env: &[(String, String)]) -> Result<Self, ConfigError> {
-        let mut faults = Vec::new();
-        let mut leaves = Vec::new();
-        let mut files_parse = true;
-        for (file, exact) in config_files(sources, env)? {
-            let data = if exact { Toml::file_exact(&file).data() } else { Toml::file(&file).data() };
-            match data {
-                Ok(profiles) => {
-                    let origin = Origin::File(file.clone());
-                    for dict in profiles.into_values() {
-                        flatten(&origin, &mut Vec::new(), Value::from(dict), &mut leaves);
-                    }
-                }
-                Err(e) => {
-                    // A file that is not TOML at all: its other settings are unknown, so the semantic checks
-                    // below would only report defaults the user never chose.
-                    files_parse = false;
-                    faults.extend(e.into_iter().map(|e| format!("{}: {}", file.display(), e.kind)));
-                }
-            }
-        }
-        leaves.extend(env_leaves(env));
-        let Some(mut settings) = resolve(&mut leaves, &mut faults) else { return Err(ConfigError(faults)) };
-        let ignored_openai_key = apply_openai_api_key(&mut settings, env);
-        if files_parse && let Err(ConfigError(semantic)) = settings.validate() {
-            faults.extend(semantic.into_iter().map(|f| match &ignored_openai_key {
-                Some(note) if f.starts_with("upstream.api_key is not set") => format!("{f} ({note})"),
-                _ => f,
-            }));
-        }
-        if faults.is_empty() { Ok(settings) } else { Err(ConfigError(faults)) }
-    }
-
-    /// Every fault at once, so a deployment is fixed in one round.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut faults = Vec::new();
-        validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
-        for (name, up) in &self.upstreams {
-            if !valid_upstream_name(name) {
-                faults.push(format!(
-                    "upstreams.{name}: an upstream name is 1-64 lowercase letters, digits, '-' or '_' (it is also \
-                     spelt in IMAGEGATE__UPSTREAMS__<NAME>__… variables)"
-                ));
-            }
-            validate_upstream(&format!("upstreams.{name}"), up, self.server.request_timeout, &mut faults);
-        }
-        if self.server.request_timeout.is_zero() {
-            faults.push("server.request_timeout must be greater than zero".to_owned());
-        }
-        if self.server.shutdown_grace >= self.server.shutdown_timeout {
-            faults.push(format!(
-                "server.shutdown_grace ({:?}) must be shorter than server.shutdown_timeout ({:?}), which it is part of",
-                self.server.shutdown_grace, self.server.shutdown_timeout
-            ));
-        }
-        for (name, size) in [
-            ("server.max_json_body", self.server.max_json_body),
-            ("server.max_multipart_body", self.server.max_multipart_body),
-        ] {
-            if size.as_u64() == 0 {
-                faults.push(format!("{name} must be greater than zero"));
-            }
-        }
-        if let Some(url) = &self.server.public_url
-            && !matches!(url.scheme(), "http" | "https")
-        {
-            faults.push(format!("server.public_url must be http or https, got {url}"));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
-        }
-        validate_tenants(&self.tenants, &self.upstreams, &mut faults);
-        if self.database.max_connections == 0 {
-            faults.push("database.max_connections must be at least 1".to_owned());
-        }
-        if let Some(url) = &self.database.url
-            && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.expose().starts_with(p))
-        {
-            faults.push("database.url must start with sqlite:, postgres: or postgresql:".to_owned());
-        }
-        if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-            faults.push("admin.token must be at least 16 characters".to_owned());
-        }
-        if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
-            faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
-        }
-        if self.usage.shutdown_flush_timeout.is_zero() {
-            faults.push("usage.shutdown_flush_timeout must be greater than zero".to_owned());
-        }
-        if self.limits.backend == LimitsBackend::Redis && self.limits.redis_url.is_none() {
-            faults.push("limits.redis_url is required when limits.backend = \"redis\"".to_owned());
-        }
-        if self.limits.redis_timeout.is_zero() {
-            faults.push("limits.redis_timeout must be greater than zero".to_owned());
-        }
-        if self.limits.lease.is_some_and(|l| l < Duration::from_secs(1)) {
-            faults.push("limits.lease must be at least 1s".to_owned());
-        }
-        self.validate_images(&mut faults);
-        let cache = &self.cache;
-        if cache.ttl.is_zero() || cache.redis_timeout.is_zero() || cache.redis_backoff.is_zero() {
-            faults.push("cache.ttl, cache.redis_timeout and cache.redis_backoff must be greater than zero".to_owned());
-        }
-        if cache.max_bytes.as_u64() == 0 || cache.max_entry_bytes > cache.max_bytes {
-            faults.push("cache.max_bytes must be greater than zero and at least cache.max_entry_bytes".to_owned());
-        }
-        if cache.backend == CacheBackend::Redis && cache.redis_url.is_none() {
-            faults.push("cache.redis_url is required when cache.backend = \"redis\"".to_owned());
-        }
-        faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
-        if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
-    }
-}
-
-impl Settings {
-    fn validate_images(&self, faults: &mut Vec<String>) {
-        let (storage, images) = (&self.storage, &self.images);
-        if storage.backend == StorageBackend::S3 {
-            if storage.s3.bucket.as_deref().is_none_or(|b| b.trim().is_empty()) {
-                faults.push("storage.s3.bucket is required when storage.backend = \"s3\"".to_owned());
-            }
-            if images.signing_key.is_none() {
-                faults.push(
-                    "images.signing_key is required when storage.backend = \"s3\": every replica must sign and \
-                     check links with the same key (set IMAGEGATE__IMAGES__SIGNING_KEY)"
-                        .to_owned(),
-                );
-            }
-            if let Some(endpoint) = &storage.s3.endpoint
-                && endpoint.scheme() == "http"
-                && !storage.s3.allow_http
-            {
-                faults.push(format!("storage.s3.endpoint {endpoint} is plain HTTP: set storage.s3.allow_http = true"));
-            }
-        }
-        if images.signing_key.as_ref().is_some_and(|k| k.expose().len() < 32) {
-            faults.push("images.signing_key must be at least 32 characters".to_owned());
-        }
-        for (name, d) in [
-            ("images.retention", images.retention),
-            ("images.sweep_interval", images.sweep_interval),
-            ("images.download.timeout", images.download.timeout),
-        ] {
-            if d.is_zero() {
-                faults.push(format!("{name} must be greater than zero"));
-            }
-        }
-        if images.download.max_bytes.as_u64() == 0 || images.download.concurrency == 0 {
-            faults
-                .push("images.download.max_bytes and images.download.concurrency must be greater than zero".to_owned());
-        }
-        for host in images.download.allowed_hosts.iter().chain(&images.download.private_hosts) {
-            if !valid_host_pattern(host) {
-                faults.push(format!(
-                    "images.download host {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
-                     address, without scheme, port or path"
-                ));
-            }
-        }
-    }
-}
-
-/// Checks shared by `[upstream]` and every `[upstreams.<name>]`.
-fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration, faults: &mut Vec<String>) {
-    if up.kind == UpstreamKind::Openai {
-        if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
-            if at == "upstream" {
-                faults.push(format!(
-                    "upstream.api_key is not set: set it in the file or export {ENV_PREFIX}UPSTREAM__API_KEY \
-                     ({ENV_OPENAI_API_KEY} also works for https://api.openai.com), or run the offline mock upstream \
-                     explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
-                ));
-            } else {
-                let env = at.replace('.', "__").to_ascii_uppercase();
-                faults.push(format!("{at}.api_key is not set: set {ENV_PREFIX}{env}__API_KEY, or kind = \"mock\""));
-            }
-        }
-        if !matches!(up.base_url.scheme(), "http" | "https") {
-            faults.push(format!("{at}.base_url must be http or https, got {}", up.base_url));
-        }
-    }
-    for host in &up.image_hosts {
-        if !valid_host_pattern(host) {
-            faults.push(format!(
-                "{at}.image_hosts entry {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
-                 address, without scheme, port or path"
-            ));
-        }
-    }
-    for (name, d) in [
-        ("connect_timeout", up.connect_timeout),
-        ("timeout", up.timeout),
-        ("stream_idle_timeout", up.stream_idle_timeout),
-    ] {
-        if d.is_zero() {
-            faults.push(format!("{at}.{name} must be greater than zero"));
-        }
-    }
-    if request_timeout <= up.timeout {
-        faults.push(format!(
-            "server.request_timeout ({}s) must exceed {at}.timeout ({}s) so upstream timeouts answer 504 with a \
-             clear message",
-            request_timeout.as_secs(),
-            up.timeout.as_secs()
-        ));
-    }
-}
-
-/// A host name, `*.suffix` or IP address, without scheme, port or path.
-fn valid_host_pattern(host: &str) -> bool {
-    !(host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('['))
-}
-
-/// Names of `[upstreams.<name>]` tables: also path segments of environment variables, which are lowercased.
-fn valid_upstream_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
-}
-
-fn validate_tenants(
-    tenants: &[TenantSettings],
-    upstreams: &BTreeMap<String, UpstreamSettings>,
-    faults: &mut Vec<String>,
-) {
-    let mut names = std::collections::HashSet::new();
-    let mut ids = std::collections::HashSet::new();
-    for (i, t) in tenants.iter().enumerate() {
-        if t.name.trim().is_empty() {
-            faults.push(format!("tenants[{i}].name must not be empty"));
-        } else if !names.insert(t.name.as_str()) {
-            faults.push(format!("tenants[{i}].name {:?} is declared twice", t.name));
-        }
-        let fields = crate::tenants::policy::Fields::of_config(t);
-        for invalid in crate::tenants::policy::check(&fields, &|name| upstreams.contains_key(name)) {
-            faults.push(format!("tenants[{i}] ({:?}): {invalid}", t.name));
-        }
-        for (j, k) in t.keys.iter().enumerate() {
-            if !crate::tenants::keys::is_valid_key_id(&k.id) {
-                faults.push(format!(
-                    "tenants[{i}].keys[{j}].id {:?} is not a key id (8 lowercase letters or digits)",
-                    k.id
-                ));
-            } else if !ids.insert(k.id.as_str()) {
-                faults.push(format!("tenants[{i}].keys[{j}].id {:?} is used twice", k.id));
-            }
-            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                faults.push(format!("tenants[{i}].keys[{j}].sha256 must be 64 hex digits"));
-            }
-            if let Some(at) = &k.expires_at
-                && crate::ledger::report::parse_time(at).is_none()
-            {
-                faults.push(format!(
-                    "tenants[{i}].keys[{j}].expires_at {at:?} is not a time: use an RFC 3339 time \
-                     (2026-11-01T09:00:00Z, 2026-11-01T10:00:00+01:00), a date (2026-11-01) or Unix milliseconds"
-                ));
-            }
-        }
-    }
-}
-
-/// The base URL `OPENAI_API_KEY` is meant for: OpenAI's own API.
-fn is_openai(url: &Url) -> bool {
-    url.scheme() == "https" && url.host_str() == Some("api.openai.com")
-}
-
-/// `OPENAI_API_KEY` fills `upstream.api_key` only when neither a file nor `IMAGEGATE__UPSTREAM__API_KEY` set
-/// one, and only for OpenAI's own API: the variable holds a developer's real OpenAI key, which must never be
-/// sent to a harness's fake, a proxy or another vendor's base URL (docs/decisions/0009). Returns why it was
-/// ignored, when it was, for the fault message.
-fn apply_openai_api_key(settings: &mut Settings, env: &[(String, String)]) -> Option<String> {
-    let key = env.iter().rev().find(|(k, v)| k == ENV_OPENAI_API_KEY && !v.trim().is_empty()).map(|(_, v)| v)?;
-    let up = &mut settings.upstream;
-    if up.api_key.as_ref().is_some_and(|k| !k.expose().trim().is_empty()) {
-        return None;
-    }
-    if is_openai(&up.base_url) {
-        up.api_key = Some(Secret::new(key.clone()));
-        return None;
-    }
-    Some(format!(
-        "{ENV_OPENAI_API_KEY} is set but is only sent to https://api.openai.com, and upstream.base_url is {}: set \
-         upstream.api_key or {ENV_PREFIX}UPSTREAM__API_KEY for that upstream",
-        up.base_url
-    ))
-}
-
-/// The files to read, in order, and whether each must exist (`--config FILE`) or may be absent.
-fn config_files(sources: &Sources, env: &[(String, String)]) -> Result<Vec<(PathBuf, bool)>, ConfigError> {
-    if let Some(file) = &sources.file {
-        if !file.is_file() {
-            return Err(ConfigError(vec![format!("config file {} does not exist", file.display())]));
-        }
-        return Ok(vec![(file.clone(), true)]);
-    }
-    let dir = sources.dir.clone().unwrap_or_else(|| PathBuf::from("config"));
-    let mut files = vec![(dir.join("default.toml"), false)];
-    if let Some((_, profile)) = env.iter().find(|(k, _)| k == ENV_PROFILE) {
-        let overlay = dir.join(format!("{profile}.toml"));
-        if !overlay.is_file() {
-            return Err(ConfigError(vec![format!("{ENV_PROFILE}={profile} but {} does not exist", overlay.display())]));
-        }
-        files.push((overlay, false));
-    }
-    Ok(files)
-}
-
-/// Where one setting came from: a file, or an environment variable (by its real spelling).
-#[derive(Debug, Clone)]
-enum Origin {
-    File(PathBuf),
-    Env(String),
-}
-
-/// One setting as one source gave it: a path of keys and a value (a scalar, an array, or an empty table).
-#[derive(Debug, Clone)]
-struct Leaf {
-    origin: Origin,
-    path: Vec<String>,
-    value: Value,
-    /// An environment value exactly as written, tried as a string when its parsed form (a number, a boolean,
-    /// an array…) does not fit the setting, so `IMAGEGATE__UPSTREAM__API_KEY=1234567890` is a string key.
-    raw: Option<String>,
-}
-
-/// A file's tables, flattened into one leaf per setting.
-fn flatten(origin: &Origin, path: &mut Vec<String>, value: Value, out: &mut Vec<Leaf>) {
-    match value {
-        Value::Dict(_, dict) if !dict.is_empty() => {
-            for (key, value) in dict {
-                path.push(key);
-                flatten(origin, path, value, out);
-                path.pop();
-            }
-        }
-        // The root of an empty file has nothing to say.
-        Value::Dict(..) if path.is_empty() => {}
-        value => out.push(Leaf { origin: origin.clone(), path: path.clone(), value, raw: None }),
-    }
-}
-
-/// `IMAGEGATE__UPSTREAM__BASE_URL=…` → `upstream.base_url`. Values parse as figment parses environment values
-/// (numbers, booleans, `[arrays]`, `{inline = "tables"}`), strings otherwise; the raw text is kept to retry as
-/// a string. Names are lowercased, so a key with a hyphen (Azure's `api-version`) is set through its table:
-/// `IMAGEGATE__UPSTREAM__QUERY={api-version="2024-10-21"}`. Built from the environment we are handed rather than
-/// figment's `Env`, which reads the process environment, so tests never depend on the developer's shell.
-fn env_leaves(env: &[(String, String)]) -> Vec<Leaf> {
-    env.iter()
-        .filter_map(|(name, text)| {
-            let rest = name.strip_prefix(ENV_PREFIX)?;
-            let path = rest.split("__").map(str::to_ascii_lowercase).collect();
-            let value: Value = text.parse().unwrap_or_else(|_| Value::from(text.clone()));
-            let raw = (!matches!(&value, Value::String(_, s) if s == text)).then(|| text.clone());
-            Some(Leaf { origin: Origin::Env(name.clone()), path, value, raw })
-        })
-        .collect()
-}
-
-/// The leaves as one tree of tables, later leaves winning (tables merge, as figment merges them).
-fn tree(leaves: &[Leaf]) -> Value {
-    fn insert(dict: &mut figment::value::Dict, path: &[String], value: Value) {
-        match path {
-            [] => {}
-            // A table (an inline table from the environment) merges into the one already there.
-            [last] => match (dict.get_mut(last), value) {
-                (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => {
-                    for (key, value) in incoming {
-                        insert(existing, &[key], value);
-                    }
-                }
-                (_, value) => {
-                    dict.insert(last.clone(), value);
-                }
-            },
-            [first, rest @ ..] => {
-                let entry = dict.entry(first.clone()).or_insert_with(|| Value::from(figment::value::Dict::new()));
-                if !matches!(entry, Value::Dict(..)) {
-                    *entry = Value::from(figment::value::Dict::new());
-                }
-                if let Value::Dict(_, inner) = entry {
-                    insert(inner, rest, value);
-                }
-            }
-        }
-    }
-    let mut root = figment::value::Dict::new();
-    for leaf in leaves {
-        insert(&mut root, &leaf.path, leaf.value.clone());
-    }
-    Value::from(root)
-}
-
-/// Deserialize the defaults overlaid with `leaves`. serde stops at the first fault, so each fault is recorded
-/// and the leaves it concerns are dropped (or, for an environment value, first retried as a string) until the
-/// rest deserializes. Each round drops or reinterprets a leaf, so this ends.
-fn resolve(leaves: &mut Vec<Leaf>, faults: &mut Vec<String>) -> Option<Settings> {
-    for _ in 0..=2 * leaves.len() {
-        let figment =
-            Figment::from(Serialized::defaults(Settings::default())).merge(Serialized::defaults(tree(leaves)));
-        let error = match figment.extract::<Settings>() {
-            Ok(settings) => return Some(settings),
-            Err(e) => e.into_iter().next()?,
-        };
-        let overlaps = |leaf: &Leaf| leaf.path.starts_with(&error.path) || error.path.starts_with(&leaf.path);
-        let hits: Vec<usize> = leaves.iter().enumerate().filter(|(_, l)| overlaps(l)).map(|(i, _)| i).collect();
-        // The fault is the last writer's: earlier leaves at the same path were overridden by it.
-        let Some(&last) = hits.last() else {
-            faults.push(describe(None, &error));
-            return None;
-        };
-        if let Some(raw) = leaves[last].raw.take() {
-            leaves[last].value = Value::from(raw);
-            continue;
-        }
-        faults.push(describe(leaves.get(last), &error));
-        for i in hits.into_iter().rev() {
-            leaves.remove(i);
-        }
-    }
-    None
-}
-
-/// Settings whose values must not appear in fault messages.
-const SECRET_KEYS: &[&str] =
-    &["api_key", "token", "signing_key", "access_key_id", "secret_access_key", "url", "redis_url"];
-
-/// One fault, naming its source, its key and what is wrong, without echoing a secret's value.
-fn describe(leaf: Option<&Leaf>, error: &figment::Error) -> String {
-    use figment::error::{Actual, Kind};
-    let key = error.path.join(".");
-    let secret = error.path.last().is_some_and(|k| SECRET_KEYS.contains(&k.as_str()));
-    let found = |actual: &Actual| {
-        if !secret {
-            return actual.to_string();
-        }
-        match actual {
-            Actual::Str(_) => "a string".to_owned(),
-            Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_) => "a number".to_owned(),
-            Actual::Bool(_) => "a boolean".to_owned(),
-            other => other.to_string(),
-        }
-    };
-    let what = match &error.kind {
-        Kind::UnknownField(name, expected) => {
-            format!("unknown key `{name}`; expected one of: {}", expected.join(", "))
-        }
-        Kind::UnknownVariant(value, expected) => {
-            format!("unknown value `{value}`; expected one of: {}", expected.join(", "))
-        }
-        Kind::InvalidType(actual, expected) => format!("found {}, expected {expected}", found(actual)),
-        Kind::InvalidValue(actual, expected) => format!("invalid value {}, expected {expected}", found(actual)),
-        Kind::MissingField(name) => format!("missing key `{name}`"),
-        other => other.to_string(),
-    };
-    match leaf.map(|l| &l.origin) {
-        Some(Origin::Env(name)) => format!("{name} ({key}): {what}"),
-        Some(Origin::File(file)) => format!("{key} in {}: {what}", file.display()),
-        None => format!("{key}: {what}"),
-    }
 }
 
 #[cfg(test)]
@@ -1302,7 +831,7 @@ keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000
             .replace("\"0s\"", "\"1h\"")
             .replace("\"soon\"", "\"2027-01-01T10:00:00+01:00\"");
         let s = load(dir.path(), &fixed, &[]).unwrap();
-        assert_eq!(s.tenants[0].status, Some(crate::tenants::TenantStatus::Suspended));
+        assert_eq!(s.tenants[0].status, Some(crate::domain::TenantStatus::Suspended));
         assert_eq!(s.tenants[0].metadata, Some(serde_json::json!({"owner": "ops"})));
     }
 

@@ -96,12 +96,6 @@ impl Db {
     }
 }
 
-/// Milliseconds since the Unix epoch, the timestamp format of every table.
-pub fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
-}
-
 /// A random opaque id for rows.
 pub fn new_id() -> String {
     hex::encode(rand::random::<[u8; 12]>())

@@ -4,6 +4,8 @@
 //! extractors return nothing else. `IntoResponse` has no side effects: it stores the error in the response
 //! extensions and `server::layers::log_errors` logs it once, inside the request span.
 
+pub mod ratelimit_headers;
+
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -57,11 +59,11 @@ pub enum ApiError {
         budget: bool,
         /// `None` for budgets and for demands that can never fit (see `limits::Refusal`).
         retry_after_ms: Option<u64>,
-        report: crate::limits::Report,
+        report: crate::domain::Report,
     },
     /// The rate-limit backend did not answer and the policy is fail-closed. 503 with `retry-after: 1`.
     #[error("rate limits unavailable: {detail}")]
-    LimitsUnavailable { detail: String, report: crate::limits::Report },
+    LimitsUnavailable { detail: String, report: crate::domain::Report },
     /// The upstream answered, but its images could not be downloaded or stored. 502; the reason (never
     /// the upstream URL) is in the message.
     #[error("re-hosting failed: {0}")]
@@ -350,16 +352,16 @@ impl ApiError {
             headers.insert(http::header::CONTENT_RANGE, value);
         }
         if let Self::RateLimited { budget, retry_after_ms, report, .. } = self {
-            crate::limits::headers::apply(report, headers);
+            crate::error::ratelimit_headers::apply(report, headers);
             match retry_after_ms {
-                Some(ms) if !*budget => crate::limits::headers::retry(*ms, headers),
+                Some(ms) if !*budget => crate::error::ratelimit_headers::retry(*ms, headers),
                 _ => {
                     headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
                 }
             }
         }
         if let Self::LimitsUnavailable { report, .. } = self {
-            crate::limits::headers::apply(report, headers);
+            crate::error::ratelimit_headers::apply(report, headers);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
     }

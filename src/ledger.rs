@@ -18,6 +18,7 @@
 //!
 //! `report` reads the ledger back as summaries (admin API, CLI).
 
+pub mod record;
 pub mod report;
 
 use std::sync::Arc;
@@ -28,9 +29,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use self::record::UsageRecord;
 use crate::config::UsageSettings;
 use crate::db::{Backend, Db};
-use crate::images::usage::UsageRecord;
 
 /// The longest model name stored (longer ones are cut).
 pub const MAX_MODEL_CHARS: usize = 128;

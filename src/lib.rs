@@ -1,43 +1,53 @@
 //! imagegate: a self-hosted gateway for the OpenAI Images API.
 //!
-//! Modules, in the order a request meets them:
-//! - `startup`   binds the listener and wires `AppState` from `config::Settings`.
-//! - `server`    the global layer stack (panic → 500, request id, trace, error log, timeout) and shutdown.
-//! - `routes`    the route table; `routes::images` are the three thin handlers, `routes::health` the probes.
-//! - `tenants`   tenants and keys in the database, the cached key lookup, and the auth layer that puts a
-//!   `TenantContext` on requests.
-//! - `extract`   content-type dispatch, body limits, JSON/multipart parsing into `images::request`.
-//! - `images`    the pipeline: validate → cache → limit → upstream → re-host → usage.
-//! - `cache`     the response cache: canonical request keys, byte-bounded memory (+ Redis), coalesced misses.
-//! - `upstream`  the `Upstream` trait; `openai` forwards over HTTP, `mock` answers offline.
-//! - `admin`     the admin HTTP API under `/admin/v1` (tenants, keys, usage), behind `admin.token`.
-//! - `limits`    per-tenant rate limits, concurrency and budgets (in-process or Redis).
-//! - `rehost`    durable links instead of expiring ones: guarded downloads, signed links, answer rewriting.
-//! - `storage`   stored images: bytes in an object store (local or S3) by SHA-256, metadata, the sweeper.
-//! - `ledger`    the usage ledger: rows written off the request path; `ledger::report` reads them back.
-//! - `db`        the SQLite/PostgreSQL pool and embedded migrations; `pricing` turns usage into USD.
-//! - `error`     `ApiError`, the only type that becomes an error response (OpenAI's error shape).
-//! - `wire`      header names, paths and event names, spelt once.
-//! - `config`, `telemetry`, `cli`: settings, logging, and the command line.
+//! # Layers
+//! Each top-level module imports only modules of its own layer or of the layers below it, and no two modules
+//! import each other (`tests/layers.rs` reads this list and checks the first; `.ci/run` runs
+//! `../shared/tools/module-cycles` for the second). Lowest first:
+//!
+//! 0. `wire`, `time`, `signing`, `pricing`: leaves: names on the wire, clocks and calendars, the link HMAC,
+//!    prices and cost estimates.
+//! 1. `domain`: tenants, the identity a request carries, limits and policies as data, the key format, the rules
+//!    every tenant setting satisfies. No I/O, no HTTP.
+//! 2. `error`: `ApiError`, the only type that becomes an error response (OpenAI's error shape and headers).
+//! 3. `config`: the settings tree, its loading (files + `IMAGEGATE__` environment) and validation.
+//! 4. `images`: the request model: parsed requests, multipart forms, models and their rules, image sniffing.
+//! 5. `db`, `upstream`: the SQLite/PostgreSQL pool and migrations; the `Upstream` trait (`openai` over HTTP,
+//!    `mock` offline).
+//! 6. `cache`, `ledger`, `storage`, `tenants`: the response cache; the usage ledger (records, writer,
+//!    reports); stored images (object store + metadata); tenants and keys in the database and their cached
+//!    lookup.
+//! 7. `limits`, `rehost`: per-tenant rate limits, concurrency and budgets (in-process or Redis); durable links
+//!    instead of expiring ones (guarded downloads, signed links, answer rewriting).
+//! 8. `pipeline`: one request as a `Call`: validate → authorise → cache → limit → upstream → re-host → usage.
+//! 9. `state`: `AppState`, what every handler and layer shares.
+//! 10. `extract`, `server`, `routes`, `admin`: HTTP: body extraction, the layer stack and tenant auth layer,
+//!     the route table and handlers, the admin API.
+//! 11. `startup`, `cli`, `telemetry`: wiring `AppState` from `config::Settings` and binding the listener; the
+//!     command line; logging.
 
 pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod error;
 pub mod extract;
 pub mod images;
 pub mod ledger;
 pub mod limits;
+pub mod pipeline;
 pub mod pricing;
 pub mod rehost;
 pub mod routes;
 pub mod server;
+pub mod signing;
 pub mod startup;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod tenants;
+pub mod time;
 pub mod upstream;
 pub mod wire;

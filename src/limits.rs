@@ -10,7 +10,6 @@
 //! Redis' clock, same semantics). Refusals become OpenAI-shaped 429s; every answer carries `x-ratelimit-*`.
 
 pub mod gcra;
-pub mod headers;
 pub mod local;
 pub mod redis;
 
@@ -24,7 +23,8 @@ use serde::Serialize;
 use tokio_util::task::TaskTracker;
 
 use self::gcra::Bucket;
-use crate::tenants::Limits;
+use crate::domain::{Limits, OnBackendError, Report};
+use crate::error::ApiError;
 
 /// Budgets in USD are compared with this tolerance, so $0.04 × 3 fits a $0.12 budget despite binary floats.
 pub const USD_EPSILON: f64 = 1e-9;
@@ -139,38 +139,6 @@ impl Reason {
     }
 }
 
-/// The state of one per-minute bucket after a decision, for the `x-ratelimit-*` headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BucketReport {
-    pub limit: u64,
-    pub remaining: u64,
-    /// Milliseconds until the bucket is full again.
-    pub reset_ms: u64,
-}
-
-/// Header material: the request and image buckets, when the tenant has them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Report {
-    pub requests: Option<BucketReport>,
-    pub images: Option<BucketReport>,
-}
-
-impl Report {
-    /// What to say when the backend could not be asked: the limits, with nothing counted against them
-    /// (`remaining` = the limit, reset `0s`) when requests go through unenforced, or nothing left (`0`,
-    /// reset `1s`, the `retry-after` of the 503) when they are refused.
-    pub fn unknown(limits: &Limits, open: bool) -> Self {
-        let bucket = |limit: Option<u32>| {
-            limit.map(|l| BucketReport {
-                limit: u64::from(l),
-                remaining: if open { u64::from(l) } else { 0 },
-                reset_ms: if open { 0 } else { 1000 },
-            })
-        };
-        Self { requests: bucket(limits.requests_per_minute), images: bucket(limits.images_per_minute) }
-    }
-}
-
 /// A granted reservation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Grant {
@@ -250,17 +218,6 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
-/// What to do when the backend cannot answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBackendError {
-    /// Let the request through (logged and counted): availability over strictness.
-    #[default]
-    Open,
-    /// Refuse with 503: strictness over availability.
-    Closed,
-}
-
 /// Time as the limits see it: the wall clock names budget windows (UTC days and months, as the ledger's
 /// timestamps do); the monotonic one drives buckets, so a wall-clock jump never blocks or frees a tenant.
 pub trait Clock: Send + Sync + 'static {
@@ -280,7 +237,7 @@ struct SystemClock {
 
 impl Clock for SystemClock {
     fn wall_ms(&self) -> u64 {
-        u64::try_from(crate::db::now_ms()).unwrap_or(0)
+        u64::try_from(crate::time::now_ms()).unwrap_or(0)
     }
 
     fn mono_ms(&self) -> u64 {
@@ -291,66 +248,6 @@ impl Clock for SystemClock {
 /// The system clock.
 pub fn system_clock() -> SharedClock {
     Arc::new(SystemClock { started: Instant::now() })
-}
-
-/// Start of the UTC day and month containing `now_ms`, and their ends, as Unix milliseconds.
-pub fn windows(now_ms: u64) -> (u64, u64, u64, u64) {
-    const DAY: u64 = 86_400_000;
-    let day_start = now_ms - now_ms % DAY;
-    let days = i64::try_from(day_start / DAY).unwrap_or(0);
-    let (y, m, _) = civil_from_days(days);
-    let month_start = u64::try_from(days_from_civil(y, m, 1)).unwrap_or(0) * DAY;
-    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    let month_end = u64::try_from(days_from_civil(ny, nm, 1)).unwrap_or(0) * DAY;
-    (day_start, day_start + DAY, month_start, month_end)
-}
-
-/// Howard Hinnant's days-from-civil: days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The inverse of [`days_from_civil`].
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
-    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
-}
-
-/// A duration in OpenAI's `x-ratelimit-reset-*` format, which is Go's `time.Duration` string at millisecond
-/// precision: `0s`, `12ms`, `1s`, `1.5s`, `59.5s`, `6m0s`, `1h0m0s`.
-pub fn go_duration(ms: u64) -> String {
-    if ms == 0 {
-        return "0s".to_owned();
-    }
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let (h, m) = (ms / 3_600_000, (ms / 60_000) % 60);
-    let (s, frac) = ((ms / 1000) % 60, ms % 1000);
-    let seconds = if frac == 0 {
-        format!("{s}s")
-    } else {
-        let digits = format!("{frac:03}");
-        format!("{s}.{}s", digits.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => seconds,
-        (0, _) => format!("{m}m{seconds}"),
-        _ => format!("{h}h{m}m{seconds}"),
-    }
 }
 
 /// Counters of what the limits did on this replica (`GET /admin/v1/limits`).
@@ -412,6 +309,36 @@ pub enum Denied {
     Refused(Refusal),
     /// The backend could not answer and the policy is fail-closed; the buckets as far as known.
     Unavailable(BackendError, Report),
+}
+
+impl Denied {
+    /// The 429 (or, fail-closed, 503) for a request of `tenant` the limits did not let through, in words that
+    /// say which limit and when it renews.
+    pub fn into_error(self, tenant: &str) -> ApiError {
+        match self {
+            Denied::Unavailable(e, report) => ApiError::LimitsUnavailable { detail: e.0, report },
+            Denied::Refused(Refusal { reason, retry_after_ms, never, report }) => {
+                let message = if reason.is_budget() {
+                    format!(
+                        "Tenant '{tenant}' has spent its {} budget. It renews at the start of the next UTC {}.",
+                        reason.describe(),
+                        if reason.is_daily() { "day" } else { "month" }
+                    )
+                } else if let Some((asked, burst)) = never {
+                    format!(
+                        "Rate limit reached for {} for tenant '{tenant}': this request needs {asked} at once, and \
+                         at most {burst} can ever be spent at once. Ask for fewer (a smaller n).",
+                        reason.describe()
+                    )
+                } else {
+                    let wait = retry_after_ms
+                        .map_or(String::new(), |ms| format!(" Please try again in {:.1}s.", ms as f64 / 1000.0));
+                    format!("Rate limit reached for {} for tenant '{tenant}'.{wait}", reason.describe())
+                };
+                ApiError::RateLimited { message, budget: reason.is_budget(), retry_after_ms, report }
+            }
+        }
+    }
 }
 
 impl Limiter {
@@ -758,36 +685,7 @@ pub struct SlotGuard(pub Permit);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn day_and_month_windows_are_utc_calendar_boundaries() {
-        // 2026-11-25T10:00:00Z
-        let now = 1_795_600_800_000;
-        let (d0, d1, m0, m1) = windows(now);
-        assert_eq!(d0, 1_795_564_800_000); // 2026-11-25
-        assert_eq!(d1 - d0, 86_400_000);
-        assert_eq!(m0, 1_793_491_200_000); // 2026-11-01
-        assert_eq!(m1, 1_796_083_200_000); // 2026-12-01
-        // December rolls into the next year.
-        let (_, _, m0, m1) = windows(1_798_000_000_000); // 2026-12-23
-        assert_eq!((m0, m1), (1_796_083_200_000, 1_798_761_600_000));
-    }
-
-    #[test]
-    fn reset_durations_are_go_durations_like_openai_headers() {
-        assert_eq!(go_duration(0), "0s", "Go prints a zero duration as 0s");
-        assert_eq!(go_duration(12), "12ms");
-        assert_eq!(go_duration(999), "999ms");
-        assert_eq!(go_duration(1000), "1s");
-        assert_eq!(go_duration(1001), "1.001s");
-        assert_eq!(go_duration(1500), "1.5s");
-        assert_eq!(go_duration(59_500), "59.5s", "no rounding up to a whole minute");
-        assert_eq!(go_duration(60_000), "1m0s");
-        assert_eq!(go_duration(360_000), "6m0s");
-        assert_eq!(go_duration(61_250), "1m1.25s");
-        assert_eq!(go_duration(3_600_000), "1h0m0s");
-        assert_eq!(go_duration(3_600_000 + 61_000), "1h1m1s");
-    }
+    use crate::domain::BucketReport;
 
     fn local_limiter() -> Limiter {
         Limiter::new(Arc::new(local::LocalBackend::new(system_clock(), None)), Limits::default(), OnBackendError::Open)

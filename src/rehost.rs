@@ -19,61 +19,15 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use self::fetch::{FetchError, Fetcher};
 use self::links::LinkSigner;
 use crate::config::ImagesSettings;
+use crate::domain::{DownloadFallback, ResponseFormat, Tenant};
 use crate::images::models::Family;
 use crate::images::request::ImageRequest;
 use crate::storage::{ImageStore, NewImage, StoreError, StoredImage};
-use crate::tenants::Tenant;
-
-/// How images reach the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ResponseFormat {
-    /// A link (imagegate's own, signed, durable).
-    Url,
-    /// The image inline as base64.
-    B64Json,
-}
-
-impl ResponseFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "url" => Some(Self::Url),
-            "b64_json" => Some(Self::B64Json),
-            _ => None,
-        }
-    }
-}
-
-/// What happens when an upstream image cannot be downloaded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DownloadFallback {
-    /// Answer 502: the caller never gets a link that will break in an hour without knowing it.
-    #[default]
-    Fail,
-    /// Hand on the upstream's own URL (it expires), logged as a warning.
-    PassThrough,
-}
-
-/// Per-tenant overrides of the `[images]` settings; `None` = the deployment's value.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ImagePolicy {
-    /// What the tenant's callers get when they do not set `response_format`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response_format: Option<ResponseFormat>,
-    /// How long the tenant's images are kept, e.g. `"7d"`.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
-    pub retention: Option<Duration>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_download_error: Option<DownloadFallback>,
-}
 
 /// Why an answer could not be re-hosted.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@ use axum::routing::{get, post};
 use crate::admin;
 use crate::config::UpstreamKind;
 use crate::error::ApiError;
+use crate::server::auth;
 use crate::state::AppState;
-use crate::tenants::auth;
 use crate::wire::paths;
 
 /// All routes: tenant authentication on the image routes, the admin token on `/admin/v1` (mounted only when

@@ -17,12 +17,12 @@ use crate::cache::ResponseCache;
 use crate::cache::shared::SharedCache;
 use crate::config::{CacheBackend, DownloadSettings, LimitsBackend, Settings, StorageBackend, UpstreamKind};
 use crate::db::Db;
-use crate::images::ImagesService;
 use crate::images::validate::ValidationPolicy;
 use crate::ledger::{Ledger, LedgerWriter};
 use crate::limits::local::LocalBackend;
 use crate::limits::redis::RedisBackend;
 use crate::limits::{Backend, Limiter, system_clock};
+use crate::pipeline::ImagesService;
 
 /// How long shutdown waits for rate-limit settlements (releasing the holds of requests still in flight).
 const LIMITS_SHUTDOWN: Duration = Duration::from_secs(5);

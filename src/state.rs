@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
 use crate::db::Db;
-use crate::images::ImagesService;
+use crate::pipeline::ImagesService;
 use crate::tenants::store::TenantStore;
 
 /// Shared state; clone freely.

@@ -24,8 +24,9 @@ use sha2::{Digest as _, Sha256};
 
 use self::repo::ImageRepo;
 use crate::config::{StorageBackend, StorageSettings};
-use crate::db::{Db, now_ms};
+use crate::db::Db;
 use crate::images::imageinfo;
+use crate::time::now_ms;
 
 /// An image about to be stored.
 #[derive(Debug, Clone)]

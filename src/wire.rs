@@ -65,3 +65,18 @@ pub mod events {
     pub const EDIT_PARTIAL: &str = "image_edit.partial_image";
     pub const EDIT_COMPLETED: &str = "image_edit.completed";
 }
+
+/// The parts of an images answer the gateway counts: its `data[]` items (not read) and its `usage`.
+#[derive(serde::Deserialize)]
+pub struct ResponseCounts {
+    #[serde(default)]
+    pub data: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub usage: Option<serde_json::Value>,
+}
+
+/// The number of images (`data[]` items) in an answer body, if it is one.
+pub fn count_images(body: &[u8]) -> Option<u32> {
+    let counts = serde_json::from_slice::<ResponseCounts>(body).ok()?;
+    Some(u32::try_from(counts.data.len()).unwrap_or(u32::MAX))
+}

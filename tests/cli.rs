@@ -222,7 +222,7 @@ async fn usage_sums_per_tenant_and_model_with_a_total_row() {
     {
         let db = Db::connect(&DatabaseSettings::default(), &cli.data_dir()).await.unwrap();
         let tenant = TenantRepo::new(db.clone()).get_tenant("team-a").await.unwrap();
-        let now = imagegate::db::now_ms();
+        let now = imagegate::time::now_ms();
         let rows = [
             ("gpt-image-1", 200, 0.25, None),
             ("gpt-image-1", 429, 0.0, Some("upstream")),

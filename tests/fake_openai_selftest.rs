@@ -316,16 +316,20 @@ async fn sleep_delays_the_answer_but_the_call_is_recorded_on_arrival() {
             .post(url)
             .bearer_auth(DEFAULT_KEY)
             .header("content-type", "application/json")
-            .body(json!({"prompt": "slow #sleep=400"}).to_string())
+            .body(json!({"prompt": "slow #sleep=2000"}).to_string())
             .send()
             .await
             .expect("send")
             .status()
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(fake.call_count(), 1, "recorded before the answer");
+    // Polled rather than slept for, so a loaded machine cannot make the check early or late.
+    while fake.call_count() == 0 && started.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.call_count(), 1, "recorded on arrival");
+    assert!(!pending.is_finished(), "recorded before the answer");
     assert_eq!(pending.await.expect("task"), 200);
-    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(started.elapsed() >= Duration::from_millis(2000));
 }
 
 #[tokio::test]

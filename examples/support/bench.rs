@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
-use imagegate::tenants::keys::NewKey;
+use imagegate::domain::keys::NewKey;
 use rand::{RngCore as _, SeedableRng as _};
 use serde::de::DeserializeOwned;
 use serde_json::json;

@@ -1,8 +1,6 @@
 //! The admin API's handlers: read the path, query or JSON body, call `tenants::repo` or `ledger::report`,
 //! answer JSON (or CSV). Every rejection is an [`ApiError`], so admin errors have OpenAI's shape too.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use axum::Json;
 use axum::extract::{FromRequest, FromRequestParts, Path, RawQuery, Request, State};
 use axum::response::{IntoResponse, Response};
@@ -13,13 +11,13 @@ use http_body_util::LengthLimitError;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::db::now_ms;
+use crate::domain::keys;
+use crate::domain::{Tenant, TenantStatus};
 use crate::error::ApiError;
 use crate::ledger::report::{self, SummaryQuery, UsageReport};
 use crate::state::AppState;
-use crate::tenants::keys;
 use crate::tenants::repo::{KeyInfo, NewTenant, TenantPatch};
-use crate::tenants::{Tenant, TenantStatus};
+use crate::time::{RelativeError, now_ms};
 
 /// The largest admin request body accepted (tenant specs are small; metadata is free-form but not bulk data).
 pub const MAX_BODY: usize = 256 * 1024;
@@ -197,7 +195,8 @@ impl UsageParams {
         let from_given = from.is_some();
         let from = match from {
             Some(ms) => ms,
-            None => month_start(now).ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no month start for {now}")))?,
+            None => crate::time::month_start(now)
+                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no month start for {now}")))?,
         };
         let to_given = to.is_some();
         let to = to.unwrap_or(now);
@@ -211,7 +210,7 @@ impl UsageParams {
 }
 
 fn time_param(value: &str, param: &str) -> Result<i64, ApiError> {
-    report::parse_time(value).ok_or_else(|| {
+    crate::time::parse_time(value).ok_or_else(|| {
         let message = format!(
             "Invalid '{param}' value '{value}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z, \
              2026-11-01T10:00:00+01:00) or Unix milliseconds, from 1970 on."
@@ -229,13 +228,6 @@ fn format_param(value: &str) -> Result<bool, ApiError> {
             Some("format".to_owned()),
         )),
     }
-}
-
-/// Midnight UTC on the first day of the month `now_ms` falls in.
-fn month_start(now_ms: i64) -> Option<i64> {
-    let now = UNIX_EPOCH + Duration::from_millis(u64::try_from(now_ms).ok()?);
-    let text = humantime::format_rfc3339_seconds(now).to_string();
-    report::parse_time(&format!("{}-01", text.get(..7)?))
 }
 
 /// The key's expiry in Unix milliseconds, from `expires_at` or `expires_in` (not both); it must be in the future.
@@ -258,7 +250,7 @@ fn expiry(spec: &KeyRequest, now: i64) -> Result<Option<i64>, ApiError> {
 fn absolute_expiry(value: &serde_json::Value) -> Result<i64, ApiError> {
     let parsed = match value {
         serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => report::parse_time(s),
+        serde_json::Value::String(s) => crate::time::parse_time(s),
         _ => None,
     };
     parsed.ok_or_else(|| {
@@ -271,16 +263,14 @@ fn absolute_expiry(value: &serde_json::Value) -> Result<i64, ApiError> {
 }
 
 fn relative_expiry(text: &str, now: i64) -> Result<i64, ApiError> {
-    let invalid = |why: String| ApiError::invalid(why, Some("expires_in".to_owned()));
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| invalid(format!("Invalid expires_in '{text}': {e} (examples: 30d, 12h, 1y).")))?;
-    if duration < Duration::from_secs(1) {
-        return Err(invalid("expires_in must be at least one second.".to_owned()));
-    }
-    i64::try_from(duration.as_millis())
-        .ok()
-        .and_then(|ms| now.checked_add(ms))
-        .ok_or_else(|| invalid(format!("expires_in '{text}' is too far in the future.")))
+    crate::time::after(text, now).map_err(|e| {
+        let message = match e {
+            RelativeError::Unreadable(_) => format!("Invalid expires_in '{text}': {e}."),
+            RelativeError::TooShort => format!("expires_in {e}."),
+            RelativeError::TooFar => format!("expires_in '{text}' {e}."),
+        };
+        ApiError::invalid(message, Some("expires_in".to_owned()))
+    })
 }
 
 /// A path segment (`{name}`, `{id}`), with a rejection in OpenAI's shape.

@@ -14,9 +14,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
+use crate::domain::ResponseFormat;
 use crate::images::models::Family;
 use crate::images::request::{ImageRequest, RequestBody, is_image_field};
-use crate::rehost::ResponseFormat;
 
 /// A cache key.
 pub type Key = [u8; 32];

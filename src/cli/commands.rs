@@ -2,8 +2,6 @@
 //! (`main.rs` prints it, or the error as one `imagegate: …` line with exit code 1). The database commands
 //! open the same database as `serve`, through the same configuration, but never need an upstream key.
 
-use std::time::Duration;
-
 use anyhow::{Context, anyhow, bail};
 
 use super::{
@@ -11,10 +9,11 @@ use super::{
     table,
 };
 use crate::config::Settings;
-use crate::db::{Db, now_ms};
+use crate::db::Db;
+use crate::domain::{Limits, Tenant, TenantStatus, keys};
 use crate::ledger::report::{self, SummaryQuery};
 use crate::tenants::repo::{NewTenant, TenantPatch, TenantRepo};
-use crate::tenants::{Limits, Tenant, TenantStatus, keys};
+use crate::time::{RelativeError, now_ms};
 
 /// Open the database `config` points at, run `f`, and close the pool whatever `f` returned (so SQLite's
 /// write-ahead log is checkpointed before the process exits).
@@ -240,7 +239,7 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<String> {
     let now = now_ms();
     let from = match args.from.as_deref() {
         Some(text) => bound(text, "--from")?,
-        None => month_start(now)?,
+        None => crate::time::month_start(now).ok_or_else(|| anyhow!("no month start for {now}"))?,
     };
     let to = match args.to.as_deref() {
         Some(text) => bound(text, "--to")?,
@@ -282,7 +281,7 @@ pub fn config_check(args: &ConfigArgs) -> anyhow::Result<String> {
 
 /// A `--from`/`--to` value as Unix milliseconds.
 fn bound(text: &str, flag: &str) -> anyhow::Result<i64> {
-    report::parse_time(text).ok_or_else(|| {
+    crate::time::parse_time(text).ok_or_else(|| {
         anyhow!(
             "invalid {flag} '{text}': use a date (2026-11-01), an RFC 3339 time (2026-11-01T09:00:00Z, \
              2026-11-01T10:00:00+01:00) or Unix milliseconds, from 1970 on"
@@ -290,30 +289,18 @@ fn bound(text: &str, flag: &str) -> anyhow::Result<i64> {
     })
 }
 
-/// Midnight UTC on the first day of the month `now_ms` falls in.
-fn month_start(now_ms: i64) -> anyhow::Result<i64> {
-    let now = table::time(now_ms);
-    now.get(..7)
-        .and_then(|month| report::parse_time(&format!("{month}-01")))
-        .ok_or_else(|| anyhow!("cannot work out the start of the month from {now}"))
-}
-
 /// `--expires-in 30d` as an absolute expiry time in Unix milliseconds.
 fn expiry(text: &str) -> anyhow::Result<i64> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| anyhow!("invalid --expires-in '{text}': {e} (examples: 30d, 12h, 1y)"))?;
-    if duration < Duration::from_secs(1) {
-        bail!("--expires-in must be at least one second");
-    }
-    i64::try_from(duration.as_millis())
-        .ok()
-        .and_then(|ms| now_ms().checked_add(ms))
-        .ok_or_else(|| anyhow!("--expires-in '{text}' is too far in the future"))
+    crate::time::after(text, now_ms()).map_err(|e| match e {
+        RelativeError::Unreadable(_) => anyhow!("invalid --expires-in '{text}': {e}"),
+        RelativeError::TooShort => anyhow!("--expires-in {e}"),
+        RelativeError::TooFar => anyhow!("--expires-in '{text}' {e}"),
+    })
 }
 
 /// `--expires-at TIME` in Unix milliseconds; it must be in the future.
 fn expiry_at(text: &str, now: i64) -> anyhow::Result<i64> {
-    let at = report::parse_time(text).ok_or_else(|| {
+    let at = crate::time::parse_time(text).ok_or_else(|| {
         anyhow!(
             "invalid --expires-at '{text}': use an RFC 3339 time (2027-01-01T09:00:00Z, 2027-01-01T10:00:00+01:00), \
              a date (2027-01-01) or Unix milliseconds"
@@ -331,14 +318,14 @@ fn metadata(json: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 /// Parse `--image-policy` JSON, naming the flag and an example on failure.
-fn image_policy(json: &str) -> anyhow::Result<crate::rehost::ImagePolicy> {
+fn image_policy(json: &str) -> anyhow::Result<crate::domain::ImagePolicy> {
     serde_json::from_str(json).map_err(|e| {
         anyhow!("invalid --image-policy: {e} (example: '{{\"response_format\":\"url\",\"retention\":\"7d\"}}')")
     })
 }
 
 /// Parse `--cache-policy` JSON (`null` = the deployment defaults), naming the flag and an example on failure.
-fn cache_policy(json: &str) -> anyhow::Result<Option<crate::cache::CachePolicy>> {
+fn cache_policy(json: &str) -> anyhow::Result<Option<crate::domain::CachePolicy>> {
     serde_json::from_str(json).map_err(|e| {
         anyhow!("invalid --cache-policy: {e} (example: '{{\"enabled\":true,\"ttl\":\"10m\",\"scope\":\"tenant\"}}')")
     })
@@ -373,12 +360,6 @@ fn non_empty(value: String, flag: &str, hint: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_month_starts_at_midnight_utc_on_the_first() {
-        // 2026-11-17T13:45:00Z
-        assert_eq!(month_start(1_794_923_100_000).unwrap(), 1_793_491_200_000);
-    }
 
     #[test]
     fn bad_flags_are_named_in_the_error() {

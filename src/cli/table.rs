@@ -5,8 +5,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 
+use crate::domain::Tenant;
 use crate::ledger::report::SummaryRow;
-use crate::tenants::Tenant;
 use crate::tenants::repo::KeyInfo;
 
 /// What a table shows for an absent value.

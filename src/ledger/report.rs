@@ -129,35 +129,6 @@ fn inert(cell: &str) -> String {
     if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{cell}") } else { cell.to_owned() }
 }
 
-/// Parse a time-range bound or an expiry: an RFC 3339 time with any offset (`2026-11-01T09:00:00Z`,
-/// `2026-11-01T10:00:00+01:00`; without an offset it is UTC), a date (`2026-11-01`, midnight UTC) or Unix
-/// milliseconds. Times before 1970 are refused. A space before a trailing `hh:mm` offset is read as `+`:
-/// that is what an unencoded `+` in a query string becomes.
-pub fn parse_time(text: &str) -> Option<i64> {
-    let text = text.trim();
-    let ms = if let Ok(ms) = text.parse::<i64>() {
-        ms
-    } else if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis()
-    } else if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
-        time.timestamp_millis()
-    } else if let Some(time) = plus_offset(text).and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok()) {
-        time.timestamp_millis()
-    } else {
-        let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok()?;
-        naive.and_utc().timestamp_millis()
-    };
-    (ms >= 0).then_some(ms)
-}
-
-/// `2026-12-01T10:00:00 02:00` → `2026-12-01T10:00:00+02:00`.
-fn plus_offset(text: &str) -> Option<String> {
-    let split = text.len().checked_sub(6)?;
-    let (time, offset) = (text.get(..split)?, text.get(split..)?);
-    let offset = offset.strip_prefix(' ')?;
-    (offset.len() == 5 && offset.as_bytes().get(2) == Some(&b':')).then(|| format!("{time}+{offset}"))
-}
-
 /// What a tenant spent from its budgets in `[from_ms, until_ms)` (`until_ms` `None`: up to now), as the limits
 /// count it: images the upstream returned on rows not served from the cache (a 2xx whose re-hosting failed
 /// keeps its images: the upstream billed them), and the rows' `cost_usd`. Budgets start from this after a
@@ -185,32 +156,6 @@ pub async fn spent_since(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn time_bounds_parse_in_three_spellings() {
-        assert_eq!(parse_time("1700000000000"), Some(1_700_000_000_000));
-        assert_eq!(parse_time("2026-11-01"), Some(1_793_491_200_000));
-        assert_eq!(parse_time("2026-11-01T00:00:00Z"), Some(1_793_491_200_000));
-        assert_eq!(parse_time("2026-11-01T00:00:00"), Some(1_793_491_200_000));
-        assert_eq!(parse_time("2026-11-01T00:00:00.250Z"), Some(1_793_491_200_250));
-        assert_eq!(parse_time("yesterday"), None);
-    }
-
-    #[test]
-    fn rfc3339_offsets_are_honoured() {
-        let utc = parse_time("2026-12-01T08:00:00Z").unwrap();
-        assert_eq!(parse_time("2026-12-01T10:00:00+02:00"), Some(utc));
-        assert_eq!(parse_time("2026-12-01T03:00:00-05:00"), Some(utc));
-        assert_eq!(parse_time("2026-12-01T10:00:00 02:00"), Some(utc), "an unencoded + in a query string");
-        assert_eq!(parse_time("2026-12-01t08:00:00z"), Some(utc));
-    }
-
-    #[test]
-    fn times_before_1970_are_refused() {
-        assert_eq!(parse_time("-5"), None);
-        assert_eq!(parse_time("1969-12-31"), None);
-        assert_eq!(parse_time("0"), Some(0));
-    }
 
     #[test]
     fn csv_cells_never_become_formulas() {

@@ -14,12 +14,11 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 
 use super::gcra::{self, Bucket, Verdict};
-use super::{
-    Backend, BackendError, BucketReport, Demand, Grant, Held, Reason, Refusal, Report, SharedClock, USD_EPSILON, Usage,
-    windows,
-};
+use super::{Backend, BackendError, Demand, Grant, Held, Reason, Refusal, SharedClock, USD_EPSILON, Usage};
 use crate::db::Db;
-use crate::tenants::Limits;
+use crate::domain::Limits;
+use crate::domain::{BucketReport, Report};
+use crate::time::windows;
 
 /// In-memory limits.
 pub struct LocalBackend {

@@ -30,9 +30,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
 use super::gcra::Bucket;
-use super::{Backend, BackendError, BucketReport, Demand, Grant, Held, Reason, Refusal, Report, Usage, windows};
+use super::{Backend, BackendError, Demand, Grant, Held, Reason, Refusal, Usage};
 use crate::db::Db;
-use crate::tenants::Limits;
+use crate::domain::Limits;
+use crate::domain::{BucketReport, Report};
+use crate::time::windows;
 
 const DAY_MS: u64 = 86_400_000;
 
@@ -187,7 +189,7 @@ impl Windows {
 }
 
 fn local_now() -> u64 {
-    u64::try_from(crate::db::now_ms()).unwrap_or(0)
+    u64::try_from(crate::time::now_ms()).unwrap_or(0)
 }
 
 /// A number for a script argument; absent limits are the empty string.
@@ -544,23 +546,13 @@ impl Backend for RedisBackend {
     }
 }
 
-/// Misbehaving Redis servers, shared with `tests/api/rate_limits_redis.rs`.
-#[cfg(test)]
-#[path = "../../tests/support/redis_proxy.rs"]
-mod redis_proxy;
-
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-    use std::time::Instant;
-
-    use super::redis_proxy::{Proxy, silent_redis};
     use super::*;
     use crate::config::{DatabaseSettings, Secret};
     use crate::limits::gcra;
 
     const REDIS: &str = "redis://127.0.0.1:6379";
-    const TIMEOUT: Duration = Duration::from_millis(300);
     const LEASE: Duration = Duration::from_secs(60);
 
     /// A backend on the real Redis with a prefix of its own (its keys deleted when the fixture goes), and the
@@ -793,7 +785,7 @@ mod tests {
     #[tokio::test]
     async fn budgets_start_from_the_ledger_and_are_reseeded_when_redis_loses_them() {
         let f = fixture().await;
-        let now = crate::db::now_ms();
+        let now = crate::time::now_ms();
         // Two upstream answers, a cache hit of 4 images (not spent), a failure with no images.
         let rows = [(2_i64, 0.25_f64, 0_i64), (1, 0.5, 0), (4, 0.0, 1), (0, 0.0, 0)];
         for (i, (images, usd, hit)) in rows.into_iter().enumerate() {
@@ -911,84 +903,5 @@ mod tests {
             ok += usize::from(t.await.unwrap());
         }
         assert_eq!(ok, 20);
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_redis_fails_calls_at_once_and_connects_when_it_comes() {
-        let (db, _dir) = ledger().await;
-        // A closed port, and a server that accepts connections and never answers: neither blocks the start.
-        for url in ["redis://127.0.0.1:1".to_owned(), silent_redis().await] {
-            let started = Instant::now();
-            let backend = RedisBackend::start(&url, "x", TIMEOUT, LEASE, db.clone()).unwrap();
-            let limits = Limits { requests_per_minute: Some(1), ..Limits::default() };
-            let err = backend.reserve("t1", &limits, Demand::whole(1, 0.0), "a").await.unwrap_err();
-            assert!(err.0.contains("not connected"), "{err}");
-            assert!(backend.peek("t1", &limits).await.is_err());
-            assert!(backend.ready().await.is_err());
-            assert!(started.elapsed() < Duration::from_millis(100), "{url}: {:?}", started.elapsed());
-            assert!(!backend.wait_connected(Duration::from_millis(500)).await);
-        }
-
-        // A Redis that comes up later (a proxy that refuses until it is switched on) is used once it answers.
-        let (url, proxy) = Proxy::start().await;
-        proxy.refuse.store(true, Ordering::SeqCst);
-        let prefix = prefix();
-        let backend = RedisBackend::start(&url, &prefix, TIMEOUT, LEASE, db).unwrap();
-        assert!(!backend.wait_connected(Duration::from_millis(300)).await);
-        proxy.refuse.store(false, Ordering::SeqCst);
-        assert!(backend.wait_connected(Duration::from_secs(3)).await, "connected in the background");
-        let limits = Limits { requests_per_minute: Some(1), ..Limits::default() };
-        assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), "a").await.unwrap().is_ok());
-        delete_keys(&prefix);
-    }
-
-    #[tokio::test]
-    async fn a_redis_that_stops_answering_fails_every_call_within_the_timeout() {
-        let (db, _dir) = ledger().await;
-        let (url, proxy) = Proxy::start().await;
-        let prefix = prefix();
-        let backend = connected(&url, &prefix, TIMEOUT, LEASE, db).await;
-        let limits = Limits { requests_per_minute: Some(5), concurrent_requests: Some(1), ..Limits::default() };
-        let id = new_id();
-        assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), &id).await.unwrap().is_ok());
-        assert!(backend.ready().await.is_ok());
-
-        proxy.hold(true);
-        let bound = TIMEOUT + Duration::from_millis(200);
-        let started = Instant::now();
-        let err = backend.reserve("t1", &limits, Demand::whole(1, 0.0), &new_id()).await.unwrap_err();
-        assert!(started.elapsed() < bound, "{:?}", started.elapsed());
-        assert!(err.0.contains("timed out"), "{err}");
-        let started = Instant::now();
-        let backend = Arc::new(backend);
-        assert!(backend.clone().finish(held(&id, &limits, Demand::whole(1, 0.0), true), Usage::NOTHING).await.is_err());
-        assert!(backend.peek("t1", &limits).await.is_err());
-        assert!(backend.ready().await.is_err());
-        assert!(started.elapsed() < bound * 3, "{:?}", started.elapsed());
-        proxy.hold(false);
-        delete_keys(&prefix);
-    }
-
-    #[tokio::test]
-    async fn a_reservation_whose_answer_was_lost_leaves_no_slot_behind() {
-        let (db, _dir) = ledger().await;
-        let (url, proxy) = Proxy::start().await;
-        let prefix = prefix();
-        let backend = connected(&url, &prefix, TIMEOUT, LEASE, db.clone()).await;
-        let limits = Limits { concurrent_requests: Some(1), images_per_day: Some(10), ..Limits::default() };
-
-        // Redis stalls: the reservation times out here, but still runs in Redis when the stall ends.
-        proxy.hold(true);
-        let err = backend.reserve("t1", &limits, Demand::whole(4, 0.0), &new_id()).await.unwrap_err();
-        assert!(err.0.contains("timed out"), "{err}");
-        proxy.hold(false);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-
-        // The compensating cancel ran after it: no slot and no image is held by it.
-        let other = connected(REDIS, &prefix, Duration::from_secs(2), LEASE, db).await;
-        let id = new_id();
-        let grant = other.reserve("t1", &limits, Demand::whole(10, 0.0), &id).await.unwrap();
-        assert!(grant.is_ok(), "the lost reservation holds nothing: {grant:?}");
-        delete_keys(&prefix);
     }
 }

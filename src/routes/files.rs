@@ -37,7 +37,7 @@ pub async fn get_image_file(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let rehoster = state.images.rehoster();
-    let now = now_secs();
+    let now = i64::try_from(crate::time::now_secs()).unwrap_or(i64::MAX);
     rehoster.links().verify(&name, query.expires.as_deref(), query.signature.as_deref(), now).map_err(|e| {
         ApiError::PermissionDenied {
             message: match e {
@@ -151,8 +151,4 @@ fn store_error(e: StoreError) -> ApiError {
 
 fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
-fn now_secs() -> i64 {
-    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()).unwrap_or(i64::MAX)
 }

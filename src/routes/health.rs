@@ -26,7 +26,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     let limiter = state.images.limiter();
     let limits = match limiter.ready().await {
         Ok(()) => "ok",
-        Err(_) if limiter.policy() == crate::limits::OnBackendError::Closed => {
+        Err(_) if limiter.policy() == crate::domain::OnBackendError::Closed => {
             return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "rate-limit backend unavailable"})));
         }
         Err(_) => "unavailable (fail-open)",

@@ -5,13 +5,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 
+use crate::domain::TenantContext;
 use crate::error::Failure;
 use crate::extract;
-use crate::images::RequestMeta;
 use crate::images::request::Endpoint;
+use crate::pipeline::RequestMeta;
 use crate::server::layers::RequestId;
 use crate::state::AppState;
-use crate::tenants::TenantContext;
 use crate::upstream::{ReplyBody, UpstreamReply};
 
 /// `POST /v1/images/generations`

@@ -4,7 +4,6 @@
 //! nobody can make the gateway render arbitrary sizes on demand.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Extension;
 use axum::extract::{Path, Query};
@@ -30,7 +29,7 @@ pub async fn get_mock_file(
     if !q.get("sig").is_some_and(|sig| links.verify(&name, se, sig)) {
         return signature_mismatch();
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = crate::time::now_secs();
     if now >= expires {
         return authentication_failed(expires, now);
     }
@@ -110,7 +109,7 @@ mod tests {
     use http_body_util::BodyExt as _;
 
     fn now() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+        crate::time::now_secs()
     }
 
     fn links() -> MockLinks {

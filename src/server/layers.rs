@@ -10,7 +10,7 @@
 //!    carries the request id and its cause is logged in the request's span.
 //! 6. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
 //!
-//! Inside the router: image routes get tenant authentication (`tenants::auth`) via `route_layer`; body limits
+//! Inside the router: image routes get tenant authentication (`server::auth`) via `route_layer`; body limits
 //! are applied per endpoint by `extract` so a 413 states the right limit.
 
 use std::time::Duration;

@@ -8,12 +8,13 @@ use serde::{Deserialize, Deserializer, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::keys::{self, NewKey};
-use super::{Limits, Tenant, TenantStatus, policy};
-use crate::cache::CachePolicy;
-use crate::db::{Db, new_id, now_ms};
+use crate::db::{Db, new_id};
+use crate::domain::CachePolicy;
+use crate::domain::ImagePolicy;
+use crate::domain::keys::{self, NewKey};
+use crate::domain::{Limits, Tenant, TenantStatus, rules as policy};
 use crate::error::ApiError;
-use crate::rehost::ImagePolicy;
+use crate::time::now_ms;
 
 /// What can go wrong in the repository, classified for callers.
 #[derive(Debug, thiserror::Error)]

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
-use super::keys::{self, PresentedKey};
 use super::repo::{KeyRecord, RepoError, TenantRepo};
-use super::{Tenant, TenantContext, TenantStatus};
-use crate::db::now_ms;
+use crate::domain::keys::{self, PresentedKey};
+use crate::domain::{Tenant, TenantContext, TenantStatus};
+use crate::time::now_ms;
 
 /// Outcome of a key lookup.
 #[derive(Debug)]

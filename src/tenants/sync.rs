@@ -12,10 +12,10 @@
 //! - Several replicas may start at once: a tenant or key another replica inserted a moment earlier is taken
 //!   as existing, never as an error.
 
-use super::TenantStatus;
 use super::repo::{ConfigKey, NewTenant, RepoError, TenantPatch, TenantRepo};
 use crate::config::TenantSettings;
-use crate::tenants::Tenant;
+use crate::domain::Tenant;
+use crate::domain::TenantStatus;
 
 /// Create or update each configured tenant and its keys, then revoke and suspend what the file dropped.
 pub async fn apply(repo: &TenantRepo, tenants: &[TenantSettings]) -> Result<(), RepoError> {
@@ -23,7 +23,7 @@ pub async fn apply(repo: &TenantRepo, tenants: &[TenantSettings]) -> Result<(), 
         let tenant = apply_tenant(repo, t).await?;
         for k in &t.keys {
             let expires_at = match k.expires_at.as_deref() {
-                Some(text) => Some(crate::ledger::report::parse_time(text).ok_or_else(|| RepoError::Invalid {
+                Some(text) => Some(crate::time::parse_time(text).ok_or_else(|| RepoError::Invalid {
                     message: format!("key {} expires_at {text:?} is not a time", k.id),
                     param: None,
                 })?),

@@ -5,14 +5,13 @@
 //! are signed ([`MockLinks`]), so only images it handed out are rendered, and the `n` images of an answer are
 //! rendered in parallel.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt as _};
-use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -21,6 +20,7 @@ use url::Url;
 use super::render::{self, OutputFormat};
 use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
 use crate::images::request::{Endpoint, ImageRequest};
+use crate::signing::Signer;
 use crate::wire::{events, headers, paths};
 
 /// How long a DALL·E-style URL stays valid, in seconds (OpenAI: 60 minutes).
@@ -38,47 +38,25 @@ const TOKENS_PER_PARTIAL: u64 = 100;
 /// Signs and checks the mock's image links (HMAC-SHA256 over the file name and the expiry), the way Azure's
 /// SAS signature protects OpenAI's real ones: the file route renders only what the mock handed out, not any
 /// size anyone asks for.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct MockLinks {
-    key: Vec<u8>,
-}
-
-impl std::fmt::Debug for MockLinks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockLinks").finish_non_exhaustive()
-    }
+    signer: Signer,
 }
 
 impl MockLinks {
     pub fn new(key: impl Into<Vec<u8>>) -> Self {
-        Self { key: key.into() }
-    }
-
-    fn mac(&self, name: &str, expires: u64) -> Hmac<Sha256> {
-        // HMAC takes keys of any length.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
-        mac.update(name.as_bytes());
-        mac.update(b"\n");
-        mac.update(expires.to_string().as_bytes());
-        mac
+        Self { signer: Signer::new(key) }
     }
 
     /// The `sig` of file `name` expiring at `expires` (Unix seconds).
     pub fn signature(&self, name: &str, expires: u64) -> String {
-        URL_SAFE_NO_PAD.encode(self.mac(name, expires).finalize().into_bytes())
+        self.signer.sign(name, i64::try_from(expires).unwrap_or(i64::MAX))
     }
 
     /// Whether `sig` signs `name` and `expires` (in its canonical spelling), in constant time.
     pub fn verify(&self, name: &str, expires: &str, sig: &str) -> bool {
-        let Ok(at) = expires.parse::<u64>() else { return false };
-        let Ok(given) = URL_SAFE_NO_PAD.decode(sig) else { return false };
-        at.to_string() == expires && self.mac(name, at).verify_slice(&given).is_ok()
+        self.signer.check(name, expires, sig).is_some_and(|at| at >= 0)
     }
-}
-
-#[expect(clippy::panic, reason = "HMAC accepts keys of every length; this cannot run")]
-fn unreachable_hmac() -> Hmac<Sha256> {
-    panic!("HMAC rejected a key")
 }
 
 /// The offline upstream. `public_url` is where callers reach this gateway; DALL·E URLs point below it at
@@ -110,7 +88,7 @@ impl MockUpstream {
         if plan.stream {
             return plan.into_stream_reply(started);
         }
-        let created = now_secs();
+        let created = crate::time::now_secs();
         let body = match plan.family {
             Family::Gpt => {
                 let b64 = match plan.render_all_b64().await {
@@ -195,10 +173,6 @@ pub fn parse_file_name(name: &str) -> Option<(u64, u32, u32, OutputFormat)> {
 /// The `revised_prompt` dall-e-3 answers with.
 fn revised_prompt(prompt: &str) -> String {
     format!("A detailed, vivid illustration of the following: {prompt}")
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn reply_headers(content_type: &'static str, started: Instant) -> HeaderMap {
@@ -544,7 +518,7 @@ impl Plan {
                 let data = json!({
                     "type": partial_type,
                     "b64_json": b64,
-                    "created_at": now_secs(),
+                    "created_at": crate::time::now_secs(),
                     "size": self.size_label(),
                     "quality": self.quality.as_str(),
                     "background": self.background_label(),
@@ -562,7 +536,7 @@ impl Plan {
                 let data = json!({
                     "type": completed_type,
                     "b64_json": b64,
-                    "created_at": now_secs(),
+                    "created_at": crate::time::now_secs(),
                     "size": self.size_label(),
                     "quality": self.quality.as_str(),
                     "background": self.background_label(),

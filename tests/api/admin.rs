@@ -264,13 +264,13 @@ async fn keys_and_tenant_changes_apply_at_the_next_request(db: TestDb) {
     assert_eq!(fake.call_count(), 3);
 
     // Expiry: a key with expires_in 1s works, then stops working.
-    let before = imagegate::db::now_ms();
+    let before = imagegate::time::now_ms();
     let short = issue_key(&app, "keyed", json!({"expires_in": "1s"})).await;
     let expires_at = short["expires_at"].as_i64().unwrap();
-    assert!((before + 1000..=imagegate::db::now_ms() + 1000).contains(&expires_at), "{short}");
+    assert!((before + 1000..=imagegate::time::now_ms() + 1000).contains(&expires_at), "{short}");
     let short_key = short["key"].as_str().unwrap();
     assert_eq!(generate_status(&app, short_key, json!({"model": "dall-e-3", "prompt": "in time"})).await, 200);
-    let wait = u64::try_from(expires_at - imagegate::db::now_ms()).unwrap_or(0) + 100;
+    let wait = u64::try_from(expires_at - imagegate::time::now_ms()).unwrap_or(0) + 100;
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let (status, _) = error_of(generate(&app, short_key, json!({"model": "dall-e-3", "prompt": "late"})).await).await;
     assert_eq!(status, 401, "an expired key is refused");
@@ -342,7 +342,7 @@ async fn usage_reads_back_per_tenant_and_model(db: TestDb) {
     let report = usage_when(&app, "metered", 4).await;
     assert_eq!(report["object"], "list");
     let (from, to) = (report["from"].as_i64().unwrap(), report["to"].as_i64().unwrap());
-    assert!(from < to && to <= imagegate::db::now_ms(), "{report}");
+    assert!(from < to && to <= imagegate::time::now_ms(), "{report}");
     assert_eq!(from % 86_400_000, 0, "the default range starts at midnight UTC");
     let rows = report["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{report:#}");

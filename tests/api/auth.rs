@@ -3,7 +3,7 @@
 //! removed tenants suspended, API tenants never taken over, replicas starting together agreeing).
 
 use imagegate::config::{KeySettings, TenantSettings};
-use imagegate::tenants::keys;
+use imagegate::domain::keys;
 use imagegate::tenants::repo::TenantRepo;
 use imagegate::tenants::sync;
 use serde_json::json;
@@ -140,7 +140,7 @@ async fn config_tenants_declare_status_metadata_upstream_and_key_expiry() {
     let app = TestApp::spawn_with(&fake.url, |s| {
         s.tenants[0].keys.extend([expired.clone(), dated.clone()]);
         s.tenants[0].metadata = Some(json!({"owner": "design", "budget_code": 7}));
-        s.tenants[1].status = Some(imagegate::tenants::TenantStatus::Suspended);
+        s.tenants[1].status = Some(imagegate::domain::TenantStatus::Suspended);
     })
     .await;
 
@@ -165,7 +165,7 @@ async fn config_tenants_declare_status_metadata_upstream_and_key_expiry() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    settings.tenants[1].status = Some(imagegate::tenants::TenantStatus::Active);
+    settings.tenants[1].status = Some(imagegate::domain::TenantStatus::Active);
     let app = app.restart_with(settings).await;
     assert_eq!(admin_get(&app, "/tenants/team-a").await["metadata"], json!({"owner": "ops"}));
     assert_eq!(status_of(&app, &app.other_key).await, 200, "status = \"active\" in the file resumes it");

@@ -193,7 +193,7 @@ async fn errors_streams_and_tenants_without_the_cache_are_never_served_from_it()
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| {
         s.cache.enabled = true;
-        s.tenants[1].cache = Some(imagegate::cache::CachePolicy { enabled: Some(false), ..Default::default() });
+        s.tenants[1].cache = Some(imagegate::domain::CachePolicy { enabled: Some(false), ..Default::default() });
     })
     .await;
 
@@ -343,7 +343,7 @@ async fn an_answer_holding_an_upstream_link_is_never_stored() {
     // A download that fails with the tenant's pass-through fallback hands on the upstream's link: not stored.
     let app = TestApp::spawn_with(&fake.url, |s| {
         s.cache.enabled = true;
-        s.images.on_download_error = imagegate::rehost::DownloadFallback::PassThrough;
+        s.images.on_download_error = imagegate::domain::DownloadFallback::PassThrough;
     })
     .await;
     let passed = json!({"model": "dall-e-2", "prompt": "y #image_url=/_fake/html", "size": "256x256"});
@@ -385,7 +385,7 @@ async fn a_shared_entry_never_gives_a_tenant_links_shorter_than_its_own_retentio
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| {
         s.cache.enabled = true;
-        s.cache.scope = imagegate::cache::Scope::Shared;
+        s.cache.scope = imagegate::domain::Scope::Shared;
         s.images.retention = Duration::from_secs(60);
         s.tenants[1].images.retention = Some(Duration::from_secs(3600));
     })
@@ -405,7 +405,7 @@ async fn a_shared_scope_serves_every_tenant_that_opted_in() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| {
         s.cache.enabled = true;
-        s.cache.scope = imagegate::cache::Scope::Shared;
+        s.cache.scope = imagegate::domain::Scope::Shared;
     })
     .await;
     let body = json!({"model": "dall-e-3", "prompt": "a shared view"});

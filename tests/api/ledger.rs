@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use imagegate::config::{DatabaseSettings, Secret, UsageSettings};
 use imagegate::db::Db;
-use imagegate::images::usage::UsageRecord;
+use imagegate::ledger::record::UsageRecord;
 use imagegate::ledger::{Ledger, LedgerStats};
 use serde_json::json;
 
@@ -296,7 +296,7 @@ async fn sigterm_under_load_loses_no_usage_row(db: TestDb) {
         .as_ref()
         .map_or_else(|| format!("sqlite://{}", dir.path().join("imagegate.db").display()), |pg| pg.url.clone());
     let database = postgres.as_ref().map_or_else(String::new, |pg| format!("[database]\nurl = \"{}\"\n", pg.url));
-    let key = imagegate::tenants::keys::generate();
+    let key = imagegate::domain::keys::generate();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"20s\"\n[storage]\ndata_dir = \"{}\"\n{database}\
          [upstream]\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"\n[usage]\nflush_interval = \"5s\"\n{FAKE_IMAGE_HOSTS}\
@@ -396,7 +396,7 @@ async fn a_nul_byte_in_a_request_field_loses_no_row_on_postgres() {
 fn record(request_id: &str) -> UsageRecord {
     UsageRecord {
         request_id: request_id.to_owned(),
-        created_at: imagegate::db::now_ms(),
+        created_at: imagegate::time::now_ms(),
         tenant_id: "tenant-1".into(),
         tenant: "team".into(),
         key_id: "abcd1234".into(),

@@ -16,6 +16,7 @@ mod ledger;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;
+mod redis_backend;
 mod rehost;
 mod sdk;
 mod streaming;

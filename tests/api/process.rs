@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use imagegate::tenants::keys;
+use imagegate::domain::keys;
 use serde_json::json;
 
 use crate::support::app::{FAKE_IMAGE_HOSTS, GatewayProcess, UPSTREAM_KEY};

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::support::app::{ADMIN_TOKEN, TestApp, error_of};
 use crate::support::fake_openai::FakeOpenAi;
 
-fn limits(v: Value) -> imagegate::tenants::Limits {
+fn limits(v: Value) -> imagegate::domain::Limits {
     serde_json::from_value(v).unwrap()
 }
 

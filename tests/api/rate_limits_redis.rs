@@ -15,7 +15,7 @@ use crate::support::redis_proxy::{Proxy, silent_redis};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
-fn limits(v: Value) -> imagegate::tenants::Limits {
+fn limits(v: Value) -> imagegate::domain::Limits {
     serde_json::from_value(v).unwrap()
 }
 
@@ -57,7 +57,7 @@ impl Drop for Prefix {
 struct Team {
     name: &'static str,
     limits: &'static str,
-    key: imagegate::tenants::keys::NewKey,
+    key: imagegate::domain::keys::NewKey,
 }
 
 /// Fire `count` requests, alternating between the two gateways, all at once; statuses sorted.
@@ -87,10 +87,10 @@ async fn two_replicas_sharing_redis_grant_every_limit_once_in_total() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = Prefix::new();
     let teams = [
-        Team { name: "rate", limits: "{ requests_per_minute = 20 }", key: imagegate::tenants::keys::generate() },
-        Team { name: "slots", limits: "{ concurrent_requests = 3 }", key: imagegate::tenants::keys::generate() },
-        Team { name: "images", limits: "{ images_per_day = 5 }", key: imagegate::tenants::keys::generate() },
-        Team { name: "money", limits: "{ usd_per_day = 0.12 }", key: imagegate::tenants::keys::generate() },
+        Team { name: "rate", limits: "{ requests_per_minute = 20 }", key: imagegate::domain::keys::generate() },
+        Team { name: "slots", limits: "{ concurrent_requests = 3 }", key: imagegate::domain::keys::generate() },
+        Team { name: "images", limits: "{ images_per_day = 5 }", key: imagegate::domain::keys::generate() },
+        Team { name: "money", limits: "{ usd_per_day = 0.12 }", key: imagegate::domain::keys::generate() },
     ];
     let mut config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n[database]\nurl = \"{database_url}\"\n\
@@ -171,7 +171,7 @@ async fn gateway(
     fake: &FakeOpenAi,
     url: &str,
     prefix: &Prefix,
-    policy: imagegate::limits::OnBackendError,
+    policy: imagegate::domain::OnBackendError,
     team: Value,
 ) -> TestApp {
     let url = url.to_owned();
@@ -187,7 +187,7 @@ async fn gateway(
 }
 
 /// A second replica beside `app`: the same database (so the same tenants) and Redis, another policy.
-async fn beside(app: &TestApp, policy: imagegate::limits::OnBackendError) -> TestApp {
+async fn beside(app: &TestApp, policy: imagegate::domain::OnBackendError) -> TestApp {
     let mut settings = app.settings.clone();
     settings.limits.on_backend_error = policy;
     app.replica(settings, app.data_dir.clone()).await
@@ -208,7 +208,7 @@ async fn readiness(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn with_redis_down_at_startup_fail_open_serves_and_fail_closed_refuses_without_hanging() {
-    use imagegate::limits::OnBackendError::{Closed, Open};
+    use imagegate::domain::OnBackendError::{Closed, Open};
     let fake = FakeOpenAi::start().await;
     let prefix = Prefix::new();
     // A closed port, and a port that accepts and never answers.
@@ -248,7 +248,7 @@ async fn with_redis_down_at_startup_fail_open_serves_and_fail_closed_refuses_wit
 
 #[tokio::test]
 async fn a_redis_that_comes_up_late_or_stalls_at_run_time_meets_the_policy_within_the_timeout() {
-    use imagegate::limits::OnBackendError::{Closed, Open};
+    use imagegate::domain::OnBackendError::{Closed, Open};
     let fake = FakeOpenAi::start().await;
     let prefix = Prefix::new();
     let (url, proxy) = Proxy::start().await;
@@ -298,7 +298,7 @@ async fn lost_redis_counters_are_reseeded_from_the_ledger_with_the_same_spend() 
         &fake,
         REDIS,
         &prefix,
-        imagegate::limits::OnBackendError::Closed,
+        imagegate::domain::OnBackendError::Closed,
         json!({"images_per_day": 5, "usd_per_day": 0.2}),
     )
     .await;
@@ -360,9 +360,13 @@ async fn slots_of_requests_in_flight_at_shutdown_are_released() {
         .bearer_auth(&app.key)
         .json(&json!({"prompt": "x #sleep=4000"}));
     let in_flight = tokio::spawn(async move { request.send().await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Polled, not slept for: on a loaded machine the request may take a while to reach the limits.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while prefix.keys(":leases").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(prefix.keys(":leases").len(), 1, "the slot is held");
-    let other = beside(&app, imagegate::limits::OnBackendError::Closed).await;
+    let other = beside(&app, imagegate::domain::OnBackendError::Closed).await;
     let (status, _) = error_of(other.post_json("/images/generations", &json!({"prompt": "y"})).await).await;
     assert_eq!(status, 429, "the other replica sees the slot taken");
     app.shutdown().await; // the drain deadline passes with the request still running

@@ -110,8 +110,8 @@ async fn gpt_models_answer_links_when_asked_and_the_upstream_never_sees_response
 async fn formats_follow_the_request_then_the_tenant_then_the_deployment_then_the_model() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| {
-        s.images.response_format = Some(imagegate::rehost::ResponseFormat::B64Json);
-        s.tenants[1].images.response_format = Some(imagegate::rehost::ResponseFormat::Url);
+        s.images.response_format = Some(imagegate::domain::ResponseFormat::B64Json);
+        s.tenants[1].images.response_format = Some(imagegate::domain::ResponseFormat::Url);
     })
     .await;
     let post = |key: &str, body: Value| {
@@ -401,7 +401,7 @@ fn urlencode(s: &str) -> String {
 async fn a_failed_download_keeps_the_cost_in_usage_or_passes_the_link_on_when_the_tenant_opts_in() {
     let fake = FakeOpenAi::start().await;
     let (app, status, _) = hostile(&fake, "/_fake/html", |s| {
-        s.tenants[1].images.on_download_error = Some(imagegate::rehost::DownloadFallback::PassThrough);
+        s.tenants[1].images.on_download_error = Some(imagegate::domain::DownloadFallback::PassThrough);
     })
     .await;
     assert_eq!(status, 502);

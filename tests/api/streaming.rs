@@ -157,7 +157,7 @@ async fn streams_tell_caches_and_proxies_not_to_hold_them() {
 async fn streams_carry_base64_even_when_links_are_the_default_but_an_explicit_url_is_refused() {
     let fake = FakeOpenAi::start().await;
     let app = TestApp::spawn_with(&fake.url, |s| {
-        s.tenants[0].images.response_format = Some(imagegate::rehost::ResponseFormat::Url);
+        s.tenants[0].images.response_format = Some(imagegate::domain::ResponseFormat::Url);
     })
     .await;
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use imagegate::config::{KeySettings, Secret, Settings, TenantSettings, UpstreamKind};
+use imagegate::domain::keys;
 use imagegate::startup::Application;
-use imagegate::tenants::keys;
 use tokio::sync::oneshot;
 use url::Url;
 

@@ -1,6 +1,6 @@
 //! Misbehaving Redis servers for the limiter's tests: a proxy to the real Redis that can refuse connections or
-//! hold what clients send, and an address that accepts connections and never answers. Shared by the unit tests
-//! of `src/limits/redis.rs` (through `#[path]`) and `tests/api/rate_limits_redis.rs`, so it uses tokio only.
+//! hold what clients send, and an address that accepts connections and never answers. Used by
+//! `tests/api/redis_backend.rs` and `tests/api/rate_limits_redis.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,11 +4,9 @@
 
 use serde_json::Value;
 
-use super::Limits;
-use crate::cache::CachePolicy;
-use crate::config::TenantSettings;
-use crate::ledger::MAX_MODEL_CHARS; // the longest model name accepted: the ledger stores as much
-use crate::rehost::ImagePolicy;
+use super::MAX_MODEL_CHARS;
+use super::limits::Limits;
+use super::policy::{CachePolicy, ImagePolicy};
 
 /// The longest organization or project id accepted (they are sent as HTTP headers).
 const MAX_ATTRIBUTION_CHARS: usize = 256;
@@ -55,23 +53,6 @@ pub struct PolicyNames {
 impl Default for PolicyNames {
     fn default() -> Self {
         Self { cache: "cache_policy", images: "image_policy" }
-    }
-}
-
-impl<'a> Fields<'a> {
-    /// The fields of a `[[tenants]]` entry.
-    pub fn of_config(t: &'a TenantSettings) -> Self {
-        Self {
-            allowed_models: t.allowed_models.as_deref(),
-            limits: Some(&t.limits),
-            cache_policy: t.cache.as_ref(),
-            image_policy: Some(&t.images),
-            organization: t.organization.as_deref(),
-            project: t.project.as_deref(),
-            metadata: t.metadata.as_ref(),
-            upstream: t.upstream.as_deref(),
-            names: PolicyNames { cache: "cache", images: "images" },
-        }
     }
 }
 
@@ -256,16 +237,5 @@ mod tests {
             assert!(found.iter().any(|f| f.starts_with(field)), "nothing starts with {field:?}: {found:#?}");
         }
         assert_eq!(found.len(), 11, "{found:#?}");
-    }
-
-    #[test]
-    fn config_tenants_name_their_policies_as_the_file_does() {
-        let t = TenantSettings {
-            images: ImagePolicy { retention: Some(Duration::ZERO), ..ImagePolicy::default() },
-            cache: Some(CachePolicy { ttl: Some(Duration::ZERO), ..CachePolicy::default() }),
-            ..TenantSettings::default()
-        };
-        let found = faults(&Fields::of_config(&t));
-        assert!(found[0].starts_with("cache.ttl") && found[1].starts_with("images.retention"), "{found:?}");
     }
 }

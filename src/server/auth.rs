@@ -7,10 +7,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::header::AUTHORIZATION;
 
-use super::keys;
-use super::store::Lookup;
+use crate::domain::keys;
 use crate::error::{ApiError, AuthFailure};
 use crate::state::AppState;
+use crate::tenants::store::Lookup;
 
 /// How much of an unauthenticated request's body is read (and dropped) after its 401 has been sent.
 pub const UNAUTHENTICATED_LINGER_BYTES: u64 = 64 * 1024;
@@ -37,7 +37,7 @@ pub async fn require_tenant(State(state): State<AppState>, mut request: Request,
     }
 }
 
-async fn authenticate(state: &AppState, headers: &http::HeaderMap) -> Result<super::TenantContext, ApiError> {
+async fn authenticate(state: &AppState, headers: &http::HeaderMap) -> Result<crate::domain::TenantContext, ApiError> {
     let Some(value) = headers.get(AUTHORIZATION) else {
         return Err(ApiError::Unauthenticated { reason: AuthFailure::Missing });
     };

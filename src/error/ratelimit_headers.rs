@@ -3,7 +3,8 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{BucketReport, Report, go_duration};
+use crate::domain::limits::go_duration;
+use crate::domain::{BucketReport, Report};
 
 /// Add the bucket headers for the limits the tenant has.
 pub fn apply(report: &Report, headers: &mut HeaderMap) {

@@ -1,0 +1,271 @@
+//! Validation of loaded settings: every fault at once, each naming its key, before any socket is bound.
+
+use super::*;
+use crate::domain::rules::{Fields, PolicyNames};
+
+impl Settings {
+    /// Every fault at once, so a deployment is fixed in one round.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut faults = Vec::new();
+        validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
+        for (name, up) in &self.upstreams {
+            if !valid_upstream_name(name) {
+                faults.push(format!(
+                    "upstreams.{name}: an upstream name is 1-64 lowercase letters, digits, '-' or '_' (it is also \
+                     spelt in IMAGEGATE__UPSTREAMS__<NAME>__… variables)"
+                ));
+            }
+            validate_upstream(&format!("upstreams.{name}"), up, self.server.request_timeout, &mut faults);
+        }
+        if self.server.request_timeout.is_zero() {
+            faults.push("server.request_timeout must be greater than zero".to_owned());
+        }
+        if self.server.shutdown_grace >= self.server.shutdown_timeout {
+            faults.push(format!(
+                "server.shutdown_grace ({:?}) must be shorter than server.shutdown_timeout ({:?}), which it is part of",
+                self.server.shutdown_grace, self.server.shutdown_timeout
+            ));
+        }
+        for (name, size) in [
+            ("server.max_json_body", self.server.max_json_body),
+            ("server.max_multipart_body", self.server.max_multipart_body),
+        ] {
+            if size.as_u64() == 0 {
+                faults.push(format!("{name} must be greater than zero"));
+            }
+        }
+        if let Some(url) = &self.server.public_url
+            && !matches!(url.scheme(), "http" | "https")
+        {
+            faults.push(format!("server.public_url must be http or https, got {url}"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
+        }
+        validate_tenants(&self.tenants, &self.upstreams, &mut faults);
+        if self.database.max_connections == 0 {
+            faults.push("database.max_connections must be at least 1".to_owned());
+        }
+        if let Some(url) = &self.database.url
+            && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.expose().starts_with(p))
+        {
+            faults.push("database.url must start with sqlite:, postgres: or postgresql:".to_owned());
+        }
+        if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            faults.push("admin.token must be at least 16 characters".to_owned());
+        }
+        if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
+            faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        if self.usage.shutdown_flush_timeout.is_zero() {
+            faults.push("usage.shutdown_flush_timeout must be greater than zero".to_owned());
+        }
+        if self.limits.backend == LimitsBackend::Redis && self.limits.redis_url.is_none() {
+            faults.push("limits.redis_url is required when limits.backend = \"redis\"".to_owned());
+        }
+        if self.limits.redis_timeout.is_zero() {
+            faults.push("limits.redis_timeout must be greater than zero".to_owned());
+        }
+        if self.limits.lease.is_some_and(|l| l < Duration::from_secs(1)) {
+            faults.push("limits.lease must be at least 1s".to_owned());
+        }
+        self.validate_images(&mut faults);
+        let cache = &self.cache;
+        if cache.ttl.is_zero() || cache.redis_timeout.is_zero() || cache.redis_backoff.is_zero() {
+            faults.push("cache.ttl, cache.redis_timeout and cache.redis_backoff must be greater than zero".to_owned());
+        }
+        if cache.max_bytes.as_u64() == 0 || cache.max_entry_bytes > cache.max_bytes {
+            faults.push("cache.max_bytes must be greater than zero and at least cache.max_entry_bytes".to_owned());
+        }
+        if cache.backend == CacheBackend::Redis && cache.redis_url.is_none() {
+            faults.push("cache.redis_url is required when cache.backend = \"redis\"".to_owned());
+        }
+        faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
+        if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
+    }
+}
+
+impl Settings {
+    fn validate_images(&self, faults: &mut Vec<String>) {
+        let (storage, images) = (&self.storage, &self.images);
+        if storage.backend == StorageBackend::S3 {
+            if storage.s3.bucket.as_deref().is_none_or(|b| b.trim().is_empty()) {
+                faults.push("storage.s3.bucket is required when storage.backend = \"s3\"".to_owned());
+            }
+            if images.signing_key.is_none() {
+                faults.push(
+                    "images.signing_key is required when storage.backend = \"s3\": every replica must sign and \
+                     check links with the same key (set IMAGEGATE__IMAGES__SIGNING_KEY)"
+                        .to_owned(),
+                );
+            }
+            if let Some(endpoint) = &storage.s3.endpoint
+                && endpoint.scheme() == "http"
+                && !storage.s3.allow_http
+            {
+                faults.push(format!("storage.s3.endpoint {endpoint} is plain HTTP: set storage.s3.allow_http = true"));
+            }
+        }
+        if images.signing_key.as_ref().is_some_and(|k| k.expose().len() < 32) {
+            faults.push("images.signing_key must be at least 32 characters".to_owned());
+        }
+        for (name, d) in [
+            ("images.retention", images.retention),
+            ("images.sweep_interval", images.sweep_interval),
+            ("images.download.timeout", images.download.timeout),
+        ] {
+            if d.is_zero() {
+                faults.push(format!("{name} must be greater than zero"));
+            }
+        }
+        if images.download.max_bytes.as_u64() == 0 || images.download.concurrency == 0 {
+            faults
+                .push("images.download.max_bytes and images.download.concurrency must be greater than zero".to_owned());
+        }
+        for host in images.download.allowed_hosts.iter().chain(&images.download.private_hosts) {
+            if !valid_host_pattern(host) {
+                faults.push(format!(
+                    "images.download host {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
+                     address, without scheme, port or path"
+                ));
+            }
+        }
+    }
+}
+
+/// Checks shared by `[upstream]` and every `[upstreams.<name>]`.
+fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration, faults: &mut Vec<String>) {
+    if up.kind == UpstreamKind::Openai {
+        if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
+            if at == "upstream" {
+                faults.push(format!(
+                    "upstream.api_key is not set: set it in the file or export {ENV_PREFIX}UPSTREAM__API_KEY \
+                     ({ENV_OPENAI_API_KEY} also works for https://api.openai.com), or run the offline mock upstream \
+                     explicitly with `imagegate serve --mock` / upstream.kind = \"mock\""
+                ));
+            } else {
+                let env = at.replace('.', "__").to_ascii_uppercase();
+                faults.push(format!("{at}.api_key is not set: set {ENV_PREFIX}{env}__API_KEY, or kind = \"mock\""));
+            }
+        }
+        if !matches!(up.base_url.scheme(), "http" | "https") {
+            faults.push(format!("{at}.base_url must be http or https, got {}", up.base_url));
+        }
+    }
+    for host in &up.image_hosts {
+        if !valid_host_pattern(host) {
+            faults.push(format!(
+                "{at}.image_hosts entry {host:?} must be a host name (`example.com`, `*.example.com`) or an IP \
+                 address, without scheme, port or path"
+            ));
+        }
+    }
+    for (name, d) in [
+        ("connect_timeout", up.connect_timeout),
+        ("timeout", up.timeout),
+        ("stream_idle_timeout", up.stream_idle_timeout),
+    ] {
+        if d.is_zero() {
+            faults.push(format!("{at}.{name} must be greater than zero"));
+        }
+    }
+    if request_timeout <= up.timeout {
+        faults.push(format!(
+            "server.request_timeout ({}s) must exceed {at}.timeout ({}s) so upstream timeouts answer 504 with a \
+             clear message",
+            request_timeout.as_secs(),
+            up.timeout.as_secs()
+        ));
+    }
+}
+
+/// A host name, `*.suffix` or IP address, without scheme, port or path.
+fn valid_host_pattern(host: &str) -> bool {
+    !(host.trim().is_empty() || host.contains('/') || host.contains(':') && !host.starts_with('['))
+}
+
+/// Names of `[upstreams.<name>]` tables: also path segments of environment variables, which are lowercased.
+fn valid_upstream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+}
+
+fn validate_tenants(
+    tenants: &[TenantSettings],
+    upstreams: &BTreeMap<String, UpstreamSettings>,
+    faults: &mut Vec<String>,
+) {
+    let mut names = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for (i, t) in tenants.iter().enumerate() {
+        if t.name.trim().is_empty() {
+            faults.push(format!("tenants[{i}].name must not be empty"));
+        } else if !names.insert(t.name.as_str()) {
+            faults.push(format!("tenants[{i}].name {:?} is declared twice", t.name));
+        }
+        let fields = tenant_fields(t);
+        for invalid in crate::domain::rules::check(&fields, &|name| upstreams.contains_key(name)) {
+            faults.push(format!("tenants[{i}] ({:?}): {invalid}", t.name));
+        }
+        for (j, k) in t.keys.iter().enumerate() {
+            if !crate::domain::keys::is_valid_key_id(&k.id) {
+                faults.push(format!(
+                    "tenants[{i}].keys[{j}].id {:?} is not a key id (8 lowercase letters or digits)",
+                    k.id
+                ));
+            } else if !ids.insert(k.id.as_str()) {
+                faults.push(format!("tenants[{i}].keys[{j}].id {:?} is used twice", k.id));
+            }
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                faults.push(format!("tenants[{i}].keys[{j}].sha256 must be 64 hex digits"));
+            }
+            if let Some(at) = &k.expires_at
+                && crate::time::parse_time(at).is_none()
+            {
+                faults.push(format!(
+                    "tenants[{i}].keys[{j}].expires_at {at:?} is not a time: use an RFC 3339 time \
+                     (2026-11-01T09:00:00Z, 2026-11-01T10:00:00+01:00), a date (2026-11-01) or Unix milliseconds"
+                ));
+            }
+        }
+    }
+}
+
+/// The fields of a `[[tenants]]` entry, for the rules every tenant setting must satisfy.
+fn tenant_fields(t: &TenantSettings) -> Fields<'_> {
+    Fields {
+        allowed_models: t.allowed_models.as_deref(),
+        limits: Some(&t.limits),
+        cache_policy: t.cache.as_ref(),
+        image_policy: Some(&t.images),
+        organization: t.organization.as_deref(),
+        project: t.project.as_deref(),
+        metadata: t.metadata.as_ref(),
+        upstream: t.upstream.as_deref(),
+        names: PolicyNames { cache: "cache", images: "images" },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_tenants_name_their_policies_as_the_file_does() {
+        let t = TenantSettings {
+            images: crate::domain::ImagePolicy {
+                retention: Some(Duration::ZERO),
+                ..crate::domain::ImagePolicy::default()
+            },
+            cache: Some(crate::domain::CachePolicy {
+                ttl: Some(Duration::ZERO),
+                ..crate::domain::CachePolicy::default()
+            }),
+            ..TenantSettings::default()
+        };
+        let found: Vec<String> =
+            crate::domain::rules::check(&tenant_fields(&t), &|_| true).into_iter().map(|i| i.to_string()).collect();
+        assert!(found[0].starts_with("cache.ttl") && found[1].starts_with("images.retention"), "{found:?}");
+    }
+}

@@ -1,0 +1,557 @@
+//! The image pipeline: validate → authorise model → cache → limit → upstream → re-host → usage. No axum or
+//! routing here; replies are the upstream's status, headers and body.
+//!
+//! Handlers build an [`ImageRequest`] and call [`ImagesService::handle`]; everything a request goes through
+//! after authentication happens here, in this order. Each request travels as one [`Call`] (who asks, when it
+//! started, its usage record and its reservation), and every outcome is booked through [`book`], the one
+//! place that settles a reservation and queues the usage row. Re-hosting (`crate::rehost`) plans the caller's
+//! format before the cache lookup and rewrites the answer after the upstream call; the response cache
+//! (`crate::cache`) answers hits before the images are reserved, so a hit spends a request but no images.
+
+pub mod metering;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::cache::key::KeyParts;
+use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Uncached};
+use crate::domain::{Scope, TenantContext};
+use crate::error::{ApiError, Failure, ratelimit_headers};
+use crate::images::request::{Endpoint, ImageRequest};
+use crate::images::validate::{self, ValidationPolicy};
+use crate::ledger::Ledger;
+use crate::ledger::record::{self as usage, UsageRecord};
+use crate::limits::{Demand, Limiter, Permit, Usage};
+use crate::pricing::{Ask, Prices, Unpriced};
+use crate::rehost::{Origin, Plan, Rehoster};
+use crate::upstream::{Attribution, ReplyBody, UpstreamReply, Upstreams};
+
+/// Per-request facts from the HTTP edge the pipeline needs.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// imagegate's `x-request-id`.
+    pub request_id: String,
+    /// The caller's `Idempotency-Key`, forwarded unchanged.
+    pub idempotency_key: Option<String>,
+    /// The caller's `Cache-Control` directive.
+    pub cache: Directive,
+}
+
+/// One request on its way through the pipeline. Cheap to clone, so that an upstream call through the cache can
+/// run in a task of its own with everything it needs.
+#[derive(Clone)]
+struct Call {
+    ctx: TenantContext,
+    meta: RequestMeta,
+    started: Instant,
+    /// The model as validated (the one the request names).
+    model: String,
+    /// The usage row of this request, unfinished: each outcome finishes a copy and books it.
+    record: UsageRecord,
+    /// What re-hosting does with the answer, decided before the cache lookup.
+    plan: Option<Plan>,
+    /// The reservation, once the limits granted one.
+    permit: Option<Permit>,
+}
+
+impl Call {
+    fn new(ctx: &TenantContext, request: &ImageRequest, meta: RequestMeta, started: Instant, model: String) -> Self {
+        let record = UsageRecord::start(ctx, request, &meta.request_id, &model);
+        Self { ctx: ctx.clone(), meta, started, model, record, plan: None, permit: None }
+    }
+
+    /// The record finished with `status` (no upstream answer to read).
+    fn finished(&self, status: u16) -> UsageRecord {
+        self.record.clone().finish(status, self.started)
+    }
+
+    /// The `x-ratelimit-*` headers this call's reservation earned (none before one was granted).
+    fn limit_headers(&self, headers: &mut HeaderMap) {
+        if let Some(permit) = &self.permit {
+            ratelimit_headers::apply(&permit.report(), headers);
+        }
+    }
+
+    /// An error after the reservation, with the headers that reservation earned and the cache decision.
+    fn failure(&self, e: ApiError, outcome: Outcome) -> Failure {
+        let mut headers = HeaderMap::new();
+        self.limit_headers(&mut headers);
+        set_cache_header(&mut headers, outcome);
+        Failure::with_headers(e, headers)
+    }
+
+    /// A reply built from a cached (or coalesced) answer, with this request's own rate-limit headers. A hit
+    /// made no upstream call: it does not replay the headers of the call that made the answer.
+    fn answer_reply(&self, answer: Answer, outcome: Outcome) -> UpstreamReply {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &answer.headers {
+            if outcome == Outcome::Hit && cache::NOT_REPLAYED.contains(&name.as_str()) {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+                headers.append(name, value);
+            }
+        }
+        self.limit_headers(&mut headers);
+        set_cache_header(&mut headers, outcome);
+        let status = http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::OK);
+        UpstreamReply { status, headers, body: ReplyBody::Full(answer.body) }
+    }
+}
+
+/// Book a finished usage record: settle the reservation (if any) with what the request used, then queue the
+/// record for the ledger. Every outcome of every request ends here, once.
+fn book(ledger: &Ledger, permit: Option<&Permit>, record: UsageRecord, used: Usage) {
+    if let Some(permit) = permit {
+        permit.finish(used);
+    }
+    ledger.record(record);
+}
+
+/// What the settlement of a finished request's reservation is, from its usage record: the images the
+/// upstream returned (none for answers served by another request's call), the record's cost, and the request
+/// given back when the upstream refused it (429).
+fn usage_of(record: &UsageRecord) -> Usage {
+    let images = if record.cache_hit { 0 } else { record.images_returned.unwrap_or(0) };
+    Usage { images, usd: record.cost_usd, request_back: record.refused_by.is_some() }
+}
+
+/// Owns the pipeline's collaborators. Cheap to clone (every collaborator is shared), so that an upstream call
+/// through the cache can run in a task of its own.
+#[derive(Clone)]
+pub struct ImagesService {
+    /// Every configured upstream; each tenant's requests go to the one it names.
+    upstreams: Arc<Upstreams>,
+    policy: ValidationPolicy,
+    prices: Arc<Prices>,
+    ledger: Ledger,
+    limiter: Limiter,
+    rehoster: Arc<Rehoster>,
+    cache: ResponseCache,
+}
+
+impl ImagesService {
+    pub fn new(
+        upstreams: Arc<Upstreams>,
+        policy: ValidationPolicy,
+        prices: Arc<Prices>,
+        ledger: Ledger,
+        limiter: Limiter,
+        rehoster: Arc<Rehoster>,
+        cache: ResponseCache,
+    ) -> Self {
+        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache }
+    }
+
+    /// The re-hoster, whose store also serves the links it hands out.
+    pub fn rehoster(&self) -> &Arc<Rehoster> {
+        &self.rehoster
+    }
+
+    /// Name of the default upstream (`openai` or `mock`).
+    pub fn upstream_name(&self) -> &'static str {
+        self.upstreams.default_upstream().name()
+    }
+
+    /// The rate limits (counters for the admin API, readiness, shutdown).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// The cache's counters (for the admin API) and its purge.
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
+    }
+
+    /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
+    #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream, cache))]
+    pub async fn handle(
+        &self,
+        ctx: &TenantContext,
+        request: ImageRequest,
+        meta: RequestMeta,
+    ) -> Result<UpstreamReply, Failure> {
+        let started = Instant::now();
+        // 1. Validate against the model's rules (structural checks happened while parsing).
+        let validated = match validate::validate(&request, &self.policy) {
+            Ok(v) => v,
+            Err(e) => {
+                let call = Call::new(ctx, &request, meta, started, request.model());
+                return Err(self.refuse_unreserved(&call, e).await);
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("model", validated.model.as_str());
+        span.record("n", validated.n);
+        span.record("stream", validated.stream);
+        let mut call = Call::new(ctx, &request, meta, started, validated.model.clone());
+        // 2. The tenant may use this model, and the budgets can count what it costs.
+        let cost = match self.authorise(ctx, &request, &validated) {
+            Ok(cost) => cost,
+            Err(e) => return Err(self.refuse_unreserved(&call, e).await),
+        };
+        // The caller's format decides what goes upstream (GPT image models never see response_format) and is
+        // part of the cache key.
+        let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
+        call.plan = plan;
+        // 3. Cache: a hit is answered here, spending a request but no images.
+        let lookup = self.cache_lookup(ctx, &request, &validated, call.plan.as_ref(), call.meta.cache);
+        if let Some(lookup) = lookup.as_ref().filter(|l| l.directive == Directive::Normal)
+            && let Some(answer) = self.cache.get(&lookup.key).await
+        {
+            span.record("cache", Outcome::Hit.as_str());
+            self.acquire(&mut call, Demand::request_only()).await?;
+            self.cache.count_hit();
+            self.settle(&call, call.record.clone().finish_cached(answer.status, answer.images, started));
+            return Ok(call.answer_reply(answer, Outcome::Hit));
+        }
+        let Some(lookup) = lookup else {
+            // 4. Rate limits and quotas: reserve the request, its `n` images and its cost, all or nothing.
+            self.acquire(&mut call, Demand::whole(validated.n, cost)).await?;
+            // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
+            span.record("cache", Outcome::Bypass.as_str());
+            let (mut reply, record) =
+                self.fetch(&call, &request).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
+            set_cache_header(&mut reply.headers, Outcome::Bypass);
+            return Ok(self.meter(reply, record, &call));
+        };
+        // 4. Through the cache, only the request is reserved now: its images and cost are reserved by
+        // whichever caller's upstream call runs (`lead`); the others are served by it and spend no images.
+        self.acquire(&mut call, Demand::request_only()).await?;
+        // 5–6 through the cache: one upstream call for every concurrent identical miss, run in a task of its own
+        // that reserves the images and cost, records the upstream's usage and stores the answer whatever happens
+        // to this caller (the task holds a clone of the call and so of its permit: the concurrency slot is held
+        // until it ends). The others are served by it and cost nothing.
+        let fetch = self.cached_fetch(call.clone(), request, lookup.clone(), validated.n, cost);
+        let (served, role) = self.cache.get_or_fetch(&lookup, fetch).await;
+        let outcome = role.outcome(&served);
+        span.record("cache", outcome.as_str());
+        let by_another = role.served_by_another();
+        match served.map_err(Uncached::take) {
+            Ok(answer) => {
+                if by_another {
+                    self.settle(&call, call.record.clone().finish_cached(answer.status, answer.images, started));
+                }
+                Ok(call.answer_reply(answer, outcome))
+            }
+            // An answer that was not stored (an upstream error, or a 2xx answer that may not be stored). A
+            // caller served by another's call records it at no cost, and not as a cache hit; the images are the
+            // other call's (its row counts them), so this row counts none.
+            Err(Uncached::Answer(answer)) => {
+                if by_another {
+                    self.settle(&call, call.finished(answer.status));
+                }
+                Ok(call.answer_reply(answer, Outcome::Miss))
+            }
+            // This caller led, and its own limits refused the images (recorded by `lead`).
+            Err(Uncached::Refused(e)) => Err(call.failure(e, Outcome::Miss)),
+            Err(Uncached::Error(e)) => {
+                if by_another {
+                    self.settle_failed(&call, call.finished(e.status().as_u16()), &e);
+                }
+                Err(call.failure(e, outcome))
+            }
+        }
+    }
+
+    /// Steps 5–6 for a request through the cache, as a task-ready future: the reservation of the images and
+    /// cost, the upstream call, re-hosting, the usage record of the call, and whether (for how long) the
+    /// answer may be stored.
+    fn cached_fetch(
+        &self,
+        call: Call,
+        request: ImageRequest,
+        lookup: Lookup,
+        images: u32,
+        cost: f64,
+    ) -> impl Future<Output = Result<Fetched, Uncached>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            this.lead(&call, images, cost).await.map_err(Uncached::Refused)?;
+            let (reply, record) = this.fetch(&call, &request).await.map_err(Uncached::Error)?;
+            this.settle(&call, record.finish_reply(&reply, &this.prices, call.started));
+            let answer = Answer::from_reply(reply);
+            if !(200..300).contains(&answer.status) {
+                return Err(Uncached::Answer(answer));
+            }
+            let store_for = cache::storable_for(&answer, &lookup, std::time::SystemTime::now(), |link| {
+                this.rehoster.own_link_expiry(link)
+            });
+            Ok(Fetched { answer, store_for })
+        }
+    }
+
+    /// Which cache entry this request may use, or `None` when it bypasses the cache (streams, `no-store`,
+    /// or a tenant whose cache is off).
+    fn cache_lookup(
+        &self,
+        ctx: &TenantContext,
+        request: &ImageRequest,
+        validated: &validate::Validated,
+        plan: Option<&Plan>,
+        directive: Directive,
+    ) -> Option<Lookup> {
+        let policy = self.cache.policy_for(&ctx.tenant);
+        let Some((ttl, scope)) = policy.filter(|_| !validated.stream && directive != Directive::Bypass) else {
+            self.cache.count_bypass();
+            return None;
+        };
+        let scope = match scope {
+            Scope::Tenant => ctx.tenant.id.as_str(),
+            Scope::Shared => "shared",
+        };
+        let retention = plan.map(|p| p.retention);
+        let parts = KeyParts {
+            scope,
+            model: &validated.model,
+            family: validated.family,
+            want: plan.and_then(|p| p.want),
+            retention,
+        };
+        // A hit's links have at least half the retention left: entries expire that long before their links.
+        let link_margin = retention.unwrap_or_default() / 2;
+        Some(Lookup { key: cache::key::key(parts, request), ttl, link_margin, directive })
+    }
+
+    /// Whether the tenant may use the model, and the most the request may cost (held against its USD budgets).
+    /// A model without a price is refused when `pricing.unpriced = "reject"`, and for a tenant with a USD
+    /// budget (which it would otherwise bypass at cost 0).
+    fn authorise(
+        &self,
+        ctx: &TenantContext,
+        request: &ImageRequest,
+        validated: &validate::Validated,
+    ) -> Result<f64, ApiError> {
+        let model = validated.model.as_str();
+        if !ctx.tenant.allows_model(model) {
+            return Err(ApiError::PermissionDenied {
+                message: format!("Tenant '{}' may not use model '{model}'.", ctx.tenant.name),
+            });
+        }
+        let (size, quality, prompt) =
+            (request.field_str("size"), request.field_str("quality"), request.field_str("prompt"));
+        let input_images = match request.form() {
+            Some(form) => form.images().count() + usize::from(form.mask().is_some()),
+            None => {
+                request.field("images").and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0)
+                    + usize::from(request.field("mask").is_some_and(|m| !m.is_null()))
+            }
+        };
+        let partial_images = request.field("partial_images").and_then(|v| v.as_u64()).unwrap_or(0);
+        let ask = Ask {
+            model,
+            size: size.as_deref(),
+            quality: quality.as_deref(),
+            n: validated.n,
+            prompt_bytes: prompt.map_or(0, |p| p.len()),
+            input_images: u32::try_from(input_images).unwrap_or(u32::MAX),
+            partial_images: u32::try_from(partial_images).unwrap_or(u32::MAX),
+        };
+        if let Some(cost) = self.prices.reservation(&ask) {
+            return Ok(cost);
+        }
+        let limits = self.limiter.effective(&ctx.tenant.limits);
+        let has_usd_budget = limits.usd_per_day.is_some() || limits.usd_per_month.is_some();
+        if self.prices.unpriced == Unpriced::Reject || has_usd_budget {
+            let why = if has_usd_budget {
+                format!(
+                    "tenant '{}' has a USD budget, which cannot count a model imagegate has no price for",
+                    ctx.tenant.name
+                )
+            } else {
+                "this gateway refuses models it has no price for".to_owned()
+            };
+            return Err(ApiError::invalid_code(
+                format!(
+                    "imagegate has no price for model '{model}' at this size and quality, and {why}. Use a \
+                     priced model, or ask the administrator to price it (pricing.per_image / pricing.per_token, \
+                     or pricing.unpriced = \"<model to bill it as>\")."
+                ),
+                Some("model"),
+                "unpriced_model",
+            ));
+        }
+        Ok(0.0)
+    }
+
+    /// Reserve `demand` from the tenant's limits and keep the permit on the call; a refusal is booked and
+    /// returned.
+    async fn acquire(&self, call: &mut Call, demand: Demand) -> Result<(), ApiError> {
+        let tenant = &call.ctx.tenant;
+        match self.limiter.acquire(&tenant.id, &tenant.limits, demand).await {
+            Ok(permit) => {
+                call.permit = Some(permit);
+                Ok(())
+            }
+            Err(denied) => Err(self.refused(call, denied.into_error(&tenant.name))),
+        }
+    }
+
+    /// This caller's upstream call runs (it leads the identical requests waiting on it): reserve its images
+    /// and cost now. A refusal is booked, and gives the request back (a refused request spends nothing).
+    async fn lead(&self, call: &Call, images: u32, cost: f64) -> Result<(), ApiError> {
+        let Some(permit) = &call.permit else { return Ok(()) };
+        let extended = permit.extend(images, cost).await;
+        extended.map_err(|denied| self.refused(call, denied.into_error(&call.ctx.tenant.name)))
+    }
+
+    /// A refusal by the limits, booked in the ledger (the limits already settled what they refused).
+    fn refused(&self, call: &Call, e: ApiError) -> ApiError {
+        let record = call.record.clone().finish_refused(e.status().as_u16(), call.started);
+        book(&self.ledger, None, record, Usage::NOTHING);
+        e
+    }
+
+    /// An error answered before anything was reserved: booked at no cost, with the tenant's buckets as they
+    /// stand (a read that spends nothing), so every answer of the image routes carries the `x-ratelimit-*`
+    /// headers.
+    async fn refuse_unreserved(&self, call: &Call, e: ApiError) -> Failure {
+        book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
+        self.unreserved(&call.ctx, e).await
+    }
+
+    /// `failure` with the tenant's buckets as they stand (a read that spends nothing) added to its headers.
+    pub async fn unreserved(&self, ctx: &TenantContext, failure: impl Into<Failure>) -> Failure {
+        let mut failure = failure.into();
+        let mut headers = HeaderMap::new();
+        ratelimit_headers::apply(&self.limiter.peek(&ctx.tenant.id, &ctx.tenant.limits).await, &mut headers);
+        for (name, value) in headers {
+            if let Some(name) = name
+                && !failure.headers.contains_key(&name)
+            {
+                failure.headers.insert(name, value);
+            }
+        }
+        failure
+    }
+
+    /// Steps 5 and 6: the upstream call, then re-hosting of a successful whole answer. Failures are booked
+    /// here (a failed re-host keeps the images' cost: the upstream billed them); on success the record is
+    /// handed back unfinished, to be metered with the reply.
+    async fn fetch(&self, call: &Call, request: &ImageRequest) -> Result<(UpstreamReply, UsageRecord), ApiError> {
+        let tenant = &call.ctx.tenant;
+        let attribution = Attribution {
+            organization: tenant.organization.clone(),
+            project: tenant.project.clone(),
+            idempotency_key: call.meta.idempotency_key.clone(),
+        };
+        let Some(upstream) = self.upstreams.get(tenant.upstream.as_deref()) else {
+            let e = ApiError::Internal(anyhow::anyhow!(
+                "tenant '{}' names upstream '{}', which is not configured on this gateway",
+                tenant.name,
+                tenant.upstream.as_deref().unwrap_or_default()
+            ));
+            book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
+            return Err(e);
+        };
+        let reply = match upstream.send(request, &attribution).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                let e = ApiError::from(e);
+                self.settle_failed(call, call.finished(e.status().as_u16()), &e);
+                return Err(e);
+            }
+        };
+        if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
+            // The upstream's limit, not the tenant's: passed on as it is, told apart in the logs, the counters
+            // and the ledger (`refused_by = upstream`), and the request is given back.
+            self.limiter.count_upstream_rate_limited();
+            tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
+        }
+        let record = call.record.clone();
+        let (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) = (&call.plan, &reply) else {
+            return Ok((reply, record));
+        };
+        if !status.is_success() {
+            return Ok((reply, record));
+        }
+        let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
+        match self.rehoster.apply(plan, body, origin).await {
+            Ok(None) => Ok((reply, record)),
+            Ok(Some(rewritten)) => {
+                let reply =
+                    UpstreamReply { status: *status, headers: headers.clone(), body: ReplyBody::Full(rewritten) };
+                Ok((reply, record))
+            }
+            Err(e) => {
+                let e = match e {
+                    crate::rehost::RehostError::Store(inner) => {
+                        ApiError::Internal(anyhow::anyhow!("storing a re-hosted image failed: {inner}"))
+                    }
+                    other => ApiError::RehostFailed(other.to_string()),
+                };
+                let mut record = record.finish_reply(&reply, &self.prices, call.started);
+                record.status = e.status().as_u16();
+                self.settle(call, record);
+                Err(e)
+            }
+        }
+    }
+
+    /// Book a finished record against the call's reservation: what the request used (images returned, its
+    /// cost; the request given back when the upstream refused it).
+    fn settle(&self, call: &Call, record: UsageRecord) {
+        let used = usage_of(&record);
+        book(&self.ledger, call.permit.as_ref(), record, used);
+    }
+
+    /// Book a request that failed without an answer: nothing used; the request given back as well when the
+    /// upstream never processed it (it could not be reached) or imagegate refused it.
+    fn settle_failed(&self, call: &Call, mut record: UsageRecord, e: &ApiError) {
+        let refused = matches!(e, ApiError::RateLimited { .. } | ApiError::LimitsUnavailable { .. });
+        if refused {
+            record.refused_by = Some(usage::REFUSED_BY_GATEWAY);
+        }
+        let never_processed = refused || matches!(e, ApiError::UpstreamUnavailable(_));
+        book(
+            &self.ledger,
+            call.permit.as_ref(),
+            record,
+            if never_processed { Usage::REFUNDED } else { Usage::NOTHING },
+        );
+    }
+
+    /// Record a request refused before it reached the pipeline (unreadable body): it costs nothing.
+    pub fn record_refusal(&self, ctx: &TenantContext, endpoint: Endpoint, request_id: &str, status: u16) {
+        let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
+        record.model = "unknown".to_owned();
+        book(&self.ledger, None, record.finish(status, Instant::now()), Usage::NOTHING);
+    }
+
+    /// The reply of an uncached call, with its rate-limit headers; its usage is booked now, or, for a stream,
+    /// as its events pass and when it ends (the stream holds the reservation until then).
+    fn meter(&self, mut reply: UpstreamReply, record: UsageRecord, call: &Call) -> UpstreamReply {
+        call.limit_headers(&mut reply.headers);
+        let Some(permit) = call.permit.clone() else {
+            book(&self.ledger, None, record.finish_reply(&reply, &self.prices, call.started), Usage::NOTHING);
+            return reply;
+        };
+        match reply.body {
+            ReplyBody::Stream(stream) if reply.status.is_success() => {
+                // The upstream's request id is known from the headers, before any event.
+                let mut record = record;
+                record.note_upstream_request_id(&reply.headers);
+                let (ledger, settled) = (self.ledger.clone(), permit.clone());
+                let done = move |record: UsageRecord| {
+                    let used = usage_of(&record);
+                    book(&ledger, Some(&settled), record, used);
+                };
+                // The concurrency slot (and the reservation's lease) is held until the stream ends.
+                let hold = Some(crate::limits::SlotGuard(permit));
+                let body =
+                    metering::meter_stream(stream, record, self.prices.clone(), Box::new(done), hold, call.started);
+                UpstreamReply { body: ReplyBody::Stream(body), ..reply }
+            }
+            _ => {
+                self.settle(call, record.finish_reply(&reply, &self.prices, call.started));
+                reply
+            }
+        }
+    }
+}
+
+fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
+    headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
+}
