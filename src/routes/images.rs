@@ -48,7 +48,7 @@ async fn handle(
     request: Request,
 ) -> Result<Response, Failure> {
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
-    let extracted = match extract::image_request(&state, endpoint, request).await {
+    let extracted = match Box::pin(extract::image_request(&state, endpoint, request)).await {
         Ok(extracted) => extracted,
         Err(e) => {
             state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
