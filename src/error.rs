@@ -393,12 +393,17 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         let mut response = self.error.into_response();
         // The error's own headers (a refusal's rate-limit report, say) are the more specific: keep them.
-        for (name, value) in &self.headers {
-            if !response.headers().contains_key(name) {
-                response.headers_mut().insert(name.clone(), value.clone());
-            }
-        }
+        add_missing(response.headers_mut(), &self.headers);
         response
+    }
+}
+
+/// Add each header of `extra` that `target` does not have yet (those it has are the more specific).
+pub fn add_missing(target: &mut HeaderMap, extra: &HeaderMap) {
+    for (name, value) in extra {
+        if !target.contains_key(name) {
+            target.insert(name.clone(), value.clone());
+        }
     }
 }
 

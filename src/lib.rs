@@ -26,28 +26,28 @@
 //! 11. `startup`, `cli`, `telemetry`: wiring `AppState` from `config::Settings` and binding the listener; the
 //!     command line; logging.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
-pub mod extract;
+pub(crate) mod extract;
 pub mod images;
 pub mod ledger;
 pub mod limits;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod pricing;
 pub mod rehost;
-pub mod routes;
+pub(crate) mod routes;
 pub mod server;
-pub mod signing;
+pub(crate) mod signing;
 pub mod startup;
-pub mod state;
+pub(crate) mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod tenants;
 pub mod time;
-pub mod upstream;
+pub(crate) mod upstream;
 pub mod wire;

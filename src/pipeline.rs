@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::cache::key::KeyParts;
 use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Uncached};
 use crate::domain::{Scope, TenantContext};
-use crate::error::{ApiError, Failure, ratelimit_headers};
+use crate::error::{self, ApiError, Failure, ratelimit_headers};
 use crate::images::request::{Endpoint, ImageRequest};
 use crate::images::validate::{self, ValidationPolicy};
 use crate::ledger::Ledger;
@@ -419,13 +419,7 @@ impl ImagesService {
         let mut failure = failure.into();
         let mut headers = HeaderMap::new();
         ratelimit_headers::apply(&self.limiter.peek(&ctx.tenant.id, &ctx.tenant.limits).await, &mut headers);
-        for (name, value) in headers {
-            if let Some(name) = name
-                && !failure.headers.contains_key(&name)
-            {
-                failure.headers.insert(name, value);
-            }
-        }
+        error::add_missing(&mut failure.headers, &headers);
         failure
     }
 

@@ -311,133 +311,131 @@ struct Plan {
     input_images: u64,
 }
 
-impl Plan {
-    fn from_request(req: &ImageRequest) -> Result<Self, MockError> {
-        let model = req.model();
-        let family = Family::of(&model);
+/// `n`, refused outside 1..=10 as OpenAI does.
+fn count(req: &ImageRequest) -> Result<u32, MockError> {
+    match req.field("n").and_then(|v| v.as_i64()) {
+        Some(n) if n < 1 => Err(MockError::invalid(
+            format!("Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead."),
+            "n",
+            "integer_below_min_value",
+        )),
+        Some(n) if n > i64::from(MAX_N) => Err(MockError::invalid(
+            format!("Invalid 'n': integer above maximum value. Expected a value <= {MAX_N}, but got {n} instead."),
+            "n",
+            "integer_above_max_value",
+        )),
+        _ => Ok(req.n().clamp(1, MAX_N)),
+    }
+}
 
-        let n = match req.field("n").and_then(|v| v.as_i64()) {
-            Some(n) if n < 1 => {
-                return Err(MockError::invalid(
-                    format!("Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead."),
-                    "n",
-                    "integer_below_min_value",
-                ));
-            }
-            Some(n) if n > i64::from(MAX_N) => {
-                return Err(MockError::invalid(
-                    format!(
-                        "Invalid 'n': integer above maximum value. Expected a value <= {MAX_N}, but got {n} instead."
-                    ),
-                    "n",
-                    "integer_above_max_value",
-                ));
-            }
-            _ => req.n().clamp(1, MAX_N),
-        };
+/// The rendered size (`auto` and no size: 1024×1024).
+fn size(req: &ImageRequest, family: Family) -> Result<(u32, u32), MockError> {
+    match req.field_str("size").as_deref() {
+        None | Some("auto") => Ok((1024, 1024)),
+        Some(s) => render::parse_size(s).ok_or_else(|| {
+            MockError::invalid(
+                format!("Invalid value: '{s}'. Supported values are: {}.", family.supported_sizes()),
+                "size",
+                "invalid_value",
+            )
+        }),
+    }
+}
 
-        let (width, height) = match req.field_str("size").as_deref() {
-            None | Some("auto") => (1024, 1024),
-            Some(s) => render::parse_size(s).ok_or_else(|| {
+/// Whether a DALL·E caller asked for `b64_json`; GPT image models refuse `response_format` as OpenAI does.
+fn wants_b64(req: &ImageRequest, family: Family) -> Result<bool, MockError> {
+    match (family, req.field_str("response_format").as_deref()) {
+        (_, None) | (Family::DallE2 | Family::DallE3, Some("url")) => Ok(false),
+        (Family::Gpt, Some(_)) => Err(MockError::invalid(
+            "Unknown parameter: 'response_format'.".to_owned(),
+            "response_format",
+            "unknown_parameter",
+        )),
+        (_, Some("b64_json")) => Ok(true),
+        (_, Some(other)) => Err(MockError::invalid(
+            format!("Invalid value: '{other}'. Supported values are: 'url' and 'b64_json'."),
+            "response_format",
+            "invalid_value",
+        )),
+    }
+}
+
+/// The image format: GPT image models take `output_format`, DALL·E answers PNG.
+fn output_format(req: &ImageRequest, family: Family) -> Result<OutputFormat, MockError> {
+    match family {
+        Family::Gpt => match req.field_str("output_format").as_deref() {
+            None => Ok(OutputFormat::Png),
+            Some(s) => OutputFormat::parse(s).ok_or_else(|| {
                 MockError::invalid(
-                    format!("Invalid value: '{s}'. Supported values are: {}.", family.supported_sizes()),
-                    "size",
+                    format!("Invalid value: '{s}'. Supported values are: 'png', 'jpeg', and 'webp'."),
+                    "output_format",
                     "invalid_value",
                 )
-            })?,
-        };
+            }),
+        },
+        Family::DallE2 | Family::DallE3 => Ok(OutputFormat::Png),
+    }
+}
 
-        let mut response_b64 = false;
-        let response_format = req.field_str("response_format");
-        match (family, response_format.as_deref()) {
-            (_, None) => {}
-            (Family::Gpt, Some(_)) => {
-                return Err(MockError::invalid(
-                    "Unknown parameter: 'response_format'.".to_owned(),
-                    "response_format",
-                    "unknown_parameter",
-                ));
-            }
-            (_, Some("url")) => {}
-            (_, Some("b64_json")) => response_b64 = true,
-            (_, Some(other)) => {
-                return Err(MockError::invalid(
-                    format!("Invalid value: '{other}'. Supported values are: 'url' and 'b64_json'."),
-                    "response_format",
-                    "invalid_value",
-                ));
-            }
+/// What the images' seeds derive from, and how many input images an edit had: the prompt for generations;
+/// the prompt and the input images (or, for JSON edits, their references) for edits, since the same prompt on
+/// other images is another edit; the first image's hash for variations.
+fn seed_source(req: &ImageRequest, prompt: &str) -> (String, u64) {
+    match req.endpoint {
+        Endpoint::Generations => (prompt.to_owned(), 0),
+        Endpoint::Edits => {
+            let mut inputs = Sha256::new();
+            let count = match req.form() {
+                Some(form) => {
+                    for part in form.images().chain(form.mask()) {
+                        inputs.update(Sha256::digest(&part.data));
+                    }
+                    form.images().count() as u64
+                }
+                None => {
+                    for name in ["images", "mask"] {
+                        inputs.update(req.field(name).map(|v| v.to_string()).unwrap_or_default().as_bytes());
+                        inputs.update([0u8]);
+                    }
+                    req.field("images").and_then(|v| v.as_array().map(|a| a.len() as u64)).unwrap_or(0)
+                }
+            };
+            (format!("{prompt}\0{}", hex::encode(inputs.finalize())), count)
         }
+        Endpoint::Variations => {
+            let first = req.form().and_then(|f| f.images().next()).map(|p| p.data.clone()).unwrap_or_default();
+            (hex::encode(Sha256::digest(&first)), 1)
+        }
+    }
+}
 
-        let format = match family {
-            Family::Gpt => match req.field_str("output_format").as_deref() {
-                None => OutputFormat::Png,
-                Some(s) => OutputFormat::parse(s).ok_or_else(|| {
-                    MockError::invalid(
-                        format!("Invalid value: '{s}'. Supported values are: 'png', 'jpeg', and 'webp'."),
-                        "output_format",
-                        "invalid_value",
-                    )
-                })?,
-            },
-            Family::DallE2 | Family::DallE3 => OutputFormat::Png,
-        };
-
-        let quality = match req.field_str("quality").as_deref() {
-            Some("low") => Quality::Low,
-            Some("high") => Quality::High,
-            _ => Quality::Medium,
-        };
-        let transparent = family == Family::Gpt && req.field_str("background").as_deref() == Some("transparent");
-        let stream = family == Family::Gpt && req.endpoint != Endpoint::Variations && req.stream();
-        let partial_images = req
-            .field("partial_images")
-            .and_then(|v| v.as_u64())
-            .map_or(0, |p| p.min(u64::from(MAX_PARTIAL_IMAGES)) as u32);
-
+impl Plan {
+    fn from_request(req: &ImageRequest) -> Result<Self, MockError> {
+        let family = Family::of(&req.model());
+        let (width, height) = size(req, family)?;
         let prompt = req.field_str("prompt").unwrap_or_default();
-        let (seed_source, input_images) = match req.endpoint {
-            Endpoint::Generations => (prompt.clone(), 0),
-            Endpoint::Edits => {
-                // The same prompt on other images (or another mask) is another edit.
-                let mut inputs = Sha256::new();
-                let count = match req.form() {
-                    Some(form) => {
-                        for part in form.images().chain(form.mask()) {
-                            inputs.update(Sha256::digest(&part.data));
-                        }
-                        form.images().count() as u64
-                    }
-                    None => {
-                        for name in ["images", "mask"] {
-                            inputs.update(req.field(name).map(|v| v.to_string()).unwrap_or_default().as_bytes());
-                            inputs.update([0u8]);
-                        }
-                        req.field("images").and_then(|v| v.as_array().map(|a| a.len() as u64)).unwrap_or(0)
-                    }
-                };
-                (format!("{prompt}\0{}", hex::encode(inputs.finalize())), count)
-            }
-            Endpoint::Variations => {
-                let first = req.form().and_then(|f| f.images().next()).map(|p| p.data.clone()).unwrap_or_default();
-                (hex::encode(Sha256::digest(&first)), 1)
-            }
-        };
-
+        let (seed_source, input_images) = seed_source(req, &prompt);
         Ok(Self {
             endpoint: req.endpoint,
             family,
-            prompt,
             seed_source,
-            n,
+            prompt,
+            n: count(req)?,
             width,
             height,
-            quality,
-            transparent,
-            format,
-            response_b64,
-            stream,
-            partial_images,
+            quality: match req.field_str("quality").as_deref() {
+                Some("low") => Quality::Low,
+                Some("high") => Quality::High,
+                _ => Quality::Medium,
+            },
+            transparent: family == Family::Gpt && req.field_str("background").as_deref() == Some("transparent"),
+            format: output_format(req, family)?,
+            response_b64: wants_b64(req, family)?,
+            stream: family == Family::Gpt && req.endpoint != Endpoint::Variations && req.stream(),
+            partial_images: req
+                .field("partial_images")
+                .and_then(|v| v.as_u64())
+                .map_or(0, |p| p.min(u64::from(MAX_PARTIAL_IMAGES)) as u32),
             input_images,
         })
     }
