@@ -17,6 +17,8 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
 # sqlx::migrate!("./migrations").
 COPY src ./src
 COPY migrations ./migrations
+# The built-in model catalog, embedded by include_str! in src/catalog.rs.
+COPY config/models.toml ./config/models.toml
 RUN cargo build --release --locked && strip target/release/imagegate
 
 # --- runtime stage ---------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ pub enum Command {
     Keys(KeysCommand),
     /// Summarise recorded usage per tenant and model (requests, images, tokens, estimated cost).
     Usage(UsageArgs),
+    /// List the model catalog (built in, plus the config's [models]) with each model's status today.
+    Models(ModelsArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -262,12 +264,54 @@ pub struct UsageArgs {
     /// Only this tenant.
     #[arg(long, value_name = "NAME")]
     pub tenant: Option<String>,
+    /// Only models with this status in the catalog today (`deprecated`: still working, going away), to see
+    /// which tenants still call what is going away.
+    #[arg(long, value_enum, value_name = "STATUS")]
+    pub model_status: Option<ModelStatus>,
     /// Output format: a table for people, CSV for spreadsheets, JSON for scripts (the admin API's shape:
     /// {"object":"list","from":MS,"to":MS,"data":[...]}).
     #[arg(long, value_enum, default_value_t = UsageFormat::Table)]
     pub format: UsageFormat,
     #[command(flatten)]
     pub config: ConfigArgs,
+}
+
+/// A model's status in the catalog, for `--model-status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelStatus {
+    Active,
+    Deprecated,
+    ShutDown,
+}
+
+impl From<ModelStatus> for crate::catalog::Status {
+    fn from(s: ModelStatus) -> Self {
+        match s {
+            ModelStatus::Active => Self::Active,
+            ModelStatus::Deprecated => Self::Deprecated,
+            ModelStatus::ShutDown => Self::ShutDown,
+        }
+    }
+}
+
+/// `imagegate models`.
+#[derive(Debug, clap::Args)]
+pub struct ModelsArgs {
+    /// Only models with this status today.
+    #[arg(long, value_enum, value_name = "STATUS")]
+    pub status: Option<ModelStatus>,
+    /// A table for people, or JSON for scripts (the admin API's `GET /admin/v1/models` shape).
+    #[arg(long, value_enum, default_value_t = ModelsFormat::Table)]
+    pub format: ModelsFormat,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// How `imagegate models` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelsFormat {
+    Table,
+    Json,
 }
 
 /// How `imagegate usage` prints.

@@ -49,8 +49,10 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub usage: UsageSettings,
     pub limits: LimitsSettings,
-    /// Prices used for the usage ledger's cost estimates (defaults: OpenAI's published prices).
+    /// Prices used for the usage ledger's cost estimates (defaults: the catalog's, OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
+    /// Models added to or changed in the built-in catalog (`[models."name"]`) and `[models.aliases]`.
+    pub models: crate::catalog::ModelsSettings,
     /// Tenants declared in configuration, with the hashes of their keys.
     pub tenants: Vec<TenantSettings>,
 }
@@ -204,11 +206,56 @@ pub enum UpstreamAuth {
 }
 
 /// What request validation refuses.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ValidationSettings {
     /// Models imagegate has no rules for: `forward` them with generic checks, or `reject` them.
     pub unknown_models: UnknownModels,
+    /// A file part declared with no type or `application/octet-stream` whose bytes are PNG, JPEG or WebP is
+    /// forwarded with the type of its bytes instead of being refused.
+    pub mend_file_types: bool,
+    /// Whether the built-in catalog's lifecycle dates (OpenAI's) apply: `auto` (when the default upstream is
+    /// OpenAI itself: kind `openai` at api.openai.com; not the mock), `on` or `off`. Dates declared under `[models."name"]` always apply.
+    pub builtin_lifecycle: BuiltinLifecycle,
+}
+
+impl Default for ValidationSettings {
+    fn default() -> Self {
+        Self {
+            unknown_models: UnknownModels::default(),
+            mend_file_types: true,
+            builtin_lifecycle: BuiltinLifecycle::Auto,
+        }
+    }
+}
+
+/// See [`ValidationSettings::builtin_lifecycle`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuiltinLifecycle {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Settings {
+    /// The model catalog: the built-in one with `[models]` overlaid; every fault, if any.
+    pub fn catalog(&self) -> Result<crate::catalog::Catalog, Vec<String>> {
+        crate::catalog::Catalog::build(&self.models)
+    }
+
+    /// Whether the built-in catalog's lifecycle dates apply (see [`ValidationSettings::builtin_lifecycle`]).
+    pub fn builtin_lifecycle(&self) -> bool {
+        match self.validation.builtin_lifecycle {
+            BuiltinLifecycle::On => true,
+            BuiltinLifecycle::Off => false,
+            BuiltinLifecycle::Auto => {
+                self.upstream.kind == UpstreamKind::Openai
+                    && self.upstream.base_url.host_str() == Some("api.openai.com")
+            }
+        }
+    }
 }
 
 /// Policy for models missing from imagegate's rule table.

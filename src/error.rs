@@ -29,6 +29,9 @@ pub enum ApiError {
     /// No such route. 404.
     #[error("unknown route {method} {path}")]
     NotFound { method: String, path: String },
+    /// A model past its shutdown day: 404 `model_not_found`, as OpenAI answers for a model it does not serve.
+    #[error("model {model} does not exist")]
+    ModelNotFound { model: String },
     /// An admin resource (tenant, key) that does not exist. 404.
     #[error("{message}")]
     NotFoundResource { message: String },
@@ -146,6 +149,7 @@ impl ApiError {
             Self::PermissionDenied { message } => Self::PermissionDenied { message: message.clone() },
             Self::NotFound { method, path } => Self::NotFound { method: method.clone(), path: path.clone() },
             Self::NotFoundResource { message } => Self::NotFoundResource { message: message.clone() },
+            Self::ModelNotFound { model } => Self::ModelNotFound { model: model.clone() },
             Self::Conflict { message } => Self::Conflict { message: message.clone() },
             Self::MethodNotAllowed { method, path } => {
                 Self::MethodNotAllowed { method: method.clone(), path: path.clone() }
@@ -176,7 +180,7 @@ impl ApiError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied { .. } => StatusCode::FORBIDDEN,
-            Self::NotFound { .. } | Self::NotFoundResource { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::NotFoundResource { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -196,6 +200,7 @@ impl ApiError {
             | Self::Unauthenticated { .. }
             | Self::NotFound { .. }
             | Self::NotFoundResource { .. }
+            | Self::ModelNotFound { .. }
             | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
             | Self::RangeNotSatisfiable { .. }
@@ -219,6 +224,7 @@ impl ApiError {
             Self::InvalidRequest { code, .. } => *code,
             Self::Unauthenticated { .. } => Some("invalid_api_key"),
             Self::NotFound { .. } => Some("unknown_url"),
+            Self::ModelNotFound { .. } => Some("model_not_found"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
             Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
@@ -255,6 +261,9 @@ impl ApiError {
                 valid key."
                 .to_owned(),
             Self::NotFound { method, path } => format!("Invalid URL ({method} {path})"),
+            Self::ModelNotFound { model } => {
+                format!("The model `{model}` does not exist or you do not have access to it.")
+            }
             Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on {path}."),
             Self::PayloadTooLarge { limit } => format!(
                 "Request body too large: the limit for this endpoint is {limit} bytes ({}).",
@@ -285,6 +294,7 @@ impl ApiError {
             Self::InvalidRequest { .. }
             | Self::NotFound { .. }
             | Self::NotFoundResource { .. }
+            | Self::ModelNotFound { .. }
             | Self::Conflict { .. }
             | Self::MethodNotAllowed { .. }
             | Self::RangeNotSatisfiable { .. }
@@ -310,6 +320,7 @@ impl ApiError {
             Self::PermissionDenied { .. } => "client.permission_denied",
             Self::NotFound { .. } => "client.not_found",
             Self::NotFoundResource { .. } => "client.no_such_resource",
+            Self::ModelNotFound { .. } => "client.model_not_found",
             Self::Conflict { .. } => "client.conflict",
             Self::MethodNotAllowed { .. } => "client.method_not_allowed",
             Self::PayloadTooLarge { .. } => "client.payload_too_large",

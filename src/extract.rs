@@ -53,7 +53,7 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
         BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,
         BodyKind::Multipart => {
             let content_type = content_type.unwrap_or_default();
-            let form = multipart::parse(&content_type, raw.clone()).await?;
+            let (raw, content_type, form) = multipart::parse_body(content_type, raw).await?;
             ImageRequest::from_form(endpoint, raw, content_type, form)
         }
     };

@@ -138,6 +138,9 @@ pub fn sanitize(record: &mut UsageRecord) {
     ] {
         clean(field, max, false);
     }
+    if let Some(requested) = &mut record.requested_model {
+        clean(requested, MAX_MODEL_CHARS, false);
+    }
     for field in [&mut record.size, &mut record.quality, &mut record.upstream_request_id].into_iter().flatten() {
         clean(field, MAX_SHORT_CHARS, false);
     }
@@ -414,7 +417,7 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
 }
 
 /// Parameters per row of the INSERT.
-const COLUMNS: usize = 20;
+const COLUMNS: usize = 21;
 
 /// Rows per INSERT statement, on both databases: 1,000 parameters, one round trip on PostgreSQL, one
 /// statement step on SQLite.
@@ -422,7 +425,7 @@ const ROWS_PER_STATEMENT: usize = 50;
 
 const INSERT_HEAD: &str = "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
      images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, latency_ms, \
-     stream, cache_hit, upstream_request_id, prompt, refused_by) VALUES ";
+     stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model) VALUES ";
 
 /// The INSERT of `rows` rows, built once per backend and row count and kept: sqlx caches the prepared
 /// statement by its text, so a full batch reuses the same prepared statement every time.
@@ -491,7 +494,8 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(i64::from(r.cache_hit))
                 .bind(r.upstream_request_id.as_deref())
                 .bind(r.prompt.as_deref())
-                .bind(r.refused_by);
+                .bind(r.refused_by)
+                .bind(r.requested_model.as_deref());
         }
         query.execute(&mut *tx).await?;
     }
@@ -511,6 +515,7 @@ mod tests {
             key_id: "abcd1234".into(),
             endpoint: "generations",
             model: "gpt-image-1".into(),
+            requested_model: None,
             images_requested: 1,
             images_returned: None,
             size: None,

@@ -5,7 +5,8 @@
 //! import each other (`tests/layers.rs` reads this list and checks the first; `.ci/run` runs
 //! `../shared/tools/module-cycles` for the second). Lowest first:
 //!
-//! 0. `wire`, `time`, `signing`, `pricing`: leaves: names on the wire, clocks and calendars, the link HMAC,
+//! 0. `wire`, `time`, `signing`, `catalog`, `pricing`: leaves: names on the wire, clocks and calendars, the link
+//!    HMAC, the model catalog as data (`config/models.toml` + `[models]`: rules, prices, lifecycle, aliases),
 //!    prices and cost estimates.
 //! 1. `domain`: tenants, the identity a request carries, limits and policies as data, the key format, the rules
 //!    every tenant setting satisfies. No I/O, no HTTP.
@@ -28,6 +29,7 @@
 
 pub(crate) mod admin;
 pub mod cache;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod db;

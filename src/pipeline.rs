@@ -150,6 +150,11 @@ impl ImagesService {
         &self.rehoster
     }
 
+    /// The validation policy: the model catalog and what it refuses.
+    pub fn policy(&self) -> &ValidationPolicy {
+        &self.policy
+    }
+
     /// Name of the default upstream (`openai` or `mock`).
     pub fn upstream_name(&self) -> &'static str {
         self.upstreams.default_upstream().name()
@@ -174,8 +179,18 @@ impl ImagesService {
         meta: RequestMeta,
     ) -> Result<UpstreamReply, Failure> {
         let started = Instant::now();
+        // 0. Chained edits: inputs that are imagegate's own links become their bytes (the upstream cannot reach
+        // them), after their signature, expiry and tenant are checked.
+        let request = match self.rehoster.resolve_own_links(&request, &ctx.tenant).await {
+            Ok(Some(resolved)) => resolved,
+            Ok(None) => request,
+            Err(e) => {
+                let call = Call::new(ctx, &request, meta, started, request.model());
+                return Err(self.refuse_unreserved(&call, e).await);
+            }
+        };
         // 1. Validate against the model's rules (structural checks happened while parsing).
-        let validated = match validate::validate(&request, &self.policy) {
+        let validated = match validate::validate_for(&request, &self.policy, Some(&ctx.tenant.name)) {
             Ok(v) => v,
             Err(e) => {
                 let call = Call::new(ctx, &request, meta, started, request.model());
@@ -187,6 +202,9 @@ impl ImagesService {
         span.record("n", validated.n);
         span.record("stream", validated.stream);
         let mut call = Call::new(ctx, &request, meta, started, validated.model.clone());
+        call.record.requested_model.clone_from(&validated.requested);
+        // The model an alias names and file types mended from their bytes are what the upstream sees.
+        let request = validate::prepare(request, &validated);
         // 2. The tenant may use this model, and the budgets can count what it costs.
         let cost = match self.authorise(ctx, &request, &validated) {
             Ok(cost) => cost,
@@ -194,7 +212,7 @@ impl ImagesService {
         };
         // The caller's format decides what goes upstream (GPT image models never see response_format) and is
         // part of the cache key.
-        let (request, plan) = self.rehoster.plan(request, validated.family, &ctx.tenant);
+        let (request, plan) = self.rehoster.plan(request, validated.known.as_deref(), &ctx.tenant);
         call.plan = plan;
         // 3. Cache: a hit is answered here, spending a request but no images.
         let lookup = self.cache_lookup(ctx, &request, &validated, call.plan.as_ref(), call.meta.cache);
@@ -308,7 +326,7 @@ impl ImagesService {
         let parts = KeyParts {
             scope,
             model: &validated.model,
-            family: validated.family,
+            defaults: validated.known.as_deref().map(|m| &m.defaults),
             want: plan.and_then(|p| p.want),
             retention,
         };
@@ -368,8 +386,9 @@ impl ImagesService {
             return Err(ApiError::invalid_code(
                 format!(
                     "imagegate has no price for model '{model}' at this size and quality, and {why}. Use a \
-                     priced model, or ask the administrator to price it (pricing.per_image / pricing.per_token, \
-                     or pricing.unpriced = \"<model to bill it as>\")."
+                     priced model, or ask the administrator to price it in the model catalog: \
+                     [models.\"{model}\"] price = {{ per_token = {{ … }} }} or price.per_image, or extends = \
+                     \"<a priced model>\" (docs/models.md)."
                 ),
                 Some("model"),
                 "unpriced_model",

@@ -1,6 +1,8 @@
 //! Prices and cost estimates: the configurable price tables (`[pricing]`) and the USD estimate for one request.
 //!
-//! Defaults are the published prices of the reference (§10, ⚠ third-party copies of OpenAI's pricing page).
+//! Defaults are the prices of the model catalog (`config/models.toml`: the published prices of the reference,
+//! §10, ⚠ third-party copies of OpenAI's pricing page); a model priced in the operator's `[models."name"]`
+//! replaces its row (see [`Prices::with_catalog`]).
 //! GPT image models are billed from the response's `usage` object; the per-image output-token table of §10.3
 //! is only a fallback for answers that carry no `usage`. Before a request is sent, [`Prices::reservation`]
 //! gives the most it may cost, which the USD budgets hold until the real cost is known. Models without a
@@ -9,6 +11,9 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
+
+use crate::catalog::{Catalog, Price, Source};
+pub use crate::catalog::{OutputTokens, TokenPrices};
 
 /// The size billed when a request gives none or `auto`.
 const DEFAULT_SIZE: &str = "1024x1024";
@@ -89,18 +94,6 @@ pub struct Ask<'a> {
     pub partial_images: u32,
 }
 
-/// USD per 1M tokens for one GPT image model.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenPrices {
-    pub text_input: f64,
-    pub text_input_cached: f64,
-    pub image_input: f64,
-    pub image_input_cached: f64,
-    pub image_output: f64,
-    pub text_output: f64,
-}
-
 /// What a finished request used.
 #[derive(Debug, Clone, Default)]
 pub struct Metered<'a> {
@@ -116,43 +109,38 @@ pub struct Metered<'a> {
 }
 
 impl Default for Prices {
+    /// The built-in catalog's prices.
     fn default() -> Self {
-        let sizes = |list: &[(&str, f64)]| list.iter().map(|(s, p)| ((*s).to_owned(), *p)).collect();
-        let mut per_image = BTreeMap::new();
-        per_image.insert(
-            "dall-e-3".to_owned(),
-            BTreeMap::from([
-                ("standard".to_owned(), sizes(&[("1024x1024", 0.040), ("1024x1792", 0.080), ("1792x1024", 0.080)])),
-                ("hd".to_owned(), sizes(&[("1024x1024", 0.080), ("1024x1792", 0.120), ("1792x1024", 0.120)])),
-            ]),
-        );
-        per_image.insert(
-            "dall-e-2".to_owned(),
-            BTreeMap::from([(
-                "standard".to_owned(),
-                sizes(&[("1024x1024", 0.020), ("512x512", 0.018), ("256x256", 0.016)]),
-            )]),
-        );
-        let tokens = |text_input, text_input_cached, image_input, image_input_cached, image_output, text_output| {
-            TokenPrices { text_input, text_input_cached, image_input, image_input_cached, image_output, text_output }
-        };
-        let gpt_image_1_5 = tokens(5.00, 1.25, 8.00, 2.00, 32.00, 10.00);
-        // gpt-image-2's text output price is not published (§10.2 ⚠): 10.00 as for gpt-image-1.5. The text
-        // output of gpt-image-1 and -mini is not published either (§10.2 "–"); the same 10.00 stands in.
-        let gpt_image_2 = tokens(5.00, 1.25, 8.00, 2.00, 30.00, 10.00);
-        let per_token = BTreeMap::from([
-            ("gpt-image-1".to_owned(), tokens(5.00, 1.25, 10.00, 2.50, 40.00, 10.00)),
-            ("gpt-image-1-mini".to_owned(), tokens(2.00, 0.20, 2.50, 0.25, 8.00, 10.00)),
-            ("gpt-image-1.5".to_owned(), gpt_image_1_5),
-            ("chatgpt-image-latest".to_owned(), gpt_image_1_5),
-            ("gpt-image-2".to_owned(), gpt_image_2),
-            ("gpt-image-2-2026-04-21".to_owned(), gpt_image_2),
-        ]);
-        Self { per_image, per_token, unpriced: Unpriced::default() }
+        let mut prices = Self { per_image: BTreeMap::new(), per_token: BTreeMap::new(), unpriced: Unpriced::default() };
+        prices.absorb(&Catalog::builtin(), |_| true);
+        prices
     }
 }
 
 impl Prices {
+    /// These prices with every model the operator priced in the catalog (`[models."name"].price`, also by
+    /// inheritance) written over its row: the catalog entry is the newest word on a model's price.
+    pub fn with_catalog(mut self, catalog: &Catalog) -> Self {
+        self.absorb(catalog, |source| source == Source::Config);
+        self
+    }
+
+    fn absorb(&mut self, catalog: &Catalog, take: impl Fn(Source) -> bool) {
+        for m in catalog.models().filter(|m| take(m.source)) {
+            match &m.price {
+                Some(Price::PerToken(p)) => {
+                    self.per_image.remove(&m.id);
+                    self.per_token.insert(m.id.clone(), p.clone());
+                }
+                Some(Price::PerImage(table)) => {
+                    self.per_token.remove(&m.id);
+                    self.per_image.insert(m.id.clone(), table.clone());
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Estimated USD for one request, or `None` when the model or the needed price is unknown (the ledger then
     /// stores 0 and logs that the model is unpriced).
     ///
@@ -163,8 +151,8 @@ impl Prices {
     /// output when it is absent. A `usage` is billed even when no image came back: the upstream billed it.
     ///
     /// Without `usage`, each image costs the §10.3 output tokens × `image_output`. The quality defaults to
-    /// **"medium"** when absent or `"auto"`; gpt-image-2 models use the community formula of §10.3 (any WxH),
-    /// every other GPT model the gpt-image-1 table (1024x1024, 1024x1536, 1536x1024 only; ⚠ approximate for -mini).
+    /// **"medium"** when absent or `"auto"`; models whose price says `output_tokens = "formula"` use the
+    /// community formula of §10.3 (any WxH), the others the gpt-image-1 table (1024x1024, 1024x1536, 1536x1024 only; ⚠ approximate for -mini).
     ///
     /// DALL·E models (`per_image`): `per_image[model][quality][size] × images`; quality defaults to "standard".
     ///
@@ -185,10 +173,9 @@ impl Prices {
                 return Some(0.0);
             }
             let quality = quality.as_deref().unwrap_or("medium");
-            let tokens = if model.starts_with("gpt-image-2") {
-                gpt_image_2_output_tokens(quality, &size)?
-            } else {
-                gpt_image_1_output_tokens(quality, &size)?
+            let tokens = match prices.output_tokens {
+                OutputTokens::Formula => gpt_image_2_output_tokens(quality, &size, &prices.quality_factors)?,
+                OutputTokens::Table => gpt_image_1_output_tokens(quality, &size)?,
             };
             return Some(tokens as f64 * prices.image_output / 1e6 * images);
         }
@@ -230,9 +217,11 @@ impl Prices {
         if let Some(prices) = self.per_token.get(model) {
             let quality = quality.as_deref().unwrap_or("high");
             let tokens = |size: &str| {
-                let table =
-                    if model.starts_with("gpt-image-2") { None } else { gpt_image_1_output_tokens(quality, size) };
-                table.or_else(|| gpt_image_2_output_tokens(quality, size))
+                let table = match prices.output_tokens {
+                    OutputTokens::Formula => None,
+                    OutputTokens::Table => gpt_image_1_output_tokens(quality, size),
+                };
+                table.or_else(|| gpt_image_2_output_tokens(quality, size, &prices.quality_factors))
             };
             let per_image = match size.as_deref() {
                 Some(size) => tokens(size)?,
@@ -298,16 +287,7 @@ fn normal_quality(quality: Option<&str>) -> Option<String> {
     quality.map(|q| q.trim().to_ascii_lowercase()).filter(|q| !q.is_empty() && q != "auto")
 }
 
-/// Why a price is unusable, if it is.
-fn number_fault(at: &str, value: f64) -> Option<String> {
-    if !value.is_finite() {
-        Some(format!("{at}: {value} is not a finite number"))
-    } else if value < 0.0 {
-        Some(format!("{at}: {value} is negative"))
-    } else {
-        None
-    }
-}
+use crate::catalog::number_fault;
 
 /// Cost from a `usage` object, or `None` when it carries neither `input_tokens` nor `output_tokens`.
 fn usage_cost(p: &TokenPrices, usage: &Value) -> Option<f64> {
@@ -365,11 +345,13 @@ fn gpt_image_1_output_tokens(quality: &str, size: &str) -> Option<u64> {
 
 /// §10.3 community formula for gpt-image-2: `q = {low:16, medium:48, high:96}`,
 /// `s = floor((2·q·short + long) / (2·long))`, `tokens = ceil(q·s·(2,000,000 + W·H) / 4,000,000)`.
-fn gpt_image_2_output_tokens(quality: &str, size: &str) -> Option<u64> {
-    let q: u128 = match quality {
-        "low" => 16,
-        "medium" => 48,
-        "high" => 96,
+/// `extra` gives `q` for further quality tiers (a price's `quality_factors`).
+fn gpt_image_2_output_tokens(quality: &str, size: &str, extra: &BTreeMap<String, u32>) -> Option<u64> {
+    let q: u128 = match (extra.get(quality), quality) {
+        (Some(q), _) => u128::from(*q),
+        (None, "low") => 16,
+        (None, "medium") => 48,
+        (None, "high") => 96,
         _ => return None,
     };
     let (w, h) = parse_size(size)?;
@@ -428,7 +410,7 @@ mod tests {
 
     #[test]
     fn gpt_image_2_formula_reproduces_published_prices() {
-        assert_eq!(gpt_image_2_output_tokens("high", "1024x1024"), Some(7024));
+        assert_eq!(gpt_image_2_output_tokens("high", "1024x1024", &BTreeMap::new()), Some(7024));
         close(est("gpt-image-2", None, Some("low"), 1), 0.006, 0.001);
         close(est("gpt-image-2", None, Some("medium"), 1), 0.053, 0.001);
         close(est("gpt-image-2", None, Some("high"), 1), 0.211, 0.001);
@@ -560,6 +542,21 @@ mod tests {
             assert_eq!(Unpriced::from(text.to_owned()), value);
             assert_eq!(String::from(value), text);
         }
+    }
+
+    #[test]
+    fn a_quality_tier_beyond_high_is_priced_only_by_its_declared_factor() {
+        let mut p = Prices::default();
+        let ask = |q| Ask { model: "gpt-image-2", size: Some("1024x1024"), quality: Some(q), n: 1, ..Ask::default() };
+        assert_eq!(p.reservation(&ask("xhigh")), None, "an unknown tier has no price");
+        if let Some(prices) = p.per_token.get_mut("gpt-image-2") {
+            prices.quality_factors.insert("xhigh".into(), 192);
+        }
+        let high = p.reservation(&ask("high")).unwrap();
+        let xhigh = p.reservation(&ask("xhigh")).unwrap();
+        assert!(xhigh > 1.9 * high, "{xhigh} vs {high}");
+        let m = Metered { model: "gpt-image-2", quality: Some("xhigh"), images: 1, ..Metered::default() };
+        assert!(p.estimate(&m).is_some_and(|c| c > 0.0));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! wanted, and every stored image gets a link signed by `links`. An answer is re-hosted whole or not at all:
 //! every image is obtained before any is stored, and a failed store removes the others' links.
 
+mod chain;
 pub mod fetch;
 pub mod links;
 
@@ -26,7 +27,7 @@ use self::fetch::{FetchError, Fetcher};
 use self::links::LinkSigner;
 use crate::config::ImagesSettings;
 use crate::domain::{DownloadFallback, ResponseFormat, Tenant};
-use crate::images::models::Family;
+use crate::images::models::Model;
 use crate::images::request::ImageRequest;
 use crate::storage::{ImageStore, NewImage, StoreError, StoredImage};
 
@@ -97,7 +98,7 @@ impl Rehoster {
 
     /// Decide the caller's format and return the request to send upstream (changed only where the format
     /// needs it). `None` when re-hosting is off or the request streams: the answer passes as it comes.
-    pub fn plan(&self, request: ImageRequest, family: Option<Family>, tenant: &Tenant) -> (ImageRequest, Option<Plan>) {
+    pub fn plan(&self, request: ImageRequest, known: Option<&Model>, tenant: &Tenant) -> (ImageRequest, Option<Plan>) {
         if !self.settings.rehost {
             return (request, None);
         }
@@ -108,9 +109,9 @@ impl Rehoster {
             .and_then(ResponseFormat::parse)
             .or(policy.response_format)
             .or(self.settings.response_format);
-        let (request, want) = match family {
+        let (request, want) = match known {
             // GPT image models refuse the parameter and always answer base64.
-            Some(f) if f.is_gpt() => {
+            Some(m) if m.answers_base64_only() => {
                 let request = if asked.is_some() { request.with_field("response_format", None) } else { request };
                 (request, Some(want.unwrap_or(ResponseFormat::B64Json)))
             }
@@ -127,11 +128,8 @@ impl Rehoster {
         if request.stream() {
             return (request, None);
         }
-        let rewrite = match (family, want) {
-            (Some(f), Some(ResponseFormat::B64Json)) if f.is_gpt() => false,
-            (Some(_), Some(ResponseFormat::B64Json)) => false,
-            _ => true,
-        };
+        // Base64 asked of a known model is what it answers (GPT) or was asked to answer (DALL·E).
+        let rewrite = !matches!((known, want), (Some(_), Some(ResponseFormat::B64Json)));
         let plan = Plan {
             want,
             rewrite,

@@ -81,11 +81,17 @@ impl Application {
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
         let (rehoster, store) = rehoster(&settings, &db, &public_url, signer)?;
-        let policy =
-            ValidationPolicy { unknown_models: settings.validation.unknown_models, rehost: settings.images.rehost };
+        let catalog = Arc::new(settings.catalog().map_err(crate::config::ConfigError)?);
+        let prices = Arc::new(settings.pricing.clone().with_catalog(&catalog));
+        let policy = ValidationPolicy {
+            unknown_models: settings.validation.unknown_models,
+            rehost: settings.images.rehost,
+            catalog,
+            mend_file_types: settings.validation.mend_file_types,
+            builtin_lifecycle: settings.builtin_lifecycle(),
+        };
         let cache = response_cache(&settings)?;
-        let images =
-            ImagesService::new(upstreams, policy, Arc::new(settings.pricing.clone()), ledger, limiter, rehoster, cache);
+        let images = ImagesService::new(upstreams, policy, prices, ledger, limiter, rehoster, cache);
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }

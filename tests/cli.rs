@@ -422,3 +422,48 @@ fn a_missing_config_file_is_reported_not_created() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+#[tokio::test]
+async fn models_lists_the_catalog_with_each_status_and_usage_shows_who_still_calls_what_is_going_away() {
+    let cli = Cli::with_config(
+        "[models.\"house-old\"]\nextends = \"gpt-image-2\"\nshutdown_on = \"2099-01-01\"\nreplacement = \"gpt-image-2\"\n\
+         [models.aliases]\n\"house\" = \"gpt-image-2\"\n",
+    );
+    let table = cli.ok(&["models"]);
+    assert_eq!(row(&table, "house-old")[1..4], ["deprecated", "yes", "-"]);
+    assert_eq!(row(&table, "gpt-image-2")[1], "active");
+    assert!(row(&table, "gpt-image-2").contains(&"house".to_owned()), "{table}");
+    // OpenAI's own dates for its models: shown whatever the upstream (the column `enforced` says whether they act).
+    assert_eq!(row(&table, "gpt-image-1")[1], "shut_down");
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["models", "--format", "json"])).unwrap();
+    let house = json["data"].as_array().unwrap().iter().find(|m| m["id"] == "house-old").unwrap().clone();
+    assert_eq!((house["status"].as_str(), house["source"].as_str()), (Some("deprecated"), Some("config")));
+    let deprecated = cli.ok(&["models", "--status", "deprecated"]);
+    assert!(deprecated.contains("house-old"), "{deprecated}");
+    assert!(!deprecated.lines().any(|l| l.starts_with("| gpt-image-2 ")), "{deprecated}");
+
+    cli.ok(&["tenants", "create", "team-a"]);
+    {
+        let db = Db::connect(&DatabaseSettings::default(), &cli.data_dir()).await.unwrap();
+        let tenant = TenantRepo::new(db.clone()).get_tenant("team-a").await.unwrap();
+        for (i, model) in ["house-old", "gpt-image-2", "house-old"].into_iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
+                 images_requested, cost_usd, status, latency_ms, stream, cache_hit) \
+                 VALUES ($1, $2, $3, 'abcd1234', 'generations', $4, 1, 0.01, 200, 5, 0, 0)",
+            )
+            .bind(format!("req-{i}"))
+            .bind(imagegate::time::now_ms() - 1_000)
+            .bind(tenant.id.clone())
+            .bind(model)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        }
+        db.close().await;
+    }
+    let going = cli.ok(&["usage", "--model-status", "deprecated"]);
+    assert_eq!(row(&going, "team-a")[1..3], ["house-old", "2"], "{going}");
+    assert!(!going.contains("gpt-image-2"), "{going}");
+    assert!(cli.ok(&["usage", "--model-status", "active"]).contains("gpt-image-2"));
+}

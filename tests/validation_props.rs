@@ -104,8 +104,9 @@ impl Family {
 
     fn qualities(self) -> &'static [&'static str] {
         match self {
-            Family::DallE2 => &["standard"],
-            Family::DallE3 => &["standard", "hd"],
+            // `auto` is the spec's default quality for every model (issue 14: Haystack sends it for dall-e-3).
+            Family::DallE2 => &["standard", "auto"],
+            Family::DallE3 => &["standard", "hd", "auto"],
             Family::Gpt | Family::Gpt2 => &["low", "medium", "high", "auto"],
         }
     }
@@ -539,7 +540,7 @@ fn json_request(endpoint: Endpoint, map: &Map<String, Value>) -> ImageRequest {
 }
 
 fn reject() -> ValidationPolicy {
-    ValidationPolicy { unknown_models: UnknownModels::Reject, rehost: false }
+    ValidationPolicy { unknown_models: UnknownModels::Reject, ..ValidationPolicy::default() }
 }
 
 fn explain(error: &ApiError) -> String {
@@ -1154,10 +1155,11 @@ enum FileSpoil {
     Truncated,
     /// A 1 KB PNG claiming 100000x100000.
     Bomb,
-    /// Declared `application/octet-stream`.
-    OctetStream,
-    /// No `Content-Type` at all.
-    Untyped,
+    /// Declared `application/octet-stream`, bytes that are no image. (An octet-stream or untyped part whose
+    /// bytes are an image is mended from its bytes, issue 14: not a spoil.)
+    OctetStreamJunk,
+    /// No `Content-Type` at all, bytes that are no image.
+    UntypedJunk,
     /// Declared `image/jpg`, which OpenAI does not list.
     Jpg,
     /// A PNG declared `image/jpeg`.
@@ -1168,8 +1170,8 @@ const FILE_SPOILS: [FileSpoil; 7] = [
     FileSpoil::Junk,
     FileSpoil::Truncated,
     FileSpoil::Bomb,
-    FileSpoil::OctetStream,
-    FileSpoil::Untyped,
+    FileSpoil::OctetStreamJunk,
+    FileSpoil::UntypedJunk,
     FileSpoil::Jpg,
     FileSpoil::Mislabelled,
 ];
@@ -1183,8 +1185,14 @@ impl FileSpoil {
                 part.data = Bytes::from(png_claiming(100_000, 100_000));
                 part.content_type = Some("image/png".to_owned());
             }
-            Self::OctetStream => part.content_type = Some("application/octet-stream".to_owned()),
-            Self::Untyped => part.content_type = None,
+            Self::OctetStreamJunk => {
+                part.data = Bytes::from(junk(300));
+                part.content_type = Some("application/octet-stream".to_owned());
+            }
+            Self::UntypedJunk => {
+                part.data = Bytes::from(junk(300));
+                part.content_type = None;
+            }
             Self::Jpg => part.content_type = Some("image/jpg".to_owned()),
             Self::Mislabelled => {
                 part.data = Bytes::from(picture(16, 16, 1).0);

@@ -30,7 +30,7 @@ pub struct List<T> {
 }
 
 impl<T> List<T> {
-    fn of(data: Vec<T>) -> Json<Self> {
+    pub fn of(data: Vec<T>) -> Json<Self> {
         Json(Self { object: "list", data })
     }
 }

@@ -11,11 +11,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::domain::ResponseFormat;
-use crate::images::models::Family;
 use crate::images::request::{ImageRequest, RequestBody, is_image_field};
 
 /// A cache key.
@@ -27,7 +26,8 @@ pub struct KeyParts<'a> {
     /// The tenant id, or `shared` for the opt-in cross-tenant scope.
     pub scope: &'a str,
     pub model: &'a str,
-    pub family: Option<Family>,
+    /// OpenAI's values for parameters left out, from the model's catalog entry (`None`: unknown model).
+    pub defaults: Option<&'a Map<String, Value>>,
     /// The format the caller gets (re-hosting may turn base64 into links).
     pub want: Option<ResponseFormat>,
     /// How long the images re-hosted for this request are kept (`None`: re-hosting is off). Part of the key so
@@ -65,7 +65,7 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
                 }
             }
             fields.remove("model");
-            for (name, value) in defaults(parts.family) {
+            for (name, value) in defaults(parts.defaults) {
                 fields.entry(name.to_owned()).or_insert(value);
             }
             // A BTreeMap of canonical values serializes with sorted keys all the way down.
@@ -84,7 +84,7 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
                 }
             }
             fields.remove("model");
-            for (name, value) in defaults(parts.family) {
+            for (name, value) in defaults(parts.defaults) {
                 fields.entry(name).or_insert_with(|| vec![as_text(&value).into_bytes()]);
             }
             for (name, values) in fields {
@@ -135,25 +135,11 @@ fn canonical(value: &Value) -> Value {
     }
 }
 
-/// OpenAI's defaults, per model family: a request that spells one out means the same as one that leaves it out.
-fn defaults(family: Option<Family>) -> Vec<(&'static str, Value)> {
+/// OpenAI's defaults for the model: a request that spells one out means the same as one that leaves it out.
+fn defaults(model: Option<&Map<String, Value>>) -> Vec<(&str, Value)> {
     let mut d = vec![("n", json!(1)), ("stream", json!(false))];
-    match family {
-        Some(Family::DallE2) => d.extend([("size", json!("1024x1024")), ("response_format", json!("url"))]),
-        Some(Family::DallE3) => d.extend([
-            ("size", json!("1024x1024")),
-            ("quality", json!("standard")),
-            ("style", json!("vivid")),
-            ("response_format", json!("url")),
-        ]),
-        Some(Family::GptImage | Family::GptImage2) => d.extend([
-            ("size", json!("auto")),
-            ("quality", json!("auto")),
-            ("background", json!("auto")),
-            ("moderation", json!("auto")),
-            ("output_format", json!("png")),
-        ]),
-        None => {}
+    if let Some(model) = model {
+        d.extend(model.iter().map(|(k, v)| (k.as_str(), v.clone())));
     }
     d
 }
@@ -168,8 +154,9 @@ mod tests {
     fn json_key(scope: &str, body: &str) -> Key {
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from(body.to_owned())).unwrap();
         let model = req.model();
-        let family = crate::images::models::lookup(&model).map(|m| m.family);
-        key(KeyParts { scope, model: &model, family, want: None, retention: None }, &req)
+        let catalog = crate::catalog::Catalog::builtin();
+        let defaults = catalog.get(&model).map(|m| &m.defaults);
+        key(KeyParts { scope, model: &model, defaults, want: None, retention: None }, &req)
     }
 
     #[test]
@@ -200,7 +187,7 @@ mod tests {
             assert_ne!(base, other);
         }
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(br#"{"prompt":"x"}"#)).unwrap();
-        let parts = KeyParts { scope: "t", model: "gpt-image-1", family: None, want: None, retention: None };
+        let parts = KeyParts { scope: "t", model: "gpt-image-1", defaults: None, want: None, retention: None };
         let url = key(KeyParts { want: Some(ResponseFormat::Url), ..parts }, &req);
         let b64 = key(parts, &req);
         assert_ne!(url, b64, "links and base64 are different answers");
@@ -214,8 +201,9 @@ mod tests {
         let form = Form { parts };
         let (raw, content_type) = form.encode();
         let req = ImageRequest::from_form(Endpoint::Edits, raw, content_type, form);
-        let parts =
-            KeyParts { scope: "t", model: "gpt-image-1", family: Some(Family::GptImage), want: None, retention: None };
+        let catalog = crate::catalog::Catalog::builtin();
+        let defaults = catalog.get("gpt-image-1").map(|m| &m.defaults);
+        let parts = KeyParts { scope: "t", model: "gpt-image-1", defaults, want: None, retention: None };
         key(parts, &req)
     }
 

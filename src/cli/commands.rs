@@ -1,13 +1,14 @@
-//! The non-server commands: `tenants …`, `keys …`, `usage` and `config check`. Each returns the text to print
+//! The non-server commands: `tenants …`, `keys …`, `usage`, `models` and `config check`. Each returns the text to print
 //! (`main.rs` prints it, or the error as one `imagegate: …` line with exit code 1). The database commands
 //! open the same database as `serve`, through the same configuration, but never need an upstream key.
 
 use anyhow::{Context, anyhow, bail};
 
 use super::{
-    ConfigArgs, KeyCreateArgs, KeysCommand, TenantCreateArgs, TenantUpdateArgs, TenantsCommand, UsageArgs, UsageFormat,
-    table,
+    ConfigArgs, KeyCreateArgs, KeysCommand, ModelsArgs, ModelsFormat, TenantCreateArgs, TenantUpdateArgs,
+    TenantsCommand, UsageArgs, UsageFormat, table,
 };
+use crate::catalog::Date;
 use crate::config::Settings;
 use crate::db::Db;
 use crate::domain::{Limits, Tenant, TenantStatus, keys};
@@ -248,12 +249,17 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<String> {
     if from >= to {
         bail!("--from ({}) must be before --to ({})", table::time(from), table::time(to));
     }
-    with_db(&args.config, async |_, repo, db| {
+    with_db(&args.config, async |settings, repo, db| {
         if let Some(name) = &args.tenant {
             repo.get_tenant(name).await?;
         }
         let query = SummaryQuery { from_ms: from, to_ms: to, tenant: args.tenant.clone() };
-        let rows = report::summary(db, &query).await.context("cannot read the usage ledger")?;
+        let mut rows = report::summary(db, &query).await.context("cannot read the usage ledger")?;
+        if let Some(status) = args.model_status {
+            let catalog = settings.catalog().map_err(crate::config::ConfigError)?;
+            let today = Date::today();
+            rows.retain(|r| catalog.status_of(&r.model, today) == Some(status.into()));
+        }
         Ok(match args.format {
             UsageFormat::Table => {
                 let scope = args.tenant.as_ref().map_or_else(String::new, |t| format!(", tenant '{t}'"));
@@ -271,6 +277,23 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<String> {
         })
     })
     .await
+}
+
+/// `imagegate models`.
+pub fn models_list(args: &ModelsArgs) -> anyhow::Result<String> {
+    let settings = args.config.database_settings()?;
+    let catalog = settings.catalog().map_err(crate::config::ConfigError)?;
+    let today = Date::today();
+    let mut list = catalog.listing(today, settings.builtin_lifecycle());
+    if let Some(status) = args.status {
+        list.retain(|m| m.status == status.into());
+    }
+    Ok(match args.format {
+        ModelsFormat::Table => format!("models on {today} (UTC)\n{}\n", table::models_catalog(&list)),
+        ModelsFormat::Json => {
+            format!("{}\n", serde_json::to_string_pretty(&serde_json::json!({"object": "list", "data": list}))?)
+        }
+    })
 }
 
 /// `imagegate config check`.

@@ -49,6 +49,40 @@ fn opt_text(text: Option<&str>) -> String {
     text.map_or_else(|| NONE.to_owned(), str::to_owned)
 }
 
+/// The model catalog: id, status, whether its dates act, dates, replacement, source, price, aliases.
+pub fn models_catalog(list: &[crate::catalog::Listing]) -> String {
+    let mut table = new(&[
+        "model",
+        "status",
+        "enforced",
+        "deprecated on",
+        "shutdown on",
+        "replacement",
+        "source",
+        "price",
+        "aliases",
+    ]);
+    for m in list {
+        let date = |d: Option<crate::catalog::Date>| d.map_or_else(|| NONE.to_owned(), |d| d.to_string());
+        table.add_row(vec![
+            m.id.clone(),
+            m.status.name().to_owned(),
+            if m.lifecycle_enforced { "yes" } else { "no" }.to_owned(),
+            date(m.deprecated_on),
+            date(m.shutdown_on),
+            opt_text(m.replacement.as_deref()),
+            match m.source {
+                crate::catalog::Source::Builtin => "built-in",
+                crate::catalog::Source::Config => "config",
+            }
+            .to_owned(),
+            m.price.to_owned(),
+            if m.aliases.is_empty() { NONE.to_owned() } else { m.aliases.join(",") },
+        ]);
+    }
+    table.to_string()
+}
+
 /// A tenant's allowed models for people: `all`, or the list.
 pub fn models(allowed: Option<&[String]>) -> String {
     match allowed {

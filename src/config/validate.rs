@@ -80,7 +80,16 @@ impl Settings {
         if cache.backend == CacheBackend::Redis && cache.redis_url.is_none() {
             faults.push("cache.redis_url is required when cache.backend = \"redis\"".to_owned());
         }
-        faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
+        match self.catalog() {
+            Ok(catalog) => {
+                let prices = self.pricing.clone().with_catalog(&catalog);
+                faults.extend(prices.validate().into_iter().map(|f| format!("pricing: {f}")));
+            }
+            Err(catalog_faults) => {
+                faults.extend(catalog_faults);
+                faults.extend(self.pricing.validate().into_iter().map(|f| format!("pricing: {f}")));
+            }
+        }
         if faults.is_empty() { Ok(()) } else { Err(ConfigError(faults)) }
     }
 }

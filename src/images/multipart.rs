@@ -8,7 +8,20 @@ use bytes::Bytes;
 use super::request::{Form, Part};
 use crate::error::ApiError;
 
-/// Parse `raw` with the boundary from `content_type`.
+/// Parse a request body: the body to forward, its content type and the form. A body whose repeated
+/// identical fields were collapsed is re-encoded (every other part byte for byte); otherwise the caller's
+/// bytes go upstream unchanged.
+pub async fn parse_body(content_type: String, raw: Bytes) -> Result<(Bytes, String, Form), ApiError> {
+    let mut form = parse(&content_type, raw.clone()).await?;
+    if collapse_repeats(&mut form) {
+        let (raw, content_type) = form.encode();
+        return Ok((raw, content_type, form));
+    }
+    Ok((raw, content_type, form))
+}
+
+/// Parse `raw` with the boundary from `content_type`. Repeated identical scalar fields are kept (see
+/// [`collapse_repeats`]); repeated differing ones are refused.
 pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::invalid("Invalid multipart/form-data request: the Content-Type header has no boundary.", None)
@@ -44,19 +57,36 @@ fn malformed(e: &multer::Error) -> ApiError {
     ApiError::invalid(format!("Invalid multipart/form-data request: {e}."), None)
 }
 
-/// A scalar field given twice is ambiguous (which one would the upstream use?), so it is refused. Repeated
-/// file parts (`image[]`) and array-style names (`foo[]`) are fine.
+/// A scalar field given twice with different values is ambiguous (which one would the upstream use?), so it
+/// is refused. The same value twice (the Rust `async-openai` crate repeats `output_compression`) means one
+/// thing and is allowed; [`collapse_repeats`] keeps one copy. Repeated file parts (`image[]`) and array-style
+/// names (`foo[]`) are fine.
 fn check_duplicate_scalars(form: &Form) -> Result<(), ApiError> {
-    let mut seen = std::collections::HashSet::new();
-    for p in form.parts.iter().filter(|p| !p.is_file() && !p.name.ends_with("[]")) {
-        if !seen.insert(p.name.as_str()) {
-            return Err(ApiError::invalid(
-                format!("Duplicate parameter '{}': send each field once.", p.name),
-                Some(p.name.clone()),
-            ));
+    let mut seen = std::collections::HashMap::new();
+    for p in form.parts.iter().filter(|p| is_scalar(p)) {
+        match seen.insert(p.name.as_str(), &p.data) {
+            Some(earlier) if *earlier != p.data => {
+                return Err(ApiError::invalid(
+                    format!("Duplicate parameter '{}': it was sent twice with different values.", p.name),
+                    Some(p.name.clone()),
+                ));
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+fn is_scalar(p: &Part) -> bool {
+    !p.is_file() && !p.name.ends_with("[]")
+}
+
+/// Drop the later copies of scalar fields repeated with the same value; `true` when any was dropped.
+pub fn collapse_repeats(form: &mut Form) -> bool {
+    let before = form.parts.len();
+    let mut seen = std::collections::HashSet::new();
+    form.parts.retain(|p| !is_scalar(p) || seen.insert(p.name.clone()));
+    form.parts.len() != before
 }
 
 #[cfg(test)]
@@ -94,6 +124,25 @@ mod tests {
         assert_eq!(names, ["b.png", "a.png"]);
         assert_eq!(form.text("brand_new_param"), Some("42"));
         assert_eq!(form.images().next().unwrap().content_type.as_deref(), Some("image/png"));
+    }
+
+    #[tokio::test]
+    async fn a_field_repeated_with_the_same_value_collapses_to_one_copy() {
+        let (ct, raw) = body(&[
+            ("output_compression", None, b"80"),
+            ("image", Some("a.png"), b"bytes"),
+            ("output_compression", None, b"80"),
+            ("prompt", None, b"x"),
+        ]);
+        let (raw, ct, form) = parse_body(ct, raw).await.unwrap();
+        let names: Vec<&str> = form.parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["output_compression", "image", "prompt"]);
+        let again = parse(&ct, raw).await.unwrap();
+        assert_eq!(again.parts.len(), 3, "the forwarded body carries one copy");
+        // Nothing repeated: the caller's bytes are forwarded as they came.
+        let (ct, raw) = body(&[("prompt", None, b"x")]);
+        let (forwarded, _, _) = parse_body(ct, raw.clone()).await.unwrap();
+        assert_eq!(forwarded, raw);
     }
 
     #[tokio::test]

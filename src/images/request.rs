@@ -245,6 +245,27 @@ impl ImageRequest {
 
     /// This request with field `name` set to `value` (`None` removes it), its raw body re-encoded. JSON keeps
     /// every other key and their order; multipart keeps every other part, in order, byte for byte.
+    /// The request with these file parts (by index in the form) declaring these types; the body is
+    /// re-encoded only when a part changes. JSON bodies are unchanged.
+    pub fn with_part_types(self, types: &[(usize, &str)]) -> Self {
+        match self.body {
+            RequestBody::Multipart { mut form, raw, content_type } => {
+                let mut changed = false;
+                for (index, mime) in types {
+                    if let Some(part) = form.parts.get_mut(*index)
+                        && part.content_type.as_deref() != Some(*mime)
+                    {
+                        part.content_type = Some((*mime).to_owned());
+                        changed = true;
+                    }
+                }
+                let (raw, content_type) = if changed { form.encode() } else { (raw, content_type) };
+                Self { endpoint: self.endpoint, body: RequestBody::Multipart { raw, content_type, form } }
+            }
+            body => Self { endpoint: self.endpoint, body },
+        }
+    }
+
     pub fn with_field(self, name: &str, value: Option<&str>) -> Self {
         match self.body {
             RequestBody::Json { mut fields, raw } => {

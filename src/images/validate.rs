@@ -7,33 +7,94 @@
 mod files;
 mod reader;
 
+use std::sync::Arc;
+
 pub use self::files::MAX_EDGE;
+pub use self::files::Mend;
 use self::reader::{Reader, invalid_value, invalid_value_because, missing, out_of_range, unsupported};
-use super::models::{self, Family, Model};
+use super::models::{self, Catalog, Model, Param};
 use super::request::{Endpoint, ImageRequest, RequestBody};
+use crate::catalog::{Date, Source, Status};
 use crate::config::UnknownModels;
 use crate::error::ApiError;
 
 /// Deployment choices that change what is refused.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ValidationPolicy {
     pub unknown_models: UnknownModels,
-    /// Re-hosting is on: GPT image models accept `response_format` (imagegate strips it before forwarding
-    /// and answers with links or base64 itself). Off, they refuse it as OpenAI does.
+    /// Re-hosting is on: models that answer base64 only accept `response_format` (imagegate strips it before
+    /// forwarding and answers with links or base64 itself). Off, they refuse it as OpenAI does.
     pub rehost: bool,
+    /// The models and their rules.
+    pub catalog: Arc<Catalog>,
+    /// A file part declared with no type or `application/octet-stream` whose bytes are PNG, JPEG or WebP is
+    /// forwarded with the type of its bytes (`validation.mend_file_types`).
+    pub mend_file_types: bool,
+    /// The built-in catalog's lifecycle dates (OpenAI's) apply: warning headers, and 404 after shutdown.
+    /// Dates the operator declares always apply.
+    pub builtin_lifecycle: bool,
+}
+
+impl Default for ValidationPolicy {
+    fn default() -> Self {
+        Self {
+            unknown_models: UnknownModels::default(),
+            rehost: false,
+            catalog: Catalog::builtin(),
+            mend_file_types: true,
+            builtin_lifecycle: false,
+        }
+    }
+}
+
+impl ValidationPolicy {
+    /// Whether `m`'s lifecycle dates apply here.
+    pub fn lifecycle_applies(&self, m: &Model) -> bool {
+        m.lifecycle_source == Source::Config || self.builtin_lifecycle
+    }
+
+    /// The model a request of `tenant` runs on after aliases, and the catalog entry, without checking
+    /// anything else.
+    pub fn effective_model(&self, request: &ImageRequest, tenant: Option<&str>) -> Option<Arc<Model>> {
+        let named = request.field_str("model")?;
+        let id = self.catalog.alias_for(tenant, &named).unwrap_or(&named);
+        self.catalog.get(id).cloned()
+    }
+
+    /// The warning headers (`Deprecation`, `Sunset`, `Link`) for a call of `request` by `tenant` on `today`.
+    pub fn notice(&self, request: &ImageRequest, tenant: Option<&str>, today: Date) -> Vec<(&'static str, String)> {
+        match self.effective_model(request, tenant) {
+            Some(m) if self.lifecycle_applies(&m) => m.lifecycle.headers(today),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What validation learnt about a request that passed, for the later pipeline stages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
     /// The model asked for, or the one OpenAI picks when none is named: the endpoint's default, or (a
-    /// generation without a model that uses a GPT image parameter) [`IMPLIED_GPT_MODEL`]. The body still
-    /// names no model.
+    /// generation without a model that uses a parameter its default model does not take) the catalog's
+    /// `implied_by_parameters`. The body still names no model.
     pub model: String,
-    /// `None` for models imagegate does not know (forwarded with generic checks).
-    pub family: Option<Family>,
+    /// The catalog's entry; `None` for models imagegate does not know (forwarded with generic checks).
+    pub known: Option<Arc<Model>>,
+    /// The model the caller named when an alias moved it to `model` (which is what the upstream sees).
+    pub requested: Option<String>,
     pub n: u32,
     pub stream: bool,
+    /// File parts forwarded with the type of their bytes.
+    pub mend: Vec<Mend>,
+}
+
+/// The request to send upstream after validation: the model an alias names, file types mended from bytes.
+/// Unchanged (the caller's bytes) when neither applies.
+pub fn prepare(request: ImageRequest, validated: &Validated) -> ImageRequest {
+    let request = match &validated.requested {
+        Some(_) => request.with_field("model", Some(&validated.model)),
+        None => request,
+    };
+    request.with_part_types(&validated.mend)
 }
 
 const STRING_FIELDS: &[&str] = &[
@@ -49,61 +110,106 @@ const STRING_FIELDS: &[&str] = &[
 ];
 /// Integer fields besides `n` (which has rules of its own).
 pub(crate) const INTEGER_FIELDS: &[&str] = &["output_compression", "partial_images"];
-const GPT_ONLY: &[&str] = &["background", "moderation", "output_format", "output_compression", "partial_images"];
+/// The order parameters are checked in (so that a request with several faults hears about the same one
+/// every time); parameters of the catalog not listed here follow in alphabetical order.
+const CHECK_ORDER: &[&str] = &[
+    "quality",
+    "style",
+    "response_format",
+    "background",
+    "moderation",
+    "output_format",
+    "output_compression",
+    "partial_images",
+    "stream",
+    "input_fidelity",
+];
+/// The largest `n` any model is held to before its own rule: OpenAI's schema maximum.
+const N_MAX: i64 = 10;
 
-/// The model a generation naming none runs on when it uses a parameter only GPT image models take. OpenAI's
-/// spec says only "a GPT image model"; its earlier wording named gpt-image-1 ("unless a gpt-image-1-specific
-/// parameter is used"), whose rules (and price) are checked and recorded. The body is forwarded as sent.
-pub const IMPLIED_GPT_MODEL: &str = "gpt-image-1";
-
-/// Check `request` against the generic rules and, for known models, the model's rules.
+/// Check `request` against the generic rules and, for models of the catalog, the model's rules.
 pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Validated, ApiError> {
+    validate_for(request, policy, None)
+}
+
+/// [`validate`] for a request of `tenant` (by name), whose own aliases (`[models.tenant_aliases]`) apply first.
+pub fn validate_for(
+    request: &ImageRequest,
+    policy: &ValidationPolicy,
+    tenant: Option<&str>,
+) -> Result<Validated, ApiError> {
     let reader = Reader::new(request);
     let endpoint = request.endpoint;
-    let model = match reader.string("model")? {
-        Some(model) => model,
-        None if endpoint == Endpoint::Generations && uses_gpt_only_parameter(&reader)? => IMPLIED_GPT_MODEL,
-        None => endpoint.default_model(),
+    let catalog = &policy.catalog;
+    let (model, requested) = match reader.string("model")? {
+        Some(named) => match catalog.alias_for(tenant, named) {
+            Some(to) => (to.to_owned(), Some(named.to_owned())),
+            None => (named.to_owned(), None),
+        },
+        None => (implied_model(&reader, endpoint, catalog)?, None),
+    };
+    let known = catalog.get(&model).cloned();
+    if let Some(m) = &known
+        && policy.lifecycle_applies(m)
+        && m.lifecycle.status(Date::today()) == Status::ShutDown
+    {
+        return Err(ApiError::ModelNotFound { model });
     }
-    .to_owned();
-    let known = models::lookup(&model);
     if known.is_none() && policy.unknown_models == UnknownModels::Reject {
-        let ids: Vec<&str> = models::known_ids().collect();
+        let ids: Vec<&str> = catalog.ids().collect();
         return Err(invalid_value("model", &model, &ids));
     }
     let json_edit = endpoint == Endpoint::Edits && matches!(request.body, RequestBody::Json { .. });
-    if let Some(m) = known {
+    if let Some(m) = &known {
         check_endpoint(m, endpoint, json_edit)?;
     }
-    let (n, stream) = generic(&reader, endpoint)?;
-    if let Some(m) = known {
+    let (n, stream) = generic(&reader, endpoint, known.as_deref())?;
+    if let Some(m) = &known {
         per_model(&reader, m, policy)?;
     }
-    let family = known.map(|m| m.family);
+    let mut mend = Vec::new();
     if json_edit {
-        files::check_json_refs(&reader, family)?;
+        files::check_json_refs(&reader, known.as_deref())?;
     } else if endpoint != Endpoint::Generations {
-        files::check_form(&reader, endpoint, family, &model)?;
+        mend = files::check_form(&reader, endpoint, known.as_deref(), &model, policy.mend_file_types)?;
     }
-    Ok(Validated { model, family, n, stream })
+    Ok(Validated { model, known, requested, n, stream, mend })
 }
 
-/// OpenAI: generations default to dall-e-2 "unless a parameter specific to the GPT image models is used".
-/// Those are the parameters only GPT image models take, given a value (`null` is not a value; nor is
-/// `stream: false`, which every model takes).
-fn uses_gpt_only_parameter(reader: &Reader<'_>) -> Result<bool, ApiError> {
-    let gpt_only = GPT_ONLY.iter().chain(&["input_fidelity"]).any(|name| reader.present(name));
-    Ok(gpt_only || reader.boolean("stream")? == Some(true))
+/// The model a request naming none runs on. OpenAI: generations default to dall-e-2 "unless a parameter
+/// specific to the GPT image models is used": a parameter the implied model takes and the default does not,
+/// given a value (`null` is not a value; nor is `false`, as `stream: false`, which every model takes).
+fn implied_model(reader: &Reader<'_>, endpoint: Endpoint, catalog: &Catalog) -> Result<String, ApiError> {
+    let default = endpoint.default_model();
+    if endpoint == Endpoint::Generations
+        && let Some(implied) = catalog.implied_by_parameters()
+    {
+        let default_takes = |name: &str| catalog.get(default).is_some_and(|m| m.param(name).is_some());
+        for name in implied.params.keys().filter(|n| implied.param(n).is_some() && !default_takes(n)) {
+            if uses(reader, name)? {
+                return Ok(implied.id.clone());
+            }
+        }
+    }
+    Ok(default.to_owned())
+}
+
+/// The field is given a value that asks for something: not `null`, not `false`.
+fn uses(reader: &Reader<'_>, name: &str) -> Result<bool, ApiError> {
+    if !reader.present(name) {
+        return Ok(false);
+    }
+    Ok(reader.boolean(name).ok().flatten() != Some(false))
 }
 
 fn check_endpoint(m: &Model, endpoint: Endpoint, json_edit: bool) -> Result<(), ApiError> {
-    if !m.family.serves(endpoint) {
-        return Err(invalid_value_because("model", m.id, &format!("this model does not support {}", endpoint.name())));
+    if !models::serves(m, endpoint) && m.enforces("endpoints") {
+        return Err(invalid_value_because("model", &m.id, &format!("this model does not support {}", endpoint.name())));
     }
-    if json_edit && !m.family.is_gpt() {
+    if json_edit && !m.json_edits && m.enforces("json_edits") {
         return Err(invalid_value_because(
             "model",
-            m.id,
+            &m.id,
             "the JSON edit body is for GPT image models; send multipart/form-data instead",
         ));
     }
@@ -111,7 +217,7 @@ fn check_endpoint(m: &Model, endpoint: Endpoint, json_edit: bool) -> Result<(), 
 }
 
 /// Checks that hold for every model, known or not. Returns `n` and `stream`.
-fn generic(reader: &Reader<'_>, endpoint: Endpoint) -> Result<(u32, bool), ApiError> {
+fn generic(reader: &Reader<'_>, endpoint: Endpoint, known: Option<&Model>) -> Result<(u32, bool), ApiError> {
     if endpoint != Endpoint::Variations {
         match reader.string("prompt")? {
             None => return Err(missing("prompt")),
@@ -127,7 +233,7 @@ fn generic(reader: &Reader<'_>, endpoint: Endpoint) -> Result<(u32, bool), ApiEr
         }
     }
     let n = reader.integer("n")?.unwrap_or(1);
-    if let Some(e) = out_of_range("n", n, 1, 10) {
+    if let Some(e) = out_of_range("n", n, 1, known.map_or(N_MAX, |m| m.n_max.max(N_MAX))) {
         return Err(e);
     }
     let stream = reader.boolean("stream")?.unwrap_or(false);
@@ -140,17 +246,18 @@ fn generic(reader: &Reader<'_>, endpoint: Endpoint) -> Result<(u32, bool), ApiEr
     Ok((u32::try_from(n).unwrap_or(1), stream))
 }
 
-/// The per-model table of `docs/validation.md`.
+/// The model's rules from the catalog, each only as far as it is sure (see `catalog::Sure`).
 fn per_model(reader: &Reader<'_>, m: &Model, policy: &ValidationPolicy) -> Result<(), ApiError> {
-    let family = m.family;
-    if let Some(prompt) = reader.string("prompt")? {
+    if let Some(prompt) = reader.string("prompt")?
+        && m.enforces("prompt_max")
+    {
         let len = prompt.chars().count();
-        if len > family.prompt_max() {
+        if len > m.prompt_max {
             return Err(ApiError::invalid_code(
                 format!(
                     "Invalid 'prompt': string too long. Expected a string with maximum length {}, but got a string \
                      with length {len} instead.",
-                    family.prompt_max()
+                    m.prompt_max
                 ),
                 Some("prompt"),
                 "string_above_max_length",
@@ -158,47 +265,68 @@ fn per_model(reader: &Reader<'_>, m: &Model, policy: &ValidationPolicy) -> Resul
         }
     }
     if let Some(n) = reader.integer("n")?
-        && let Some(e) = out_of_range("n", n, 1, family.n_max())
+        && m.enforces("n_max")
+        && let Some(e) = out_of_range("n", n, 1, m.n_max)
     {
         return Err(e);
     }
     if let Some(size) = reader.string("size")? {
-        check_size(family, size)?;
+        check_size(m, size)?;
     }
-    one_of(reader, "quality", family.qualities())?;
-    match family {
-        Family::DallE3 => one_of(reader, "style", &["vivid", "natural"])?,
-        _ if reader.present("style") => return Err(unsupported("style", m.id)),
-        _ => {}
-    }
-    if family.is_gpt() { gpt_rules(reader, m, policy.rehost) } else { dalle_rules(reader, m) }
-}
-
-fn check_size(family: Family, size: &str) -> Result<(), ApiError> {
-    if family.sizes().contains(&size) {
-        return Ok(());
-    }
-    if family == Family::GptImage2 {
-        return models::free_size_ok(size).map_err(|reason| invalid_value_because("size", size, reason));
-    }
-    Err(invalid_value("size", size, family.sizes()))
-}
-
-fn dalle_rules(reader: &Reader<'_>, m: &Model) -> Result<(), ApiError> {
-    one_of(reader, "response_format", &["url", "b64_json"])?;
-    if let Some(name) = GPT_ONLY.iter().find(|name| reader.present(name)) {
-        return Err(unsupported(name, m.id));
-    }
-    if reader.boolean("stream")? == Some(true) {
-        return Err(unsupported("stream", m.id));
-    }
-    if reader.present("input_fidelity") {
-        return Err(unsupported("input_fidelity", m.id));
+    let rest = policy.catalog.params().filter(|n| !CHECK_ORDER.contains(n));
+    for name in CHECK_ORDER.iter().copied().chain(rest) {
+        if name == "response_format" && m.answers_base64_only() {
+            response_format_of_base64_model(reader, policy.rehost)?;
+            continue;
+        }
+        if !m.enforces(&format!("params.{name}")) {
+            continue;
+        }
+        match m.param(name) {
+            Some(Param::Values(allowed)) => {
+                let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                one_of(reader, name, &allowed)?;
+            }
+            Some(Param::Range { min, max }) => {
+                if let Some(v) = reader.integer(name)?
+                    && let Some(e) = out_of_range(name, v, *min, *max)
+                {
+                    return Err(e);
+                }
+            }
+            Some(Param::Taken(_)) => {}
+            None if policy.catalog.knows_param(name) && uses(reader, name)? => return Err(unsupported(name, &m.id)),
+            None => {}
+        }
+        match name {
+            "output_format" => transparency_needs_alpha(reader, m)?,
+            "output_compression" => png_is_lossless(reader, m)?,
+            _ => {}
+        }
     }
     Ok(())
 }
 
-fn gpt_rules(reader: &Reader<'_>, m: &Model, rehost: bool) -> Result<(), ApiError> {
+fn check_size(m: &Model, size: &str) -> Result<(), ApiError> {
+    if m.sizes.iter().any(|s| s == size) {
+        return Ok(());
+    }
+    if let Some(free) = &m.free_sizes {
+        if !m.enforces("free_sizes") {
+            return Ok(());
+        }
+        return free.check(size).map_err(|reason| invalid_value_because("size", size, &reason));
+    }
+    if m.sizes.is_empty() || !m.enforces("sizes") {
+        return Ok(());
+    }
+    let listed: Vec<&str> = m.sizes.iter().map(String::as_str).collect();
+    Err(invalid_value("size", size, &listed))
+}
+
+/// `response_format` for a model that answers base64 only: imagegate's own formats when it re-hosts, else
+/// what OpenAI itself answers.
+fn response_format_of_base64_model(reader: &Reader<'_>, rehost: bool) -> Result<(), ApiError> {
     if rehost {
         one_of(reader, "response_format", &["url", "b64_json"])?;
         if reader.string("response_format")? == Some("url") && reader.boolean("stream")? == Some(true) {
@@ -210,50 +338,51 @@ fn gpt_rules(reader: &Reader<'_>, m: &Model, rehost: bool) -> Result<(), ApiErro
             ));
         }
     } else if reader.present("response_format") {
-        // What OpenAI itself answers for GPT image models.
         return Err(ApiError::invalid_code(
             "Unknown parameter: 'response_format'.",
             Some("response_format"),
             "unknown_parameter",
         ));
     }
-    one_of(reader, "background", &["transparent", "opaque", "auto"])?;
-    one_of(reader, "moderation", &["low", "auto"])?;
-    one_of(reader, "output_format", &["png", "jpeg", "webp"])?;
-    let format = reader.string("output_format")?.unwrap_or("png");
-    if reader.string("background")? == Some("transparent") && format == "jpeg" {
+    Ok(())
+}
+
+/// The output format asked for, or the model's default (`png` when it has none).
+fn output_format<'a>(reader: &Reader<'a>, m: &'a Model) -> Result<&'a str, ApiError> {
+    let default = m.defaults.get("output_format").and_then(|v| v.as_str()).unwrap_or("png");
+    Ok(reader.string("output_format")?.unwrap_or(default))
+}
+
+/// A transparent background needs a format with alpha (documented: `png` or `webp`).
+fn transparency_needs_alpha(reader: &Reader<'_>, m: &Model) -> Result<(), ApiError> {
+    if m.param("background").is_none() || !m.enforces("rules.transparent_needs_alpha") {
+        return Ok(());
+    }
+    if reader.string("background")? == Some("transparent") && output_format(reader, m)? == "jpeg" {
         return Err(invalid_value_because("background", "transparent", "needs output_format 'png' or 'webp'"));
     }
-    if let Some(c) = reader.integer("output_compression")? {
-        if let Some(e) = out_of_range("output_compression", c, 0, 100) {
-            return Err(e);
-        }
-        // PNG is lossless: it is always written at 100, the default, which OpenAI's own example sends with
-        // output_format 'png'. Anything less would be silently ignored, so it is refused.
-        if format == "png" && c != 100 {
-            return Err(ApiError::invalid_code(
-                format!(
-                    "Invalid value for 'output_compression': {c} is not supported with output_format 'png' (the \
-                     output format when none is given), which is lossless and always 100. Use output_format \
-                     'jpeg' or 'webp' to compress, or leave output_compression out."
-                ),
-                Some("output_compression"),
-                "invalid_value",
-            ));
-        }
+    Ok(())
+}
+
+/// PNG is lossless: it is always written at 100, the default, which OpenAI's own example sends with
+/// output_format 'png'. Anything less would be silently ignored, so it is refused.
+fn png_is_lossless(reader: &Reader<'_>, m: &Model) -> Result<(), ApiError> {
+    if m.param("output_compression").is_none() || !m.enforces("rules.png_is_lossless") {
+        return Ok(());
     }
-    if let Some(p) = reader.integer("partial_images")?
-        && let Some(e) = out_of_range("partial_images", p, 0, 3)
+    if let Some(c) = reader.integer("output_compression")?
+        && output_format(reader, m)? == "png"
+        && c != 100
     {
-        return Err(e);
-    }
-    // On every endpoint: OpenAI documents it for edits, and a generation carrying it is forwarded (unknown
-    // to the generation schema, it is the upstream's to judge) but only with a value and model it can mean.
-    if reader.present("input_fidelity") {
-        if !m.input_fidelity {
-            return Err(unsupported("input_fidelity", m.id));
-        }
-        one_of(reader, "input_fidelity", &["high", "low"])?;
+        return Err(ApiError::invalid_code(
+            format!(
+                "Invalid value for 'output_compression': {c} is not supported with output_format 'png' (the \
+                 output format when none is given), which is lossless and always 100. Use output_format \
+                 'jpeg' or 'webp' to compress, or leave output_compression out."
+            ),
+            Some("output_compression"),
+            "invalid_value",
+        ));
     }
     Ok(())
 }
@@ -285,7 +414,7 @@ mod tests {
     #[test]
     fn defaults_and_nulls_pass() {
         let v = check(json!({"prompt": "x", "model": null, "n": null, "size": null, "quality": null})).unwrap();
-        assert_eq!((v.model.as_str(), v.family, v.n), ("dall-e-2", Some(Family::DallE2), 1));
+        assert_eq!((v.model.as_str(), v.known.map(|m| m.id.clone()), v.n), ("dall-e-2", Some("dall-e-2".into()), 1));
     }
 
     #[test]
@@ -335,7 +464,11 @@ mod tests {
             json!({"prompt": "x", "moderation": "low", "size": "1536x1024", "quality": "high"}),
         ] {
             let v = check(body.clone()).unwrap_or_else(|e| panic!("{body}: {}", e.client_message()));
-            assert_eq!((v.model.as_str(), v.family), (IMPLIED_GPT_MODEL, Some(Family::GptImage)), "{body}");
+            assert_eq!(
+                (v.model.as_str(), v.known.map(|m| m.id.clone())),
+                ("gpt-image-1", Some("gpt-image-1".into())),
+                "{body}"
+            );
         }
         // Still dall-e-2 without one (stream: false and nulls are not GPT parameters).
         let v = check(json!({"prompt": "x", "stream": false, "output_format": null})).unwrap();
@@ -387,7 +520,9 @@ mod tests {
         let body = json!({"prompt": "x", "model": "flux-pro", "size": "999x999", "whatever": 1});
         assert!(check(body.clone()).is_ok());
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from(body.to_string())).unwrap();
-        let e = validate(&req, &ValidationPolicy { unknown_models: UnknownModels::Reject, rehost: false }).unwrap_err();
+        let e =
+            validate(&req, &ValidationPolicy { unknown_models: UnknownModels::Reject, ..ValidationPolicy::default() })
+                .unwrap_err();
         assert_eq!((e.param(), e.code()), (Some("model"), Some("invalid_value")));
     }
 }

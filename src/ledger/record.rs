@@ -23,6 +23,8 @@ pub struct UsageRecord {
     pub key_id: String,
     pub endpoint: &'static str,
     pub model: String,
+    /// The model the caller named, when an alias moved the request to `model`.
+    pub requested_model: Option<String>,
     pub images_requested: u32,
     /// Images in a successful answer; `None` when not known.
     pub images_returned: Option<u32>,
@@ -61,6 +63,7 @@ impl UsageRecord {
             key_id: ctx.key_id.clone(),
             endpoint: request.endpoint.name(),
             model: model.to_owned(),
+            requested_model: None,
             images_requested: request.n(),
             images_returned: None,
             size: request.field_str("size"),

@@ -53,6 +53,23 @@ impl LinkSigner {
         paths::public_link(&self.base, &path, &format!("expires={expires}&signature={signature}"))
     }
 
+    /// When `link` points at imagegate's own image files (under its public URL), the file name and the link's
+    /// `expires` and `signature` as written (not checked: see [`LinkSigner::verify`]). `None` for any other URL.
+    pub fn parse_own(&self, link: &str) -> Option<(String, Option<String>, Option<String>)> {
+        if !(link.starts_with("https://") || link.starts_with("http://")) {
+            return None;
+        }
+        let parsed = Url::parse(link).ok()?;
+        let name = parsed.path_segments()?.next_back()?.to_owned();
+        let expected =
+            Url::parse(&paths::public_link(&self.base, &format!("{}/{name}", paths::IMAGE_FILES), "")).ok()?;
+        if parsed.origin() != expected.origin() || parsed.path() != expected.path() || name.is_empty() {
+            return None;
+        }
+        let query = |key: &str| parsed.query_pairs().find(|(k, _)| k == key).map(|(_, v)| v.into_owned());
+        Some((name, query("expires"), query("signature")))
+    }
+
     /// Check a link's signature (in constant time), then its expiry against `now` (Unix seconds). `expires`
     /// must be spelt as signed (no sign, no leading zeros): other spellings of the same number are refused.
     pub fn verify(

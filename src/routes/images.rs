@@ -3,7 +3,10 @@
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
+use http::HeaderValue;
+
+use crate::catalog::Date;
 
 use crate::domain::TenantContext;
 use crate::error::Failure;
@@ -56,10 +59,20 @@ async fn handle(
         }
     };
     let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
+    // A deprecated model's callers are told, on every answer, before it goes away.
+    let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
     // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
     // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
-    let reply = Box::pin(state.images.handle(&ctx, extracted.request, meta)).await?;
-    Ok(into_response(reply))
+    let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta)).await {
+        Ok(reply) => into_response(reply),
+        Err(failure) => failure.into_response(),
+    };
+    for (name, value) in notice {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    Ok(response)
 }
 
 /// The upstream's status, filtered headers and body (whole, or streamed chunk by chunk).

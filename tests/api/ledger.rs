@@ -402,6 +402,7 @@ fn record(request_id: &str) -> UsageRecord {
         key_id: "abcd1234".into(),
         endpoint: "generations",
         model: "gpt-image-1".into(),
+        requested_model: None,
         images_requested: 1,
         images_returned: Some(1),
         size: Some("1024x1024".into()),

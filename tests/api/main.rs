@@ -13,6 +13,7 @@ mod edits;
 mod errors;
 mod generations;
 mod ledger;
+mod models;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;

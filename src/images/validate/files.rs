@@ -15,15 +15,17 @@ use serde_json::Value;
 use super::reader::{Reader, invalid_type, missing, unsupported};
 use crate::error::ApiError;
 use crate::images::imageinfo::{self, ColorKind, ImageFormat, ImageInfo};
-use crate::images::models::Family;
+use crate::images::models::Model;
 use crate::images::request::{Endpoint, Part, is_image_field};
 
 const MIB: usize = 1024 * 1024;
 /// No side of an input image may exceed this; checked from the header, before anything is allocated.
 pub const MAX_EDGE: u32 = 16384;
-const DALLE2_MAX_BYTES: u64 = 4 * MIB as u64;
-const GPT_MAX_BYTES: u64 = 50 * MIB as u64;
-const GPT_MAX_IMAGES: usize = 16;
+/// What clients declare when they do not know a file's type (raw bytes in the Python SDK, a bare stream in
+/// Node).
+const OCTET_STREAM: &str = "application/octet-stream";
+/// The JSON edit body's schema: at most this many `images`.
+const JSON_MAX_IMAGES: usize = 16;
 const MASK_MAX_BYTES: u64 = 4 * MIB as u64;
 const JSON_IMAGE_URL_MAX: usize = 20_971_520;
 /// Base64 characters of a `data:` URL decoded for the header: 700,000 characters, 525,000 bytes, room for
@@ -40,8 +42,13 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
+/// A file part to forward with another `Content-Type`: its index in the form and the type its bytes are.
+pub type Mend = (usize, &'static str);
+
 /// One uploaded file as the rules see it, wherever it came from.
 struct Upload<'a> {
+    /// Its index among the form's parts (`None` for a JSON `data:` URL, whose type is never mended).
+    index: Option<usize>,
     /// How errors name it: `image`, `image[1]`, `mask`, `images[0].image_url`, …
     param: String,
     /// The declared media type: the part's `Content-Type`, or the `data:` URL's type.
@@ -55,10 +62,11 @@ struct Upload<'a> {
 }
 
 impl<'a> Upload<'a> {
-    fn from_part(part: &'a Part, param: String) -> Self {
+    fn from_part(part: &'a Part, index: usize, param: String) -> Self {
         let data = part.data.as_ref();
         let tail = &data[data.len().saturating_sub(imageinfo::TAIL_WINDOW)..];
         Self {
+            index: Some(index),
             param,
             declared: part.content_type.as_deref(),
             head: data.into(),
@@ -68,47 +76,60 @@ impl<'a> Upload<'a> {
     }
 }
 
-/// What the rules for a request's files depend on.
+/// What the rules for a request's files depend on: the model's `files` rules from the catalog.
 #[derive(Clone, Copy)]
-struct Rules {
+struct Rules<'a> {
     /// `None` for models imagegate does not know: byte-level rules only.
-    family: Option<Family>,
+    model: Option<&'a Model>,
+    /// A part declared with no type or `application/octet-stream` is forwarded with the type of its bytes.
+    mend: bool,
 }
 
-impl Rules {
-    fn image_formats(self) -> &'static [ImageFormat] {
-        match self.family {
-            Some(Family::DallE2) => &[ImageFormat::Png],
-            _ => &[ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp],
+impl Rules<'_> {
+    fn known(self) -> bool {
+        self.model.is_some_and(|m| m.enforces("files"))
+    }
+
+    fn image_formats(self) -> Vec<ImageFormat> {
+        let all = vec![ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp];
+        match self.model {
+            Some(m) => all
+                .into_iter()
+                .filter(|f| m.files.formats.iter().any(|n| Some(n.as_str()) == f.mime().strip_prefix("image/")))
+                .collect(),
+            None => all,
         }
     }
 
     fn image_max_bytes(self) -> Option<u64> {
-        match self.family? {
-            Family::DallE2 => Some(DALLE2_MAX_BYTES),
-            _ => Some(GPT_MAX_BYTES),
-        }
+        self.model?.files.max_bytes
     }
 
     fn max_images(self) -> usize {
-        match self.family {
-            Some(Family::DallE2) => 1,
-            Some(_) => GPT_MAX_IMAGES,
-            None => usize::MAX,
-        }
+        self.model.filter(|_| self.known()).and_then(|m| m.files.max_images).unwrap_or(usize::MAX)
+    }
+
+    fn square(self) -> bool {
+        self.known() && self.model.is_some_and(|m| m.files.square)
+    }
+
+    fn transparent_without_mask(self) -> bool {
+        self.known() && self.model.is_some_and(|m| m.files.transparent_without_mask)
     }
 }
 
-/// Check the file parts of a multipart edit or variation. `family` is `None` for unknown models, which get
-/// only the byte-level checks.
+/// Check the file parts of a multipart edit or variation. `known` is `None` for unknown models, which get
+/// only the byte-level checks. Returns the parts whose declared type is to be mended from their bytes.
 pub fn check_form(
     reader: &Reader<'_>,
     endpoint: Endpoint,
-    family: Option<Family>,
+    known: Option<&Model>,
     model: &str,
-) -> Result<(), ApiError> {
-    let Some(form) = reader.form() else { return Ok(()) };
-    let rules = Rules { family };
+    mend: bool,
+) -> Result<Vec<Mend>, ApiError> {
+    let Some(form) = reader.form() else { return Ok(Vec::new()) };
+    let rules = Rules { model: known, mend };
+    let mut mends = Vec::new();
     if form.parts.iter().any(|p| is_image_field(&p.name) && !p.is_file()) {
         return Err(ApiError::invalid_code(
             "Invalid type for 'image': expected one of an array of files or file, but got a string instead.",
@@ -116,16 +137,17 @@ pub fn check_form(
             "invalid_type",
         ));
     }
-    let images: Vec<&Part> = form.images().collect();
+    let images: Vec<(usize, &Part)> =
+        form.parts.iter().enumerate().filter(|(_, p)| is_image_field(&p.name) && p.is_file()).collect();
     if images.is_empty() {
         return Err(missing("image"));
     }
-    let single = images.len() == 1 && images[0].name == "image";
+    let single = images.len() == 1 && images[0].1.name == "image";
     let param = |i: usize| if single { "image".to_owned() } else { format!("image[{i}]") };
     if images.len() > rules.max_images() {
         return Err(too_many(&format!("'{model}' accepts at most {}", rules.max_images()), images.len(), "image"));
     }
-    let masks: Vec<&Part> = form.parts.iter().filter(|p| p.name == "mask").collect();
+    let masks: Vec<(usize, &Part)> = form.parts.iter().enumerate().filter(|(_, p)| p.name == "mask").collect();
     if masks.len() > 1 {
         return Err(ApiError::invalid(
             format!("Duplicate parameter 'mask': send one mask, not {}; it applies to the first image.", masks.len()),
@@ -133,15 +155,15 @@ pub fn check_form(
         ));
     }
     let mut first: Option<ImageInfo> = None;
-    for (i, part) in images.iter().enumerate() {
-        let info = check_image(&Upload::from_part(part, param(i)), rules)?;
+    for (i, (index, part)) in images.iter().enumerate() {
+        let info = check_image(&Upload::from_part(part, *index, param(i)), rules, &mut mends)?;
         first.get_or_insert(info);
     }
     let mask = masks.first().copied();
-    if let (Some(Family::DallE2), Some(info)) = (family, first) {
-        dalle2_rules(&info, endpoint, mask.is_some(), &param(0))?;
+    if let Some(info) = first {
+        shape_rules(&info, rules, endpoint, mask.is_some(), &param(0))?;
     }
-    if let Some(mask) = mask {
+    if let Some((index, mask)) = mask {
         if endpoint != Endpoint::Edits {
             return Err(unsupported("mask", model));
         }
@@ -152,19 +174,17 @@ pub fn check_form(
                 "invalid_type",
             ));
         }
-        check_mask(&Upload::from_part(mask, "mask".to_owned()), first, rules)?;
+        check_mask(&Upload::from_part(mask, index, "mask".to_owned()), first, rules, &mut mends)?;
     }
-    Ok(())
+    Ok(mends)
 }
 
 /// The rules every image file meets, by its declared type and its bytes. Returns what its header says.
-fn check_image(upload: &Upload<'_>, rules: Rules) -> Result<ImageInfo, ApiError> {
+fn check_image(upload: &Upload<'_>, rules: Rules<'_>, mends: &mut Vec<Mend>) -> Result<ImageInfo, ApiError> {
     let allowed = rules.image_formats();
-    if rules.family.is_some() {
-        check_declared_type(upload, allowed)?;
-    }
+    let mend = rules.known() && check_declared_type(upload, &allowed, rules.mend)?;
     let info = inspect(upload)?;
-    if rules.family.is_some() {
+    if rules.known() {
         check_label_matches(upload, &info)?;
         if let Some(max) = rules.image_max_bytes()
             && upload.len >= max
@@ -172,21 +192,33 @@ fn check_image(upload: &Upload<'_>, rules: Rules) -> Result<ImageInfo, ApiError>
             return Err(too_large(&upload.param, max));
         }
         if !allowed.contains(&info.format) {
-            return Err(bad_image(&upload.param, &format!("must be a PNG image, got {}", info.format.name())));
+            let names: Vec<&str> = allowed.iter().map(|f| f.name()).collect();
+            return Err(bad_image(
+                &upload.param,
+                &format!("must be a {} image, got {}", names.join(" or "), info.format.name()),
+            ));
         }
     }
     check_complete(upload, &info)?;
+    if mend && let Some(index) = upload.index {
+        mends.push((index, info.format.mime()));
+    }
     Ok(info)
 }
 
 /// The mask: for known models a PNG (declared and real) with an alpha channel, under 4 MiB, the size of the
 /// first image (when that is known); for unknown models the byte-level rules of any image.
-fn check_mask(upload: &Upload<'_>, first: Option<ImageInfo>, rules: Rules) -> Result<(), ApiError> {
-    if rules.family.is_none() {
-        check_image(upload, rules)?;
+fn check_mask(
+    upload: &Upload<'_>,
+    first: Option<ImageInfo>,
+    rules: Rules<'_>,
+    mends: &mut Vec<Mend>,
+) -> Result<(), ApiError> {
+    if !rules.known() {
+        check_image(upload, rules, mends)?;
         return Ok(());
     }
-    check_declared_type(upload, &[ImageFormat::Png])?;
+    let mend = check_declared_type(upload, &[ImageFormat::Png], rules.mend)?;
     let info = inspect(upload)?;
     check_label_matches(upload, &info)?;
     if info.format != ImageFormat::Png {
@@ -214,22 +246,24 @@ fn check_mask(upload: &Upload<'_>, first: Option<ImageInfo>, rules: Rules) -> Re
             "invalid_image_dimensions",
         ));
     }
+    if mend && let Some(index) = upload.index {
+        mends.push((index, info.format.mime()));
+    }
     Ok(())
 }
 
-fn check_declared_type(upload: &Upload<'_>, allowed: &[ImageFormat]) -> Result<(), ApiError> {
+/// The declared type is one the model takes. A part declaring no type is accepted (OpenAI accepts them, as
+/// the `async-openai` maintainers report; its bytes are checked below); so is `application/octet-stream`
+/// when `mend` is on. `Ok(true)`: forward the part with the type of its bytes (`mend` on only).
+fn check_declared_type(upload: &Upload<'_>, allowed: &[ImageFormat], mend: bool) -> Result<bool, ApiError> {
     let param = upload.param.as_str();
     let supported = allowed.iter().map(|f| f.mime()).collect::<Vec<_>>();
     match upload.declared {
-        None => Err(ApiError::invalid_code(
-            format!(
-                "Invalid file '{param}': failed to determine mimetype. Ensure you are providing the file's mimetype \
-                 as part of the 'Content-Type' header."
-            ),
-            Some(param),
-            "missing_file_mimetype",
-        )),
-        Some(ct) if ImageFormat::from_declared(ct).is_some_and(|f| allowed.contains(&f)) => Ok(()),
+        None => Ok(mend),
+        Some(ct) if mend && ct.split(';').next().is_some_and(|e| e.trim().eq_ignore_ascii_case(OCTET_STREAM)) => {
+            Ok(true)
+        }
+        Some(ct) if ImageFormat::from_declared(ct).is_some_and(|f| allowed.contains(&f)) => Ok(false),
         Some(ct) => Err(ApiError::invalid_code(
             format!(
                 "Invalid file '{param}': unsupported mimetype ('{}'). Supported file formats are {}.",
@@ -275,15 +309,23 @@ fn check_complete(upload: &Upload<'_>, info: &ImageInfo) -> Result<(), ApiError>
         .map_err(|e| bad_image(&upload.param, &e.to_string()))
 }
 
-fn dalle2_rules(info: &ImageInfo, endpoint: Endpoint, has_mask: bool, param: &str) -> Result<(), ApiError> {
-    if info.width != info.height {
+/// The first image's shape: square, and with transparency when an edit has no mask, for models whose file
+/// rules say so.
+fn shape_rules(
+    info: &ImageInfo,
+    rules: Rules<'_>,
+    endpoint: Endpoint,
+    has_mask: bool,
+    param: &str,
+) -> Result<(), ApiError> {
+    if rules.square() && info.width != info.height {
         return Err(bad_image(
             param,
             &format!("expected an image with equal width and height, got {}x{}", info.width, info.height),
         ));
     }
     let transparent_ok = matches!(info.color, ColorKind::Rgba | ColorKind::GrayAlpha | ColorKind::Gray);
-    if endpoint == Endpoint::Edits && !has_mask && !transparent_ok {
+    if rules.transparent_without_mask() && endpoint == Endpoint::Edits && !has_mask && !transparent_ok {
         return Err(bad_image(
             param,
             &format!(
@@ -297,21 +339,23 @@ fn dalle2_rules(info: &ImageInfo, endpoint: Endpoint, has_mask: bool, param: &st
 
 /// The `images` array and `mask` of the JSON edit body. References by `file_id` and remote `http(s)` URLs
 /// are forwarded unchecked (imagegate does not fetch them); `data:` URLs get the file rules by their bytes.
-pub fn check_json_refs(reader: &Reader<'_>, family: Option<Family>) -> Result<(), ApiError> {
-    let rules = Rules { family };
+pub fn check_json_refs(reader: &Reader<'_>, known: Option<&Model>) -> Result<(), ApiError> {
+    let rules = Rules { model: known, mend: false };
+    let mut mends = Vec::new();
     let Some(images) = reader.json("images") else { return Err(missing("images")) };
     let Value::Array(items) = images else { return Err(invalid_type("images", "an array", images)) };
     if items.is_empty() {
         return Err(missing("images"));
     }
-    if items.len() > GPT_MAX_IMAGES {
-        return Err(too_many(&format!("at most {GPT_MAX_IMAGES} are accepted"), items.len(), "images"));
+    let max = rules.max_images().min(JSON_MAX_IMAGES);
+    if items.len() > max {
+        return Err(too_many(&format!("at most {max} are accepted"), items.len(), "images"));
     }
     let mut first: Option<Option<ImageInfo>> = None;
     for (i, item) in items.iter().enumerate() {
         let param = format!("images[{i}]");
         let info = match check_ref(item, &param)? {
-            Some(data) => Some(check_image(&data.upload(format!("{param}.image_url"))?, rules)?),
+            Some(data) => Some(check_image(&data.upload(format!("{param}.image_url"))?, rules, &mut mends)?),
             None => None,
         };
         first.get_or_insert(info);
@@ -319,7 +363,7 @@ pub fn check_json_refs(reader: &Reader<'_>, family: Option<Family>) -> Result<()
     if let Some(mask) = reader.json("mask")
         && let Some(data) = check_ref(mask, "mask")?
     {
-        check_mask(&data.upload("mask.image_url".to_owned())?, first.flatten(), rules)?;
+        check_mask(&data.upload("mask.image_url".to_owned())?, first.flatten(), rules, &mut mends)?;
     }
     Ok(())
 }
@@ -418,7 +462,7 @@ impl<'a> DataUrl<'a> {
         };
         let head = decode(head)?;
         let tail = decode(&self.payload[tail_start..])?;
-        Ok(Upload { declared: Some(self.mime), head: head.into(), tail: tail.into(), len, param })
+        Ok(Upload { index: None, declared: Some(self.mime), head: head.into(), tail: tail.into(), len, param })
     }
 }
 

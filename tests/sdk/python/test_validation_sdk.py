@@ -331,17 +331,19 @@ def test_an_upload_over_the_multipart_limit_raises_413_naming_the_limit() -> Non
     assert calls_with(n) == []
 
 
-def test_an_image_declared_as_octet_stream_raises_bad_request() -> None:
+def test_a_png_declared_as_jpeg_raises_bad_request() -> None:
+    # A declared type that contradicts the bytes stays refused. (A part declared application/octet-stream,
+    # or with no type, is forwarded with the type of its bytes: test_models_sdk.py.)
     n = nonce()
     assert_refused(
         lambda: client().images.edit(
             model="gpt-image-1",
-            image=("upload", png(64, 64), "application/octet-stream"),
+            image=("upload.jpg", png(64, 64), "image/jpeg"),
             prompt=f"add a hat {n}",
         ),
         n,
         "image",
-        "unsupported_file_mimetype",
+        "invalid_image_format",
     )
 
 
