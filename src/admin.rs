@@ -40,6 +40,7 @@ pub fn router(token: &Secret) -> Router<AppState> {
         .route("/usage", get(handlers::usage))
         .route("/cache", get(handlers::cache_stats).delete(handlers::clear_cache))
         .route("/limits", get(handlers::limits_stats))
+        .route("/pools", get(handlers::pools))
         .route("/models", get(models::list_models))
         // route_layer: unknown admin paths still answer 404 rather than 401, like the image routes.
         .route_layer(from_fn_with_state(guard, require_admin))

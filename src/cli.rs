@@ -3,6 +3,7 @@
 //! database and `table` renders their plain-ASCII tables. `main.rs` only dispatches and prints.
 
 pub mod commands;
+pub mod pools;
 pub mod table;
 
 use std::net::SocketAddr;
@@ -42,6 +43,24 @@ pub enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show each upstream pool deployment's state in a running gateway (through its admin API)
+    ///
+    /// Healthy, resting or unhealthy (and for how long), calls in flight, and the capacity left this minute, as
+    /// this replica sees them. Reads `admin.token` from the configuration.
+    Pools(PoolsArgs),
+}
+
+/// `imagegate pools`.
+#[derive(Debug, clap::Args)]
+pub struct PoolsArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The gateway's base URL. Default: server.public_url, else http://<server.listen>.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<url::Url>,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where configuration comes from, shared by every command that reads it.

@@ -30,6 +30,9 @@ pub const ENV_PROFILE: &str = "IMAGEGATE_ENV";
 /// OpenAI's usual variable, accepted for `upstream.api_key`.
 pub const ENV_OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 
+/// The pool that, when configured, serves tenants that name no upstream (instead of `[upstream]`).
+pub const DEFAULT_POOL: &str = "default";
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,6 +43,9 @@ pub struct Settings {
     /// Further upstreams, by name (`[upstreams.<name>]`, the same keys as `[upstream]`), for tenants whose
     /// `upstream` names one; `[upstream]` serves every other tenant.
     pub upstreams: BTreeMap<String, UpstreamSettings>,
+    /// Pools of deployments, by name (`[pools.<name>]`): ordered lists of `[upstreams.<name>]` tables used as
+    /// one. Tenants name a pool as they name an upstream; `[pools.default]` serves tenants that name none.
+    pub pools: BTreeMap<String, PoolSettings>,
     pub validation: ValidationSettings,
     pub database: DatabaseSettings,
     pub storage: StorageSettings,
@@ -48,6 +54,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub admin: AdminSettings,
     pub usage: UsageSettings,
+    /// The replay window: identical retries attach to an earlier call instead of paying again (docs/pools.md).
+    pub replay: ReplaySettings,
     pub limits: LimitsSettings,
     /// Prices used for the usage ledger's cost estimates (defaults: the catalog's, OpenAI's published prices).
     pub pricing: crate::pricing::Prices,
@@ -66,7 +74,8 @@ pub struct ServerSettings {
     /// Base URL callers use to reach this gateway (used for links imagegate hands out). Defaults to
     /// `http://<bound address>`.
     pub public_url: Option<Url>,
-    /// Whole-request deadline up to the response headers; must exceed `upstream.timeout`.
+    /// Whole-request deadline up to the response headers; must exceed `upstream.timeout` unless the replay
+    /// window is on (then the upstream call outlives a caller the deadline sends away, and a retry collects it).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// How long SIGTERM/SIGINT waits, from the signal, for in-flight requests before exiting.
@@ -156,6 +165,50 @@ pub struct UpstreamSettings {
     /// Hosts this upstream's image links point at, added to `images.download.allowed_hosts` (exact names or
     /// `*.suffix`). OpenAI's and Azure's (`*.blob.core.windows.net`) are there by default.
     pub image_hosts: Vec<String>,
+    /// How the path is built: `openai` (`<base_url>/images/…`, model in the body: OpenAI, Azure's v1 API,
+    /// compatible servers) or `azure-deployment` (`<base_url>/deployments/<served name>/images/…`, Azure's
+    /// classic route; set `query.api-version`).
+    pub route: UpstreamRoute,
+    /// The models this deployment serves, each with the name it serves it as (`"gpt-image-1" = "img-east"`).
+    /// Empty: every model, under its own name. The served name replaces `model` in JSON and multipart bodies.
+    pub models: BTreeMap<String, String>,
+    /// Share of its priority tier's traffic, relative to the other deployments of the tier (pools only).
+    pub weight: u32,
+    /// Tier: a pool uses the lowest tier that has a deployment able to take the request (pools only).
+    pub priority: u32,
+    /// This deployment's own quota: requests per minute (absent = no limit).
+    pub requests_per_minute: Option<u32>,
+    /// This deployment's own quota: images per minute, counting each request's `n` (absent = no limit).
+    pub images_per_minute: Option<u32>,
+    /// Calls in flight at once (absent = no limit).
+    pub max_concurrent: Option<u32>,
+    /// How long a deployment that answered 429 without `retry-after` rests before it is tried again.
+    #[serde(with = "humantime_serde")]
+    pub rest_after_429: Duration,
+    /// How long a deployment stays out after a connect failure or a 5xx answer, before real traffic probes it.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_for: Duration,
+    /// Consecutive connect failures or 5xx answers that take the deployment out.
+    pub failures_to_trip: u32,
+}
+
+/// How an upstream's URL path is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamRoute {
+    /// `<base_url>/images/generations`, the model in the body.
+    #[default]
+    Openai,
+    /// `<base_url>/deployments/<deployment>/images/generations`: Azure OpenAI's deployment route.
+    AzureDeployment,
+}
+
+/// A pool: deployments (`[upstreams.<name>]` tables) used as one, in order.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Names of `[upstreams.<name>]` tables, each at most once.
+    pub deployments: Vec<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -173,6 +226,16 @@ impl Default for UpstreamSettings {
             stream_idle_timeout: Duration::from_secs(300),
             connect_retries: 2,
             image_hosts: Vec::new(),
+            route: UpstreamRoute::Openai,
+            models: BTreeMap::new(),
+            weight: 1,
+            priority: 0,
+            requests_per_minute: None,
+            images_per_minute: None,
+            max_concurrent: None,
+            rest_after_429: Duration::from_secs(10),
+            unhealthy_for: Duration::from_secs(30),
+            failures_to_trip: 1,
         }
     }
 }
@@ -520,6 +583,23 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// The replay window (docs/pools.md#the-replay-window).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplaySettings {
+    /// Attach identical retries from the same key to an earlier call or its result.
+    pub enabled: bool,
+    /// How long a finished call's result is kept for retries.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        Self { enabled: true, window: Duration::from_secs(600) }
+    }
+}
+
 /// The usage ledger writer.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -701,6 +781,18 @@ pub struct Sources {
     pub dir: Option<PathBuf>,
 }
 
+impl Settings {
+    /// Whether a tenant's `upstream` setting may name `name`: an `[upstreams.<name>]` table or a pool.
+    pub fn routes_to(&self, name: &str) -> bool {
+        self.upstreams.contains_key(name) || self.pools.contains_key(name)
+    }
+
+    /// Every name a tenant's `upstream` setting may hold: the named upstreams and the pools.
+    pub fn route_names(&self) -> Vec<String> {
+        self.upstreams.keys().chain(self.pools.keys()).cloned().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -747,6 +839,8 @@ level = "=bad=filter=["
 [upstream]
 kind = "openai"
 timeout = "20s"
+[replay]
+enabled = false
 [[tenants]]
 name = "a"
 keys = [{ id = "NOT-AN-ID", sha256 = "xyz" }]
@@ -846,6 +940,73 @@ upstream = "nowhere"
     }
 
     #[test]
+    fn pools_list_every_fault_at_once_and_a_default_pool_replaces_the_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = r#"
+[upstreams.east]
+base_url = "https://east.openai.azure.com/openai"
+api_key = "k1"
+auth = "api-key"
+route = "azure-deployment"
+weight = 0
+images_per_minute = 0
+[upstreams.west]
+base_url = "https://west.openai.azure.com/openai/v1"
+api_key = "k2"
+models = { "gpt-image-1" = "img/west" }
+[pools.default]
+deployments = ["east", "west", "east", "north"]
+[pools.west]
+deployments = []
+[[tenants]]
+name = "a"
+upstream = "default"
+"#;
+        let faults = load(dir.path(), body, &[]).unwrap_err().0;
+        for needle in [
+            "upstreams.east.weight must be at least 1",
+            "upstreams.east.images_per_minute must be at least 1",
+            "upstreams.east.route = \"azure-deployment\" needs upstreams.east.models",
+            "upstreams.east.route = \"azure-deployment\" needs upstreams.east.query.api-version",
+            "upstreams.west.models: \"gpt-image-1\" = \"img/west\"",
+            "pools.default.deployments[2]: 'east' is listed twice",
+            "pools.default.deployments[3]: 'north' is not an [upstreams.<name>] table",
+            "pools.west: [upstreams.west] has the same name",
+            "pools.west.deployments must name at least one",
+        ] {
+            assert!(faults.iter().any(|f| f.contains(needle)), "no fault mentions {needle}: {faults:#?}");
+        }
+        assert!(!faults.iter().any(|f| f.starts_with("upstream.api_key")), "[upstream] is unused: {faults:#?}");
+        assert!(!faults.iter().any(|f| f.contains("tenants[0]")), "a tenant may name a pool: {faults:#?}");
+        let ok = r#"
+[upstreams.east]
+base_url = "https://east.openai.azure.com/openai"
+api_key = "k1"
+auth = "api-key"
+route = "azure-deployment"
+query = { "api-version" = "2025-04-01-preview" }
+models = { "gpt-image-1" = "img-east" }
+weight = 3
+priority = 0
+images_per_minute = 10
+requests_per_minute = 60
+max_concurrent = 4
+rest_after_429 = "5s"
+[upstreams.openai]
+api_key = "sk-openai"
+priority = 1
+[pools.default]
+deployments = ["east", "openai"]
+"#;
+        let s = load(dir.path(), ok, &[]).unwrap();
+        let east = &s.upstreams["east"];
+        assert_eq!((east.route, east.weight, east.images_per_minute), (UpstreamRoute::AzureDeployment, 3, Some(10)));
+        assert_eq!(east.models["gpt-image-1"], "img-east");
+        assert_eq!(s.pools["default"].deployments, ["east", "openai"]);
+        assert!(s.routes_to("default") && s.routes_to("east") && !s.routes_to("north"));
+    }
+
+    #[test]
     fn tenant_policy_and_key_expiry_faults_name_the_tenant_and_field() {
         let dir = tempfile::tempdir().unwrap();
         let body = r#"
@@ -887,7 +1048,7 @@ keys = [{ id = "abcd1234", sha256 = "0000000000000000000000000000000000000000000
         let dir = tempfile::tempdir().unwrap();
         // An unknown key, a wrong type, a bad enum value (each stops serde on its own) and a semantic fault.
         let body = "[server]\nlistn = \"127.0.0.1:1\"\nrequest_timeout = \"10s\"\n[log]\nformat = \"xml\"\n\
-                    [upstream]\nkind = \"mock\"\nconnect_retries = \"many\"\n";
+                    [upstream]\nkind = \"mock\"\nconnect_retries = \"many\"\n[replay]\nenabled = false\n";
         let error = load(dir.path(), body, &[]).unwrap_err();
         let text = error.to_string();
         assert_eq!(error.0.len(), 4, "{text}");

@@ -50,9 +50,18 @@ pub enum ApiError {
     /// The upstream could not be reached (connect/TLS/reset). 502.
     #[error("upstream unavailable: {0}")]
     UpstreamUnavailable(String),
-    /// The upstream did not answer within the configured timeout. 504.
+    /// The upstream did not answer within the configured timeout. 504, `x-should-retry: false` (the images
+    /// may have been generated and billed).
     #[error("upstream timed out after {0:?}")]
     UpstreamTimeout(Duration),
+    /// The upstream's connection broke after the request was sent. 502, `x-should-retry: false` (as for a
+    /// timeout, the images may have been generated and billed).
+    #[error("upstream connection broke: {0}")]
+    UpstreamBroken(String),
+    /// Every deployment of the pool is resting after a 429, at capacity or unhealthy. 429 with the soonest
+    /// `retry-after`.
+    #[error("every upstream deployment is busy")]
+    UpstreamBusy { retry_after_ms: u64 },
     /// A tenant limit refused the request. 429 with `retry-after` (rates) or `x-should-retry: false`
     /// (budgets, which do not come back within a retry's patience, and demands larger than a burst, which
     /// never fit).
@@ -158,6 +167,8 @@ impl ApiError {
             Self::RequestTimeout(d) => Self::RequestTimeout(*d),
             Self::UpstreamUnavailable(m) => Self::UpstreamUnavailable(m.clone()),
             Self::UpstreamTimeout(d) => Self::UpstreamTimeout(*d),
+            Self::UpstreamBroken(m) => Self::UpstreamBroken(m.clone()),
+            Self::UpstreamBusy { retry_after_ms } => Self::UpstreamBusy { retry_after_ms: *retry_after_ms },
             Self::RateLimited { message, budget, retry_after_ms, report } => Self::RateLimited {
                 message: message.clone(),
                 budget: *budget,
@@ -185,7 +196,8 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamUnavailable(_) | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_) | Self::UpstreamBroken(_) | Self::RehostFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ShuttingDown | Self::LimitsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -207,10 +219,11 @@ impl ApiError {
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::PermissionDenied { .. } => "permission_error",
             Self::RateLimited { budget: true, .. } => "insufficient_quota",
-            Self::RateLimited { budget: false, .. } => "requests",
+            Self::RateLimited { budget: false, .. } | Self::UpstreamBusy { .. } => "requests",
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_)
+            | Self::UpstreamBroken(_)
             | Self::RehostFailed(_)
             | Self::ShuttingDown
             | Self::LimitsUnavailable { .. }
@@ -228,6 +241,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) | Self::UpstreamTimeout(_) => Some("timeout"),
             Self::UpstreamUnavailable(_) => Some("upstream_unavailable"),
+            Self::UpstreamBroken(_) => Some("upstream_connection_broken"),
+            Self::UpstreamBusy { .. } => Some("rate_limit_exceeded"),
             Self::RehostFailed(_) => Some("image_rehost_failed"),
             Self::RangeNotSatisfiable { .. } => Some("range_not_satisfiable"),
             Self::RateLimited { budget: true, .. } => Some("insufficient_quota"),
@@ -271,6 +286,14 @@ impl ApiError {
             ),
             Self::RequestTimeout(d) => format!("The request did not complete within {}s.", d.as_secs()),
             Self::UpstreamUnavailable(_) => "The upstream image API could not be reached.".to_owned(),
+            Self::UpstreamBroken(_) => "The connection to the upstream image API broke after the request was sent; \
+                the images may have been generated and billed, so this request is not retried."
+                .to_owned(),
+            Self::UpstreamBusy { retry_after_ms } => format!(
+                "Every upstream deployment serving this model is at its rate limit or unavailable. Please try again \
+                 in {:.1}s.",
+                *retry_after_ms as f64 / 1000.0
+            ),
             Self::RehostFailed(reason) => format!(
                 "The upstream generated the images, but imagegate could not store them to give you durable links: \
                  {reason}."
@@ -278,9 +301,11 @@ impl ApiError {
             Self::RangeNotSatisfiable { length } => {
                 format!("The requested range is not satisfiable: the image is {length} bytes long.")
             }
-            Self::UpstreamTimeout(d) => {
-                format!("The upstream image API did not answer within {}s.", d.as_secs())
-            }
+            Self::UpstreamTimeout(d) => format!(
+                "The upstream image API did not answer within {}s; the images may have been generated and billed, \
+                 so this request is not retried.",
+                d.as_secs()
+            ),
             Self::ShuttingDown => "The gateway is shutting down; retry shortly.".to_owned(),
             Self::Internal(_) => {
                 "The gateway hit an internal error; quote the x-request-id when reporting it.".to_owned()
@@ -302,11 +327,13 @@ impl ApiError {
             Self::Unauthenticated { .. }
             | Self::PermissionDenied { .. }
             | Self::ShuttingDown
-            | Self::RateLimited { .. } => Level::Info,
+            | Self::RateLimited { .. }
+            | Self::UpstreamBusy { .. } => Level::Info,
             Self::LimitsUnavailable { .. } => Level::Error,
             Self::RequestTimeout(_)
             | Self::UpstreamUnavailable(_)
             | Self::UpstreamTimeout(_)
+            | Self::UpstreamBroken(_)
             | Self::RehostFailed(_) => Level::Warn,
             Self::Internal(_) => Level::Error,
         }
@@ -327,6 +354,8 @@ impl ApiError {
             Self::RequestTimeout(_) => "internal.request_timeout",
             Self::UpstreamUnavailable(_) => "upstream.unavailable",
             Self::UpstreamTimeout(_) => "upstream.timeout",
+            Self::UpstreamBroken(_) => "upstream.broken",
+            Self::UpstreamBusy { .. } => "upstream.busy",
             Self::RehostFailed(_) => "upstream.rehost_failed",
             Self::RangeNotSatisfiable { .. } => "client.range_not_satisfiable",
             Self::ShuttingDown => "internal.shutting_down",
@@ -353,6 +382,7 @@ impl ApiError {
         | Self::PayloadTooLarge { .. }
         | Self::Unauthenticated { .. }
         | Self::UpstreamTimeout(_)
+        | Self::UpstreamBroken(_)
         | Self::RequestTimeout(_) = self
         {
             headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
@@ -370,6 +400,9 @@ impl ApiError {
                     headers.insert(headers::X_SHOULD_RETRY, HeaderValue::from_static("false"));
                 }
             }
+        }
+        if let Self::UpstreamBusy { retry_after_ms } = self {
+            crate::error::ratelimit_headers::retry(*retry_after_ms, headers);
         }
         if let Self::LimitsUnavailable { report, .. } = self {
             crate::error::ratelimit_headers::apply(report, headers);

@@ -21,6 +21,8 @@ use crate::wire::headers;
 pub struct Extracted {
     pub request: ImageRequest,
     pub idempotency_key: Option<String>,
+    /// An OpenAI SDK's automatic retry (`x-stainless-retry-count` above 0).
+    pub sdk_retry: bool,
     /// The caller's `Cache-Control` for this request.
     pub cache: crate::cache::Directive,
 }
@@ -46,6 +48,12 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
     };
     let raw = read_limited(body, limit, &parts.headers).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let sdk_retry = parts
+        .headers
+        .get(headers::X_STAINLESS_RETRY_COUNT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .is_some_and(|n| n > 0);
     let cache = crate::cache::Directive::from_headers(
         parts.headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()),
     );
@@ -57,7 +65,7 @@ pub async fn image_request(state: &AppState, endpoint: Endpoint, request: Reques
             ImageRequest::from_form(endpoint, raw, content_type, form)
         }
     };
-    Ok(Extracted { request, idempotency_key, cache })
+    Ok(Extracted { request, idempotency_key, sdk_retry, cache })
 }
 
 fn body_kind(endpoint: Endpoint, content_type: Option<&str>) -> Result<BodyKind, ApiError> {

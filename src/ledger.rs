@@ -417,7 +417,7 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
 }
 
 /// Parameters per row of the INSERT.
-const COLUMNS: usize = 21;
+const COLUMNS: usize = 23;
 
 /// Rows per INSERT statement, on both databases: 1,000 parameters, one round trip on PostgreSQL, one
 /// statement step on SQLite.
@@ -425,7 +425,8 @@ const ROWS_PER_STATEMENT: usize = 50;
 
 const INSERT_HEAD: &str = "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
      images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, latency_ms, \
-     stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model) VALUES ";
+     stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model, deployment, \
+     possibly_billed) VALUES ";
 
 /// The INSERT of `rows` rows, built once per backend and row count and kept: sqlx caches the prepared
 /// statement by its text, so a full batch reuses the same prepared statement every time.
@@ -495,7 +496,9 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(r.upstream_request_id.as_deref())
                 .bind(r.prompt.as_deref())
                 .bind(r.refused_by)
-                .bind(r.requested_model.as_deref());
+                .bind(r.requested_model.as_deref())
+                .bind(r.deployment.as_deref())
+                .bind(i64::from(r.possibly_billed));
         }
         query.execute(&mut *tx).await?;
     }
@@ -530,6 +533,8 @@ mod tests {
             upstream_request_id: None,
             prompt: None,
             refused_by: None,
+            deployment: None,
+            possibly_billed: false,
         }
     }
 

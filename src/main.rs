@@ -24,6 +24,7 @@ async fn main() -> ExitCode {
         Command::Keys(command) => commands::keys(command).await,
         Command::Usage(args) => commands::usage(args).await,
         Command::Config(ConfigCommand::Check(args)) => commands::config_check(&args),
+        Command::Pools(args) => commands::pools(args).await,
         Command::Models(args) => commands::models_list(&args),
     };
     match output {

@@ -9,12 +9,14 @@
 //! (`crate::cache`) answers hits before the images are reserved, so a hit spends a request but no images.
 
 pub mod metering;
+pub mod replay;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use self::replay::ReplayWindow;
 use crate::cache::key::KeyParts;
 use crate::cache::{self, Answer, Directive, Fetched, Lookup, Outcome, ResponseCache, Uncached};
 use crate::domain::{Scope, TenantContext};
@@ -26,7 +28,8 @@ use crate::ledger::record::{self as usage, UsageRecord};
 use crate::limits::{Demand, Limiter, Permit, Usage};
 use crate::pricing::{Ask, Prices, Unpriced};
 use crate::rehost::{Origin, Plan, Rehoster};
-use crate::upstream::{Attribution, ReplyBody, UpstreamReply, Upstreams};
+use crate::upstream::{Attribution, ReplyBody, Upstream as _, UpstreamReply, Upstreams};
+use crate::wire::headers;
 
 /// Per-request facts from the HTTP edge the pipeline needs.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +38,8 @@ pub struct RequestMeta {
     pub request_id: String,
     /// The caller's `Idempotency-Key`, forwarded unchanged.
     pub idempotency_key: Option<String>,
+    /// An OpenAI SDK's automatic retry (`x-stainless-retry-count` above 0).
+    pub sdk_retry: bool,
     /// The caller's `Cache-Control` directive.
     pub cache: Directive,
 }
@@ -130,6 +135,37 @@ pub struct ImagesService {
     limiter: Limiter,
     rehoster: Arc<Rehoster>,
     cache: ResponseCache,
+    /// Uncached whole answers run in tasks of their own, and identical retries attach to them.
+    replay: Option<ReplayWindow<Replayed>>,
+}
+
+/// What an uncached call through the replay window came to, as every caller attached to it receives it.
+#[derive(Clone)]
+enum Replayed {
+    /// The upstream's answer (re-hosted), with the headers of the call that made it.
+    Answer(Answer),
+    /// A failure, with the headers its request earned.
+    Failed(Arc<Failure>),
+}
+
+impl Replayed {
+    /// Whether later identical requests get this result instead of a call of their own.
+    fn kept(&self) -> replay::Kept {
+        match self {
+            Self::Answer(answer) if (200..300).contains(&answer.status) && answer.images.unwrap_or(0) > 0 => {
+                replay::Kept::Images
+            }
+            Self::Answer(_) => replay::Kept::Nothing,
+            // The request went out and no answer came, or the images could not be stored: they may have been
+            // generated and billed, so a new call could pay twice.
+            Self::Failed(f) => match f.error {
+                ApiError::UpstreamTimeout(_) | ApiError::UpstreamBroken(_) | ApiError::RehostFailed(_) => {
+                    replay::Kept::PossiblyBilled
+                }
+                _ => replay::Kept::Nothing,
+            },
+        }
+    }
 }
 
 impl ImagesService {
@@ -142,7 +178,14 @@ impl ImagesService {
         rehoster: Arc<Rehoster>,
         cache: ResponseCache,
     ) -> Self {
-        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache }
+        Self { upstreams, policy, prices, ledger, limiter, rehoster, cache, replay: None }
+    }
+
+    /// Run uncached whole answers through a replay window (`replay.enabled`), keeping results for `window`.
+    #[must_use]
+    pub fn with_replay(mut self, window: Option<std::time::Duration>) -> Self {
+        self.replay = window.map(ReplayWindow::new);
+        self
     }
 
     /// The re-hoster, whose store also serves the links it hands out.
@@ -157,7 +200,12 @@ impl ImagesService {
 
     /// Name of the default upstream (`openai` or `mock`).
     pub fn upstream_name(&self) -> &'static str {
-        self.upstreams.default_upstream().name()
+        self.upstreams.default_pool().kind()
+    }
+
+    /// Every upstream and pool (the admin API shows their deployments' state).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
     /// The rate limits (counters for the admin API, readiness, shutdown).
@@ -226,10 +274,13 @@ impl ImagesService {
             return Ok(call.answer_reply(answer, Outcome::Hit));
         }
         let Some(lookup) = lookup else {
+            span.record("cache", Outcome::Bypass.as_str());
+            if let Some(window) = self.replay.as_ref().filter(|_| !validated.stream) {
+                return self.replayed(window, call, request, validated.n, cost).await;
+            }
             // 4. Rate limits and quotas: reserve the request, its `n` images and its cost, all or nothing.
             self.acquire(&mut call, Demand::whole(validated.n, cost)).await?;
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
-            span.record("cache", Outcome::Bypass.as_str());
             let (mut reply, record) =
                 Box::pin(self.fetch(&call, &request)).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
             set_cache_header(&mut reply.headers, Outcome::Bypass);
@@ -272,6 +323,75 @@ impl ImagesService {
                     self.settle_failed(&call, call.finished(e.status().as_u16()), &e);
                 }
                 Err(call.failure(e, outcome))
+            }
+        }
+    }
+
+    /// Steps 4–7 for an uncached whole answer, through the replay window: the reservation, the upstream call,
+    /// re-hosting and the booking of usage run in a task of their own, so a caller that hangs up (or whose
+    /// request the gateway times out) does not cancel a generation already paid for. An identical request from
+    /// the same key that retries it, or that follows it before anyone got its images, attaches to that call or
+    /// its result: one upstream call, one charge. An attached caller's own row costs nothing.
+    async fn replayed(
+        &self,
+        window: &ReplayWindow<Replayed>,
+        call: Call,
+        request: ImageRequest,
+        images: u32,
+        cost: f64,
+    ) -> Result<UpstreamReply, Failure> {
+        let key = replay::key(
+            &call.ctx.tenant.id,
+            &call.ctx.key_id,
+            request.endpoint.name(),
+            &replay::fingerprint(&request),
+            call.meta.idempotency_key.as_deref(),
+        );
+        let keyed = call.meta.idempotency_key.is_some();
+        let says_retry = call.meta.sdk_retry || keyed;
+        let (this, mut own) = (self.clone(), call.clone());
+        let task = async move {
+            if let Err(e) = this.acquire(&mut own, Demand::whole(images, cost)).await {
+                return Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass)));
+            }
+            match this.fetch(&own, &request).await {
+                Ok((reply, record)) => {
+                    let mut reply = this.meter(reply, record, &own);
+                    set_cache_header(&mut reply.headers, Outcome::Bypass);
+                    Replayed::Answer(Answer::from_reply(reply))
+                }
+                Err(e) => Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass))),
+            }
+        };
+        let (result, role) = window.run(key, says_retry, keyed, task, Replayed::kept).await;
+        let result = result.unwrap_or_else(|| {
+            let e = ApiError::Internal(anyhow::anyhow!("the upstream call's task ended without an answer"));
+            Replayed::Failed(Arc::new(Failure::from(e)))
+        });
+        let attached = role == replay::Role::Attached;
+        if attached {
+            tracing::info!(kind = "replay.attached", "an identical request's call answered this one");
+        }
+        match result {
+            Replayed::Answer(answer) => {
+                if attached {
+                    book(&self.ledger, None, call.finished(answer.status), Usage::NOTHING);
+                }
+                let mut reply = reply_of(answer);
+                if attached {
+                    reply.headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
+                }
+                Ok(reply)
+            }
+            Replayed::Failed(failure) => {
+                if attached {
+                    book(&self.ledger, None, call.finished(failure.error.status().as_u16()), Usage::NOTHING);
+                }
+                let mut headers = failure.headers.clone();
+                if attached {
+                    headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
+                }
+                Err(Failure::with_headers(failure.error.duplicate(), headers))
             }
         }
     }
@@ -464,8 +584,10 @@ impl ImagesService {
         let reply = match upstream.send(request, &attribution).await {
             Ok(reply) => reply,
             Err(e) => {
+                let mut record = call.record.clone();
+                record.note_upstream_failure(&e);
                 let e = ApiError::from(e);
-                self.settle_failed(call, call.finished(e.status().as_u16()), &e);
+                self.settle_failed(call, record.finish(e.status().as_u16(), call.started), &e);
                 return Err(e);
             }
         };
@@ -475,7 +597,8 @@ impl ImagesService {
             self.limiter.count_upstream_rate_limited();
             tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
         }
-        let record = call.record.clone();
+        let mut record = call.record.clone();
+        record.note_deployment(&reply.headers);
         let (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) = (&call.plan, &reply) else {
             return Ok((reply, record));
         };
@@ -519,7 +642,7 @@ impl ImagesService {
         if refused {
             record.refused_by = Some(usage::REFUSED_BY_GATEWAY);
         }
-        let never_processed = refused || matches!(e, ApiError::UpstreamUnavailable(_));
+        let never_processed = refused || matches!(e, ApiError::UpstreamUnavailable(_) | ApiError::UpstreamBusy { .. });
         book(
             &self.ledger,
             call.permit.as_ref(),
@@ -565,6 +688,18 @@ impl ImagesService {
             }
         }
     }
+}
+
+/// A reply carrying an answer exactly as its call made it (headers included).
+fn reply_of(answer: Answer) -> UpstreamReply {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &answer.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+            headers.append(name, value);
+        }
+    }
+    let status = http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::OK);
+    UpstreamReply { status, headers, body: ReplyBody::Full(answer.body) }
 }
 
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {

@@ -53,7 +53,7 @@ impl Application {
     /// Open the database, apply configured tenants, bind the socket and wire everything.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-        let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
+        let repo = TenantRepo::with_upstreams(db.clone(), settings.route_names());
         sync::apply(&repo, &settings.tenants)
             .await
             .map_err(|e| anyhow::anyhow!("cannot apply the tenants of the configuration: {e}"))?;
@@ -91,7 +91,8 @@ impl Application {
             builtin_lifecycle: settings.builtin_lifecycle(),
         };
         let cache = response_cache(&settings)?;
-        let images = ImagesService::new(upstreams, policy, prices, ledger, limiter, rehoster, cache);
+        let images = ImagesService::new(upstreams, policy, prices, ledger, limiter, rehoster, cache)
+            .with_replay(settings.replay.enabled.then_some(settings.replay.window));
         let state = AppState::new(Arc::new(settings), db, tenants, images);
         Ok(Self { listener, addr, public_url, state, writer, store })
     }
@@ -213,7 +214,7 @@ async fn warn_about_unknown_upstreams(repo: &TenantRepo, settings: &Settings) {
     let Ok(tenants) = repo.list_tenants().await else { return };
     for t in tenants {
         if let Some(name) = t.upstream.as_deref()
-            && !settings.upstreams.contains_key(name)
+            && !settings.routes_to(name)
         {
             tracing::warn!(
                 tenant = %t.name,

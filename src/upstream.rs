@@ -1,8 +1,10 @@
 //! The seam between the gateway and whatever produces images: the [`Upstream`] trait, what goes in
 //! ([`ImageRequest`] plus [`Attribution`]) and what comes out ([`UpstreamReply`]).
 //!
-//! [`Upstreams`] is the registry of every configured upstream: `[upstream]`, the default, and each named
-//! `[upstreams.<name>]`, which tenants choose with their `upstream` setting.
+//! [`Upstreams`] is the registry of every configured upstream and pool: `[upstream]` (or `[pools.default]`),
+//! each named `[upstreams.<name>]` and each `[pools.<name>]`, which tenants choose with their `upstream`
+//! setting. `pool` spreads requests over deployments and moves a request on only when the deployment it tried
+//! provably generated nothing.
 //!
 //! `openai` forwards over HTTP to OpenAI, Azure's v1 API or any OpenAI-compatible server; `mock` answers
 //! offline with real generated images. Upstream answers, errors included, are passed on as they are; only a
@@ -10,6 +12,7 @@
 
 pub mod mock;
 pub mod openai;
+pub mod pool;
 pub mod render;
 
 use std::collections::BTreeMap;
@@ -21,6 +24,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use http::{HeaderMap, StatusCode};
 
+use self::pool::{Deployment, Pool};
 use crate::config::{Settings, UpstreamKind, UpstreamSettings};
 use crate::error::ApiError;
 use crate::images::request::ImageRequest;
@@ -61,22 +65,66 @@ impl std::fmt::Debug for UpstreamReply {
     }
 }
 
-/// No answer could be had from the upstream.
+/// No answer could be had from the upstream. The variants are told apart by what the upstream may have done,
+/// because that decides whether the request may go elsewhere and whether it may have been billed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// Connect, TLS or connection-reset failures.
+    /// Nothing reached the upstream: connect refused or timed out, TLS failure. Nothing generated or billed.
     #[error("cannot reach upstream: {0}")]
     Unavailable(String),
-    /// No answer within the deadline.
-    #[error("upstream timed out after {0:?}")]
-    Timeout(Duration),
+    /// The request went out and no answer came within the deadline: the upstream may have generated (and
+    /// billed) the images. Never retried or moved elsewhere.
+    #[error("upstream timed out after {after:?}")]
+    Timeout { after: Duration, deployment: Option<String> },
+    /// The request went out and the connection broke before a whole answer (reset mid-answer): as ambiguous
+    /// as a timeout.
+    #[error("upstream connection broke after the request was sent: {detail}")]
+    Broken { detail: String, deployment: Option<String> },
+    /// Every deployment of the pool that serves the model is resting after a 429, out of capacity or
+    /// unhealthy; `retry_after_ms` is when the soonest comes back.
+    #[error("every deployment is busy")]
+    Busy { retry_after_ms: u64 },
+    /// No deployment of the pool serves this model.
+    #[error("no deployment serves model {model}")]
+    ModelNotServed { model: String },
+}
+
+impl UpstreamError {
+    /// The deployment the request went to, when the failure came after it was sent.
+    pub fn deployment(&self) -> Option<&str> {
+        match self {
+            Self::Timeout { deployment, .. } | Self::Broken { deployment, .. } => deployment.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the upstream may have generated (and billed) images: the request went out and no answer came.
+    pub fn possibly_billed(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::Broken { .. })
+    }
+
+    /// The same failure, naming the deployment it happened at.
+    pub fn at(self, name: &str) -> Self {
+        match self {
+            Self::Timeout { after, .. } => Self::Timeout { after, deployment: Some(name.to_owned()) },
+            Self::Broken { detail, .. } => Self::Broken { detail, deployment: Some(name.to_owned()) },
+            other => other,
+        }
+    }
 }
 
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Unavailable(msg) => ApiError::UpstreamUnavailable(msg),
-            UpstreamError::Timeout(d) => ApiError::UpstreamTimeout(d),
+            UpstreamError::Timeout { after, .. } => ApiError::UpstreamTimeout(after),
+            UpstreamError::Broken { detail, .. } => ApiError::UpstreamBroken(detail),
+            UpstreamError::Busy { retry_after_ms } => ApiError::UpstreamBusy { retry_after_ms },
+            UpstreamError::ModelNotServed { model } => ApiError::invalid_code(
+                format!("The model '{model}' is not served by any deployment of this gateway's upstream pool."),
+                Some("model"),
+                "model_not_found",
+            ),
         }
     }
 }
@@ -104,45 +152,71 @@ pub fn sse_error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     Bytes::from(out)
 }
 
-/// Every configured upstream, by name. Cheap to share behind `Arc`.
+/// Every configured upstream and pool, by name. Cheap to share behind `Arc`. Every entry is a [`Pool`]: a
+/// named upstream is a pool of one deployment, so a tenant's `upstream` setting names either.
 pub struct Upstreams {
-    default: Arc<dyn Upstream>,
-    named: BTreeMap<String, Arc<dyn Upstream>>,
+    default: Arc<Pool>,
+    named: BTreeMap<String, Arc<Pool>>,
 }
 
 impl Upstreams {
-    pub fn new(default: Arc<dyn Upstream>, named: BTreeMap<String, Arc<dyn Upstream>>) -> Self {
+    pub fn new(default: Arc<Pool>, named: BTreeMap<String, Arc<Pool>>) -> Self {
         Self { default, named }
     }
 
-    /// Build `[upstream]` and every `[upstreams.<name>]` from validated settings. Mock upstreams link their
-    /// images to `public_url`.
+    /// Build `[upstream]`, every `[upstreams.<name>]` and every `[pools.<name>]` from validated settings. A
+    /// deployment in several pools is one object, so its capacity and health are shared. Mock upstreams link
+    /// their images to `public_url`.
     pub fn from_settings(
         settings: &Settings,
         public_url: &url::Url,
         mock_links: &mock::MockLinks,
     ) -> anyhow::Result<Self> {
-        let default = build(&settings.upstream, public_url, mock_links)?;
-        let mut named = BTreeMap::new();
+        let mut deployments = BTreeMap::new();
         for (name, up) in &settings.upstreams {
             let upstream = build(up, public_url, mock_links).map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
-            named.insert(name.clone(), upstream);
+            deployments.insert(name.clone(), Arc::new(Deployment::new(name, up, upstream)));
         }
+        let mut named = BTreeMap::new();
+        for (name, deployment) in &deployments {
+            named.insert(name.clone(), Arc::new(Pool::new(name, vec![deployment.clone()])));
+        }
+        for (name, pool) in &settings.pools {
+            let members = pool
+                .deployments
+                .iter()
+                .map(|d| deployments.get(d).cloned().ok_or_else(|| anyhow::anyhow!("pools.{name}: no upstream {d}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            named.insert(name.clone(), Arc::new(Pool::new(name, members)));
+        }
+        let default = match named.get(crate::config::DEFAULT_POOL).filter(|_| settings.pools.contains_key("default")) {
+            Some(pool) => pool.clone(),
+            None => {
+                let upstream = build(&settings.upstream, public_url, mock_links)?;
+                let deployment = Arc::new(Deployment::new("upstream", &settings.upstream, upstream));
+                Arc::new(Pool::new("upstream", vec![deployment]))
+            }
+        };
         Ok(Self::new(default, named))
     }
 
-    /// `[upstream]`.
-    pub fn default_upstream(&self) -> &Arc<dyn Upstream> {
+    /// The default pool: `[pools.default]` when configured, else `[upstream]` alone.
+    pub fn default_pool(&self) -> &Arc<Pool> {
         &self.default
     }
 
-    /// The upstream a tenant's `upstream` setting names (`None` = `[upstream]`); `None` when no upstream of
-    /// that name is configured on this gateway.
-    pub fn get(&self, name: Option<&str>) -> Option<&Arc<dyn Upstream>> {
+    /// The pool a tenant's `upstream` setting names (`None` = the default); `None` when nothing of that name
+    /// is configured on this gateway.
+    pub fn get(&self, name: Option<&str>) -> Option<&Arc<Pool>> {
         match name {
             None => Some(&self.default),
             Some(name) => self.named.get(name),
         }
+    }
+
+    /// Every pool with its name, the default first (for the admin API).
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        std::iter::once(&self.default).chain(self.named.values().filter(|p| !Arc::ptr_eq(p, &self.default)))
     }
 }
 

@@ -21,10 +21,16 @@ pub mod headers {
     pub const RETRY_AFTER_MS: &str = "retry-after-ms";
     /// Azure's key header, used when `upstream.auth = "api-key"`.
     pub const API_KEY: &str = "api-key";
+    /// How many times an OpenAI SDK has retried this request (absent or `0` on the first try).
+    pub const X_STAINLESS_RETRY_COUNT: &str = "x-stainless-retry-count";
     /// Caller-supplied idempotency key, forwarded unchanged.
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
     /// `hit`, `miss` or `bypass`: how the response cache answered.
     pub const X_IMAGEGATE_CACHE: &str = "x-imagegate-cache";
+    /// `true` on an answer an earlier identical request's call made (the replay window).
+    pub const X_IMAGEGATE_REPLAYED: &str = "x-imagegate-replayed";
+    /// The pool deployment (`[upstreams.<name>]`, or `upstream`) that answered.
+    pub const X_IMAGEGATE_DEPLOYMENT: &str = "x-imagegate-deployment";
 
     /// Upstream response headers passed to the caller unchanged (besides `content-type`).
     /// `x-request-id` is renamed to [`X_UPSTREAM_REQUEST_ID`]. The upstream's `x-ratelimit-*` headers stay

@@ -144,6 +144,19 @@ pub async fn limits_stats(State(state): State<AppState>) -> Json<crate::limits::
     Json(state.images.limiter().stats())
 }
 
+/// `GET /admin/v1/pools`: every pool (the default first, then named upstreams and pools) with each
+/// deployment's state on this replica: healthy, resting or unhealthy (and for how long), calls in flight, and
+/// the capacity left this minute.
+pub async fn pools(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let pools: Vec<serde_json::Value> = state
+        .images
+        .upstreams()
+        .pools()
+        .map(|pool| serde_json::json!({"name": pool.name(), "deployments": pool.status()}))
+        .collect();
+    Json(serde_json::json!({ "pools": pools }))
+}
+
 /// `DELETE /admin/v1/cache`: drop every answer this replica holds in memory.
 pub async fn clear_cache(State(state): State<AppState>) -> Json<crate::cache::Stats> {
     state.images.cache().clear();

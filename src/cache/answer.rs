@@ -4,7 +4,8 @@
 use super::*;
 
 /// Headers of the upstream call that made an answer; a hit made no upstream call, so it does not replay them.
-pub const NOT_REPLAYED: &[&str] = &[headers::X_UPSTREAM_REQUEST_ID, headers::OPENAI_PROCESSING_MS];
+pub const NOT_REPLAYED: &[&str] =
+    &[headers::X_UPSTREAM_REQUEST_ID, headers::OPENAI_PROCESSING_MS, headers::X_IMAGEGATE_DEPLOYMENT];
 
 /// A cached answer: status, the headers worth replaying, and the body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

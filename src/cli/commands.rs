@@ -24,10 +24,20 @@ async fn with_db<T>(
 ) -> anyhow::Result<T> {
     let settings = config.database_settings()?;
     let db = Db::connect(&settings.database, &settings.storage.data_dir).await?;
-    let repo = TenantRepo::with_upstreams(db.clone(), settings.upstreams.keys().cloned());
+    let repo = TenantRepo::with_upstreams(db.clone(), settings.route_names());
     let result = f(&settings, &repo, &db).await;
     db.close().await;
     result
+}
+
+/// `imagegate pools`: ask the running gateway the configuration describes.
+pub async fn pools(args: super::PoolsArgs) -> anyhow::Result<String> {
+    let settings = args.config.database_settings()?;
+    let token = settings.admin.token.as_ref().ok_or_else(|| {
+        anyhow!("admin.token is not set: the pool state comes from the admin API (set IMAGEGATE__ADMIN__TOKEN)")
+    })?;
+    let url = super::pools::gateway_url(args.url, &settings)?;
+    super::pools::status(&url, token.expose(), args.json).await
 }
 
 /// `imagegate tenants …`.

@@ -4,10 +4,20 @@ use super::*;
 use crate::domain::rules::{Fields, PolicyNames};
 
 impl Settings {
+    /// The request deadline an upstream's `timeout` must stay under, so an upstream timeout answers its own
+    /// clear 504. With the replay window on, an upstream call outlives its caller (a retry collects it), so a
+    /// shorter `server.request_timeout` is a choice of how long a caller waits, and no fault.
+    fn caller_deadline(&self) -> Option<Duration> {
+        (!self.replay.enabled).then_some(self.server.request_timeout)
+    }
+
     /// Every fault at once, so a deployment is fixed in one round.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut faults = Vec::new();
-        validate_upstream("upstream", &self.upstream, self.server.request_timeout, &mut faults);
+        // `[pools.default]` replaces `[upstream]`, which then goes unused and needs no key.
+        if !self.pools.contains_key(DEFAULT_POOL) {
+            validate_upstream("upstream", &self.upstream, self.caller_deadline(), &mut faults);
+        }
         for (name, up) in &self.upstreams {
             if !valid_upstream_name(name) {
                 faults.push(format!(
@@ -15,7 +25,7 @@ impl Settings {
                      spelt in IMAGEGATE__UPSTREAMS__<NAME>__… variables)"
                 ));
             }
-            validate_upstream(&format!("upstreams.{name}"), up, self.server.request_timeout, &mut faults);
+            validate_upstream(&format!("upstreams.{name}"), up, self.caller_deadline(), &mut faults);
         }
         if self.server.request_timeout.is_zero() {
             faults.push("server.request_timeout must be greater than zero".to_owned());
@@ -42,7 +52,8 @@ impl Settings {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             faults.push(format!("log.level {:?} is not a valid filter: {e}", self.log.level));
         }
-        validate_tenants(&self.tenants, &self.upstreams, &mut faults);
+        validate_pools(self, &mut faults);
+        validate_tenants(&self.tenants, &|name| self.routes_to(name), &mut faults);
         if self.database.max_connections == 0 {
             faults.push("database.max_connections must be at least 1".to_owned());
         }
@@ -56,6 +67,11 @@ impl Settings {
         }
         if self.usage.batch_size == 0 || self.usage.queue_capacity == 0 {
             faults.push("usage.batch_size and usage.queue_capacity must be at least 1".to_owned());
+        }
+        if self.replay.window.is_zero() {
+            faults.push(
+                "replay.window must be greater than zero (to turn replays off, set replay.enabled = false)".to_owned(),
+            );
         }
         if self.usage.shutdown_flush_timeout.is_zero() {
             faults.push("usage.shutdown_flush_timeout must be greater than zero".to_owned());
@@ -143,7 +159,7 @@ impl Settings {
 }
 
 /// Checks shared by `[upstream]` and every `[upstreams.<name>]`.
-fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration, faults: &mut Vec<String>) {
+fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Option<Duration>, faults: &mut Vec<String>) {
     if up.kind == UpstreamKind::Openai {
         if up.api_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
             if at == "upstream" {
@@ -178,13 +194,88 @@ fn validate_upstream(at: &str, up: &UpstreamSettings, request_timeout: Duration,
             faults.push(format!("{at}.{name} must be greater than zero"));
         }
     }
-    if request_timeout <= up.timeout {
+    validate_deployment(at, up, faults);
+    if let Some(request_timeout) = request_timeout
+        && request_timeout <= up.timeout
+    {
         faults.push(format!(
             "server.request_timeout ({}s) must exceed {at}.timeout ({}s) so upstream timeouts answer 504 with a \
              clear message",
             request_timeout.as_secs(),
             up.timeout.as_secs()
         ));
+    }
+}
+
+/// Pools name existing `[upstreams.<name>]` tables, each once, and do not share a name with one (a tenant's
+/// `upstream` setting names either).
+fn validate_pools(settings: &Settings, faults: &mut Vec<String>) {
+    for (name, pool) in &settings.pools {
+        if !valid_upstream_name(name) {
+            faults.push(format!("pools.{name}: a pool name is 1-64 lowercase letters, digits, '-' or '_'"));
+        }
+        if settings.upstreams.contains_key(name) {
+            faults.push(format!(
+                "pools.{name}: [upstreams.{name}] has the same name; a tenant's `upstream` names either, so rename one"
+            ));
+        }
+        if pool.deployments.is_empty() {
+            faults.push(format!("pools.{name}.deployments must name at least one [upstreams.<name>] table"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, deployment) in pool.deployments.iter().enumerate() {
+            if !settings.upstreams.contains_key(deployment) {
+                faults
+                    .push(format!("pools.{name}.deployments[{i}]: '{deployment}' is not an [upstreams.<name>] table"));
+            } else if !seen.insert(deployment.as_str()) {
+                faults.push(format!("pools.{name}.deployments[{i}]: '{deployment}' is listed twice"));
+            }
+        }
+    }
+}
+
+/// The pool-member settings of an upstream: weight, capacity, the models it serves, its route.
+fn validate_deployment(at: &str, up: &UpstreamSettings, faults: &mut Vec<String>) {
+    if up.weight == 0 {
+        faults.push(format!("{at}.weight must be at least 1 (leave the deployment out of the pool to stop using it)"));
+    }
+    for (name, value) in [
+        ("requests_per_minute", up.requests_per_minute),
+        ("images_per_minute", up.images_per_minute),
+        ("max_concurrent", up.max_concurrent),
+    ] {
+        if value == Some(0) {
+            faults.push(format!("{at}.{name} must be at least 1 (leave it out for no limit)"));
+        }
+    }
+    if up.failures_to_trip == 0 {
+        faults.push(format!("{at}.failures_to_trip must be at least 1"));
+    }
+    for (name, d) in [("rest_after_429", up.rest_after_429), ("unhealthy_for", up.unhealthy_for)] {
+        if d.is_zero() {
+            faults.push(format!("{at}.{name} must be greater than zero"));
+        }
+    }
+    for (model, served) in &up.models {
+        if model.trim().is_empty() || served.trim().is_empty() || served.contains(['/', '?', '#']) {
+            faults.push(format!(
+                "{at}.models: {model:?} = {served:?}: both names must be non-empty, and the served name has no '/', \
+                 '?' or '#' (it may be a path segment)"
+            ));
+        }
+    }
+    if up.route == UpstreamRoute::AzureDeployment {
+        if up.models.is_empty() {
+            faults.push(format!(
+                "{at}.route = \"azure-deployment\" needs {at}.models: each model with the Azure deployment that \
+                 serves it (\"gpt-image-1\" = \"my-deployment\")"
+            ));
+        }
+        if !up.query.contains_key("api-version") {
+            faults.push(format!(
+                "{at}.route = \"azure-deployment\" needs {at}.query.api-version (e.g. \"2025-04-01-preview\")"
+            ));
+        }
     }
 }
 
@@ -200,11 +291,7 @@ fn valid_upstream_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
 }
 
-fn validate_tenants(
-    tenants: &[TenantSettings],
-    upstreams: &BTreeMap<String, UpstreamSettings>,
-    faults: &mut Vec<String>,
-) {
+fn validate_tenants(tenants: &[TenantSettings], routes_to: &dyn Fn(&str) -> bool, faults: &mut Vec<String>) {
     let mut names = std::collections::HashSet::new();
     let mut ids = std::collections::HashSet::new();
     for (i, t) in tenants.iter().enumerate() {
@@ -214,7 +301,7 @@ fn validate_tenants(
             faults.push(format!("tenants[{i}].name {:?} is declared twice", t.name));
         }
         let fields = tenant_fields(t);
-        for invalid in crate::domain::rules::check(&fields, &|name| upstreams.contains_key(name)) {
+        for invalid in crate::domain::rules::check(&fields, routes_to) {
             faults.push(format!("tenants[{i}] ({:?}): {invalid}", t.name));
         }
         for (j, k) in t.keys.iter().enumerate() {

@@ -97,7 +97,7 @@ pub fn check(fields: &Fields<'_>, upstream_exists: &dyn Fn(&str) -> bool) -> Vec
     {
         faults.push(Invalid::new(
             "upstream",
-            format!("'{name}' is not a configured upstream: name an [upstreams.<name>] table, or leave it out for [upstream]"),
+            format!("'{name}' is not a configured upstream: name an [upstreams.<name>] table or a [pools.<name>] pool, or leave it out for the default"),
         ));
     }
     faults

@@ -43,6 +43,11 @@ pub struct UsageRecord {
     /// or [`REFUSED_BY_UPSTREAM`] (the upstream answered 429); `None` otherwise.
     pub refused_by: Option<&'static str>,
     pub upstream_request_id: Option<String>,
+    /// The pool deployment the request went to (`x-imagegate-deployment`); `None` when none was reached.
+    pub deployment: Option<String>,
+    /// The request went upstream and no answer came (deadline, connection broken): the upstream may have
+    /// generated and billed images this row cannot count.
+    pub possibly_billed: bool,
     /// Only when the tenant opted into prompt logging.
     pub prompt: Option<String>,
 }
@@ -77,6 +82,8 @@ impl UsageRecord {
             cache_hit: false,
             refused_by: None,
             upstream_request_id: None,
+            deployment: None,
+            possibly_billed: false,
             prompt: ctx.tenant.log_prompts.then(|| request.field_str("prompt")).flatten(),
         }
     }
@@ -114,6 +121,25 @@ impl UsageRecord {
     pub fn note_upstream_request_id(&mut self, reply_headers: &http::HeaderMap) {
         self.upstream_request_id =
             reply_headers.get(headers::X_UPSTREAM_REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    }
+
+    /// Take the deployment that answered from the reply headers the pool set.
+    pub fn note_deployment(&mut self, reply_headers: &http::HeaderMap) {
+        if let Some(name) = reply_headers.get(headers::X_IMAGEGATE_DEPLOYMENT).and_then(|v| v.to_str().ok()) {
+            self.deployment = Some(name.to_owned());
+        }
+    }
+
+    /// A failure without an answer: where it happened, and whether the images may have been billed.
+    pub fn note_upstream_failure(&mut self, e: &crate::upstream::UpstreamError) {
+        if let Some(name) = e.deployment() {
+            self.deployment = Some(name.to_owned());
+        }
+        self.possibly_billed = e.possibly_billed();
+        if matches!(e, crate::upstream::UpstreamError::Busy { .. }) {
+            // The pool's deployments are at their quotas (or answered 429): the upstream side refused.
+            self.refused_by = Some(REFUSED_BY_UPSTREAM);
+        }
     }
 
     /// Close the record of a request answered from the cache (or by a concurrent identical request's upstream
@@ -168,6 +194,8 @@ impl UsageRecord {
             cache_hit = self.cache_hit,
             refused_by = self.refused_by,
             upstream_request_id = self.upstream_request_id.as_deref(),
+            deployment = self.deployment.as_deref(),
+            possibly_billed = self.possibly_billed,
             "usage"
         );
     }

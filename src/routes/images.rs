@@ -58,7 +58,12 @@ async fn handle(
             return Err(state.images.unreserved(&ctx, e).await);
         }
     };
-    let meta = RequestMeta { request_id, idempotency_key: extracted.idempotency_key, cache: extracted.cache };
+    let meta = RequestMeta {
+        request_id,
+        idempotency_key: extracted.idempotency_key,
+        sdk_retry: extracted.sdk_retry,
+        cache: extracted.cache,
+    };
     // A deprecated model's callers are told, on every answer, before it goes away.
     let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
     // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise

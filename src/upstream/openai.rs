@@ -1,7 +1,10 @@
 //! Forwarding over HTTP to OpenAI or any OpenAI-compatible API (Azure's v1 API with `auth = "api-key"`).
 //!
-//! The body goes out exactly as the caller sent it; only the credentials and attribution headers are ours.
-//! Retries happen only when the connection could not be made, so a request is never billed twice.
+//! The body goes out exactly as the caller sent it (a pool may have renamed `model`); only the credentials and
+//! attribution headers are ours. Retries happen only when the connection could not be made, so a request is
+//! never billed twice. Failures are told apart by what the upstream may have done: a failed connect
+//! ([`UpstreamError::Unavailable`]) reached nothing; a deadline or a broken connection after the body went out
+//! ([`UpstreamError::Timeout`], [`UpstreamError::Broken`]) may have generated, and billed, the images.
 
 use std::time::Duration;
 
@@ -10,28 +13,28 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName};
 use url::Url;
 
 use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
-use crate::config::{Secret, UpstreamAuth, UpstreamSettings};
-use crate::images::request::{Endpoint, ImageRequest};
+use crate::config::{Secret, UpstreamAuth, UpstreamRoute, UpstreamSettings};
+use crate::images::request::ImageRequest;
 use crate::wire::headers;
 
 /// The HTTP upstream.
 pub struct OpenAiUpstream {
     client: reqwest::Client,
-    /// The full URL of each endpoint, `[upstream.query]` included, built once: parsing and re-serialising a
-    /// URL per request was measurable (docs/performance.md).
-    urls: [Url; 3],
-    /// The credential header, built once and marked sensitive (never logged).
-    credential: (HeaderName, HeaderValue),
+    base_url: Url,
+    api_key: Secret,
+    auth: UpstreamAuth,
     organization: Option<String>,
     project: Option<String>,
+    query: Vec<(String, String)>,
     timeout: Duration,
     stream_idle_timeout: Duration,
     connect_retries: u32,
+    route: UpstreamRoute,
 }
 
 impl OpenAiUpstream {
@@ -43,28 +46,38 @@ impl OpenAiUpstream {
             .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let api_key = settings.api_key.clone().ok_or_else(|| anyhow::anyhow!("upstream.api_key is not set"))?;
-        let query: Vec<(String, String)> =
-            settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect();
-        let url = |endpoint: Endpoint| endpoint_url(&settings.base_url, endpoint, &query);
         Ok(Self {
             client,
-            urls: [url(Endpoint::Generations), url(Endpoint::Edits), url(Endpoint::Variations)],
-            credential: credential(settings.auth, &api_key)?,
+            base_url: settings.base_url.clone(),
+            api_key,
+            auth: settings.auth,
             organization: settings.organization.clone(),
             project: settings.project.clone(),
+            query: settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
             timeout: settings.timeout,
             stream_idle_timeout: settings.stream_idle_timeout,
             connect_retries: settings.connect_retries,
+            route: settings.route,
         })
     }
 
+    /// `<base_url>/images/…`, or on Azure's deployment route `<base_url>/deployments/<model>/images/…`, where
+    /// the pool has already put the deployment's name for the model in `model`.
     fn url(&self, request: &ImageRequest) -> Url {
-        let index = match request.endpoint {
-            Endpoint::Generations => 0,
-            Endpoint::Edits => 1,
-            Endpoint::Variations => 2,
-        };
-        self.urls[index].clone()
+        let mut url = self.base_url.clone();
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}{}", request.endpoint.path()));
+        if self.route == UpstreamRoute::AzureDeployment {
+            url.set_path(&base);
+            let model = request.model();
+            let tail = request.endpoint.path().trim_start_matches('/').split('/');
+            // Pushing a segment percent-encodes it; `path_segments_mut` fails only for URLs that cannot be a
+            // base (validated http(s) URLs always can).
+            if let Ok(mut segments) = url.path_segments_mut() {
+                segments.pop_if_empty().push("deployments").push(&model).extend(tail);
+            }
+        }
+        url
     }
 
     fn build(&self, request: &ImageRequest, attribution: &Attribution) -> reqwest::RequestBuilder {
@@ -74,8 +87,14 @@ impl OpenAiUpstream {
             .post(self.url(request))
             .header(CONTENT_TYPE, content_type)
             .header(ACCEPT, "application/json")
-            .body(raw.clone())
-            .header(self.credential.0.clone(), self.credential.1.clone());
+            .body(raw.clone());
+        if !self.query.is_empty() {
+            builder = builder.query(&self.query);
+        }
+        builder = match self.auth {
+            UpstreamAuth::Bearer => builder.bearer_auth(self.api_key.expose()),
+            UpstreamAuth::ApiKey => builder.header(headers::API_KEY, self.api_key.expose()),
+        };
         let org = attribution.organization.as_ref().or(self.organization.as_ref());
         let project = attribution.project.as_ref().or(self.project.as_ref());
         if let Some(org) = org {
@@ -108,19 +127,28 @@ impl OpenAiUpstream {
         let mut attempt = 0;
         loop {
             match tokio::time::timeout_at(deadline, self.send_once(request, attribution)).await {
-                Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
+                // The body went out (connects fail within `connect_timeout`, shorter than the deadline) and no
+                // answer came: the upstream may be generating.
+                Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
                 Ok(Ok(response)) => return Ok(response),
-                // A connect error means no byte of the request reached the upstream: safe to try again.
-                Ok(Err(e)) if e.is_connect() && attempt < self.connect_retries => {
+                // A connect error (refused, timed out, TLS) means no byte of the request reached the upstream:
+                // safe to try again, and nothing can have been billed.
+                Ok(Err(e)) if e.is_connect() => {
+                    if attempt >= self.connect_retries {
+                        return Err(UpstreamError::Unavailable(error_chain(e)));
+                    }
                     attempt += 1;
                     tracing::warn!(attempt, error = %error_chain(e), "upstream connect failed, retrying");
                     let pause = Duration::from_millis(100 * 2u64.pow(attempt));
                     if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
-                        return Err(UpstreamError::Timeout(self.timeout));
+                        return Err(UpstreamError::Unavailable("connect retries ran out of time".to_owned()));
                     }
                 }
-                Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
-                Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(e))),
+                Ok(Err(e)) if e.is_timeout() => {
+                    return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
+                }
+                // Connected, and then the exchange broke: the request may have been received.
+                Ok(Err(e)) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
             }
         }
     }
@@ -146,9 +174,12 @@ impl OpenAiUpstream {
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
         let body = match tokio::time::timeout_at(deadline, response.bytes()).await {
-            Err(_) => return Err(UpstreamError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_timeout() => return Err(UpstreamError::Timeout(self.timeout)),
-            Ok(Err(e)) => return Err(UpstreamError::Unavailable(error_chain(e))),
+            Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
+            Ok(Err(e)) if e.is_timeout() => {
+                return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
+            }
+            // The answer started and broke off (reset mid-answer): whatever it was, it may have been billed.
+            Ok(Err(e)) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
             Ok(Ok(body)) => body,
         };
         Ok(UpstreamReply { status, headers, body: ReplyBody::Full(body) })
@@ -172,29 +203,6 @@ impl Upstream for OpenAiUpstream {
     fn name(&self) -> &'static str {
         "openai"
     }
-}
-
-/// `base_url` + the endpoint's path, with `[upstream.query]` appended as reqwest's `query` would.
-fn endpoint_url(base_url: &Url, endpoint: Endpoint, query: &[(String, String)]) -> Url {
-    let mut url = base_url.clone();
-    let path = format!("{}{}", url.path().trim_end_matches('/'), endpoint.path());
-    url.set_path(&path);
-    if !query.is_empty() {
-        url.query_pairs_mut().extend_pairs(query);
-    }
-    url
-}
-
-/// `Authorization: Bearer KEY`, or Azure's `api-key: KEY`, marked sensitive.
-fn credential(auth: UpstreamAuth, api_key: &Secret) -> anyhow::Result<(HeaderName, HeaderValue)> {
-    let (name, text) = match auth {
-        UpstreamAuth::Bearer => (AUTHORIZATION, format!("Bearer {}", api_key.expose())),
-        UpstreamAuth::ApiKey => (HeaderName::from_static(headers::API_KEY), api_key.expose().to_owned()),
-    };
-    let mut value =
-        HeaderValue::from_str(&text).map_err(|_| anyhow::anyhow!("upstream.api_key is not a valid header value"))?;
-    value.set_sensitive(true);
-    Ok((name, value))
 }
 
 /// The error and its causes, without the URL: reqwest's message names it, query included, and the query may

@@ -417,6 +417,8 @@ fn record(request_id: &str) -> UsageRecord {
         upstream_request_id: None,
         prompt: None,
         refused_by: None,
+        deployment: None,
+        possibly_billed: false,
     }
 }
 

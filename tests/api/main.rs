@@ -14,6 +14,7 @@ mod errors;
 mod generations;
 mod ledger;
 mod models;
+mod pools;
 mod process;
 mod rate_limits;
 mod rate_limits_redis;

@@ -299,7 +299,8 @@ impl TestApp {
             let rows = sqlx::query(
                 "SELECT request_id, tenant_id, key_id, endpoint, model, images_requested, images_returned, size, \
                  quality, input_tokens, output_tokens, cost_usd, status, stream, cache_hit, upstream_request_id, \
-                 prompt, refused_by, (SELECT name FROM tenants t WHERE t.id = u.tenant_id) AS tenant \
+                 prompt, refused_by, (SELECT name FROM tenants t WHERE t.id = u.tenant_id) AS tenant, deployment, \
+                 possibly_billed \
                  FROM usage_events u ORDER BY created_at, request_id",
             )
             .fetch_all(&pool)

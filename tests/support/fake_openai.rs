@@ -26,7 +26,12 @@
 //! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file;
 //! - `#bad_image=N`: DALL·E image N (0-based) points at `/_fake/html`, the others at stored files;
 //! - `#body_delay=MS`: the status and headers go out at once, the body MS later;
-//! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space.
+//! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space;
+//! - `#sse_error_first`: streams send `event: error` before any image event, then end;
+//! - `#reset_body`: the status, headers and the first bytes of a JSON body go out, then the connection is aborted.
+//!
+//! [`FakeOptions::triggers`] adds trigger words to every call of one fake (so deployments of a pool, sent the
+//! same prompt, can misbehave differently), and [`FakeOptions::azure`] makes the fake an Azure OpenAI resource.
 
 use std::collections::HashMap;
 use std::future::IntoFuture as _;
@@ -68,6 +73,22 @@ pub struct FakeOptions {
     pub url_ttl: Option<Duration>,
     /// Key expected in `Authorization: Bearer <key>`; `None` means [`DEFAULT_KEY`].
     pub expected_key: Option<String>,
+    /// Trigger words applied to every call, as if they were in the prompt.
+    pub triggers: Option<String>,
+    /// Answer as an Azure OpenAI resource instead of OpenAI.
+    pub azure: Option<AzureOptions>,
+}
+
+/// An Azure OpenAI resource: the key comes in the `api-key` header, and images are served on the v1 route
+/// (`/openai/v1/images/…`, the deployment named in `model`) and on the deployment route
+/// (`/openai/deployments/<deployment>/images/…?api-version=…`). Anything else is 404, a wrong or missing
+/// `api-version` 404 as Azure answers it, a wrong key 401.
+#[derive(Clone, Debug)]
+pub struct AzureOptions {
+    /// The `api-version` the deployment route requires.
+    pub api_version: String,
+    /// Deployment name → the model it runs.
+    pub deployments: Vec<(String, String)>,
 }
 
 /// One request that reached `/v1/images/*`, as received.
@@ -162,6 +183,8 @@ impl FakeOpenAi {
         let inner = Arc::new(Inner {
             base: base.clone(),
             expected_key: opts.expected_key.unwrap_or_else(|| DEFAULT_KEY.to_owned()),
+            triggers: opts.triggers.unwrap_or_default(),
+            azure: opts.azure,
             url_ttl: opts.url_ttl.unwrap_or(DEFAULT_URL_TTL),
             started: Instant::now(),
             calls: Mutex::new(Vec::new()),
@@ -240,6 +263,8 @@ fn serve(listener: std::net::TcpListener, app: Router, stop: tokio::sync::onesho
 struct Inner {
     base: String,
     expected_key: String,
+    triggers: String,
+    azure: Option<AzureOptions>,
     url_ttl: Duration,
     started: Instant,
     calls: Mutex<Vec<RecordedCall>>,
@@ -403,7 +428,14 @@ async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     let arrived = Instant::now();
     let (head, body) = request.into_parts();
     let path = head.uri.path().to_owned();
-    if !path.starts_with("/v1/images/") {
+    let azure_route = match &inner.azure {
+        Some(azure) => match azure_route(azure, &path, head.uri.query()) {
+            Ok(route) => Some(route),
+            Err(response) => return *response,
+        },
+        None => None,
+    };
+    if azure_route.is_none() && !path.starts_with("/v1/images/") {
         let message = format!("Invalid URL ({} {path})", head.method);
         return openai_error(StatusCode::NOT_FOUND, &message, "invalid_request_error", None, None);
     }
@@ -430,9 +462,93 @@ async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         at_ms: u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     inner.record(call.clone());
-    let mut response = handle(&inner, &head.method, &call, body_error).await;
+    let mut response = match azure_route {
+        Some((openai_path, deployment)) => {
+            azure_handle(&inner, &head.method, call, body_error, &openai_path, deployment.as_deref()).await
+        }
+        None => handle(&inner, &head.method, &call, body_error).await,
+    };
     add_openai_headers(&inner, response.headers_mut(), &request_id, arrived);
     response
+}
+
+/// An Azure path as (the OpenAI path it stands for, the deployment the path names), or Azure's 404.
+fn azure_route(
+    azure: &AzureOptions,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(String, Option<String>), Box<Response>> {
+    let not_found = |code: &str, message: &str| {
+        let body = json!({"error": {"code": code, "message": message}});
+        Box::new((StatusCode::NOT_FOUND, Json(body)).into_response())
+    };
+    if let Some(tail) = path.strip_prefix("/openai/v1/images/") {
+        return Ok((format!("/v1/images/{tail}"), None));
+    }
+    let Some(rest) = path.strip_prefix("/openai/deployments/") else {
+        return Err(not_found("404", "Resource not found"));
+    };
+    let Some((deployment, tail)) = rest.split_once("/images/") else {
+        return Err(not_found("404", "Resource not found"));
+    };
+    let version = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("api-version=")));
+    if version != Some(azure.api_version.as_str()) {
+        return Err(not_found("404", "Resource not found"));
+    }
+    if !azure.deployments.iter().any(|(d, _)| d == deployment) {
+        return Err(not_found(
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist. If you created the deployment within the last 5 \
+             minutes, please wait a moment and try again.",
+        ));
+    }
+    Ok((format!("/v1/images/{tail}"), Some(deployment.to_owned())))
+}
+
+/// An Azure call: the `api-key` header, and the model is the deployment's (named by the path, or by `model` on
+/// the v1 route).
+async fn azure_handle(
+    inner: &Inner,
+    method: &Method,
+    mut call: RecordedCall,
+    body_error: Option<String>,
+    openai_path: &str,
+    deployment: Option<&str>,
+) -> Response {
+    let Some(azure) = &inner.azure else { return handle(inner, method, &call, body_error).await };
+    if call.header("api-key") != Some(inner.expected_key.as_str()) || call.header("authorization").is_some() {
+        let body = json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or \
+            wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct \
+            regional API endpoint for your resource."}});
+        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+    }
+    let named = deployment.map(str::to_owned).or_else(|| call.field("model"));
+    let model = azure.deployments.iter().find(|(d, _)| Some(d) == named.as_ref()).map(|(_, m)| m.clone());
+    let Some(model) = model else {
+        let body = json!({"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource \
+            does not exist."}});
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    };
+    // Answer as OpenAI would for the model the deployment runs, with OpenAI's own auth already checked.
+    call.path = openai_path.to_owned();
+    let expected = format!("Bearer {}", inner.expected_key);
+    call.headers.retain(|(k, _)| k != "authorization");
+    call.headers.push(("authorization".to_owned(), expected));
+    if let Some(json) = call.json.as_mut().and_then(Value::as_object_mut) {
+        json.insert("model".to_owned(), Value::String(model));
+    } else if let Some(part) = call.parts.iter_mut().find(|p| p.name == "model") {
+        part.text = Some(model);
+    } else {
+        call.parts.push(RecordedPart {
+            name: "model".to_owned(),
+            file_name: None,
+            content_type: None,
+            len: model.len(),
+            sha256: String::new(),
+            text: Some(model),
+        });
+    }
+    handle(inner, method, &call, body_error).await
 }
 
 /// Parses the body into (JSON, multipart parts, error message for a malformed body).
@@ -550,6 +666,10 @@ struct Triggers {
     gap: Duration,
     drop: bool,
     sse_error: bool,
+    /// `#sse_error_first`: an error event before any image event.
+    sse_error_first: bool,
+    /// `#reset_body`: the body starts, then the connection is aborted.
+    reset_body: bool,
     /// `#count=N`: at most N images.
     count: Option<u64>,
     /// `#framing=crlf|cr|nospace`: SSE line breaks as CRLF or CR, or `data:` without its space.
@@ -567,7 +687,9 @@ impl Triggers {
             sleep: number_after(text, "#sleep=").map(Duration::from_millis),
             gap: number_after(text, "#gap=").map(Duration::from_millis).unwrap_or_default(),
             drop: text.contains("#drop"),
-            sse_error: text.contains("#sse_error"),
+            sse_error: text.contains("#sse_error") && !text.contains("#sse_error_first"),
+            sse_error_first: text.contains("#sse_error_first"),
+            reset_body: text.contains("#reset_body"),
             count: number_after(text, "#count="),
             framing: text
                 .find("#framing=")
@@ -651,12 +773,22 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
     let prompt = params.text("prompt").unwrap_or_default();
     let user = params.text("user").unwrap_or_default();
     let model = params.text("model").unwrap_or_else(|| endpoint.default_model().to_owned());
-    let triggers = Triggers::parse(&format!("{prompt} {user}"));
+    let triggers = Triggers::parse(&format!("{prompt} {user} {}", inner.triggers));
     if let Some(sleep) = triggers.sleep {
         tokio::time::sleep(sleep).await;
     }
     if let Some(status) = triggers.status {
         return triggered_error(status, &model);
+    }
+    if triggers.reset_body {
+        let head = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"created\": 17")) });
+        let cut = futures::stream::once(async {
+            tokio::time::sleep(DROP_DELAY).await;
+            Err::<Bytes, _>(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "fake OpenAI reset (#reset_body)"))
+        });
+        let mut response = Response::new(Body::from_stream(head.chain(cut)));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return response;
     }
     if let Some(delay) = triggers.body_delay {
         return delay_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), delay).await;
@@ -1008,6 +1140,14 @@ fn sse_response(
             std::io::ErrorKind::ConnectionAborted,
             "fake OpenAI dropped the stream (#drop)",
         )));
+    } else if triggers.sse_error_first {
+        let error = json!({"type": "error", "error": {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error",
+            "param": null,
+            "code": null,
+        }});
+        items.push(Ok(sse_frame("error", &error)));
     } else if triggers.sse_error {
         items.push(Ok(partial(0, 0)));
         let error = json!({"error": {
