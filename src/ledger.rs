@@ -475,47 +475,73 @@ async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) 
 /// Parameters per row of the INSERT.
 const COLUMNS: usize = 23;
 
-/// Rows per INSERT statement. PostgreSQL takes 50 (1,000 parameters, one round trip). SQLite takes 8: sqlx
-/// looks up every parameter's name when it binds, and SQLite finds a name by walking the statement's list
-/// of parameters, so binding costs grow with the square of the parameters per statement; at 50 rows that
-/// lookup was a tenth of the gateway's CPU under sustained load (measured with `perf`, docs/performance.md).
-fn rows_per_statement(backend: Backend) -> usize {
-    match backend {
-        Backend::Sqlite => 8,
-        Backend::Postgres => 50,
+/// Rows per INSERT statement, on both databases: 1,000 parameters, one round trip on PostgreSQL, one
+/// statement step on SQLite.
+const ROWS_PER_STATEMENT: usize = 50;
+
+const INSERT_HEAD: &str = "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
+     images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, latency_ms, \
+     stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model, deployment, \
+     possibly_billed) VALUES ";
+
+/// The INSERT of `rows` rows, built once per backend and row count and kept: sqlx caches the prepared
+/// statement by its text, so a full batch reuses the same prepared statement every time.
+///
+/// SQLite gets anonymous `?` placeholders. sqlx asks SQLite for each parameter's name as it binds, and SQLite
+/// finds a name by walking the statement's list of named parameters, so `$n` placeholders made binding cost
+/// grow with the square of the parameters per statement (a tenth of the gateway's CPU at 50 rows, measured
+/// with `perf`; docs/performance.md). Anonymous placeholders have no names to walk. PostgreSQL needs `$n`.
+fn insert_sql(backend: Backend, rows: usize) -> &'static str {
+    use std::sync::OnceLock;
+    static SQLITE: OnceLock<Vec<String>> = OnceLock::new();
+    static POSTGRES: OnceLock<Vec<String>> = OnceLock::new();
+    let cell = match backend {
+        Backend::Sqlite => &SQLITE,
+        Backend::Postgres => &POSTGRES,
+    };
+    let all = cell.get_or_init(|| (0..=ROWS_PER_STATEMENT).map(|n| build_insert_sql(backend, n)).collect());
+    all.get(rows).map_or(INSERT_HEAD, String::as_str)
+}
+
+fn build_insert_sql(backend: Backend, rows: usize) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(INSERT_HEAD.len() + rows * COLUMNS * 6);
+    sql.push_str(INSERT_HEAD);
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for c in 0..COLUMNS {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(sql, "${}", row * COLUMNS + c + 1);
+                }
+            }
+        }
+        sql.push(')');
     }
+    sql
 }
 
 /// Write `batch` in one transaction, many rows per statement.
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin().await?;
-    for rows in batch.chunks(rows_per_statement(db.backend())) {
-        let values: Vec<String> = (0..rows.len())
-            .map(|row| {
-                let params: Vec<String> = (1..=COLUMNS).map(|c| format!("${}", row * COLUMNS + c)).collect();
-                format!("({})", params.join(", "))
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
-             images_requested, images_returned, size, quality, input_tokens, output_tokens, cost_usd, status, \
-             latency_ms, stream, cache_hit, upstream_request_id, prompt, refused_by, requested_model, deployment, \
-             possibly_billed) VALUES {}",
-            values.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
+    for rows in batch.chunks(ROWS_PER_STATEMENT) {
+        let mut query = sqlx::query(insert_sql(db.backend(), rows.len()));
         for r in rows {
             query = query
-                .bind(r.request_id.clone())
+                .bind(r.request_id.as_str())
                 .bind(r.created_at)
-                .bind(r.tenant_id.clone())
-                .bind(r.key_id.clone())
+                .bind(r.tenant_id.as_str())
+                .bind(r.key_id.as_str())
                 .bind(r.endpoint)
-                .bind(r.model.clone())
+                .bind(r.model.as_str())
                 .bind(i64::from(r.images_requested))
                 .bind(r.images_returned.map(i64::from))
-                .bind(r.size.clone())
-                .bind(r.quality.clone())
+                .bind(r.size.as_deref())
+                .bind(r.quality.as_deref())
                 .bind(r.input_tokens.and_then(|t| i64::try_from(t).ok()))
                 .bind(r.output_tokens.and_then(|t| i64::try_from(t).ok()))
                 .bind(r.cost_usd)
@@ -523,11 +549,11 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
                 .bind(i64::try_from(r.latency_ms).unwrap_or(i64::MAX))
                 .bind(i64::from(r.stream))
                 .bind(i64::from(r.cache_hit))
-                .bind(r.upstream_request_id.clone())
-                .bind(r.prompt.clone())
+                .bind(r.upstream_request_id.as_deref())
+                .bind(r.prompt.as_deref())
                 .bind(r.refused_by)
-                .bind(r.requested_model.clone())
-                .bind(r.deployment.clone())
+                .bind(r.requested_model.as_deref())
+                .bind(r.deployment.as_deref())
                 .bind(i64::from(r.possibly_billed));
         }
         query.execute(&mut *tx).await?;
@@ -584,6 +610,19 @@ mod tests {
         let mut plain = record();
         sanitize(&mut plain);
         assert_eq!(plain, record(), "clean values are kept as they are");
+    }
+
+    #[test]
+    fn insert_statements_have_one_placeholder_per_value() {
+        for rows in [1, 7, ROWS_PER_STATEMENT] {
+            let sqlite = insert_sql(Backend::Sqlite, rows);
+            assert_eq!(sqlite.matches('?').count(), rows * COLUMNS, "{sqlite}");
+            assert!(!sqlite.contains('$'), "{sqlite}");
+            let postgres = insert_sql(Backend::Postgres, rows);
+            assert_eq!(postgres.matches('$').count(), rows * COLUMNS);
+            assert!(postgres.ends_with(&format!("${})", rows * COLUMNS)), "{postgres}");
+            assert_eq!(postgres.matches(", (").count(), rows - 1);
+        }
     }
 
     #[test]

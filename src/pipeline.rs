@@ -296,7 +296,7 @@ impl ImagesService {
         // 3. Cache: a hit is answered here, spending a request but no images.
         let lookup = self.cache_lookup(ctx, &request, &validated, call.plan.as_ref(), call.meta.cache);
         if let Some(lookup) = lookup.as_ref().filter(|l| l.directive == Directive::Normal)
-            && let Some(answer) = self.cache.get(&lookup.key).await
+            && let Some(answer) = Box::pin(self.cache.get(&lookup.key)).await
         {
             span.record("cache", Outcome::Hit.as_str());
             self.acquire(&mut call, Demand::request_only()).await?;
@@ -313,7 +313,7 @@ impl ImagesService {
             self.acquire(&mut call, Demand::whole(validated.n, cost)).await?;
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
             let (mut reply, record) =
-                self.fetch(&call, &request).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
+                Box::pin(self.fetch(&call, &request)).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
             set_cache_header(&mut reply.headers, Outcome::Bypass);
             return Ok(self.meter(reply, record, &call));
         };
@@ -324,8 +324,10 @@ impl ImagesService {
         // that reserves the images and cost, records the upstream's usage and stores the answer whatever happens
         // to this caller (the task holds a clone of the call and so of its permit: the concurrency slot is held
         // until it ends). The others are served by it and cost nothing.
-        let fetch = self.cached_fetch(call.clone(), request, lookup.clone(), validated.n, cost);
-        let (served, role) = self.cache.get_or_fetch(&lookup, fetch).await;
+        // Boxed, here and above: these futures are kilobytes each, and every enclosing future would otherwise
+        // carry (and move, memcpy by memcpy) their full size (docs/performance.md).
+        let fetch = Box::pin(self.cached_fetch(call.clone(), request, lookup.clone(), validated.n, cost));
+        let (served, role) = Box::pin(self.cache.get_or_fetch(&lookup, fetch)).await;
         let outcome = role.outcome(&served);
         span.record("cache", outcome.as_str());
         let by_another = role.served_by_another();
@@ -651,7 +653,7 @@ impl ImagesService {
             return Ok((reply, record));
         }
         let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
-        match self.rehoster.apply(plan, body, origin).await {
+        match Box::pin(self.rehoster.apply(plan, body, origin)).await {
             Ok(None) => Ok((reply, record)),
             Ok(Some(rewritten)) => {
                 let reply =

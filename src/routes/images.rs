@@ -51,7 +51,7 @@ async fn handle(
     request: Request,
 ) -> Result<Response, Failure> {
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
-    let extracted = match extract::image_request(&state, &ctx.tenant, endpoint, request).await {
+    let extracted = match Box::pin(extract::image_request(&state, &ctx.tenant, endpoint, request)).await {
         Ok(extracted) => extracted,
         Err(e) => {
             state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
@@ -66,7 +66,9 @@ async fn handle(
     };
     // A deprecated model's callers are told, on every answer, before it goes away.
     let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
-    let mut response = match state.images.handle(&ctx, extracted.request, meta).await {
+    // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
+    // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
+    let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta)).await {
         Ok(reply) => into_response(reply),
         Err(failure) => failure.into_response(),
     };

@@ -74,13 +74,30 @@ fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response 
 }
 
 async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = format!("req_{}", hex::encode(rand::random::<[u8; 16]>()));
-    request.extensions_mut().insert(RequestId(id.clone()));
+    let id = new_request_id();
+    let value = HeaderValue::from_str(&id);
+    request.extensions_mut().insert(RequestId(id));
     let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    if let Ok(value) = value {
         response.headers_mut().insert(headers::X_REQUEST_ID, value);
     }
     response
+}
+
+/// `req_` and 32 hex digits: the time in milliseconds (12 digits), then 80 random bits. Ids made later sort
+/// later, so the usage ledger, whose primary key they are, appends to its index instead of writing into
+/// random pages of it (each batch then touches a few index pages instead of one per row).
+pub fn new_request_id() -> String {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let ms = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+    let mut raw = [0u8; 16];
+    raw[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    raw[6..].copy_from_slice(&rand::random::<[u8; 10]>());
+    let mut text = [0u8; 36];
+    text[..4].copy_from_slice(b"req_");
+    // Cannot fail: the buffer is exactly twice the bytes.
+    let _ = hex::encode_to_slice(raw, &mut text[4..]);
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 fn make_span(request: &Request<Body>) -> tracing::Span {
@@ -163,6 +180,20 @@ mod tests {
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
         (parts.status, parts.headers, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_sort_by_time() {
+        let first = new_request_id();
+        std::thread::sleep(Duration::from_millis(2));
+        let ids: Vec<String> = (0..1000).map(|_| new_request_id()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 36, "{id}");
+            assert!(id.starts_with("req_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+            assert!(*id > first, "{id} sorts after {first}");
+        }
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
     }
 
     #[tokio::test]

@@ -535,3 +535,52 @@ async fn the_shutdown_flush_gives_up_after_its_timeout_and_counts_the_loss() {
     lock.execute("ROLLBACK").await.unwrap();
     handle.close().await;
 }
+
+/// request_id, model, latency_ms, quality, output_tokens.
+type StoredRow = (String, String, i64, Option<String>, Option<i64>);
+
+/// More rows than one INSERT statement carries (50), in one batch: every row is stored whole, each value in
+/// its own column, whether it is text, a number or NULL.
+async fn a_batch_of_several_statements_stores_every_value_in_its_column(db: TestDb) {
+    let (handle, _url, _pg, _dir) = writer_db(db).await;
+    let settings = UsageSettings { flush_interval: Duration::from_millis(300), ..UsageSettings::default() };
+    let (ledger, writer) = Ledger::start(handle.clone(), &settings);
+    let rows = 123_u64;
+    for i in 0..rows {
+        let mut r = record(&format!("req_{i:03}"));
+        r.model = format!("model-{i}");
+        r.latency_ms = i;
+        r.quality = (i % 2 == 0).then(|| format!("q{i}"));
+        r.output_tokens = (i % 3 != 0).then_some(i * 10);
+        ledger.record(r);
+    }
+    let stats = stats_when(&ledger, |s| s.written >= rows, Duration::from_secs(10)).await;
+    assert_eq!(stats, LedgerStats { written: rows, rejected: 0, dropped: 0 });
+    let stored: Vec<StoredRow> = sqlx::query_as(
+        "SELECT request_id, model, latency_ms, quality, output_tokens FROM usage_events ORDER BY request_id",
+    )
+    .fetch_all(handle.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 123);
+    for (i, (id, model, latency, quality, tokens)) in stored.into_iter().enumerate() {
+        let n = i as i64;
+        assert_eq!(id, format!("req_{i:03}"));
+        assert_eq!(model, format!("model-{i}"), "{id}");
+        assert_eq!(latency, n, "{id}");
+        assert_eq!(quality, (i % 2 == 0).then(|| format!("q{i}")), "{id}");
+        assert_eq!(tokens, (i % 3 != 0).then_some(n * 10), "{id}");
+    }
+    writer.close().await;
+    handle.close().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_several_statements_stores_every_value_in_its_column_on_sqlite() {
+    a_batch_of_several_statements_stores_every_value_in_its_column(TestDb::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_batch_of_several_statements_stores_every_value_in_its_column_on_postgres() {
+    a_batch_of_several_statements_stores_every_value_in_its_column(TestDb::Postgres).await;
+}
