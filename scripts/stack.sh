@@ -10,14 +10,14 @@
 # `up` writes .stack/stack.env (IMAGEGATE_STACK_*: the load balancer, each replica, each metrics listener,
 # the admin and metrics tokens); `cargo test --test stack` reads it through IMAGEGATE_STACK_ENV.
 #
-# Environment: IMAGEGATE_BIN (default target/debug/imagegate, built when missing), IMAGEGATE_STACK_DIR
+# Environment: IMAGEGATE_BIN (default $CARGO_TARGET_DIR or target/, then debug/imagegate, built when missing), IMAGEGATE_STACK_DIR
 # (default .stack), IMAGEGATE_STACK_PORT (default 18080: the load balancer; replicas on +1, +2, their
 # metrics on +11, +12), IMAGEGATE_TEST_POSTGRES (the PostgreSQL server, as in .ci/run).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STACK_DIR=${IMAGEGATE_STACK_DIR:-$ROOT/.stack}
-BIN=${IMAGEGATE_BIN:-$ROOT/target/debug/imagegate}
+BIN=${IMAGEGATE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/imagegate}
 PORT=${IMAGEGATE_STACK_PORT:-18080}
 PG_ADMIN=${IMAGEGATE_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}
 DB_NAME=imagegate_stack
