@@ -136,6 +136,23 @@ pub struct TokenPrices {
     pub quality_factors: BTreeMap<String, u32>,
 }
 
+impl TokenPrices {
+    /// Every price that is not a finite, non-negative number, each named `{at}.{field}`.
+    pub fn faults(&self, at: &str) -> Vec<String> {
+        [
+            ("text_input", self.text_input),
+            ("text_input_cached", self.text_input_cached),
+            ("image_input", self.image_input),
+            ("image_input_cached", self.image_input_cached),
+            ("image_output", self.image_output),
+            ("text_output", self.text_output),
+        ]
+        .into_iter()
+        .filter_map(|(field, value)| number_fault(&format!("{at}.{field}"), value))
+        .collect()
+    }
+}
+
 /// Per-image prices: quality → size `WxH` → USD.
 pub type ImagePrices = BTreeMap<String, BTreeMap<String, f64>>;
 
@@ -515,19 +532,7 @@ fn resolve(id: &str, spec: Spec, source: Source) -> Result<Model, Vec<String>> {
         }
     }
     match &spec.price {
-        Some(Price::PerToken(p)) => {
-            let fields = [
-                ("text_input", p.text_input),
-                ("text_input_cached", p.text_input_cached),
-                ("image_input", p.image_input),
-                ("image_input_cached", p.image_input_cached),
-                ("image_output", p.image_output),
-                ("text_output", p.text_output),
-            ];
-            for (field, value) in fields {
-                faults.extend(number_fault(&at(&format!("price.per_token.{field}")), value));
-            }
-        }
+        Some(Price::PerToken(p)) => faults.extend(p.faults(&at("price.per_token"))),
         Some(Price::PerImage(by_quality)) => {
             for (quality, by_size) in by_quality {
                 for (size, usd) in by_size {

@@ -266,17 +266,7 @@ impl Prices {
             }
         }
         for (model, p) in &self.per_token {
-            let fields = [
-                ("text_input", p.text_input),
-                ("text_input_cached", p.text_input_cached),
-                ("image_input", p.image_input),
-                ("image_input_cached", p.image_input_cached),
-                ("image_output", p.image_output),
-                ("text_output", p.text_output),
-            ];
-            for (field, value) in fields {
-                faults.extend(number_fault(&format!("per_token.\"{model}\".{field}"), value));
-            }
+            faults.extend(p.faults(&format!("per_token.\"{model}\"")));
         }
         faults
     }
