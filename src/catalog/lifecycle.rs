@@ -2,7 +2,7 @@
 //! (`Deprecation`, RFC 9745; `Sunset`, RFC 8594; `Link` to the replacement). No HTTP types: the edge turns
 //! [`Lifecycle::headers`] into header values.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use chrono::NaiveDate;
 use serde::Serialize;
@@ -31,8 +31,7 @@ impl Date {
 
     /// Today, by the system clock.
     pub fn today() -> Self {
-        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-        Self::from_unix_ms(i64::try_from(ms).unwrap_or(i64::MAX))
+        Self::from_unix_ms(crate::time::now_ms())
     }
 
     /// Seconds since the Unix epoch at the day's start.

@@ -225,7 +225,7 @@ struct RateLimitedLog {
 impl RateLimitedLog {
     fn warn(&self, cap: usize) {
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let second = crate::time::now_secs();
         if self.last_second.swap(second, Ordering::Relaxed) != second {
             tracing::warn!(
                 max_connections = cap,

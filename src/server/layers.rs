@@ -88,8 +88,7 @@ async fn request_id(mut request: Request, next: Next) -> Response {
 /// later, so the usage ledger, whose primary key they are, appends to its index instead of writing into
 /// random pages of it (each batch then touches a few index pages instead of one per row).
 pub fn new_request_id() -> String {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let ms = u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX);
+    let ms = u64::try_from(crate::time::now_ms()).unwrap_or(0);
     let mut raw = [0u8; 16];
     raw[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
     raw[6..].copy_from_slice(&rand::random::<[u8; 10]>());
