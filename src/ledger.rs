@@ -16,11 +16,13 @@
 //! Stored text is cleaned first ([`sanitize`]): control characters (NUL, which PostgreSQL text refuses,
 //! among them) are removed and lengths capped, since rows keep the caller's model, size and quality as sent.
 //!
-//! `report` reads the ledger back as summaries (admin API, CLI).
+//! `report` reads the ledger back as summaries (admin API, CLI); `rollup` keeps per-day totals beside the rows
+//! (written with each batch) for the console; `browse` reads rows and totals for the console.
 
 pub mod browse;
 pub mod record;
 pub mod report;
+pub mod rollup;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -525,7 +527,7 @@ fn build_insert_sql(backend: Backend, rows: usize) -> String {
     sql
 }
 
-/// Write `batch` in one transaction, many rows per statement.
+/// Write `batch` in one transaction, many rows per statement, with its per-day totals (`rollup`).
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin().await?;
     for rows in batch.chunks(ROWS_PER_STATEMENT) {
@@ -558,6 +560,8 @@ async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
         }
         query.execute(&mut *tx).await?;
     }
+    // The per-day totals the console reads commit or roll back with the rows they count.
+    rollup::add(&mut tx, db.backend(), batch).await?;
     tx.commit().await
 }
 

@@ -19,7 +19,7 @@ use super::{ClientAddr, Console, ConsoleError, ConsoleRef, SESSION_COOKIE, SIGN_
 use crate::domain::{Tenant, TenantStatus, keys};
 use crate::error::ApiError;
 use crate::ledger::browse::{self, DAY_MS, RowFilter, StatusFilter};
-use crate::ledger::report;
+use crate::ledger::rollup;
 use crate::state::AppState;
 use crate::tenants::admin_ops::{self, KeyRequest};
 use crate::tenants::repo::{NewTenant, TenantPatch};
@@ -210,7 +210,6 @@ pub async fn overview(
     let now = now_ms();
     let (today, month) = day_and_month_start(now);
     let from = today - (days - 1) * DAY_MS;
-    let to = today + DAY_MS;
     let filter = tenant_filter(&state, &viewer, q.get("tenant").map(String::as_str)).await?;
     let tenants = visible_tenants(&state, &viewer).await?;
     let names: HashMap<&str, &str> = tenants.iter().map(|t| (t.id.as_str(), t.name.as_str())).collect();
@@ -218,7 +217,7 @@ pub async fn overview(
     // One bar per day up to 90 days, one per week beyond: a year stays 53 bars, not 365.
     let bucket = if days > 90 { 7 } else { 1 };
     let tenant_id = filter.as_ref().map(|t| t.id.as_str());
-    let totals = browse::slot_totals(&state.db, from, to, bucket * DAY_MS, tenant_id).await.map_err(db_error)?;
+    let totals = browse::slot_totals(&state.db, from, days, bucket, tenant_id).await.map_err(db_error)?;
 
     let width = usize::try_from((days + bucket - 1) / bucket).unwrap_or(0);
     let labels: Vec<String> = (0..width as i64)
@@ -275,6 +274,8 @@ pub async fn overview(
     o.labels = labels;
     o.tenant_filter = filter.as_ref().map(|t| t.name.clone());
     o.tenant_names = tenants.iter().map(|t| t.name.clone()).collect();
+    // What every tenant spent today and this month, in one read of the per-day rollup.
+    let spent = rollup::spent_by_tenant(&state.db, today, month).await.map_err(db_error)?;
     for t in tenants.iter().filter(|t| filter.as_ref().is_none_or(|f| f.id == t.id)) {
         let l = &t.limits;
         if l.images_per_day.is_none()
@@ -284,8 +285,7 @@ pub async fn overview(
         {
             continue;
         }
-        let (day_images, day_usd) = report::spent_since(&state.db, &t.id, today, None).await.map_err(db_error)?;
-        let (month_images, month_usd) = report::spent_since(&state.db, &t.id, month, None).await.map_err(db_error)?;
+        let (day_images, day_usd, month_images, month_usd) = spent.get(&t.id).copied().unwrap_or_default();
         let mut bars = Vec::new();
         if let Some(limit) = l.images_per_day {
             bars.push(("Images today".to_owned(), day_images as f64, limit as f64, false));

@@ -1,7 +1,6 @@
-//! Reading the ledger for the web console: per-day totals by tenant and model over a range (the overview),
-//! single rows filtered and paged (the usage table), and the rows behind given request ids (the gallery).
-//! Portable SQL like the rest; the overview is answered from the `usage_events_console` index (migration
-//! 0009) so a year of rows stays fast.
+//! Reading the ledger for the web console: per-day totals by tenant and model over a range (the overview,
+//! from the `usage_daily` rollup, so a year of rows stays fast), single rows filtered and paged (the usage
+//! table), and the rows behind given request ids (the gallery). Portable SQL like the rest.
 
 use std::collections::HashMap;
 
@@ -10,13 +9,12 @@ use sqlx::Row as _;
 
 use crate::db::Db;
 
-/// Milliseconds in a UTC day.
-pub const DAY_MS: i64 = 86_400_000;
+pub use super::rollup::DAY_MS;
 
 /// Totals of one tenant with one model in one slot of a range (a day, a week).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotTotals {
-    /// Which slot: `(created_at - from) / slot length`.
+    /// Which slot, counted from the range's first day.
     pub slot: i64,
     pub tenant_id: String,
     pub model: String,
@@ -31,49 +29,31 @@ pub struct SlotTotals {
     pub errors: i64,
 }
 
-/// Totals by slot of `slot_ms` (a day, a week), tenant and model in `[from_ms, to_ms)`, optionally for one
-/// tenant (by id). At most slots × tenants × models rows come back, however many rows the range holds.
+/// Totals by slot of `slot_days` days (a day, a week), tenant and model over the `days` UTC days starting at
+/// midnight `first_day_ms`, optionally for one tenant (by id), read from the per-day rollup
+/// (`ledger::rollup`): at most days × tenants × models rows are read, however many ledger rows the range holds.
 pub async fn slot_totals(
     db: &Db,
-    from_ms: i64,
-    to_ms: i64,
-    slot_ms: i64,
+    first_day_ms: i64,
+    days: i64,
+    slot_days: i64,
     tenant_id: Option<&str>,
 ) -> Result<Vec<SlotTotals>, sqlx::Error> {
-    // CASTs: PostgreSQL sums BIGINT into NUMERIC, which the portable driver cannot decode.
-    let mut sql = String::from(
-        "SELECT CAST((created_at - $1) / $3 AS BIGINT) AS slot, tenant_id, model, COUNT(*) AS requests, \
-         CAST(SUM(COALESCE(images_returned, 0)) AS BIGINT) AS images, \
-         CAST(SUM(cost_usd) AS DOUBLE PRECISION) AS cost_usd, \
-         CAST(SUM(cache_hit) AS BIGINT) AS cache_hits, \
-         CAST(SUM(CASE WHEN refused_by IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT) AS refused, \
-         CAST(SUM(CASE WHEN status >= 500 AND refused_by IS NULL THEN 1 ELSE 0 END) AS BIGINT) AS errors \
-         FROM usage_events WHERE created_at >= $1 AND created_at < $2",
-    );
-    if tenant_id.is_some() {
-        sql.push_str(" AND tenant_id = $4");
-    }
-    sql.push_str(" GROUP BY 1, 2, 3");
-    let mut query = sqlx::query(&sql).bind(from_ms).bind(to_ms).bind(slot_ms.max(1));
-    if let Some(t) = tenant_id {
-        query = query.bind(t.to_owned());
-    }
-    let rows = query.fetch_all(db.pool()).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(SlotTotals {
-                slot: r.try_get("slot")?,
-                tenant_id: r.try_get("tenant_id")?,
-                model: r.try_get("model")?,
-                requests: r.try_get("requests")?,
-                images: r.try_get("images")?,
-                cost_usd: r.try_get("cost_usd")?,
-                cache_hits: r.try_get("cache_hits")?,
-                refused: r.try_get("refused")?,
-                errors: r.try_get("errors")?,
-            })
+    let rows = super::rollup::slot_totals(db, first_day_ms, days, slot_days, tenant_id).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(slot, tenant_id, model, t)| SlotTotals {
+            slot,
+            tenant_id,
+            model,
+            requests: t.requests,
+            images: t.images,
+            cost_usd: t.cost_usd,
+            cache_hits: t.cache_hits,
+            refused: t.refused,
+            errors: t.errors,
         })
-        .collect()
+        .collect())
 }
 
 /// Which rows the usage table shows.

@@ -9,7 +9,7 @@ use reqwest::Method;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use serde_json::json;
 
-use crate::support::app::{ADMIN_TOKEN, TestApp};
+use crate::support::app::{ADMIN_TOKEN, TestApp, TestDb};
 use crate::support::fake_openai::FakeOpenAi;
 
 /// A client that follows no redirects, so each answer of the console is seen as sent.
@@ -337,4 +337,262 @@ async fn the_console_can_be_moved_or_turned_off() {
     let res = client().get(format!("{}/ops/console/sign-in", moved.root)).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert!(set_cookie(&res, "imagegate_console_signin").unwrap().contains("Path=/ops/console"));
+}
+
+/// What the ledger's raw rows add up to in the overview's range, computed here with SQL over `usage_events`
+/// (not through the rollup the console reads).
+#[derive(Debug, Default)]
+struct RawTotals {
+    requests: i64,
+    images: i64,
+    usd: f64,
+    refused: i64,
+    errors: i64,
+    cache_hits: i64,
+    /// (model, requests, images, usd)
+    models: Vec<(String, i64, i64, f64)>,
+    /// The charts' bar segments: "{day} · {tenant}: {value}" for images, requests and USD.
+    segments: [Vec<String>; 3],
+}
+
+async fn raw_totals(pool: &sqlx::AnyPool, from_ms: i64, tenant: Option<&str>) -> RawTotals {
+    use sqlx::Row as _;
+    let day = "(u.created_at / 86400000) * 86400000";
+    let filter = tenant.map_or_else(String::new, |t| format!(" AND t.name = '{t}'"));
+    let rows = sqlx::query(&format!(
+        "SELECT {day} AS day, t.name AS tenant, u.model AS model, COUNT(*) AS requests, \
+         CAST(SUM(COALESCE(u.images_returned, 0)) AS BIGINT) AS images, CAST(SUM(u.cost_usd) AS DOUBLE PRECISION) AS usd, \
+         CAST(SUM(CASE WHEN u.refused_by IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT) AS refused, \
+         CAST(SUM(CASE WHEN u.status >= 500 AND u.refused_by IS NULL THEN 1 ELSE 0 END) AS BIGINT) AS errors, \
+         CAST(SUM(u.cache_hit) AS BIGINT) AS hits \
+         FROM usage_events u JOIN tenants t ON t.id = u.tenant_id WHERE u.created_at >= $1{filter} \
+         GROUP BY {day}, t.name, u.model"
+    ))
+    .bind(from_ms)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut raw = RawTotals::default();
+    let mut models: std::collections::BTreeMap<String, (i64, i64, f64)> = Default::default();
+    let mut bars: std::collections::BTreeMap<(i64, String), (i64, i64, f64)> = Default::default();
+    for r in &rows {
+        let (requests, images, usd): (i64, i64, f64) = (r.get("requests"), r.get("images"), r.get("usd"));
+        raw.requests += requests;
+        raw.images += images;
+        raw.usd += usd;
+        raw.refused += r.get::<i64, _>("refused");
+        raw.errors += r.get::<i64, _>("errors");
+        raw.cache_hits += r.get::<i64, _>("hits");
+        let m = models.entry(r.get("model")).or_default();
+        *m = (m.0 + requests, m.1 + images, m.2 + usd);
+        let b = bars.entry((r.get("day"), r.get("tenant"))).or_default();
+        *b = (b.0 + images, b.1 + requests, b.2 + usd);
+    }
+    raw.models = models.into_iter().map(|(m, (r, i, u))| (m, r, i, u)).collect();
+    raw.models.sort_by(|a, b| b.2.cmp(&a.2).then(b.1.cmp(&a.1)).then(a.0.cmp(&b.0)));
+    for ((day, tenant), (images, requests, usd)) in bars {
+        let label = chrono::DateTime::from_timestamp_millis(day).unwrap().format("%Y-%m-%d").to_string();
+        let segments = [
+            (images as f64, format!("{images}")),
+            (requests as f64, format!("{requests}")),
+            (usd, format!("${usd:.2}")),
+        ];
+        for (i, (value, text)) in segments.into_iter().enumerate() {
+            if value > 0.0 {
+                raw.segments[i].push(format!("{label} · {tenant}: {text}"));
+            }
+        }
+    }
+    raw
+}
+
+/// The text of the element with `id` on a page.
+fn text_of(html: &str, id: &str) -> String {
+    let at = html.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("#{id} on the page"));
+    let start = at + html[at..].find('>').unwrap() + 1;
+    html[start..start + html[start..].find('<').unwrap()].to_owned()
+}
+
+fn ratio(part: i64, whole: i64) -> String {
+    if whole == 0 { "–".to_owned() } else { format!("{:.1} %", part as f64 * 100.0 / whole as f64) }
+}
+
+/// The overview page shows exactly `raw`: totals, ratios, top models and every bar segment of the charts.
+fn assert_overview_shows(html: &str, raw: &RawTotals, what: &str) {
+    assert_eq!(text_of(html, "total-images"), raw.images.to_string(), "{what}: images");
+    assert_eq!(text_of(html, "total-requests"), raw.requests.to_string(), "{what}: requests");
+    assert_eq!(text_of(html, "total-usd"), format!("${:.2}", raw.usd), "{what}: USD");
+    assert_eq!(text_of(html, "refusal-ratio"), ratio(raw.refused, raw.requests), "{what}: refusals");
+    assert_eq!(text_of(html, "error-ratio"), ratio(raw.errors, raw.requests), "{what}: errors");
+    assert_eq!(text_of(html, "cache-ratio"), ratio(raw.cache_hits, raw.requests), "{what}: cache hits");
+    let table = &html[html.find("id=\"top-models\"").unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    let shown: Vec<String> = table
+        .split("<tr>")
+        .skip(2)
+        .map(|row| {
+            row.split("</td>")
+                .map(|c| c.rsplit('>').next().unwrap())
+                .filter(|c| !c.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let expected: Vec<String> = raw.models.iter().take(8).map(|(m, r, i, u)| format!("{m} {r} {i} {u:.4}")).collect();
+    assert_eq!(shown, expected, "{what}: top models");
+    let charts: Vec<&str> = html.split("<figure class=\"chart\">").skip(1).collect();
+    assert_eq!(charts.len(), 3, "{what}: three charts");
+    for (chart, expected) in charts.iter().zip(&raw.segments) {
+        let mut titles: Vec<String> =
+            chart.split("<title>").skip(1).map(|t| t.split("</title>").next().unwrap().to_owned()).collect();
+        titles.sort();
+        let mut expected = expected.clone();
+        expected.sort();
+        assert_eq!(titles, expected, "{what}: bar segments");
+    }
+}
+
+/// An upgraded deployment: rows written before migration 0010 (yesterday, today, and ten days ago, outside a
+/// week's range) are counted by its backfill, then calls through the real API of two tenants and several
+/// models (successes, a cache hit, a refusal by the tenant's limit and by the upstream, upstream errors) by
+/// the usage writer; the overview over a week, whole and for one tenant, and the budget bars show exactly
+/// what the raw ledger rows add up to.
+async fn the_overview_adds_up_to_the_ledger_rows(db: TestDb) {
+    use imagegate::domain::Limits;
+    use sqlx::Executor as _;
+    const DAY: i64 = 86_400_000;
+    let fake = FakeOpenAi::start().await;
+    let mut p = TestApp::prepare(db, &fake.url).await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&p.database_url).await.unwrap();
+    let mut before_rollup = sqlx::migrate!("./migrations");
+    before_rollup.migrations =
+        before_rollup.migrations.iter().filter(|m| m.version < 10).cloned().collect::<Vec<_>>().into();
+    before_rollup.run(&pool).await.unwrap();
+    p.settings.cache.enabled = true;
+    p.settings.tenants[1].limits = Limits {
+        requests_per_minute: Some(2),
+        images_per_day: Some(40),
+        usd_per_month: Some(10.0),
+        ..Limits::default()
+    };
+    let upgraded = p.settings.clone();
+    p.settings.database.migrate = false;
+    let app = p.start().await;
+
+    let now = imagegate::time::now_ms();
+    let today = now - now % DAY;
+    let ids: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, id FROM tenants ORDER BY name").fetch_all(&pool).await.unwrap();
+    let id = |name: &str| ids.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    // (when, tenant, model, images, usd, status, cache_hit, refused_by)
+    let old = [
+        (today - 10 * DAY, "team-a", "dall-e-3", Some(1), 0.04, 200, 0, None),
+        (today - DAY + 1, "team-a", "dall-e-3", Some(2), 0.08, 200, 0, None),
+        (today - 1, "team-a", "gpt-image-1", Some(1), 0.042, 200, 0, None),
+        (today - DAY / 2, "team-b", "dall-e-2", Some(3), 0.06, 200, 0, None),
+        (today - DAY / 2, "team-b", "dall-e-2", Some(3), 0.0, 200, 1, None),
+        (today - DAY / 3, "team-b", "dall-e-2", None, 0.0, 429, 0, Some("gateway")),
+        (today - DAY / 4, "team-a", "dall-e-3", None, 0.0, 502, 0, None),
+        (today, "team-b", "dall-e-2", Some(1), 0.02, 200, 0, None),
+        (now - 5, "team-a", "dall-e-2", Some(2), 0.04, 200, 0, None),
+    ];
+    for (i, (at, tenant, model, images, usd, status, hit, refused_by)) in old.into_iter().enumerate() {
+        pool.execute(
+            sqlx::query(
+                "INSERT INTO usage_events (request_id, created_at, tenant_id, key_id, endpoint, model, \
+                 images_requested, images_returned, cost_usd, status, latency_ms, stream, cache_hit, refused_by) \
+                 VALUES ($1, $2, $3, 'oldkey00', 'generations', $4, 1, $5, $6, $7, 5, 0, $8, $9)",
+            )
+            .bind(format!("old_{i}"))
+            .bind(at)
+            .bind(id(tenant))
+            .bind(model)
+            .bind(images.map(i64::from))
+            .bind(usd)
+            .bind(i64::from(status))
+            .bind(i64::from(hit))
+            .bind(refused_by),
+        )
+        .await
+        .unwrap();
+    }
+    // The upgrade: migration 0010 backfills the rollup from these rows.
+    let app = app.restart_with(upgraded).await;
+
+    let call = |key: String, body: serde_json::Value| {
+        let (client, url) = (app.client.clone(), format!("{}/images/generations", app.base_url));
+        async move { client.post(url).bearer_auth(key).json(&body).send().await.unwrap().status().as_u16() }
+    };
+    let a = app.key.clone();
+    let b = app.other_key.clone();
+    let mut statuses = Vec::new();
+    for (key, body) in [
+        (&a, json!({"model": "dall-e-2", "prompt": "a harbour", "n": 2})),
+        (&a, json!({"model": "dall-e-2", "prompt": "a harbour", "n": 2})),
+        (&a, json!({"model": "gpt-image-1", "prompt": "a lighthouse"})),
+        (&a, json!({"model": "dall-e-3", "prompt": "fog #status=500"})),
+        (&a, json!({"model": "dall-e-2", "prompt": "busy #status=429"})),
+        (&b, json!({"model": "dall-e-2", "prompt": "a quay", "n": 3})),
+        (&b, json!({"model": "gpt-image-1", "prompt": "a crane"})),
+        (&b, json!({"model": "dall-e-2", "prompt": "one too many"})),
+    ] {
+        statuses.push(call(key.clone(), body).await);
+    }
+    assert_eq!(statuses[..3], [200, 200, 200], "{statuses:?}");
+    assert!(statuses[3] >= 500 && statuses[4] == 429 && statuses[7] == 429, "{statuses:?}");
+    let rows = app.usage_rows(old.len() + statuses.len()).await;
+    assert_eq!(rows.len(), old.len() + statuses.len());
+    let new_rows = &rows.iter().filter(|r| !r["request_id"].as_str().unwrap().starts_with("old_")).collect::<Vec<_>>();
+    assert!(new_rows.iter().any(|r| r["cache_hit"] == 1), "a cache hit among the calls");
+    assert!(
+        new_rows.iter().any(|r| r["refused_by"] == "gateway") && new_rows.iter().any(|r| r["refused_by"] == "upstream")
+    );
+
+    let week = today - 6 * DAY;
+    let mut admin = Visitor::new(&app);
+    assert_eq!(admin.sign_in(ADMIN_TOKEN).await.status(), 303);
+    let page = admin.get("/overview?days=7").await.text().await.unwrap();
+    assert_overview_shows(&page, &raw_totals(&pool, week, None).await, "whole deployment, 7 days");
+    let page = admin.get("/overview?days=7&tenant=team-b").await.text().await.unwrap();
+    assert_overview_shows(&page, &raw_totals(&pool, week, Some("team-b")).await, "team-b, 7 days");
+    let page = admin.get("/overview?days=30").await.text().await.unwrap();
+    assert_overview_shows(&page, &raw_totals(&pool, today - 29 * DAY, None).await, "whole deployment, 30 days");
+
+    // team-b's budget bars: what the limits count (images not from the cache, cost), today and this month.
+    let month = imagegate::time::month_start(now).unwrap();
+    let spent = |from: i64| {
+        let pool = pool.clone();
+        let tenant = id("team-b");
+        async move {
+            let row: (i64, f64) = sqlx::query_as(
+                "SELECT CAST(COALESCE(SUM(CASE WHEN cache_hit = 0 THEN COALESCE(images_returned, 0) ELSE 0 END), 0) AS BIGINT), \
+                 CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) FROM usage_events WHERE tenant_id = $1 AND created_at >= $2",
+            )
+            .bind(tenant)
+            .bind(from)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            row
+        }
+    };
+    let (images_today, _) = spent(today).await;
+    let (_, usd_month) = spent(month).await;
+    let mut team = Visitor::new(&app);
+    assert_eq!(team.sign_in(&app.other_key).await.status(), 303);
+    let page = team.get("/overview?days=7").await.text().await.unwrap();
+    assert!(page.contains(&format!("{images_today} of 40")), "images today: {images_today}");
+    assert!(page.contains(&format!("${usd_month:.2} of $10.00")), "USD this month: {usd_month}");
+    assert_overview_shows(&page, &raw_totals(&pool, week, Some("team-b")).await, "team-b signed in, 7 days");
+}
+
+#[tokio::test]
+async fn the_overview_adds_up_to_the_ledger_rows_on_sqlite() {
+    the_overview_adds_up_to_the_ledger_rows(TestDb::Sqlite).await;
+}
+
+#[tokio::test]
+async fn the_overview_adds_up_to_the_ledger_rows_on_postgres() {
+    the_overview_adds_up_to_the_ledger_rows(TestDb::Postgres).await;
 }
