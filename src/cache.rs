@@ -287,6 +287,17 @@ impl ResponseCache {
         Ok(entry.answer.clone())
     }
 
+    /// Drop the entry of `key`, here and in the shared cache: its answer may not be handed out again (an image
+    /// it links to was deleted).
+    pub async fn forget(&self, key: &Key) {
+        self.local.invalidate(key).await;
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.delete(key).await
+        {
+            self.counters.shared_failed(&e, "delete");
+        }
+    }
+
     /// Drop every entry held in memory (the shared cache expires on its own).
     pub fn clear(&self) {
         self.local.invalidate_all();

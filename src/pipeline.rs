@@ -297,6 +297,7 @@ impl ImagesService {
         let lookup = self.cache_lookup(ctx, &request, &validated, call.plan.as_ref(), call.meta.cache);
         if let Some(lookup) = lookup.as_ref().filter(|l| l.directive == Directive::Normal)
             && let Some(answer) = Box::pin(self.cache.get(&lookup.key)).await
+            && self.still_linkable(&answer, lookup).await
         {
             span.record("cache", Outcome::Hit.as_str());
             self.acquire(&mut call, Demand::request_only()).await?;
@@ -452,6 +453,29 @@ impl ImagesService {
             });
             Ok(Fetched { answer, store_for })
         }
+    }
+
+    /// Whether a cached answer may be handed out again: every image it links to still exists. An image deleted
+    /// from the console (on any replica) makes its link dead, and an answer carrying a dead link is forgotten
+    /// here and in the shared cache, so the request is answered anew instead. When the database cannot say,
+    /// the hit is served: a new answer would cost an upstream call, and could not be re-hosted either.
+    async fn still_linkable(&self, answer: &Answer, lookup: &Lookup) -> bool {
+        if answer.images == Some(0) {
+            return true;
+        }
+        let links = answer.links().unwrap_or_default();
+        let live = match self.rehoster.own_links_live(&links).await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a cached answer's links; serving it");
+                true
+            }
+        };
+        if !live {
+            tracing::info!(kind = "cache.dead_link", "a cached answer links to a deleted image; answering anew");
+            self.cache.forget(&lookup.key).await;
+        }
+        live
     }
 
     /// Which cache entry this request may use, or `None` when it bypasses the cache (streams, `no-store`,

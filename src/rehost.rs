@@ -120,6 +120,17 @@ impl Rehoster {
         (self.links.url(name, expires) == link).then_some(expires)
     }
 
+    /// Whether every one of imagegate's own links among `links` still names a live image (one deleted from
+    /// the console, or expired, does not). Other links are not imagegate's to judge and count as live.
+    pub async fn own_links_live(&self, links: &[String]) -> Result<bool, StoreError> {
+        let names: Vec<String> = links.iter().filter_map(|l| self.links.parse_own(l)).map(|(name, ..)| name).collect();
+        if names.is_empty() {
+            return Ok(true);
+        }
+        let ids: Vec<&str> = names.iter().map(|n| n.split_once('.').map_or(n.as_str(), |(id, _)| id)).collect();
+        self.store.all_live(&ids).await
+    }
+
     /// Decide the caller's format and return the request to send upstream (changed only where the format
     /// needs it). `None` when re-hosting is off or the request streams: the answer passes as it comes.
     pub fn plan(&self, request: ImageRequest, known: Option<&Model>, tenant: &Tenant) -> (ImageRequest, Option<Plan>) {

@@ -55,7 +55,7 @@ impl Answer {
     }
 
     /// The links (`data[].url`) in a JSON answer; `None` when the body is not a JSON object.
-    pub(super) fn links(&self) -> Option<Vec<String>> {
+    pub fn links(&self) -> Option<Vec<String>> {
         #[derive(Deserialize)]
         struct Body {
             #[serde(default)]

@@ -139,6 +139,12 @@ impl SharedCache {
         decode(value).map(|answer| Some((answer, ttl)))
     }
 
+    /// Remove the answer stored under `key`.
+    pub async fn delete(&self, key: &Key) -> Result<(), SharedError> {
+        let mut conn = self.conn()?;
+        self.call(conn.del::<_, ()>(self.redis_key(key))).await
+    }
+
     /// Store `answer` under `key` for `ttl`.
     pub async fn put(&self, key: &Key, answer: &Answer, ttl: Duration) -> Result<(), SharedError> {
         let mut conn = self.conn()?;

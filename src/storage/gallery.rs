@@ -63,6 +63,28 @@ impl ImageStore {
         Ok(thumb)
     }
 
+    /// Whether every image of `ids` still exists and has not expired, asked of the database itself (not of
+    /// this replica's metadata cache, which another replica's delete does not reach): what a cached answer
+    /// linking to them is checked against before it is handed out again.
+    pub async fn all_live(&self, ids: &[&str]) -> Result<bool, StoreError> {
+        let mut ids: Vec<&str> = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for chunk in ids.chunks(100) {
+            let marks: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let sql = format!("SELECT COUNT(*) FROM images WHERE expires_at > $1 AND id IN ({})", marks.join(", "));
+            let mut query = sqlx::query_scalar::<_, i64>(&sql).bind(now_ms());
+            for id in chunk {
+                query = query.bind((*id).to_owned());
+            }
+            let live = query.fetch_one(self.repo.db().pool()).await?;
+            if usize::try_from(live).unwrap_or(0) < chunk.len() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Delete image `id`: its link stops working at once on this replica (other replicas keep metadata for
     /// at most a minute, and then find nothing), and its bytes and thumbnail are deleted unless another live
     /// link uses the same bytes. Returns the deleted image, or `None` if there was none.

@@ -596,3 +596,101 @@ async fn the_overview_adds_up_to_the_ledger_rows_on_sqlite() {
 async fn the_overview_adds_up_to_the_ledger_rows_on_postgres() {
     the_overview_adds_up_to_the_ledger_rows(TestDb::Postgres).await;
 }
+
+/// Cache settings for a replica sharing the test Redis under `prefix`.
+fn cached_on_redis(s: &mut imagegate::config::Settings, prefix: &str) {
+    s.cache.enabled = true;
+    s.cache.ttl = Duration::from_secs(60);
+    s.cache.backend = imagegate::config::CacheBackend::Redis;
+    s.cache.redis_url = Some(imagegate::config::Secret::new("redis://127.0.0.1:6379"));
+    s.cache.redis_prefix = prefix.to_owned();
+}
+
+/// An image deleted from the console is not handed out again by the response cache, neither from the memory
+/// of the replica that deleted it nor from another replica's memory or the Redis both share: the same request
+/// gets a new image (one more upstream call) whose link works, and the deleted link answers 404.
+#[tokio::test]
+async fn a_deleted_image_is_never_handed_out_again_by_the_response_cache() {
+    let fake = FakeOpenAi::start().await;
+    let prefix = format!("igtest-{}", hex::encode(rand::random::<[u8; 6]>()));
+    // Replicas behind one balancer share their public URL, and so their links.
+    let public = "http://images.example.test";
+    let a = TestApp::spawn_with(&fake.url, |s| {
+        cached_on_redis(s, &prefix);
+        s.server.public_url = Some(public.parse().unwrap());
+    })
+    .await;
+    let b = {
+        let mut settings = a.settings.clone();
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        settings.storage.data_dir = dir.path().to_path_buf();
+        a.replica(settings, dir).await
+    };
+    let body = json!({"model": "dall-e-2", "prompt": "a harbour at dawn"});
+    let link_from = |app: &TestApp| {
+        let (client, url, key, body) =
+            (app.client.clone(), format!("{}/images/generations", app.base_url), app.key.clone(), body.clone());
+        async move {
+            let res = client.post(url).bearer_auth(key).json(&body).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let cache = res.headers().get("x-imagegate-cache").map(|v| v.to_str().unwrap().to_owned());
+            let answer: serde_json::Value = res.json().await.unwrap();
+            (answer["data"][0]["url"].as_str().unwrap().to_owned(), cache)
+        }
+    };
+    // A link fetched through one replica, as the balancer would send it.
+    let get_via = |app: &TestApp, link: &str| {
+        let url = link.replace(public, &app.root);
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    // Wait until both replicas reach Redis, so B's first request is answered from what A stored there.
+    for app in [&a, &b] {
+        for _ in 0..100 {
+            let stats: serde_json::Value = app
+                .client
+                .get(format!("{}/admin/v1/cache", app.root))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if stats["shared_state"] == "up" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let (first, _) = link_from(&a).await;
+    assert_eq!(get_via(&a, &first).await, 200);
+    let mut from_b = None;
+    for _ in 0..60 {
+        // Redis is written in a task of its own: B finds the entry once it is there.
+        let (link, cache) = link_from(&b).await;
+        if cache.as_deref() == Some("hit") {
+            from_b = Some(link);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(from_b.as_deref(), Some(first.as_str()), "B answered from the shared cache");
+    let calls_before = fake.call_count();
+    assert_eq!(link_from(&a).await.0, first, "a hit on A too");
+
+    let id = first.rsplit('/').next().unwrap().split('.').next().unwrap().to_owned();
+    let mut console = Visitor::new(&a);
+    assert_eq!(console.sign_in(ADMIN_TOKEN).await.status(), 303);
+    let csrf = console.csrf().await;
+    assert_eq!(console.post(&format!("/gallery/{id}/delete"), &[("csrf", &csrf)]).await.status(), 303);
+    assert_eq!(get_via(&a, &first).await, 404, "the deleted link is dead");
+
+    for (name, app) in [("A", &a), ("B", &b)] {
+        let (link, cache) = link_from(app).await;
+        assert_ne!(link, first, "{name} handed out the deleted image's link again (x-imagegate-cache: {cache:?})");
+        assert_eq!(get_via(app, &link).await, 200, "{name}'s new link works");
+    }
+    assert!(fake.call_count() > calls_before, "the deleted image was generated anew");
+    assert_eq!(get_via(&a, &first).await, 404);
+}
