@@ -31,6 +31,7 @@ use http::header::{CACHE_CONTROL, COOKIE, HeaderValue, SET_COOKIE};
 use http::{HeaderMap, StatusCode};
 
 use self::session::{Backoff, Holder, Sessions};
+use crate::config::LimitsBackend;
 use crate::domain::Tenant;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -87,10 +88,22 @@ pub fn router(state: &AppState) -> Option<Router<AppState>> {
         return None;
     }
     let key = state.images.rehoster().links().derive(COOKIE_KEY_PURPOSE);
+    // With the limits in Redis, every replica behind the balancer counts the same failed sign-ins.
+    let limits = &state.settings.limits;
+    let local = || Backoff::new(settings.max_failed_sign_ins, settings.lockout);
+    let backoff = match (limits.backend, &limits.redis_url) {
+        (LimitsBackend::Redis, Some(url)) => {
+            local().shared(url.expose(), &limits.redis_prefix, limits.redis_timeout).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "console sign-in back-off stays per replica");
+                local()
+            })
+        }
+        _ => local(),
+    };
     let console = Arc::new(Console {
         base: settings.path.clone(),
         sessions: Sessions::new(state.db.clone(), key, settings.session_ttl),
-        backoff: Backoff::new(settings.max_failed_sign_ins, settings.lockout),
+        backoff,
         secure: state.settings.server.public_url.as_ref().is_some_and(|u| u.scheme() == "https"),
     });
     let routes = Router::new()

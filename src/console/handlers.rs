@@ -95,7 +95,7 @@ pub async fn sign_in(
     headers: HeaderMap,
     Form(form): Form<Fields>,
 ) -> Result<Response, ConsoleError> {
-    if let Some(wait) = console.backoff.wait(addr) {
+    if let Some(wait) = console.backoff.wait(addr).await {
         return Ok(too_many(&console, wait));
     }
     let cookie = super::cookie_value(&headers, SIGN_IN_COOKIE);
@@ -129,7 +129,7 @@ pub async fn sign_in(
     };
     match outcome {
         Ok((holder, credential)) => {
-            console.backoff.succeed(addr);
+            console.backoff.succeed(addr).await;
             let (cookie, _) = console.sessions.open(holder, credential).await.map_err(internal)?;
             let cookies = [
                 console.cookie(SESSION_COOKIE, &cookie, Some(console.sessions.ttl())),
@@ -138,7 +138,7 @@ pub async fn sign_in(
             Ok(with_cookies(see_other(&console.at("/overview")), &cookies))
         }
         Err(message) => {
-            if let Some(wait) = console.backoff.fail(addr) {
+            if let Some(wait) = console.backoff.fail(addr).await {
                 tracing::warn!(client = %addr, wait_secs = wait.as_secs(), "console sign-ins failing; backing off");
                 return Ok(too_many(&console, wait));
             }

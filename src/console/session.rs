@@ -181,12 +181,18 @@ pub fn same_token(a: &str, b: &str) -> bool {
 }
 
 /// Failed sign-ins per client address: after `max_failures` in a row, each further attempt must wait
-/// `lockout`, doubling with every failure up to an hour; a success forgets the address. Per replica.
+/// `lockout`, doubling with every failure up to an hour; a success forgets the address.
+///
+/// Per replica, unless [`Backoff::shared`] gives it the limits' Redis: then every replica behind one balancer
+/// counts the same failures and enforces the same wait (keys `{prefix}:console:signin:{address}:…`; the count
+/// is forgotten a day after the last failure). When Redis does not answer within its timeout, this replica
+/// counts on its own until it does.
 #[derive(Debug)]
 pub struct Backoff {
     max_failures: u32,
     lockout: Duration,
     failures: Mutex<HashMap<IpAddr, Failures>>,
+    shared: Option<SharedFailures>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -199,21 +205,141 @@ struct Failures {
 const MAX_LOCKOUT: Duration = Duration::from_secs(3600);
 /// Addresses remembered before the oldest are forgotten.
 const MAX_TRACKED: usize = 10_000;
+/// How long Redis remembers an address's failures after the last one.
+const SHARED_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
+/// The wait `count` failures earn: none below `max_failures`, then `lockout` doubling per failure.
+fn wait_for(count: u32, max_failures: u32, lockout: Duration) -> Option<Duration> {
+    if count < max_failures {
+        return None;
+    }
+    let doublings = (count - max_failures).min(16);
+    Some(lockout.saturating_mul(1 << doublings).min(MAX_LOCKOUT))
+}
+
+/// Count one failure (`KEYS[1]`, remembered for `ARGV[2]` ms) and, once it earns a wait (`ARGV[1]`: the
+/// wait in ms per count, computed here from the same rule as the local counter), set the lock key
+/// (`KEYS[2]`) for that long. Returns the new count. One script, so concurrent failures on several replicas
+/// each count.
+const FAIL_SCRIPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local waits = cjson.decode(ARGV[1])
+local wait = waits[math.min(n, #waits)]
+if wait > 0 then redis.call('SET', KEYS[2], '1', 'PX', wait) end
+return n
+";
+
+/// The failure counter in Redis.
+struct SharedFailures {
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    prefix: String,
+    timeout: Duration,
+    script: redis::Script,
+}
+
+impl std::fmt::Debug for SharedFailures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedFailures").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl SharedFailures {
+    fn keys(&self, addr: IpAddr) -> (String, String) {
+        let base = format!("{}:console:signin:{addr}", self.prefix);
+        (format!("{base}:failures"), format!("{base}:locked"))
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
+        let connect = || async {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(self.timeout)
+                .set_response_timeout(self.timeout)
+                .set_number_of_retries(1);
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await.map_err(|e| e.to_string())
+        };
+        let conn = tokio::time::timeout(self.timeout, self.conn.get_or_try_init(connect))
+            .await
+            .map_err(|_| "Redis did not answer in time".to_owned())??;
+        Ok(conn.clone())
+    }
+
+    /// Run `call` on a connection within the timeout.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, String>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().await?;
+        match tokio::time::timeout(self.timeout, call(conn)).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("Redis did not answer in time".to_owned()),
+        }
+    }
+}
 
 impl Backoff {
     pub fn new(max_failures: u32, lockout: Duration) -> Self {
-        Self { max_failures, lockout, failures: Mutex::default() }
+        Self { max_failures, lockout, failures: Mutex::default(), shared: None }
+    }
+
+    /// Count failures in the Redis at `url` (keys under `prefix`), shared by every replica using it.
+    pub fn shared(self, url: &str, prefix: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid Redis URL: {e}"))?;
+        let shared = SharedFailures {
+            client,
+            conn: tokio::sync::OnceCell::new(),
+            prefix: prefix.to_owned(),
+            timeout,
+            script: redis::Script::new(FAIL_SCRIPT),
+        };
+        Ok(Self { shared: Some(shared), ..self })
     }
 
     /// How long `addr` must still wait before trying again, if at all.
-    pub fn wait(&self, addr: IpAddr) -> Option<Duration> {
+    pub async fn wait(&self, addr: IpAddr) -> Option<Duration> {
+        if let Some(shared) = &self.shared {
+            let (_, locked) = shared.keys(addr);
+            match shared
+                .run(|mut c| async move { redis::cmd("PTTL").arg(locked).query_async::<i64>(&mut c).await })
+                .await
+            {
+                Ok(ms) if ms > 0 => return Some(Duration::from_millis(ms.unsigned_abs())),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "console sign-in back-off: Redis failed; counting on this replica")
+                }
+            }
+        }
         let failures = self.failures.lock().ok()?;
         let until = failures.get(&addr)?.until?;
         until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
     }
 
     /// Count a failed sign-in from `addr`; returns the wait it now faces, if any.
-    pub fn fail(&self, addr: IpAddr) -> Option<Duration> {
+    pub async fn fail(&self, addr: IpAddr) -> Option<Duration> {
+        if let Some(shared) = &self.shared {
+            // The wait each count earns, up to the count where it stops growing.
+            let waits: Vec<u64> = (1..=self.max_failures.saturating_add(17))
+                .map(|n| wait_for(n, self.max_failures, self.lockout).map_or(0, |w| w.as_millis() as u64))
+                .collect();
+            let waits = serde_json::to_string(&waits).unwrap_or_default();
+            let (failures, locked) = shared.keys(addr);
+            let memory = SHARED_MEMORY.as_millis() as u64;
+            let script = &shared.script;
+            let counted = shared
+                .run(|mut c| async move {
+                    script.key(failures).key(locked).arg(waits).arg(memory).invoke_async::<u32>(&mut c).await
+                })
+                .await;
+            match counted {
+                Ok(count) => return wait_for(count, self.max_failures, self.lockout),
+                Err(e) => {
+                    tracing::warn!(error = %e, "console sign-in back-off: Redis failed; counting on this replica")
+                }
+            }
+        }
         let mut failures = self.failures.lock().ok()?;
         if failures.len() >= MAX_TRACKED {
             let now = Instant::now();
@@ -224,17 +350,22 @@ impl Backoff {
         }
         let entry = failures.entry(addr).or_insert(Failures { count: 0, until: None });
         entry.count = entry.count.saturating_add(1);
-        if entry.count < self.max_failures {
-            return None;
-        }
-        let doublings = (entry.count - self.max_failures).min(16);
-        let wait = self.lockout.saturating_mul(1 << doublings).min(MAX_LOCKOUT);
+        let wait = wait_for(entry.count, self.max_failures, self.lockout)?;
         entry.until = Some(Instant::now() + wait);
         Some(wait)
     }
 
     /// Forget `addr`'s failures after a successful sign-in.
-    pub fn succeed(&self, addr: IpAddr) {
+    pub async fn succeed(&self, addr: IpAddr) {
+        if let Some(shared) = &self.shared {
+            let (failures, locked) = shared.keys(addr);
+            let forgot = shared.run(|mut c| async move {
+                redis::cmd("DEL").arg(failures).arg(locked).query_async::<()>(&mut c).await
+            });
+            if let Err(e) = forgot.await {
+                tracing::warn!(error = %e, "console sign-in back-off: Redis failed");
+            }
+        }
         if let Ok(mut failures) = self.failures.lock() {
             failures.remove(&addr);
         }
@@ -280,23 +411,23 @@ mod tests {
         assert!(s.find(&cookie).await.unwrap().is_none());
     }
 
-    #[test]
-    fn failed_sign_ins_back_off_doubling_and_a_success_forgets_them() {
+    #[tokio::test]
+    async fn failed_sign_ins_back_off_doubling_and_a_success_forgets_them() {
         let b = Backoff::new(3, Duration::from_secs(10));
         let addr: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(b.fail(addr), None);
-        assert_eq!(b.fail(addr), None);
-        assert!(b.wait(addr).is_none());
-        assert_eq!(b.fail(addr), Some(Duration::from_secs(10)));
-        assert!(b.wait(addr).is_some());
-        assert_eq!(b.fail(addr), Some(Duration::from_secs(20)));
+        assert_eq!(b.fail(addr).await, None);
+        assert_eq!(b.fail(addr).await, None);
+        assert!(b.wait(addr).await.is_none());
+        assert_eq!(b.fail(addr).await, Some(Duration::from_secs(10)));
+        assert!(b.wait(addr).await.is_some());
+        assert_eq!(b.fail(addr).await, Some(Duration::from_secs(20)));
         let other: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(b.wait(other).is_none(), "per address");
-        b.succeed(addr);
-        assert!(b.wait(addr).is_none());
+        assert!(b.wait(other).await.is_none(), "per address");
+        b.succeed(addr).await;
+        assert!(b.wait(addr).await.is_none());
         for _ in 0..40 {
-            b.fail(addr);
+            b.fail(addr).await;
         }
-        assert_eq!(b.wait(addr).map(|d| d <= MAX_LOCKOUT), Some(true));
+        assert_eq!(b.wait(addr).await.map(|d| d <= MAX_LOCKOUT), Some(true));
     }
 }

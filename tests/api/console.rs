@@ -694,3 +694,46 @@ async fn a_deleted_image_is_never_handed_out_again_by_the_response_cache() {
     assert!(fake.call_count() > calls_before, "the deleted image was generated anew");
     assert_eq!(get_via(&a, &first).await, 404);
 }
+
+/// With the limits in Redis, replicas behind one balancer share the sign-in back-off: failures counted on
+/// either replica add up, and once they earn a wait, the other replica refuses even the right token too.
+#[tokio::test]
+async fn replicas_sharing_the_limits_redis_share_the_sign_in_back_off() {
+    let fake = FakeOpenAi::start().await;
+    let prefix = format!("igtest-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let a = TestApp::spawn_with(&fake.url, |s| {
+        s.console.max_failed_sign_ins = 3;
+        s.limits.backend = imagegate::config::LimitsBackend::Redis;
+        s.limits.redis_url = Some(imagegate::config::Secret::new("redis://127.0.0.1:6379"));
+        s.limits.redis_prefix = prefix.clone();
+    })
+    .await;
+    let b = {
+        let mut settings = a.settings.clone();
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        settings.storage.data_dir = dir.path().to_path_buf();
+        a.replica(settings, dir).await
+    };
+    let (mut on_a, mut on_b) = (Visitor::new(&a), Visitor::new(&b));
+    assert_eq!(on_a.sign_in("wrong-1").await.status(), 401);
+    assert_eq!(on_b.sign_in("wrong-2").await.status(), 401);
+    let third = on_a.sign_in("wrong-3").await;
+    assert_eq!(third.status(), 429, "the third failure, counted across both replicas");
+    let res = on_b.sign_in(ADMIN_TOKEN).await;
+    assert_eq!(res.status(), 429, "the other replica enforces the same wait, even for the right token");
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(set_cookie(&res, "imagegate_console").is_none());
+
+    // A success forgets the failures everywhere.
+    let mut conn =
+        redis::Client::open("redis://127.0.0.1:6379").unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:console:signin:*")).query_async(&mut conn).await.unwrap();
+    assert!(keys.iter().any(|k| k.ends_with(":locked")), "{keys:?}");
+    let lock = keys.iter().find(|k| k.ends_with(":locked")).unwrap();
+    redis::cmd("DEL").arg(lock).query_async::<()>(&mut conn).await.unwrap();
+    assert_eq!(on_a.sign_in(ADMIN_TOKEN).await.status(), 303, "the wait is over");
+    let left: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:console:signin:*")).query_async(&mut conn).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
