@@ -84,7 +84,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new(catalog.ids()));
         let upstreams =
             Arc::new(Upstreams::from_settings_observed(&settings, &public_url, &mock_links, Some(&metrics))?);
-        let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
+        let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl, settings.auth.max_key_lookups));
         let (ledger, writer) = Ledger::start_observed(db.clone(), &settings.usage, Some(metrics.clone()));
         let limiter = limiter(&settings, &db).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
