@@ -251,20 +251,29 @@ impl ImagesService {
 
     /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
     #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream, cache))]
+    ///
+    /// `admitted` is the reservation [`Self::admit`] took before the body was read (tenants with a concurrency
+    /// limit): the request and its slot, to which the images and cost are added once they are known.
     pub async fn handle(
         &self,
         ctx: &TenantContext,
         request: ImageRequest,
         meta: RequestMeta,
+        admitted: Option<Permit>,
     ) -> Result<UpstreamReply, Failure> {
         let started = Instant::now();
+        let new_call = |request: &ImageRequest, meta: RequestMeta, model: String| {
+            let mut call = Call::new(ctx, request, meta, started, model);
+            call.permit.clone_from(&admitted);
+            call
+        };
         // 0. Chained edits: inputs that are imagegate's own links become their bytes (the upstream cannot reach
         // them), after their signature, expiry and tenant are checked.
         let request = match self.rehoster.resolve_own_links(&request, &ctx.tenant).await {
             Ok(Some(resolved)) => resolved,
             Ok(None) => request,
             Err(e) => {
-                let call = Call::new(ctx, &request, meta, started, request.model());
+                let call = new_call(&request, meta, request.model());
                 return Err(self.refuse_unreserved(&call, e).await);
             }
         };
@@ -272,7 +281,7 @@ impl ImagesService {
         let validated = match validate::validate_for(&request, &self.policy, Some(&ctx.tenant.name)) {
             Ok(v) => v,
             Err(e) => {
-                let call = Call::new(ctx, &request, meta, started, request.model());
+                let call = new_call(&request, meta, request.model());
                 return Err(self.refuse_unreserved(&call, e).await);
             }
         };
@@ -280,7 +289,7 @@ impl ImagesService {
         span.record("model", validated.model.as_str());
         span.record("n", validated.n);
         span.record("stream", validated.stream);
-        let mut call = Call::new(ctx, &request, meta, started, validated.model.clone());
+        let mut call = new_call(&request, meta, validated.model.clone());
         call.record.requested_model.clone_from(&validated.requested);
         // The model an alias names and file types mended from their bytes are what the upstream sees.
         let request = validate::prepare(request, &validated);
@@ -402,6 +411,10 @@ impl ImagesService {
         let attached = role == replay::Role::Attached;
         if attached {
             tracing::info!(kind = "replay.attached", "an identical request's call answered this one");
+            // The call that answered it paid; what this request reserved when it was admitted goes back.
+            if let Some(permit) = &call.permit {
+                permit.finish(Usage::REFUNDED);
+            }
         }
         match result {
             Replayed::Answer(answer) => {
@@ -557,9 +570,41 @@ impl ImagesService {
         Ok(0.0)
     }
 
+    /// Before the body is read: a tenant with a concurrency limit takes its slot (and its request) now, so no
+    /// more of its bodies are buffered at once than it may have requests running, and one over the limit is
+    /// refused (429) before a byte of its body is read. `None` for tenants without that limit (their request
+    /// is reserved once the body is parsed, as before). A refusal is booked.
+    pub async fn admit(
+        &self,
+        ctx: &TenantContext,
+        endpoint: Endpoint,
+        request_id: &str,
+    ) -> Result<Option<Permit>, ApiError> {
+        let tenant = &ctx.tenant;
+        if self.limiter.effective(&tenant.limits).concurrent_requests.is_none() {
+            return Ok(None);
+        }
+        match self.limiter.acquire(&tenant.id, &tenant.limits, Demand::request_only()).await {
+            Ok(permit) => Ok(Some(permit)),
+            Err(denied) => {
+                let e = denied.into_error(&tenant.name);
+                self.record_refusal(ctx, endpoint, request_id, e.status().as_u16());
+                Err(e)
+            }
+        }
+    }
+
     /// Reserve `demand` from the tenant's limits and keep the permit on the call; a refusal is booked and
     /// returned.
     async fn acquire(&self, call: &mut Call, demand: Demand) -> Result<(), ApiError> {
+        // Admitted before its body was read: the request (and slot) is held; add the images and cost.
+        if let Some(permit) = &call.permit {
+            if demand.images == 0 && demand.usd <= 0.0 {
+                return Ok(());
+            }
+            let extended = permit.extend(demand.images, demand.usd).await;
+            return extended.map_err(|denied| self.refused(call, denied.into_error(&call.ctx.tenant.name)));
+        }
         let tenant = &call.ctx.tenant;
         match self.limiter.acquire(&tenant.id, &tenant.limits, demand).await {
             Ok(permit) => {
@@ -590,6 +635,10 @@ impl ImagesService {
     /// headers.
     async fn refuse_unreserved(&self, call: &Call, e: ApiError) -> Failure {
         book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
+        // A request admitted before its body was read gets its request and slot back: refused, it spent nothing.
+        if let Some(permit) = &call.permit {
+            permit.finish(Usage::REFUNDED);
+        }
         self.unreserved(&call.ctx, e).await
     }
 
