@@ -678,7 +678,7 @@ impl ImagesService {
             return Err(e);
         };
         let reply = match upstream.send(request, &attribution).await {
-            Ok(reply) => answer_held_to_n(reply, request.n()),
+            Ok(reply) => held_to_request(reply, request),
             Err(e) => {
                 let mut record = call.record.clone();
                 record.note_upstream_failure(&e);
@@ -805,15 +805,30 @@ fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
     headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
 }
 
-/// A successful whole answer with more images than asked for keeps the first `n` (`images::answer`): the
-/// caller asked for and is charged `n`, and no extra image is downloaded, stored or cached.
-fn answer_held_to_n(reply: UpstreamReply, n: u32) -> UpstreamReply {
-    let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body) else { return reply };
-    match answer::hold_to_n(body, n) {
-        Some((held, items)) => {
-            tracing::warn!(kind = "upstream.too_many_images", asked = n, answered = items, "kept the first n images");
-            UpstreamReply { body: ReplyBody::Full(held), ..reply }
-        }
-        None => reply,
+/// A successful answer held to what `request` asked for (`images::answer`): a whole answer with more images
+/// than asked for keeps the first `n`; a stream is capped in size and ends after its `n`th completed image.
+/// The caller asked for and is charged `n`, and no extra image is downloaded, stored, cached or forwarded.
+fn held_to_request(reply: UpstreamReply, request: &ImageRequest) -> UpstreamReply {
+    let n = request.n();
+    if !reply.status.is_success() {
+        return reply;
     }
+    let body = match reply.body {
+        ReplyBody::Stream(stream) => {
+            ReplyBody::Stream(metering::held_to_request(stream, answer::max_stream_bytes(request), n))
+        }
+        ReplyBody::Full(body) => match answer::hold_to_n(&body, n) {
+            Some((held, items)) => {
+                tracing::warn!(
+                    kind = "upstream.too_many_images",
+                    asked = n,
+                    answered = items,
+                    "kept the first n images"
+                );
+                ReplyBody::Full(held)
+            }
+            None => ReplyBody::Full(body),
+        },
+    };
+    UpstreamReply { body, ..reply }
 }
