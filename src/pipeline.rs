@@ -588,7 +588,10 @@ impl ImagesService {
             Ok(permit) => Ok(Some(permit)),
             Err(denied) => {
                 let e = denied.into_error(&tenant.name);
-                self.record_refusal(ctx, endpoint, request_id, e.status().as_u16());
+                // Refused by the gateway's limits, like any other limit refusal.
+                let record =
+                    unread_record(ctx, endpoint, request_id).finish_refused(e.status().as_u16(), Instant::now());
+                book(&self.ledger, None, record, Usage::NOTHING);
                 Err(e)
             }
         }
@@ -752,9 +755,8 @@ impl ImagesService {
 
     /// Record a request refused before it reached the pipeline (unreadable body): it costs nothing.
     pub fn record_refusal(&self, ctx: &TenantContext, endpoint: Endpoint, request_id: &str, status: u16) {
-        let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
-        record.model = "unknown".to_owned();
-        book(&self.ledger, None, record.finish(status, Instant::now()), Usage::NOTHING);
+        let record = unread_record(ctx, endpoint, request_id).finish(status, Instant::now());
+        book(&self.ledger, None, record, Usage::NOTHING);
     }
 
     /// The reply of an uncached call, with its rate-limit headers; its usage is booked now, or, for a stream,
@@ -787,6 +789,13 @@ impl ImagesService {
             }
         }
     }
+}
+
+/// The usage row of a request whose body was not read (or could not be): its model is not known.
+fn unread_record(ctx: &TenantContext, endpoint: Endpoint, request_id: &str) -> UsageRecord {
+    let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
+    record.model = "unknown".to_owned();
+    record
 }
 
 /// A reply carrying an answer exactly as its call made it (headers included).

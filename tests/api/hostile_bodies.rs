@@ -274,6 +274,11 @@ async fn a_second_upload_over_the_concurrency_limit_is_refused_while_it_is_still
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(fake.call_count(), 1, "neither upload reached the upstream");
+    // Each refusal is in the ledger as the gateway's, at no cost.
+    let rows = app.usage_rows(3).await;
+    let refused: Vec<_> = rows.iter().filter(|r| r["status"] == 429).collect();
+    assert!(!refused.is_empty(), "{rows:?}");
+    assert!(refused.iter().all(|r| r["refused_by"] == "gateway" && r["cost_usd"] == 0.0), "{refused:?}");
 }
 
 /// Memory for bodies in flight is bounded by the tenant's slots, not by how many uploads it opens: with a
