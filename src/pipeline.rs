@@ -267,20 +267,29 @@ impl ImagesService {
 
     /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
     #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream, cache))]
+    ///
+    /// `admitted` is the reservation [`Self::admit`] took before the body was read (tenants with a concurrency
+    /// limit): the request and its slot, to which the images and cost are added once they are known.
     pub async fn handle(
         &self,
         ctx: &TenantContext,
         request: ImageRequest,
         meta: RequestMeta,
+        admitted: Option<Permit>,
     ) -> Result<UpstreamReply, Failure> {
         let started = Instant::now();
+        let new_call = |request: &ImageRequest, meta: RequestMeta, model: String| {
+            let mut call = Call::new(ctx, request, meta, started, model);
+            call.permit.clone_from(&admitted);
+            call
+        };
         // 0. Chained edits: inputs that are imagegate's own links become their bytes (the upstream cannot reach
         // them), after their signature, expiry and tenant are checked.
         let request = match self.rehoster.resolve_own_links(&request, &ctx.tenant).await {
             Ok(Some(resolved)) => resolved,
             Ok(None) => request,
             Err(e) => {
-                let call = Call::new(ctx, &request, meta, started, request.model());
+                let call = new_call(&request, meta, request.model());
                 return Err(self.refuse_unreserved(&call, e).await);
             }
         };
@@ -288,7 +297,7 @@ impl ImagesService {
         let validated = match validate::validate_for(&request, &self.policy, Some(&ctx.tenant.name)) {
             Ok(v) => v,
             Err(e) => {
-                let call = Call::new(ctx, &request, meta, started, request.model());
+                let call = new_call(&request, meta, request.model());
                 return Err(self.refuse_unreserved(&call, e).await);
             }
         };
@@ -296,7 +305,7 @@ impl ImagesService {
         span.record("model", validated.model.as_str());
         span.record("n", validated.n);
         span.record("stream", validated.stream);
-        let mut call = Call::new(ctx, &request, meta, started, validated.model.clone());
+        let mut call = new_call(&request, meta, validated.model.clone());
         call.record.requested_model.clone_from(&validated.requested);
         // The model an alias names and file types mended from their bytes are what the upstream sees.
         let request = validate::prepare(request, &validated);
@@ -424,6 +433,10 @@ impl ImagesService {
         let attached = role == replay::Role::Attached;
         if attached {
             tracing::info!(kind = "replay.attached", "an identical request's call answered this one");
+            // The call that answered it paid; what this request reserved when it was admitted goes back.
+            if let Some(permit) = &call.permit {
+                permit.finish(Usage::REFUNDED);
+            }
         }
         match result {
             Replayed::Answer(answer) => {
@@ -579,9 +592,44 @@ impl ImagesService {
         Ok(0.0)
     }
 
+    /// Before the body is read: a tenant with a concurrency limit takes its slot (and its request) now, so no
+    /// more of its bodies are buffered at once than it may have requests running, and one over the limit is
+    /// refused (429) before a byte of its body is read. `None` for tenants without that limit (their request
+    /// is reserved once the body is parsed, as before). A refusal is booked.
+    pub async fn admit(
+        &self,
+        ctx: &TenantContext,
+        endpoint: Endpoint,
+        request_id: &str,
+    ) -> Result<Option<Permit>, ApiError> {
+        let tenant = &ctx.tenant;
+        if self.limiter.effective(&tenant.limits).concurrent_requests.is_none() {
+            return Ok(None);
+        }
+        match self.limiter.acquire(&tenant.id, &tenant.limits, Demand::request_only()).await {
+            Ok(permit) => Ok(Some(permit)),
+            Err(denied) => {
+                let e = denied.into_error(&tenant.name);
+                // Refused by the gateway's limits, like any other limit refusal.
+                let record =
+                    unread_record(ctx, endpoint, request_id).finish_refused(e.status().as_u16(), Instant::now());
+                book(&self.ledger, None, record, Usage::NOTHING);
+                Err(e)
+            }
+        }
+    }
+
     /// Reserve `demand` from the tenant's limits and keep the permit on the call; a refusal is booked and
     /// returned.
     async fn acquire(&self, call: &mut Call, demand: Demand) -> Result<(), ApiError> {
+        // Admitted before its body was read: the request (and slot) is held; add the images and cost.
+        if let Some(permit) = &call.permit {
+            if demand.images == 0 && demand.usd <= 0.0 {
+                return Ok(());
+            }
+            let extended = permit.extend(demand.images, demand.usd).await;
+            return extended.map_err(|denied| self.refused(call, denied.into_error(&call.ctx.tenant.name)));
+        }
         let tenant = &call.ctx.tenant;
         match self.limiter.acquire(&tenant.id, &tenant.limits, demand).await {
             Ok(permit) => {
@@ -612,6 +660,10 @@ impl ImagesService {
     /// headers.
     async fn refuse_unreserved(&self, call: &Call, e: ApiError) -> Failure {
         book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
+        // A request admitted before its body was read gets its request and slot back: refused, it spent nothing.
+        if let Some(permit) = &call.permit {
+            permit.finish(Usage::REFUNDED);
+        }
         self.unreserved(&call.ctx, e).await
     }
 
@@ -651,7 +703,7 @@ impl ImagesService {
             return Err(e);
         };
         let reply = match upstream.send(request, &attribution).await {
-            Ok(reply) => answer_held_to_n(reply, request.n()),
+            Ok(reply) => held_to_request(reply, request),
             Err(e) => {
                 let mut record = call.record.clone();
                 record.note_upstream_failure(&e);
@@ -725,9 +777,8 @@ impl ImagesService {
 
     /// Record a request refused before it reached the pipeline (unreadable body): it costs nothing.
     pub fn record_refusal(&self, ctx: &TenantContext, endpoint: Endpoint, request_id: &str, status: u16) {
-        let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
-        record.model = "unknown".to_owned();
-        book(&self.ledger, None, record.finish(status, Instant::now()), Usage::NOTHING);
+        let record = unread_record(ctx, endpoint, request_id).finish(status, Instant::now());
+        book(&self.ledger, None, record, Usage::NOTHING);
     }
 
     /// The reply of an uncached call, with its rate-limit headers; its usage is booked now, or, for a stream,
@@ -776,19 +827,41 @@ impl ImagesService {
     }
 }
 
+/// The usage row of a request whose body was not read (or could not be): its model is not known.
+fn unread_record(ctx: &TenantContext, endpoint: Endpoint, request_id: &str) -> UsageRecord {
+    let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
+    record.model = "unknown".to_owned();
+    record
+}
+
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
     headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
 }
 
-/// A successful whole answer with more images than asked for keeps the first `n` (`images::answer`): the
-/// caller asked for and is charged `n`, and no extra image is downloaded, stored or cached.
-fn answer_held_to_n(reply: UpstreamReply, n: u32) -> UpstreamReply {
-    let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body) else { return reply };
-    match answer::hold_to_n(body, n) {
-        Some((held, items)) => {
-            tracing::warn!(kind = "upstream.too_many_images", asked = n, answered = items, "kept the first n images");
-            UpstreamReply { body: ReplyBody::Full(held), ..reply }
-        }
-        None => reply,
+/// A successful answer held to what `request` asked for (`images::answer`): a whole answer with more images
+/// than asked for keeps the first `n`; a stream is capped in size and ends after its `n`th completed image.
+/// The caller asked for and is charged `n`, and no extra image is downloaded, stored, cached or forwarded.
+fn held_to_request(reply: UpstreamReply, request: &ImageRequest) -> UpstreamReply {
+    let n = request.n();
+    if !reply.status.is_success() {
+        return reply;
     }
+    let body = match reply.body {
+        ReplyBody::Stream(stream) => {
+            ReplyBody::Stream(metering::held_to_request(stream, answer::max_stream_bytes(request), n))
+        }
+        ReplyBody::Full(body) => match answer::hold_to_n(&body, n) {
+            Some((held, items)) => {
+                tracing::warn!(
+                    kind = "upstream.too_many_images",
+                    asked = n,
+                    answered = items,
+                    "kept the first n images"
+                );
+                ReplyBody::Full(held)
+            }
+            None => ReplyBody::Full(body),
+        },
+    };
+    UpstreamReply { body, ..reply }
 }
