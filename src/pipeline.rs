@@ -147,16 +147,32 @@ pub struct ImagesService {
 #[derive(Clone)]
 enum Replayed {
     /// The upstream's answer (re-hosted), with the headers of the call that made it.
-    Answer(Answer),
+    Answer(Arc<Kept>),
     /// A failure, with the headers its request earned.
     Failed(Arc<Failure>),
+}
+
+/// A whole answer as the replay window keeps it: the reply itself, its body shared (a `Bytes` handle, not a
+/// copy) and its headers as they are, with the images its usage row counted.
+struct Kept {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    images: Option<u32>,
+}
+
+impl Kept {
+    /// Every caller's reply: the same headers and a handle on the same body.
+    fn reply(&self) -> UpstreamReply {
+        UpstreamReply { status: self.status, headers: self.headers.clone(), body: ReplyBody::Full(self.body.clone()) }
+    }
 }
 
 impl Replayed {
     /// Whether later identical requests get this result instead of a call of their own.
     fn kept(&self) -> replay::Kept {
         match self {
-            Self::Answer(answer) if (200..300).contains(&answer.status) && answer.images.unwrap_or(0) > 0 => {
+            Self::Answer(answer) if answer.status.is_success() && answer.images.unwrap_or(0) > 0 => {
                 replay::Kept::Images
             }
             Self::Answer(_) => replay::Kept::Nothing,
@@ -397,9 +413,15 @@ impl ImagesService {
             }
             match this.fetch(&own, &request).await {
                 Ok((reply, record)) => {
-                    let mut reply = this.meter(reply, record, &own);
+                    let (mut reply, images) = this.meter_counted(reply, record, &own);
                     set_cache_header(&mut reply.headers, Outcome::Bypass);
-                    Replayed::Answer(Answer::from_reply(reply))
+                    let UpstreamReply { status, headers, body } = reply;
+                    // Streams never come this way (`replayed` takes whole answers only).
+                    let body = match body {
+                        ReplyBody::Full(body) => body,
+                        ReplyBody::Stream(_) => bytes::Bytes::new(),
+                    };
+                    Replayed::Answer(Arc::new(Kept { status, headers, body, images }))
                 }
                 Err(e) => Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass))),
             }
@@ -420,9 +442,9 @@ impl ImagesService {
         match result {
             Replayed::Answer(answer) => {
                 if attached {
-                    book(&self.ledger, None, call.finished(answer.status), Usage::NOTHING);
+                    book(&self.ledger, None, call.finished(answer.status.as_u16()), Usage::NOTHING);
                 }
-                let mut reply = reply_of(answer);
+                let mut reply = answer.reply();
                 if attached {
                     reply.headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
                 }
@@ -785,11 +807,23 @@ impl ImagesService {
 
     /// The reply of an uncached call, with its rate-limit headers; its usage is booked now, or, for a stream,
     /// as its events pass and when it ends (the stream holds the reservation until then).
-    fn meter(&self, mut reply: UpstreamReply, record: UsageRecord, call: &Call) -> UpstreamReply {
+    fn meter(&self, reply: UpstreamReply, record: UsageRecord, call: &Call) -> UpstreamReply {
+        self.meter_counted(reply, record, call).0
+    }
+
+    /// [`Self::meter`], with the images the booked row of a whole answer counted (`None` for a stream).
+    fn meter_counted(
+        &self,
+        mut reply: UpstreamReply,
+        record: UsageRecord,
+        call: &Call,
+    ) -> (UpstreamReply, Option<u32>) {
         call.limit_headers(&mut reply.headers);
         let Some(permit) = call.permit.clone() else {
-            book(&self.ledger, None, record.finish_reply(&reply, &self.prices, call.started), Usage::NOTHING);
-            return reply;
+            let record = record.finish_reply(&reply, &self.prices, call.started);
+            let images = record.images_returned;
+            book(&self.ledger, None, record, Usage::NOTHING);
+            return (reply, images);
         };
         match reply.body {
             ReplyBody::Stream(stream) if reply.status.is_success() => {
@@ -805,11 +839,13 @@ impl ImagesService {
                 let hold = Some(crate::limits::SlotGuard(permit));
                 let body =
                     metering::meter_stream(stream, record, self.prices.clone(), Box::new(done), hold, call.started);
-                UpstreamReply { body: ReplyBody::Stream(body), ..reply }
+                (UpstreamReply { body: ReplyBody::Stream(body), ..reply }, None)
             }
             _ => {
-                self.settle(call, record.finish_reply(&reply, &self.prices, call.started));
-                reply
+                let record = record.finish_reply(&reply, &self.prices, call.started);
+                let images = record.images_returned;
+                self.settle(call, record);
+                (reply, images)
             }
         }
     }
@@ -820,18 +856,6 @@ fn unread_record(ctx: &TenantContext, endpoint: Endpoint, request_id: &str) -> U
     let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
     record.model = "unknown".to_owned();
     record
-}
-
-/// A reply carrying an answer exactly as its call made it (headers included).
-fn reply_of(answer: Answer) -> UpstreamReply {
-    let mut headers = HeaderMap::new();
-    for (name, value) in &answer.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
-            headers.append(name, value);
-        }
-    }
-    let status = http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::OK);
-    UpstreamReply { status, headers, body: ReplyBody::Full(answer.body) }
 }
 
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {

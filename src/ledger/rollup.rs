@@ -64,8 +64,6 @@ pub fn totals(rows: &[UsageRecord]) -> BTreeMap<(i64, &str, &str), DayTotals> {
 
 /// Columns of one upserted row.
 const COLUMNS: usize = 10;
-/// Rows per upsert statement (500 parameters).
-const ROWS_PER_STATEMENT: usize = 50;
 
 fn upsert_sql(backend: Backend, rows: usize) -> String {
     use std::fmt::Write as _;
@@ -103,7 +101,12 @@ fn upsert_sql(backend: Backend, rows: usize) -> String {
 /// per-day totals.
 pub async fn add(conn: &mut AnyConnection, backend: Backend, rows: &[UsageRecord]) -> Result<(), sqlx::Error> {
     let totals: Vec<_> = totals(rows).into_iter().collect();
-    for chunk in totals.chunks(ROWS_PER_STATEMENT) {
+    // In the INSERT's statement sizes (full statements, then falling powers of two), so the few statement
+    // texts stay prepared in each connection's cache from batch to batch.
+    let mut rest = totals.as_slice();
+    for count in super::statement_rows(totals.len()) {
+        let (chunk, tail) = rest.split_at(count);
+        rest = tail;
         let sql = upsert_sql(backend, chunk.len());
         let mut query = sqlx::query(&sql);
         for ((day, tenant_id, model), t) in chunk {
@@ -332,7 +335,7 @@ mod tests {
 
     #[test]
     fn upserts_have_one_placeholder_per_value() {
-        for rows in [1, ROWS_PER_STATEMENT] {
+        for rows in [1, super::super::ROWS_PER_STATEMENT] {
             let sqlite = upsert_sql(Backend::Sqlite, rows);
             assert_eq!(sqlite.matches('?').count(), rows * COLUMNS);
             let postgres = upsert_sql(Backend::Postgres, rows);

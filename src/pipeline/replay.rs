@@ -30,9 +30,9 @@ pub type ReplayKey = [u8; 32];
 
 /// The body as it identifies a request: JSON as sent; a multipart form by its parts (an SDK's retry encodes
 /// the same form with a new boundary).
-pub fn fingerprint(request: &crate::images::request::ImageRequest) -> Vec<u8> {
+pub fn fingerprint(request: &crate::images::request::ImageRequest) -> std::borrow::Cow<'_, [u8]> {
     use sha2::{Digest, Sha256};
-    let Some(form) = request.form() else { return request.raw().0.to_vec() };
+    let Some(form) = request.form() else { return std::borrow::Cow::Borrowed(&request.raw().0[..]) };
     let mut hasher = Sha256::new();
     for part in &form.parts {
         for field in [
@@ -45,7 +45,7 @@ pub fn fingerprint(request: &crate::images::request::ImageRequest) -> Vec<u8> {
             hasher.update(field);
         }
     }
-    hasher.finalize().to_vec()
+    std::borrow::Cow::Owned(hasher.finalize().to_vec())
 }
 
 /// The [`ReplayKey`] of a request: each part length-prefixed, so no two different requests hash alike by
