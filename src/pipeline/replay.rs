@@ -32,7 +32,7 @@ pub type ReplayKey = [u8; 32];
 /// the same form with a new boundary).
 pub fn fingerprint(request: &crate::images::request::ImageRequest) -> Vec<u8> {
     use sha2::{Digest, Sha256};
-    let Some(form) = request.form() else { return request.raw().0.to_vec() };
+    let Some(form) = request.form() else { return request.outgoing(None).to_bytes().to_vec() };
     let mut hasher = Sha256::new();
     for part in &form.parts {
         for field in [
