@@ -73,6 +73,9 @@ struct Args {
     /// held: seconds the fake waits before it answers.
     #[arg(long, default_value_t = 15)]
     hold_s: u64,
+    /// held: pause after every 10 requests started, in ms (5,000 requests start within 5 s).
+    #[arg(long, default_value_t = 10)]
+    ramp_ms: u64,
 }
 
 /// The fake upstream: answers edits once it has read the whole upload, generations after `hold`.
@@ -232,6 +235,11 @@ async fn main() {
                     let url = format!("{}/v1/images/generations", gateway.root);
                     let mut tasks = Vec::with_capacity(requests);
                     for i in 0..requests {
+                        // Started over a few seconds (well within the hold), not in one burst that overflows
+                        // the listen queue: every request is still held at the same time.
+                        if i > 0 && i % 10 == 0 {
+                            tokio::time::sleep(Duration::from_millis(args.ramp_ms)).await;
+                        }
                         let (client, url, key) = (client.clone(), url.clone(), key.key.clone());
                         tasks.push(tokio::spawn(async move {
                             let body = serde_json::json!({"model": "gpt-image-1", "prompt": format!("held {i}")});

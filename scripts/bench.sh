@@ -10,7 +10,9 @@
 #   - where the machine has two cores or more, the server under test is pinned to core 0 and wrk plus the mock
 #     upstream to core 1 (taskset), so each server measured has one core to itself; only one server under test
 #     runs at a time;
-#   - imagegate with the usage ledger on SQLite, re-hosting off, the cache off (uncached, 2 MB) or on (hit), log
+#   - imagegate with the usage ledger on SQLite, re-hosting off, the cache off (uncached, 2 MB) or on (hit, from
+#     a third mock answer of the same size with `b64_json` instead of a link: with re-hosting off an upstream's
+#     link is never cached; two probe requests check that the series really is answered from the cache), log
 #     level warn; after each gateway has stopped (SIGTERM drains the ledger) the script counts the rows in
 #     `usage_events` and fails unless every answered request has its row (requests cut by wrk at the end of a
 #     series may add up to C more: they were served and are billed too).
@@ -37,7 +39,7 @@ rounds=1
 big=1
 keep=0
 callgrind=0
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --bin) bins+=("$2"); shift 2 ;;
@@ -102,13 +104,19 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK_PORT=$(free_port)
 BIG_PORT=$(free_port)
+HIT_PORT=$(free_port)
 PROXY_PORT=$(free_port)
 PROXY_BIG_PORT=$(free_port)
+HIT_PORT=$(free_port)
 GW_PORT=$(free_port)
 
 # The mock's answers: a DALL·E-style link, and a GPT-style 2 MB image as base64 (random bytes behind a PNG
 # signature: with re-hosting off the gateway passes them through untouched).
 SMALL_ANSWER="{\"created\":1767225600,\"data\":[{\"url\":\"http://127.0.0.1:$MOCK_PORT/files/img-0001.png\",\"revised_prompt\":\"a red fox in the snow\"}]}"
+# The cache-hit series needs an answer the cache may keep: with re-hosting off, an answer with the upstream's
+# own (expiring) link is never stored, so a small `b64_json` answer (a 1x1 PNG, about the same size) instead.
+PIXEL=iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==
+HIT_ANSWER="{\"created\":1767225600,\"data\":[{\"b64_json\":\"$PIXEL\",\"revised_prompt\":\"a red fox in the snow\"}]}"
 mkdir -p "$WORK/www/v1/images" "$WORK/tmp"
 python3 - "$WORK/www/v1/images/generations" <<'EOF'
 import base64, json, os, sys
@@ -134,6 +142,10 @@ http {
   server {
     listen 127.0.0.1:$MOCK_PORT backlog=4096;
     location = /v1/images/generations { default_type application/json; return 200 '$SMALL_ANSWER'; }
+  }
+  server {
+    listen 127.0.0.1:$HIT_PORT backlog=4096;
+    location = /v1/images/generations { default_type application/json; return 200 '$HIT_ANSWER'; }
   }
   server {
     listen 127.0.0.1:$BIG_PORT backlog=4096;
@@ -194,6 +206,7 @@ wrk.headers["Authorization"] = "Bearer $KEY"
 EOF
 }
 lua small '{"model":"dall-e-2","prompt":"a red fox in the snow","n":1,"size":"256x256"}'
+lua hit '{"model":"dall-e-2","prompt":"a red fox in the snow","n":1,"size":"256x256","response_format":"b64_json"}'
 lua big '{"model":"gpt-image-1","prompt":"a red fox in the snow","size":"1024x1024","quality":"high"}'
 
 cpu_ticks() { # PID...: utime + stime of these processes (all threads), in clock ticks
@@ -285,7 +298,7 @@ gateway_stop() {
   kill -TERM "$GW_PID"
   wait "$GW_PID" || { echo "$label exited non-zero: $(tail -5 "$dir/out.log")" >&2; failed=1; }
   local served=0 s
-  for s in "$@"; do served=$((served + $(cat "$WORK/served-$s"))); done
+  for s in "$@"; do served=$((served + $(cat "$WORK/served-$s") + $(cat "$WORK/probe-$s" 2>/dev/null || echo 0))); done
   local rows
   rows=$(sqlite3 "$dir/data/imagegate.db" 'SELECT count(*) FROM usage_events')
   local cut=$((rows - served)) ok=yes
@@ -296,6 +309,22 @@ gateway_stop() {
     log "$label logged warnings:"
     grep -E ' (WARN|ERROR) ' "$dir/out.log" | head -5 >&2
   fi
+}
+
+# expect_hit LABEL: the hit series' request, twice; the second must be answered from the cache (`x-imagegate-cache:
+# hit`), or the series would measure something else (an uncached answer, or callers coalesced on one call).
+expect_hit() {
+  local body cache
+  body=$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$WORK/hit.lua")
+  for _ in 1 2; do
+    cache=$(curl -s -o /dev/null -D - -X POST -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+      -d "$body" "http://127.0.0.1:$GW_PORT/v1/images/generations" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-imagegate-cache" {print $2}')
+  done
+  if [ "$cache" != hit ]; then
+    echo "$1: the repeated request was not a cache hit (x-imagegate-cache: ${cache:-none})" >&2
+    failed=1
+  fi
+  echo 2 >"$WORK/probe-$1"
 }
 
 nginx_proxy() { # LABEL PORT SCRIPT: one series against the reference proxy, on core 0
@@ -321,8 +350,9 @@ for round in $(seq "$rounds"); do
     gateway_start "$tag-uncached" "$b" "$MOCK_PORT" false
     run_wrk "$tag-uncached" "http://127.0.0.1:$GW_PORT/v1/images/generations" small "$GW_PID"
     gateway_stop "$tag-uncached" "$tag-uncached"
-    gateway_start "$tag-hit" "$b" "$MOCK_PORT" true
-    run_wrk "$tag-hit" "http://127.0.0.1:$GW_PORT/v1/images/generations" small "$GW_PID"
+    gateway_start "$tag-hit" "$b" "$HIT_PORT" true
+    expect_hit "$tag-hit"
+    run_wrk "$tag-hit" "http://127.0.0.1:$GW_PORT/v1/images/generations" hit "$GW_PID"
     gateway_stop "$tag-hit" "$tag-hit"
   done
   if [ "$big" = 1 ] && [ "$callgrind" = 0 ]; then

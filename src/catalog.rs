@@ -254,6 +254,16 @@ impl Model {
         self.sure(rule).refuses()
     }
 
+    /// Whether the rule `params.<name>` refuses requests: [`Self::enforces`] without building the rule's name on
+    /// the heap (validation asks it for every known parameter of every request).
+    pub fn enforces_param(&self, name: &str) -> bool {
+        let mut buf = [0u8; 64];
+        let Some(rule) = buf.get_mut(..7 + name.len()) else { return self.enforces(&format!("params.{name}")) };
+        rule[..7].copy_from_slice(b"params.");
+        rule[7..].copy_from_slice(name.as_bytes());
+        std::str::from_utf8(rule).is_ok_and(|rule| self.enforces(rule))
+    }
+
     /// It answers base64 only (and refuses `response_format` upstream).
     pub fn answers_base64_only(&self) -> bool {
         self.answers == Answers::B64Json

@@ -646,11 +646,14 @@ pub struct AuthSettings {
     /// How often `last_used_at` is written (one batched write, never one per request).
     #[serde(with = "humantime_serde")]
     pub last_used_flush: Duration,
+    /// How many database lookups of key ids not seen before may run at once (a flood of made-up keys queues
+    /// for these; cached keys and keys found before never do).
+    pub max_key_lookups: usize,
 }
 
 impl Default for AuthSettings {
     fn default() -> Self {
-        Self { key_cache_ttl: Duration::from_secs(5), last_used_flush: Duration::from_secs(30) }
+        Self { key_cache_ttl: Duration::from_secs(5), last_used_flush: Duration::from_secs(30), max_key_lookups: 4 }
     }
 }
 

@@ -47,11 +47,65 @@ pub const MAX_PROMPT_CHARS: usize = 32_000;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// What this process has queued for the ledger and not written yet, per tenant: the spend a budget seeded
+/// from the ledger would miss (the Redis limits add it when they seed a counter, docs/rate-limits.md).
+#[derive(Debug, Default)]
+pub struct Unwritten {
+    by_tenant: std::sync::Mutex<std::collections::HashMap<String, Pending>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Pending {
+    rows: u64,
+    images: u64,
+    usd: f64,
+}
+
+impl Unwritten {
+    /// Images and USD of `tenant_id`'s rows queued or being written now, counted as
+    /// [`report::spent_since`] counts them.
+    pub fn spent(&self, tenant_id: &str) -> (u64, f64) {
+        self.by_tenant.lock().ok().and_then(|m| m.get(tenant_id).map(|p| (p.images, p.usd))).unwrap_or((0, 0.0))
+    }
+
+    fn add(&self, r: &UsageRecord) {
+        let (images, usd) = spend_of(r);
+        if let Ok(mut m) = self.by_tenant.lock() {
+            let p = m.entry(r.tenant_id.clone()).or_default();
+            p.rows += 1;
+            p.images += images;
+            p.usd += usd;
+        }
+    }
+
+    fn remove(&self, tenant_id: &str, images: u64, usd: f64) {
+        if let Ok(mut m) = self.by_tenant.lock()
+            && let Some(p) = m.get_mut(tenant_id)
+        {
+            p.rows = p.rows.saturating_sub(1);
+            p.images = p.images.saturating_sub(images);
+            p.usd = (p.usd - usd).max(0.0);
+            // The last row gone: drop the entry (no float residue, no growth with tenants).
+            if p.rows == 0 {
+                m.remove(tenant_id);
+            }
+        }
+    }
+}
+
+/// What a row spends from the budgets: `report::spent_since`'s arithmetic for one row.
+fn spend_of(r: &UsageRecord) -> (u64, f64) {
+    let images = if r.cache_hit { 0 } else { u64::from(r.images_returned.unwrap_or(0)) };
+    (images, r.cost_usd)
+}
+
 /// The sending side, shared by every request.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     tx: mpsc::Sender<UsageRecord>,
     counters: Arc<Counters>,
+    /// Rows queued and not written yet.
+    unwritten: Arc<Unwritten>,
     /// Images, tokens and cost by tenant and model, batch latency and database errors, when observed.
     metrics: Option<Arc<Metrics>>,
 }
@@ -93,7 +147,9 @@ impl Ledger {
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let counters = Arc::new(Counters::default());
+        let unwritten = Arc::new(Unwritten::default());
         let writer = Writer {
+            unwritten: unwritten.clone(),
             db,
             batch_size: settings.batch_size,
             interval: settings.flush_interval,
@@ -102,7 +158,7 @@ impl Ledger {
             metrics: metrics.clone(),
         };
         let handle = tokio::spawn(writer.run(rx, stopped));
-        (Self { tx, counters, metrics }, LedgerWriter { handle, stop })
+        (Self { tx, counters, unwritten, metrics }, LedgerWriter { handle, stop })
     }
 
     /// Queue a record; never blocks. A full queue drops the record; the writer reports how many were dropped
@@ -112,7 +168,12 @@ impl Ledger {
         sanitize(&mut record);
         record.emit();
         self.observe(&record);
-        if self.tx.try_send(record).is_err() {
+        // Counted before it is queued: the writer may write (and uncount) it at once.
+        self.unwritten.add(&record);
+        if let Err(e) = self.tx.try_send(record) {
+            let r = e.into_inner();
+            let (images, usd) = spend_of(&r);
+            self.unwritten.remove(&r.tenant_id, images, usd);
             self.counters.unreported_full.fetch_add(1, Ordering::Relaxed);
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -138,6 +199,11 @@ impl Ledger {
             f.cost_usd = Some(r.cost_usd);
             f.stream = r.stream;
         });
+    }
+
+    /// The spend of rows queued and not written yet.
+    pub fn unwritten(&self) -> Arc<Unwritten> {
+        self.unwritten.clone()
     }
 
     /// Rows waiting in the queue now, and how many it holds at most.
@@ -204,6 +270,7 @@ fn clean(text: &mut String, max_chars: usize, keep_breaks: bool) {
 /// What the writer task works with.
 struct Writer {
     db: Db,
+    unwritten: Arc<Unwritten>,
     batch_size: usize,
     interval: Duration,
     shutdown_timeout: Duration,
@@ -353,7 +420,14 @@ impl Writer {
             return Ok(());
         }
         let started = Instant::now();
+        let spends: Vec<(String, u64, f64)> =
+            batch.iter().map(|r| (r.tenant_id.clone(), spend_of(r).0, spend_of(r).1)).collect();
         let result = self.write_batch(batch, deadline).await;
+        // The rows kept for a retry are always the batch's tail: the ones before it were written or refused.
+        let done = spends.len().saturating_sub(batch.len());
+        for (tenant_id, images, usd) in &spends[..done] {
+            self.unwritten.remove(tenant_id, *images, *usd);
+        }
         if let Some(m) = &self.metrics {
             m.ledger_batch(started.elapsed());
             if matches!(result, Err(WriteError::Transient(_))) {
@@ -525,10 +599,31 @@ fn build_insert_sql(backend: Backend, rows: usize) -> String {
     sql
 }
 
+/// The rows of each INSERT that writes `rows` rows: full statements of [`ROWS_PER_STATEMENT`], then the rest in
+/// falling powers of two (37 = 32 + 4 + 1). Only seven statement texts are ever used, so each connection's
+/// statement cache keeps all of them prepared from batch to batch. With one statement for the rest, a batch the
+/// timer flushed part full (any rate below `batch_size` rows per `flush_interval`) had a row count of its own
+/// and SQLite parsed a new INSERT of up to 1,127 parameters for it: 8 % of the gateway's instructions per
+/// request under callgrind (docs/performance.md).
+fn statement_rows(mut rows: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let take = match rows {
+            0 => return None,
+            n if n >= ROWS_PER_STATEMENT => ROWS_PER_STATEMENT,
+            n => 1 << n.ilog2(),
+        };
+        rows -= take;
+        Some(take)
+    })
+}
+
 /// Write `batch` in one transaction, many rows per statement.
 async fn insert(db: &Db, batch: &[UsageRecord]) -> Result<(), sqlx::Error> {
     let mut tx = db.pool().begin().await?;
-    for rows in batch.chunks(ROWS_PER_STATEMENT) {
+    let mut rest = batch;
+    for count in statement_rows(batch.len()) {
+        let (rows, tail) = rest.split_at(count);
+        rest = tail;
         let mut query = sqlx::query(insert_sql(db.backend(), rows.len()));
         for r in rows {
             query = query
@@ -623,6 +718,18 @@ mod tests {
             assert!(postgres.ends_with(&format!("${})", rows * COLUMNS)), "{postgres}");
             assert_eq!(postgres.matches(", (").count(), rows - 1);
         }
+    }
+
+    #[test]
+    fn a_batch_of_any_size_is_written_with_the_same_few_statement_sizes() {
+        let mut sizes = std::collections::BTreeSet::new();
+        for rows in 0..=1_000 {
+            let counts: Vec<usize> = statement_rows(rows).collect();
+            assert_eq!(counts.iter().sum::<usize>(), rows, "{counts:?}");
+            assert!(counts.len() <= rows / ROWS_PER_STATEMENT + 6, "{rows}: {counts:?}");
+            sizes.extend(counts);
+        }
+        assert_eq!(sizes.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16, 32, ROWS_PER_STATEMENT]);
     }
 
     #[test]

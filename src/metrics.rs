@@ -79,6 +79,8 @@ pub mod names {
     pub const LEDGER_ROWS: &str = "imagegate_ledger_rows_total";
     /// Time to write one batch of usage rows.
     pub const LEDGER_BATCH_DURATION: &str = "imagegate_ledger_batch_duration_seconds";
+    /// Database lookups of tenant keys not in the key cache, by result (`found`, `unknown`, `failed`).
+    pub const KEY_LOOKUPS: &str = "imagegate_key_lookups_total";
     /// The running version (value 1).
     pub const BUILD_INFO: &str = "imagegate_build_info";
 }
@@ -160,6 +162,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -228,6 +235,8 @@ pub struct Snapshot {
     pub ledger_dropped: u64,
     pub ledger_queue_depth: u64,
     pub ledger_queue_capacity: u64,
+    /// `(result, count)`: database lookups of tenant keys, `found`, `unknown`, `failed`.
+    pub key_lookups: Vec<(&'static str, u64)>,
 }
 
 /// Every metric of one gateway.
@@ -262,6 +271,7 @@ pub struct Metrics {
     ledger_queue_capacity: Gauge,
     ledger_rows: Family<OutcomeLabel, Counter>,
     ledger_batch: Histogram,
+    key_lookups: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -316,6 +326,7 @@ impl Metrics {
             ledger_queue_capacity: Gauge::default(),
             ledger_rows: Family::default(),
             ledger_batch: Histogram::new(BATCH_BUCKETS),
+            key_lookups: Family::default(),
         };
         use names as n;
         register(&mut r, n::HTTP_REQUESTS, "Requests answered", m.http_requests.clone());
@@ -368,6 +379,7 @@ impl Metrics {
         );
         register(&mut r, n::LEDGER_ROWS, "Usage rows by outcome", m.ledger_rows.clone());
         register(&mut r, n::LEDGER_BATCH_DURATION, "Time to write one batch of usage rows", m.ledger_batch.clone());
+        register(&mut r, n::KEY_LOOKUPS, "Database lookups of tenant keys not in the key cache", m.key_lookups.clone());
         // A gauge of 1 rather than OpenMetrics' `info` type, which the classic text format does not know.
         let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))]).set(1);
@@ -491,6 +503,9 @@ impl Metrics {
         }
         self.ledger_queue_depth.set(clamp(s.ledger_queue_depth));
         self.ledger_queue_capacity.set(clamp(s.ledger_queue_capacity));
+        for (result, v) in &s.key_lookups {
+            set(&self.key_lookups.get_or_create(&ResultLabel { result }), *v);
+        }
     }
 }
 

@@ -147,16 +147,32 @@ pub struct ImagesService {
 #[derive(Clone)]
 enum Replayed {
     /// The upstream's answer (re-hosted), with the headers of the call that made it.
-    Answer(Answer),
+    Answer(Arc<Kept>),
     /// A failure, with the headers its request earned.
     Failed(Arc<Failure>),
+}
+
+/// A whole answer as the replay window keeps it: the reply itself, its body shared (a `Bytes` handle, not a
+/// copy) and its headers as they are, with the images its usage row counted.
+struct Kept {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    images: Option<u32>,
+}
+
+impl Kept {
+    /// Every caller's reply: the same headers and a handle on the same body.
+    fn reply(&self) -> UpstreamReply {
+        UpstreamReply { status: self.status, headers: self.headers.clone(), body: ReplyBody::Full(self.body.clone()) }
+    }
 }
 
 impl Replayed {
     /// Whether later identical requests get this result instead of a call of their own.
     fn kept(&self) -> replay::Kept {
         match self {
-            Self::Answer(answer) if (200..300).contains(&answer.status) && answer.images.unwrap_or(0) > 0 => {
+            Self::Answer(answer) if answer.status.is_success() && answer.images.unwrap_or(0) > 0 => {
                 replay::Kept::Images
             }
             Self::Answer(_) => replay::Kept::Nothing,
@@ -251,20 +267,29 @@ impl ImagesService {
 
     /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
     #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream, cache))]
+    ///
+    /// `admitted` is the reservation [`Self::admit`] took before the body was read (tenants with a concurrency
+    /// limit): the request and its slot, to which the images and cost are added once they are known.
     pub async fn handle(
         &self,
         ctx: &TenantContext,
         request: ImageRequest,
         meta: RequestMeta,
+        admitted: Option<Permit>,
     ) -> Result<UpstreamReply, Failure> {
         let started = Instant::now();
+        let new_call = |request: &ImageRequest, meta: RequestMeta, model: String| {
+            let mut call = Call::new(ctx, request, meta, started, model);
+            call.permit.clone_from(&admitted);
+            call
+        };
         // 0. Chained edits: inputs that are imagegate's own links become their bytes (the upstream cannot reach
         // them), after their signature, expiry and tenant are checked.
         let request = match self.rehoster.resolve_own_links(&request, &ctx.tenant).await {
             Ok(Some(resolved)) => resolved,
             Ok(None) => request,
             Err(e) => {
-                let call = Call::new(ctx, &request, meta, started, request.model());
+                let call = new_call(&request, meta, request.model());
                 return Err(self.refuse_unreserved(&call, e).await);
             }
         };
@@ -272,7 +297,7 @@ impl ImagesService {
         let validated = match validate::validate_for(&request, &self.policy, Some(&ctx.tenant.name)) {
             Ok(v) => v,
             Err(e) => {
-                let call = Call::new(ctx, &request, meta, started, request.model());
+                let call = new_call(&request, meta, request.model());
                 return Err(self.refuse_unreserved(&call, e).await);
             }
         };
@@ -280,7 +305,7 @@ impl ImagesService {
         span.record("model", validated.model.as_str());
         span.record("n", validated.n);
         span.record("stream", validated.stream);
-        let mut call = Call::new(ctx, &request, meta, started, validated.model.clone());
+        let mut call = new_call(&request, meta, validated.model.clone());
         call.record.requested_model.clone_from(&validated.requested);
         // The model an alias names and file types mended from their bytes are what the upstream sees.
         let request = validate::prepare(request, &validated);
@@ -388,8 +413,15 @@ impl ImagesService {
             match this.fetch(&own, &request).await {
                 Ok((reply, record, facts)) => {
                     let mut reply = this.meter(reply, record, facts.as_ref(), &own);
+                    let images = facts.map(|f| f.images);
                     set_cache_header(&mut reply.headers, Outcome::Bypass);
-                    Replayed::Answer(Answer::from_reply(reply, facts.map(|f| f.images)))
+                    let UpstreamReply { status, headers, body } = reply;
+                    // Streams never come this way (`replayed` takes whole answers only).
+                    let body = match body {
+                        ReplyBody::Full(body) => body,
+                        ReplyBody::Stream(_) => bytes::Bytes::new(),
+                    };
+                    Replayed::Answer(Arc::new(Kept { status, headers, body, images }))
                 }
                 Err(e) => Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass))),
             }
@@ -402,13 +434,17 @@ impl ImagesService {
         let attached = role == replay::Role::Attached;
         if attached {
             tracing::info!(kind = "replay.attached", "an identical request's call answered this one");
+            // The call that answered it paid; what this request reserved when it was admitted goes back.
+            if let Some(permit) = &call.permit {
+                permit.finish(Usage::REFUNDED);
+            }
         }
         match result {
             Replayed::Answer(answer) => {
                 if attached {
-                    book(&self.ledger, None, call.finished(answer.status), Usage::NOTHING);
+                    book(&self.ledger, None, call.finished(answer.status.as_u16()), Usage::NOTHING);
                 }
-                let mut reply = reply_of(answer);
+                let mut reply = answer.reply();
                 if attached {
                     reply.headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
                 }
@@ -560,9 +596,44 @@ impl ImagesService {
         Ok(0.0)
     }
 
+    /// Before the body is read: a tenant with a concurrency limit takes its slot (and its request) now, so no
+    /// more of its bodies are buffered at once than it may have requests running, and one over the limit is
+    /// refused (429) before a byte of its body is read. `None` for tenants without that limit (their request
+    /// is reserved once the body is parsed, as before). A refusal is booked.
+    pub async fn admit(
+        &self,
+        ctx: &TenantContext,
+        endpoint: Endpoint,
+        request_id: &str,
+    ) -> Result<Option<Permit>, ApiError> {
+        let tenant = &ctx.tenant;
+        if self.limiter.effective(&tenant.limits).concurrent_requests.is_none() {
+            return Ok(None);
+        }
+        match self.limiter.acquire(&tenant.id, &tenant.limits, Demand::request_only()).await {
+            Ok(permit) => Ok(Some(permit)),
+            Err(denied) => {
+                let e = denied.into_error(&tenant.name);
+                // Refused by the gateway's limits, like any other limit refusal.
+                let record =
+                    unread_record(ctx, endpoint, request_id).finish_refused(e.status().as_u16(), Instant::now());
+                book(&self.ledger, None, record, Usage::NOTHING);
+                Err(e)
+            }
+        }
+    }
+
     /// Reserve `demand` from the tenant's limits and keep the permit on the call; a refusal is booked and
     /// returned.
     async fn acquire(&self, call: &mut Call, demand: Demand) -> Result<(), ApiError> {
+        // Admitted before its body was read: the request (and slot) is held; add the images and cost.
+        if let Some(permit) = &call.permit {
+            if demand.images == 0 && demand.usd <= 0.0 {
+                return Ok(());
+            }
+            let extended = permit.extend(demand.images, demand.usd).await;
+            return extended.map_err(|denied| self.refused(call, denied.into_error(&call.ctx.tenant.name)));
+        }
         let tenant = &call.ctx.tenant;
         match self.limiter.acquire(&tenant.id, &tenant.limits, demand).await {
             Ok(permit) => {
@@ -593,6 +664,10 @@ impl ImagesService {
     /// headers.
     async fn refuse_unreserved(&self, call: &Call, e: ApiError) -> Failure {
         book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
+        // A request admitted before its body was read gets its request and slot back: refused, it spent nothing.
+        if let Some(permit) = &call.permit {
+            permit.finish(Usage::REFUNDED);
+        }
         self.unreserved(&call.ctx, e).await
     }
 
@@ -639,7 +714,8 @@ impl ImagesService {
         let (reply, facts) = match upstream.send(request, &attribution).await {
             Ok(reply) => {
                 let mut facts = facts_of(&reply);
-                (answer_held_to_n(reply, request.n(), &mut facts), facts)
+                let reply = held_to_request(reply, request, &mut facts);
+                (reply, facts)
             }
             Err(e) => {
                 let mut record = call.record.clone();
@@ -716,9 +792,8 @@ impl ImagesService {
 
     /// Record a request refused before it reached the pipeline (unreadable body): it costs nothing.
     pub fn record_refusal(&self, ctx: &TenantContext, endpoint: Endpoint, request_id: &str, status: u16) {
-        let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
-        record.model = "unknown".to_owned();
-        book(&self.ledger, None, record.finish(status, Instant::now()), Usage::NOTHING);
+        let record = unread_record(ctx, endpoint, request_id).finish(status, Instant::now());
+        book(&self.ledger, None, record, Usage::NOTHING);
     }
 
     /// The reply of an uncached call, with its rate-limit headers; its usage is booked now, or, for a stream,
@@ -759,39 +834,48 @@ impl ImagesService {
     }
 }
 
-/// A reply carrying an answer exactly as its call made it (headers included).
-fn reply_of(answer: Answer) -> UpstreamReply {
-    let mut headers = HeaderMap::new();
-    for (name, value) in &answer.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
-            headers.append(name, value);
-        }
-    }
-    let status = http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::OK);
-    UpstreamReply { status, headers, body: ReplyBody::Full(answer.body) }
+/// The usage row of a request whose body was not read (or could not be): its model is not known.
+fn unread_record(ctx: &TenantContext, endpoint: Endpoint, request_id: &str) -> UsageRecord {
+    let mut record = UsageRecord::start(ctx, &ImageRequest::empty(endpoint), request_id, endpoint.default_model());
+    record.model = "unknown".to_owned();
+    record
 }
 
 fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
     headers.insert(crate::wire::headers::X_IMAGEGATE_CACHE, HeaderValue::from_static(outcome.as_str()));
 }
 
-/// A successful whole answer with more images than asked for keeps the first `n` (`images::answer`): the
-/// caller asked for and is charged `n`, and no extra image is downloaded, stored or cached.
-/// `facts` are the answer's and are read again when it is cut.
-fn answer_held_to_n(reply: UpstreamReply, n: u32, facts: &mut Option<AnswerFacts>) -> UpstreamReply {
-    // An answer the facts could not read is still held to `n` if it has `data[]` (`hold_to_n` reads it).
-    if facts.as_ref().is_some_and(|f| f.images <= n.max(1)) {
+/// A successful answer held to what `request` asked for (`images::answer`): a whole answer with more images
+/// than asked for keeps the first `n`; a stream is capped in size and ends after its `n`th completed image.
+/// The caller asked for and is charged `n`, and no extra image is downloaded, stored, cached or forwarded.
+/// `facts` are the whole answer's (read once, [`facts_of`]) and are read again when it is cut.
+fn held_to_request(reply: UpstreamReply, request: &ImageRequest, facts: &mut Option<AnswerFacts>) -> UpstreamReply {
+    let n = request.n();
+    if !reply.status.is_success() {
         return reply;
     }
-    let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body) else { return reply };
-    match answer::hold_to_n(body, n) {
-        Some((held, items)) => {
-            tracing::warn!(kind = "upstream.too_many_images", asked = n, answered = items, "kept the first n images");
-            *facts = AnswerFacts::read(&held);
-            UpstreamReply { body: ReplyBody::Full(held), ..reply }
+    let body = match reply.body {
+        ReplyBody::Stream(stream) => {
+            ReplyBody::Stream(metering::held_to_request(stream, answer::max_stream_bytes(request), n))
         }
-        None => reply,
-    }
+        // The facts counted no more than `n` images: nothing to cut, and no second read. (An answer the facts
+        // could not read is still held to `n` if it has `data[]`: `hold_to_n` reads it.)
+        ReplyBody::Full(body) if facts.as_ref().is_some_and(|f| f.images <= n.max(1)) => ReplyBody::Full(body),
+        ReplyBody::Full(body) => match answer::hold_to_n(&body, n) {
+            Some((held, items)) => {
+                tracing::warn!(
+                    kind = "upstream.too_many_images",
+                    asked = n,
+                    answered = items,
+                    "kept the first n images"
+                );
+                *facts = AnswerFacts::read(&held);
+                ReplyBody::Full(held)
+            }
+            None => ReplyBody::Full(body),
+        },
+    };
+    UpstreamReply { body, ..reply }
 }
 
 /// What a successful whole answer holds, read once ([`AnswerFacts`]); `None` for errors and streams.

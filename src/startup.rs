@@ -84,9 +84,9 @@ impl Application {
         let metrics = Arc::new(Metrics::new(catalog.ids()));
         let upstreams =
             Arc::new(Upstreams::from_settings_observed(&settings, &public_url, &mock_links, Some(&metrics))?);
-        let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl));
+        let tenants = Arc::new(TenantStore::new(repo, settings.auth.key_cache_ttl, settings.auth.max_key_lookups));
         let (ledger, writer) = Ledger::start_observed(db.clone(), &settings.usage, Some(metrics.clone()));
-        let limiter = limiter(&settings, &db).await?;
+        let limiter = limiter(&settings, &db, &ledger).await?;
         tracing::debug!(backend = limiter.backend_name(), "rate limits ready");
         let (rehoster, store) = rehoster(&settings, &db, &public_url, signer, &metrics)?;
         let prices = Arc::new(settings.pricing.clone().with_catalog(&catalog));
@@ -316,13 +316,14 @@ fn response_cache(settings: &Settings) -> anyhow::Result<ResponseCache> {
 
 /// The rate-limit backend the settings ask for. Redis is connected in the background: unreachable at startup,
 /// each request meets `on_backend_error` until it answers (the start waits for it at most `redis_timeout`).
-async fn limiter(settings: &Settings, db: &Db) -> anyhow::Result<Limiter> {
+async fn limiter(settings: &Settings, db: &Db, ledger: &Ledger) -> anyhow::Result<Limiter> {
     let l = &settings.limits;
     let backend: Arc<dyn Backend> = match (l.backend, &l.redis_url) {
         (LimitsBackend::Redis, Some(url)) => {
             let lease = l.lease_or(settings.server.request_timeout);
             let redis = RedisBackend::start(url.expose(), &l.redis_prefix, l.redis_timeout, lease, db.clone())
-                .map_err(|e| anyhow::anyhow!("cannot use Redis for rate limits: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("cannot use Redis for rate limits: {e}"))?
+                .counting_unwritten(ledger.unwritten());
             redis.wait_connected(l.redis_timeout).await;
             Arc::new(redis)
         }

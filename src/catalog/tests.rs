@@ -129,6 +129,10 @@ fn a_brand_new_model_is_declared_from_scratch() {
     let m = catalog.get("acme-image-7").unwrap();
     assert_eq!((m.n_max, m.prompt_max), (4, 2000));
     assert!(!m.enforces("params.quality") && m.enforces("sizes"));
+    let long = "x".repeat(80);
+    for name in ["quality", "style", "background", long.as_str()] {
+        assert_eq!(m.enforces_param(name), m.enforces(&format!("params.{name}")), "{name}");
+    }
     assert_eq!(m.defaults.get("quality"), Some(&json!("draft")));
     assert!(catalog.knows_param("quality") && !catalog.knows_param("frame_count"));
 }

@@ -65,6 +65,9 @@ impl Settings {
         if self.database.max_connections == 0 {
             faults.push("database.max_connections must be at least 1".to_owned());
         }
+        if self.auth.max_key_lookups == 0 {
+            faults.push("auth.max_key_lookups must be at least 1".to_owned());
+        }
         if let Some(url) = &self.database.url
             && !["sqlite:", "postgres:", "postgresql:"].iter().any(|p| url.expose().starts_with(p))
         {

@@ -280,7 +280,7 @@ fn per_model(reader: &Reader<'_>, m: &Model, policy: &ValidationPolicy) -> Resul
             response_format_of_base64_model(reader, policy.rehost)?;
             continue;
         }
-        if !m.enforces(&format!("params.{name}")) {
+        if !m.enforces_param(name) {
             continue;
         }
         match m.param(name) {

@@ -34,6 +34,7 @@ use super::{Backend, BackendError, Demand, Grant, Held, Reason, Refusal, Usage};
 use crate::db::Db;
 use crate::domain::Limits;
 use crate::domain::{BucketReport, Report};
+use crate::ledger::Unwritten;
 use crate::time::windows;
 
 const DAY_MS: u64 = 86_400_000;
@@ -81,6 +82,8 @@ struct Inner {
     timeout: Duration,
     lease: Duration,
     db: Db,
+    /// This process's usage rows not written to `db` yet, added to what a seed reads from it.
+    unwritten: OnceLock<Arc<Unwritten>>,
 }
 
 struct Scripts {
@@ -224,9 +227,18 @@ impl RedisBackend {
             timeout,
             lease: lease.max(Duration::from_secs(1)),
             db,
+            unwritten: OnceLock::new(),
         });
         let connector = tokio::spawn(connect_until_connected(Arc::downgrade(&inner), client)).abort_handle();
         Ok(Self { inner, connector })
+    }
+
+    /// Seed budget counters from the ledger *plus* this process's rows still queued for it (`ledger`'s
+    /// writer is asynchronous: without them a counter seeded right after a burst of spending would miss it).
+    #[must_use]
+    pub fn counting_unwritten(self, unwritten: Arc<Unwritten>) -> Self {
+        let _ = self.inner.unwritten.set(unwritten);
+        self
     }
 
     /// Wait up to `within` for the first connection; whether there is one.
@@ -433,7 +445,11 @@ impl Inner {
             if !((images_budget && demand.images > 0) || (usd_budget && demand.usd > 0.0)) {
                 continue;
             }
+            // What this process queued but has not written yet, read *before* the ledger: a row written in
+            // between is then counted twice (an over-count, refusing a little early), never not at all.
+            let (queued_images, queued_usd) = self.unwritten.get().map_or((0, 0.0), |u| u.spent(tenant_id));
             let (images, usd) = self.spent_since(tenant_id, start).await?;
+            let (images, usd) = (images + queued_images, usd + queued_usd);
             // Counters outlive their window by a day (late settlements still land in the right key).
             let ttl = (end + DAY_MS).saturating_sub(now).max(1);
             if images_budget {

@@ -1,5 +1,7 @@
 //! Streams metered as they pass: each `*.completed` event of an SSE answer counts one image and carries its
-//! token usage; the record is finished when the stream ends or the caller goes away.
+//! token usage; the record is finished when the stream ends or the caller goes away. Before that, a stream is
+//! held to what its request may carry ([`held_to_request`]): a size derived from `n`, `partial_images` and the
+//! model, and nothing after its `n`th completed image.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -71,6 +73,74 @@ impl MeteredStream {
 }
 
 /// Count a `*.completed` event's image and its token usage.
+/// Hold an upstream event stream to what its request may carry: at most `max_bytes` in all (at the chunk that
+/// would pass it, an error event ends the stream and the upstream connection is dropped), and nothing after
+/// its `max_images`th completed image (the stream ends with that event). What is cut is never forwarded, so
+/// never metered: a tenant is charged for at most the `n` images it asked for.
+pub fn held_to_request(inner: BoxStream<'static, Bytes>, max_bytes: u64, max_images: u32) -> BoxStream<'static, Bytes> {
+    struct Held {
+        inner: BoxStream<'static, Bytes>,
+        events: SseEvents,
+        sent: u64,
+        completed: u32,
+    }
+    let start = Held { inner, events: SseEvents::default(), sent: 0, completed: 0 };
+    let max_images = max_images.max(1);
+    let held = futures::stream::unfold(Some(start), move |state| async move {
+        let mut held = state?;
+        let chunk = futures::StreamExt::next(&mut held.inner).await?;
+        let len = u64::try_from(chunk.len()).unwrap_or(u64::MAX);
+        if held.sent.saturating_add(len) > max_bytes {
+            tracing::warn!(
+                kind = "upstream.stream_too_large",
+                limit = max_bytes,
+                "cut a stream larger than its request may be"
+            );
+            let event = crate::upstream::sse_error_event(
+                "The upstream's answer was larger than this request allows; the rest of it was not forwarded.",
+                "server_error",
+                Some("upstream_bad_answer"),
+            );
+            // Leading line breaks end any half-sent event before the error.
+            let mut out = Vec::with_capacity(event.len() + 2);
+            out.extend_from_slice(b"\n\n");
+            out.extend_from_slice(&event);
+            return Some((Bytes::from(out), None));
+        }
+        held.sent += len;
+        let mut completed = held.completed;
+        let stop = held.events.feed_until(&chunk, &mut |event| {
+            if completes_an_image(&event) {
+                completed += 1;
+            }
+            completed < max_images
+        });
+        held.completed = completed;
+        match stop {
+            Some(end) => {
+                if end < chunk.len() {
+                    tracing::warn!(
+                        kind = "upstream.too_many_images",
+                        asked = max_images,
+                        "ended a stream after its nth completed image"
+                    );
+                }
+                Some((chunk.slice(..end), None))
+            }
+            None => Some((chunk, Some(held))),
+        }
+    });
+    Box::pin(held)
+}
+
+/// Whether an event is a `*.completed` image event (one too large to read whole: whether it says so).
+fn completes_an_image(event: &Event<'_>) -> bool {
+    if !event.whole {
+        return find(event.data, b".completed\"").is_some();
+    }
+    serde_json::from_slice::<CompletedEvent>(event.data).is_ok_and(|e| e.kind.ends_with(".completed"))
+}
+
 fn meter_event(record: &mut UsageRecord, prices: &Prices, event: Event<'_>) {
     if !event.whole {
         // Too large to read whole (never an image: base64 is skimmed). Count the image it announces, if any.
@@ -144,18 +214,31 @@ const MAX_FIELD_NAME: usize = 8;
 impl SseEvents {
     /// Feed one chunk; `on_event` gets every event completed by it.
     fn feed(&mut self, chunk: &[u8], on_event: &mut impl FnMut(Event<'_>)) {
+        self.feed_until(chunk, &mut |event| {
+            on_event(event);
+            true
+        });
+    }
+
+    /// [`Self::feed`], stopping after the event for which `on_event` returns false: `Some(bytes of the chunk up
+    /// to the end of that event)`, or `None` when the whole chunk was fed.
+    fn feed_until(&mut self, chunk: &[u8], on_event: &mut impl FnMut(Event<'_>) -> bool) -> Option<usize> {
         let mut rest = chunk;
         if std::mem::take(&mut self.after_cr) && rest.first() == Some(&b'\n') {
             rest = &rest[1..];
         }
         while let Some(i) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
             self.push(&rest[..i]);
-            self.end_line(on_event);
+            let go_on = self.end_line(on_event);
             let crlf = rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n');
             self.after_cr = rest[i] == b'\r' && i + 1 == rest.len();
             rest = &rest[i + 1 + usize::from(crlf)..];
+            if !go_on {
+                return Some(chunk.len() - rest.len());
+            }
         }
         self.push(rest);
+        None
     }
 
     /// Bytes of the current line (no line break among them).
@@ -214,13 +297,15 @@ impl SseEvents {
         }
     }
 
-    fn end_line(&mut self, on_event: &mut impl FnMut(Event<'_>)) {
+    /// End the current line; false when it ended an event for which `on_event` returned false.
+    fn end_line(&mut self, on_event: &mut impl FnMut(Event<'_>) -> bool) -> bool {
+        let mut go_on = true;
         match self.line {
             // "data" alone on its line is a data line with an empty value.
             Line::Name if self.field == b"data" => self.start_data_line(),
             Line::Name if self.field.is_empty() => {
                 if self.has_data {
-                    on_event(Event { data: &self.data, whole: !self.overflow });
+                    go_on = on_event(Event { data: &self.data, whole: !self.overflow });
                 }
                 self.data.clear();
                 self.has_data = false;
@@ -231,6 +316,7 @@ impl SseEvents {
         }
         self.field.clear();
         self.line = Line::Name;
+        go_on
     }
 }
 

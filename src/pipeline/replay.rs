@@ -30,9 +30,15 @@ pub type ReplayKey = [u8; 32];
 
 /// The body as it identifies a request: JSON as sent; a multipart form by its parts (an SDK's retry encodes
 /// the same form with a new boundary).
-pub fn fingerprint(request: &crate::images::request::ImageRequest) -> Vec<u8> {
+pub fn fingerprint(request: &crate::images::request::ImageRequest) -> std::borrow::Cow<'_, [u8]> {
     use sha2::{Digest, Sha256};
-    let Some(form) = request.form() else { return request.outgoing(None).to_bytes().to_vec() };
+    let Some(form) = request.form() else {
+        return match &request.body {
+            // The caller's bytes while nothing changed them, without a copy; else the body as written.
+            crate::images::request::RequestBody::Json { raw: Some(raw), .. } => std::borrow::Cow::Borrowed(&raw[..]),
+            _ => std::borrow::Cow::Owned(request.outgoing(None).to_bytes().to_vec()),
+        };
+    };
     let mut hasher = Sha256::new();
     for part in &form.parts {
         for field in [
@@ -45,7 +51,7 @@ pub fn fingerprint(request: &crate::images::request::ImageRequest) -> Vec<u8> {
             hasher.update(field);
         }
     }
-    hasher.finalize().to_vec()
+    std::borrow::Cow::Owned(hasher.finalize().to_vec())
 }
 
 /// The [`ReplayKey`] of a request: each part length-prefixed, so no two different requests hash alike by

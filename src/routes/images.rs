@@ -12,6 +12,7 @@ use crate::domain::TenantContext;
 use crate::error::Failure;
 use crate::extract;
 use crate::images::request::Endpoint;
+use crate::limits::Usage;
 use crate::pipeline::RequestMeta;
 use crate::server::layers::RequestId;
 use crate::state::AppState;
@@ -51,9 +52,20 @@ async fn handle(
     request: Request,
 ) -> Result<Response, Failure> {
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    // A tenant with a concurrency limit takes its slot before its body is read; none free: 429, body unread.
+    let admitted = match state.images.admit(&ctx, endpoint, &request_id).await {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            let (parts, body) = request.into_parts();
+            return Err(extract::refuse_unread(e, body, &parts.headers));
+        }
+    };
     let extracted = match Box::pin(extract::image_request(&state, &ctx.tenant, endpoint, request)).await {
         Ok(extracted) => extracted,
         Err(e) => {
+            if let Some(permit) = &admitted {
+                permit.finish(Usage::REFUNDED);
+            }
             state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
             return Err(state.images.unreserved(&ctx, e).await);
         }
@@ -68,7 +80,7 @@ async fn handle(
     let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
     // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
     // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
-    let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta)).await {
+    let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta, admitted)).await {
         Ok(reply) => into_response(reply),
         Err(failure) => failure.into_response(),
     };

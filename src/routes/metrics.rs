@@ -34,6 +34,7 @@ async fn snapshot(state: &AppState) -> Snapshot {
     let limits = state.images.limiter().stats();
     let ledger = state.ledger.stats();
     let (queue_depth, queue_capacity) = state.ledger.queue();
+    let keys = state.tenants.lookup_stats();
     let mut limit_refusals: Vec<(&'static str, u64)> = limits.refusals.into_iter().collect();
     limit_refusals.push(("fail_closed", limits.refused_by_fail_closed));
     Snapshot {
@@ -58,5 +59,6 @@ async fn snapshot(state: &AppState) -> Snapshot {
         ledger_dropped: ledger.dropped,
         ledger_queue_depth: queue_depth,
         ledger_queue_capacity: queue_capacity,
+        key_lookups: vec![("found", keys.found), ("unknown", keys.unknown), ("failed", keys.failed)],
     }
 }

@@ -61,14 +61,26 @@ fn clean(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(MAX_CLIENT_CHARS).collect()
 }
 
+/// What the access-log line takes from the request before it runs.
+struct Line {
+    request_id: String,
+    path: String,
+    client: Client,
+}
+
 /// Middleware: count and log the request once its response is ready.
 pub async fn access(State(access): State<Access>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
-    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = request.method().clone();
-    let path = request.uri().path().chars().take(256).collect::<String>();
-    let client = Client::from_headers(request.headers());
+    // What only the line needs is gathered only when the line will be written (`log.access` on and
+    // `imagegate::access` at INFO enabled): with `log.level = "warn"` a request skips the copies.
+    let line = (access.log && tracing::enabled!(target: "imagegate::access", tracing::Level::INFO)).then(|| Line {
+        request_id: request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default(),
+        path: request.uri().path().chars().take(256).collect::<String>(),
+        client: Client::from_headers(request.headers()),
+    });
     let _in_flight = access.metrics.in_flight();
     let slot = Slot::default();
     let response = facts::scope(slot.clone(), next.run(request)).await;
@@ -76,14 +88,14 @@ pub async fn access(State(access): State<Access>, request: Request, next: Next) 
     let f = facts::read(&slot);
     let status = response.status().as_u16();
     access.metrics.request_done(RequestSample {
-        route: &route,
+        route,
         method: method.as_str(),
         status,
         tenant: f.tenant.as_deref().unwrap_or_default(),
         model: f.model.as_deref().unwrap_or_default(),
         elapsed,
     });
-    if access.log {
+    if let Some(Line { request_id, path, client }) = line {
         let error = response.extensions().get::<LoggedError>();
         let cache = response.headers().get(headers::X_IMAGEGATE_CACHE).and_then(|v| v.to_str().ok());
         tracing::info!(

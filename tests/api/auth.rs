@@ -256,3 +256,118 @@ async fn replicas_starting_together_apply_the_same_new_tenants_on_sqlite() {
 async fn replicas_starting_together_apply_the_same_new_tenants_on_postgres() {
     replicas_starting_together_apply_the_same_new_tenants(TestDb::Postgres).await;
 }
+
+// ------------------------------------------------------------------------------------ floods of made-up keys
+
+async fn key_lookups(app: &TestApp, result: &str) -> f64 {
+    let (_, scrape) = crate::metrics::scrape(app).await;
+    crate::metrics::value(&scrape, "imagegate_key_lookups_total", &[("result", result)]).unwrap_or(0.0)
+}
+
+/// A made-up key in imagegate's format (a well-formed id that no key has).
+fn made_up_key() -> String {
+    keys::generate().key
+}
+
+/// A flood of made-up key ids (each new, so no cache can answer it) takes at most `auth.max_key_lookups`
+/// database connections: while the keys table is locked and the flood's lookups hang, the rest of the pool
+/// still serves real callers (here the admin API, which needs the database), and a cached key keeps working.
+/// Before the bound, the flood held every pooled connection and even the cached key's request failed (checked
+/// by lifting the bound). Each made-up id costs one lookup, repeated and concurrent ones none more.
+#[tokio::test]
+async fn a_flood_of_made_up_keys_leaves_the_database_to_real_callers() {
+    const FLOOD: usize = 40;
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_on(TestDb::Postgres, &fake.url, |s| {
+        s.database.max_connections = 6;
+        s.auth.max_key_lookups = 2;
+        s.auth.key_cache_ttl = std::time::Duration::from_secs(300);
+    })
+    .await;
+    assert_eq!(status_of(&app, &app.key).await, 200, "the real key is cached from now on");
+
+    // Hold the keys table so every key lookup hangs until the lock is released.
+    let pool = app.pool().await;
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.unwrap();
+
+    let flood: Vec<String> = (0..FLOOD).map(|_| made_up_key()).collect();
+    let tasks: Vec<_> = flood
+        .iter()
+        .map(|key| {
+            let (client, url, key) = (app.client.clone(), format!("{}/images/generations", app.base_url), key.clone());
+            tokio::spawn(async move {
+                client.post(url).bearer_auth(key).json(&json!({"prompt": "x"})).send().await.unwrap().status()
+            })
+        })
+        .collect();
+    // Every flood request is in flight (the scrape itself is one more).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, scrape) = crate::metrics::scrape(&app).await;
+        let in_flight = crate::metrics::value(&scrape, "imagegate_http_requests_in_flight", &[]).unwrap_or(0.0);
+        if in_flight > FLOOD as f64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the flood never arrived ({in_flight} in flight)");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Real callers during the flood: a cached key, and the admin API reading the database.
+    assert_eq!(status_of(&app, &app.key).await, 200, "a cached key never waits for the flood");
+    let res = app.client.get(format!("{}/admin/v1/tenants", app.root)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(res.status(), 200, "the flood left database connections to everyone else");
+
+    locker.rollback().await.unwrap();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 401);
+    }
+    assert_eq!(key_lookups(&app, "unknown").await, FLOOD as f64, "one lookup per made-up id");
+
+    // The same ids again, and one new id sent 20 times at once: one more lookup in all.
+    let again = flood.iter().cloned().chain(std::iter::repeat_n(made_up_key(), 20));
+    let statuses = futures::future::join_all(again.map(|key| {
+        let app = &app;
+        async move { status_of(app, &key).await }
+    }))
+    .await;
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(key_lookups(&app, "unknown").await, FLOOD as f64 + 1.0, "ids just found unknown are remembered");
+    assert_eq!(fake.call_count(), 2, "only the real key's requests reached the upstream");
+}
+
+/// An id found unknown is not remembered past a key created on this replica: a key that the CLI (or another
+/// replica) inserted after its id was looked up works as soon as a key is created here, and one created here
+/// works at once.
+#[tokio::test]
+async fn a_key_created_after_its_id_was_found_unknown_works() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| s.auth.key_cache_ttl = std::time::Duration::from_secs(300)).await;
+    let (entry, key) = config_key(None);
+    assert_eq!(status_of(&app, &key).await, 401, "not created yet");
+
+    // Inserted behind this replica's back, as `imagegate keys new` would.
+    let database = imagegate::config::DatabaseSettings {
+        url: Some(imagegate::config::Secret::new(app.database_url.clone())),
+        ..Default::default()
+    };
+    let db = imagegate::db::Db::connect(&database, app.data_dir.path()).await.unwrap();
+    let repo = TenantRepo::new(db.clone());
+    let tenant = repo.get_tenant("team-a").await.unwrap();
+    repo.ensure_config_key(&tenant, &entry.id, &entry.sha256, None).await.unwrap();
+    db.close().await;
+
+    // A key created on this replica drops every id it remembered as unknown.
+    let res = app
+        .client
+        .post(format!("{}/admin/v1/tenants/team-a/keys", app.root))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let issued = res.json::<serde_json::Value>().await.unwrap()["key"].as_str().unwrap().to_owned();
+    assert_eq!(status_of(&app, &issued).await, 200);
+    assert_eq!(status_of(&app, &key).await, 200, "no stale negative entry");
+}

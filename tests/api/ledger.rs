@@ -393,7 +393,7 @@ async fn a_nul_byte_in_a_request_field_loses_no_row_on_postgres() {
 }
 
 /// A record as the pipeline would queue it.
-fn record(request_id: &str) -> UsageRecord {
+pub(crate) fn record(request_id: &str) -> UsageRecord {
     UsageRecord {
         request_id: request_id.to_owned(),
         created_at: imagegate::time::now_ms(),

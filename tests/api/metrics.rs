@@ -21,7 +21,7 @@ async fn scrape_at(app: &TestApp, root: &str, token: Option<&str>) -> (u16, Stri
     (res.status().as_u16(), res.text().await.unwrap())
 }
 
-async fn scrape(app: &TestApp) -> (String, Scrape) {
+pub(crate) async fn scrape(app: &TestApp) -> (String, Scrape) {
     let (status, text) = scrape_at(app, &app.root, None).await;
     assert_eq!(status, 200, "{text}");
     let parsed = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
@@ -29,7 +29,7 @@ async fn scrape(app: &TestApp) -> (String, Scrape) {
 }
 
 /// The value of the one sample of `name` with these labels (counters, gauges, `_count`/`_sum` lines).
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let found: Vec<f64> = s
         .samples
         .iter()
@@ -241,6 +241,7 @@ fn documented() -> Vec<&'static str> {
         names::LEDGER_QUEUE_CAPACITY,
         names::LEDGER_ROWS,
         names::LEDGER_BATCH_DURATION,
+        names::KEY_LOOKUPS,
         names::BUILD_INFO,
     ]
 }

@@ -138,3 +138,39 @@ async fn a_reservation_whose_answer_was_lost_leaves_no_slot_behind() {
     assert!(grant.is_ok(), "the lost reservation holds nothing: {grant:?}");
     delete_keys(&prefix);
 }
+
+/// A budget counter seeded while this process still has usage rows queued for the ledger (its writer is
+/// asynchronous) counts them: here 4 images spent and not written yet leave 1 of a budget of 5. Before, the
+/// seed read only the ledger, found nothing, and granted 5 more: a tenant over its budget after every Redis
+/// restart or eviction that came soon after spending. Once written, the rows are counted once, not twice.
+#[tokio::test]
+async fn a_budget_seeded_while_usage_rows_are_still_queued_counts_them() {
+    use imagegate::config::UsageSettings;
+    use imagegate::ledger::Ledger;
+    let (db, _dir) = ledger().await;
+    // A writer that holds its rows (a long flush interval, a large batch): they are queued, not written.
+    let settings = UsageSettings { flush_interval: Duration::from_secs(3600), batch_size: 1000, ..Default::default() };
+    let (usage, writer) = Ledger::start(db.clone(), &settings);
+    let mut spent = crate::ledger::record(&new_id());
+    spent.tenant_id = "t1".into();
+    spent.images_returned = Some(4);
+    usage.record(spent);
+
+    let prefix = prefix();
+    let backend = connected(REDIS, &prefix, TIMEOUT, LEASE, db.clone()).await.counting_unwritten(usage.unwritten());
+    let limits = Limits { images_per_day: Some(5), ..Limits::default() };
+    let over = backend.reserve("t1", &limits, Demand::whole(2, 0.0), &new_id()).await.unwrap();
+    assert!(over.is_err(), "4 queued + 2 is over 5: {over:?}");
+    let id = new_id();
+    assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), &id).await.unwrap().is_ok(), "4 + 1 = 5");
+    let backend = Arc::new(backend);
+    backend.clone().finish(held(&id, &limits, Demand::whole(1, 0.0), false), Usage::NOTHING).await.unwrap();
+
+    // The rows are written (the writer drains when closed), then Redis forgets: the reseed counts them once.
+    writer.close().await;
+    assert_eq!(usage.unwritten().spent("t1"), (0, 0.0));
+    delete_keys(&prefix);
+    assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), &new_id()).await.unwrap().is_ok(), "4 + 1");
+    assert!(backend.reserve("t1", &limits, Demand::whole(1, 0.0), &new_id()).await.unwrap().is_err(), "4 + 1 + 1");
+    delete_keys(&prefix);
+}

@@ -183,3 +183,52 @@ async fn streams_carry_base64_even_when_links_are_the_default_but_an_explicit_ur
         "nothing stored"
     );
 }
+
+/// A stream larger than its request may carry (`n` × (1 + `partial_images`) images of the model's largest size)
+/// is cut where it passes that size with an error event, and the rest is never pulled from the upstream.
+/// Before, a stream was relayed whatever its size: here 200 MiB of partial images for `n=1`.
+#[tokio::test]
+async fn a_stream_larger_than_its_request_allows_is_cut_with_an_error_event() {
+    const MIB: u64 = 200;
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let body = json!({"model": "gpt-image-1", "prompt": format!("x #huge={MIB}"), "stream": true});
+    let res = app.post_json("/images/generations", &body).await;
+    assert_eq!(res.status(), 200);
+
+    // Read what the caller gets, giving up past 64 MiB (the old gateway relayed all 200).
+    let mut stream = res.bytes_stream();
+    let (mut received, mut text_tail) = (0usize, Vec::new());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        received += chunk.len();
+        assert!(received < 64 << 20, "the stream was relayed past 64 MiB");
+        text_tail.extend_from_slice(&chunk);
+        let keep = text_tail.len().saturating_sub(4096);
+        text_tail.drain(..keep);
+    }
+    let tail = String::from_utf8_lossy(&text_tail);
+    assert!(tail.contains("event: error") && tail.contains("larger than this request allows"), "{tail}");
+    eprintln!("the caller received {} MiB; the upstream sent {} MiB", received >> 20, fake.huge_bytes_sent() >> 20);
+    assert!(fake.huge_bytes_sent() < 32 << 20, "{} bytes pulled from the upstream", fake.huge_bytes_sent());
+    // No image completed: nothing is charged.
+    let rows = app.usage_rows(1).await;
+    assert_eq!(rows[0]["images_returned"].as_u64().unwrap_or(0), 0, "{rows:?}");
+}
+
+/// A stream with more completed images than `n` ends after the `n`th: the caller gets (and is charged for)
+/// the images it asked for. Before, all five were relayed and the ledger counted five images for `n=1`.
+#[tokio::test]
+async fn a_stream_with_more_completed_images_than_n_ends_after_the_nth() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let body = json!({"model": "gpt-image-1", "prompt": "x #items=5", "stream": true, "partial_images": 1});
+    let res = app.post_json("/images/generations", &body).await;
+    assert_eq!(res.status(), 200);
+    let events = events(res).await;
+    let names: Vec<&str> = events.iter().map(|(_, _, name)| name.as_str()).collect();
+    assert_eq!(names, ["image_generation.partial_image", "image_generation.completed"]);
+    let rows = app.usage_rows(1).await;
+    assert_eq!(rows[0]["images_returned"], 1, "{rows:?}");
+    assert_eq!(fake.call_count(), 1);
+}

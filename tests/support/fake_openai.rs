@@ -28,7 +28,8 @@
 //! - `#body_delay=MS`: the status and headers go out at once, the body MS later;
 //! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space;
 //! - `#redirect=URL`: answer `307 Temporary Redirect` to URL (a leading `/` is relative to the fake);
-//! - `#huge=MIB` / `#huge_declared=MIB`: a 200 JSON answer of MIB mebibytes, streamed without a length or with
+//! - `#huge=MIB` / `#huge_declared=MIB`: a 200 JSON answer of MIB mebibytes (for `stream=true`: MIB partial-image
+//!   events of 1 MiB each and no completed one), streamed without a length or with
 //!   its `content-length` declared; the bytes the gateway pulled are in [`FakeOpenAi::huge_bytes_sent`];
 //! - `#items=N`: answer exactly N images, whatever `n` asked (a broken upstream);
 //! - `#sse_error_first`: streams send `event: error` before any image event, then end;
@@ -770,6 +771,29 @@ fn huge_answer(inner: &Inner, mib: u64, declared: bool) -> Response {
     response
 }
 
+/// A 200 event stream of `mib` partial-image events of 1 MiB each (never a completed one), each chunk counted
+/// in `huge_bytes` as it is pulled.
+fn huge_stream(inner: &Inner, mib: u64) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let counter = inner.huge_bytes.clone();
+    let event = |i: u64| {
+        let head = format!(
+            "event: image_generation.partial_image\ndata: {{\"type\":\"image_generation.partial_image\",\
+             \"partial_image_index\":{i},\"b64_json\":\""
+        );
+        std::iter::once(Bytes::from(head))
+            .chain((0..16).map(|_| Bytes::from(vec![b'A'; CHUNK])))
+            .chain(std::iter::once(Bytes::from_static(b"\"}\n\n")))
+    };
+    let stream = futures::stream::iter((0..mib).flat_map(event)).map(move |chunk| {
+        counter.fetch_add(chunk.len(), Ordering::SeqCst);
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response
+}
+
 /// The URL after `#image_url=` (up to whitespace): DALL·E answers point there instead of at a stored file.
 fn image_url_trigger(prompt: &str) -> Option<String> {
     let at = prompt.find("#image_url=")?;
@@ -854,6 +878,9 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
         return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, header_value(&to))]).into_response();
     }
     if let Some((mib, declared)) = triggers.huge {
+        if params.flag("stream") {
+            return huge_stream(inner, mib);
+        }
         return huge_answer(inner, mib, declared);
     }
     if triggers.reset_body {
