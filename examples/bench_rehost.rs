@@ -629,6 +629,7 @@ async fn breakdown(fake: &Arc<Fake>, iterations: usize) -> Vec<(&'static str, Ve
                 model: "gpt-image-1",
                 request_id: "req",
                 bytes: fresh,
+                sha256: None,
                 retention: Duration::from_secs(86_400),
             })
             .await

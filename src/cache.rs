@@ -373,25 +373,30 @@ mod tests {
 
     #[test]
     fn only_answers_with_imagegates_own_links_or_base64_are_storable_and_never_past_the_links_margin() {
+        let links = |answer: &Answer| crate::wire::AnswerFacts::read(&answer.body).and_then(|f| f.links);
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let own = |link: &str| link.strip_prefix("https://gw/images/files/a.png?expires=").and_then(|e| e.parse().ok());
         let lookup = Lookup { ttl: Duration::from_secs(3600), link_margin: Duration::from_secs(10), ..lookup(1) };
         let b64 = json_answer(serde_json::json!({"data": [{"b64_json": "aGk="}]}));
-        assert_eq!(storable_for(&b64, &lookup, now, own), Ok(Duration::from_secs(3600)), "base64 never expires");
+        assert_eq!(
+            storable_for(&b64, links(&b64).as_deref(), &lookup, now, own),
+            Ok(Duration::from_secs(3600)),
+            "base64 never expires"
+        );
         // A link living 20 s more: stored for 20 − 10 s, so a hit's link has at least 10 s left.
         let ours = json_answer(serde_json::json!({"data": [{"url": "https://gw/images/files/a.png?expires=1000020"}]}));
-        assert_eq!(storable_for(&ours, &lookup, now, own), Ok(Duration::from_secs(10)));
+        assert_eq!(storable_for(&ours, links(&ours).as_deref(), &lookup, now, own), Ok(Duration::from_secs(10)));
         let short =
             json_answer(serde_json::json!({"data": [{"url": "https://gw/images/files/a.png?expires=1000009"}]}));
-        assert_eq!(storable_for(&short, &lookup, now, own), Err(NotStored::ShortLivedLinks));
+        assert_eq!(storable_for(&short, links(&short).as_deref(), &lookup, now, own), Err(NotStored::ShortLivedLinks));
         let mixed = json_answer(serde_json::json!({"data": [
             {"url": "https://gw/images/files/a.png?expires=1000020"},
             {"url": "https://oaidalleapiprodscus.blob.core.windows.net/x.png?se=2026"},
         ]}));
-        assert_eq!(storable_for(&mixed, &lookup, now, own), Err(NotStored::ForeignLink));
+        assert_eq!(storable_for(&mixed, links(&mixed).as_deref(), &lookup, now, own), Err(NotStored::ForeignLink));
         let error = Answer { status: 500, ..b64.clone() };
-        assert_eq!(storable_for(&error, &lookup, now, own), Err(NotStored::Status));
-        assert_eq!(storable_for(&answer(3), &lookup, now, own), Err(NotStored::NotJson));
+        assert_eq!(storable_for(&error, links(&error).as_deref(), &lookup, now, own), Err(NotStored::Status));
+        assert_eq!(storable_for(&answer(3), links(&answer(3)).as_deref(), &lookup, now, own), Err(NotStored::NotJson));
     }
 
     #[tokio::test]

@@ -66,7 +66,7 @@ pub async fn image_request(
         (_, BodyKind::Json) => server.max_json_edit_body.as_u64(),
         (_, BodyKind::Multipart) => server.max_multipart_body.as_u64(),
     };
-    let raw = read_limited(body, limit, &parts.headers).await?;
+    let received = read_limited(body, limit, &parts.headers).await?;
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let sdk_retry = parts
         .headers
@@ -78,11 +78,10 @@ pub async fn image_request(
         parts.headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()),
     );
     let request = match kind {
-        BodyKind::Json => ImageRequest::from_json(endpoint, raw)?,
+        BodyKind::Json => ImageRequest::from_json(endpoint, joined(received))?,
         BodyKind::Multipart => {
-            let content_type = content_type.unwrap_or_default();
-            let (raw, content_type, form) = multipart::parse_body(content_type, raw).await?;
-            ImageRequest::from_form(endpoint, raw, content_type, form)
+            let form = multipart::parse_body(content_type.as_deref().unwrap_or_default(), received).await?;
+            ImageRequest::from_form(endpoint, form)
         }
     };
     Ok(Extracted { request, idempotency_key, sdk_retry, cache })
@@ -138,25 +137,42 @@ pub const LINGER_BYTES: u64 = 8 * 1024 * 1024;
 /// How long the background read of [`LINGER_BYTES`] may take.
 pub const LINGER_TIME: Duration = Duration::from_secs(5);
 
-/// Read the whole body, refusing more than `limit` bytes with a 413 that states the limit. A declared
-/// `Content-Length` over the limit is refused before a byte is read (no `100 Continue`); the buffer grows
-/// with what arrives, it is never reserved from the declared length.
-async fn read_limited(body: Body, limit: u64, headers: &HeaderMap) -> Result<Bytes, Failure> {
+/// Read the whole body as the chunks it arrives in (kept as they are, not copied into one buffer), refusing
+/// more than `limit` bytes with a 413 that states the limit. A declared `Content-Length` over the limit is
+/// refused before a byte is read (no `100 Continue`); memory grows with what arrives, it is never reserved
+/// from the declared length.
+async fn read_limited(body: Body, limit: u64, headers: &HeaderMap) -> Result<Vec<Bytes>, Failure> {
     let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers));
     }
     let mut body = body;
-    let mut buf = bytes::BytesMut::new();
+    let (mut chunks, mut len) = (Vec::new(), 0u64);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::invalid(format!("Could not read the request body: {e}"), None))?;
         let Ok(data) = frame.into_data() else { continue };
-        if (buf.len() as u64).saturating_add(data.len() as u64) > limit {
+        len = len.saturating_add(data.len() as u64);
+        if len > limit {
             return Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers));
         }
-        buf.extend_from_slice(&data);
+        if !data.is_empty() {
+            chunks.push(data);
+        }
     }
-    Ok(buf.freeze())
+    Ok(chunks)
+}
+
+/// A body received in chunks, in one buffer: the chunk itself when there is one, else one copy into a buffer
+/// of exactly the body's size.
+fn joined(mut chunks: Vec<Bytes>) -> Bytes {
+    if chunks.len() <= 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks.drain(..) {
+        out.extend_from_slice(&chunk);
+    }
+    Bytes::from(out)
 }
 
 /// Refuse a request whose body is left (partly) unread: answer at once with `Connection: close`, and

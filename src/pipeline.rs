@@ -31,7 +31,7 @@ use crate::limits::{Demand, Limiter, Permit, Usage};
 use crate::pricing::{Ask, Prices, Unpriced};
 use crate::rehost::{Origin, Plan, Rehoster};
 use crate::upstream::{Attribution, ReplyBody, Upstream as _, UpstreamReply, Upstreams};
-use crate::wire::headers;
+use crate::wire::{AnswerFacts, headers};
 
 /// Per-request facts from the HTTP edge the pipeline needs.
 #[derive(Debug, Clone, Default)]
@@ -225,14 +225,14 @@ impl ImagesService {
         Self { end_user, ..self }
     }
 
-    /// The request as the upstream gets it: with `user` derived from the tenant (and the caller's own `user`)
-    /// unless the tenant's policy passes the caller's through. `None`: send `request` as it is.
-    fn attributed(&self, ctx: &TenantContext, request: &ImageRequest) -> Option<ImageRequest> {
+    /// The `user` the upstream gets: derived from the tenant (and the caller's own `user`) unless the tenant's
+    /// policy passes the caller's through (`None`: the body's `user`, if any, goes on as sent). Set where the
+    /// body is written for the upstream, so the request is not copied for it.
+    fn end_user_of(&self, ctx: &TenantContext, request: &ImageRequest) -> Option<String> {
         if ctx.tenant.image_policy.end_user.unwrap_or(self.end_user) == EndUser::PassThrough {
             return None;
         }
-        let id = self.attributor.end_user(&ctx.tenant.id, request.field_str("user").as_deref());
-        Some(request.clone().with_field("user", Some(&id)))
+        Some(self.attributor.end_user(&ctx.tenant.id, request.field_str("user").as_deref()))
     }
 
     /// The re-hoster, whose store also serves the links it hands out.
@@ -338,10 +338,10 @@ impl ImagesService {
             // 4. Rate limits and quotas: reserve the request, its `n` images and its cost, all or nothing.
             self.acquire(&mut call, Demand::whole(validated.n, cost)).await?;
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
-            let (mut reply, record) =
+            let (mut reply, record, facts) =
                 Box::pin(self.fetch(&call, &request)).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
             set_cache_header(&mut reply.headers, Outcome::Bypass);
-            return Ok(self.meter(reply, record, &call));
+            return Ok(self.meter(reply, record, facts.as_ref(), &call));
         };
         // 4. Through the cache, only the request is reserved now: its images and cost are reserved by
         // whichever caller's upstream call runs (`lead`); the others are served by it and spend no images.
@@ -412,8 +412,9 @@ impl ImagesService {
                 return Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass)));
             }
             match this.fetch(&own, &request).await {
-                Ok((reply, record)) => {
-                    let (mut reply, images) = this.meter_counted(reply, record, &own);
+                Ok((reply, record, facts)) => {
+                    let mut reply = this.meter(reply, record, facts.as_ref(), &own);
+                    let images = facts.map(|f| f.images);
                     set_cache_header(&mut reply.headers, Outcome::Bypass);
                     let UpstreamReply { status, headers, body } = reply;
                     // Streams never come this way (`replayed` takes whole answers only).
@@ -477,13 +478,16 @@ impl ImagesService {
         let this = self.clone();
         async move {
             this.lead(&call, images, cost).await.map_err(Uncached::Refused)?;
-            let (reply, record) = this.fetch(&call, &request).await.map_err(Uncached::Error)?;
-            this.settle(&call, record.finish_reply(&reply, &this.prices, call.started));
-            let answer = Answer::from_reply(reply);
+            let (reply, record, facts) = this.fetch(&call, &request).await.map_err(Uncached::Error)?;
+            // The answer was read once (`fetch`): its usage, its images and its links all come from there.
+            this.settle(&call, record.finish_reply(&reply, facts.as_ref(), &this.prices, call.started));
+            let (images, links) = facts.map_or((None, None), |f| (Some(f.images), f.links));
+            let answer = Answer::from_reply(reply, images);
             if !(200..300).contains(&answer.status) {
                 return Err(Uncached::Answer(answer));
             }
-            let store_for = cache::storable_for(&answer, &lookup, std::time::SystemTime::now(), |link| {
+            let now = std::time::SystemTime::now();
+            let store_for = cache::storable_for(&answer, links.as_deref(), &lookup, now, |link| {
                 this.rehoster.own_link_expiry(link)
             });
             Ok(Fetched { answer, store_for })
@@ -702,8 +706,14 @@ impl ImagesService {
 
     /// Steps 5 and 6: the upstream call, then re-hosting of a successful whole answer. Failures are booked
     /// here (a failed re-host keeps the images' cost: the upstream billed them); on success the record is
-    /// handed back unfinished, to be metered with the reply.
-    async fn fetch(&self, call: &Call, request: &ImageRequest) -> Result<(UpstreamReply, UsageRecord), ApiError> {
+    /// handed back unfinished, to be metered with the reply, with what the answer holds, read once
+    /// ([`AnswerFacts`]: its images, usage and links; `None` for streams, errors and bodies that are not an
+    /// answer).
+    async fn fetch(
+        &self,
+        call: &Call,
+        request: &ImageRequest,
+    ) -> Result<(UpstreamReply, UsageRecord, Option<AnswerFacts>), ApiError> {
         let tenant = &call.ctx.tenant;
         let attribution = Attribution {
             organization: tenant.organization.clone(),
@@ -714,9 +724,8 @@ impl ImagesService {
                 .idempotency_key
                 .as_deref()
                 .map(|k| self.attributor.idempotency_key(&tenant.id, k)),
+            user: self.end_user_of(&call.ctx, request),
         };
-        let attributed = self.attributed(&call.ctx, request);
-        let request = attributed.as_ref().unwrap_or(request);
         let Some(upstream) = self.upstreams.get(tenant.upstream.as_deref()) else {
             let e = ApiError::Internal(anyhow::anyhow!(
                 "tenant '{}' names upstream '{}', which is not configured on this gateway",
@@ -726,8 +735,12 @@ impl ImagesService {
             book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
             return Err(e);
         };
-        let reply = match upstream.send(request, &attribution).await {
-            Ok(reply) => held_to_request(reply, request),
+        let (reply, facts) = match upstream.send(request, &attribution).await {
+            Ok(reply) => {
+                let mut facts = facts_of(&reply);
+                let reply = held_to_request(reply, request, &mut facts);
+                (reply, facts)
+            }
             Err(e) => {
                 let mut record = call.record.clone();
                 record.note_upstream_failure(&e);
@@ -745,18 +758,20 @@ impl ImagesService {
         let mut record = call.record.clone();
         record.note_deployment(&reply.headers);
         let (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) = (&call.plan, &reply) else {
-            return Ok((reply, record));
+            return Ok((reply, record, facts));
         };
         if !status.is_success() {
-            return Ok((reply, record));
+            return Ok((reply, record, facts));
         }
         let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
         match Box::pin(self.rehoster.apply(plan, body, origin)).await {
-            Ok(None) => Ok((reply, record)),
+            Ok(None) => Ok((reply, record, facts)),
             Ok(Some(rewritten)) => {
+                // The rewritten answer is links where base64 was: small, and read again for its new links.
+                let facts = AnswerFacts::read(&rewritten);
                 let reply =
                     UpstreamReply { status: *status, headers: headers.clone(), body: ReplyBody::Full(rewritten) };
-                Ok((reply, record))
+                Ok((reply, record, facts))
             }
             Err(e) => {
                 let e = match e {
@@ -768,7 +783,7 @@ impl ImagesService {
                         ApiError::RehostFailed(other.public_reason())
                     }
                 };
-                let mut record = record.finish_reply(&reply, &self.prices, call.started);
+                let mut record = record.finish_reply(&reply, facts.as_ref(), &self.prices, call.started);
                 record.status = e.status().as_u16();
                 self.settle(call, record);
                 Err(e)
@@ -807,23 +822,17 @@ impl ImagesService {
 
     /// The reply of an uncached call, with its rate-limit headers; its usage is booked now, or, for a stream,
     /// as its events pass and when it ends (the stream holds the reservation until then).
-    fn meter(&self, reply: UpstreamReply, record: UsageRecord, call: &Call) -> UpstreamReply {
-        self.meter_counted(reply, record, call).0
-    }
-
-    /// [`Self::meter`], with the images the booked row of a whole answer counted (`None` for a stream).
-    fn meter_counted(
+    fn meter(
         &self,
         mut reply: UpstreamReply,
         record: UsageRecord,
+        facts: Option<&AnswerFacts>,
         call: &Call,
-    ) -> (UpstreamReply, Option<u32>) {
+    ) -> UpstreamReply {
         call.limit_headers(&mut reply.headers);
         let Some(permit) = call.permit.clone() else {
-            let record = record.finish_reply(&reply, &self.prices, call.started);
-            let images = record.images_returned;
-            book(&self.ledger, None, record, Usage::NOTHING);
-            return (reply, images);
+            book(&self.ledger, None, record.finish_reply(&reply, facts, &self.prices, call.started), Usage::NOTHING);
+            return reply;
         };
         match reply.body {
             ReplyBody::Stream(stream) if reply.status.is_success() => {
@@ -839,13 +848,11 @@ impl ImagesService {
                 let hold = Some(crate::limits::SlotGuard(permit));
                 let body =
                     metering::meter_stream(stream, record, self.prices.clone(), Box::new(done), hold, call.started);
-                (UpstreamReply { body: ReplyBody::Stream(body), ..reply }, None)
+                UpstreamReply { body: ReplyBody::Stream(body), ..reply }
             }
             _ => {
-                let record = record.finish_reply(&reply, &self.prices, call.started);
-                let images = record.images_returned;
-                self.settle(call, record);
-                (reply, images)
+                self.settle(call, record.finish_reply(&reply, facts, &self.prices, call.started));
+                reply
             }
         }
     }
@@ -865,7 +872,8 @@ fn set_cache_header(headers: &mut HeaderMap, outcome: Outcome) {
 /// A successful answer held to what `request` asked for (`images::answer`): a whole answer with more images
 /// than asked for keeps the first `n`; a stream is capped in size and ends after its `n`th completed image.
 /// The caller asked for and is charged `n`, and no extra image is downloaded, stored, cached or forwarded.
-fn held_to_request(reply: UpstreamReply, request: &ImageRequest) -> UpstreamReply {
+/// `facts` are the whole answer's (read once, [`facts_of`]) and are read again when it is cut.
+fn held_to_request(reply: UpstreamReply, request: &ImageRequest, facts: &mut Option<AnswerFacts>) -> UpstreamReply {
     let n = request.n();
     if !reply.status.is_success() {
         return reply;
@@ -874,6 +882,9 @@ fn held_to_request(reply: UpstreamReply, request: &ImageRequest) -> UpstreamRepl
         ReplyBody::Stream(stream) => {
             ReplyBody::Stream(metering::held_to_request(stream, answer::max_stream_bytes(request), n))
         }
+        // The facts counted no more than `n` images: nothing to cut, and no second read. (An answer the facts
+        // could not read is still held to `n` if it has `data[]`: `hold_to_n` reads it.)
+        ReplyBody::Full(body) if facts.as_ref().is_some_and(|f| f.images <= n.max(1)) => ReplyBody::Full(body),
         ReplyBody::Full(body) => match answer::hold_to_n(&body, n) {
             Some((held, items)) => {
                 tracing::warn!(
@@ -882,10 +893,19 @@ fn held_to_request(reply: UpstreamReply, request: &ImageRequest) -> UpstreamRepl
                     answered = items,
                     "kept the first n images"
                 );
+                *facts = AnswerFacts::read(&held);
                 ReplyBody::Full(held)
             }
             None => ReplyBody::Full(body),
         },
     };
     UpstreamReply { body, ..reply }
+}
+
+/// What a successful whole answer holds, read once ([`AnswerFacts`]); `None` for errors and streams.
+fn facts_of(reply: &UpstreamReply) -> Option<AnswerFacts> {
+    match (&reply.body, reply.status.is_success()) {
+        (ReplyBody::Full(body), true) => AnswerFacts::read(body),
+        _ => None,
+    }
 }

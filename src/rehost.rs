@@ -9,6 +9,7 @@
 //! wanted, and every stored image gets a link signed by `links`. An answer is re-hosted whole or not at all:
 //! every image is obtained before any is stored, and a failed store removes the others' links.
 
+mod answer;
 mod chain;
 pub mod fetch;
 pub mod links;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::Value;
 
+use self::answer::{Answer, Field, Item};
 use self::fetch::{FetchError, Fetcher};
 use self::links::LinkSigner;
 use crate::config::ImagesSettings;
@@ -89,11 +91,16 @@ pub struct Rehoster {
     links: LinkSigner,
     settings: Arc<ImagesSettings>,
     metrics: Option<Arc<Metrics>>,
+    /// Base64 decodes (and their hashes) running at once: one per CPU. Each holds a decoded image on top of
+    /// its answer; more at once would not finish sooner, only hold more memory.
+    decodes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Rehoster {
     pub fn new(store: ImageStore, fetcher: Fetcher, links: LinkSigner, settings: Arc<ImagesSettings>) -> Self {
-        Self { store, fetcher, links, settings, metrics: None }
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let decodes = Arc::new(tokio::sync::Semaphore::new(cpus));
+        Self { store, fetcher, links, settings, metrics: None, decodes }
     }
 
     /// Count re-hosted images, their bytes and the time each answer took in `metrics`.
@@ -181,13 +188,14 @@ impl Rehoster {
         if !plan.rewrite {
             return Ok(None);
         }
-        let Ok(mut answer) = serde_json::from_slice::<Value>(body) else { return Ok(None) };
-        let Some(data) = answer.get_mut("data").and_then(Value::as_array_mut) else { return Ok(None) };
-        // The strings are moved out of the parsed answer, not copied: a GPT answer's base64 is megabytes.
+        // Read with the base64 strings borrowed from `body`, not copied into a tree: a GPT answer's base64 is
+        // megabytes, decoded straight from the body.
+        let Some(mut answer) = Answer::parse(body) else { return Ok(None) };
+        let Some(data) = answer.data_mut() else { return Ok(None) };
         let jobs: Vec<(usize, Job)> = data
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, item)| Job::take_from(item, plan.want).map(|job| (i, job)))
+            .filter_map(|(i, item)| Job::take_from(item, plan.want, body).map(|job| (i, job)))
             .collect();
         if jobs.is_empty() {
             return Ok(None);
@@ -202,14 +210,14 @@ impl Rehoster {
             m.rehosted(result.is_ok(), images, bytes, started.elapsed());
         }
         result?;
-        serde_json::to_vec(&answer).map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
+        answer.to_vec().map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
     }
 
     /// Obtain and store every image of `jobs` and put their links (or base64) into `answer`; the images stored.
     async fn rewrite(
         &self,
         jobs: Vec<(usize, Job)>,
-        answer: &mut Value,
+        answer: &mut Answer<'_>,
         plan: &Plan,
         origin: Origin<'_>,
     ) -> Result<Vec<StoredImage>, RehostError> {
@@ -247,12 +255,10 @@ impl Rehoster {
             }
             return Err(e);
         }
-        let Some(data) = answer.get_mut("data").and_then(Value::as_array_mut) else { return Ok(stored) };
+        let Some(data) = answer.data_mut() else { return Ok(stored) };
         for (i, replacement) in replacements {
-            if let (Some(item), Value::Object(fields)) = (data.get_mut(i).and_then(Value::as_object_mut), replacement) {
-                item.remove("url");
-                item.remove("b64_json");
-                item.extend(fields);
+            if let (Some(item), Value::Object(fields)) = (data.get_mut(i), replacement) {
+                item.replace_image(fields);
             }
         }
         Ok(stored)
@@ -263,7 +269,7 @@ impl Rehoster {
     async fn obtain(&self, index: usize, job: Job, plan: &Plan) -> Result<Obtained, RehostError> {
         match job {
             Job::Download(url) => match self.fetcher.fetch(&url).await {
-                Ok(fetched) => Ok(Obtained::Bytes(fetched.bytes)),
+                Ok(fetched) => Ok(Obtained::Bytes(fetched.bytes, None)),
                 Err(source) if plan.fallback == DownloadFallback::PassThrough => {
                     tracing::warn!(image = index, reason = %source, "could not re-host an upstream image; passing its URL on");
                     Ok(Obtained::Fields(serde_json::json!({ "url": url })))
@@ -271,16 +277,22 @@ impl Rehoster {
                 Err(source) => Err(RehostError::Download { index, source }),
             },
             Job::Decode(b64) => {
-                // Megabytes of base64: decoded off the async workers.
-                let decoded = tokio::task::spawn_blocking(move || BASE64.decode_to_vec(b64.as_bytes()))
-                    .await
-                    .map_err(|e| RehostError::Encode(e.to_string()))?;
-                let bytes = Bytes::from(decoded.map_err(|_| RehostError::BadBase64 { index })?);
+                // Megabytes of base64: decoded off the async workers, no more at once than there are CPUs,
+                // and hashed block by block as it is decoded (the store needs the SHA-256 anyway).
+                let permit = self.decodes.clone().acquire_owned().await;
+                let decoded = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    decode_and_hash(&b64)
+                })
+                .await
+                .map_err(|e| RehostError::Encode(e.to_string()))?;
+                let (bytes, sha256) = decoded.ok_or(RehostError::BadBase64 { index })?;
+                let bytes = Bytes::from(bytes);
                 // Checked here, not when storing, so a bad image fails the answer before anything is stored.
                 if crate::images::imageinfo::sniff(&bytes).is_none() {
                     return Err(RehostError::NotAnImage { index });
                 }
-                Ok(Obtained::Bytes(bytes))
+                Ok(Obtained::Bytes(bytes, Some(sha256)))
             }
         }
     }
@@ -293,9 +305,9 @@ impl Rehoster {
         plan: &Plan,
         origin: Origin<'_>,
     ) -> Result<Finished, RehostError> {
-        let bytes = match obtained {
+        let (bytes, sha256) = match obtained {
             Obtained::Fields(fields) => return Ok((fields, None)),
-            Obtained::Bytes(bytes) => bytes,
+            Obtained::Bytes(bytes, sha256) => (bytes, sha256),
         };
         if plan.want == Some(ResponseFormat::B64Json) {
             // A URL model answered with a link although base64 was wanted: inline it.
@@ -306,6 +318,7 @@ impl Rehoster {
             model: origin.model,
             request_id: origin.request_id,
             bytes,
+            sha256,
             retention: plan.retention,
         };
         let image = match self.store.put(new).await {
@@ -321,38 +334,89 @@ impl Rehoster {
 /// The fields that replace one item's `url` / `b64_json`, and the image stored for them, if any.
 type Finished = (Value, Option<StoredImage>);
 
-/// One image, ready to store (or, after a passed-on failure, the fields to answer with).
+/// One image, ready to store, with its SHA-256 when it was computed on the way (or, after a passed-on
+/// failure, the fields to answer with).
 enum Obtained {
-    Bytes(Bytes),
+    Bytes(Bytes, Option<[u8; 32]>),
     Fields(Value),
 }
 
 /// The work one `data[]` item needs.
 enum Job {
     Download(String),
-    Decode(String),
+    /// The base64 text: a slice of the answer's body (no copy), or the unescaped text when the JSON string had
+    /// escapes.
+    Decode(Bytes),
 }
 
 impl Job {
     /// The work `item` needs, taking its `url` or `b64_json` string out of it (the item's fields are replaced
-    /// by the job's result; an answer whose re-hosting fails is not sent).
-    fn take_from(item: &mut Value, want: Option<ResponseFormat>) -> Option<Self> {
-        let fields = item.as_object_mut()?;
-        if let Some(Value::String(url)) = fields.get_mut("url") {
-            return Some(Self::Download(std::mem::take(url)));
+    /// by the job's result; an answer whose re-hosting fails is not sent). `body` is what `item` was read from.
+    fn take_from(item: &mut Item<'_>, want: Option<ResponseFormat>, body: &Bytes) -> Option<Self> {
+        if let Some(Field::Text(url)) = item.get_mut("url") {
+            return Some(Self::Download(std::mem::take(url).into_owned()));
         }
-        match (fields.get_mut("b64_json"), want) {
-            (Some(Value::String(b64)), Some(ResponseFormat::Url)) => Some(Self::Decode(std::mem::take(b64))),
+        match (item.get_mut("b64_json"), want) {
+            (Some(Field::Text(b64)), Some(ResponseFormat::Url)) => Some(Self::Decode(match std::mem::take(b64) {
+                std::borrow::Cow::Borrowed(text) => body.slice_ref(text.as_bytes()),
+                std::borrow::Cow::Owned(text) => Bytes::from(text),
+            })),
             _ => None,
         }
     }
 }
 
+/// Base64 decoded a block at a time into one buffer of the image's exact size, each block hashed while it is
+/// still in the CPU's cache: the image and its SHA-256, or `None` when the text is not base64 (refused
+/// exactly as decoding it whole would refuse it).
+fn decode_and_hash(text: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
+    use sha2::Digest as _;
+    /// Base64 characters per block: a multiple of 4 (whole groups), 48 KiB of image.
+    const BLOCK: usize = 64 * 1024;
+    let len = BASE64.decoded_length(text).ok()?;
+    let mut out = vec![0u8; len];
+    let mut hasher = sha2::Sha256::new();
+    let mut written = 0;
+    let blocks = text.chunks(BLOCK);
+    let last = blocks.len().saturating_sub(1);
+    for (i, block) in blocks.enumerate() {
+        // Padding belongs at the very end only; a block before the last that ends with it would decode alone.
+        if i < last && block.ends_with(b"=") {
+            return None;
+        }
+        let decoded = BASE64.decode(block, base64_simd::Out::from_slice(&mut out[written..])).ok()?;
+        hasher.update(&*decoded);
+        written += decoded.len();
+    }
+    (written == len).then(|| (out, hasher.finalize().into()))
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine as _;
+    use sha2::Digest as _;
 
-    use super::BASE64;
+    use super::{BASE64, decode_and_hash};
+
+    #[test]
+    fn decoding_block_by_block_gives_the_image_and_its_hash_and_refuses_what_decoding_whole_refuses() {
+        let reference = base64::engine::general_purpose::STANDARD;
+        for len in [0, 1, 2, 3, 48 * 1024 - 1, 48 * 1024, 48 * 1024 + 1, 200_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 131 + 7) as u8).collect();
+            let (decoded, sha) = decode_and_hash(reference.encode(&bytes).as_bytes()).expect("decodes");
+            assert_eq!(decoded, bytes, "{len} bytes");
+            assert_eq!(sha, <[u8; 32]>::from(sha2::Sha256::digest(&bytes)));
+        }
+        // Padding where one block ends, in the middle of the text: valid block by block, refused whole.
+        let mut text = reference.encode(vec![7u8; 48 * 1024 - 1]).into_bytes();
+        assert!(text.ends_with(b"="));
+        text.extend_from_slice(reference.encode(b"more").as_bytes());
+        assert!(BASE64.decode_to_vec(&text).is_err());
+        assert!(decode_and_hash(&text).is_none());
+        for bad in ["abc", "ab=c", "Zm9v YmFy", "Zm9v\n", "Zm9vYg", "Zm9v*mFy", "===="] {
+            assert!(decode_and_hash(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_simd_decoder_reads_what_openai_writes_and_refuses_what_the_base64_crate_refuses() {

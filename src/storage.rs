@@ -36,6 +36,9 @@ pub struct NewImage<'a> {
     pub model: &'a str,
     pub request_id: &'a str,
     pub bytes: Bytes,
+    /// The SHA-256 of `bytes`, when the caller computed it on the way (re-hosting hashes while it decodes);
+    /// computed here otherwise. Trusted: it names the object.
+    pub sha256: Option<[u8; 32]>,
     /// How long the image (and its link) lives.
     pub retention: Duration,
 }
@@ -162,11 +165,16 @@ impl ImageStore {
     pub async fn put(&self, new: NewImage<'_>) -> Result<StoredImage, StoreError> {
         let format = imageinfo::sniff(&new.bytes).ok_or(StoreError::NotAnImage)?;
         let info = imageinfo::inspect(&new.bytes).ok();
-        // Hashing megabytes takes milliseconds: off the async workers.
-        let bytes = new.bytes.clone();
-        let sha256 = tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&bytes)))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?;
+        let sha256 = match new.sha256 {
+            Some(sha256) => hex::encode(sha256),
+            // Hashing megabytes takes milliseconds: off the async workers.
+            None => {
+                let bytes = new.bytes.clone();
+                tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&bytes)))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))?
+            }
+        };
         let now = now_ms();
         let retention_ms = i64::try_from(new.retention.as_millis()).unwrap_or(i64::MAX);
         let image = StoredImage {
@@ -323,7 +331,7 @@ mod tests {
     }
 
     fn new(bytes: Bytes, retention: Duration) -> NewImage<'static> {
-        NewImage { tenant_id: "t1", model: "gpt-image-1", request_id: "req", bytes, retention }
+        NewImage { tenant_id: "t1", model: "gpt-image-1", request_id: "req", bytes, sha256: None, retention }
     }
 
     #[tokio::test]

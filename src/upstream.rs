@@ -30,13 +30,16 @@ use crate::config::{Settings, UpstreamKind, UpstreamSettings};
 use crate::error::ApiError;
 use crate::images::request::ImageRequest;
 
-/// Whose bill this request goes on upstream: sent as `OpenAI-Organization` / `OpenAI-Project`.
+/// Whose bill this request goes on upstream: sent as `OpenAI-Organization` / `OpenAI-Project`, and who asked.
 #[derive(Debug, Clone, Default)]
 pub struct Attribution {
     pub organization: Option<String>,
     pub project: Option<String>,
     /// The caller's `Idempotency-Key`, forwarded unchanged.
     pub idempotency_key: Option<String>,
+    /// The body's `user` as the upstream receives it (`crate::attribution`), set where the body is written
+    /// ([`ImageRequest::outgoing`]); `None`: the caller's own `user`, if any, goes on as sent.
+    pub user: Option<String>,
 }
 
 /// An upstream answer: status, the headers worth passing on, and the body.

@@ -74,17 +74,168 @@ pub mod events {
     pub const EDIT_COMPLETED: &str = "image_edit.completed";
 }
 
-/// The parts of an images answer the gateway counts: its `data[]` items (not read) and its `usage`.
-#[derive(serde::Deserialize)]
-pub struct ResponseCounts {
-    #[serde(default)]
-    pub data: Vec<serde::de::IgnoredAny>,
-    #[serde(default)]
+/// What the gateway reads of a whole images answer, in one pass over its body: how many images `data[]`
+/// holds, its `usage`, and its links (`data[].url`). Every other value (a `b64_json`'s megabytes above all) is
+/// skipped as it is read, never copied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AnswerFacts {
+    /// `data[]` items, whatever they are.
+    pub images: u32,
     pub usage: Option<serde_json::Value>,
+    /// `data[].url` strings in order; `None` when an item is not an object or its `url` not a string (or
+    /// `null`): such an answer has no links a cache could tell.
+    pub links: Option<Vec<String>>,
 }
 
-/// The number of images (`data[]` items) in an answer body, if it is one.
-pub fn count_images(body: &[u8]) -> Option<u32> {
-    let counts = serde_json::from_slice::<ResponseCounts>(body).ok()?;
-    Some(u32::try_from(counts.data.len()).unwrap_or(u32::MAX))
+impl AnswerFacts {
+    /// The facts of `body`; `None` when it is not a JSON object (or `data` / `usage` have the wrong type, or
+    /// are given twice).
+    pub fn read(body: &[u8]) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(default)]
+            data: Vec<Item>,
+            #[serde(default)]
+            usage: Option<serde_json::Value>,
+        }
+        let body = serde_json::from_slice::<Body>(body).ok()?;
+        let links = body.data.iter().map(|item| item.0.clone()).collect::<Option<Vec<Option<String>>>>();
+        Some(Self {
+            images: u32::try_from(body.data.len()).unwrap_or(u32::MAX),
+            usage: body.usage,
+            links: links.map(|links| links.into_iter().flatten().collect()),
+        })
+    }
+}
+
+/// One `data[]` item as [`AnswerFacts`] reads it: `Some(url)` for an object (its `url`, if any), `None` for
+/// an item whose links cannot be told (not an object, a `url` that is not a string or `null`, or two).
+struct Item(Option<Option<String>>);
+
+impl<'de> serde::Deserialize<'de> for Item {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
+struct ItemVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ItemVisitor {
+    type Value = Item;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an image item")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+        use serde::de::IgnoredAny;
+        let (mut url, mut seen, mut valid) = (None, false, true);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key != "url" {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            valid &= !std::mem::replace(&mut seen, true);
+            match map.next_value::<Url>()? {
+                Url::Text(text) => url = Some(text),
+                Url::Null => {}
+                Url::Other => valid = false,
+            }
+        }
+        Ok(Item(valid.then_some(url)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Item(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Item, E> {
+        Ok(Item(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Item, E> {
+        Ok(Item(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Item, E> {
+        Ok(Item(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Item, E> {
+        Ok(Item(None))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Item, E> {
+        Ok(Item(None))
+    }
+    fn visit_unit<E>(self) -> Result<Item, E> {
+        Ok(Item(None))
+    }
+}
+
+/// An item's `url` value.
+enum Url {
+    Text(String),
+    Null,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Url {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Url;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a URL")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Url, E> {
+                Ok(Url::Text(v.to_owned()))
+            }
+            fn visit_unit<E>(self) -> Result<Url, E> {
+                Ok(Url::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Url, E> {
+                Ok(Url::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Url, E> {
+                Ok(Url::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Url, E> {
+                Ok(Url::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Url, E> {
+                Ok(Url::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Url, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Url::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Url, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Url::Other)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AnswerFacts;
+
+    #[test]
+    fn one_pass_reads_the_count_the_usage_and_the_links() {
+        let facts = AnswerFacts::read(
+            br#"{"created":1,"data":[{"url":"https://a/1.png","revised_prompt":"x"},{"b64_json":"QUJD"},{"url":null}],"usage":{"total_tokens":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(facts.images, 3);
+        assert_eq!(facts.usage, Some(serde_json::json!({"total_tokens": 3})));
+        assert_eq!(facts.links, Some(vec!["https://a/1.png".to_owned()]));
+        // Items whose links cannot be told: still counted, but no links.
+        for body in [&br#"{"data":[{"url":1}]}"#[..], br#"{"data":["x"]}"#, br#"{"data":[{"url":"a","url":"b"}]}"#] {
+            let facts = AnswerFacts::read(body).unwrap();
+            assert_eq!((facts.images, facts.links), (1, None), "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(AnswerFacts::read(b"{}").unwrap(), AnswerFacts { links: Some(vec![]), ..AnswerFacts::default() });
+        assert!(AnswerFacts::read(b"[1]").is_none());
+        assert!(AnswerFacts::read(b"{\"data\":3}").is_none());
+    }
 }

@@ -40,7 +40,7 @@ fn form(endpoint: Endpoint, model: &str) -> ImageRequest {
     if endpoint == Endpoint::Edits {
         parts.push(text("prompt", "x"));
     }
-    ImageRequest::from_form(endpoint, Bytes::new(), "multipart/form-data; boundary=x".into(), Form { parts })
+    ImageRequest::from_form(endpoint, Form { parts })
 }
 
 fn policy(catalog: Arc<Catalog>) -> ValidationPolicy {

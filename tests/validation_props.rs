@@ -570,7 +570,7 @@ fn file_part(name: &str, data: Vec<u8>, mime: &str) -> Part {
 }
 
 fn form_request(endpoint: Endpoint, parts: Vec<Part>) -> ImageRequest {
-    ImageRequest::from_form(endpoint, Bytes::new(), "multipart/form-data; boundary=x".to_owned(), Form { parts })
+    ImageRequest::from_form(endpoint, Form { parts })
 }
 
 /// Multipart text as the SDKs send it: strings as they are, numbers and booleans as JSON; `null` is left out.

@@ -116,9 +116,22 @@ impl Gateway {
         sections: &str,
         key: &NewKey,
     ) -> Gateway {
+        Self::start_with(bin, dir, who, upstream, "", sections, key)
+    }
+
+    /// [`Gateway::start`] with `server` (lines ending in `\n`) added to the `[server]` section.
+    pub fn start_with(
+        bin: &Path,
+        dir: tempfile::TempDir,
+        who: &str,
+        upstream: &str,
+        server: &str,
+        sections: &str,
+        key: &NewKey,
+    ) -> Gateway {
         // log.level: warnings only, plus the startup line that says where the gateway listens (info level).
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{server}\
              [log]\nlevel = \"warn,imagegate::startup=info\"\n\
              [upstream]\nbase_url = \"{upstream}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\n\
              [storage]\ndata_dir = '{}'\n\

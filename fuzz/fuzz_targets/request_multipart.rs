@@ -1,5 +1,5 @@
 //! Fuzz target `request_multipart`: a `multipart/form-data` body parsed with `images::multipart::parse`,
-//! re-encoded as the gateway forwards it (`Form::reencoded`, which must parse back to the same parts), turned
+//! written as the gateway forwards it (`Form::outgoing`, which must parse back to the same parts), turned
 //! into an `ImageRequest` and validated with the default policy. Nothing may panic.
 //!
 //! Input layout: the first byte picks the endpoint (low 2 bits: 0 and 3 edits, 1 variations, 2 generations)
@@ -52,9 +52,9 @@ pub fn run(data: &[u8]) {
     let Ok(form) = futures::executor::block_on(multipart::parse(content_type, raw.clone())) else { return };
     // The accessors validation and the upstream client use.
     let _ = (form.images().count(), form.mask().map(|m| m.data.len()), form.text("prompt"));
-    // What goes upstream is the form re-encoded under a fresh boundary: it must parse back to the same parts.
-    let (reencoded, forwarded, forwarded_type) = form.clone().reencoded();
-    let again = futures::executor::block_on(multipart::parse(&forwarded_type, forwarded))
+    // What goes upstream is the form written under a fresh boundary: it must parse back to the same parts.
+    let outgoing = form.outgoing(None);
+    let again = futures::executor::block_on(multipart::parse(&outgoing.content_type, outgoing.to_bytes()))
         .unwrap_or_else(|e| panic!("a re-encoded form does not parse: {e}"));
     // Names and file names are written as HTML forms write them: `"`, CR and LF percent-encoded (as the SDKs'
     // own encoders do); everything else, the data above all, must come back as it was.
@@ -68,10 +68,12 @@ pub fn run(data: &[u8]) {
             .collect()
     };
     assert_eq!(summary(&again, false), summary(&form, true), "re-encoding changed the form");
-    assert_eq!(summary(&reencoded, false), summary(&form, false), "re-slicing changed the form");
-    let request = ImageRequest::from_form(endpoint, raw.clone(), content_type.to_owned(), form);
-    // The body is forwarded byte for byte: parsing must never alter it.
-    assert_eq!(request.raw().0, &raw, "from_form changed the raw body");
+    // Parsed in the chunks a connection might deliver, the body is the same form.
+    let chunks: Vec<Bytes> = raw.chunks(997).map(Bytes::copy_from_slice).collect();
+    let chunked = futures::executor::block_on(multipart::parse_chunks(content_type, chunks))
+        .unwrap_or_else(|e| panic!("the body in chunks does not parse: {e}"));
+    assert_eq!(summary(&chunked, false), summary(&form, false), "chunks changed the form");
+    let request = ImageRequest::from_form(endpoint, form);
     let _ = (request.model(), request.n(), request.stream(), request.field("n"));
     let _ = validate(&request, &ValidationPolicy::default());
 }

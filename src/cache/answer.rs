@@ -31,8 +31,9 @@ pub const ENTRY_OVERHEAD: usize = 768;
 pub const HEADER_OVERHEAD: usize = 88;
 
 impl Answer {
-    /// A whole upstream reply (streams never reach the cache; their body reads as empty).
-    pub fn from_reply(reply: UpstreamReply) -> Self {
+    /// A whole upstream reply (streams never reach the cache; their body reads as empty), with the images its
+    /// body holds as the pipeline read them (`wire::AnswerFacts`).
+    pub fn from_reply(reply: UpstreamReply, images: Option<u32>) -> Self {
         let headers = reply
             .headers
             .iter()
@@ -44,7 +45,6 @@ impl Answer {
             ReplyBody::Full(body) => Bytes::copy_from_slice(&body),
             ReplyBody::Stream(_) => Bytes::new(),
         };
-        let images = crate::wire::count_images(&body);
         Self { status: reply.status.as_u16(), headers, body, images }
     }
 
@@ -56,18 +56,7 @@ impl Answer {
 
     /// The links (`data[].url`) in a JSON answer; `None` when the body is not a JSON object.
     pub fn links(&self) -> Option<Vec<String>> {
-        #[derive(Deserialize)]
-        struct Body {
-            #[serde(default)]
-            data: Vec<Item>,
-        }
-        #[derive(Deserialize)]
-        struct Item {
-            #[serde(default)]
-            url: Option<String>,
-        }
-        let body: Body = serde_json::from_slice(&self.body).ok()?;
-        Some(body.data.into_iter().filter_map(|item| item.url).collect())
+        crate::wire::AnswerFacts::read(&self.body)?.links
     }
 }
 
@@ -99,12 +88,14 @@ impl NotStored {
     }
 }
 
-/// How long `answer` may be stored for `lookup`: its TTL, shortened so that the entry expires while every link
+/// How long `answer`, whose links are `links` (`wire::AnswerFacts::links`, `None` when the body is not a JSON
+/// object with readable links), may be stored for `lookup`: its TTL, shortened so that the entry expires while every link
 /// in it has at least `lookup.link_margin` left to live. `own_link_expiry` tells imagegate's own signed links
 /// (returning their expiry, Unix seconds) from any other link (`None`); an answer with any other link is not
 /// stored, since that link expires on the upstream's clock. Answers without links (base64) keep the full TTL.
 pub fn storable_for(
     answer: &Answer,
+    links: Option<&[String]>,
     lookup: &Lookup,
     now: SystemTime,
     own_link_expiry: impl Fn(&str) -> Option<i64>,
@@ -114,8 +105,8 @@ pub fn storable_for(
     }
     let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let mut ttl = lookup.ttl;
-    for link in answer.links().ok_or(NotStored::NotJson)? {
-        let expires_ms = own_link_expiry(&link)
+    for link in links.ok_or(NotStored::NotJson)? {
+        let expires_ms = own_link_expiry(link)
             .and_then(|s| u128::try_from(s).ok())
             .ok_or(NotStored::ForeignLink)?
             .saturating_mul(1000);

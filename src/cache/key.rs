@@ -198,9 +198,7 @@ mod tests {
     }
 
     fn form_key(parts: Vec<Part>) -> Key {
-        let form = Form { parts };
-        let (raw, content_type) = form.encode();
-        let req = ImageRequest::from_form(Endpoint::Edits, raw, content_type, form);
+        let req = ImageRequest::from_form(Endpoint::Edits, Form { parts });
         let catalog = crate::catalog::Catalog::builtin();
         let defaults = catalog.get("gpt-image-1").map(|m| &m.defaults);
         let parts = KeyParts { scope: "t", model: "gpt-image-1", defaults, want: None, retention: None };

@@ -1,8 +1,10 @@
 //! Parsing `multipart/form-data` bodies into a [`Form`], keeping every part and its order.
 //!
-//! The body is already in memory (bounded by `server.max_multipart_body`); parsing only slices it. The parsed
-//! form is then encoded afresh for the upstream (`Form::reencoded`): one copy, after which the caller's
-//! buffer is freed, so what the upstream parses is what was validated.
+//! The body is already in memory (bounded by `server.max_multipart_body`), as the chunks it was received in.
+//! The parser takes one chunk at a time and each chunk is freed once parsed, so the body is held about once
+//! while it is parsed; each part's data ends up in one buffer of its own. The form goes upstream written
+//! afresh (`Form::outgoing`) with those buffers as they are, so what the upstream parses is what was
+//! validated.
 
 use bytes::Bytes;
 
@@ -29,20 +31,28 @@ pub const TEXT_FIELDS: &[&str] = &[
     "partial_images",
 ];
 
-/// Parse a request body: the body to forward, its content type and the form. The form is always re-encoded
-/// under a boundary of imagegate's own (`Form::reencoded`), so the upstream parses exactly what was validated
-/// (repeated identical fields collapsed, see [`collapse_repeats`]), whatever the caller's encoding did.
-pub async fn parse_body(content_type: String, raw: Bytes) -> Result<(Bytes, String, Form), ApiError> {
-    let mut form = parse(&content_type, raw).await?;
+/// Parse a request body received as `chunks` into the form that goes upstream (repeated identical fields
+/// collapsed, see [`collapse_repeats`]). The form is always written afresh under a boundary of imagegate's
+/// own (`Form::outgoing`), so the upstream parses exactly what was validated, whatever the caller's encoding
+/// did.
+pub async fn parse_body(content_type: &str, chunks: Vec<Bytes>) -> Result<Form, ApiError> {
+    let mut form = parse_chunks(content_type, chunks).await?;
     collapse_repeats(&mut form);
-    let (form, raw, content_type) = form.reencoded();
-    Ok((raw, content_type, form))
+    Ok(form)
 }
 
-/// Parse `raw` with the boundary from `content_type`. A content type naming its boundary twice is refused
-/// (parsers disagree on which one counts). Repeated identical scalar fields are kept (see
-/// [`collapse_repeats`]); repeated differing ones are refused.
+/// Parse `raw` with the boundary from `content_type` (see [`parse_chunks`]).
 pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
+    parse_chunks(content_type, vec![raw]).await
+}
+
+/// Parse a body received as `chunks` with the boundary from `content_type`. A content type naming its
+/// boundary twice is refused (parsers disagree on which one counts). Repeated identical scalar fields are
+/// kept (see [`collapse_repeats`]); repeated differing ones are refused.
+///
+/// The parser copies what it is given into a buffer of its own, so it is given one chunk at a time (each
+/// freed once taken in): given all at once it would hold a second copy of the whole body.
+pub async fn parse_chunks(content_type: &str, chunks: Vec<Bytes>) -> Result<Form, ApiError> {
     let boundaries = content_type
         .split(';')
         .skip(1)
@@ -57,7 +67,19 @@ pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ApiError::invalid("Invalid multipart/form-data request: the Content-Type header has no boundary.", None)
     })?;
-    let stream = futures::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(raw) });
+    // One chunk per poll: after each item (the end included) the stream is pending once, so the parser
+    // parses what it has before it takes in (and copies) the next chunk. (The end must not come in the same
+    // poll as the last chunk either: multer then reports a stream whose first boundary it has not looked
+    // for yet as incomplete.)
+    let (mut chunks, mut pause) = (chunks.into_iter(), false);
+    let stream = futures::stream::poll_fn(move |cx| {
+        pause = !pause;
+        if !pause {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(chunks.next().map(Ok::<Bytes, std::convert::Infallible>))
+    });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut form = Form::default();
     loop {
@@ -77,7 +99,7 @@ pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
             ));
         }
         let content_type = field.content_type().map(|m| m.essence_str().to_owned());
-        let data = field.bytes().await.map_err(|e| malformed(&e))?;
+        let data = field_data(field).await.map_err(|e| malformed(&e))?;
         if file_name.is_none() && std::str::from_utf8(&data).is_err() {
             return Err(ApiError::invalid(
                 format!("Invalid value for '{name}': text fields must be UTF-8."),
@@ -88,6 +110,23 @@ pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
     }
     check_duplicate_scalars(&form)?;
     Ok(form)
+}
+
+/// A part's data in one buffer: the parser's own chunk when it came in one, else its chunks joined once into a
+/// buffer of exactly their size (`Field::bytes` would grow a buffer as they come).
+async fn field_data(mut field: multer::Field<'_>) -> Result<Bytes, multer::Error> {
+    let mut chunks = Vec::new();
+    while let Some(chunk) = field.chunk().await? {
+        chunks.push(chunk);
+    }
+    if chunks.len() <= 1 {
+        return Ok(chunks.pop().unwrap_or_default());
+    }
+    let mut data = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks.drain(..) {
+        data.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(data))
 }
 
 fn malformed(e: &multer::Error) -> ApiError {
@@ -171,14 +210,15 @@ mod tests {
             ("output_compression", None, b"80"),
             ("prompt", None, b"x"),
         ]);
-        let (raw, ct, form) = parse_body(ct, raw).await.unwrap();
+        let form = parse_body(&ct, vec![raw]).await.unwrap();
         let names: Vec<&str> = form.parts.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["output_compression", "image", "prompt"]);
+        let (raw, ct) = form.encode();
         let again = parse(&ct, raw).await.unwrap();
         assert_eq!(again.parts.len(), 3, "the forwarded body carries one copy");
         // Nothing repeated: the form still goes out re-encoded under imagegate's boundary, part for part.
         let (ct, raw) = body(&[("prompt", None, b"x")]);
-        let (forwarded, forwarded_ct, _) = parse_body(ct, raw.clone()).await.unwrap();
+        let (forwarded, forwarded_ct) = parse_body(&ct, vec![raw]).await.unwrap().encode();
         assert!(forwarded_ct.contains("boundary=imagegate-"), "{forwarded_ct}");
         assert_eq!(parse(&forwarded_ct, forwarded).await.unwrap().text("prompt"), Some("x"));
     }
@@ -213,12 +253,27 @@ mod tests {
     async fn a_reencoded_form_parses_back_to_the_same_parts_under_a_fresh_boundary() {
         let (ct, raw) = body(&[("image[]", Some("a.png"), b"\x89PNG--XBOUNDARYX"), ("prompt", None, b"hello")]);
         let form = parse(&ct, raw).await.unwrap();
-        let (form, body, content_type) = form.reencoded();
+        let (body, content_type) = form.encode();
         assert!(content_type.starts_with("multipart/form-data; boundary=imagegate-"), "{content_type}");
         let again = parse(&content_type, body).await.unwrap();
         assert_eq!(again.parts.len(), 2);
         assert_eq!(&again.parts[0].data[..], b"\x89PNG--XBOUNDARYX");
         assert_eq!(&form.parts[0].data[..], b"\x89PNG--XBOUNDARYX");
         assert_eq!(again.text("prompt"), Some("hello"));
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_chunks_parses_as_in_one_whatever_the_cuts() {
+        let image: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (ct, raw) =
+            body(&[("image[]", Some("a.png"), &image), ("prompt", None, b"hello\r\n--XBOUNDARY"), ("n", None, b"2")]);
+        let whole = parse(&ct, raw.clone()).await.unwrap();
+        for size in [1, 7, 13, 64, 1000, 4096] {
+            let chunks: Vec<Bytes> = raw.chunks(size).map(Bytes::copy_from_slice).collect();
+            let form = parse_chunks(&ct, chunks).await.unwrap();
+            let summary = |f: &Form| f.parts.iter().map(|p| (p.name.clone(), p.data.clone())).collect::<Vec<_>>();
+            assert_eq!(summary(&form), summary(&whole), "cut every {size} bytes");
+        }
+        assert_eq!(&whole.parts[0].data[..], &image[..]);
     }
 }

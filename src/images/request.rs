@@ -1,6 +1,7 @@
-//! The image request as the pipeline sees it: which endpoint, the raw body exactly as the caller sent it
-//! (forwarded byte for byte, so unknown parameters always reach the upstream), and typed read access to the
-//! fields the gateway needs. `null` reads as absent, as OpenAI treats it.
+//! The image request as the pipeline sees it: which endpoint, the body (a JSON body exactly as the caller sent
+//! it, forwarded byte for byte while nothing is changed, so unknown parameters always reach the upstream; a
+//! multipart form part by part), typed read access to the fields the gateway needs, and the body as it goes
+//! upstream ([`Outgoing`], written once, when it is sent). `null` reads as absent, as OpenAI treats it.
 
 mod json;
 
@@ -52,13 +53,73 @@ pub struct ImageRequest {
     pub body: RequestBody,
 }
 
-/// The body: raw bytes for forwarding plus a parsed view for reading.
+/// The body: what the caller sent, parsed for reading. Changing a field changes only the parsed view; the
+/// body the upstream receives is written from it once, when it is sent ([`ImageRequest::outgoing`]).
 #[derive(Debug, Clone)]
 pub enum RequestBody {
-    /// `application/json`: generations, and the JSON form of edits.
-    Json { raw: Bytes, fields: Map<String, Value> },
-    /// `multipart/form-data`: edits and variations. `content_type` carries the boundary.
-    Multipart { raw: Bytes, content_type: String, form: Form },
+    /// `application/json`: generations, and the JSON form of edits. `raw` is the caller's body while it still
+    /// says what `fields` says (forwarded byte for byte); `None` once a field was set or removed.
+    Json { raw: Option<Bytes>, fields: Map<String, Value> },
+    /// `multipart/form-data`: edits and variations. Always written afresh for the upstream, under a boundary of
+    /// imagegate's own, with each part's data forwarded as the slice it was received as.
+    Multipart { form: Form },
+}
+
+/// A request body as it goes upstream: its chunks in order (a form's part data are the slices they were
+/// received as, not copied into one buffer), their total length and the content type.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub content_type: String,
+    pub chunks: Vec<Bytes>,
+    pub len: u64,
+}
+
+impl Outgoing {
+    fn whole(content_type: &str, body: Bytes) -> Self {
+        Self { content_type: content_type.to_owned(), len: body.len() as u64, chunks: vec![body] }
+    }
+
+    /// The body in one buffer (a copy unless it is one chunk): for tests, fuzzing and fingerprints of small
+    /// bodies, never for forwarding.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [one] => one.clone(),
+            chunks => {
+                let mut out = Vec::with_capacity(usize::try_from(self.len).unwrap_or(0));
+                for chunk in chunks {
+                    out.extend_from_slice(chunk);
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+}
+
+/// A JSON object serialized with one field set: in its place if present, else last (as `Map::insert` would
+/// leave it), without copying the map.
+struct WithField<'a> {
+    fields: &'a Map<String, Value>,
+    name: &'a str,
+    value: &'a str,
+}
+
+impl serde::Serialize for WithField<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let present = self.fields.contains_key(self.name);
+        let mut map = serializer.serialize_map(Some(self.fields.len() + usize::from(!present)))?;
+        for (key, value) in self.fields {
+            if key == self.name {
+                map.serialize_entry(key, self.value)?;
+            } else {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        if !present {
+            map.serialize_entry(self.name, self.value)?;
+        }
+        map.end()
+    }
 }
 
 /// A parsed multipart form, parts in the order they arrived.
@@ -101,52 +162,56 @@ impl Form {
 }
 
 impl Form {
-    /// Encode as `multipart/form-data` with a fresh boundary: (body, content type).
+    /// Encode as `multipart/form-data` with a fresh boundary, in one buffer: (body, content type). For tests
+    /// and tools; requests go upstream as [`Form::outgoing`].
     pub fn encode(&self) -> (Bytes, String) {
-        let (body, content_type, _) = self.encode_with_spans();
-        (body, content_type)
+        let outgoing = self.outgoing(None);
+        (outgoing.to_bytes(), outgoing.content_type)
     }
 
-    /// This form as the upstream will receive it: encoded afresh (one boundary of imagegate's own, one
-    /// canonical header per part), with every part's data now a slice of the new body, so the caller's body
-    /// can be freed. What the upstream parses is then exactly what was validated, whatever tricks the
-    /// caller's encoding played (two `boundary` parameters, a form hidden inside a file).
-    pub fn reencoded(self) -> (Self, Bytes, String) {
-        let (body, content_type, spans) = self.encode_with_spans();
-        let parts = self
-            .parts
-            .into_iter()
-            .zip(spans)
-            .map(|(part, (start, end))| Part { data: body.slice(start..end), ..part })
-            .collect();
-        (Self { parts }, body, content_type)
-    }
-
-    /// The encoding, and where each part's data sits in it.
-    fn encode_with_spans(&self) -> (Bytes, String, Vec<(usize, usize)>) {
+    /// This form as the upstream receives it: under a fresh boundary of imagegate's own, one canonical header
+    /// per part, each part's data the slice it is held as (no copy), and with `set` (a text field's name and
+    /// value) replacing any text part of that name, last. What the upstream parses is then exactly what was
+    /// validated, whatever tricks the caller's encoding played (two `boundary` parameters, a form hidden
+    /// inside a file).
+    pub fn outgoing(&self, set: Option<(&str, &str)>) -> Outgoing {
         let boundary = format!("imagegate-{}", hex::encode(rand::random::<[u8; 12]>()));
-        let size: usize = self.parts.iter().map(|p| p.data.len() + p.name.len() + 160).sum();
-        let mut out = Vec::with_capacity(size + boundary.len() + 8);
-        let mut spans = Vec::with_capacity(self.parts.len());
-        for part in &self.parts {
-            out.extend_from_slice(
+        let mut chunks = Vec::with_capacity(self.parts.len() * 2 + 2);
+        let mut head = Vec::new();
+        let mut len = 0u64;
+        let mut push = |chunks: &mut Vec<Bytes>, chunk: Bytes| {
+            len += chunk.len() as u64;
+            chunks.push(chunk);
+        };
+        let set_part = set.map(|(name, value)| Part {
+            name: name.to_owned(),
+            file_name: None,
+            content_type: None,
+            data: Bytes::copy_from_slice(value.as_bytes()),
+        });
+        let kept = self.parts.iter().filter(|p| set.is_none_or(|(name, _)| p.name != name || p.is_file()));
+        for part in kept.chain(set_part.as_ref()) {
+            // Each part's header follows the previous part's data (and its CRLF) in one small buffer.
+            head.extend_from_slice(
                 format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", quote(&part.name)).as_bytes(),
             );
             if let Some(file_name) = &part.file_name {
-                out.extend_from_slice(format!("; filename=\"{}\"", quote(file_name)).as_bytes());
+                head.extend_from_slice(format!("; filename=\"{}\"", quote(file_name)).as_bytes());
             }
-            out.extend_from_slice(b"\r\n");
+            head.extend_from_slice(b"\r\n");
             if let Some(ct) = &part.content_type {
-                out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
+                head.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
             }
-            out.extend_from_slice(b"\r\n");
-            let start = out.len();
-            out.extend_from_slice(&part.data);
-            spans.push((start, out.len()));
-            out.extend_from_slice(b"\r\n");
+            head.extend_from_slice(b"\r\n");
+            push(&mut chunks, Bytes::from(std::mem::take(&mut head)));
+            if !part.data.is_empty() {
+                push(&mut chunks, part.data.clone());
+            }
+            head.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        (Bytes::from(out), format!("multipart/form-data; boundary={boundary}"), spans)
+        head.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        push(&mut chunks, Bytes::from(head));
+        Outgoing { content_type: format!("multipart/form-data; boundary={boundary}"), chunks, len }
     }
 }
 
@@ -210,17 +275,17 @@ impl ImageRequest {
         let Value::Object(fields) = value else {
             return Err(ApiError::invalid("The request body must be a JSON object.", None));
         };
-        Ok(Self { endpoint, body: RequestBody::Json { raw, fields } })
+        Ok(Self { endpoint, body: RequestBody::Json { raw: Some(raw), fields } })
     }
 
     /// An empty JSON request, standing in for a body that could not be read (usage records of refusals).
     pub fn empty(endpoint: Endpoint) -> Self {
-        Self { endpoint, body: RequestBody::Json { raw: Bytes::new(), fields: Map::new() } }
+        Self { endpoint, body: RequestBody::Json { raw: Some(Bytes::new()), fields: Map::new() } }
     }
 
     /// A multipart request whose form is already parsed (see `images::multipart`).
-    pub fn from_form(endpoint: Endpoint, raw: Bytes, content_type: String, form: Form) -> Self {
-        Self { endpoint, body: RequestBody::Multipart { raw, content_type, form } }
+    pub fn from_form(endpoint: Endpoint, form: Form) -> Self {
+        Self { endpoint, body: RequestBody::Multipart { form } }
     }
 
     /// A field as a string, whatever the body type (numbers and booleans as written). `null` is `None`.
@@ -259,40 +324,48 @@ impl ImageRequest {
         self.field("n").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok()).unwrap_or(1)
     }
 
-    /// Raw body and its content type, for forwarding.
-    pub fn raw(&self) -> (&Bytes, &str) {
+    /// The body as the upstream receives it, with `user` set to `user` when given: the one place a body is
+    /// written. A JSON body nothing changed goes out as the caller's bytes; otherwise it is serialized from
+    /// its fields (every other key kept, in order). A form is written part by part ([`Form::outgoing`]).
+    pub fn outgoing(&self, user: Option<&str>) -> Outgoing {
+        const JSON: &str = "application/json";
         match &self.body {
-            RequestBody::Json { raw, .. } => (raw, "application/json"),
-            RequestBody::Multipart { raw, content_type, .. } => (raw, content_type.as_str()),
+            RequestBody::Json { raw: Some(raw), .. } if user.is_none() => Outgoing::whole(JSON, raw.clone()),
+            RequestBody::Json { fields, raw } => {
+                let written = match user {
+                    Some(value) => serde_json::to_vec(&WithField { fields, name: "user", value }),
+                    None => serde_json::to_vec(fields),
+                };
+                // Serializing a map of JSON values cannot fail; keep the caller's body if it somehow does.
+                let body = written.map(Bytes::from).unwrap_or_else(|_| raw.clone().unwrap_or_default());
+                Outgoing::whole(JSON, body)
+            }
+            RequestBody::Multipart { form } => form.outgoing(user.map(|u| ("user", u))),
         }
     }
 
-    /// This request with field `name` set to `value` (`None` removes it), its raw body re-encoded. JSON keeps
-    /// every other key and their order; multipart keeps every other part, in order, byte for byte.
-    /// The request with these file parts (by index in the form) declaring these types; the body is
-    /// re-encoded only when a part changes. JSON bodies are unchanged.
+    /// The request with these file parts (by index in the form) declaring these types. JSON bodies are
+    /// unchanged.
     pub fn with_part_types(self, types: &[(usize, &str)]) -> Self {
         match self.body {
-            RequestBody::Multipart { mut form, raw, content_type } => {
-                let mut changed = false;
+            RequestBody::Multipart { mut form } => {
                 for (index, mime) in types {
-                    if let Some(part) = form.parts.get_mut(*index)
-                        && part.content_type.as_deref() != Some(*mime)
-                    {
+                    if let Some(part) = form.parts.get_mut(*index) {
                         part.content_type = Some((*mime).to_owned());
-                        changed = true;
                     }
                 }
-                let (raw, content_type) = if changed { form.encode() } else { (raw, content_type) };
-                Self { endpoint: self.endpoint, body: RequestBody::Multipart { raw, content_type, form } }
+                Self { endpoint: self.endpoint, body: RequestBody::Multipart { form } }
             }
             body => Self { endpoint: self.endpoint, body },
         }
     }
 
+    /// This request with field `name` set to `value` (`None` removes it). JSON keeps every other key and
+    /// their order; multipart keeps every other part, in order, and puts the field last. Nothing is encoded
+    /// here: the upstream's body is written when it is sent.
     pub fn with_field(self, name: &str, value: Option<&str>) -> Self {
         match self.body {
-            RequestBody::Json { mut fields, raw } => {
+            RequestBody::Json { mut fields, .. } => {
                 match value {
                     Some(v) => {
                         fields.insert(name.to_owned(), Value::String(v.to_owned()));
@@ -301,11 +374,9 @@ impl ImageRequest {
                         fields.shift_remove(name);
                     }
                 }
-                // Serializing a map of JSON values cannot fail; keep the original body if it somehow does.
-                let raw = serde_json::to_vec(&fields).map(Bytes::from).unwrap_or(raw);
-                Self { endpoint: self.endpoint, body: RequestBody::Json { raw, fields } }
+                Self { endpoint: self.endpoint, body: RequestBody::Json { raw: None, fields } }
             }
-            RequestBody::Multipart { mut form, .. } => {
+            RequestBody::Multipart { mut form } => {
                 form.parts.retain(|p| p.name != name || p.is_file());
                 if let Some(v) = value {
                     form.parts.push(Part {
@@ -315,8 +386,7 @@ impl ImageRequest {
                         data: Bytes::from(v.to_owned()),
                     });
                 }
-                let (raw, content_type) = form.encode();
-                Self { endpoint: self.endpoint, body: RequestBody::Multipart { raw, content_type, form } }
+                Self { endpoint: self.endpoint, body: RequestBody::Multipart { form } }
             }
         }
     }
@@ -359,14 +429,30 @@ mod tests {
     fn with_field_rewrites_json_keeping_every_other_key_in_order() {
         let raw = br#"{"model":"gpt-image-1","response_format":"url","prompt":"a","future":{"x":[1,2]}}"#;
         let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(raw)).unwrap();
+        assert_eq!(req.outgoing(None).to_bytes().as_ref(), raw, "unchanged: the caller's bytes");
         let stripped = req.clone().with_field("response_format", None);
-        assert_eq!(stripped.raw().0.as_ref(), br#"{"model":"gpt-image-1","prompt":"a","future":{"x":[1,2]}}"#);
+        let expected = br#"{"model":"gpt-image-1","prompt":"a","future":{"x":[1,2]}}"#;
+        assert_eq!(stripped.outgoing(None).to_bytes().as_ref(), expected);
         let set = req.with_field("response_format", Some("b64_json"));
         assert_eq!(set.field_str("response_format").as_deref(), Some("b64_json"));
     }
 
+    #[test]
+    fn user_is_set_where_with_field_would_set_it_without_copying_the_fields() {
+        for raw in [
+            &br#"{"model":"dall-e-2","user":"caller","prompt":"a"}"#[..],
+            br#"{"model":"dall-e-2","user":null,"prompt":"a"}"#,
+            br#"{"model":"dall-e-2","prompt":"a","future":[1,{"b":2}]}"#,
+            br#"{}"#,
+        ] {
+            let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(raw)).unwrap();
+            let by_field = req.clone().with_field("user", Some("u-1")).outgoing(None).to_bytes();
+            assert_eq!(req.outgoing(Some("u-1")).to_bytes(), by_field, "{}", String::from_utf8_lossy(raw));
+        }
+    }
+
     #[tokio::test]
-    async fn with_field_reencodes_multipart_with_every_other_part_byte_for_byte() {
+    async fn a_form_goes_out_with_every_other_part_byte_for_byte_and_its_data_not_copied() {
         let image = Bytes::from_static(b"\x89PNG\r\n\x1a\n binary \r\n--not-a-boundary\r\n");
         let form = Form {
             parts: vec![
@@ -396,12 +482,16 @@ mod tests {
                 },
             ],
         };
-        let (raw, content_type) = form.encode();
-        let req = ImageRequest::from_form(Endpoint::Edits, raw, content_type, form).with_field("response_format", None);
-        let (raw, content_type) = req.raw();
-        let parsed = crate::images::multipart::parse(content_type, raw.clone()).await.unwrap();
+        let req = ImageRequest::from_form(Endpoint::Edits, form).with_field("response_format", None);
+        let outgoing = req.outgoing(Some("u-1"));
+        // The files go out as the very buffers the form holds.
+        let shared = outgoing.chunks.iter().filter(|c| c.as_ptr() == image.as_ptr()).count();
+        assert_eq!(shared, 2, "each file's data is forwarded as the slice it is held as");
+        assert_eq!(outgoing.len, outgoing.chunks.iter().map(|c| c.len() as u64).sum::<u64>());
+        let parsed = crate::images::multipart::parse(&outgoing.content_type, outgoing.to_bytes()).await.unwrap();
         let names: Vec<&str> = parsed.parts.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["model", "image[]", "image[]"]);
+        assert_eq!(names, ["model", "image[]", "image[]", "user"]);
+        assert_eq!(parsed.text("user"), Some("u-1"));
         assert_eq!(parsed.parts[1].data, image);
         assert_eq!(parsed.parts[1].file_name.as_deref(), Some("a %22b%22.png"));
         assert_eq!(parsed.parts[2].content_type.as_deref(), Some("image/png"));
@@ -429,7 +519,7 @@ mod tests {
             let form = Form {
                 parts: vec![Part { name: "n".into(), file_name: None, content_type: None, data: Bytes::from(text) }],
             };
-            let req = ImageRequest::from_form(Endpoint::Edits, Bytes::new(), String::new(), form);
+            let req = ImageRequest::from_form(Endpoint::Edits, form);
             assert_eq!(req.n(), n, "{text:?}");
         }
     }

@@ -10,7 +10,7 @@ use crate::domain::TenantContext;
 use crate::images::request::ImageRequest;
 use crate::pricing::{Metered, Prices};
 use crate::upstream::{ReplyBody, UpstreamReply};
-use crate::wire::ResponseCounts;
+use crate::wire::AnswerFacts;
 use crate::wire::headers;
 
 /// What one request used.
@@ -102,17 +102,21 @@ impl UsageRecord {
         self.finish(status, started)
     }
 
-    /// Close the record from a whole upstream answer: images, tokens and cost from a 2xx body.
-    pub fn finish_reply(mut self, reply: &UpstreamReply, prices: &Prices, started: Instant) -> Self {
+    /// Close the record from a whole upstream answer: images, tokens and cost from a 2xx body, as `facts`
+    /// read it (the pipeline reads each answer once, [`AnswerFacts::read`]).
+    pub fn finish_reply(
+        mut self,
+        reply: &UpstreamReply,
+        facts: Option<&AnswerFacts>,
+        prices: &Prices,
+        started: Instant,
+    ) -> Self {
         if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
             self.refused_by = Some(REFUSED_BY_UPSTREAM);
         }
         self.note_upstream_request_id(&reply.headers);
-        if let (true, ReplyBody::Full(body)) = (reply.status.is_success(), &reply.body)
-            && let Ok(counts) = serde_json::from_slice::<ResponseCounts>(body)
-        {
-            let images = u32::try_from(counts.data.len()).unwrap_or(u32::MAX);
-            self.add_output(images, counts.usage.as_ref(), prices);
+        if let (true, ReplyBody::Full(_), Some(facts)) = (reply.status.is_success(), &reply.body, facts) {
+            self.add_output(facts.images, facts.usage.as_ref(), prices);
         }
         self.finish(reply.status.as_u16(), started)
     }

@@ -32,7 +32,13 @@ pub type ReplayKey = [u8; 32];
 /// the same form with a new boundary).
 pub fn fingerprint(request: &crate::images::request::ImageRequest) -> std::borrow::Cow<'_, [u8]> {
     use sha2::{Digest, Sha256};
-    let Some(form) = request.form() else { return std::borrow::Cow::Borrowed(&request.raw().0[..]) };
+    let Some(form) = request.form() else {
+        return match &request.body {
+            // The caller's bytes while nothing changed them, without a copy; else the body as written.
+            crate::images::request::RequestBody::Json { raw: Some(raw), .. } => std::borrow::Cow::Borrowed(&raw[..]),
+            _ => std::borrow::Cow::Owned(request.outgoing(None).to_bytes().to_vec()),
+        };
+    };
     let mut hasher = Sha256::new();
     for part in &form.parts {
         for field in [

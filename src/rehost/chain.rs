@@ -37,12 +37,10 @@ impl Rehoster {
                 if let Some(mask) = fields.get_mut("mask") {
                     changed |= self.resolve_ref(mask, "mask.image_url", tenant).await?;
                 }
-                // Serializing a map of JSON values cannot fail; keep the original body if it somehow does.
-                let raw = if changed { serde_json::to_vec(&fields).map(Bytes::from).unwrap_or(raw) } else { raw };
-                RequestBody::Json { raw, fields }
+                // The body is written from the fields when it goes upstream.
+                RequestBody::Json { raw: if changed { None } else { raw }, fields }
             }
-            RequestBody::Multipart { raw, content_type, mut form } => {
-                let mut changed = false;
+            RequestBody::Multipart { mut form } => {
                 for part in form.parts.iter_mut().filter(|p| !p.is_file()) {
                     if !(is_image_field(&part.name) || part.name == "mask") {
                         continue;
@@ -53,11 +51,9 @@ impl Rehoster {
                         part.file_name = Some(format!("image.{ext}"));
                         part.content_type = Some(mime);
                         part.data = bytes;
-                        changed = true;
                     }
                 }
-                let (raw, content_type) = if changed { form.encode() } else { (raw, content_type) };
-                RequestBody::Multipart { raw, content_type, form }
+                RequestBody::Multipart { form }
             }
         };
         Ok(Some(ImageRequest { endpoint, body }))

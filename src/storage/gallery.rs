@@ -147,6 +147,7 @@ mod tests {
             model: "gpt-image-1",
             request_id: "req",
             bytes,
+            sha256: None,
             retention: Duration::from_secs(60),
         }
     }

@@ -626,7 +626,7 @@ mod tests {
     }
 
     fn form_req(endpoint: Endpoint, parts: Vec<Part>) -> ImageRequest {
-        ImageRequest::from_form(endpoint, Bytes::new(), "multipart/form-data; boundary=x".to_owned(), Form { parts })
+        ImageRequest::from_form(endpoint, Form { parts })
     }
 
     async fn send(req: &ImageRequest) -> UpstreamReply {

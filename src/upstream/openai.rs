@@ -19,7 +19,7 @@ use url::Url;
 
 use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
 use crate::config::{Secret, UpstreamAuth, UpstreamRoute, UpstreamSettings};
-use crate::images::request::ImageRequest;
+use crate::images::request::{ImageRequest, Outgoing};
 use crate::wire::headers;
 
 /// The HTTP upstream.
@@ -83,14 +83,13 @@ impl OpenAiUpstream {
         url
     }
 
-    fn build(&self, request: &ImageRequest, attribution: &Attribution) -> reqwest::RequestBuilder {
-        let (raw, content_type) = request.raw();
+    fn build(&self, request: &ImageRequest, body: &Outgoing, attribution: &Attribution) -> reqwest::RequestBuilder {
         let mut builder = self
             .client
             .post(self.url(request))
-            .header(CONTENT_TYPE, content_type)
+            .header(CONTENT_TYPE, &body.content_type)
             .header(ACCEPT, "application/json")
-            .body(raw.clone());
+            .body(ChunkedBody::of(body));
         if !self.query.is_empty() {
             builder = builder.query(&self.query);
         }
@@ -116,9 +115,10 @@ impl OpenAiUpstream {
     async fn send_once(
         &self,
         request: &ImageRequest,
+        body: &Outgoing,
         attribution: &Attribution,
     ) -> Result<reqwest::Response, reqwest::Error> {
-        self.build(request, attribution).send().await
+        self.build(request, body, attribution).send().await
     }
 
     /// Send, retrying failed connects, until response headers arrive or `deadline` passes.
@@ -128,9 +128,11 @@ impl OpenAiUpstream {
         attribution: &Attribution,
         deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
+        // Written once for every attempt: the attempts share its chunks.
+        let body = request.outgoing(attribution.user.as_deref());
         let mut attempt = 0;
         loop {
-            match tokio::time::timeout_at(deadline, self.send_once(request, attribution)).await {
+            match tokio::time::timeout_at(deadline, self.send_once(request, &body, attribution)).await {
                 // The body went out (connects fail within `connect_timeout`, shorter than the deadline) and no
                 // answer came: the upstream may be generating.
                 Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
@@ -234,7 +236,10 @@ async fn read_capped(mut response: reqwest::Response, limit: u64) -> Result<Byte
     {
         return Err(Capped::Over(Some(declared)));
     }
-    let mut body = bytes::BytesMut::new();
+    // The declared length (within the limit) is reserved at once: the answer is copied once, not again each
+    // time a growing buffer doubles.
+    let declared = response.content_length().map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    let mut body = bytes::BytesMut::with_capacity(declared);
     while let Some(chunk) = response.chunk().await.map_err(Capped::Http)? {
         if (body.len() + chunk.len()) as u64 > limit {
             return Err(Capped::Over(None));
@@ -242,6 +247,46 @@ async fn read_capped(mut response: reqwest::Response, limit: u64) -> Result<Byte
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// A request body sent as the chunks it is held in ([`Outgoing`]), with its exact length (so it goes with a
+/// `Content-Length`, as one buffer would): a form's file data is not copied into one buffer to be sent.
+struct ChunkedBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    left: u64,
+}
+
+impl ChunkedBody {
+    fn of(body: &Outgoing) -> reqwest::Body {
+        match body.chunks.as_slice() {
+            [one] => reqwest::Body::from(one.clone()),
+            chunks => reqwest::Body::wrap(Self { chunks: chunks.iter().cloned().collect(), left: body.len }),
+        }
+    }
+}
+
+impl http_body::Body for ChunkedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.chunks.pop_front().map(|chunk| {
+            self.left = self.left.saturating_sub(chunk.len() as u64);
+            Ok(http_body::Frame::data(chunk))
+        });
+        std::task::Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
 }
 
 /// The error and its causes, without the URL: reqwest's message names it, query included, and the query may
