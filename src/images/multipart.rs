@@ -91,6 +91,15 @@ pub async fn parse_chunks(content_type: &str, chunks: Vec<Bytes>) -> Result<Form
         let Some(name) = field.name().map(str::to_owned) else {
             return Err(ApiError::invalid("Invalid multipart/form-data request: a part has no field name.", None));
         };
+        // A name holding `;` or `=` reads as more parameters to some parsers (a part named `x; filename=` is a
+        // file to multer once written back); no OpenAI field is named so, and what goes upstream must be the
+        // form validated here.
+        if name.contains([';', '=']) {
+            return Err(ApiError::invalid(
+                "Invalid multipart/form-data request: a part's name contains ';' or '='.",
+                None,
+            ));
+        }
         let file_name = field.file_name().map(str::to_owned);
         if file_name.is_some() && TEXT_FIELDS.contains(&name.as_str()) {
             return Err(ApiError::invalid(
@@ -185,6 +194,22 @@ mod tests {
         }
         out.extend_from_slice(format!("--{b}--\r\n").as_bytes());
         (format!("multipart/form-data; boundary={b}"), Bytes::from(out))
+    }
+
+    /// Found by `cargo fuzz` (corpus `regression-name-with-filename-param`): a text part named
+    /// `x; filename=` came back from its own re-encoding as a file part, so the form forwarded was not the
+    /// form validated. Such names are refused; file names may hold `;` and `=`.
+    #[tokio::test]
+    async fn a_part_name_that_reads_as_parameters_is_refused() {
+        for name in ["note; filename=", "note filename=x", "a=b", "a;b"] {
+            let (ct, raw) = body(&[("prompt", None, b"x"), (name, None, b"text")]);
+            let err = parse(&ct, raw).await.expect_err(name);
+            assert_eq!(err.status().as_u16(), 400, "{name}");
+            assert!(err.client_message().contains("name contains"), "{name}: {}", err.client_message());
+        }
+        let (ct, raw) = body(&[("image", Some("a; b=c.png"), b"\x89PNG")]);
+        let form = parse(&ct, raw).await.unwrap();
+        assert_eq!(form.parts[0].file_name.as_deref(), Some("a; b=c.png"));
     }
 
     #[tokio::test]
