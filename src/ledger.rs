@@ -580,25 +580,31 @@ fn insert_sql(backend: Backend, rows: usize) -> &'static str {
 }
 
 fn build_insert_sql(backend: Backend, rows: usize) -> String {
-    use std::fmt::Write as _;
     let mut sql = String::with_capacity(INSERT_HEAD.len() + rows * COLUMNS * 6);
     sql.push_str(INSERT_HEAD);
+    push_values(&mut sql, backend, rows, COLUMNS);
+    sql
+}
+
+/// Appends the placeholders of a multi-row `VALUES` list, `rows` tuples of `columns` each: `(?, ?), (?, ?)` on
+/// SQLite, `($1, $2), ($3, $4)` on PostgreSQL.
+fn push_values(sql: &mut String, backend: Backend, rows: usize, columns: usize) {
+    use std::fmt::Write as _;
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
-        for c in 0..COLUMNS {
+        for c in 0..columns {
             if c > 0 {
                 sql.push_str(", ");
             }
             match backend {
                 Backend::Sqlite => sql.push('?'),
                 Backend::Postgres => {
-                    let _ = write!(sql, "${}", row * COLUMNS + c + 1);
+                    let _ = write!(sql, "${}", row * columns + c + 1);
                 }
             }
         }
         sql.push(')');
     }
-    sql
 }
 
 /// The rows of each INSERT that writes `rows` rows: full statements of [`ROWS_PER_STATEMENT`], then the rest in

@@ -66,26 +66,11 @@ pub fn totals(rows: &[UsageRecord]) -> BTreeMap<(i64, &str, &str), DayTotals> {
 const COLUMNS: usize = 10;
 
 fn upsert_sql(backend: Backend, rows: usize) -> String {
-    use std::fmt::Write as _;
     let mut sql = String::from(
         "INSERT INTO usage_daily (day, tenant_id, model, requests, images, images_billed, cost_usd, cache_hits, \
          refused, errors) VALUES ",
     );
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for c in 0..COLUMNS {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            match backend {
-                Backend::Sqlite => sql.push('?'),
-                Backend::Postgres => {
-                    let _ = write!(sql, "${}", row * COLUMNS + c + 1);
-                }
-            }
-        }
-        sql.push(')');
-    }
+    super::push_values(&mut sql, backend, rows, COLUMNS);
     sql.push_str(
         " ON CONFLICT (day, tenant_id, model) DO UPDATE SET requests = usage_daily.requests + excluded.requests, \
          images = usage_daily.images + excluded.images, \
