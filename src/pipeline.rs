@@ -499,7 +499,10 @@ impl ImagesService {
     /// here and in the shared cache, so the request is answered anew instead. When the database cannot say,
     /// the hit is served: a new answer would cost an upstream call, and could not be re-hosted either.
     async fn still_linkable(&self, answer: &Answer, lookup: &Lookup) -> bool {
-        if answer.images == Some(0) {
+        // Only an answer naming a `url` can link to a stored image. A cached answer with links holds imagegate's
+        // own links only (others are never stored), written by re-hosting as a plain `"url"` key, so a byte
+        // search spares every hit on a cached base64 answer a scan through its megabytes.
+        if answer.images == Some(0) || memchr::memmem::find(&answer.body, br#""url""#).is_none() {
             return true;
         }
         let links = answer.links().unwrap_or_default();
