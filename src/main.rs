@@ -11,7 +11,9 @@ use imagegate::{server, telemetry};
 
 /// mimalloc instead of the system allocator: a request allocates and frees hundreds of small objects across
 /// threads, and glibc's malloc/free were ~15 % of the gateway's instructions per request (callgrind,
-/// docs/performance.md).
+/// docs/performance.md). The `system-allocator` feature (profiling only) leaves the system allocator in place
+/// so that heap profilers hooking malloc see the gateway's allocations.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
