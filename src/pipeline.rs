@@ -290,7 +290,9 @@ impl ImagesService {
             Ok(None) => request,
             Err(e) => {
                 let call = new_call(&request, meta, request.model());
-                return Err(self.refuse_unreserved(&call, e).await);
+                // Boxed, here and for every refusal below: a path few requests take stays out of the size of
+                // every request's future, which a held request keeps for minutes (docs/performance.md).
+                return Err(Box::pin(self.refuse_unreserved(&call, e)).await);
             }
         };
         // 1. Validate against the model's rules (structural checks happened while parsing).
@@ -298,7 +300,7 @@ impl ImagesService {
             Ok(v) => v,
             Err(e) => {
                 let call = new_call(&request, meta, request.model());
-                return Err(self.refuse_unreserved(&call, e).await);
+                return Err(Box::pin(self.refuse_unreserved(&call, e)).await);
             }
         };
         let span = tracing::Span::current();
@@ -312,7 +314,7 @@ impl ImagesService {
         // 2. The tenant may use this model, and the budgets can count what it costs.
         let cost = match self.authorise(ctx, &request, &validated) {
             Ok(cost) => cost,
-            Err(e) => return Err(self.refuse_unreserved(&call, e).await),
+            Err(e) => return Err(Box::pin(self.refuse_unreserved(&call, e)).await),
         };
         // The caller's format decides what goes upstream (GPT image models never see response_format) and is
         // part of the cache key.
@@ -406,28 +408,33 @@ impl ImagesService {
         );
         let keyed = call.meta.idempotency_key.is_some();
         let says_retry = call.meta.sdk_retry || keyed;
-        let (this, mut own) = (self.clone(), call.clone());
-        let task = async move {
-            if let Err(e) = this.acquire(&mut own, Demand::whole(images, cost)).await {
-                return Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass)));
-            }
-            match this.fetch(&own, &request).await {
-                Ok((reply, record, facts)) => {
-                    let mut reply = this.meter(reply, record, facts.as_ref(), &own);
-                    let images = facts.map(|f| f.images);
-                    set_cache_header(&mut reply.headers, Outcome::Bypass);
-                    let UpstreamReply { status, headers, body } = reply;
-                    // Streams never come this way (`replayed` takes whole answers only).
-                    let body = match body {
-                        ReplyBody::Full(body) => body,
-                        ReplyBody::Stream(_) => bytes::Bytes::new(),
-                    };
-                    Replayed::Answer(Arc::new(Kept { status, headers, body, images }))
+        // In a block: the task is moved into its own tokio task at once, and nothing of it stays in this
+        // future while the caller waits.
+        let waiting = {
+            let (this, mut own) = (self.clone(), call.clone());
+            let task = async move {
+                if let Err(e) = this.acquire(&mut own, Demand::whole(images, cost)).await {
+                    return Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass)));
                 }
-                Err(e) => Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass))),
-            }
+                match this.fetch(&own, &request).await {
+                    Ok((reply, record, facts)) => {
+                        let mut reply = this.meter(reply, record, facts.as_ref(), &own);
+                        let images = facts.map(|f| f.images);
+                        set_cache_header(&mut reply.headers, Outcome::Bypass);
+                        let UpstreamReply { status, headers, body } = reply;
+                        // Streams never come this way (`replayed` takes whole answers only).
+                        let body = match body {
+                            ReplyBody::Full(body) => body,
+                            ReplyBody::Stream(_) => bytes::Bytes::new(),
+                        };
+                        Replayed::Answer(Arc::new(Kept { status, headers, body, images }))
+                    }
+                    Err(e) => Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass))),
+                }
+            };
+            window.run(key, says_retry, keyed, task, Replayed::kept)
         };
-        let (result, role) = window.run(key, says_retry, keyed, task, Replayed::kept).await;
+        let (result, role) = waiting.await;
         let result = result.unwrap_or_else(|| {
             let e = ApiError::Internal(anyhow::anyhow!("the upstream call's task ended without an answer"));
             Replayed::Failed(Arc::new(Failure::from(e)))
@@ -506,7 +513,8 @@ impl ImagesService {
             return true;
         }
         let links = answer.links().unwrap_or_default();
-        let live = match self.rehoster.own_links_live(&links).await {
+        // Boxed, as the forgetting below: this future is part of every request's, and most never come here.
+        let live = match Box::pin(self.rehoster.own_links_live(&links)).await {
             Ok(live) => live,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check a cached answer's links; serving it");
@@ -515,7 +523,7 @@ impl ImagesService {
         };
         if !live {
             tracing::info!(kind = "cache.dead_link", "a cached answer links to a deleted image; answering anew");
-            self.cache.forget(&lookup.key).await;
+            Box::pin(self.cache.forget(&lookup.key)).await;
         }
         live
     }

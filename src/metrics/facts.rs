@@ -9,6 +9,8 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use futures::future::Either;
+
 /// What is known about one request so far.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
@@ -34,8 +36,12 @@ tokio::task_local! {
 }
 
 /// Run `future` with `slot` as the request's facts.
-pub async fn scope<F: Future>(slot: Slot, future: F) -> F::Output {
-    FACTS.scope(slot, future).await
+///
+/// Here and in [`carry`], the scope is returned as it is rather than awaited in an `async` block: such a block
+/// keeps its argument and the scope it was moved into side by side, twice the future's size for as long as it
+/// runs (a held request's call is kilobytes, docs/performance.md).
+pub fn scope<F: Future>(slot: Slot, future: F) -> impl Future<Output = F::Output> {
+    FACTS.scope(slot, future)
 }
 
 /// Note something about the current request; does nothing outside one.
@@ -49,12 +55,9 @@ pub fn note(f: impl FnOnce(&mut Facts)) {
 
 /// `future`, noting into the current request's slot (if any) wherever it runs.
 pub fn carry<F: Future>(future: F) -> impl Future<Output = F::Output> {
-    let slot = FACTS.try_with(Arc::clone).ok();
-    async move {
-        match slot {
-            Some(slot) => FACTS.scope(slot, future).await,
-            None => future.await,
-        }
+    match FACTS.try_with(Arc::clone) {
+        Ok(slot) => Either::Left(FACTS.scope(slot, future)),
+        Err(_) => Either::Right(future),
     }
 }
 

@@ -161,14 +161,18 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
     /// leave the window at once (so it holds only what nobody got), unless `keep_delivered` (the request has an
     /// `Idempotency-Key`, whose repeats get the same answer for the whole window). `None` only when the call's
     /// task ended without a result (a panic, the runtime shutting down).
-    pub async fn run<F>(
+    ///
+    /// The decision is taken (and the call's task started) when `run` is called; the future returned only waits
+    /// for the result. An `async fn` would keep `call`, whole, in its own state for as long as its caller waits:
+    /// kilobytes per held request (docs/performance.md).
+    pub fn run<F>(
         &self,
         key: ReplayKey,
         says_retry: bool,
         keep_delivered: bool,
         call: F,
         kept: fn(&T) -> Kept,
-    ) -> (Option<T>, Role)
+    ) -> impl Future<Output = (Option<T>, Role)> + Send + '_
     where
         F: Future<Output = T> + Send + 'static,
     {
@@ -200,16 +204,18 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
             }
         };
         let waiting = Waiting(entry);
-        let result = waiting.0.result.clone().await;
-        if let Some(result) = &result
-            && kept(result) == Kept::Images
-        {
-            waiting.0.delivered.store(true, Ordering::SeqCst);
-            if !keep_delivered {
-                self.forget(&key, &waiting.0);
+        async move {
+            let result = waiting.0.result.clone().await;
+            if let Some(result) = &result
+                && kept(result) == Kept::Images
+            {
+                waiting.0.delivered.store(true, Ordering::SeqCst);
+                if !keep_delivered {
+                    self.forget(&key, &waiting.0);
+                }
             }
+            (result, role)
         }
-        (result, role)
     }
 
     fn may_attach(&self, entry: &Entry<T>, says_retry: bool) -> bool {

@@ -31,11 +31,11 @@ impl Rehoster {
                 let mut changed = false;
                 if let Some(Value::Array(items)) = fields.get_mut("images") {
                     for (i, item) in items.iter_mut().enumerate() {
-                        changed |= self.resolve_ref(item, &format!("images[{i}].image_url"), tenant).await?;
+                        changed |= Box::pin(self.resolve_ref(item, &format!("images[{i}].image_url"), tenant)).await?;
                     }
                 }
                 if let Some(mask) = fields.get_mut("mask") {
-                    changed |= self.resolve_ref(mask, "mask.image_url", tenant).await?;
+                    changed |= Box::pin(self.resolve_ref(mask, "mask.image_url", tenant)).await?;
                 }
                 // The body is written from the fields when it goes upstream.
                 RequestBody::Json { raw: if changed { None } else { raw }, fields }
@@ -46,7 +46,7 @@ impl Rehoster {
                         continue;
                     }
                     let Ok(text) = std::str::from_utf8(&part.data) else { continue };
-                    if let Some((bytes, mime)) = self.own_image(text.trim(), &part.name, tenant).await? {
+                    if let Some((bytes, mime)) = Box::pin(self.own_image(text.trim(), &part.name, tenant)).await? {
                         let ext = mime.rsplit('/').next().unwrap_or("png").replace("jpeg", "jpg");
                         part.file_name = Some(format!("image.{ext}"));
                         part.content_type = Some(mime);

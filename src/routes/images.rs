@@ -67,7 +67,7 @@ async fn handle(
                 permit.finish(Usage::REFUNDED);
             }
             state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
-            return Err(state.images.unreserved(&ctx, e).await);
+            return Err(Box::pin(state.images.unreserved(&ctx, e)).await);
         }
     };
     let meta = RequestMeta {
