@@ -120,7 +120,26 @@ async fn connection(
             }))
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Before its first bytes, a connection has until its first deadline (`header_read_timeout`), as below.
+    let first_deadline = activity.deadline(&limits).unwrap_or_else(far_future);
+    let protocol = tokio::select! {
+        sniffed = sniff(&tcp) => match sniffed {
+            Ok(Some(protocol)) => protocol,
+            // Closed before sending anything, or broken.
+            Ok(None) | Err(_) => return,
+        },
+        () = stop.cancelled() => return,
+        () = tokio::time::sleep_until(first_deadline) => {
+            tracing::debug!("closing a connection that sent nothing");
+            return;
+        }
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = match protocol {
+        Protocol::Http1 => builder.http1_only(),
+        Protocol::Http2 => builder.http2_only(),
+        Protocol::Undecided => builder,
+    };
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
@@ -149,6 +168,35 @@ async fn connection(
             }
         }
     }
+}
+
+/// The protocol a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// HTTP/2 by prior knowledge: the connection opened with the whole HTTP/2 preface.
+    Http2,
+    /// The bytes so far begin the preface without completing it: `auto` reads on and decides.
+    Undecided,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol of `tcp` from its first bytes, peeked at (left in the socket); `None` when it closed first.
+///
+/// hyper-util's `auto` would read those bytes itself and hand them back to hyper before the rest: hyper's
+/// first read then returns only them and its second grows its read buffer from 8 to 16 KiB, which every open
+/// HTTP/1.1 connection kept for its lifetime (docs/performance.md, "Held requests"). Told the protocol, `auto`
+/// reads nothing itself and hyper reads the request straight from the socket.
+async fn sniff(tcp: &TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = tcp.peek(&mut first).await?;
+    Ok(match n {
+        0 => None,
+        n if first[..n] != H2_PREFACE[..n] => Some(Protocol::Http1),
+        n if n == H2_PREFACE.len() => Some(Protocol::Http2),
+        _ => Some(Protocol::Undecided),
+    })
 }
 
 fn far_future() -> Instant {

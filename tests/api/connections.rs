@@ -125,3 +125,29 @@ async fn connections_over_the_cap_are_closed_at_once_and_served_again_when_other
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn http2_by_prior_knowledge_and_http1_whose_first_byte_arrives_alone_are_both_served() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    // The whole HTTP/2 preface in the first bytes: HTTP/2.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = h2.get(format!("{}/healthz", app.root)).send().await.unwrap();
+    assert_eq!((response.version(), response.status().as_u16()), (reqwest::Version::HTTP_2, 200));
+
+    // "P" alone may begin the preface or "POST": the protocol is told from the bytes that follow.
+    let mut stream = TcpStream::connect(host(&app)).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream
+        .write_all(
+            b"OST /v1/images/generations HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n\
+              Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "no key, so 401: {answer}");
+}
