@@ -158,7 +158,7 @@ impl Limiter {
     #[tracing::instrument(name = "limit", level = "debug", skip_all)]
     pub async fn acquire(&self, tenant_id: &str, limits: &Limits, demand: Demand) -> Result<Permit, Denied> {
         let limits = self.effective(limits);
-        let id = hex::encode(rand::random::<[u8; 12]>());
+        let id = crate::wire::hex(&rand::random::<[u8; 12]>());
         let mut held = Held {
             tenant_id: tenant_id.to_owned(),
             id,
