@@ -22,7 +22,7 @@
 # stderr). Exits non-zero if a series had errors or non-2xx answers, or rows were missing. Everything is on
 # 127.0.0.1 and in a temporary directory removed at the end (`--keep` keeps it). See docs/performance.md.
 #
-# `--perf` records each measured gateway series with `perf record -g` (real CPU, all threads) into
+# `--perf` records each measured series (nginx's workers too) with `perf record -g` (real CPU, all threads) into
 # `perf-LABEL.data` in the work directory (use with --keep; `perf report -i FILE --no-children`).
 #
 # `--callgrind` runs each gateway under valgrind's callgrind instead and adds the instructions per request of
@@ -234,8 +234,8 @@ run_wrk() {
   [ "$callgrind" = 1 ] && callgrind_control -z "$1" >/dev/null
   before=$(cpu_ticks "$@")
   local perf_pid=""
-  if [ "$perf" = 1 ] && [[ $label != *nginx* ]]; then
-    perf record -q -F 1999 -g -o "$WORK/perf-$label.data" -p "$1" >/dev/null 2>&1 &
+  if [ "$perf" = 1 ]; then
+    perf record -q -F 1999 -g -o "$WORK/perf-$label.data" -p "$(echo "$@" | tr ' ' ',')" >/dev/null 2>&1 &
     perf_pid=$!
   fi
   "${PIN_LOAD[@]}" wrk -t"$threads" -c"$connections" -d"${duration}s" --latency -s "$WORK/$script.lua" "$url" >"$out"
