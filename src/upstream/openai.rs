@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use anyhow::Context as _;
 use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -84,14 +85,19 @@ impl OpenAiUpstream {
                 Routes::AzureDeployment { base: base.clone(), query, seen: Default::default() }
             }
         };
+        let unsendable = "upstream.api_key holds characters an HTTP header cannot carry";
         let mut credential = match settings.auth {
-            UpstreamAuth::Bearer => (AUTHORIZATION, HeaderValue::try_from(format!("Bearer {}", api_key.expose()))?),
-            UpstreamAuth::ApiKey => {
-                (HeaderName::from_static(headers::API_KEY), HeaderValue::try_from(api_key.expose())?)
+            UpstreamAuth::Bearer => {
+                (AUTHORIZATION, HeaderValue::try_from(format!("Bearer {}", api_key.expose())).context(unsendable)?)
             }
+            UpstreamAuth::ApiKey => (
+                HeaderName::from_static(headers::API_KEY),
+                HeaderValue::try_from(api_key.expose()).context(unsendable)?,
+            ),
         };
         credential.1.set_sensitive(true);
-        let root = uri(base)?;
+        // Whether a proxy applies depends on the scheme and host only.
+        let root = uri(&endpoint_url(base, UpstreamRoute::Openai, Endpoint::Generations, "", &[]))?;
         let transport = Transport::new(&root, settings.connect_timeout)?;
         Ok(Self {
             transport,
@@ -302,8 +308,10 @@ fn endpoint_url(base: &Url, route: UpstreamRoute, endpoint: Endpoint, model: &st
     url
 }
 
+/// The URL as a request URI. The error does not name it: its query may hold `[upstream.query]` secrets.
 fn uri(url: &Url) -> anyhow::Result<Uri> {
-    Ok(Uri::try_from(url.as_str())?)
+    Uri::try_from(url.as_str())
+        .map_err(|e| anyhow::anyhow!("upstream.base_url cannot be sent as an HTTP request URI ({e})"))
 }
 
 /// `authorization: Basic` for credentials written into `base_url`, percent-decoded, as reqwest sent them.

@@ -34,12 +34,13 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The way to the upstream, fixed at startup.
+// One per upstream, held for the process's life: the size of its larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Transport {
     /// hyper's pooled client over rustls.
     Direct(Client<TimeoutConnector, ChunkedBody>),
-    /// reqwest, which reads the proxy variables itself; boxed: a reqwest client is a pointer, but keeps this
-    /// enum's hot variant first and small.
-    Proxied(Box<reqwest::Client>),
+    /// reqwest, which reads the proxy variables itself.
+    Proxied(reqwest::Client),
 }
 
 impl Transport {
@@ -55,7 +56,7 @@ impl Transport {
                     "upstream requests go through the proxy named in the environment (HTTP_PROXY, HTTPS_PROXY, \
                      ALL_PROXY; NO_PROXY does not exempt this host), by reqwest"
                 );
-                Ok(Self::Proxied(Box::new(proxied_client(connect_timeout)?)))
+                Ok(Self::Proxied(proxied_client(connect_timeout)?))
             }
             None => Ok(Self::Direct(direct_client(webpki_roots(), connect_timeout)?)),
         }
