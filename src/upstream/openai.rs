@@ -71,6 +71,12 @@ enum Routes {
 impl OpenAiUpstream {
     /// Build the client from validated settings.
     pub fn new(settings: &UpstreamSettings) -> anyhow::Result<Self> {
+        // Whether a proxy applies depends on the scheme and host only.
+        let root = uri(&endpoint_url(&settings.base_url, UpstreamRoute::Openai, Endpoint::Generations, "", &[]))?;
+        Self::with_transport(settings, Transport::new(&root, settings.connect_timeout)?)
+    }
+
+    fn with_transport(settings: &UpstreamSettings, transport: Transport) -> anyhow::Result<Self> {
         let api_key = settings.api_key.clone().ok_or_else(|| anyhow::anyhow!("upstream.api_key is not set"))?;
         let query: Vec<(String, String)> =
             settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect();
@@ -96,9 +102,6 @@ impl OpenAiUpstream {
             ),
         };
         credential.1.set_sensitive(true);
-        // Whether a proxy applies depends on the scheme and host only.
-        let root = uri(&endpoint_url(base, UpstreamRoute::Openai, Endpoint::Generations, "", &[]))?;
-        let transport = Transport::new(&root, settings.connect_timeout)?;
         Ok(Self {
             transport,
             routes,
@@ -435,7 +438,76 @@ fn interrupted(message: &str) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::config::Secret;
+
+    /// An HTTP/2-only TLS upstream that refuses the first `refusals` streams with `REFUSED_STREAM` and
+    /// answers the others 200 with an empty image list; counts the streams opened.
+    async fn refusing_upstream(refusals: usize) -> (u16, Arc<AtomicUsize>) {
+        let acceptor = transport::tests::test_acceptor(&[b"h2"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let counted = streams.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, streams) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut connection) = h2::server::handshake(tls).await else { return };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if streams.fetch_add(1, Ordering::SeqCst) < refusals {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        let mut body = request.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let head = http::Response::builder()
+                            .status(200)
+                            .header(CONTENT_TYPE, "application/json")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        let _ = send.send_data(Bytes::from_static(br#"{"created":1,"data":[]}"#), true);
+                    }
+                });
+            }
+        });
+        (port, streams)
+    }
+
+    fn upstream_at(port: u16) -> OpenAiUpstream {
+        let settings = UpstreamSettings {
+            base_url: Url::parse(&format!("https://localhost:{port}/v1")).unwrap(),
+            api_key: Some(Secret::new("sk-test")),
+            connect_retries: 0,
+            ..UpstreamSettings::default()
+        };
+        OpenAiUpstream::with_transport(&settings, transport::tests::trusting_test_ca(Duration::from_secs(5))).unwrap()
+    }
+
+    fn generation() -> ImageRequest {
+        ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(br#"{"model":"dall-e-2","prompt":"x"}"#))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_refused_by_an_http2_upstream_is_sent_again_twice_at_most() {
+        let (port, streams) = refusing_upstream(2).await;
+        let reply = upstream_at(port).send(&generation(), &Attribution::default()).await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(streams.load(Ordering::SeqCst), 3, "refused twice, answered the third time");
+
+        let (port, streams) = refusing_upstream(usize::MAX).await;
+        let e = upstream_at(port).send(&generation(), &Attribution::default()).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Broken { .. }), "{e:?}");
+        assert_eq!(streams.load(Ordering::SeqCst), 3, "the original and two resends");
+    }
 
     fn query() -> Vec<(String, String)> {
         vec![("api-version".to_owned(), "2025-04-01-preview".to_owned()), ("key".to_owned(), "a b&c".to_owned())]

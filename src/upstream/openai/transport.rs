@@ -373,7 +373,7 @@ impl http_body::Body for ResponseBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::net::SocketAddr;
 
     use http_body_util::BodyExt as _;
@@ -398,9 +398,13 @@ mod tests {
         roots
     }
 
-    /// A TLS server on 127.0.0.1 offering ALPN `h2` and `http/1.1` (as OpenAI's and Azure's front ends do); it
-    /// answers each request with the HTTP version it came over, its `content-length` and the bytes received.
-    async fn tls_upstream() -> SocketAddr {
+    /// The direct transport, trusting the test CA only.
+    pub(in crate::upstream::openai) fn trusting_test_ca(connect_timeout: Duration) -> Transport {
+        Transport::Direct(direct_client(test_roots(), connect_timeout).unwrap())
+    }
+
+    /// TLS with the test CA's `localhost` certificate, offering `alpn`.
+    pub(in crate::upstream::openai) fn test_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
         let certs = CertificateDer::pem_slice_iter(SERVER_CERT.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
         let key = PrivateKeyDer::from_pem_slice(SERVER_KEY.as_bytes()).unwrap();
         let mut config =
@@ -410,8 +414,14 @@ mod tests {
                 .with_no_client_auth()
                 .with_single_cert(certs, key)
                 .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A TLS server on 127.0.0.1 offering ALPN `h2` and `http/1.1` (as OpenAI's and Azure's front ends do); it
+    /// answers each request with the HTTP version it came over, its `content-length` and the bytes received.
+    async fn tls_upstream() -> SocketAddr {
+        let acceptor = test_acceptor(&[b"h2", b"http/1.1"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -448,7 +458,7 @@ mod tests {
     #[tokio::test]
     async fn a_tls_upstream_offering_http2_is_spoken_to_over_http2_with_the_bodys_exact_length() {
         let addr = tls_upstream().await;
-        let transport = Transport::Direct(direct_client(test_roots(), Duration::from_secs(5)).unwrap());
+        let transport = trusting_test_ca(Duration::from_secs(5));
 
         let url = uri(&format!("https://localhost:{}/v1/images/edits", addr.port()));
         let response = transport.send(post(url, &["--form\r\n", "image bytes", "\r\n--form--"])).await.unwrap();
@@ -481,7 +491,7 @@ mod tests {
                 open.push(tcp);
             }
         });
-        let transport = Transport::Direct(direct_client(test_roots(), Duration::from_millis(200)).unwrap());
+        let transport = trusting_test_ca(Duration::from_millis(200));
 
         let url = uri(&format!("https://localhost:{}/v1/images/generations", addr.port()));
         let e = transport.send(post(url, &["{}"])).await.unwrap_err();
