@@ -28,14 +28,11 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use url::Url;
 
-use self::transport::{ChunkedBody, Failure, ResponseBody, Transport, error_chain};
+use self::transport::{ChunkedBody, Failure, ResponseBody, Transport, USER_AGENT_VALUE, error_chain};
 use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
 use crate::config::{UpstreamAuth, UpstreamRoute, UpstreamSettings};
 use crate::images::request::{Endpoint, ImageRequest, Outgoing};
 use crate::wire::headers;
-
-/// Sent as `user-agent` on every upstream request.
-const USER_AGENT_VALUE: &str = concat!("imagegate/", env!("CARGO_PKG_VERSION"));
 
 /// Resends after an HTTP/2 refusal (`REFUSED_STREAM`, graceful `GOAWAY`), which proves nothing was processed;
 /// reqwest's number, kept.

@@ -30,6 +30,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// Sent as `user-agent` on every upstream request (and, through a proxy, on its `CONNECT`).
+pub(super) const USER_AGENT_VALUE: &str = concat!("imagegate/", env!("CARGO_PKG_VERSION"));
+
 /// Idle upstream connections are closed after this long (reqwest's default, kept).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -151,6 +154,7 @@ fn proxied_client(connect_timeout: Duration) -> anyhow::Result<reqwest::Client> 
     Ok(reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .user_agent(USER_AGENT_VALUE)
         // A redirect would resend the body and the key (Azure's `api-key` header survives reqwest's
         // cross-origin stripping) to whatever origin it names: never followed, answered 502.
         .redirect(reqwest::redirect::Policy::none())
