@@ -22,6 +22,9 @@
 # stderr). Exits non-zero if a series had errors or non-2xx answers, or rows were missing. Everything is on
 # 127.0.0.1 and in a temporary directory removed at the end (`--keep` keeps it). See docs/performance.md.
 #
+# `--perf` records each measured series (nginx's workers too) with `perf record -g` (real CPU, all threads) into
+# `perf-LABEL.data` in the work directory (use with --keep; `perf report -i FILE --no-children`).
+#
 # `--callgrind` runs each gateway under valgrind's callgrind instead and adds the instructions per request of
 # the measured series, all threads (ledger writer included): unlike time, repeatable on a busy machine. No
 # nginx or 2 MB series then; use a short --duration and a small -c (callgrind is ~50x slower).
@@ -39,7 +42,8 @@ rounds=1
 big=1
 keep=0
 callgrind=0
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+perf=0
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --bin) bins+=("$2"); shift 2 ;;
@@ -51,6 +55,7 @@ while [ $# -gt 0 ]; do
     --no-big) big=0; shift ;;
     --keep) keep=1; shift ;;
     --callgrind) callgrind=1; shift ;;
+    --perf) perf=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -228,8 +233,14 @@ run_wrk() {
   local before after
   [ "$callgrind" = 1 ] && callgrind_control -z "$1" >/dev/null
   before=$(cpu_ticks "$@")
+  local perf_pid=""
+  if [ "$perf" = 1 ]; then
+    perf record -q -F 1999 -g -o "$WORK/perf-$label.data" -p "$(echo "$@" | tr ' ' ',')" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   "${PIN_LOAD[@]}" wrk -t"$threads" -c"$connections" -d"${duration}s" --latency -s "$WORK/$script.lua" "$url" >"$out"
   after=$(cpu_ticks "$@")
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
   local ir_per_request=""
   if [ "$callgrind" = 1 ]; then
     sleep 2 # the ledger's next batch (usage.flush_interval = 500ms) belongs to these requests

@@ -30,7 +30,8 @@ pub enum EndUser {
 /// Derives the identifiers. Cheap to clone.
 #[derive(Clone)]
 pub struct Attributor {
-    key: Vec<u8>,
+    /// The HMAC keyed once (its two key blocks hashed at startup); each identifier clones it.
+    keyed: Option<Hmac<Sha256>>,
 }
 
 impl std::fmt::Debug for Attributor {
@@ -41,16 +42,16 @@ impl std::fmt::Debug for Attributor {
 
 impl Attributor {
     pub fn new(key: Vec<u8>) -> Self {
-        Self { key }
+        Self { keyed: Hmac::<Sha256>::new_from_slice(&key).ok() }
     }
 
     fn mac(&self, parts: &[&[u8]]) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else { return String::new() };
+        let Some(mut mac) = self.keyed.clone() else { return String::new() };
         for part in parts {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part);
         }
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        crate::wire::hex(&mac.finalize().into_bytes()[..16])
     }
 
     /// The `Idempotency-Key` sent upstream for `caller`'s key within tenant `tenant_id`.

@@ -98,5 +98,5 @@ impl Db {
 
 /// A random opaque id for rows.
 pub fn new_id() -> String {
-    hex::encode(rand::random::<[u8; 12]>())
+    crate::wire::hex(&rand::random::<[u8; 12]>())
 }

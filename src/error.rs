@@ -2,7 +2,7 @@
 //!
 //! Modules keep their own small error enums and convert into `ApiError` at their boundary; handlers and
 //! extractors return nothing else. `IntoResponse` has no side effects: it stores the error in the response
-//! extensions and `server::layers::log_errors` logs it once, inside the request span.
+//! extensions and `server::layers::log_error` (called by the access layer) logs it once, inside the request span.
 
 pub mod ratelimit_headers;
 

@@ -261,6 +261,11 @@ pub fn sanitize(record: &mut UsageRecord) {
 
 fn clean(text: &mut String, max_chars: usize, keep_breaks: bool) {
     let unwanted = |c: char| c.is_control() && !(keep_breaks && matches!(c, '\n' | '\t'));
+    // The common case, short printable ASCII, by bytes (no char decoding): every row passes here several times.
+    let printable = |b: u8| (0x20..0x7f).contains(&b) || (keep_breaks && matches!(b, b'\n' | b'\t'));
+    if text.len() <= max_chars && text.bytes().all(printable) {
+        return;
+    }
     // Byte length first: it bounds the characters, and is free.
     let short = text.len() <= max_chars || text.chars().nth(max_chars).is_none();
     if short && !text.chars().any(unwanted) {
@@ -704,12 +709,14 @@ mod tests {
         let mut r = record();
         r.model = format!("gpt\u{0}-image\u{1b}[31m-{}", "x".repeat(500));
         r.size = Some("1024x1024\u{0}".into());
+        r.upstream_request_id = Some("req-\u{85}é\u{7f}".into());
         r.quality = Some("hi\r\ngh".into());
         r.prompt = Some("line one\nline two\u{0}\ttabbed\r".into());
         sanitize(&mut r);
         assert!(r.model.starts_with("gpt-image[31m-xxx"), "{}", r.model);
         assert_eq!(r.model.chars().count(), MAX_MODEL_CHARS);
         assert_eq!(r.size.as_deref(), Some("1024x1024"));
+        assert_eq!(r.upstream_request_id.as_deref(), Some("req-é"), "C1 controls and DEL go, letters stay");
         assert_eq!(r.quality.as_deref(), Some("high"));
         assert_eq!(r.prompt.as_deref(), Some("line one\nline two\ttabbed"));
         let mut plain = record();

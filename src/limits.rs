@@ -158,7 +158,7 @@ impl Limiter {
     #[tracing::instrument(name = "limit", level = "debug", skip_all)]
     pub async fn acquire(&self, tenant_id: &str, limits: &Limits, demand: Demand) -> Result<Permit, Denied> {
         let limits = self.effective(limits);
-        let id = hex::encode(rand::random::<[u8; 12]>());
+        let id = crate::wire::hex(&rand::random::<[u8; 12]>());
         let mut held = Held {
             tenant_id: tenant_id.to_owned(),
             id,
@@ -308,16 +308,25 @@ impl Limiter {
             self.inner.counters.requests_given_back.fetch_add(1, Ordering::Relaxed);
         }
         let tenant = held.tenant_id.clone();
-        let settled = self.inner.backend.clone().finish(held, usage);
+        let mut settled = self.inner.backend.clone().finish(held, usage);
+        // Outside a runtime nothing more can run (the local backend's work is done already).
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        // The local backend is done before its future is polled: one poll here saves a task per request.
+        // A backend still waiting (Redis) goes on in a task of its own.
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        if let std::task::Poll::Ready(result) = futures::FutureExt::poll_unpin(&mut settled, &mut cx) {
+            if let Err(e) = result {
+                report_unsettled(Some(&self.inner), &tenant, &e);
+            }
+            return;
+        }
         let inner = Arc::downgrade(&self.inner);
         let work = async move {
             if let Err(e) = settled.await {
                 report_unsettled(inner.upgrade().as_deref(), &tenant, &e);
             }
         };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(self.inner.tasks.track_future(work));
-        }
+        handle.spawn(self.inner.tasks.track_future(work));
     }
 
     async fn settle_now(&self, held: &Held, usage: Usage) {

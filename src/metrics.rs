@@ -116,6 +116,49 @@ struct RequestLabels {
     model: String,
 }
 
+/// The labels of [`RequestLabels`] and [`DurationLabels`] together, owned: the key of `request_handles`.
+#[derive(Hash, PartialEq, Eq)]
+struct RequestKey {
+    route: String,
+    method: String,
+    status: &'static str,
+    tenant: String,
+    model: String,
+}
+
+/// The same labels borrowed from the request, to look the handles up without allocating. Its `Hash` is
+/// [`RequestKey`]'s: the same fields in the same order, and `&str` hashes as `String` does.
+#[derive(Hash)]
+struct RequestKeyRef<'a> {
+    route: &'a str,
+    method: &'a str,
+    status: &'static str,
+    tenant: &'a str,
+    model: &'a str,
+}
+
+impl RequestKeyRef<'_> {
+    fn owned(&self) -> RequestKey {
+        RequestKey {
+            route: self.route.to_owned(),
+            method: self.method.to_owned(),
+            status: self.status,
+            tenant: self.tenant.to_owned(),
+            model: self.model.to_owned(),
+        }
+    }
+}
+
+impl indexmap::Equivalent<RequestKey> for RequestKeyRef<'_> {
+    fn equivalent(&self, key: &RequestKey) -> bool {
+        self.route == key.route
+            && self.method == key.method
+            && self.status == key.status
+            && self.tenant == key.tenant
+            && self.model == key.model
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DurationLabels {
     route: String,
@@ -246,6 +289,9 @@ pub struct Metrics {
     models: std::collections::HashSet<String>,
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Histograms<DurationLabels>,
+    /// The two series above per label set, found by borrowed labels (see [`RequestKey`]).
+    request_handles:
+        std::sync::RwLock<indexmap::IndexMap<RequestKey, (Counter, Histogram), foldhash::fast::RandomState>>,
     in_flight: Gauge,
     images: Family<ImageLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
@@ -302,6 +348,7 @@ impl Metrics {
             models: models.into_iter().map(Into::into).collect(),
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(request_histogram),
+            request_handles: std::sync::RwLock::default(),
             in_flight: Gauge::default(),
             images: Family::default(),
             tokens: Family::default(),
@@ -401,19 +448,37 @@ impl Metrics {
     /// A request has been answered (its response headers are ready).
     pub fn request_done(&self, s: RequestSample<'_>) {
         let status = status_class(s.status);
-        let model = self.model_label(s.model);
-        self.http_requests
+        let model = if s.model.is_empty() || self.models.contains(s.model) { s.model } else { OTHER };
+        let key = RequestKeyRef { route: s.route, method: s.method, status, tenant: s.tenant, model };
+        let seconds = s.elapsed.as_secs_f64();
+        if let Ok(handles) = self.request_handles.read()
+            && let Some((count, duration)) = handles.get(&key)
+        {
+            count.inc();
+            duration.observe(seconds);
+            return;
+        }
+        // A label set seen for the first time: its series are made (or found) in the families, and their
+        // handles kept (they share the families' values), so later requests allocate no label strings.
+        let count = self
+            .http_requests
             .get_or_create(&RequestLabels {
                 route: s.route.to_owned(),
                 method: s.method.to_owned(),
                 status,
                 tenant: s.tenant.to_owned(),
-                model: model.clone(),
+                model: model.to_owned(),
             })
-            .inc();
-        self.http_duration
-            .get_or_create(&DurationLabels { route: s.route.to_owned(), model, status })
-            .observe(s.elapsed.as_secs_f64());
+            .clone();
+        let duration = self
+            .http_duration
+            .get_or_create(&DurationLabels { route: s.route.to_owned(), model: model.to_owned(), status })
+            .clone();
+        count.inc();
+        duration.observe(seconds);
+        if let Ok(mut handles) = self.request_handles.write() {
+            handles.insert(key.owned(), (count, duration));
+        }
     }
 
     /// One usage record: images, tokens and cost by tenant and model.
@@ -589,6 +654,37 @@ mod tests {
         assert_eq!(m.model_label("my-own-model-123"), OTHER);
         assert_eq!(m.model_label("ig_secret_key_pasted_as_model"), OTHER);
         assert_eq!(m.model_label(""), "");
+    }
+
+    #[test]
+    fn requests_count_into_their_own_label_set_however_often_the_set_repeats() {
+        let m = Metrics::new(["gpt-image-1"]);
+        let sample = RequestSample {
+            route: "/v1/images/generations",
+            method: "POST",
+            status: 200,
+            tenant: "team-a",
+            model: "gpt-image-1",
+            elapsed: Duration::from_millis(20),
+        };
+        for _ in 0..3 {
+            m.request_done(sample);
+        }
+        m.request_done(RequestSample { tenant: "team-b", ..sample });
+        m.request_done(RequestSample { status: 429, ..sample });
+        m.request_done(RequestSample { model: "someone-elses-model", ..sample });
+        let s = parse(&m.render(&Snapshot::default()));
+        let count = |tenant: &str, status: &str, model: &str| {
+            let labels =
+                [("tenant", tenant), ("status", status), ("model", model), ("route", "/v1/images/generations")];
+            value(&s, names::HTTP_REQUESTS, &labels)
+        };
+        assert_eq!(count("team-a", "2xx", "gpt-image-1"), Some(3.0));
+        assert_eq!(count("team-b", "2xx", "gpt-image-1"), Some(1.0));
+        assert_eq!(count("team-a", "4xx", "gpt-image-1"), Some(1.0));
+        assert_eq!(count("team-a", "2xx", OTHER), Some(1.0));
+        let seconds = s.samples.iter().filter(|x| x.metric == names::HTTP_REQUEST_DURATION).count();
+        assert_eq!(seconds, 3, "one latency series per route, model and status class");
     }
 
     #[test]

@@ -14,12 +14,23 @@ pub fn now_secs() -> u64 {
 }
 
 /// Start of the UTC day and month containing `now_ms`, and their ends, as Unix milliseconds.
+/// The month's bounds are calendar work (the limits ask twice per request): computed once per UTC day per thread.
 pub fn windows(now_ms: u64) -> (u64, u64, u64, u64) {
     const DAY: u64 = 86_400_000;
+    thread_local! {
+        static MONTH: std::cell::Cell<Option<(u64, u64, u64)>> = const { std::cell::Cell::new(None) };
+    }
     let day_start = now_ms - now_ms % DAY;
-    let month_start = month_start(i64::try_from(now_ms).unwrap_or(i64::MAX)).unwrap_or(0);
-    let month_end = next_month_start(month_start).unwrap_or(i64::MAX);
-    let (month_start, month_end) = (u64::try_from(month_start).unwrap_or(0), u64::try_from(month_end).unwrap_or(0));
+    let (month_start, month_end) = MONTH.with(|cached| match cached.get() {
+        Some((day, start, end)) if day == day_start => (start, end),
+        _ => {
+            let start = month_start(i64::try_from(now_ms).unwrap_or(i64::MAX)).unwrap_or(0);
+            let end = next_month_start(start).unwrap_or(i64::MAX);
+            let (start, end) = (u64::try_from(start).unwrap_or(0), u64::try_from(end).unwrap_or(0));
+            cached.set(Some((day_start, start, end)));
+            (start, end)
+        }
+    });
     (day_start, day_start + DAY, month_start, month_end)
 }
 

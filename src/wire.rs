@@ -3,6 +3,15 @@
 //! Request and response bodies are deliberately *not* mirrored as closed structs: imagegate forwards fields it
 //! does not know, so bodies travel as JSON maps or multipart parts (see `images::request`).
 
+/// Lower-case hex of `bytes`, written in one pass: ids, digests and key hashes on the request path
+/// (`hex::encode` builds its `String` a `char` at a time, about 25 instructions per byte).
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    // Cannot fail: the buffer is exactly twice the bytes, and hex digits are ASCII.
+    let _ = ::hex::encode_to_slice(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// Header names imagegate reads or writes.
 pub mod headers {
     /// imagegate's own request id, on every response and in every log line of the request.

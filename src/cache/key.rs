@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::domain::ResponseFormat;
-use crate::images::request::{ImageRequest, RequestBody, is_image_field};
+use crate::images::request::{Fields, ImageRequest, RequestBody, is_image_field};
 
 /// A cache key.
 pub type Key = [u8; 32];
@@ -56,20 +56,9 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
         None => put(b"not-rehosted"),
     }
     match &request.body {
-        RequestBody::Json { fields: json, .. } => {
+        RequestBody::Json { fields, .. } => {
             put(b"json");
-            let mut fields: BTreeMap<String, Value> = BTreeMap::new();
-            for (name, value) in json {
-                if !value.is_null() {
-                    fields.insert(name.clone(), canonical(value));
-                }
-            }
-            fields.remove("model");
-            for (name, value) in defaults(parts.defaults) {
-                fields.entry(name.to_owned()).or_insert(value);
-            }
-            // A BTreeMap of canonical values serializes with sorted keys all the way down.
-            put(&serde_json::to_vec(&fields).unwrap_or_default());
+            put(&canonical_fields(fields, parts.defaults));
         }
         RequestBody::Multipart { form, .. } => {
             put(b"multipart");
@@ -123,16 +112,75 @@ fn as_text(value: &Value) -> String {
     }
 }
 
-/// `value` with every object's keys sorted.
-fn canonical(value: &Value) -> Value {
+/// The JSON fields as hashed: every non-null top-level field but `model`, the defaults of fields left out
+/// (the first default of a name wins), keys sorted at every depth, compact. Written straight from the request's
+/// values into one buffer: no copy of the tree is built (the copy and its maps were most of the key's cost).
+fn canonical_fields(fields: &Fields, model: Option<&Map<String, Value>>) -> Vec<u8> {
+    let (one, no) = (Value::from(1), Value::Bool(false));
+    let builtin = [("n", &one), ("stream", &no)];
+    let mut top: Vec<(&str, &Value)> = fields
+        .iter()
+        .filter(|(name, value)| !value.is_null() && *name != "model")
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let model = model.into_iter().flatten().map(|(k, v)| (k.as_str(), v));
+    for (name, value) in builtin.into_iter().chain(model) {
+        if !top.iter().any(|(n, _)| *n == name) {
+            top.push((name, value));
+        }
+    }
+    top.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut out = Vec::with_capacity(256);
+    out.push(b'{');
+    for (i, (name, value)) in top.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(&mut out, name);
+        out.push(b':');
+        write_canonical(&mut out, value);
+    }
+    out.push(b'}');
+    out
+}
+
+/// `value` compact, with every object's keys sorted.
+fn write_canonical(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::Object(map) => {
-            let sorted: BTreeMap<&String, Value> = map.iter().map(|(k, v)| (k, canonical(v))).collect();
-            json!(sorted)
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (name, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, name);
+                out.push(b':');
+                write_canonical(out, value);
+            }
+            out.push(b'}');
         }
-        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
-        other => other.clone(),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(out, item);
+            }
+            out.push(b']');
+        }
+        // Writing a scalar into a Vec cannot fail.
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
     }
+}
+
+/// A JSON string as `serde_json` writes it (its escapes).
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// OpenAI's defaults for the model: a request that spells one out means the same as one that leaves it out.
@@ -157,6 +205,58 @@ mod tests {
         let catalog = crate::catalog::Catalog::builtin();
         let defaults = catalog.get(&model).map(|m| &m.defaults);
         key(KeyParts { scope, model: &model, defaults, want: None, retention: None }, &req)
+    }
+
+    /// The canonical JSON as keys were computed before `canonical_fields` (a sorted copy of the tree,
+    /// serialized): keys must not change across versions, since replicas of two versions share one Redis cache
+    /// during a rolling upgrade.
+    fn tree_copy_canonical(fields: &Fields, model: Option<&Map<String, Value>>) -> Vec<u8> {
+        fn canonical(value: &Value) -> Value {
+            match value {
+                Value::Object(map) => {
+                    let sorted: BTreeMap<&String, Value> = map.iter().map(|(k, v)| (k, canonical(v))).collect();
+                    json!(sorted)
+                }
+                Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+                other => other.clone(),
+            }
+        }
+        let mut out: BTreeMap<String, Value> = BTreeMap::new();
+        for (name, value) in fields {
+            if !value.is_null() {
+                out.insert(name.clone(), canonical(value));
+            }
+        }
+        out.remove("model");
+        for (name, value) in defaults(model) {
+            out.entry(name.to_owned()).or_insert(value);
+        }
+        serde_json::to_vec(&out).unwrap()
+    }
+
+    #[test]
+    fn canonical_json_is_byte_for_byte_what_the_tree_copy_wrote() {
+        let catalog = crate::catalog::Catalog::builtin();
+        let bodies = [
+            r#"{"model":"dall-e-3","prompt":"a cat"}"#,
+            r#"{"prompt":"a \"quoted\" cat\n\u00e9\ud83d\ude00 </script>","model":"gpt-image-1","n":2,"size":"1024x1024"}"#,
+            r#"{"model":"gpt-image-1","prompt":"x","stream":true,"partial_images":2,"user":null,"quality":"high"}"#,
+            r#"{"model":"gpt-image-1","prompt":"x","x":{"b":1,"a":[{"d":1.5,"c":-2e-7},null,true,"s"],"é":{}},"y":[]}"#,
+            r#"{"prompt":"no model","n":1,"stream":false,"output_compression":100,"big":18446744073709551615}"#,
+            r#"{"model":"unknown-model","prompt":"x","z":0,"a":-0.0,"m":1e300}"#,
+        ];
+        for body in bodies {
+            let req = ImageRequest::from_json(Endpoint::Generations, Bytes::from(body.to_owned())).unwrap();
+            let RequestBody::Json { fields, .. } = &req.body else { unreachable!() };
+            let model = req.model();
+            for defaults in [catalog.get(&model).map(|m| &m.defaults), None] {
+                assert_eq!(
+                    String::from_utf8(canonical_fields(fields, defaults)).unwrap(),
+                    String::from_utf8(tree_copy_canonical(fields, defaults)).unwrap(),
+                    "{body}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl SharedCache {
     }
 
     fn redis_key(&self, key: &Key) -> String {
-        format!("{}:cache:{}", self.inner.prefix, hex::encode(key))
+        format!("{}:cache:{}", self.inner.prefix, crate::wire::hex(key))
     }
 
     /// The connection, unless the circuit is open.

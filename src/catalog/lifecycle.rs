@@ -29,9 +29,22 @@ impl Date {
         Self(epoch.checked_add_signed(chrono::Duration::days(days)).unwrap_or(epoch))
     }
 
-    /// Today, by the system clock.
+    /// Today, by the system clock. Every request asks (lifecycle checks, deprecation notices): the day is
+    /// computed once per day per thread, not once per call.
     pub fn today() -> Self {
-        Self::from_unix_ms(crate::time::now_ms())
+        thread_local! {
+            static LAST: std::cell::Cell<Option<(i64, Date)>> = const { std::cell::Cell::new(None) };
+        }
+        let ms = crate::time::now_ms();
+        let day = ms.div_euclid(1000 * SECONDS_PER_DAY);
+        LAST.with(|last| match last.get() {
+            Some((d, date)) if d == day => date,
+            _ => {
+                let date = Self::from_unix_ms(ms);
+                last.set(Some((day, date)));
+                date
+            }
+        })
     }
 
     /// Seconds since the Unix epoch at the day's start.

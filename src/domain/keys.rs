@@ -46,7 +46,7 @@ pub fn generate() -> NewKey {
 
 /// Hex SHA-256 of a whole key.
 pub fn hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    crate::wire::hex(&Sha256::digest(key.as_bytes()))
 }
 
 /// True for a well-formed public key id.

@@ -6,7 +6,7 @@
 mod json;
 
 use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::error::ApiError;
 
@@ -53,13 +53,19 @@ pub struct ImageRequest {
     pub body: RequestBody,
 }
 
+/// The top-level fields of a JSON body, in the order sent. An `IndexMap` with foldhash rather than
+/// `serde_json::Map` (SipHash): validation, the cache key and the usage row look fields up about forty times per
+/// request, and SipHash was 5 % of a cache hit's instructions (docs/performance.md). foldhash is seeded per
+/// process, so crafted key names cannot aim at collisions; the number of keys is bounded by the parser's budget.
+pub type Fields = indexmap::IndexMap<String, Value, foldhash::fast::RandomState>;
+
 /// The body: what the caller sent, parsed for reading. Changing a field changes only the parsed view; the
 /// body the upstream receives is written from it once, when it is sent ([`ImageRequest::outgoing`]).
 #[derive(Debug, Clone)]
 pub enum RequestBody {
     /// `application/json`: generations, and the JSON form of edits. `raw` is the caller's body while it still
     /// says what `fields` says (forwarded byte for byte); `None` once a field was set or removed.
-    Json { raw: Option<Bytes>, fields: Map<String, Value> },
+    Json { raw: Option<Bytes>, fields: Fields },
     /// `multipart/form-data`: edits and variations. Always written afresh for the upstream, under a boundary of
     /// imagegate's own, with each part's data forwarded as the slice it was received as.
     Multipart { form: Form },
@@ -98,7 +104,7 @@ impl Outgoing {
 /// A JSON object serialized with one field set: in its place if present, else last (as `Map::insert` would
 /// leave it), without copying the map.
 struct WithField<'a> {
-    fields: &'a Map<String, Value>,
+    fields: &'a Fields,
     name: &'a str,
     value: &'a str,
 }
@@ -275,12 +281,14 @@ impl ImageRequest {
         let Value::Object(fields) = value else {
             return Err(ApiError::invalid("The request body must be a JSON object.", None));
         };
+        // Moved, not copied: each key is hashed once more, with foldhash.
+        let fields = fields.into_iter().collect();
         Ok(Self { endpoint, body: RequestBody::Json { raw: Some(raw), fields } })
     }
 
     /// An empty JSON request, standing in for a body that could not be read (usage records of refusals).
     pub fn empty(endpoint: Endpoint) -> Self {
-        Self { endpoint, body: RequestBody::Json { raw: Some(Bytes::new()), fields: Map::new() } }
+        Self { endpoint, body: RequestBody::Json { raw: Some(Bytes::new()), fields: Fields::default() } }
     }
 
     /// A multipart request whose form is already parsed (see `images::multipart`).
@@ -315,13 +323,20 @@ impl ImageRequest {
 
     /// `stream=true` in the body (SDKs decide on the body flag, not on `Accept`).
     pub fn stream(&self) -> bool {
-        matches!(self.field("stream"), Some(Value::Bool(true)))
+        match &self.body {
+            RequestBody::Json { fields, .. } => matches!(fields.get("stream"), Some(Value::Bool(true))),
+            RequestBody::Multipart { .. } => matches!(self.field("stream"), Some(Value::Bool(true))),
+        }
     }
 
     /// Number of images asked for (default 1), read as validation reads it (JSON integers, multipart text by
     /// [`parse_integer`]). Values validation refuses (not an integer, out of `u32`) read as 1.
     pub fn n(&self) -> u32 {
-        self.field("n").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok()).unwrap_or(1)
+        let n = match &self.body {
+            RequestBody::Json { fields, .. } => fields.get("n").and_then(Value::as_u64),
+            RequestBody::Multipart { .. } => self.field("n").and_then(|v| v.as_u64()),
+        };
+        n.and_then(|n| u32::try_from(n).ok()).unwrap_or(1)
     }
 
     /// The body as the upstream receives it, with `user` set to `user` when given: the one place a body is

@@ -84,6 +84,7 @@ pub async fn access(State(access): State<Access>, request: Request, next: Next) 
     let _in_flight = access.metrics.in_flight();
     let slot = Slot::default();
     let response = facts::scope(slot.clone(), next.run(request)).await;
+    super::layers::log_error(&response);
     let elapsed = started.elapsed();
     let f = facts::read(&slot);
     let status = response.status().as_u16();

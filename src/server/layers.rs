@@ -4,13 +4,13 @@
 //! 2. Request id: a fresh `req_<32 hex>` of imagegate's own, on the request (extension), the span and the
 //!    response's `x-request-id` — every response, a caught panic's included.
 //! 3. Trace: one span per request (method, route template, request id; tenant filled in by auth). Its own
-//!    response and failure lines are off: the access layer writes one line per request, `log_errors` the error.
+//!    response and failure lines are off: the access layer writes one line per request and logs the error.
 //! 4. Access: one access-log line and the request metrics per request, with the facts the inner layers and
-//!    the pipeline noted (`server::access`).
-//! 5. Log errors once: the `ApiError` stored in response extensions, at its level.
-//! 6. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the layers above, so the 500
+//!    the pipeline noted (`server::access`); before the line, the `ApiError` stored in the response's
+//!    extensions is logged once, at its level ([`log_error`]).
+//! 5. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the layers above, so the 500
 //!    carries the request id and its cause is logged in the request's span.
-//! 7. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
+//! 6. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
 //!
 //! Inside the router: image routes get tenant authentication (`server::auth`) via `route_layer`; body limits
 //! are applied per endpoint by `extract` so a 413 states the right limit.
@@ -50,11 +50,10 @@ pub fn apply(router: Router, request_timeout: Duration, access: Access) -> Route
                 .on_request(())
                 // The access layer writes the request's line.
                 .on_response(())
-                // Its default logs every 5xx at ERROR, upstream pass-throughs included: `log_errors` logs ours.
+                // Its default logs every 5xx at ERROR, upstream pass-throughs included: `log_error` logs ours.
                 .on_failure(()),
         )
         .layer(from_fn_with_state(access, super::access::access))
-        .layer(from_fn(log_errors))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(HandleErrorLayer::new(
             move |_: tower::BoxError| async move { ApiError::RequestTimeout(request_timeout) },
@@ -63,7 +62,7 @@ pub fn apply(router: Router, request_timeout: Duration, access: Access) -> Route
     router.layer(stack)
 }
 
-/// The 500 for a panic in a handler; its message goes to the log (through `log_errors`), never to the caller.
+/// The 500 for a panic in a handler; its message goes to the log (through `log_error`), never to the caller.
 fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = payload
         .downcast_ref::<&str>()
@@ -115,8 +114,9 @@ fn make_span(request: &Request<Body>) -> tracing::Span {
     span
 }
 
-async fn log_errors(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+/// Log the response's error once, at its level (called by the access layer, inside the request's span; a layer
+/// of its own cost a boxed future and two service clones per request).
+pub(super) fn log_error(response: &Response) {
     if let Some(e) = response.extensions().get::<LoggedError>() {
         let (kind, status, detail) = (e.kind, e.status, e.detail.as_str());
         match e.level {
@@ -126,7 +126,6 @@ async fn log_errors(request: Request, next: Next) -> Response {
             error::Level::Error => tracing::error!(kind, status, error = detail, "request failed"),
         }
     }
-    response
 }
 
 #[cfg(test)]

@@ -5,120 +5,185 @@
 //! never billed twice. Failures are told apart by what the upstream may have done: a failed connect
 //! ([`UpstreamError::Unavailable`]) reached nothing; a deadline or a broken connection after the body went out
 //! ([`UpstreamError::Timeout`], [`UpstreamError::Broken`]) may have generated, and billed, the images.
+//!
+//! Requests go through hyper's client directly (`transport`); each endpoint's URI is built once, at startup
+//! (Azure deployment routes once per model), not parsed again per request.
 
+mod transport;
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use anyhow::Context as _;
+use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use http::header::{ACCEPT, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use url::Url;
 
+use self::transport::{ChunkedBody, Failure, ResponseBody, Transport, USER_AGENT_VALUE, error_chain};
 use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
-use crate::config::{Secret, UpstreamAuth, UpstreamRoute, UpstreamSettings};
-use crate::images::request::{ImageRequest, Outgoing};
+use crate::config::{UpstreamAuth, UpstreamRoute, UpstreamSettings};
+use crate::images::request::{Endpoint, ImageRequest, Outgoing};
 use crate::wire::headers;
+
+/// Resends after an HTTP/2 refusal (`REFUSED_STREAM`, graceful `GOAWAY`), which proves nothing was processed;
+/// reqwest's number, kept.
+const REFUSAL_RETRIES: u32 = 2;
+
+/// Azure deployment routes kept per endpoint (one per model name seen); past it, a route is built per request.
+const MAX_CACHED_ROUTES: usize = 256;
 
 /// The HTTP upstream.
 pub struct OpenAiUpstream {
-    client: reqwest::Client,
-    base_url: Url,
-    api_key: Secret,
-    auth: UpstreamAuth,
+    transport: Transport,
+    routes: Routes,
+    /// `authorization: Bearer …` or `api-key: …`, marked sensitive.
+    credential: (HeaderName, HeaderValue),
+    /// `authorization: Basic …` from credentials in `base_url` (`https://user:pass@host/v1`), sent before the
+    /// key as reqwest did.
+    basic_auth: Option<HeaderValue>,
     organization: Option<String>,
     project: Option<String>,
-    query: Vec<(String, String)>,
     timeout: Duration,
     stream_idle_timeout: Duration,
     connect_retries: u32,
-    route: UpstreamRoute,
+}
+
+/// Where each endpoint's requests go, built at startup (the query, `[upstream.query]` included, is in each).
+enum Routes {
+    /// `<base_url>/images/…`, the same for every request.
+    Openai { generations: Uri, edits: Uri, variations: Uri },
+    /// `<base_url>/deployments/<model>/images/…`: built from the model on first sight, then kept.
+    AzureDeployment { base: Url, query: Vec<(String, String)>, seen: [RwLock<HashMap<String, Uri>>; 3] },
 }
 
 impl OpenAiUpstream {
     /// Build the client from validated settings.
     pub fn new(settings: &UpstreamSettings) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
-            // A redirect would resend the body and the key (Azure's `api-key` header survives reqwest's
-            // cross-origin stripping) to whatever origin it names: never followed, answered 502.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        // Whether a proxy applies depends on the scheme and host only.
+        let root = uri(&endpoint_url(&settings.base_url, UpstreamRoute::Openai, Endpoint::Generations, "", &[]))?;
+        Self::with_transport(settings, Transport::new(&root, settings.connect_timeout)?)
+    }
+
+    fn with_transport(settings: &UpstreamSettings, transport: Transport) -> anyhow::Result<Self> {
         let api_key = settings.api_key.clone().ok_or_else(|| anyhow::anyhow!("upstream.api_key is not set"))?;
+        let query: Vec<(String, String)> =
+            settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect();
+        let base = &settings.base_url;
+        let routes = match settings.route {
+            UpstreamRoute::Openai => Routes::Openai {
+                generations: uri(&endpoint_url(base, settings.route, Endpoint::Generations, "", &query))?,
+                edits: uri(&endpoint_url(base, settings.route, Endpoint::Edits, "", &query))?,
+                variations: uri(&endpoint_url(base, settings.route, Endpoint::Variations, "", &query))?,
+            },
+            UpstreamRoute::AzureDeployment => {
+                Routes::AzureDeployment { base: base.clone(), query, seen: Default::default() }
+            }
+        };
+        let unsendable = "upstream.api_key holds characters an HTTP header cannot carry";
+        let mut credential = match settings.auth {
+            UpstreamAuth::Bearer => {
+                (AUTHORIZATION, HeaderValue::try_from(format!("Bearer {}", api_key.expose())).context(unsendable)?)
+            }
+            UpstreamAuth::ApiKey => (
+                HeaderName::from_static(headers::API_KEY),
+                HeaderValue::try_from(api_key.expose()).context(unsendable)?,
+            ),
+        };
+        credential.1.set_sensitive(true);
         Ok(Self {
-            client,
-            base_url: settings.base_url.clone(),
-            api_key,
-            auth: settings.auth,
+            transport,
+            routes,
+            credential,
+            basic_auth: basic_auth(base)?,
             organization: settings.organization.clone(),
             project: settings.project.clone(),
-            query: settings.query.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect(),
             timeout: settings.timeout,
             stream_idle_timeout: settings.stream_idle_timeout,
             connect_retries: settings.connect_retries,
-            route: settings.route,
         })
     }
 
-    /// `<base_url>/images/…`, or on Azure's deployment route `<base_url>/deployments/<model>/images/…`, where
+    /// The URI of this request: the endpoint's, or on Azure's deployment route the one for its model, where
     /// the pool has already put the deployment's name for the model in `model`.
-    fn url(&self, request: &ImageRequest) -> Url {
-        let mut url = self.base_url.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{}", request.endpoint.path()));
-        if self.route == UpstreamRoute::AzureDeployment {
-            url.set_path(&base);
-            let model = request.model();
-            let tail = request.endpoint.path().trim_start_matches('/').split('/');
-            // Pushing a segment percent-encodes it; `path_segments_mut` fails only for URLs that cannot be a
-            // base (validated http(s) URLs always can).
-            if let Ok(mut segments) = url.path_segments_mut() {
-                segments.pop_if_empty().push("deployments").push(&model).extend(tail);
+    fn uri(&self, request: &ImageRequest) -> Result<Uri, String> {
+        match &self.routes {
+            Routes::Openai { generations, edits, variations } => Ok(match request.endpoint {
+                Endpoint::Generations => generations.clone(),
+                Endpoint::Edits => edits.clone(),
+                Endpoint::Variations => variations.clone(),
+            }),
+            Routes::AzureDeployment { base, query, seen } => {
+                let seen = &seen[request.endpoint as usize];
+                let model = request.model();
+                if let Some(uri) = seen.read().unwrap_or_else(PoisonError::into_inner).get(&model) {
+                    return Ok(uri.clone());
+                }
+                let built = uri(&endpoint_url(base, UpstreamRoute::AzureDeployment, request.endpoint, &model, query))
+                    .map_err(|e| format!("builder error: {e}"))?;
+                let mut seen = seen.write().unwrap_or_else(PoisonError::into_inner);
+                if seen.len() < MAX_CACHED_ROUTES {
+                    seen.insert(model, built.clone());
+                }
+                Ok(built)
             }
         }
-        url
     }
 
-    fn build(&self, request: &ImageRequest, body: &Outgoing, attribution: &Attribution) -> reqwest::RequestBuilder {
-        let mut builder = self
-            .client
-            .post(self.url(request))
-            .header(CONTENT_TYPE, &body.content_type)
-            .header(ACCEPT, "application/json")
-            .body(ChunkedBody::of(body));
-        if !self.query.is_empty() {
-            builder = builder.query(&self.query);
+    /// The request as it goes out (built again for each attempt; the body's chunks are shared).
+    fn build(
+        &self,
+        uri: Uri,
+        body: &Outgoing,
+        attribution: &Attribution,
+    ) -> Result<http::Request<ChunkedBody>, http::header::InvalidHeaderValue> {
+        let mut headers = HeaderMap::with_capacity(12);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_str(&body.content_type)?);
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        if let Some(basic) = &self.basic_auth {
+            headers.append(AUTHORIZATION, basic.clone());
         }
-        builder = match self.auth {
-            UpstreamAuth::Bearer => builder.bearer_auth(self.api_key.expose()),
-            UpstreamAuth::ApiKey => builder.header(headers::API_KEY, self.api_key.expose()),
-        };
+        headers.append(self.credential.0.clone(), self.credential.1.clone());
         let org = attribution.organization.as_ref().or(self.organization.as_ref());
         let project = attribution.project.as_ref().or(self.project.as_ref());
         if let Some(org) = org {
-            builder = builder.header(headers::OPENAI_ORGANIZATION, org);
+            headers.append(headers::OPENAI_ORGANIZATION, HeaderValue::from_str(org)?);
         }
         if let Some(project) = project {
-            builder = builder.header(headers::OPENAI_PROJECT, project);
+            headers.append(headers::OPENAI_PROJECT, HeaderValue::from_str(project)?);
         }
         if let Some(key) = &attribution.idempotency_key {
-            builder = builder.header(headers::IDEMPOTENCY_KEY, key);
+            headers.append(headers::IDEMPOTENCY_KEY, HeaderValue::from_str(key)?);
         }
         // With tracing on: `traceparent` of the upstream call's span, so the upstream's trace joins ours.
-        builder.headers(crate::traces::outgoing())
-    }
-
-    async fn send_once(
-        &self,
-        request: &ImageRequest,
-        body: &Outgoing,
-        attribution: &Attribution,
-    ) -> Result<reqwest::Response, reqwest::Error> {
-        self.build(request, body, attribution).send().await
+        let mut last = None;
+        for (name, value) in crate::traces::outgoing() {
+            match name {
+                Some(name) => {
+                    headers.insert(name.clone(), value);
+                    last = Some(name);
+                }
+                None => {
+                    if let Some(name) = &last {
+                        headers.append(name.clone(), value);
+                    }
+                }
+            }
+        }
+        let mut request = http::Request::new(ChunkedBody::of(&body.chunks, body.len));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Ok(request)
     }
 
     /// Send, retrying failed connects, until response headers arrive or `deadline` passes.
@@ -127,34 +192,46 @@ impl OpenAiUpstream {
         request: &ImageRequest,
         attribution: &Attribution,
         deadline: Instant,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<http::Response<ResponseBody>, UpstreamError> {
+        // A request that cannot be put together fails as reqwest's builder errors did.
+        let broken = |detail: String| UpstreamError::Broken { detail, deployment: None };
+        let uri = self.uri(request).map_err(broken)?;
         // Written once for every attempt: the attempts share its chunks.
         let body = request.outgoing(attribution.user.as_deref());
         let mut attempt = 0;
+        let mut refusals = 0;
         loop {
-            match tokio::time::timeout_at(deadline, self.send_once(request, &body, attribution)).await {
+            let outgoing =
+                self.build(uri.clone(), &body, attribution).map_err(|e| broken(format!("builder error: {e}")))?;
+            let e = match tokio::time::timeout_at(deadline, self.transport.send(outgoing)).await {
                 // The body went out (connects fail within `connect_timeout`, shorter than the deadline) and no
                 // answer came: the upstream may be generating.
                 Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
                 Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => e,
+            };
+            match e.failure {
                 // A connect error (refused, timed out, TLS) means no byte of the request reached the upstream:
                 // safe to try again, and nothing can have been billed.
-                Ok(Err(e)) if e.is_connect() => {
+                Failure::Connect => {
                     if attempt >= self.connect_retries {
-                        return Err(UpstreamError::Unavailable(error_chain(e)));
+                        return Err(UpstreamError::Unavailable(e.detail));
                     }
                     attempt += 1;
-                    tracing::warn!(attempt, error = %error_chain(e), "upstream connect failed, retrying");
+                    tracing::warn!(attempt, error = %e.detail, "upstream connect failed, retrying");
                     let pause = Duration::from_millis(100 * 2u64.pow(attempt));
                     if tokio::time::timeout_at(deadline, tokio::time::sleep(pause)).await.is_err() {
                         return Err(UpstreamError::Unavailable("connect retries ran out of time".to_owned()));
                     }
                 }
-                Ok(Err(e)) if e.is_timeout() => {
-                    return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
+                Failure::Timeout => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
+                // Refused by HTTP/2 before any processing: resent at once, on another stream or connection.
+                Failure::Refused if refusals < REFUSAL_RETRIES => {
+                    refusals += 1;
+                    tracing::debug!(error = %e.detail, "upstream refused the stream, resending");
                 }
                 // Connected, and then the exchange broke: the request may have been received.
-                Ok(Err(e)) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
+                Failure::Refused | Failure::Other => return Err(broken(e.detail)),
             }
         }
     }
@@ -163,7 +240,7 @@ impl OpenAiUpstream {
     /// body must be complete by `deadline`, the same one the headers had.
     async fn read_reply(
         &self,
-        response: reqwest::Response,
+        response: http::Response<ResponseBody>,
         stream: bool,
         deadline: Instant,
         limit: u64,
@@ -178,18 +255,21 @@ impl OpenAiUpstream {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        let body = response.into_body();
         if stream && status.is_success() && is_sse {
             super::mark_event_stream(&mut headers);
-            let body = sse_stream(response, self.stream_idle_timeout);
+            let body = sse_stream(body, self.stream_idle_timeout);
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
-        let body = match tokio::time::timeout_at(deadline, read_capped(response, limit)).await {
+        let body = match tokio::time::timeout_at(deadline, read_capped(body, limit)).await {
             Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
-            Ok(Err(Capped::Http(e))) if e.is_timeout() => {
+            Ok(Err(Capped::Http(e))) if transport::is_timeout(&*e) => {
                 return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
             }
             // The answer started and broke off (reset mid-answer): whatever it was, it may have been billed.
-            Ok(Err(Capped::Http(e))) => return Err(UpstreamError::Broken { detail: error_chain(e), deployment: None }),
+            Ok(Err(Capped::Http(e))) => {
+                return Err(UpstreamError::Broken { detail: body_error(&*e), deployment: None });
+            }
             Ok(Err(Capped::Over(declared))) => {
                 return Err(UpstreamError::BadAnswer(format!(
                     "the answer is larger ({}) than this request's limit of {limit} bytes (images::answer)",
@@ -200,6 +280,60 @@ impl OpenAiUpstream {
         };
         Ok(UpstreamReply { status, headers, body: ReplyBody::Full(body) })
     }
+}
+
+/// `<base_url>/images/…`, or on Azure's deployment route `<base_url>/deployments/<model>/images/…`, with
+/// `query` appended to any query `base_url` has, without the credentials or fragment `base_url` may hold: the
+/// URL reqwest sent.
+fn endpoint_url(base: &Url, route: UpstreamRoute, endpoint: Endpoint, model: &str, query: &[(String, String)]) -> Url {
+    let mut url = base.clone();
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("{path}{}", endpoint.path()));
+    if route == UpstreamRoute::AzureDeployment {
+        url.set_path(&path);
+        let tail = endpoint.path().trim_start_matches('/').split('/');
+        // Pushing a segment percent-encodes it; `path_segments_mut` fails only for URLs that cannot be a
+        // base (validated http(s) URLs always can).
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.pop_if_empty().push("deployments").push(model).extend(tail);
+        }
+    }
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    // Neither fails on an http(s) URL; the credentials go as `authorization: Basic` ([`basic_auth`]).
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_fragment(None);
+    url
+}
+
+/// The URL as a request URI. The error does not name it: its query may hold `[upstream.query]` secrets.
+fn uri(url: &Url) -> anyhow::Result<Uri> {
+    Uri::try_from(url.as_str())
+        .map_err(|e| anyhow::anyhow!("upstream.base_url cannot be sent as an HTTP request URI ({e})"))
+}
+
+/// `authorization: Basic` for credentials written into `base_url`, percent-decoded, as reqwest sent them.
+fn basic_auth(base: &Url) -> anyhow::Result<Option<HeaderValue>> {
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().map(|s| s.into_owned());
+    let Ok(username) = decode(base.username()) else { return Ok(None) };
+    let password = base.password().and_then(|p| decode(p).ok());
+    if username.is_empty() && password.is_none() {
+        return Ok(None);
+    }
+    let pair = format!("{username}:{}", password.unwrap_or_default());
+    let mut value = HeaderValue::try_from(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
+
+/// A broken answer body's error, as reqwest worded it (reqwest's own errors already are).
+fn body_error(e: &(dyn std::error::Error + 'static)) -> String {
+    if e.is::<reqwest::Error>() {
+        return error_chain(e);
+    }
+    format!("request or response body error: {}", error_chain(e))
 }
 
 impl Upstream for OpenAiUpstream {
@@ -223,84 +357,32 @@ impl Upstream for OpenAiUpstream {
 }
 
 enum Capped {
-    Http(reqwest::Error),
+    Http(Box<dyn std::error::Error + Send + Sync>),
     /// Over the limit: the declared length, if one was declared.
     Over(Option<u64>),
 }
 
 /// The whole body, refused as soon as it is known to exceed `limit`: from its declared length before a byte
 /// is read, otherwise once the bytes read pass it. Never more than `limit` bytes are held.
-async fn read_capped(mut response: reqwest::Response, limit: u64) -> Result<Bytes, Capped> {
-    if let Some(declared) = response.content_length()
+async fn read_capped(mut body: ResponseBody, limit: u64) -> Result<Bytes, Capped> {
+    let declared = body.size_hint().exact();
+    if let Some(declared) = declared
         && declared > limit
     {
         return Err(Capped::Over(Some(declared)));
     }
     // The declared length (within the limit) is reserved at once: the answer is copied once, not again each
     // time a growing buffer doubles.
-    let declared = response.content_length().map_or(0, |n| usize::try_from(n).unwrap_or(0));
-    let mut body = bytes::BytesMut::with_capacity(declared);
-    while let Some(chunk) = response.chunk().await.map_err(Capped::Http)? {
-        if (body.len() + chunk.len()) as u64 > limit {
+    let mut out = bytes::BytesMut::with_capacity(declared.map_or(0, |n| usize::try_from(n).unwrap_or(0)));
+    while let Some(frame) = body.frame().await {
+        // Trailers, if any, are not part of the answer.
+        let Ok(chunk) = frame.map_err(Capped::Http)?.into_data() else { continue };
+        if (out.len() + chunk.len()) as u64 > limit {
             return Err(Capped::Over(None));
         }
-        body.extend_from_slice(&chunk);
+        out.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
-}
-
-/// A request body sent as the chunks it is held in ([`Outgoing`]), with its exact length (so it goes with a
-/// `Content-Length`, as one buffer would): a form's file data is not copied into one buffer to be sent.
-struct ChunkedBody {
-    chunks: std::collections::VecDeque<Bytes>,
-    left: u64,
-}
-
-impl ChunkedBody {
-    fn of(body: &Outgoing) -> reqwest::Body {
-        match body.chunks.as_slice() {
-            [one] => reqwest::Body::from(one.clone()),
-            chunks => reqwest::Body::wrap(Self { chunks: chunks.iter().cloned().collect(), left: body.len }),
-        }
-    }
-}
-
-impl http_body::Body for ChunkedBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let next = self.chunks.pop_front().map(|chunk| {
-            self.left = self.left.saturating_sub(chunk.len() as u64);
-            Ok(http_body::Frame::data(chunk))
-        });
-        std::task::Poll::Ready(next)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.left)
-    }
-}
-
-/// The error and its causes, without the URL: reqwest's message names it, query included, and the query may
-/// carry a secret (`[upstream.query]`, e.g. a key for a proxy in front of the upstream).
-fn error_chain(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut out = e.to_string();
-    let mut current = std::error::Error::source(&e);
-    while let Some(err) = current {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        current = err.source();
-    }
-    out
+    Ok(out.freeze())
 }
 
 /// Keep only the headers worth passing on; rename the upstream's request id.
@@ -322,15 +404,15 @@ pub fn pass_through_headers(upstream: &HeaderMap) -> HeaderMap {
 
 /// The upstream's SSE body, chunk by chunk, with an idle deadline between chunks. A failure mid-stream ends
 /// the stream with an SSE `error` event so every SDK raises instead of hanging or seeing a silent cut.
-fn sse_stream(response: reqwest::Response, idle: Duration) -> futures::stream::BoxStream<'static, Bytes> {
-    let chunks = response.bytes_stream();
+fn sse_stream(body: ResponseBody, idle: Duration) -> futures::stream::BoxStream<'static, Bytes> {
+    let chunks = http_body_util::BodyDataStream::new(body);
     futures::stream::unfold(Some(chunks), move |state| async move {
         let mut chunks = state?;
         match tokio::time::timeout(idle, chunks.next()).await {
             Ok(Some(Ok(bytes))) => Some((bytes, Some(chunks))),
             Ok(None) => None,
             Ok(Some(Err(e))) => {
-                tracing::warn!(error = %error_chain(e), "upstream stream broke");
+                tracing::warn!(error = %body_error(&*e), "upstream stream broke");
                 Some((interrupted("The upstream stream was interrupted."), None))
             }
             Err(_) => {
@@ -349,4 +431,109 @@ fn interrupted(message: &str) -> Bytes {
     out.extend_from_slice(b"\n\n");
     out.extend_from_slice(&event);
     Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Secret;
+
+    /// An HTTP/2-only TLS upstream that refuses the first `refusals` streams with `REFUSED_STREAM` and
+    /// answers the others 200 with an empty image list; counts the streams opened.
+    async fn refusing_upstream(refusals: usize) -> (u16, Arc<AtomicUsize>) {
+        let acceptor = transport::tests::test_acceptor(&[b"h2"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let streams = Arc::new(AtomicUsize::new(0));
+        let counted = streams.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, streams) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut connection) = h2::server::handshake(tls).await else { return };
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        if streams.fetch_add(1, Ordering::SeqCst) < refusals {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        let mut body = request.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let head = http::Response::builder()
+                            .status(200)
+                            .header(CONTENT_TYPE, "application/json")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        let _ = send.send_data(Bytes::from_static(br#"{"created":1,"data":[]}"#), true);
+                    }
+                });
+            }
+        });
+        (port, streams)
+    }
+
+    fn upstream_at(port: u16) -> OpenAiUpstream {
+        let settings = UpstreamSettings {
+            base_url: Url::parse(&format!("https://localhost:{port}/v1")).unwrap(),
+            api_key: Some(Secret::new("sk-test")),
+            connect_retries: 0,
+            ..UpstreamSettings::default()
+        };
+        OpenAiUpstream::with_transport(&settings, transport::tests::trusting_test_ca(Duration::from_secs(5))).unwrap()
+    }
+
+    fn generation() -> ImageRequest {
+        ImageRequest::from_json(Endpoint::Generations, Bytes::from_static(br#"{"model":"dall-e-2","prompt":"x"}"#))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_refused_by_an_http2_upstream_is_sent_again_twice_at_most() {
+        let (port, streams) = refusing_upstream(2).await;
+        let reply = upstream_at(port).send(&generation(), &Attribution::default()).await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(streams.load(Ordering::SeqCst), 3, "refused twice, answered the third time");
+
+        let (port, streams) = refusing_upstream(usize::MAX).await;
+        let e = upstream_at(port).send(&generation(), &Attribution::default()).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Broken { .. }), "{e:?}");
+        assert_eq!(streams.load(Ordering::SeqCst), 3, "the original and two resends");
+    }
+
+    fn query() -> Vec<(String, String)> {
+        vec![("api-version".to_owned(), "2025-04-01-preview".to_owned()), ("key".to_owned(), "a b&c".to_owned())]
+    }
+
+    #[test]
+    fn endpoint_uris_keep_the_base_query_append_the_configured_one_and_drop_credentials_and_fragment() {
+        let base = Url::parse("https://user:p%40ss@example.openai.azure.com/openai/?keep=1#frag").unwrap();
+
+        let url = endpoint_url(&base, UpstreamRoute::Openai, Endpoint::Edits, "", &query());
+        assert_eq!(
+            uri(&url).unwrap(),
+            "https://example.openai.azure.com/openai/images/edits?keep=1&api-version=2025-04-01-preview&key=a+b%26c"
+        );
+
+        let url = endpoint_url(&base, UpstreamRoute::AzureDeployment, Endpoint::Generations, "east 1/x", &[]);
+        assert_eq!(
+            uri(&url).unwrap(),
+            "https://example.openai.azure.com/openai/deployments/east%201%2Fx/images/generations?keep=1",
+            "the deployment is one path segment, percent-encoded"
+        );
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_go_as_basic_auth_decoded() {
+        let with = Url::parse("https://user:p%40ss@proxy.example/v1").unwrap();
+        let value = basic_auth(&with).unwrap().unwrap();
+        assert_eq!(value, "Basic dXNlcjpwQHNz");
+        assert!(value.is_sensitive());
+        assert_eq!(basic_auth(&Url::parse("https://proxy.example/v1").unwrap()).unwrap(), None);
+    }
 }

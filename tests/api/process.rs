@@ -304,3 +304,37 @@ async fn upstream_and_download_failures_never_log_query_secrets_or_signed_urls()
         }
     }
 }
+
+#[tokio::test]
+async fn an_egress_proxy_named_in_the_environment_carries_the_upstream_requests() {
+    // The fake stands in for an HTTP proxy: a proxied request arrives as `POST http://upstream.invalid/v1/…`
+    // (absolute form), which it routes by its path like any other. `upstream.invalid` resolves nowhere, so
+    // an answer proves the request went through the proxy.
+    let fake = FakeOpenAi::start().await;
+    let upstream = format!(
+        "[upstream]\nbase_url = \"http://upstream.invalid/v1\"\napi_key = \"{UPSTREAM_KEY}\"\nconnect_retries = 0"
+    );
+    let (dir, path, key) = config(&upstream, "[log]\nlevel = \"info\"");
+    let proxy = fake.base.as_str();
+    let env = [("HTTP_PROXY", proxy), ("http_proxy", proxy), ("NO_PROXY", ""), ("no_proxy", "")];
+    let mut gw = GatewayProcess::start_with_env(&["serve", "--config", &path], dir.path(), &env);
+
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", gw.root))
+        .bearer_auth(&key)
+        .json(&json!({"model": "gpt-image-1", "prompt": "a tree"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    gw.terminate();
+    gw.wait(Duration::from_secs(10));
+
+    let calls = fake.calls_to("/v1/images/generations");
+    assert_eq!(calls.len(), 1);
+    let host = calls[0].headers.iter().find(|(name, _)| name == "host").map(|(_, v)| v.as_str());
+    assert_eq!(host, Some("upstream.invalid"), "sent to the proxy for the upstream's host");
+    assert!(calls[0].headers.iter().any(|(n, v)| n == "authorization" && v.ends_with(UPSTREAM_KEY)));
+    let logs = gw.printed();
+    assert!(logs.contains("through the proxy named in the environment"), "the choice is logged: {logs}");
+}
