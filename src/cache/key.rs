@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 
 use crate::domain::ResponseFormat;
@@ -116,51 +116,42 @@ fn as_text(value: &Value) -> String {
 /// (the first default of a name wins), keys sorted at every depth, compact. Written straight from the request's
 /// values into one buffer: no copy of the tree is built (the copy and its maps were most of the key's cost).
 fn canonical_fields(fields: &Fields, model: Option<&Map<String, Value>>) -> Vec<u8> {
-    let (one, no) = (Value::from(1), Value::Bool(false));
-    let builtin = [("n", &one), ("stream", &no)];
     let mut top: Vec<(&str, &Value)> = fields
         .iter()
         .filter(|(name, value)| !value.is_null() && *name != "model")
         .map(|(k, v)| (k.as_str(), v))
         .collect();
+    let shared = shared_defaults();
     let model = model.into_iter().flatten().map(|(k, v)| (k.as_str(), v));
-    for (name, value) in builtin.into_iter().chain(model) {
+    for (name, value) in shared.iter().map(|(k, v)| (*k, v)).chain(model) {
         if !top.iter().any(|(n, _)| *n == name) {
             top.push((name, value));
         }
     }
-    top.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut out = Vec::with_capacity(256);
+    write_object(&mut out, top);
+    out
+}
+
+/// An object's entries compact, keys sorted, values canonical.
+fn write_object(out: &mut Vec<u8>, mut entries: Vec<(&str, &Value)>) {
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
-    for (i, (name, value)) in top.into_iter().enumerate() {
+    for (i, (name, value)) in entries.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_str(&mut out, name);
+        write_str(out, name);
         out.push(b':');
-        write_canonical(&mut out, value);
+        write_canonical(out, value);
     }
     out.push(b'}');
-    out
 }
 
 /// `value` compact, with every object's keys sorted.
 fn write_canonical(out: &mut Vec<u8>, value: &Value) {
     match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (name, value)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, name);
-                out.push(b':');
-                write_canonical(out, value);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => write_object(out, map.iter().map(|(k, v)| (k.as_str(), v)).collect()),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -183,9 +174,14 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// The defaults every model shares, before the model's own.
+fn shared_defaults() -> [(&'static str, Value); 2] {
+    [("n", Value::from(1)), ("stream", Value::Bool(false))]
+}
+
 /// OpenAI's defaults for the model: a request that spells one out means the same as one that leaves it out.
 fn defaults(model: Option<&Map<String, Value>>) -> Vec<(&str, Value)> {
-    let mut d = vec![("n", json!(1)), ("stream", json!(false))];
+    let mut d = shared_defaults().to_vec();
     if let Some(model) = model {
         d.extend(model.iter().map(|(k, v)| (k.as_str(), v.clone())));
     }
@@ -195,6 +191,7 @@ fn defaults(model: Option<&Map<String, Value>>) -> Vec<(&str, Value)> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use serde_json::json;
 
     use super::*;
     use crate::images::request::{Endpoint, Form, Part};
