@@ -1,4 +1,5 @@
-//! Parsing a JSON request body into a `serde_json::Value` while refusing objects that name a key twice.
+//! Parsing a JSON request body into its top-level fields (`request::Fields`) while refusing objects that name a
+//! key twice.
 //!
 //! `serde_json` keeps the last of two equal keys; other parsers keep the first. Since the body is forwarded
 //! byte for byte, a duplicate would let what imagegate validated, priced and limited differ from what the
@@ -15,6 +16,8 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+use super::Fields;
+
 use crate::error::ApiError;
 
 /// Values any body may have, however small.
@@ -29,72 +32,88 @@ struct Walk {
     over_budget: bool,
 }
 
-/// Parse `raw` as JSON, refusing duplicate keys and more values than the body's budget.
-pub fn parse(raw: &[u8]) -> Result<Value, ApiError> {
-    let budget = BASE_VALUES + raw.len() / BYTES_PER_VALUE;
-    let mut walk = Walk { duplicate: None, values_left: budget, over_budget: false };
+/// Parse a request body, refusing duplicate keys and more values than the body's budget: the top-level
+/// object's fields straight into a [`Fields`] map, or `None` when the body is JSON but not an object.
+pub fn parse_object(raw: &[u8]) -> Result<Option<Fields>, ApiError> {
+    let mut walk = Walk::for_body(raw);
     let mut de = serde_json::Deserializer::from_slice(raw);
-    let parsed = Node { path: Path::Root, walk: &mut walk }.deserialize(&mut de).and_then(|v| {
+    let parsed = Top { walk: &mut walk }.deserialize(&mut de).and_then(|v| {
         de.end()?;
         Ok(v)
     });
-    if walk.over_budget {
-        return Err(ApiError::invalid(
-            format!(
-                "The JSON body has too many values: at most {budget} for a body of {} bytes. Send images as \
-                 strings (URLs or data URLs) and no more than the API takes.",
-                raw.len()
-            ),
-            None,
-        ));
-    }
-    if let Some(param) = walk.duplicate {
-        return Err(ApiError::invalid(
-            format!("Duplicate parameter '{param}': a JSON object may name each key only once."),
-            Some(param),
-        ));
-    }
-    parsed.map_err(|e| {
-        ApiError::invalid(
-            format!(
-                "We could not parse the JSON body of your request: {e}. (HINT: send a JSON object with \
-                 Content-Type: application/json.)"
-            ),
-            None,
-        )
-    })
+    walk.finish(raw, parsed)
 }
 
-/// Where a value sits, to name a duplicate key the way parameters are named elsewhere.
-#[derive(Clone)]
-enum Path {
-    Root,
-    Key(String),
-}
+impl Walk {
+    fn for_body(raw: &[u8]) -> Self {
+        Self { duplicate: None, values_left: BASE_VALUES + raw.len() / BYTES_PER_VALUE, over_budget: false }
+    }
 
-impl Path {
-    fn key(&self, key: &str) -> String {
-        match self {
-            Self::Root => key.to_owned(),
-            Self::Key(parent) => format!("{parent}.{key}"),
+    /// The walk's verdict on what it parsed: over budget, a duplicate key, unparseable, or the result.
+    fn finish<T>(self, raw: &[u8], parsed: Result<T, serde_json::Error>) -> Result<T, ApiError> {
+        if self.over_budget {
+            let budget = BASE_VALUES + raw.len() / BYTES_PER_VALUE;
+            return Err(ApiError::invalid(
+                format!(
+                    "The JSON body has too many values: at most {budget} for a body of {} bytes. Send images as \
+                     strings (URLs or data URLs) and no more than the API takes.",
+                    raw.len()
+                ),
+                None,
+            ));
+        }
+        if let Some(param) = self.duplicate {
+            return Err(ApiError::invalid(
+                format!("Duplicate parameter '{param}': a JSON object may name each key only once."),
+                Some(param),
+            ));
+        }
+        parsed.map_err(|e| {
+            ApiError::invalid(
+                format!(
+                    "We could not parse the JSON body of your request: {e}. (HINT: send a JSON object with \
+                     Content-Type: application/json.)"
+                ),
+                None,
+            )
+        })
+    }
+
+    /// Record the first duplicate key (its path, written out only now).
+    fn duplicate_at(&mut self, path: Path<'_>) {
+        if self.duplicate.is_none() {
+            self.duplicate = Some(path.render());
         }
     }
+}
 
-    fn index(&self, i: usize) -> Path {
+/// Where a value sits, to name a duplicate key the way parameters are named elsewhere (`n`,
+/// `images[0].image_url`). A chain of borrows: written out only for a duplicate, not for every value.
+#[derive(Clone, Copy)]
+enum Path<'p> {
+    Root,
+    Key(&'p Path<'p>, &'p str),
+    Index(&'p Path<'p>, usize),
+}
+
+impl Path<'_> {
+    fn render(self) -> String {
         match self {
-            Self::Root => Self::Key(format!("[{i}]")),
-            Self::Key(parent) => Self::Key(format!("{parent}[{i}]")),
+            Self::Root => String::new(),
+            Self::Key(Self::Root, key) => key.to_owned(),
+            Self::Key(parent, key) => format!("{}.{key}", parent.render()),
+            Self::Index(parent, i) => format!("{}[{i}]", parent.render()),
         }
     }
 }
 
 /// Deserializes one value like `serde_json::Value` does, recording the first duplicate key it meets.
-struct Node<'a> {
-    path: Path,
+struct Node<'a, 'p> {
+    path: Path<'p>,
     walk: &'a mut Walk,
 }
 
-impl<'de> DeserializeSeed<'de> for Node<'_> {
+impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
@@ -108,7 +127,7 @@ impl<'de> DeserializeSeed<'de> for Node<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Node<'_> {
+impl<'de> Visitor<'de> for Node<'_, '_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -150,7 +169,7 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
         while let Some(item) =
-            seq.next_element_seed(Node { path: self.path.index(items.len()), walk: &mut *self.walk })?
+            seq.next_element_seed(Node { path: Path::Index(&self.path, items.len()), walk: &mut *self.walk })?
         {
             items.push(item);
         }
@@ -160,12 +179,9 @@ impl<'de> Visitor<'de> for Node<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = Path::Key(self.path.key(&key));
-            let value = map.next_value_seed(Node { path, walk: &mut *self.walk })?;
+            let value = map.next_value_seed(Node { path: Path::Key(&self.path, &key), walk: &mut *self.walk })?;
             if out.contains_key(&key) {
-                if self.walk.duplicate.is_none() {
-                    self.walk.duplicate = Some(self.path.key(&key));
-                }
+                self.walk.duplicate_at(Path::Key(&self.path, &key));
                 // Stop at the first duplicate: the request is refused whatever follows.
                 return Err(de::Error::custom("duplicate key"));
             }
@@ -175,9 +191,87 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 }
 
+/// The top level of a request body: an object's fields into [`Fields`] (each value a [`Node`]); any other
+/// JSON value is read past and answered `None` (the caller says the body must be an object).
+struct Top<'a> {
+    walk: &'a mut Walk,
+}
+
+impl<'de> DeserializeSeed<'de> for Top<'_> {
+    type Value = Option<Fields>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        if self.walk.values_left == 0 {
+            self.walk.over_budget = true;
+            return Err(de::Error::custom("too many values"));
+        }
+        self.walk.values_left -= 1;
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Top<'_> {
+    type Value = Option<Fields>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Node { path: Path::Root, walk: self.walk }.visit_f64(v).map(|_| None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        // Read as any array is (its values count against the budget, its numbers are checked), then dropped.
+        Node { path: Path::Root, walk: self.walk }.visit_seq(seq).map(|_| None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Fields::default();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(Node { path: Path::Key(&Path::Root, &key), walk: &mut *self.walk })?;
+            if out.contains_key(&key) {
+                self.walk.duplicate_at(Path::Key(&Path::Root, &key));
+                return Err(de::Error::custom("duplicate key"));
+            }
+            out.insert(key, value);
+        }
+        Ok(Some(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The body as a `Value`, to compare with `serde_json`'s reading (`null` for a body that is not an object).
+    fn parse(raw: &[u8]) -> Result<Value, ApiError> {
+        parse_object(raw).map(|fields| fields.map_or(Value::Null, |f| Value::Object(f.into_iter().collect())))
+    }
 
     fn duplicate_of(raw: &str) -> Option<String> {
         parse(raw.as_bytes()).err().and_then(|e| e.param().map(str::to_owned))
