@@ -386,11 +386,14 @@ pub(super) mod tests {
 
     use super::*;
 
-    /// A test CA and a certificate it signed for `localhost` and 127.0.0.1, valid for 100 years (made with
-    /// `openssl req -x509 … -newkey ec`); trusted by nothing but these tests.
-    const TEST_CA: &str = include_str!("../../../tests/fixtures/tls/ca.pem");
-    const SERVER_CERT: &str = include_str!("../../../tests/fixtures/tls/server.pem");
-    const SERVER_KEY: &str = include_str!("../../../tests/fixtures/tls/server.key");
+    /// A file of `tests/fixtures/tls/`: a test CA (`ca.pem`) and a certificate it signed for `localhost` and
+    /// 127.0.0.1 (`server.pem`, `server.key`), valid for 100 years (made with `openssl req -x509 … -newkey ec`);
+    /// trusted by nothing but these tests. Read when a test runs rather than embedded with `include_str!`, so
+    /// the build (and the Dockerfile's build stage, which copies only what the build embeds) never needs them.
+    fn fixture(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
 
     fn uri(s: &str) -> Uri {
         s.parse().unwrap()
@@ -398,7 +401,7 @@ pub(super) mod tests {
 
     fn test_roots() -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(TEST_CA.as_bytes()).unwrap()).unwrap();
+        roots.add(CertificateDer::from_pem_slice(fixture("ca.pem").as_bytes()).unwrap()).unwrap();
         roots
     }
 
@@ -409,8 +412,9 @@ pub(super) mod tests {
 
     /// TLS with the test CA's `localhost` certificate, offering `alpn`.
     pub(in crate::upstream::openai) fn test_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
-        let certs = CertificateDer::pem_slice_iter(SERVER_CERT.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-        let key = PrivateKeyDer::from_pem_slice(SERVER_KEY.as_bytes()).unwrap();
+        let (cert, key) = (fixture("server.pem"), fixture("server.key"));
+        let certs = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
