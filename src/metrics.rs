@@ -435,8 +435,8 @@ impl Metrics {
     }
 
     /// The `model` label of `model`: itself when the catalog knows it, else [`OTHER`]; empty stays empty.
-    pub fn model_label(&self, model: &str) -> String {
-        if model.is_empty() || self.models.contains(model) { model.to_owned() } else { OTHER.to_owned() }
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        if model.is_empty() || self.models.contains(model) { model } else { OTHER }
     }
 
     /// A request has started: counted in flight until the guard is dropped (answered, or the caller left).
@@ -448,7 +448,7 @@ impl Metrics {
     /// A request has been answered (its response headers are ready).
     pub fn request_done(&self, s: RequestSample<'_>) {
         let status = status_class(s.status);
-        let model = if s.model.is_empty() || self.models.contains(s.model) { s.model } else { OTHER };
+        let model = self.model_label(s.model);
         let key = RequestKeyRef { route: s.route, method: s.method, status, tenant: s.tenant, model };
         let seconds = s.elapsed.as_secs_f64();
         if let Ok(handles) = self.request_handles.read()
@@ -483,7 +483,7 @@ impl Metrics {
 
     /// One usage record: images, tokens and cost by tenant and model.
     pub fn usage(&self, u: UsageSample<'_>) {
-        let (tenant, model) = (u.tenant.to_owned(), self.model_label(u.model));
+        let (tenant, model) = (u.tenant.to_owned(), self.model_label(u.model).to_owned());
         if u.images > 0 {
             let source = if u.cached { "cache" } else { "upstream" };
             let labels = ImageLabels { tenant: tenant.clone(), model: model.clone(), source };

@@ -79,11 +79,56 @@ impl Walk {
         })
     }
 
-    /// Record the first duplicate key (its path, written out only now).
-    fn duplicate_at(&mut self, path: Path<'_>) {
-        if self.duplicate.is_none() {
-            self.duplicate = Some(path.render());
+    /// Spend one value of the budget before building it; past the budget, the walk stops.
+    fn spend<E: de::Error>(&mut self) -> Result<(), E> {
+        if self.values_left == 0 {
+            self.over_budget = true;
+            return Err(E::custom("too many values"));
         }
+        self.values_left -= 1;
+        Ok(())
+    }
+
+    /// An object's entries into `out` (a `serde_json::Map` below the top, [`Fields`] at it), each value a
+    /// [`Node`] at `path`'s key; the first duplicate key is recorded (its path written out only now) and stops
+    /// the walk: the request is refused whatever follows.
+    fn object<'de, A: MapAccess<'de>, M: Object>(&mut self, path: Path<'_>, mut map: A) -> Result<M, A::Error> {
+        let mut out = M::default();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(Node { path: Path::Key(&path, &key), walk: &mut *self })?;
+            if out.has(&key) {
+                if self.duplicate.is_none() {
+                    self.duplicate = Some(Path::Key(&path, &key).render());
+                }
+                return Err(de::Error::custom("duplicate key"));
+            }
+            out.put(key, value);
+        }
+        Ok(out)
+    }
+}
+
+/// The two maps a JSON object is read into.
+trait Object: Default {
+    fn has(&self, key: &str) -> bool;
+    fn put(&mut self, key: String, value: Value);
+}
+
+impl Object for Map<String, Value> {
+    fn has(&self, key: &str) -> bool {
+        self.contains_key(key)
+    }
+    fn put(&mut self, key: String, value: Value) {
+        self.insert(key, value);
+    }
+}
+
+impl Object for Fields {
+    fn has(&self, key: &str) -> bool {
+        self.contains_key(key)
+    }
+    fn put(&mut self, key: String, value: Value) {
+        self.insert(key, value);
     }
 }
 
@@ -118,11 +163,7 @@ impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
         // Every value spends one from the budget before it is built; the walk stops at the first overspend.
-        if self.walk.values_left == 0 {
-            self.walk.over_budget = true;
-            return Err(de::Error::custom("too many values"));
-        }
-        self.walk.values_left -= 1;
+        self.walk.spend()?;
         deserializer.deserialize_any(self)
     }
 }
@@ -176,18 +217,8 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
         Ok(Value::Array(items))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(Node { path: Path::Key(&self.path, &key), walk: &mut *self.walk })?;
-            if out.contains_key(&key) {
-                self.walk.duplicate_at(Path::Key(&self.path, &key));
-                // Stop at the first duplicate: the request is refused whatever follows.
-                return Err(de::Error::custom("duplicate key"));
-            }
-            out.insert(key, value);
-        }
-        Ok(Value::Object(out))
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        self.walk.object(self.path, map).map(Value::Object)
     }
 }
 
@@ -201,11 +232,7 @@ impl<'de> DeserializeSeed<'de> for Top<'_> {
     type Value = Option<Fields>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        if self.walk.values_left == 0 {
-            self.walk.over_budget = true;
-            return Err(de::Error::custom("too many values"));
-        }
-        self.walk.values_left -= 1;
+        self.walk.spend()?;
         deserializer.deserialize_any(self)
     }
 }
@@ -250,17 +277,8 @@ impl<'de> Visitor<'de> for Top<'_> {
         Node { path: Path::Root, walk: self.walk }.visit_seq(seq).map(|_| None)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = Fields::default();
-        while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(Node { path: Path::Key(&Path::Root, &key), walk: &mut *self.walk })?;
-            if out.contains_key(&key) {
-                self.walk.duplicate_at(Path::Key(&Path::Root, &key));
-                return Err(de::Error::custom("duplicate key"));
-            }
-            out.insert(key, value);
-        }
-        Ok(Some(out))
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.walk.object(Path::Root, map).map(Some)
     }
 }
 
