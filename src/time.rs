@@ -18,20 +18,34 @@ pub fn now_secs() -> u64 {
 pub fn windows(now_ms: u64) -> (u64, u64, u64, u64) {
     const DAY: u64 = 86_400_000;
     thread_local! {
-        static MONTH: std::cell::Cell<Option<(u64, u64, u64)>> = const { std::cell::Cell::new(None) };
+        static MONTH: PerDay<(u64, u64)> = const { std::cell::Cell::new(None) };
     }
     let day_start = now_ms - now_ms % DAY;
-    let (month_start, month_end) = MONTH.with(|cached| match cached.get() {
-        Some((day, start, end)) if day == day_start => (start, end),
-        _ => {
-            let start = month_start(i64::try_from(now_ms).unwrap_or(i64::MAX)).unwrap_or(0);
-            let end = next_month_start(start).unwrap_or(i64::MAX);
-            let (start, end) = (u64::try_from(start).unwrap_or(0), u64::try_from(end).unwrap_or(0));
-            cached.set(Some((day_start, start, end)));
-            (start, end)
-        }
+    let (month_start, month_end) = once_per_day(&MONTH, now_ms / DAY, || {
+        let start = month_start(i64::try_from(now_ms).unwrap_or(i64::MAX)).unwrap_or(0);
+        let end = next_month_start(start).unwrap_or(i64::MAX);
+        (u64::try_from(start).unwrap_or(0), u64::try_from(end).unwrap_or(0))
     });
     (day_start, day_start + DAY, month_start, month_end)
+}
+
+/// A thread's cache of something that changes only with the UTC day: the day's number and its value.
+pub type PerDay<T> = std::cell::Cell<Option<(u64, T)>>;
+
+/// `compute`'s value for UTC day number `day` (days since the epoch), computed once per day per thread.
+pub fn once_per_day<T: Copy + 'static>(
+    cache: &'static std::thread::LocalKey<PerDay<T>>,
+    day: u64,
+    compute: impl FnOnce() -> T,
+) -> T {
+    cache.with(|cached| match cached.get() {
+        Some((d, value)) if d == day => value,
+        _ => {
+            let value = compute();
+            cached.set(Some((day, value)));
+            value
+        }
+    })
 }
 
 /// Midnight UTC on the first day of the month `ms` (Unix milliseconds) falls in.

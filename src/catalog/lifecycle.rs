@@ -33,18 +33,11 @@ impl Date {
     /// computed once per day per thread, not once per call.
     pub fn today() -> Self {
         thread_local! {
-            static LAST: std::cell::Cell<Option<(i64, Date)>> = const { std::cell::Cell::new(None) };
+            static TODAY: crate::time::PerDay<Date> = const { std::cell::Cell::new(None) };
         }
         let ms = crate::time::now_ms();
-        let day = ms.div_euclid(1000 * SECONDS_PER_DAY);
-        LAST.with(|last| match last.get() {
-            Some((d, date)) if d == day => date,
-            _ => {
-                let date = Self::from_unix_ms(ms);
-                last.set(Some((day, date)));
-                date
-            }
-        })
+        let day = u64::try_from(ms.div_euclid(1000 * SECONDS_PER_DAY)).unwrap_or(0);
+        crate::time::once_per_day(&TODAY, day, || Self::from_unix_ms(ms))
     }
 
     /// Seconds since the Unix epoch at the day's start.
