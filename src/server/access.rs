@@ -14,8 +14,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
 
 use super::layers::RequestId;
@@ -68,8 +67,11 @@ struct Line {
     client: Client,
 }
 
-/// Middleware: count and log the request once its response is ready.
-pub async fn access(State(access): State<Access>, request: Request, next: Next) -> Response {
+/// Run `request` through `run` (the rest of the stack), then count and log it once its response is ready.
+pub async fn observe<F>(access: &Access, request: Request, run: impl FnOnce(Request) -> F) -> Response
+where
+    F: Future<Output = Response>,
+{
     let started = Instant::now();
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
@@ -83,7 +85,7 @@ pub async fn access(State(access): State<Access>, request: Request, next: Next) 
     });
     let _in_flight = access.metrics.in_flight();
     let slot = Slot::default();
-    let response = facts::scope(slot.clone(), next.run(request)).await;
+    let response = facts::scope(slot.clone(), run(request)).await;
     super::layers::log_error(&response);
     let elapsed = started.elapsed();
     let f = facts::read(&slot);

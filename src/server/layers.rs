@@ -1,35 +1,42 @@
-//! The global middleware stack, in one function, outermost first. `docs/architecture.md` mirrors this list.
+//! The global middleware stack: one service around every route ([`apply`]), whose steps run in this order,
+//! outermost first. `docs/architecture.md` mirrors this list.
 //!
-//! 1. Mark `authorization` and `api-key` sensitive so no later layer can log them.
+//! 1. Mark `authorization` and `api-key` sensitive so no later step can log them.
 //! 2. Request id: a fresh `req_<32 hex>` of imagegate's own, on the request (extension), the span and the
-//!    response's `x-request-id` — every response, a caught panic's included.
-//! 3. Trace: one span per request (method, route template, request id; tenant filled in by auth). Its own
-//!    response and failure lines are off: the access layer writes one line per request and logs the error.
-//! 4. Access: one access-log line and the request metrics per request, with the facts the inner layers and
+//!    response's `x-request-id` — every response, a caught panic's and a timeout's included.
+//! 3. Span: one per request (method, route template, request id; tenant filled in by auth), entered while the
+//!    rest runs and while the response body is polled (a stream's last lines are written in it).
+//! 4. Access: one access-log line and the request metrics per request, with the facts the inner steps and
 //!    the pipeline noted (`server::access`); before the line, the `ApiError` stored in the response's
 //!    extensions is logged once, at its level ([`log_error`]).
-//! 5. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the layers above, so the 500
+//! 5. Catch panics → 500 in OpenAI's shape, never a dropped connection; inside the steps above, so the 500
 //!    carries the request id and its cause is logged in the request's span.
 //! 6. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
+//!
+//! They are written as one `async fn` ([`edge`]) rather than a tower layer each: per request that is one
+//! boxed future instead of six nested ones (tower-http's trace, panic and sensitive-header layers, two
+//! `from_fn` layers boxing theirs and cloning the rest of the stack, the timeout's error handler), which a
+//! held request keeps for minutes (docs/performance.md).
 //!
 //! Inside the router: image routes get tenant authentication (`server::auth`) via `route_layer`; body limits
 //! are applied per endpoint by `extract` so a 413 states the right limit.
 
+use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use http::HeaderValue;
-use http::header::AUTHORIZATION;
-use tower::ServiceBuilder;
-use tower::timeout::TimeoutLayer;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
+use http::header::{AUTHORIZATION, Entry};
+use tower::{Layer, Service, ServiceExt as _};
+use tracing::Instrument as _;
 
 use super::access::Access;
 use crate::error::{self, ApiError, LoggedError};
@@ -41,25 +48,121 @@ pub struct RequestId(pub String);
 
 /// Wrap `router` in the global stack.
 pub fn apply(router: Router, request_timeout: Duration, access: Access) -> Router {
-    let stack = ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION, http::HeaderName::from_static(headers::API_KEY)]))
-        .layer(from_fn(request_id))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(make_span)
-                .on_request(())
-                // The access layer writes the request's line.
-                .on_response(())
-                // Its default logs every 5xx at ERROR, upstream pass-throughs included: `log_error` logs ours.
-                .on_failure(()),
-        )
-        .layer(from_fn_with_state(access, super::access::access))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(HandleErrorLayer::new(
-            move |_: tower::BoxError| async move { ApiError::RequestTimeout(request_timeout) },
-        ))
-        .layer(TimeoutLayer::new(request_timeout));
-    router.layer(stack)
+    router.layer(EdgeLayer { access, request_timeout })
+}
+
+/// The global stack as one layer: each request gets one boxed future holding all six steps, instead of a
+/// future (two of them boxed, with a clone of the rest of the stack) per step. The steps and their order are
+/// the module's list; `tests` below and `tests/api.rs` hold them to it.
+#[derive(Clone)]
+struct EdgeLayer {
+    access: Access,
+    request_timeout: Duration,
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge { inner, access: self.access.clone(), request_timeout: self.request_timeout }
+    }
+}
+
+/// [`EdgeLayer`]'s service around one route.
+#[derive(Clone)]
+struct Edge<S> {
+    inner: S,
+    access: Access,
+    request_timeout: Duration,
+}
+
+impl<S> Service<Request> for Edge<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The route is called through `oneshot`, which waits for it to be ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let (inner, access, timeout) = (self.inner.clone(), self.access.clone(), self.request_timeout);
+        Box::pin(edge(inner, request, access, timeout).map(Ok))
+    }
+}
+
+/// One request through the six steps of the module's list.
+async fn edge<S>(inner: S, mut request: Request, access: Access, timeout: Duration) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+{
+    // 1. Keys are sensitive: no later layer may log them.
+    for name in [AUTHORIZATION, http::HeaderName::from_static(headers::API_KEY)] {
+        if let Entry::Occupied(mut values) = request.headers_mut().entry(name) {
+            values.iter_mut().for_each(|v| v.set_sensitive(true));
+        }
+    }
+    // 2. The request id.
+    let id = new_request_id();
+    let id_value = HeaderValue::from_str(&id);
+    request.extensions_mut().insert(RequestId(id));
+    // 3. The span, around the rest and around the answer's body (a stream's last lines are written in it).
+    let span = make_span(&request);
+    // 4. Access line and metrics; 5. panics caught; 6. the timeout up to the response headers.
+    let response = super::access::observe(&access, request, move |request| {
+        AssertUnwindSafe(tokio::time::timeout(timeout, inner.oneshot(request))).catch_unwind().map(move |done| {
+            match done {
+                Ok(Ok(Ok(response))) => response,
+                Ok(Ok(Err(never))) => match never {},
+                Ok(Err(_elapsed)) => ApiError::RequestTimeout(timeout).into_response(),
+                Err(panic) => panic_response(panic),
+            }
+        })
+    })
+    .instrument(span.clone())
+    .await;
+    let mut response = response.map(|body| Body::new(InSpan { body, span }));
+    if let Ok(value) = id_value {
+        response.headers_mut().insert(headers::X_REQUEST_ID, value);
+    }
+    response
+}
+
+pin_project_lite::pin_project! {
+    /// A response body polled inside the request's span.
+    struct InSpan {
+        #[pin]
+        body: Body,
+        span: tracing::Span,
+    }
+}
+
+impl http_body::Body for InSpan {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The 500 for a panic in a handler; its message goes to the log (through `log_error`), never to the caller.
@@ -70,17 +173,6 @@ fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Response 
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string panic payload".to_owned());
     ApiError::Internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
-}
-
-async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = new_request_id();
-    let value = HeaderValue::from_str(&id);
-    request.extensions_mut().insert(RequestId(id));
-    let mut response = next.run(request).await;
-    if let Ok(value) = value {
-        response.headers_mut().insert(headers::X_REQUEST_ID, value);
-    }
-    response
 }
 
 /// `req_` and 32 hex digits: the time in milliseconds (12 digits), then 80 random bits. Ids made later sort
