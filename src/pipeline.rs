@@ -29,7 +29,7 @@ use crate::ledger::Ledger;
 use crate::ledger::record::{self as usage, UsageRecord};
 use crate::limits::{Demand, Limiter, Permit, Usage};
 use crate::pricing::{Ask, Prices, Unpriced};
-use crate::rehost::{Origin, Plan, Rehoster};
+use crate::rehost::{Origin, Plan, Rehosted, Rehoster};
 use crate::upstream::{Attribution, ReplyBody, Upstream as _, UpstreamReply, Upstreams};
 use crate::wire::{AnswerFacts, headers};
 
@@ -768,21 +768,23 @@ impl ImagesService {
         }
         let mut record = call.record.clone();
         record.note_deployment(&reply.headers);
-        let (Some(plan), UpstreamReply { status, headers, body: ReplyBody::Full(body) }) = (&call.plan, &reply) else {
-            return Ok((reply, record, facts));
-        };
-        if !status.is_success() {
+        let Some(plan) = &call.plan else { return Ok((reply, record, facts)) };
+        if !reply.status.is_success() {
             return Ok((reply, record, facts));
         }
+        let UpstreamReply { status, headers, body: ReplyBody::Full(body) } = reply else {
+            return Ok((reply, record, facts));
+        };
         let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
+        // The body goes to re-hosting, which frees it once its images are decoded.
         match Box::pin(self.rehoster.apply(plan, body, origin)).await {
-            Ok(None) => Ok((reply, record, facts)),
-            Ok(Some(rewritten)) => {
+            Ok(Rehosted::Unchanged(body)) => {
+                Ok((UpstreamReply { status, headers, body: ReplyBody::Full(body) }, record, facts))
+            }
+            Ok(Rehosted::Rewritten(rewritten)) => {
                 // The rewritten answer is links where base64 was: small, and read again for its new links.
                 let facts = AnswerFacts::read(&rewritten);
-                let reply =
-                    UpstreamReply { status: *status, headers: headers.clone(), body: ReplyBody::Full(rewritten) };
-                Ok((reply, record, facts))
+                Ok((UpstreamReply { status, headers, body: ReplyBody::Full(rewritten) }, record, facts))
             }
             Err(e) => {
                 let e = match e {
@@ -794,6 +796,8 @@ impl ImagesService {
                         ApiError::RehostFailed(other.public_reason())
                     }
                 };
+                // The images are booked as the upstream answered them (it billed them); the body is not needed.
+                let reply = UpstreamReply { status, headers, body: ReplyBody::Full(bytes::Bytes::new()) };
                 let mut record = record.finish_reply(&reply, facts.as_ref(), &self.prices, call.started);
                 record.status = e.status().as_u16();
                 self.settle(call, record);

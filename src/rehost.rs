@@ -65,6 +65,15 @@ impl RehostError {
     }
 }
 
+/// What [`Rehoster::apply`] made of an answer.
+#[derive(Debug)]
+pub enum Rehosted {
+    /// Nothing to do: the body as it came.
+    Unchanged(Bytes),
+    /// The answer with links (or base64) where the upstream's images were.
+    Rewritten(Bytes),
+}
+
 /// What to do with one request's images, decided before the upstream call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -181,25 +190,32 @@ impl Rehoster {
         (request, Some(plan))
     }
 
-    /// Rewrite a successful JSON answer according to `plan`. Answers that are not an object with `data`
-    /// pass unchanged.
+    /// Rewrite a successful JSON answer according to `plan`. Answers that are not an object with `data`, or
+    /// that need nothing done, come back unchanged.
+    ///
+    /// The body is taken by value: once the images' jobs are taken out of it, this function holds it only
+    /// through their base64 text (slices of it), so a GPT answer's megabytes are freed as soon as its image is
+    /// decoded, not after the image has been stored. Under load, answers wait their turn to be stored, and
+    /// each would otherwise hold its base64 and its decoded image together (docs/performance.md).
     #[tracing::instrument(name = "rehost", level = "debug", skip_all)]
-    pub async fn apply(&self, plan: &Plan, body: &Bytes, origin: Origin<'_>) -> Result<Option<Bytes>, RehostError> {
+    pub async fn apply(&self, plan: &Plan, body: Bytes, origin: Origin<'_>) -> Result<Rehosted, RehostError> {
         if !plan.rewrite {
-            return Ok(None);
+            return Ok(Rehosted::Unchanged(body));
         }
         // Read with the base64 strings borrowed from `body`, not copied into a tree: a GPT answer's base64 is
         // megabytes, decoded straight from the body.
-        let Some(mut answer) = Answer::parse(body) else { return Ok(None) };
-        let Some(data) = answer.data_mut() else { return Ok(None) };
+        let Some(mut answer) = Answer::parse(&body) else { return Ok(Rehosted::Unchanged(body)) };
+        let Some(data) = answer.data_mut() else { return Ok(Rehosted::Unchanged(body)) };
         let jobs: Vec<(usize, Job)> = data
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, item)| Job::take_from(item, plan.want, body).map(|job| (i, job)))
+            .filter_map(|(i, item)| Job::take_from(item, plan.want, &body).map(|job| (i, job)))
             .collect();
         if jobs.is_empty() {
-            return Ok(None);
+            return Ok(Rehosted::Unchanged(body));
         }
+        let mut answer = answer.into_owned();
+        drop(body);
         let started = std::time::Instant::now();
         let result = self.rewrite(jobs, &mut answer, plan, origin).await;
         if let Some(m) = &self.metrics {
@@ -210,7 +226,7 @@ impl Rehoster {
             m.rehosted(result.is_ok(), images, bytes, started.elapsed());
         }
         result?;
-        answer.to_vec().map(|v| Some(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
+        answer.to_vec().map(|v| Rehosted::Rewritten(Bytes::from(v))).map_err(|e| RehostError::Encode(e.to_string()))
     }
 
     /// Obtain and store every image of `jobs` and put their links (or base64) into `answer`; the images stored.
@@ -393,10 +409,23 @@ fn decode_and_hash(text: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests fail by panicking")]
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use base64::Engine as _;
+    use futures::stream::BoxStream;
+    use object_store::path::Path;
+    use object_store::{
+        GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
+        PutPayload, PutResult, Result as OsResult,
+    };
     use sha2::Digest as _;
 
-    use super::{BASE64, decode_and_hash};
+    use super::*;
+    use crate::config::{DatabaseSettings, DownloadSettings, StorageBackend};
+    use crate::db::Db;
 
     #[test]
     fn decoding_block_by_block_gives_the_image_and_its_hash_and_refuses_what_decoding_whole_refuses() {
@@ -416,6 +445,104 @@ mod tests {
         for bad in ["abc", "ab=c", "Zm9v YmFy", "Zm9v\n", "Zm9vYg", "Zm9v*mFy", "===="] {
             assert!(decode_and_hash(bad.as_bytes()).is_none(), "{bad:?}");
         }
+    }
+
+    /// An object store that notes, for each object written, whether the answer's body was already freed.
+    #[derive(Debug)]
+    struct Watched {
+        inner: object_store::memory::InMemory,
+        body_freed: Arc<AtomicBool>,
+        freed_when_written: Mutex<Vec<bool>>,
+    }
+
+    impl std::fmt::Display for Watched {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Watched")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Watched {
+        async fn put_opts(&self, path: &Path, payload: PutPayload, opts: PutOptions) -> OsResult<PutResult> {
+            self.freed_when_written.lock().unwrap().push(self.body_freed.load(Ordering::SeqCst));
+            self.inner.put_opts(path, payload, opts).await
+        }
+        async fn put_multipart_opts(&self, path: &Path, opts: PutMultipartOptions) -> OsResult<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(path, opts).await
+        }
+        async fn get_opts(&self, path: &Path, options: GetOptions) -> OsResult<GetResult> {
+            self.inner.get_opts(path, options).await
+        }
+        async fn delete(&self, path: &Path) -> OsResult<()> {
+            self.inner.delete(path).await
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, OsResult<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> OsResult<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy(&self, from: &Path, to: &Path) -> OsResult<()> {
+            self.inner.copy(from, to).await
+        }
+        async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> OsResult<()> {
+            self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    /// An answer's bytes that say when they are freed.
+    struct Tracked(Vec<u8>, Arc<AtomicBool>);
+
+    impl AsRef<[u8]> for Tracked {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A GPT answer of megabytes is freed once its image is decoded: under load answers queue to be stored, and
+    /// each would otherwise hold its base64 beside its decoded image until stored.
+    #[tokio::test]
+    async fn a_base64_answer_is_freed_before_its_image_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
+        let body_freed = Arc::new(AtomicBool::new(false));
+        let objects = Arc::new(Watched {
+            inner: object_store::memory::InMemory::new(),
+            body_freed: body_freed.clone(),
+            freed_when_written: Mutex::new(Vec::new()),
+        });
+        let store = ImageStore::with_objects(objects.clone(), String::new(), StorageBackend::Local, db);
+        let links = LinkSigner::new(b"test key".to_vec(), url::Url::parse("http://gateway.test/").unwrap());
+        let fetcher = Fetcher::new(&DownloadSettings::default()).unwrap();
+        let rehoster = Rehoster::new(store, fetcher, links, Arc::new(ImagesSettings::default()));
+        let plan = Plan {
+            want: Some(ResponseFormat::Url),
+            rewrite: true,
+            retention: Duration::from_secs(60),
+            fallback: DownloadFallback::Fail,
+        };
+        let png = crate::upstream::render::render(7, 64, 64, crate::upstream::render::OutputFormat::Png).unwrap();
+        let answer = format!(
+            r#"{{"created":1,"data":[{{"b64_json":"{}","revised_prompt":"p"}}],"usage":{{"total_tokens":3}}}}"#,
+            base64::engine::general_purpose::STANDARD.encode(&png)
+        );
+        let body = Bytes::from_owner(Tracked(answer.into_bytes(), body_freed.clone()));
+        let origin = Origin { tenant_id: "t1", model: "gpt-image-1", request_id: "req_1" };
+
+        let Rehosted::Rewritten(rewritten) = rehoster.apply(&plan, body, origin).await.unwrap() else {
+            panic!("a base64 answer asked as links is rewritten")
+        };
+        let rewritten: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();
+        assert!(rewritten["data"][0]["url"].as_str().unwrap().starts_with("http://gateway.test/"), "{rewritten}");
+        assert_eq!(rewritten["data"][0]["revised_prompt"], "p");
+        assert_eq!(rewritten["usage"]["total_tokens"], 3);
+        assert_eq!(*objects.freed_when_written.lock().unwrap(), [true], "the answer was freed before the write");
     }
 
     #[test]

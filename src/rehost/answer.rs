@@ -56,9 +56,44 @@ impl<'a> Answer<'a> {
     pub(super) fn to_vec(&self) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec(self)
     }
+
+    /// The answer with nothing borrowed from the body any more, so the body can be freed while the images
+    /// are stored: a string still borrowed (one no job took) is copied.
+    pub(super) fn into_owned(self) -> Answer<'static> {
+        let fields = self
+            .fields
+            .into_iter()
+            .map(|(name, top)| {
+                let top = match top {
+                    Top::Data(items) => Top::Data(items.into_iter().map(Item::into_owned).collect()),
+                    Top::Other(value) => Top::Other(value),
+                };
+                (name, top)
+            })
+            .collect();
+        Answer { fields }
+    }
 }
 
 impl<'a> Item<'a> {
+    fn into_owned(self) -> Item<'static> {
+        match self {
+            Self::Object(fields) => Item::Object(
+                fields
+                    .into_iter()
+                    .map(|(name, field)| {
+                        let field = match field {
+                            Field::Text(text) => Field::Text(Cow::Owned(text.into_owned())),
+                            Field::Other(value) => Field::Other(value),
+                        };
+                        (name, field)
+                    })
+                    .collect(),
+            ),
+            Self::Other(value) => Item::Other(value),
+        }
+    }
+
     /// Field `name`, if this item is an object that has it.
     pub(super) fn get_mut(&mut self, name: &str) -> Option<&mut Field<'a>> {
         match self {
@@ -305,6 +340,25 @@ mod tests {
             br#"[1,2]"#,
         ] {
             assert_eq!(borrowed(body, &replace), with_value(body, &replace), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn an_answer_made_owned_outlives_its_body_and_is_written_back_the_same() {
+        let replace = serde_json::json!({"url": "https://gw/x.png"}).as_object().unwrap().clone();
+        for body in [
+            &br#"{"created":1,"data":[{"b64_json":"QUJD","revised_prompt":"r"},{"url":"https:\/\/up\/1.png"}]}"#[..],
+            br#"{"data":[{"url":"a","b64_json":"b","c":1}],"created":2,"usage":{"x":[1,null]}}"#,
+        ] {
+            let owned = {
+                let copy = body.to_vec();
+                Answer::parse(&copy).unwrap().into_owned()
+            };
+            let mut owned = owned;
+            for item in owned.data_mut().unwrap() {
+                item.replace_image(replace.clone());
+            }
+            assert_eq!(owned.to_vec().ok(), borrowed(body, &replace), "{}", String::from_utf8_lossy(body));
         }
     }
 
