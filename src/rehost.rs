@@ -285,7 +285,7 @@ impl Rehoster {
     async fn obtain(&self, index: usize, job: Job, plan: &Plan) -> Result<Obtained, RehostError> {
         match job {
             Job::Download(url) => match self.fetcher.fetch(&url).await {
-                Ok(fetched) => Ok(Obtained::Bytes(fetched.bytes, None)),
+                Ok(fetched) => Ok(Obtained::Bytes(fetched.bytes, Some(fetched.sha256))),
                 Err(source) if plan.fallback == DownloadFallback::PassThrough => {
                     tracing::warn!(image = index, reason = %source, "could not re-host an upstream image; passing its URL on");
                     Ok(Obtained::Fields(serde_json::json!({ "url": url })))
@@ -467,7 +467,11 @@ mod tests {
             self.freed_when_written.lock().unwrap().push(self.body_freed.load(Ordering::SeqCst));
             self.inner.put_opts(path, payload, opts).await
         }
-        async fn put_multipart_opts(&self, path: &Path, opts: PutMultipartOptions) -> OsResult<Box<dyn MultipartUpload>> {
+        async fn put_multipart_opts(
+            &self,
+            path: &Path,
+            opts: PutMultipartOptions,
+        ) -> OsResult<Box<dyn MultipartUpload>> {
             self.inner.put_multipart_opts(path, opts).await
         }
         async fn get_opts(&self, path: &Path, options: GetOptions) -> OsResult<GetResult> {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use sha2::{Digest as _, Sha256};
 use url::Url;
 
 use crate::config::DownloadSettings;
@@ -55,6 +56,8 @@ pub enum FetchError {
 pub struct Fetched {
     pub bytes: Bytes,
     pub format: ImageFormat,
+    /// The SHA-256 of `bytes`, computed chunk by chunk as they arrived (the store's content address).
+    pub sha256: [u8; 32],
 }
 
 /// Host patterns: exact names (case-insensitive) or `*.suffix` for any subdomain of `suffix`.
@@ -320,17 +323,21 @@ impl Fetcher {
         let mut body = BytesMut::with_capacity(
             usize::try_from(response.content_length().unwrap_or(0).min(self.max_bytes)).unwrap_or(0),
         );
+        // Each chunk is hashed as it is copied in, while it is in the CPU's cache: the store needs the SHA-256,
+        // and a second pass over megabytes (on a blocking thread) is what this saves.
+        let mut hasher = Sha256::new();
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|_| FetchError::Unreachable)?;
             if (body.len() + chunk.len()) as u64 > self.max_bytes {
                 return Err(FetchError::TooLarge(self.max_bytes));
             }
+            hasher.update(&chunk);
             body.extend_from_slice(&chunk);
         }
         let bytes = body.freeze();
         let format = imageinfo::sniff(&bytes).ok_or(FetchError::BadSignature)?;
-        Ok(Fetched { bytes, format })
+        Ok(Fetched { bytes, format, sha256: hasher.finalize().into() })
     }
 }
 
@@ -453,6 +460,40 @@ mod tests {
             let f = fetcher(&["[::7f00:1]", "[2002:7f00:1::1]", "[fec0::1]"], &[]);
             assert!(matches!(f.fetch(literal).await, Err(FetchError::PrivateAddress(_))), "{literal}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_download_comes_with_the_sha256_of_its_bytes() {
+        let png = crate::upstream::render::render(3, 300, 300, crate::upstream::render::OutputFormat::Png).unwrap();
+        let served = png.clone();
+        let app = axum::Router::new().route(
+            "/x.png",
+            axum::routing::get(move || {
+                let served = served.clone();
+                // In several chunks, as a download over the network arrives.
+                let chunks: Vec<Result<Bytes, std::io::Error>> =
+                    served.chunks(1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+                async move {
+                    (
+                        [(http::header::CONTENT_TYPE, "image/png")],
+                        axum::body::Body::from_stream(futures::stream::iter(chunks)),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let settings = DownloadSettings {
+            allowed_hosts: vec!["127.0.0.1".into()],
+            private_hosts: vec!["127.0.0.1".into()],
+            allow_http: true,
+            ..DownloadSettings::default()
+        };
+        let fetched = Fetcher::new(&settings).unwrap().fetch(&format!("http://{addr}/x.png")).await.unwrap();
+        assert!(png.len() > 3 * 1024, "several chunks: {} bytes", png.len());
+        assert_eq!(fetched.bytes, png);
+        assert_eq!(fetched.sha256, <[u8; 32]>::from(Sha256::digest(&png)));
     }
 
     #[tokio::test]
