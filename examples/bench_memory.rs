@@ -76,6 +76,16 @@ struct Args {
     /// held: pause after every 10 requests started, in ms (5,000 requests start within 5 s).
     #[arg(long, default_value_t = 10)]
     ramp_ms: u64,
+    /// The fake speaks TLS and offers HTTP/2 by ALPN, as OpenAI's and Azure's front ends do (its certificate
+    /// is the test CA's in `tests/fixtures/tls`, which the gateway trusts through `upstream.ca_file`), so the
+    /// gateway's requests share a few HTTP/2 connections; without it, plain HTTP/1.1, one connection per
+    /// request in flight.
+    #[arg(long)]
+    tls: bool,
+    /// With `--tls`: the most streams the fake lets one HTTP/2 connection carry at once (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; default: no limit).
+    #[arg(long)]
+    max_streams: Option<u32>,
 }
 
 /// The fake upstream: answers edits once it has read the whole upload, generations after `hold`.
@@ -123,6 +133,33 @@ async fn generations(State(fake): State<Arc<Fake>>, _headers: HeaderMap, _body: 
     tokio::time::sleep(fake.hold).await;
     fake.held_now.fetch_sub(1, Ordering::Relaxed);
     answer()
+}
+
+/// Serve `app` on `listener` over TLS with the certificate `server.pem` (for `localhost`; key `server.key`) of
+/// `fixtures`, offering `h2` and `http/1.1` by ALPN, at most `max_streams` streams at once per connection.
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, fixtures: PathBuf, max_streams: u32) {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(fixtures.join("server.pem")).unwrap().collect::<Result<Vec<_>, _>>();
+    let key = PrivateKeyDer::from_pem_file(fixtures.join("server.key")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs.unwrap(), key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    while let Ok((tcp, _)) = listener.accept().await {
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http2().max_concurrent_streams(max_streams);
+            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await;
+        });
+    }
 }
 
 /// A multipart body as an SDK writes it: (content type, body).
@@ -193,8 +230,15 @@ async fn main() {
         .route("/v1/images/generations", post(generations))
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = listener.local_addr().unwrap().port();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let (upstream, upstream_lines) = if args.tls {
+        tokio::spawn(serve_tls(listener, app, fixtures.clone(), args.max_streams.unwrap_or(u32::MAX)));
+        (format!("https://localhost:{port}"), format!("ca_file = '{}'\n", fixtures.join("ca.pem").display()))
+    } else {
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://127.0.0.1:{port}"), String::new())
+    };
 
     let key = keys::generate();
     let sections = "[images]\nrehost = false\n[cache]\nenabled = false\n";
@@ -205,7 +249,8 @@ async fn main() {
             let dir = tempfile::tempdir().unwrap();
             // Room for every held request's connection.
             let server = format!("max_connections = {}\n", requests + 100);
-            let mut gateway = Gateway::start_with(bin, dir, "gateway", &upstream, &server, sections, &key);
+            let mut gateway =
+                Gateway::start_full(bin, dir, "gateway", (&upstream, &upstream_lines), &server, sections, &key);
             let start = gateway.memory();
             let client = reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).build().unwrap();
             let started = Instant::now();
@@ -310,9 +355,10 @@ async fn main() {
         }
         Scenario::Held => {
             println!(
-                "{requests} generations held {} s by the fake (most held at once: {}).\n",
+                "{requests} generations held {} s by the fake (most held at once: {}), {}.\n",
                 args.hold_s,
-                fake.held_peak.load(Ordering::Relaxed)
+                fake.held_peak.load(Ordering::Relaxed),
+                if args.tls { "over TLS with HTTP/2 offered" } else { "over plain HTTP/1.1" }
             );
             println!("| binary | ok / failed | wall s | RSS at start MiB | peak (VmHWM) MiB | KiB per held request |");
             println!("|---|---|---|---|---|---|");

@@ -244,6 +244,10 @@ pub struct UpstreamSettings {
     /// Hosts this upstream's image links point at, added to `images.download.allowed_hosts` (exact names or
     /// `*.suffix`). OpenAI's and Azure's (`*.blob.core.windows.net`) are there by default.
     pub image_hosts: Vec<String>,
+    /// A PEM file of certificate authorities this upstream's TLS certificate may chain to, trusted besides the
+    /// Mozilla roots built in: a private or corporate CA. Read at startup; unreadable or without a
+    /// certificate, startup fails.
+    pub ca_file: Option<std::path::PathBuf>,
     /// How the path is built: `openai` (`<base_url>/images/…`, model in the body: OpenAI, Azure's v1 API,
     /// compatible servers) or `azure-deployment` (`<base_url>/deployments/<served name>/images/…`, Azure's
     /// classic route; set `query.api-version`).
@@ -305,6 +309,7 @@ impl Default for UpstreamSettings {
             stream_idle_timeout: Duration::from_secs(300),
             connect_retries: 2,
             image_hosts: Vec::new(),
+            ca_file: None,
             route: UpstreamRoute::Openai,
             models: BTreeMap::new(),
             weight: 1,

@@ -129,11 +129,24 @@ impl Gateway {
         sections: &str,
         key: &NewKey,
     ) -> Gateway {
+        Self::start_full(bin, dir, who, (upstream, ""), server, sections, key)
+    }
+
+    /// [`Gateway::start_with`] with lines (each ending in `\n`) added to the `[upstream]` section too.
+    pub fn start_full(
+        bin: &Path,
+        dir: tempfile::TempDir,
+        who: &str,
+        (upstream, upstream_lines): (&str, &str),
+        server: &str,
+        sections: &str,
+        key: &NewKey,
+    ) -> Gateway {
         // log.level: warnings only, plus the startup line that says where the gateway listens (info level).
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"10s\"\n{server}\
              [log]\nlevel = \"warn,imagegate::startup=info\"\n\
-             [upstream]\nbase_url = \"{upstream}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\n\
+             [upstream]\nbase_url = \"{upstream}/v1\"\napi_key = \"{UPSTREAM_KEY}\"\n{upstream_lines}\
              [storage]\ndata_dir = '{}'\n\
              {sections}\
              [[tenants]]\nname = \"bench\"\nkeys = [{{ id = \"{}\", sha256 = \"{}\" }}]\n",

@@ -70,7 +70,7 @@ impl OpenAiUpstream {
     pub fn new(settings: &UpstreamSettings) -> anyhow::Result<Self> {
         // Whether a proxy applies depends on the scheme and host only.
         let root = uri(&endpoint_url(&settings.base_url, UpstreamRoute::Openai, Endpoint::Generations, "", &[]))?;
-        Self::with_transport(settings, Transport::new(&root, settings.connect_timeout)?)
+        Self::with_transport(settings, Transport::new(&root, settings.connect_timeout, settings.ca_file.as_deref())?)
     }
 
     fn with_transport(settings: &UpstreamSettings, transport: Transport) -> anyhow::Result<Self> {

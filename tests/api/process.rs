@@ -47,6 +47,28 @@ async fn serve_without_an_upstream_key_fails_at_startup_and_says_how_to_fix_it()
 }
 
 #[tokio::test]
+async fn an_upstream_ca_file_that_holds_no_certificate_fails_at_startup_naming_the_file() {
+    let scratch = tempfile::tempdir().unwrap();
+    let not_pem = scratch.path().join("corp-ca.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    let upstream = format!(
+        "[upstream]\nkind = \"openai\"\nbase_url = \"https://llm.internal.example/v1\"\napi_key = \"sk-x\"\nca_file = '{}'",
+        not_pem.display()
+    );
+    let (dir, path, _) = config(&upstream, "");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["serve", "--config", &path])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("upstream ca_file") && stderr.contains("corp-ca.pem"), "{stderr}");
+}
+
+#[tokio::test]
 async fn the_mock_upstream_serves_real_images_of_the_requested_size_and_format() {
     let (dir, path, key) = config("", "");
     let gw = GatewayProcess::start(&["serve", "--mock", "--config", &path], dir.path());

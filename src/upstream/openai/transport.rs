@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,6 +28,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -48,8 +51,13 @@ pub(super) enum Transport {
 
 impl Transport {
     /// The transport for an upstream at `base`: reqwest when the environment names a proxy for it (logged),
-    /// hyper's client otherwise.
-    pub(super) fn new(base: &Uri, connect_timeout: Duration) -> anyhow::Result<Self> {
+    /// hyper's client otherwise. Either trusts the certificate authorities of `ca_file` (PEM) besides the
+    /// webpki roots.
+    pub(super) fn new(base: &Uri, connect_timeout: Duration, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        let extra = match ca_file {
+            Some(path) => extra_roots(path)?,
+            None => Vec::new(),
+        };
         // The same matcher reqwest consults (its `system-proxy` feature is off: the environment only).
         match proxy_for(&Matcher::from_system(), base) {
             Some(proxy) => {
@@ -59,9 +67,15 @@ impl Transport {
                     "upstream requests go through the proxy named in the environment (HTTP_PROXY, HTTPS_PROXY, \
                      ALL_PROXY; NO_PROXY does not exempt this host), by reqwest"
                 );
-                Ok(Self::Proxied(proxied_client(connect_timeout)?))
+                Ok(Self::Proxied(proxied_client(connect_timeout, &extra)?))
             }
-            None => Ok(Self::Direct(direct_client(webpki_roots(), connect_timeout)?)),
+            None => {
+                let mut roots = webpki_roots();
+                for cert in extra {
+                    roots.add(cert)?;
+                }
+                Ok(Self::Direct(direct_client(roots, connect_timeout)?))
+            }
         }
     }
 
@@ -110,6 +124,17 @@ fn proxy_for(matcher: &Matcher, base: &Uri) -> Option<String> {
     })
 }
 
+/// The certificates of the PEM file `path` (`upstream.ca_file`): at least one, or an error naming the file.
+fn extra_roots(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let unreadable = |e: rustls::pki_types::pem::Error| {
+        anyhow::anyhow!("upstream ca_file {}: not a readable PEM file of certificates ({e})", path.display())
+    };
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(unreadable)?.collect::<Result<Vec<_>, _>>().map_err(unreadable)?;
+    anyhow::ensure!(!certs.is_empty(), "upstream ca_file {}: holds no PEM certificate", path.display());
+    Ok(certs)
+}
+
 /// reqwest's built-in roots with its `rustls-tls` feature: Mozilla's, as the webpki-roots crate ships them.
 fn webpki_roots() -> rustls::RootCertStore {
     rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
@@ -150,8 +175,12 @@ fn direct_client(
 }
 
 /// reqwest as the gateway used it before it sent through hyper directly; it honours the proxy variables.
-fn proxied_client(connect_timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+fn proxied_client(connect_timeout: Duration, extra: &[CertificateDer<'static>]) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    for cert in extra {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_der(cert)?);
+    }
+    Ok(builder
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .user_agent(USER_AGENT_VALUE)
@@ -486,6 +515,27 @@ pub(super) mod tests {
 
         assert_eq!(e.failure, Failure::Connect, "retried as a failed connect: {}", e.detail);
         assert!(e.detail.contains("certificate"), "{}", e.detail);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_ca_file_is_trusted_besides_the_webpki_roots_and_a_bad_one_fails_at_startup() {
+        let addr = tls_upstream().await;
+        let base = uri(&format!("https://localhost:{}/v1", addr.port()));
+        let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem");
+        let transport = Transport::new(&base, Duration::from_secs(5), Some(&ca)).unwrap();
+        assert!(matches!(transport, Transport::Direct(_)), "no proxy in the test's environment");
+
+        let url = uri(&format!("https://localhost:{}/v1/images/generations", addr.port()));
+        let response = transport.send(post(url, &["{}"])).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        for bad in [empty, dir.path().join("missing.pem")] {
+            let e = Transport::new(&base, Duration::from_secs(5), Some(&bad)).err().unwrap().to_string();
+            assert!(e.contains("upstream ca_file") && e.contains(&bad.display().to_string()), "{e}");
+        }
     }
 
     #[tokio::test]
