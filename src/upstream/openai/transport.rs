@@ -6,6 +6,9 @@
 //! webpki roots and the ring provider (unless the process installed a default one), ALPN `h2` + `http/1.1`
 //! (HTTP/2 when a TLS upstream offers it, HTTP/1.1 over plain http), one connect timeout over TCP and TLS
 //! together, TCP_NODELAY, TCP keepalive 15 s × 3 and a 30 s TCP user timeout, idle connections kept 90 s.
+//! Unlike reqwest, it is several pooled clients ([`Direct`]): each takes [`STREAMS_PER_CONNECTION`] requests
+//! in flight before the next one is used, so requests beyond one HTTP/2 connection's stream limit go out on
+//! further connections instead of waiting, unsent, for a stream to end.
 //! Proxies (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, as curl reads them) are left to reqwest,
 //! which speaks to them (absolute-form requests, `CONNECT` tunnels, credentials in the proxy URL).
 //!
@@ -18,6 +21,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,12 +43,23 @@ pub(super) const USER_AGENT_VALUE: &str = concat!("imagegate/", env!("CARGO_PKG_
 /// Idle upstream connections are closed after this long (reqwest's default, kept).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Requests in flight one client (over HTTP/2: one connection) is given before the next client takes them.
+/// hyper's pooled client keeps a single HTTP/2 connection per host and, once the server's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` are all in use, queues further requests inside the gateway, unsent, until
+/// a stream ends: with image generations that take minutes, a busy gateway would hold requests that never
+/// reached the upstream. 100 is the smallest limit common front ends set (RFC 9113 recommends at least 100).
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// Clients (HTTP/2 connections) per upstream at most: 6,400 requests in flight at [`STREAMS_PER_CONNECTION`]
+/// each; beyond that the least loaded takes the request.
+const MAX_CLIENTS: usize = 64;
+
 /// The way to the upstream, fixed at startup.
 // One per upstream, held for the process's life: the size of its larger variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Transport {
-    /// hyper's pooled client over rustls.
-    Direct(Client<TimeoutConnector, ChunkedBody>),
+    /// hyper's pooled clients over rustls.
+    Direct(Direct),
     /// reqwest, which reads the proxy variables itself.
     Proxied(reqwest::Client),
 }
@@ -74,7 +89,7 @@ impl Transport {
                 for cert in extra {
                     roots.add(cert)?;
                 }
-                Ok(Self::Direct(direct_client(roots, connect_timeout)?))
+                Ok(Self::Direct(Direct::new(roots, connect_timeout, STREAMS_PER_CONNECTION)?))
             }
         }
     }
@@ -86,10 +101,14 @@ impl Transport {
         request: http::Request<ChunkedBody>,
     ) -> Result<http::Response<ResponseBody>, SendError> {
         match self {
-            Self::Direct(client) => match client.request(request).await {
-                Ok(response) => Ok(response.map(ResponseBody::Direct)),
-                Err(e) => Err(SendError::classify(e.is_connect(), is_timeout(&e), &e)),
-            },
+            Self::Direct(direct) => {
+                let (client, slot) = direct.take_slot();
+                match client.request(request).await {
+                    // The slot is held until the answer's body is done with: its stream is in use until then.
+                    Ok(response) => Ok(response.map(|body| ResponseBody::Direct(body, slot))),
+                    Err(e) => Err(SendError::classify(e.is_connect(), is_timeout(&e), &e)),
+                }
+            }
             Self::Proxied(client) => {
                 let request = match reqwest::Request::try_from(request.map(ChunkedBody::into_reqwest)) {
                     Ok(request) => request,
@@ -140,11 +159,57 @@ fn webpki_roots() -> rustls::RootCertStore {
     rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
 }
 
-/// hyper's client as reqwest configured it, trusting `roots`.
-fn direct_client(
-    roots: rustls::RootCertStore,
-    connect_timeout: Duration,
-) -> anyhow::Result<Client<TimeoutConnector, ChunkedBody>> {
+/// hyper's pooled clients to one upstream, each with its own pool, and the requests each has in flight.
+pub(super) struct Direct {
+    clients: Vec<Client<TimeoutConnector, ChunkedBody>>,
+    in_flight: Arc<[AtomicUsize]>,
+    per_client: usize,
+}
+
+impl Direct {
+    /// Clients as reqwest configured its own, trusting `roots`, each given `per_client` requests in flight
+    /// before the next one is used.
+    fn new(roots: rustls::RootCertStore, connect_timeout: Duration, per_client: usize) -> anyhow::Result<Self> {
+        let connector = connector(roots, connect_timeout)?;
+        let clients = (0..MAX_CLIENTS).map(|_| client(connector.clone())).collect();
+        let in_flight = (0..MAX_CLIENTS).map(|_| AtomicUsize::new(0)).collect();
+        Ok(Self { clients, in_flight, per_client: per_client.max(1) })
+    }
+
+    /// The client for the next request, and its slot: the first client below its share, so a quiet gateway
+    /// uses one connection; the least loaded when every client is at its share.
+    fn take_slot(&self) -> (&Client<TimeoutConnector, ChunkedBody>, Slot) {
+        let mut least = (usize::MAX, 0);
+        for (i, count) in self.in_flight.iter().enumerate() {
+            let before = count.fetch_add(1, Ordering::AcqRel);
+            if before < self.per_client {
+                return (&self.clients[i], Slot { in_flight: self.in_flight.clone(), index: i });
+            }
+            count.fetch_sub(1, Ordering::AcqRel);
+            if before < least.0 {
+                least = (before, i);
+            }
+        }
+        self.in_flight[least.1].fetch_add(1, Ordering::AcqRel);
+        (&self.clients[least.1], Slot { in_flight: self.in_flight.clone(), index: least.1 })
+    }
+}
+
+/// One request in flight on one of [`Direct`]'s clients, until dropped.
+#[derive(Debug)]
+pub(super) struct Slot {
+    in_flight: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight[self.index].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connector as reqwest configured its own, trusting `roots`.
+fn connector(roots: rustls::RootCertStore, connect_timeout: Duration) -> anyhow::Result<TimeoutConnector> {
     // A provider the process installed wins, as in reqwest; otherwise ring (reqwest's `rustls-tls`).
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
@@ -166,12 +231,16 @@ fn direct_client(
     // ALPN `h2`, `http/1.1`; plain http for http URLs.
     let https =
         HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_all_versions().wrap_connector(http);
+    Ok(TimeoutConnector { inner: https, timeout: connect_timeout })
+}
 
+/// hyper's pooled client as reqwest configured its own, over `connector`.
+fn client(connector: TimeoutConnector) -> Client<TimeoutConnector, ChunkedBody> {
     let mut builder = Client::builder(TokioExecutor::new());
     builder.timer(TokioTimer::new());
     builder.pool_timer(TokioTimer::new());
     builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
-    Ok(builder.build(TimeoutConnector { inner: https, timeout: connect_timeout }))
+    builder.build(connector)
 }
 
 /// reqwest as the gateway used it before it sent through hyper directly; it honours the proxy variables.
@@ -372,7 +441,8 @@ impl http_body::Body for ChunkedBody {
 /// The answer's body, from either transport.
 #[derive(Debug)]
 pub(super) enum ResponseBody {
-    Direct(hyper::body::Incoming),
+    /// The body, and the slot its stream holds until the body is dropped.
+    Direct(hyper::body::Incoming, #[allow(dead_code, reason = "held for its Drop")] Slot),
     Proxied(reqwest::Body),
 }
 
@@ -385,21 +455,21 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            Self::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Direct(body, _) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Self::Proxied(body) => Pin::new(body).poll_frame(cx).map_err(|e| e.without_url().into()),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Direct(body) => body.is_end_stream(),
+            Self::Direct(body, _) => body.is_end_stream(),
             Self::Proxied(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
-            Self::Direct(body) => body.size_hint(),
+            Self::Direct(body, _) => body.size_hint(),
             Self::Proxied(body) => body.size_hint(),
         }
     }
@@ -436,7 +506,7 @@ pub(super) mod tests {
 
     /// The direct transport, trusting the test CA only.
     pub(in crate::upstream::openai) fn trusting_test_ca(connect_timeout: Duration) -> Transport {
-        Transport::Direct(direct_client(test_roots(), connect_timeout).unwrap())
+        Transport::Direct(Direct::new(test_roots(), connect_timeout, STREAMS_PER_CONNECTION).unwrap())
     }
 
     /// TLS with the test CA's `localhost` certificate, offering `alpn`.
@@ -505,10 +575,79 @@ pub(super) mod tests {
         assert_eq!(answer, "HTTP/2.0 content-length=Some(\"29\") received=29");
     }
 
+    /// More requests than one HTTP/2 connection may carry at once are spread over more connections, not
+    /// queued unsent inside the gateway until a stream ends.
+    #[tokio::test]
+    async fn requests_beyond_an_http2_connections_stream_limit_go_out_on_further_connections() {
+        // A TLS fake allowing 2 streams per connection; each request is held until all 6 have arrived (or
+        // 5 s pass), and the fake counts the most it held at once and the connections it accepted.
+        let acceptor = test_acceptor(&[b"h2"]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (held, peak, connections) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let all_in = Arc::new(tokio::sync::Notify::new());
+        let fake = (held.clone(), peak.clone(), connections.clone(), all_in.clone());
+        tokio::spawn(async move {
+            let (held, peak, connections, all_in) = fake;
+            while let Ok((tcp, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, held, peak, all_in) = (acceptor.clone(), held.clone(), peak.clone(), all_in.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let (held, peak, all_in) = (held.clone(), peak.clone(), all_in.clone());
+                        async move {
+                            if request.uri().path().ends_with("/warm") {
+                                return Ok(http::Response::new(http_body_util::Full::new(Bytes::from("{}"))));
+                            }
+                            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            if now == 6 {
+                                all_in.notify_waiters();
+                            } else {
+                                let _ = tokio::time::timeout(Duration::from_secs(5), all_in.notified()).await;
+                            }
+                            held.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(Bytes::from("{}"))))
+                        }
+                    });
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(2);
+                    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                });
+            }
+        });
+        let transport = Arc::new(Transport::Direct(Direct::new(test_roots(), Duration::from_secs(5), 2).unwrap()));
+
+        // One request first, so the first connection is up and known to speak HTTP/2 (connections opened
+        // together before that are a pool's own race, not what this test is about).
+        let warm = uri(&format!("https://localhost:{}/v1/warm", addr.port()));
+        transport.send(post(warm, &["{}"])).await.unwrap().into_body().collect().await.unwrap();
+        let url = uri(&format!("https://localhost:{}/v1/images/generations", addr.port()));
+        let sends = (0..6).map(|_| {
+            let (transport, url) = (transport.clone(), url.clone());
+            tokio::spawn(async move {
+                let response = transport.send(post(url, &["{}"])).await.unwrap();
+                assert_eq!(response.version(), http::Version::HTTP_2);
+                response.into_body().collect().await.unwrap().to_bytes()
+            })
+        });
+        for send in futures::future::join_all(sends).await {
+            assert_eq!(send.unwrap(), "{}");
+        }
+
+        assert_eq!(peak.load(Ordering::SeqCst), 6, "all six reached the upstream at once");
+        assert!(connections.load(Ordering::SeqCst) >= 3, "two streams at most on each connection");
+        let Transport::Direct(direct) = &*transport else { unreachable!() };
+        assert!(direct.in_flight.iter().all(|n| n.load(Ordering::SeqCst) == 0), "every slot given back");
+    }
+
     #[tokio::test]
     async fn an_upstream_certificate_outside_the_webpki_roots_is_a_connect_failure() {
         let addr = tls_upstream().await;
-        let transport = Transport::Direct(direct_client(webpki_roots(), Duration::from_secs(5)).unwrap());
+        let transport =
+            Transport::Direct(Direct::new(webpki_roots(), Duration::from_secs(5), STREAMS_PER_CONNECTION).unwrap());
 
         let url = uri(&format!("https://localhost:{}/v1/images/generations", addr.port()));
         let e = transport.send(post(url, &["{}"])).await.unwrap_err();
