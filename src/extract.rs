@@ -9,6 +9,7 @@ use axum::extract::Request;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use http::{HeaderMap, HeaderValue};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 
 use crate::domain::Tenant;
@@ -66,7 +67,13 @@ pub async fn image_request(
         (_, BodyKind::Json) => server.max_json_edit_body.as_u64(),
         (_, BodyKind::Multipart) => server.max_multipart_body.as_u64(),
     };
-    let received = read_limited(body, limit, &parts.headers).await?;
+    let request = match kind {
+        BodyKind::Json => ImageRequest::from_json(endpoint, joined(read_limited(body, limit, &parts.headers).await?))?,
+        BodyKind::Multipart => {
+            let form = parse_form(content_type.as_deref().unwrap_or_default(), body, limit, &parts.headers).await?;
+            ImageRequest::from_form(endpoint, form)
+        }
+    };
     let idempotency_key = parts.headers.get(headers::IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let sdk_retry = parts
         .headers
@@ -77,13 +84,6 @@ pub async fn image_request(
     let cache = crate::cache::Directive::from_headers(
         parts.headers.get_all(http::header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()),
     );
-    let request = match kind {
-        BodyKind::Json => ImageRequest::from_json(endpoint, joined(received))?,
-        BodyKind::Multipart => {
-            let form = multipart::parse_body(content_type.as_deref().unwrap_or_default(), received).await?;
-            ImageRequest::from_form(endpoint, form)
-        }
-    };
     Ok(Extracted { request, idempotency_key, sdk_retry, cache })
 }
 
@@ -160,6 +160,76 @@ async fn read_limited(body: Body, limit: u64, headers: &HeaderMap) -> Result<Vec
         }
     }
     Ok(chunks)
+}
+
+/// Read a multipart body and parse it as it arrives (`multipart::parse_stream`): each chunk is parsed, and
+/// freed, before the next is read, so the body is not held as received chunks beside the parsed form (and
+/// the connection reuses its read buffer). More than `limit` bytes is refused with a 413 as in
+/// [`read_limited`]; a form found malformed before the body's end is refused at once, its rest left unread
+/// (as [`refuse_unread`]).
+async fn parse_form(
+    content_type: &str,
+    body: Body,
+    limit: u64,
+    headers: &HeaderMap,
+) -> Result<crate::images::request::Form, Failure> {
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers));
+    }
+    /// Why the body stopped before its end.
+    enum Stop {
+        TooLarge,
+        Unreadable(String),
+    }
+    let mut body = body;
+    let (mut len, mut stop) = (0u64, None);
+    let parsed = {
+        let chunks = futures::stream::poll_fn(|cx| {
+            loop {
+                let frame = match std::task::ready!(std::pin::Pin::new(&mut body).poll_frame(cx)) {
+                    None => return std::task::Poll::Ready(None),
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        stop = Some(Stop::Unreadable(e.to_string()));
+                        return std::task::Poll::Ready(Some(Err(std::io::Error::other("the body stopped"))));
+                    }
+                };
+                let Ok(data) = frame.into_data() else { continue };
+                len = len.saturating_add(data.len() as u64);
+                if len > limit {
+                    stop = Some(Stop::TooLarge);
+                    return std::task::Poll::Ready(Some(Err(std::io::Error::other("the body is too large"))));
+                }
+                if !data.is_empty() {
+                    return std::task::Poll::Ready(Some(Ok(data)));
+                }
+            }
+        });
+        multipart::parse_arriving(content_type, chunks).await
+    };
+    match (parsed, stop) {
+        (_, Some(Stop::TooLarge)) => Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers)),
+        (_, Some(Stop::Unreadable(e))) => {
+            Err(ApiError::invalid(format!("Could not read the request body: {e}"), None).into())
+        }
+        (Ok(form), None) => {
+            // What follows the closing boundary (an epilogue, which parsers ignore) is read and dropped as
+            // before, within the same limit.
+            while let Some(frame) = body.frame().await {
+                let frame =
+                    frame.map_err(|e| ApiError::invalid(format!("Could not read the request body: {e}"), None))?;
+                len = len.saturating_add(frame.data_ref().map_or(0, |d| d.len() as u64));
+                if len > limit {
+                    return Err(refuse_unread(ApiError::PayloadTooLarge { limit }, body, headers));
+                }
+            }
+            Ok(form)
+        }
+        // Refused before the body's end: the rest is not read.
+        (Err(e), None) if !body.is_end_stream() => Err(refuse_unread(e, body, headers)),
+        (Err(e), None) => Err(e.into()),
+    }
 }
 
 /// Below this size a JSON body is copied out of the buffer it was read into ([`joined`]).

@@ -24,7 +24,7 @@ fn png(side: u32) -> Bytes {
 }
 
 fn text(name: &str, value: &str) -> Part {
-    Part { name: name.into(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()) }
+    Part { name: name.into(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()).into() }
 }
 
 fn form(endpoint: Endpoint, model: &str) -> ImageRequest {
@@ -34,7 +34,7 @@ fn form(endpoint: Endpoint, model: &str) -> ImageRequest {
             name: "image".into(),
             file_name: Some("a.png".into()),
             content_type: Some("image/png".into()),
-            data: png(64),
+            data: png(64).into(),
         },
     ];
     if endpoint == Endpoint::Edits {

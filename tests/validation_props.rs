@@ -557,7 +557,7 @@ fn shown(map: &Map<String, Value>) -> String {
 }
 
 fn text_part(name: &str, value: &str) -> Part {
-    Part { name: name.to_owned(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()) }
+    Part { name: name.to_owned(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()).into() }
 }
 
 fn file_part(name: &str, data: Vec<u8>, mime: &str) -> Part {
@@ -565,7 +565,7 @@ fn file_part(name: &str, data: Vec<u8>, mime: &str) -> Part {
         name: name.to_owned(),
         file_name: Some(format!("upload.{}", mime.rsplit('/').next().unwrap_or("bin"))),
         content_type: Some(mime.to_owned()),
-        data: Bytes::from(data),
+        data: Bytes::from(data).into(),
     }
 }
 
@@ -1179,23 +1179,23 @@ const FILE_SPOILS: [FileSpoil; 7] = [
 impl FileSpoil {
     fn apply(self, part: &mut Part) {
         match self {
-            Self::Junk => part.data = Bytes::from(junk(300)),
-            Self::Truncated => part.data = Bytes::from(truncated(part.data.to_vec())),
+            Self::Junk => part.data = Bytes::from(junk(300)).into(),
+            Self::Truncated => part.data = Bytes::from(truncated(part.data.to_bytes().to_vec())).into(),
             Self::Bomb => {
-                part.data = Bytes::from(png_claiming(100_000, 100_000));
+                part.data = Bytes::from(png_claiming(100_000, 100_000)).into();
                 part.content_type = Some("image/png".to_owned());
             }
             Self::OctetStreamJunk => {
-                part.data = Bytes::from(junk(300));
+                part.data = Bytes::from(junk(300)).into();
                 part.content_type = Some("application/octet-stream".to_owned());
             }
             Self::UntypedJunk => {
-                part.data = Bytes::from(junk(300));
+                part.data = Bytes::from(junk(300)).into();
                 part.content_type = None;
             }
             Self::Jpg => part.content_type = Some("image/jpg".to_owned()),
             Self::Mislabelled => {
-                part.data = Bytes::from(picture(16, 16, 1).0);
+                part.data = Bytes::from(picture(16, 16, 1).0).into();
                 part.content_type = Some("image/jpeg".to_owned());
             }
         }
@@ -1319,7 +1319,7 @@ impl FormSpoil {
             Self::NotSquare => {
                 let mut parts = case.parts();
                 let (w, _, _) = case.images[0];
-                image_part(&mut parts, 0).data = Bytes::from(picture(w, w + 1, 1).0);
+                image_part(&mut parts, 0).data = Bytes::from(picture(w, w + 1, 1).0).into();
                 (parts, "image".to_owned())
             }
             Self::Model(_) => panic!("edit_spoil never spoils an edit's model"),
@@ -1341,7 +1341,7 @@ impl FormSpoil {
             }
             Self::NotSquare => {
                 let mut parts = case.parts();
-                image_part(&mut parts, 0).data = Bytes::from(picture(case.side, case.side + 1, 1).0);
+                image_part(&mut parts, 0).data = Bytes::from(picture(case.side, case.side + 1, 1).0).into();
                 (parts, "image".to_owned())
             }
             Self::Model(model) => {
@@ -1615,7 +1615,7 @@ mod through_the_gateway {
             let sent: Vec<_> = parts
                 .iter()
                 .map(|p| {
-                    let sha = hex::encode(Sha256::digest(&p.data));
+                    let sha = hex::encode(p.data.sha256());
                     (p.name.clone(), p.file_name.clone(), p.content_type.clone(), sha)
                 })
                 .collect();
@@ -1641,7 +1641,7 @@ mod through_the_gateway {
                 out.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
             }
             out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(&part.data);
+            out.extend_from_slice(&part.data.to_bytes());
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());

@@ -64,7 +64,7 @@ pub fn run(data: &[u8]) {
         let name = |s: &str| if escape { escaped(s) } else { s.to_owned() };
         f.parts
             .iter()
-            .map(|p| (name(&p.name), p.file_name.as_deref().map(name), p.content_type.clone(), p.data.clone()))
+            .map(|p| (name(&p.name), p.file_name.as_deref().map(name), p.content_type.clone(), p.data.to_bytes()))
             .collect()
     };
     assert_eq!(summary(&again, false), summary(&form, true), "re-encoding changed the form");

@@ -67,9 +67,9 @@ pub fn key(parts: KeyParts<'_>, request: &ImageRequest) -> Key {
             for part in &form.parts {
                 if part.is_file() {
                     let name = if is_image_field(&part.name) { "image" } else { part.name.as_str() };
-                    files.push((name, Sha256::digest(&part.data).into()));
+                    files.push((name, part.data.sha256()));
                 } else {
-                    fields.entry(part.name.as_str()).or_default().push(text_value(&part.name, &part.data));
+                    fields.entry(part.name.as_str()).or_default().push(text_value(&part.name, &part.data.to_bytes()));
                 }
             }
             fields.remove("model");
@@ -303,7 +303,7 @@ mod tests {
     }
 
     fn text(name: &str, value: &str) -> Part {
-        Part { name: name.into(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()) }
+        Part { name: name.into(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()).into() }
     }
 
     fn file(name: &str, bytes: &'static [u8]) -> Part {
@@ -311,7 +311,7 @@ mod tests {
             name: name.into(),
             file_name: Some("f.png".into()),
             content_type: Some("image/png".into()),
-            data: Bytes::from_static(bytes),
+            data: Bytes::from_static(bytes).into(),
         }
     }
 

@@ -115,20 +115,100 @@ pub enum InspectError {
 
 /// The format the leading bytes (the signature) name, without reading any further.
 pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
-    if bytes.starts_with(&PNG_SIGNATURE) {
+    sniff_source(bytes)
+}
+
+fn sniff_source<S: Source + ?Sized>(bytes: &S) -> Option<ImageFormat> {
+    if array_at(bytes, 0) == Some(PNG_SIGNATURE) {
         Some(ImageFormat::Png)
-    } else if bytes.starts_with(&JPEG_SIGNATURE) {
+    } else if array_at(bytes, 0) == Some(JPEG_SIGNATURE) {
         Some(ImageFormat::Jpeg)
-    } else if bytes.get(0..4) == Some(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
+    } else if array_at(bytes, 0) == Some(*b"RIFF") && array_at(bytes, 8) == Some(*b"WEBP") {
         Some(ImageFormat::Webp)
     } else {
         None
     }
 }
 
+/// Bytes the header readers look at: one slice, or a file held in several chunks ([`Chunked`]), read in
+/// place either way.
+pub trait Source {
+    /// How many bytes there are.
+    fn size(&self) -> usize;
+    /// Copy the `out.len()` bytes at `at` into `out`; `false` (and `out` unspecified) when they are not all
+    /// there.
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool;
+}
+
+impl Source for [u8] {
+    fn size(&self) -> usize {
+        self.len()
+    }
+
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool {
+        match at.checked_add(out.len()).and_then(|end| self.get(at..end)) {
+            Some(bytes) => {
+                out.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A file held as several chunks, read as if it were one slice (no copy of the file is made).
+pub struct Chunked<'a> {
+    chunks: &'a [bytes::Bytes],
+    /// Where each chunk starts in the file.
+    starts: Vec<usize>,
+    size: usize,
+}
+
+impl<'a> Chunked<'a> {
+    pub fn new(chunks: &'a [bytes::Bytes]) -> Self {
+        let mut starts = Vec::with_capacity(chunks.len());
+        let mut size = 0usize;
+        for chunk in chunks {
+            starts.push(size);
+            size = size.saturating_add(chunk.len());
+        }
+        Self { chunks, starts, size }
+    }
+}
+
+impl Source for Chunked<'_> {
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool {
+        if at.checked_add(out.len()).is_none_or(|end| end > self.size) {
+            return false;
+        }
+        // The chunk holding `at`: the last one starting at or before it (empty chunks are skipped over).
+        let mut index = self.starts.partition_point(|&start| start <= at).saturating_sub(1);
+        let (mut at, mut written) = (at, 0);
+        while written < out.len() {
+            let Some(chunk) = self.chunks.get(index) else { return false };
+            let offset = at - self.starts[index];
+            let n = chunk.len().saturating_sub(offset).min(out.len() - written);
+            out[written..written + n].copy_from_slice(&chunk[offset..offset + n]);
+            written += n;
+            at += n;
+            index += 1;
+        }
+        true
+    }
+}
+
 /// Read the header of a PNG, JPEG or WebP image. Bounded work, constant memory, never panics.
 pub fn inspect(bytes: &[u8]) -> Result<ImageInfo, InspectError> {
-    match sniff(bytes) {
+    inspect_source(bytes)
+}
+
+/// [`inspect`] of bytes held as a slice or in chunks ([`Source`]).
+pub fn inspect_source<S: Source + ?Sized>(bytes: &S) -> Result<ImageInfo, InspectError> {
+    match sniff_source(bytes) {
         Some(ImageFormat::Png) => inspect_png(bytes).ok_or(InspectError::Corrupt(ImageFormat::Png.name())),
         Some(ImageFormat::Jpeg) => inspect_jpeg(bytes).ok_or(InspectError::Corrupt(ImageFormat::Jpeg.name())),
         Some(ImageFormat::Webp) => inspect_webp(bytes).ok_or(InspectError::Corrupt(ImageFormat::Webp.name())),
@@ -155,7 +235,7 @@ pub fn check_complete(bytes: &[u8], format: ImageFormat) -> Result<(), InspectEr
 /// tail (anything after it is ignored, as decoders do); a JPEG has an end-of-image marker `FF D9` in its tail
 /// (trailing padding allowed); a WebP's RIFF size fits in the length. A file cut short after an intact
 /// header fails here.
-pub fn check_end(head: &[u8], tail: &[u8], len: u64, format: ImageFormat) -> Result<(), InspectError> {
+pub fn check_end<S: Source + ?Sized>(head: &S, tail: &[u8], len: u64, format: ImageFormat) -> Result<(), InspectError> {
     let tail = &tail[tail.len().saturating_sub(TAIL_WINDOW)..];
     let ok = match format {
         ImageFormat::Png => tail.windows(PNG_IEND.len()).any(|w| w[..8] == PNG_IEND[..8]),
@@ -175,39 +255,39 @@ pub fn check_end(head: &[u8], tail: &[u8], len: u64, format: ImageFormat) -> Res
     ))
 }
 
-fn byte_at(bytes: &[u8], at: usize) -> Option<u8> {
-    bytes.get(at).copied()
+fn byte_at<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<u8> {
+    array_at::<1, S>(bytes, at).map(|[b]| b)
 }
 
-fn array_at<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
-    let end = at.checked_add(N)?;
-    bytes.get(at..end)?.try_into().ok()
+fn array_at<const N: usize, S: Source + ?Sized>(bytes: &S, at: usize) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    bytes.read_at(at, &mut out).then_some(out)
 }
 
-fn be_u16(bytes: &[u8], at: usize) -> Option<u16> {
+fn be_u16<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<u16> {
     array_at(bytes, at).map(u16::from_be_bytes)
 }
 
-fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+fn be_u32<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<u32> {
     array_at(bytes, at).map(u32::from_be_bytes)
 }
 
-fn le_u16(bytes: &[u8], at: usize) -> Option<u16> {
+fn le_u16<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<u16> {
     array_at(bytes, at).map(u16::from_le_bytes)
 }
 
-fn le_u24(bytes: &[u8], at: usize) -> Option<u32> {
+fn le_u24<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<u32> {
     let [a, b, c] = array_at(bytes, at)?;
     Some(u32::from_le_bytes([a, b, c, 0]))
 }
 
-fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+fn le_u32<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<u32> {
     array_at(bytes, at).map(u32::from_le_bytes)
 }
 
 /// PNG: signature, `IHDR` first (length 13), then a bounded walk over chunk headers looking for `tRNS` before
 /// `IDAT`. CRCs are not checked.
-fn inspect_png(bytes: &[u8]) -> Option<ImageInfo> {
+fn inspect_png<S: Source + ?Sized>(bytes: &S) -> Option<ImageInfo> {
     // Signature (0..8), IHDR length (8..12), type (12..16), data (16..29), CRC (29..33).
     if be_u32(bytes, 8)? != 13 || array_at(bytes, 12)? != *b"IHDR" {
         return None;
@@ -236,10 +316,10 @@ fn inspect_png(bytes: &[u8]) -> Option<ImageInfo> {
 
 /// Walk chunk headers from `start` by their length fields without reading their data. Stops at `IDAT`/`IEND`,
 /// after [`MAX_PNG_CHUNKS`] chunks, or where the buffer ends (a truncated chunk just ends the walk).
-fn png_has_trns(bytes: &[u8], start: usize) -> bool {
+fn png_has_trns<S: Source + ?Sized>(bytes: &S, start: usize) -> bool {
     let mut pos = start;
     for _ in 0..MAX_PNG_CHUNKS {
-        let (Some(length), Some(kind)) = (be_u32(bytes, pos), array_at::<4>(bytes, pos.saturating_add(4))) else {
+        let (Some(length), Some(kind)) = (be_u32(bytes, pos), array_at::<4, S>(bytes, pos.saturating_add(4))) else {
             return false;
         };
         match &kind {
@@ -250,7 +330,7 @@ fn png_has_trns(bytes: &[u8], start: usize) -> bool {
         // Length, type, data, CRC.
         let next = usize::try_from(length).ok().and_then(|len| len.checked_add(12)).and_then(|n| pos.checked_add(n));
         match next {
-            Some(next) if next <= bytes.len() => pos = next,
+            Some(next) if next <= bytes.size() => pos = next,
             _ => return false,
         }
     }
@@ -260,7 +340,7 @@ fn png_has_trns(bytes: &[u8], start: usize) -> bool {
 /// JPEG: walk markers from offset 2 to the first start-of-frame marker, skipping segments by their length.
 /// Fill bytes (`FF FF`), standalone markers (`TEM`, `RSTn`, a repeated `SOI`) and stray non-marker bytes are
 /// stepped over; every step counts against [`MAX_JPEG_STEPS`]. `SOS` or `EOI` before a frame header is corrupt.
-fn inspect_jpeg(bytes: &[u8]) -> Option<ImageInfo> {
+fn inspect_jpeg<S: Source + ?Sized>(bytes: &S) -> Option<ImageInfo> {
     let mut pos: usize = 2;
     for _ in 0..MAX_JPEG_STEPS {
         if byte_at(bytes, pos)? != 0xFF {
@@ -290,7 +370,7 @@ fn inspect_jpeg(bytes: &[u8]) -> Option<ImageInfo> {
 }
 
 /// A frame header at `at`: length (2), precision (1), height (2), width (2), components (1).
-fn jpeg_frame(bytes: &[u8], at: usize) -> Option<ImageInfo> {
+fn jpeg_frame<S: Source + ?Sized>(bytes: &S, at: usize) -> Option<ImageInfo> {
     let length = be_u16(bytes, at)?;
     let height = be_u16(bytes, at.checked_add(3)?)?;
     let width = be_u16(bytes, at.checked_add(5)?)?;
@@ -307,7 +387,7 @@ fn jpeg_frame(bytes: &[u8], at: usize) -> Option<ImageInfo> {
 }
 
 /// WebP: `RIFF` size `WEBP`, then the first chunk is `VP8 ` (lossy), `VP8L` (lossless) or `VP8X` (extended).
-fn inspect_webp(bytes: &[u8]) -> Option<ImageInfo> {
+fn inspect_webp<S: Source + ?Sized>(bytes: &S) -> Option<ImageInfo> {
     const DATA: usize = 20; // RIFF header (12) + chunk FourCC (4) + chunk size (4).
     let kind: [u8; 4] = array_at(bytes, 12)?;
     let (width, height, has_alpha) = match &kind {
@@ -315,7 +395,7 @@ fn inspect_webp(bytes: &[u8]) -> Option<ImageInfo> {
             // Frame tag (3 bytes, bit 0 clear for a key frame), start code 9D 01 2A, then 14-bit width and
             // height each followed by a 2-bit scale.
             let tag = byte_at(bytes, DATA)?;
-            if tag & 1 != 0 || array_at::<3>(bytes, DATA + 3)? != [0x9D, 0x01, 0x2A] {
+            if tag & 1 != 0 || array_at::<3, S>(bytes, DATA + 3)? != [0x9D, 0x01, 0x2A] {
                 return None;
             }
             let width = le_u16(bytes, DATA + 6)? & 0x3FFF;
@@ -815,6 +895,42 @@ mod tests {
         assert_eq!(check_end(head, tail, webp.len() as u64, ImageFormat::Webp), Ok(()));
         assert!(check_end(head, tail, webp.len() as u64 - 1, ImageFormat::Webp).is_err());
         assert!(check_end(&head[..6], tail, webp.len() as u64, ImageFormat::Webp).is_err());
+    }
+
+    /// A file held in chunks reads exactly as the same bytes in one slice, wherever it is cut: the header
+    /// readers and the end checks give the same answers, valid files and broken ones alike.
+    #[test]
+    fn a_file_in_chunks_inspects_as_in_one_slice() {
+        let plte = chunk(b"PLTE", &[0, 0, 0, 255, 255, 255]);
+        let trns_png = png(&[ihdr(40, 30, 8, 3), chunk(b"tEXt", &[7; 3000]), plte, chunk(b"tRNS", &[0])]);
+        let mut files = vec![sample_png(), sample_jpeg(), sample_webp(), trns_png, b"RIFF\0\0\0\0WEBP".to_vec()];
+        let cut_short: Vec<Vec<u8>> = files.iter().map(|f| f[..f.len() / 2].to_vec()).collect();
+        files.extend(cut_short);
+        for file in &files {
+            for size in [1, 2, 3, 5, 7, 64, 1000, 4096] {
+                let chunks: Vec<bytes::Bytes> = file.chunks(size).map(bytes::Bytes::copy_from_slice).collect();
+                let chunked = Chunked::new(&chunks);
+                assert_eq!(chunked.size(), file.len());
+                let whole = inspect(file);
+                assert_eq!(inspect_source(&chunked), whole, "cut every {size} bytes");
+                if let Ok(info) = whole {
+                    let tail = &file[file.len().saturating_sub(TAIL_WINDOW)..];
+                    let len = file.len() as u64;
+                    assert_eq!(
+                        check_end(&chunked, tail, len, info.format),
+                        check_end(&file[..], tail, len, info.format)
+                    );
+                }
+                let mut out = [0u8; 9];
+                for at in [0, 1, size.saturating_sub(1), size, file.len().saturating_sub(9), file.len()] {
+                    let expected = file.get(at..at + 9);
+                    assert_eq!(chunked.read_at(at, &mut out), expected.is_some(), "at {at}");
+                    if let Some(expected) = expected {
+                        assert_eq!(&out[..], expected, "at {at}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

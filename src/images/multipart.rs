@@ -2,13 +2,13 @@
 //!
 //! The body is already in memory (bounded by `server.max_multipart_body`), as the chunks it was received in.
 //! The parser takes one chunk at a time and each chunk is freed once parsed, so the body is held about once
-//! while it is parsed; each part's data ends up in one buffer of its own. The form goes upstream written
-//! afresh (`Form::outgoing`) with those buffers as they are, so what the upstream parses is what was
-//! validated.
+//! while it is parsed; each part's data is kept as the chunks the parser yields (slices of its copy of the
+//! body, never joined). The form goes upstream written afresh (`Form::outgoing`) with those chunks as they
+//! are, so what the upstream parses is what was validated, and the upload is copied once (by the parser).
 
 use bytes::Bytes;
 
-use super::request::{Form, Part};
+use super::request::{Data, Form, Part};
 use crate::error::ApiError;
 
 /// Fields imagegate reads as text: a file part under one of these names is refused (a parser that took the
@@ -36,7 +36,17 @@ pub const TEXT_FIELDS: &[&str] = &[
 /// own (`Form::outgoing`), so the upstream parses exactly what was validated, whatever the caller's encoding
 /// did.
 pub async fn parse_body(content_type: &str, chunks: Vec<Bytes>) -> Result<Form, ApiError> {
-    let mut form = parse_chunks(content_type, chunks).await?;
+    let chunks = futures::stream::iter(chunks.into_iter().map(Ok::<Bytes, std::convert::Infallible>));
+    parse_arriving(content_type, chunks).await
+}
+
+/// [`parse_body`] of a body as it arrives (see [`parse_stream`]).
+pub async fn parse_arriving<S, E>(content_type: &str, chunks: S) -> Result<Form, ApiError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut form = parse_stream(content_type, chunks).await?;
     collapse_repeats(&mut form);
     Ok(form)
 }
@@ -46,13 +56,26 @@ pub async fn parse(content_type: &str, raw: Bytes) -> Result<Form, ApiError> {
     parse_chunks(content_type, vec![raw]).await
 }
 
-/// Parse a body received as `chunks` with the boundary from `content_type`. A content type naming its
-/// boundary twice is refused (parsers disagree on which one counts). Repeated identical scalar fields are
-/// kept (see [`collapse_repeats`]); repeated differing ones are refused.
-///
-/// The parser copies what it is given into a buffer of its own, so it is given one chunk at a time (each
-/// freed once taken in): given all at once it would hold a second copy of the whole body.
+/// Parse a body received as `chunks` with the boundary from `content_type` (see [`parse_stream`]).
 pub async fn parse_chunks(content_type: &str, chunks: Vec<Bytes>) -> Result<Form, ApiError> {
+    let chunks = futures::stream::iter(chunks.into_iter().map(Ok::<Bytes, std::convert::Infallible>));
+    parse_stream(content_type, chunks).await
+}
+
+/// Parse a body as its chunks come from `chunks` (a connection's body as it arrives, or chunks already
+/// received) with the boundary from `content_type`. A content type naming its boundary twice is refused
+/// (parsers disagree on which one counts). Repeated identical scalar fields are kept (see
+/// [`collapse_repeats`]); repeated differing ones are refused. An error from `chunks` ends the parse as a
+/// malformed body (the caller, whose stream made the error, knows better what it was).
+///
+/// The parser copies what it is given into a buffer of its own, so it is given one chunk at a time, each
+/// parsed before the next is taken in: a chunk is freed once parsed (a connection's read buffer is then
+/// reused for the next), and the body is never held twice.
+pub async fn parse_stream<S, E>(content_type: &str, chunks: S) -> Result<Form, ApiError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let boundaries = content_type
         .split(';')
         .skip(1)
@@ -71,14 +94,16 @@ pub async fn parse_chunks(content_type: &str, chunks: Vec<Bytes>) -> Result<Form
     // parses what it has before it takes in (and copies) the next chunk. (The end must not come in the same
     // poll as the last chunk either: multer then reports a stream whose first boundary it has not looked
     // for yet as incomplete.)
-    let (mut chunks, mut pause) = (chunks.into_iter(), false);
+    let (mut chunks, mut pause) = (chunks, false);
     let stream = futures::stream::poll_fn(move |cx| {
-        pause = !pause;
-        if !pause {
+        if pause {
+            pause = false;
             cx.waker().wake_by_ref();
             return std::task::Poll::Pending;
         }
-        std::task::Poll::Ready(chunks.next().map(Ok::<Bytes, std::convert::Infallible>))
+        let item = std::task::ready!(futures::StreamExt::poll_next_unpin(&mut chunks, cx));
+        pause = true;
+        std::task::Poll::Ready(item)
     });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut form = Form::default();
@@ -108,8 +133,8 @@ pub async fn parse_chunks(content_type: &str, chunks: Vec<Bytes>) -> Result<Form
             ));
         }
         let content_type = field.content_type().map(|m| m.essence_str().to_owned());
-        let data = field_data(field).await.map_err(|e| malformed(&e))?;
-        if file_name.is_none() && std::str::from_utf8(&data).is_err() {
+        let data = field_data(field, file_name.is_some()).await.map_err(|e| malformed(&e))?;
+        if file_name.is_none() && data.text().is_none() {
             return Err(ApiError::invalid(
                 format!("Invalid value for '{name}': text fields must be UTF-8."),
                 Some(name),
@@ -121,21 +146,22 @@ pub async fn parse_chunks(content_type: &str, chunks: Vec<Bytes>) -> Result<Form
     Ok(form)
 }
 
-/// A part's data in one buffer: the parser's own chunk when it came in one, else its chunks joined once into a
-/// buffer of exactly their size (`Field::bytes` would grow a buffer as they come).
-async fn field_data(mut field: multer::Field<'_>) -> Result<Bytes, multer::Error> {
+/// A part's data: a file's as the chunks the parser yields (slices of the parser's copy of the body, not
+/// joined: a join would hold a second copy of the file beside the first while it is built); a text field's
+/// in one buffer (text is small and read as `&str`), joined once when it came in several chunks.
+async fn field_data(mut field: multer::Field<'_>, file: bool) -> Result<Data, multer::Error> {
     let mut chunks = Vec::new();
     while let Some(chunk) = field.chunk().await? {
         chunks.push(chunk);
     }
-    if chunks.len() <= 1 {
-        return Ok(chunks.pop().unwrap_or_default());
+    if file || chunks.len() <= 1 {
+        return Ok(Data::from_chunks(chunks));
     }
     let mut data = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
     for chunk in chunks.drain(..) {
         data.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(data))
+    Ok(Data::from(data))
 }
 
 fn malformed(e: &multer::Error) -> ApiError {
@@ -282,8 +308,8 @@ mod tests {
         assert!(content_type.starts_with("multipart/form-data; boundary=imagegate-"), "{content_type}");
         let again = parse(&content_type, body).await.unwrap();
         assert_eq!(again.parts.len(), 2);
-        assert_eq!(&again.parts[0].data[..], b"\x89PNG--XBOUNDARYX");
-        assert_eq!(&form.parts[0].data[..], b"\x89PNG--XBOUNDARYX");
+        assert_eq!(again.parts[0].data, &b"\x89PNG--XBOUNDARYX"[..]);
+        assert_eq!(form.parts[0].data, &b"\x89PNG--XBOUNDARYX"[..]);
         assert_eq!(again.text("prompt"), Some("hello"));
     }
 
@@ -299,6 +325,43 @@ mod tests {
             let summary = |f: &Form| f.parts.iter().map(|p| (p.name.clone(), p.data.clone())).collect::<Vec<_>>();
             assert_eq!(summary(&form), summary(&whole), "cut every {size} bytes");
         }
-        assert_eq!(&whole.parts[0].data[..], &image[..]);
+        assert_eq!(whole.parts[0].data, &image[..]);
+    }
+
+    /// A file that arrives in many chunks is kept as the parser's chunks (no joined copy), and what goes
+    /// upstream is byte for byte what the same form with the file in one buffer sends.
+    #[tokio::test]
+    async fn a_file_in_many_chunks_is_not_joined_and_goes_upstream_unchanged() {
+        let image: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let (ct, raw) = body(&[("prompt", None, b"hello"), ("image[]", Some("a.png"), &image), ("n", None, b"2")]);
+        let chunks: Vec<Bytes> = raw.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
+        let form = parse_body(&ct, chunks).await.unwrap();
+        let file = &form.parts[1].data;
+        assert!(file.chunks().len() >= 10, "kept as the parser yielded it: {} chunks", file.chunks().len());
+        assert_eq!(*file, &image[..]);
+        assert_eq!(form.text("prompt"), Some("hello"));
+
+        // The same form with the file joined into one buffer: the upstream gets the same bytes.
+        let mut joined = form.clone();
+        joined.parts[1].data = Data::from(image.clone());
+        assert_eq!(joined.parts[1].data.chunks().len(), 1);
+        let (split, split_ct) = form.encode();
+        let (one, one_ct) = joined.encode();
+        let boundary = |ct: &str| ct.split_once("boundary=").map(|(_, b)| b.to_owned()).unwrap();
+        assert_eq!(split.len(), one.len());
+        // Each body has its own random boundary (of one length): put the split one's into the joined one's.
+        let mut expected = one.to_vec();
+        let (old, new) = (boundary(&one_ct), boundary(&split_ct));
+        let mut at = 0;
+        while let Some(i) = memchr::memmem::find(&expected[at..], old.as_bytes()) {
+            expected[at + i..at + i + old.len()].copy_from_slice(new.as_bytes());
+            at += i + old.len();
+        }
+        assert_eq!(&split[..], &expected[..]);
+        // And the upstream's body holds the parser's chunks themselves, not copies of them.
+        let outgoing = form.outgoing(None);
+        for chunk in file.chunks() {
+            assert!(outgoing.chunks.iter().any(|c| c.as_ptr() == chunk.as_ptr() && c.len() == chunk.len()));
+        }
     }
 }

@@ -3,9 +3,12 @@
 //! multipart form part by part), typed read access to the fields the gateway needs, and the body as it goes
 //! upstream ([`Outgoing`], written once, when it is sent). `null` reads as absent, as OpenAI treats it.
 
+mod data;
 mod json;
 
 use bytes::Bytes;
+
+pub use data::Data;
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -67,12 +70,12 @@ pub enum RequestBody {
     /// says what `fields` says (forwarded byte for byte); `None` once a field was set or removed.
     Json { raw: Option<Bytes>, fields: Fields },
     /// `multipart/form-data`: edits and variations. Always written afresh for the upstream, under a boundary of
-    /// imagegate's own, with each part's data forwarded as the slice it was received as.
+    /// imagegate's own, with each part's data forwarded as the chunks it was parsed into.
     Multipart { form: Form },
 }
 
-/// A request body as it goes upstream: its chunks in order (a form's part data are the slices they were
-/// received as, not copied into one buffer), their total length and the content type.
+/// A request body as it goes upstream: its chunks in order (a form's part data are the chunks they were
+/// parsed into, not copied into one buffer), their total length and the content type.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub content_type: String,
@@ -140,7 +143,8 @@ pub struct Part {
     pub name: String,
     pub file_name: Option<String>,
     pub content_type: Option<String>,
-    pub data: Bytes,
+    /// The part's bytes as the parser yielded them (a file in many chunks stays in many chunks).
+    pub data: Data,
 }
 
 impl Part {
@@ -153,7 +157,7 @@ impl Part {
 impl Form {
     /// The value of a text field, if present and not a file.
     pub fn text(&self, name: &str) -> Option<&str> {
-        self.parts.iter().find(|p| p.name == name && !p.is_file()).and_then(|p| std::str::from_utf8(&p.data).ok())
+        self.parts.iter().find(|p| p.name == name && !p.is_file()).and_then(|p| p.data.text())
     }
 
     /// The input images in order: parts named `image`, `image[]` or `image[N]`.
@@ -176,7 +180,7 @@ impl Form {
     }
 
     /// This form as the upstream receives it: under a fresh boundary of imagegate's own, one canonical header
-    /// per part, each part's data the slice it is held as (no copy), and with `set` (a text field's name and
+    /// per part, each part's data the chunks it is held as (no copy), and with `set` (a text field's name and
     /// value) replacing any text part of that name, last. What the upstream parses is then exactly what was
     /// validated, whatever tricks the caller's encoding played (two `boundary` parameters, a form hidden
     /// inside a file).
@@ -193,7 +197,7 @@ impl Form {
             name: name.to_owned(),
             file_name: None,
             content_type: None,
-            data: Bytes::copy_from_slice(value.as_bytes()),
+            data: Data::from(Bytes::copy_from_slice(value.as_bytes())),
         });
         let kept = self.parts.iter().filter(|p| set.is_none_or(|(name, _)| p.name != name || p.is_file()));
         for part in kept.chain(set_part.as_ref()) {
@@ -210,8 +214,8 @@ impl Form {
             }
             head.extend_from_slice(b"\r\n");
             push(&mut chunks, Bytes::from(std::mem::take(&mut head)));
-            if !part.data.is_empty() {
-                push(&mut chunks, part.data.clone());
+            for chunk in part.data.chunks() {
+                push(&mut chunks, chunk.clone());
             }
             head.extend_from_slice(b"\r\n");
         }
@@ -395,7 +399,7 @@ impl ImageRequest {
                         name: name.to_owned(),
                         file_name: None,
                         content_type: None,
-                        data: Bytes::from(v.to_owned()),
+                        data: Data::from(v.to_owned()),
                     });
                 }
                 Self { endpoint: self.endpoint, body: RequestBody::Multipart { form } }
@@ -472,25 +476,25 @@ mod tests {
                     name: "model".into(),
                     file_name: None,
                     content_type: None,
-                    data: Bytes::from_static(b"gpt-image-1"),
+                    data: Bytes::from_static(b"gpt-image-1").into(),
                 },
                 Part {
                     name: "image[]".into(),
                     file_name: Some("a \"b\".png".into()),
                     content_type: Some("image/png".into()),
-                    data: image.clone(),
+                    data: image.clone().into(),
                 },
                 Part {
                     name: "response_format".into(),
                     file_name: None,
                     content_type: None,
-                    data: Bytes::from_static(b"url"),
+                    data: Bytes::from_static(b"url").into(),
                 },
                 Part {
                     name: "image[]".into(),
                     file_name: Some("c.png".into()),
                     content_type: Some("image/png".into()),
-                    data: image.clone(),
+                    data: image.clone().into(),
                 },
             ],
         };
@@ -498,7 +502,7 @@ mod tests {
         let outgoing = req.outgoing(Some("u-1"));
         // The files go out as the very buffers the form holds.
         let shared = outgoing.chunks.iter().filter(|c| c.as_ptr() == image.as_ptr()).count();
-        assert_eq!(shared, 2, "each file's data is forwarded as the slice it is held as");
+        assert_eq!(shared, 2, "each file's data is forwarded as the chunk it is held as");
         assert_eq!(outgoing.len, outgoing.chunks.iter().map(|c| c.len() as u64).sum::<u64>());
         let parsed = crate::images::multipart::parse(&outgoing.content_type, outgoing.to_bytes()).await.unwrap();
         let names: Vec<&str> = parsed.parts.iter().map(|p| p.name.as_str()).collect();
@@ -529,7 +533,12 @@ mod tests {
     fn n_reads_multipart_text_as_validation_does() {
         for (text, n) in [("2", 2), ("+2", 1), (" 2", 1), ("02", 1), ("-3", 1), ("10", 10)] {
             let form = Form {
-                parts: vec![Part { name: "n".into(), file_name: None, content_type: None, data: Bytes::from(text) }],
+                parts: vec![Part {
+                    name: "n".into(),
+                    file_name: None,
+                    content_type: None,
+                    data: Bytes::from(text).into(),
+                }],
             };
             let req = ImageRequest::from_form(Endpoint::Edits, form);
             assert_eq!(req.n(), n, "{text:?}");

@@ -45,10 +45,14 @@ pub fn fingerprint(request: &crate::images::request::ImageRequest) -> std::borro
             part.name.as_bytes(),
             part.file_name.as_deref().unwrap_or("").as_bytes(),
             part.content_type.as_deref().unwrap_or("").as_bytes(),
-            &part.data,
         ] {
             hasher.update((field.len() as u64).to_be_bytes());
             hasher.update(field);
+        }
+        // The data as the fields above (length, then bytes), read in the chunks it is held in.
+        hasher.update((part.data.len() as u64).to_be_bytes());
+        for chunk in part.data.chunks() {
+            hasher.update(chunk);
         }
     }
     std::borrow::Cow::Owned(hasher.finalize().to_vec())

@@ -45,12 +45,12 @@ impl Rehoster {
                     if !(is_image_field(&part.name) || part.name == "mask") {
                         continue;
                     }
-                    let Ok(text) = std::str::from_utf8(&part.data) else { continue };
+                    let Some(text) = part.data.text() else { continue };
                     if let Some((bytes, mime)) = Box::pin(self.own_image(text.trim(), &part.name, tenant)).await? {
                         let ext = mime.rsplit('/').next().unwrap_or("png").replace("jpeg", "jpg");
                         part.file_name = Some(format!("image.{ext}"));
                         part.content_type = Some(mime);
-                        part.data = bytes;
+                        part.data = bytes.into();
                     }
                 }
                 RequestBody::Multipart { form }
@@ -70,9 +70,7 @@ impl Rehoster {
                     .any(|item| item.get("image_url").and_then(Value::as_str).is_some_and(own))
             }
             RequestBody::Multipart { form, .. } => form.parts.iter().any(|p| {
-                !p.is_file()
-                    && (is_image_field(&p.name) || p.name == "mask")
-                    && std::str::from_utf8(&p.data).is_ok_and(own)
+                !p.is_file() && (is_image_field(&p.name) || p.name == "mask") && p.data.text().is_some_and(own)
             }),
         }
     }

@@ -388,7 +388,7 @@ fn seed_source(req: &ImageRequest, prompt: &str) -> (String, u64) {
             let count = match req.form() {
                 Some(form) => {
                     for part in form.images().chain(form.mask()) {
-                        inputs.update(Sha256::digest(&part.data));
+                        inputs.update(part.data.sha256());
                     }
                     form.images().count() as u64
                 }
@@ -404,7 +404,7 @@ fn seed_source(req: &ImageRequest, prompt: &str) -> (String, u64) {
         }
         Endpoint::Variations => {
             let first = req.form().and_then(|f| f.images().next()).map(|p| p.data.clone()).unwrap_or_default();
-            (hex::encode(Sha256::digest(&first)), 1)
+            (hex::encode(first.sha256()), 1)
         }
     }
 }
@@ -617,12 +617,12 @@ mod tests {
             name: name.to_owned(),
             file_name: Some("in.png".to_owned()),
             content_type: Some("image/png".to_owned()),
-            data: render::render(seed, 16, 16, OutputFormat::Png).unwrap(),
+            data: render::render(seed, 16, 16, OutputFormat::Png).unwrap().into(),
         }
     }
 
     fn text_part(name: &str, value: &str) -> Part {
-        Part { name: name.to_owned(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()) }
+        Part { name: name.to_owned(), file_name: None, content_type: None, data: Bytes::from(value.to_owned()).into() }
     }
 
     fn form_req(endpoint: Endpoint, parts: Vec<Part>) -> ImageRequest {

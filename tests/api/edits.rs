@@ -180,6 +180,72 @@ async fn malformed_multipart_and_duplicate_fields_get_400_without_an_upstream_ca
     assert_eq!(fake.call_count(), 0);
 }
 
+/// A form sent in small chunks without a `Content-Length` is parsed as it arrives: what reaches the upstream
+/// is the form sent, its file byte for byte; past the multipart limit, or malformed before its end, it is
+/// refused (413 stating the limit, 400) and nothing goes upstream.
+#[tokio::test]
+async fn a_form_streamed_without_a_length_is_forwarded_intact_and_refused_past_the_limit() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn_with(&fake.url, |s| s.server.max_multipart_body = bytesize::ByteSize::kib(256)).await;
+    let boundary = "streamed-form-boundary";
+    let form = |image: &[u8], tail: &[u8]| {
+        let mut body = Vec::new();
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n\
+                 --{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nadd a hat\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\
+                 Content-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(image);
+        body.extend_from_slice(tail);
+        body
+    };
+    let send = |body: Vec<u8>, size: usize| {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body.chunks(size).map(|c| Ok(c.to_vec())).collect();
+        app.client
+            .post(format!("{}/images/edits", app.base_url))
+            .bearer_auth(&app.key)
+            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+    };
+    let image = png(300, 300, false);
+    let end = format!("\r\n--{boundary}--\r\n");
+
+    let res = send(form(&image, end.as_bytes()), 7).await.unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let call = &fake.calls()[0];
+    let files: Vec<(&str, &str)> =
+        call.parts.iter().filter(|p| p.file_name.is_some()).map(|p| (p.name.as_str(), p.sha256.as_str())).collect();
+    assert_eq!(files, [("image", sha(&image).as_str())]);
+    assert_eq!(call.field("prompt").as_deref(), Some("add a hat"));
+
+    let (status, error) = error_of(send(form(&vec![0u8; 300 * 1024], end.as_bytes()), 4096).await.unwrap()).await;
+    assert_eq!((status, &error["code"]), (413, &json!("request_too_large")));
+    assert!(error["message"].as_str().unwrap().contains("262144"), "{error}");
+    // The limit counts what follows the form's end too.
+    let mut body = form(&image, end.as_bytes());
+    body.extend(std::iter::repeat_n(b'z', 300 * 1024));
+    let (status, error) = error_of(send(body, 4096).await.unwrap()).await;
+    assert_eq!((status, &error["code"]), (413, &json!("request_too_large")));
+
+    // Malformed before its end (a part with no name), the rest of the body following.
+    let broken = format!("\r\n--{boundary}\r\nContent-Disposition: form-data\r\n\r\nx\r\n--{boundary}--\r\n");
+    let mut body = form(&image, broken.as_bytes());
+    body.extend(std::iter::repeat_n(b'z', 64 * 1024));
+    let (status, error) = error_of(send(body, 1024).await.unwrap()).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(fake.call_count(), 1, "refused forms never reach the upstream");
+}
+
 #[tokio::test]
 async fn an_oversized_upload_gets_413_stating_the_multipart_limit() {
     let fake = FakeOpenAi::start().await;

@@ -53,8 +53,8 @@ struct Upload<'a> {
     param: String,
     /// The declared media type: the part's `Content-Type`, or the `data:` URL's type.
     declared: Option<&'a str>,
-    /// The file's first bytes (all of it, for multipart).
-    head: std::borrow::Cow<'a, [u8]>,
+    /// The file's first bytes (all of it, for multipart, read in the chunks it is held in).
+    head: Head<'a>,
     /// Its last bytes, up to `imageinfo::TAIL_WINDOW`.
     tail: std::borrow::Cow<'a, [u8]>,
     /// Its length in bytes.
@@ -63,15 +63,41 @@ struct Upload<'a> {
 
 impl<'a> Upload<'a> {
     fn from_part(part: &'a Part, index: usize, param: String) -> Self {
-        let data = part.data.as_ref();
-        let tail = &data[data.len().saturating_sub(imageinfo::TAIL_WINDOW)..];
+        let data = &part.data;
+        let head = match data.contiguous() {
+            Some(one) => Head::Bytes(one.into()),
+            None => Head::Chunks(imageinfo::Chunked::new(data.chunks())),
+        };
         Self {
             index: Some(index),
             param,
             declared: part.content_type.as_deref(),
-            head: data.into(),
-            tail: tail.into(),
+            head,
+            tail: data.tail(imageinfo::TAIL_WINDOW),
             len: data.len() as u64,
+        }
+    }
+}
+
+/// An upload's first bytes: one buffer (a part in one chunk, a decoded `data:` URL's head), or a part's
+/// chunks read in place.
+enum Head<'a> {
+    Bytes(std::borrow::Cow<'a, [u8]>),
+    Chunks(imageinfo::Chunked<'a>),
+}
+
+impl imageinfo::Source for Head<'_> {
+    fn size(&self) -> usize {
+        match self {
+            Self::Bytes(bytes) => bytes.len(),
+            Self::Chunks(chunks) => chunks.size(),
+        }
+    }
+
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool {
+        match self {
+            Self::Bytes(bytes) => bytes.read_at(at, out),
+            Self::Chunks(chunks) => chunks.read_at(at, out),
         }
     }
 }
@@ -289,7 +315,7 @@ fn check_label_matches(upload: &Upload<'_>, info: &ImageInfo) -> Result<(), ApiE
 
 fn inspect(upload: &Upload<'_>) -> Result<ImageInfo, ApiError> {
     let param = upload.param.as_str();
-    let info = imageinfo::inspect(&upload.head).map_err(|e| bad_image(param, &e.to_string()))?;
+    let info = imageinfo::inspect_source(&upload.head).map_err(|e| bad_image(param, &e.to_string()))?;
     if info.width > MAX_EDGE || info.height > MAX_EDGE {
         return Err(ApiError::invalid_code(
             format!(
@@ -462,7 +488,14 @@ impl<'a> DataUrl<'a> {
         };
         let head = decode(head)?;
         let tail = decode(&self.payload[tail_start..])?;
-        Ok(Upload { index: None, declared: Some(self.mime), head: head.into(), tail: tail.into(), len, param })
+        Ok(Upload {
+            index: None,
+            declared: Some(self.mime),
+            head: Head::Bytes(head.into()),
+            tail: tail.into(),
+            len,
+            param,
+        })
     }
 }
 

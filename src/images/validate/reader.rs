@@ -50,7 +50,7 @@ impl<'a> Reader<'a> {
             RequestBody::Multipart { form, .. } => match form.parts.iter().find(|p| p.name == name) {
                 None => Ok(None),
                 Some(p) if p.is_file() => Err(file_instead_of_text(name)),
-                Some(p) => Ok(std::str::from_utf8(&p.data).ok()),
+                Some(p) => Ok(p.data.text()),
             },
         }
     }
