@@ -31,16 +31,10 @@ pub const TEXT_FIELDS: &[&str] = &[
     "partial_images",
 ];
 
-/// Parse a request body received as `chunks` into the form that goes upstream (repeated identical fields
-/// collapsed, see [`collapse_repeats`]). The form is always written afresh under a boundary of imagegate's
-/// own (`Form::outgoing`), so the upstream parses exactly what was validated, whatever the caller's encoding
-/// did.
-pub async fn parse_body(content_type: &str, chunks: Vec<Bytes>) -> Result<Form, ApiError> {
-    let chunks = futures::stream::iter(chunks.into_iter().map(Ok::<Bytes, std::convert::Infallible>));
-    parse_arriving(content_type, chunks).await
-}
-
-/// [`parse_body`] of a body as it arrives (see [`parse_stream`]).
+/// Parse a request body as it arrives (see [`parse_stream`]) into the form that goes upstream (repeated
+/// identical fields collapsed, see [`collapse_repeats`]). The form is always written afresh under a boundary
+/// of imagegate's own (`Form::outgoing`), so the upstream parses exactly what was validated, whatever the
+/// caller's encoding did.
 pub async fn parse_arriving<S, E>(content_type: &str, chunks: S) -> Result<Form, ApiError>
 where
     S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -203,6 +197,15 @@ pub fn collapse_repeats(form: &mut Form) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`parse_arriving`] of a body already received as `chunks`.
+    async fn parse_body(content_type: &str, chunks: Vec<Bytes>) -> Result<Form, ApiError> {
+        parse_arriving(
+            content_type,
+            futures::stream::iter(chunks.into_iter().map(Ok::<Bytes, std::convert::Infallible>)),
+        )
+        .await
+    }
 
     fn body(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Bytes) {
         let b = "XBOUNDARYX";
