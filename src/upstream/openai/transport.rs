@@ -181,6 +181,14 @@ impl Direct {
     fn take_slot(&self) -> (&Client<TimeoutConnector, ChunkedBody>, Slot) {
         let mut least = (usize::MAX, 0);
         for (i, count) in self.in_flight.iter().enumerate() {
+            // A full client is passed over with a read (a busy gateway has many of them).
+            let seen = count.load(Ordering::Acquire);
+            if seen >= self.per_client {
+                if seen < least.0 {
+                    least = (seen, i);
+                }
+                continue;
+            }
             let before = count.fetch_add(1, Ordering::AcqRel);
             if before < self.per_client {
                 return (&self.clients[i], Slot { in_flight: self.in_flight.clone(), index: i });
