@@ -772,12 +772,27 @@ impl ImagesService {
         if !reply.status.is_success() {
             return Ok((reply, record, facts));
         }
+        // Boxed: its state (the re-hosting of the answer) is no part of the future a request holds while it
+        // waits on the upstream.
+        Box::pin(self.rehost(call, plan, reply, record, facts)).await
+    }
+
+    /// Step 6: re-host a successful answer according to `plan`; a failure is booked here.
+    async fn rehost(
+        &self,
+        call: &Call,
+        plan: &Plan,
+        reply: UpstreamReply,
+        record: UsageRecord,
+        facts: Option<AnswerFacts>,
+    ) -> Result<(UpstreamReply, UsageRecord, Option<AnswerFacts>), ApiError> {
+        let tenant = &call.ctx.tenant;
         let UpstreamReply { status, headers, body: ReplyBody::Full(body) } = reply else {
             return Ok((reply, record, facts));
         };
         let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
         // The body goes to re-hosting, which frees it once its images are decoded.
-        match Box::pin(self.rehoster.apply(plan, body, origin)).await {
+        match self.rehoster.apply(plan, body, origin).await {
             Ok(Rehosted::Unchanged(body)) => {
                 Ok((UpstreamReply { status, headers, body: ReplyBody::Full(body) }, record, facts))
             }
