@@ -152,7 +152,7 @@ impl Default for ServerSettings {
 pub struct LogSettings {
     /// `human` or `json`.
     pub format: LogFormat,
-    /// A `tracing` filter directive such as `info` or `imagegate=debug,tower_http=info`. `RUST_LOG` wins.
+    /// A `tracing` filter directive such as `info` or `imagegate=debug,hyper=info`. `RUST_LOG` wins.
     pub level: String,
     /// One access-log line per request (target `imagegate::access`).
     pub access: bool,

@@ -320,6 +320,6 @@ mod tests {
 
         let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
         assert_eq!(text.lines().filter(|l| l.contains("request failed")).count(), 1, "{text}");
-        assert_eq!(text.lines().filter(|l| l.contains("ERROR")).count(), 0, "no tower-http failure lines: {text}");
+        assert_eq!(text.lines().filter(|l| l.contains("ERROR")).count(), 0, "no failure lines but ours: {text}");
     }
 }
