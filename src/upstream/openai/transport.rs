@@ -55,8 +55,6 @@ const STREAMS_PER_CONNECTION: usize = 100;
 const MAX_CLIENTS: usize = 64;
 
 /// The way to the upstream, fixed at startup.
-// One per upstream, held for the process's life: the size of its larger variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 pub(super) enum Transport {
     /// hyper's pooled clients over rustls.
     Direct(Direct),
@@ -177,29 +175,24 @@ impl Direct {
     }
 
     /// The client for the next request, and its slot: the first client below its share, so a quiet gateway
-    /// uses one connection; the least loaded when every client is at its share.
+    /// uses one connection; the least loaded when every client is at its share. A full client is passed over
+    /// with a read (a busy gateway has many of them).
     fn take_slot(&self) -> (&Client<TimeoutConnector, ChunkedBody>, Slot) {
         let mut least = (usize::MAX, 0);
         for (i, count) in self.in_flight.iter().enumerate() {
-            // A full client is passed over with a read (a busy gateway has many of them).
-            let seen = count.load(Ordering::Acquire);
-            if seen >= self.per_client {
-                if seen < least.0 {
-                    least = (seen, i);
-                }
-                continue;
-            }
-            let before = count.fetch_add(1, Ordering::AcqRel);
-            if before < self.per_client {
-                return (&self.clients[i], Slot { in_flight: self.in_flight.clone(), index: i });
-            }
-            count.fetch_sub(1, Ordering::AcqRel);
-            if before < least.0 {
-                least = (before, i);
+            match count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.per_client).then_some(n + 1)) {
+                Ok(_) => return self.slot(i),
+                Err(n) if n < least.0 => least = (n, i),
+                Err(_) => {}
             }
         }
         self.in_flight[least.1].fetch_add(1, Ordering::AcqRel);
-        (&self.clients[least.1], Slot { in_flight: self.in_flight.clone(), index: least.1 })
+        self.slot(least.1)
+    }
+
+    /// Client `i` and the slot already counted for it.
+    fn slot(&self, i: usize) -> (&Client<TimeoutConnector, ChunkedBody>, Slot) {
+        (&self.clients[i], Slot { in_flight: self.in_flight.clone(), index: i })
     }
 }
 
