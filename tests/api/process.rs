@@ -27,19 +27,22 @@ fn config(upstream: &str, extra: &str) -> (tempfile::TempDir, String, String) {
     (dir, path.to_string_lossy().into_owned(), key.key)
 }
 
+/// Run `imagegate serve --config PATH` in `dir` with `env` applied to its environment, expecting it to refuse
+/// to start; what it wrote to stderr.
+fn serve_refused(dir: &tempfile::TempDir, path: &str, env: impl FnOnce(&mut Command) -> &mut Command) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_imagegate"));
+    command.args(["serve", "--config", path]).current_dir(dir.path());
+    let out = env(&mut command).output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn serve_without_an_upstream_key_fails_at_startup_and_says_how_to_fix_it() {
     let (dir, path, _) = config("[upstream]\nkind = \"openai\"", "");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
-        .args(["serve", "--config", &path])
-        .current_dir(dir.path())
-        .env_remove("OPENAI_API_KEY")
-        .output()
-        .unwrap();
+    let stderr = serve_refused(&dir, &path, |c| c.env_remove("OPENAI_API_KEY"));
 
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("upstream.api_key") && stderr.contains("OPENAI_API_KEY") && stderr.contains("--mock"),
         "{stderr}"
@@ -57,14 +60,8 @@ async fn an_upstream_ca_file_that_holds_no_certificate_fails_at_startup_naming_t
     );
     let (dir, path, _) = config(&upstream, "");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
-        .args(["serve", "--config", &path])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let stderr = serve_refused(&dir, &path, |c| c);
 
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("upstream ca_file") && stderr.contains("corp-ca.pem"), "{stderr}");
 }
 
@@ -277,14 +274,7 @@ async fn openai_api_key_in_the_environment_never_replaces_the_files_key_or_reach
 
     // A file pointing at the fake without a key of its own: refused at startup, never sent the user's key.
     let (dir, path, _) = config(&format!("[upstream]\nbase_url = \"{}\"", fake.url), "");
-    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
-        .args(["serve", "--config", &path])
-        .current_dir(dir.path())
-        .env("OPENAI_API_KEY", real)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refused(&dir, &path, |c| c.env("OPENAI_API_KEY", real));
     assert!(stderr.contains("only sent to https://api.openai.com"), "{stderr}");
     assert!(!stderr.contains(real), "{stderr}");
     assert!(fake.calls().iter().all(|c| c.headers.iter().all(|(_, v)| !v.contains(real))), "never sent upstream");
