@@ -30,7 +30,7 @@ use crate::ledger::record::{self as usage, UsageRecord};
 use crate::limits::{Demand, Limiter, Permit, Usage};
 use crate::pricing::{Ask, Prices, Unpriced};
 use crate::rehost::{Origin, Plan, Rehosted, Rehoster};
-use crate::upstream::{Attribution, ReplyBody, Upstream as _, UpstreamReply, Upstreams};
+use crate::upstream::{Attribution, Reading, ReplyBody, Split, Upstream as _, UpstreamReply, Upstreams};
 use crate::wire::{AnswerFacts, headers};
 
 /// Per-request facts from the HTTP edge the pipeline needs.
@@ -425,7 +425,8 @@ impl ImagesService {
                         // Streams never come this way (`replayed` takes whole answers only).
                         let body = match body {
                             ReplyBody::Full(body) => body,
-                            ReplyBody::Stream(_) => bytes::Bytes::new(),
+                            // Re-hosting made every split answer whole (`fetch`).
+                            ReplyBody::Stream(_) | ReplyBody::Split(_) => bytes::Bytes::new(),
                         };
                         Replayed::Answer(Arc::new(Kept { status, headers, body, images }))
                     }
@@ -746,7 +747,9 @@ impl ImagesService {
             book(&self.ledger, None, call.finished(e.status().as_u16()), Usage::NOTHING);
             return Err(e);
         };
-        let (reply, facts) = match upstream.send(request, &attribution).await {
+        // An answer whose images become links is read with its base64 decoded as it arrives, not held.
+        let reading = call.plan.as_ref().map_or(Reading::Whole, Plan::reading);
+        let (reply, facts) = match upstream.send(request, &attribution, reading).await {
             Ok(reply) => {
                 let mut facts = facts_of(&reply);
                 let reply = held_to_request(reply, request, &mut facts);
@@ -787,12 +790,15 @@ impl ImagesService {
         facts: Option<AnswerFacts>,
     ) -> Result<(UpstreamReply, UsageRecord, Option<AnswerFacts>), ApiError> {
         let tenant = &call.ctx.tenant;
-        let UpstreamReply { status, headers, body: ReplyBody::Full(body) } = reply else {
-            return Ok((reply, record, facts));
+        let UpstreamReply { status, headers, body } = reply;
+        let answer = match body {
+            ReplyBody::Full(body) => Split::whole(body),
+            ReplyBody::Split(split) => split,
+            body @ ReplyBody::Stream(_) => return Ok((UpstreamReply { status, headers, body }, record, facts)),
         };
         let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
         // The body goes to re-hosting, which frees it once its images are decoded.
-        match self.rehoster.apply(plan, body, origin).await {
+        match self.rehoster.apply(plan, answer, origin).await {
             Ok(Rehosted::Unchanged(body)) => {
                 Ok((UpstreamReply { status, headers, body: ReplyBody::Full(body) }, record, facts))
             }
@@ -914,28 +920,39 @@ fn held_to_request(reply: UpstreamReply, request: &ImageRequest, facts: &mut Opt
         }
         // The facts counted no more than `n` images: nothing to cut, and no second read. (An answer the facts
         // could not read is still held to `n` if it has `data[]`: `hold_to_n` reads it.)
-        ReplyBody::Full(body) if facts.as_ref().is_some_and(|f| f.images <= n.max(1)) => ReplyBody::Full(body),
-        ReplyBody::Full(body) => match answer::hold_to_n(&body, n) {
-            Some((held, items)) => {
-                tracing::warn!(
-                    kind = "upstream.too_many_images",
-                    asked = n,
-                    answered = items,
-                    "kept the first n images"
-                );
-                *facts = AnswerFacts::read(&held);
-                ReplyBody::Full(held)
+        body if facts.as_ref().is_some_and(|f| f.images <= n.max(1)) => body,
+        // An answer whose images were decoded as it arrived: its skeleton is cut, and the cut items' images go.
+        ReplyBody::Split(mut split) => {
+            if let Some(held) = cut_to_n(&split.skeleton, n, facts) {
+                let kept = usize::try_from(n.max(1)).unwrap_or(usize::MAX);
+                split.images.retain(|(index, _)| *index < kept);
+                split.skeleton = held;
             }
+            ReplyBody::Split(split)
+        }
+        ReplyBody::Full(body) => match cut_to_n(&body, n, facts) {
+            Some(held) => ReplyBody::Full(held),
             None => ReplyBody::Full(body),
         },
     };
     UpstreamReply { body, ..reply }
 }
 
+/// `body` with `data[]` cut to its first `n` items, warned about, and `facts` read again; `None` when it had no
+/// more than `n`.
+fn cut_to_n(body: &bytes::Bytes, n: u32, facts: &mut Option<AnswerFacts>) -> Option<bytes::Bytes> {
+    let (held, items) = answer::hold_to_n(body, n)?;
+    tracing::warn!(kind = "upstream.too_many_images", asked = n, answered = items, "kept the first n images");
+    *facts = AnswerFacts::read(&held);
+    Some(held)
+}
+
 /// What a successful whole answer holds, read once ([`AnswerFacts`]); `None` for errors and streams.
 fn facts_of(reply: &UpstreamReply) -> Option<AnswerFacts> {
     match (&reply.body, reply.status.is_success()) {
         (ReplyBody::Full(body), true) => AnswerFacts::read(body),
+        // Its images' base64 is left out, which the facts do not read anyway.
+        (ReplyBody::Split(split), true) => AnswerFacts::read(&split.skeleton),
         _ => None,
     }
 }

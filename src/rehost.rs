@@ -17,8 +17,7 @@ pub mod links;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// SIMD base64 (AVX2 / SSE4.1 / NEON, chosen at run time): a GPT answer's 2.7 MB decode is the largest CPU
-/// step of re-hosting it (docs/performance.md).
+/// SIMD base64 (AVX2 / SSE4.1 / NEON, chosen at run time), for the rare image inlined as base64.
 use base64_simd::STANDARD as BASE64;
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -29,10 +28,12 @@ use self::fetch::{FetchError, Fetcher};
 use self::links::LinkSigner;
 use crate::config::ImagesSettings;
 use crate::domain::{DownloadFallback, ResponseFormat, Tenant};
+use crate::images::answer::split::{Decoded, ImageDecoder, Split};
 use crate::images::models::Model;
 use crate::images::request::ImageRequest;
 use crate::metrics::Metrics;
 use crate::storage::{ImageStore, NewImage, StoreError, StoredImage};
+use crate::upstream::Reading;
 
 /// Why an answer could not be re-hosted.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub enum RehostError {
     Store(StoreError),
     #[error("the rewritten answer could not be encoded: {0}")]
     Encode(String),
+    /// Images were decoded as the answer arrived, and what was left of it is not an answer with `data[]`.
+    #[error("the upstream's answer is not JSON with a data array")]
+    Unreadable,
 }
 
 impl RehostError {
@@ -83,6 +87,14 @@ pub struct Plan {
     pub rewrite: bool,
     pub retention: Duration,
     pub fallback: DownloadFallback,
+}
+
+impl Plan {
+    /// How the answer should be read: with its base64 decoded as it arrives when its images become links,
+    /// so that an answer holds its images and not their text besides (docs/performance.md).
+    pub fn reading(&self) -> Reading {
+        if self.rewrite && self.want == Some(ResponseFormat::Url) { Reading::DecodingImages } else { Reading::Whole }
+    }
 }
 
 /// Who asked, for the metadata of stored images.
@@ -193,26 +205,34 @@ impl Rehoster {
     /// Rewrite a successful JSON answer according to `plan`. Answers that are not an object with `data`, or
     /// that need nothing done, come back unchanged.
     ///
+    /// `answer` is the body with the images already decoded from it as it arrived
+    /// ([`Plan::reading`]: their text is `""` in the body), or the whole body with none ([`Split::whole`]),
+    /// whose base64 is then decoded here.
+    ///
     /// The body is taken by value: once the images' jobs are taken out of it, this function holds it only
     /// through their base64 text (slices of it), so a GPT answer's megabytes are freed as soon as its image is
     /// decoded, not after the image has been stored. Under load, answers wait their turn to be stored, and
     /// each would otherwise hold its base64 and its decoded image together (docs/performance.md).
     #[tracing::instrument(name = "rehost", level = "debug", skip_all)]
-    pub async fn apply(&self, plan: &Plan, body: Bytes, origin: Origin<'_>) -> Result<Rehosted, RehostError> {
+    pub async fn apply(&self, plan: &Plan, answer: Split, origin: Origin<'_>) -> Result<Rehosted, RehostError> {
+        let Split { skeleton: body, images: mut decoded } = answer;
+        // A body whose images' text was left out must not go on as it is.
+        let split = !decoded.is_empty();
+        let unchanged = move |body| if split { Err(RehostError::Unreadable) } else { Ok(Rehosted::Unchanged(body)) };
         if !plan.rewrite {
-            return Ok(Rehosted::Unchanged(body));
+            return unchanged(body);
         }
         // Read with the base64 strings borrowed from `body`, not copied into a tree: a GPT answer's base64 is
         // megabytes, decoded straight from the body.
-        let Some(mut answer) = Answer::parse(&body) else { return Ok(Rehosted::Unchanged(body)) };
-        let Some(data) = answer.data_mut() else { return Ok(Rehosted::Unchanged(body)) };
+        let Some(mut answer) = Answer::parse(&body) else { return unchanged(body) };
+        let Some(data) = answer.data_mut() else { return unchanged(body) };
         let jobs: Vec<(usize, Job)> = data
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, item)| Job::take_from(item, plan.want, &body).map(|job| (i, job)))
+            .filter_map(|(i, item)| Job::take_from(item, i, plan.want, &body, &mut decoded).map(|job| (i, job)))
             .collect();
         if jobs.is_empty() {
-            return Ok(Rehosted::Unchanged(body));
+            return unchanged(body);
         }
         let mut answer = answer.into_owned();
         drop(body);
@@ -293,8 +313,9 @@ impl Rehoster {
                 Err(source) => Err(RehostError::Download { index, source }),
             },
             Job::Decode(b64) => {
-                // Megabytes of base64: decoded off the async workers, no more at once than there are CPUs,
-                // and hashed block by block as it is decoded (the store needs the SHA-256 anyway).
+                // Megabytes of base64 read whole (an upstream that did not split it as it arrived): decoded
+                // off the async workers, no more at once than there are CPUs, and hashed block by block as
+                // it is decoded (the store needs the SHA-256 anyway).
                 let permit = self.decodes.clone().acquire_owned().await;
                 let decoded = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
@@ -302,15 +323,20 @@ impl Rehoster {
                 })
                 .await
                 .map_err(|e| RehostError::Encode(e.to_string()))?;
-                let (bytes, sha256) = decoded.ok_or(RehostError::BadBase64 { index })?;
-                let bytes = Bytes::from(bytes);
-                // Checked here, not when storing, so a bad image fails the answer before anything is stored.
-                if crate::images::imageinfo::sniff(&bytes).is_none() {
-                    return Err(RehostError::NotAnImage { index });
-                }
-                Ok(Obtained::Bytes(bytes, Some(sha256)))
+                Self::decoded(index, decoded)
             }
+            Job::Decoded(decoded) => Self::decoded(index, decoded),
         }
+    }
+
+    /// A decoded image, checked here and not when storing, so a bad one fails the answer before anything is
+    /// stored; `None`: its text was not base64.
+    fn decoded(index: usize, decoded: Option<Decoded>) -> Result<Obtained, RehostError> {
+        let Decoded { bytes, sha256 } = decoded.ok_or(RehostError::BadBase64 { index })?;
+        if crate::images::imageinfo::sniff(&bytes).is_none() {
+            return Err(RehostError::NotAnImage { index });
+        }
+        Ok(Obtained::Bytes(bytes, Some(sha256)))
     }
 
     /// The fields that replace one item's `url` / `b64_json`, and the image stored for them, if any.
@@ -363,48 +389,49 @@ enum Job {
     /// The base64 text: a slice of the answer's body (no copy), or the unescaped text when the JSON string had
     /// escapes.
     Decode(Bytes),
+    /// The image, decoded as the answer arrived (`None`: its text was not base64).
+    Decoded(Option<Decoded>),
 }
 
 impl Job {
-    /// The work `item` needs, taking its `url` or `b64_json` string out of it (the item's fields are replaced
-    /// by the job's result; an answer whose re-hosting fails is not sent). `body` is what `item` was read from.
-    fn take_from(item: &mut Item<'_>, want: Option<ResponseFormat>, body: &Bytes) -> Option<Self> {
+    /// The work `item`, the `index`th of `data[]`, needs, taking its `url` or `b64_json` string out of it (the
+    /// item's fields are replaced by the job's result; an answer whose re-hosting fails is not sent). `body` is
+    /// what `item` was read from; `decoded`, the images decoded from it as it arrived, by item.
+    fn take_from(
+        item: &mut Item<'_>,
+        index: usize,
+        want: Option<ResponseFormat>,
+        body: &Bytes,
+        decoded: &mut Vec<(usize, Option<Decoded>)>,
+    ) -> Option<Self> {
         if let Some(Field::Text(url)) = item.get_mut("url") {
             return Some(Self::Download(std::mem::take(url).into_owned()));
         }
         match (item.get_mut("b64_json"), want) {
-            (Some(Field::Text(b64)), Some(ResponseFormat::Url)) => Some(Self::Decode(match std::mem::take(b64) {
-                std::borrow::Cow::Borrowed(text) => body.slice_ref(text.as_bytes()),
-                std::borrow::Cow::Owned(text) => Bytes::from(text),
-            })),
+            (Some(Field::Text(b64)), Some(ResponseFormat::Url)) => {
+                // Its text was left out as its image was decoded.
+                if b64.is_empty()
+                    && let Some(at) = decoded.iter().position(|(i, _)| *i == index)
+                {
+                    return Some(Self::Decoded(decoded.swap_remove(at).1));
+                }
+                Some(Self::Decode(match std::mem::take(b64) {
+                    std::borrow::Cow::Borrowed(text) => body.slice_ref(text.as_bytes()),
+                    std::borrow::Cow::Owned(text) => Bytes::from(text),
+                }))
+            }
             _ => None,
         }
     }
 }
 
-/// Base64 decoded a block at a time into one buffer of the image's exact size, each block hashed while it is
-/// still in the CPU's cache: the image and its SHA-256, or `None` when the text is not base64 (refused
+/// Base64 read whole, decoded a block at a time into one buffer of the image's size, each block hashed while it
+/// is still in the CPU's cache: the image and its SHA-256, or `None` when the text is not base64 (refused
 /// exactly as decoding it whole would refuse it).
-fn decode_and_hash(text: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
-    use sha2::Digest as _;
-    /// Base64 characters per block: a multiple of 4 (whole groups), 48 KiB of image.
-    const BLOCK: usize = 64 * 1024;
-    let len = BASE64.decoded_length(text).ok()?;
-    let mut out = vec![0u8; len];
-    let mut hasher = sha2::Sha256::new();
-    let mut written = 0;
-    let blocks = text.chunks(BLOCK);
-    let last = blocks.len().saturating_sub(1);
-    for (i, block) in blocks.enumerate() {
-        // Padding belongs at the very end only; a block before the last that ends with it would decode alone.
-        if i < last && block.ends_with(b"=") {
-            return None;
-        }
-        let decoded = BASE64.decode(block, base64_simd::Out::from_slice(&mut out[written..])).ok()?;
-        hasher.update(&*decoded);
-        written += decoded.len();
-    }
-    (written == len).then(|| (out, hasher.finalize().into()))
+fn decode_and_hash(text: &[u8]) -> Option<Decoded> {
+    let mut decoder = ImageDecoder::with_capacity(text.len() / 4 * 3);
+    decoder.push(text);
+    decoder.finish()
 }
 
 #[cfg(test)]
@@ -432,7 +459,8 @@ mod tests {
         let reference = base64::engine::general_purpose::STANDARD;
         for len in [0, 1, 2, 3, 48 * 1024 - 1, 48 * 1024, 48 * 1024 + 1, 200_000] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 131 + 7) as u8).collect();
-            let (decoded, sha) = decode_and_hash(reference.encode(&bytes).as_bytes()).expect("decodes");
+            let Decoded { bytes: decoded, sha256: sha } =
+                decode_and_hash(reference.encode(&bytes).as_bytes()).expect("decodes");
             assert_eq!(decoded, bytes, "{len} bytes");
             assert_eq!(sha, <[u8; 32]>::from(sha2::Sha256::digest(&bytes)));
         }
@@ -539,7 +567,7 @@ mod tests {
         let body = Bytes::from_owner(Tracked(answer.into_bytes(), body_freed.clone()));
         let origin = Origin { tenant_id: "t1", model: "gpt-image-1", request_id: "req_1" };
 
-        let Rehosted::Rewritten(rewritten) = rehoster.apply(&plan, body, origin).await.unwrap() else {
+        let Rehosted::Rewritten(rewritten) = rehoster.apply(&plan, Split::whole(body), origin).await.unwrap() else {
             panic!("a base64 answer asked as links is rewritten")
         };
         let rewritten: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();

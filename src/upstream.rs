@@ -28,6 +28,7 @@ use http::{HeaderMap, StatusCode};
 use self::pool::{Deployment, Pool};
 use crate::config::{Settings, UpstreamKind, UpstreamSettings};
 use crate::error::ApiError;
+pub use crate::images::answer::split::Split;
 use crate::images::request::ImageRequest;
 
 /// Whose bill this request goes on upstream: sent as `OpenAI-Organization` / `OpenAI-Project`, and who asked.
@@ -51,9 +52,22 @@ pub struct UpstreamReply {
     pub body: ReplyBody,
 }
 
+/// How a successful whole answer is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// As it came.
+    Whole,
+    /// With the base64 of its `data[].b64_json` images decoded as it arrives, not held
+    /// ([`ReplyBody::Split`]): re-hosting wants the images as links.
+    DecodingImages,
+}
+
 /// A whole body, or an SSE stream passed on chunk by chunk.
 pub enum ReplyBody {
     Full(Bytes),
+    /// A whole answer read with [`Reading::DecodingImages`] that had images: the answer with their base64
+    /// left out, and the images. Only re-hosting reads it; it becomes `Full` before anything is sent on.
+    Split(Split),
     /// Chunks as they arrive. A failure mid-stream is turned into a final SSE `error` event by the upstream,
     /// so the stream itself never errors.
     Stream(BoxStream<'static, Bytes>),
@@ -63,6 +77,7 @@ impl std::fmt::Debug for UpstreamReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let body = match &self.body {
             ReplyBody::Full(b) => format!("{} bytes", b.len()),
+            ReplyBody::Split(s) => format!("{} bytes and {} images", s.skeleton.len(), s.images.len()),
             ReplyBody::Stream(_) => "stream".to_owned(),
         };
         f.debug_struct("UpstreamReply").field("status", &self.status).field("body", &body).finish()
@@ -140,11 +155,13 @@ impl From<UpstreamError> for ApiError {
 
 /// Something that answers OpenAI image requests.
 pub trait Upstream: Send + Sync + 'static {
-    /// Send one request. Must never retry anything that may already have been billed.
+    /// Send one request. Must never retry anything that may already have been billed. `reading` says how a
+    /// successful whole answer is wanted; an upstream may always answer [`ReplyBody::Full`].
     fn send<'a>(
         &'a self,
         request: &'a ImageRequest,
         attribution: &'a Attribution,
+        reading: Reading,
     ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>>;
 
     /// `openai` or `mock`, for logs.

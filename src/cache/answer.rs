@@ -31,7 +31,8 @@ pub const ENTRY_OVERHEAD: usize = 768;
 pub const HEADER_OVERHEAD: usize = 88;
 
 impl Answer {
-    /// A whole upstream reply (streams never reach the cache; their body reads as empty), with the images its
+    /// A whole upstream reply (streams, and answers split for re-hosting, never reach the cache; their body reads
+    /// as empty), with the images its
     /// body holds as the pipeline read them (`wire::AnswerFacts`).
     pub fn from_reply(reply: UpstreamReply, images: Option<u32>) -> Self {
         let headers = reply
@@ -43,7 +44,7 @@ impl Answer {
         // cache's byte bound would not see.
         let body = match reply.body {
             ReplyBody::Full(body) => Bytes::copy_from_slice(&body),
-            ReplyBody::Stream(_) => Bytes::new(),
+            ReplyBody::Stream(_) | ReplyBody::Split(_) => Bytes::new(),
         };
         Self { status: reply.status.as_u16(), headers, body, images }
     }

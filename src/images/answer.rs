@@ -6,6 +6,8 @@
 //! A broken or hostile upstream must not make the gateway buffer hundreds of megabytes or fetch and store
 //! hundreds of images a caller never asked for. `docs/security.md` lists both guards.
 
+pub mod split;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;

@@ -115,7 +115,8 @@ impl UsageRecord {
             self.refused_by = Some(REFUSED_BY_UPSTREAM);
         }
         self.note_upstream_request_id(&reply.headers);
-        if let (true, ReplyBody::Full(_), Some(facts)) = (reply.status.is_success(), &reply.body, facts) {
+        let whole = matches!(reply.body, ReplyBody::Full(_) | ReplyBody::Split(_));
+        if let (true, true, Some(facts)) = (reply.status.is_success(), whole, facts) {
             self.add_output(facts.images, facts.usage.as_ref(), prices);
         }
         self.finish(reply.status.as_u16(), started)

@@ -99,6 +99,11 @@ fn into_response(reply: UpstreamReply) -> Response {
         ReplyBody::Stream(chunks) => {
             Body::from_stream(futures::StreamExt::map(chunks, Ok::<_, std::convert::Infallible>))
         }
+        // Re-hosting makes every split answer whole; one that is not has lost its images' text.
+        ReplyBody::Split(_) => {
+            let e = anyhow::anyhow!("an answer split for re-hosting reached the caller without being re-hosted");
+            return crate::error::ApiError::Internal(e).into_response();
+        }
     };
     let mut response = Response::new(body);
     *response.status_mut() = reply.status;

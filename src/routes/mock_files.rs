@@ -214,7 +214,7 @@ mod tests {
             bytes::Bytes::from_static(br#"{"model":"dall-e-2","prompt":"a kite","size":"256x256"}"#),
         )
         .unwrap();
-        let reply = mock.send(&req, &Attribution::default()).await.unwrap();
+        let reply = mock.send(&req, &Attribution::default(), crate::upstream::Reading::Whole).await.unwrap();
         let ReplyBody::Full(body) = reply.body else { panic!("expected a full body") };
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let url = url::Url::parse(body["data"][0]["url"].as_str().unwrap()).unwrap();

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 use url::Url;
 
 use super::render::{self, OutputFormat};
-use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
+use super::{Attribution, Reading, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
 use crate::images::request::{Endpoint, ImageRequest};
 use crate::signing::Signer;
 use crate::wire::{events, headers, paths};
@@ -143,6 +143,8 @@ impl Upstream for MockUpstream {
         &'a self,
         request: &'a ImageRequest,
         _attribution: &'a Attribution,
+        // Offline answers are small and made here: always whole.
+        _reading: Reading,
     ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
         Box::pin(async move { Ok(self.answer(request).await) })
     }
@@ -630,7 +632,7 @@ mod tests {
     }
 
     async fn send(req: &ImageRequest) -> UpstreamReply {
-        mock().send(req, &Attribution::default()).await.unwrap()
+        mock().send(req, &Attribution::default(), Reading::Whole).await.unwrap()
     }
 
     async fn send_json(req: &ImageRequest) -> (StatusCode, HeaderMap, Value) {

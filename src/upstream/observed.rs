@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 
-use super::{Attribution, Upstream, UpstreamError, UpstreamReply};
+use super::{Attribution, Reading, Upstream, UpstreamError, UpstreamReply};
 use crate::images::request::ImageRequest;
 use crate::metrics::facts;
 use crate::metrics::{Metrics, UpstreamOutcome};
@@ -32,6 +32,7 @@ impl Upstream for Observed {
         &'a self,
         request: &'a ImageRequest,
         attribution: &'a Attribution,
+        reading: Reading,
     ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
         let span = tracing::debug_span!(
             "upstream",
@@ -42,7 +43,7 @@ impl Upstream for Observed {
         Box::pin(tracing::Instrument::instrument(
             async move {
                 let started = Instant::now();
-                let result = self.inner.send(request, attribution).await;
+                let result = self.inner.send(request, attribution, reading).await;
                 let elapsed = started.elapsed();
                 let outcome = match &result {
                     Ok(reply) => {

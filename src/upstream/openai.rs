@@ -29,8 +29,9 @@ use http_body_util::BodyExt as _;
 use url::Url;
 
 use self::transport::{ChunkedBody, Failure, ResponseBody, Transport, USER_AGENT_VALUE, error_chain};
-use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
+use super::{Attribution, Reading, ReplyBody, Upstream, UpstreamError, UpstreamReply, sse_error_event};
 use crate::config::{UpstreamAuth, UpstreamRoute, UpstreamSettings};
+use crate::images::answer::split::Splitter;
 use crate::images::request::{Endpoint, ImageRequest, Outgoing};
 use crate::wire::headers;
 
@@ -237,11 +238,13 @@ impl OpenAiUpstream {
     }
 
     /// Read the answer: a stream is handed on at once (then the idle deadline applies between chunks); a whole
-    /// body must be complete by `deadline`, the same one the headers had.
+    /// body must be complete by `deadline`, the same one the headers had. A successful one is read as
+    /// `reading` asks; errors always whole.
     async fn read_reply(
         &self,
         response: http::Response<ResponseBody>,
         stream: bool,
+        reading: Reading,
         deadline: Instant,
         limit: u64,
     ) -> Result<UpstreamReply, UpstreamError> {
@@ -261,7 +264,8 @@ impl OpenAiUpstream {
             let body = sse_stream(body, self.stream_idle_timeout);
             return Ok(UpstreamReply { status, headers, body: ReplyBody::Stream(body) });
         }
-        let body = match tokio::time::timeout_at(deadline, read_capped(body, limit)).await {
+        let reading = if status.is_success() { reading } else { Reading::Whole };
+        let body = match tokio::time::timeout_at(deadline, read_capped(body, limit, reading)).await {
             Err(_) => return Err(UpstreamError::Timeout { after: self.timeout, deployment: None }),
             Ok(Err(Capped::Http(e))) if transport::is_timeout(&*e) => {
                 return Err(UpstreamError::Timeout { after: self.timeout, deployment: None });
@@ -278,7 +282,7 @@ impl OpenAiUpstream {
             }
             Ok(Ok(body)) => body,
         };
-        Ok(UpstreamReply { status, headers, body: ReplyBody::Full(body) })
+        Ok(UpstreamReply { status, headers, body })
     }
 }
 
@@ -341,13 +345,14 @@ impl Upstream for OpenAiUpstream {
         &'a self,
         request: &'a ImageRequest,
         attribution: &'a Attribution,
+        reading: Reading,
     ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
         Box::pin(async move {
             // One deadline for the whole answer (`upstream.timeout`), headers and body together.
             let deadline = Instant::now() + self.timeout;
             let response = self.send_with_retries(request, attribution, deadline).await?;
             let limit = crate::images::answer::max_answer_bytes(request);
-            self.read_reply(response, request.stream(), deadline, limit).await
+            self.read_reply(response, request.stream(), reading, deadline, limit).await
         })
     }
 
@@ -363,8 +368,10 @@ enum Capped {
 }
 
 /// The whole body, refused as soon as it is known to exceed `limit`: from its declared length before a byte
-/// is read, otherwise once the bytes read pass it. Never more than `limit` bytes are held.
-async fn read_capped(mut body: ResponseBody, limit: u64) -> Result<Bytes, Capped> {
+/// is read, otherwise once the bytes read pass it. Never more than `limit` bytes are held. With
+/// [`Reading::DecodingImages`], each chunk goes through a [`Splitter`] instead, which keeps the images decoded
+/// and not their base64 (an answer without images comes back whole).
+async fn read_capped(mut body: ResponseBody, limit: u64, reading: Reading) -> Result<ReplyBody, Capped> {
     let declared = body.size_hint().exact();
     if let Some(declared) = declared
         && declared > limit
@@ -373,16 +380,39 @@ async fn read_capped(mut body: ResponseBody, limit: u64) -> Result<Bytes, Capped
     }
     // The declared length (within the limit) is reserved at once: the answer is copied once, not again each
     // time a growing buffer doubles.
-    let mut out = bytes::BytesMut::with_capacity(declared.map_or(0, |n| usize::try_from(n).unwrap_or(0)));
+    let declared = declared.map(|n| usize::try_from(n).unwrap_or(0));
+    let mut out = match reading {
+        Reading::Whole => Collected::Whole(bytes::BytesMut::with_capacity(declared.unwrap_or(0))),
+        Reading::DecodingImages => Collected::Split(Splitter::new(declared)),
+    };
+    let mut read = 0u64;
     while let Some(frame) = body.frame().await {
         // Trailers, if any, are not part of the answer.
         let Ok(chunk) = frame.map_err(Capped::Http)?.into_data() else { continue };
-        if (out.len() + chunk.len()) as u64 > limit {
+        read += chunk.len() as u64;
+        if read > limit {
             return Err(Capped::Over(None));
         }
-        out.extend_from_slice(&chunk);
+        match &mut out {
+            Collected::Whole(whole) => whole.extend_from_slice(&chunk),
+            // Decoded here, chunk by chunk as it arrives: tens of microseconds a chunk, where the whole
+            // answer's decode at once was milliseconds, and an answer holds its image only.
+            Collected::Split(splitter) => splitter.feed(&chunk),
+        }
     }
-    Ok(out.freeze())
+    Ok(match out {
+        Collected::Whole(whole) => ReplyBody::Full(whole.freeze()),
+        Collected::Split(splitter) => {
+            let split = splitter.finish();
+            if split.images.is_empty() { ReplyBody::Full(split.skeleton) } else { ReplyBody::Split(split) }
+        }
+    })
+}
+
+/// What [`read_capped`] keeps of the chunks it reads.
+enum Collected {
+    Whole(bytes::BytesMut),
+    Split(Splitter),
 }
 
 /// Keep only the headers worth passing on; rename the upstream's request id.
@@ -493,15 +523,75 @@ mod tests {
             .unwrap()
     }
 
+    /// An HTTP/1.1 upstream that answers every request 200 with `answer`, in pieces of 1,000 bytes.
+    async fn answering_upstream(answer: Vec<u8>) -> u16 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let Ok(n) = tcp.read(&mut buf).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        answer.len()
+                    );
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    for piece in answer.chunks(1000) {
+                        let _ = tcp.write_all(piece).await;
+                        let _ = tcp.flush().await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// Read for re-hosting, a GPT answer's base64 is decoded as it arrives and not kept: what the reply holds
+    /// is the answer without it, and the image.
+    #[tokio::test]
+    async fn an_answer_read_decoding_images_holds_the_images_not_their_base64() {
+        let image: Vec<u8> = (0..150_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let text = base64::engine::general_purpose::STANDARD.encode(&image);
+        let answer = format!(r#"{{"created":1,"data":[{{"b64_json":"{text}"}}],"usage":{{"total_tokens":9}}}}"#);
+        let port = answering_upstream(answer.clone().into_bytes()).await;
+        let settings = UpstreamSettings {
+            base_url: Url::parse(&format!("http://127.0.0.1:{port}/v1")).unwrap(),
+            api_key: Some(Secret::new("sk-test")),
+            ..UpstreamSettings::default()
+        };
+        let upstream = OpenAiUpstream::new(&settings).unwrap();
+
+        let reply = upstream.send(&generation(), &Attribution::default(), Reading::DecodingImages).await.unwrap();
+        let ReplyBody::Split(split) = reply.body else { panic!("an answer with images is split: {reply:?}") };
+        assert_eq!(split.skeleton, &br#"{"created":1,"data":[{"b64_json":""}],"usage":{"total_tokens":9}}"#[..]);
+        let [(0, Some(decoded))] = split.images.as_slice() else { panic!("one image: {:?}", split.images) };
+        assert_eq!(decoded.bytes, image);
+
+        // Read whole, the same answer is the bytes that came.
+        let reply = upstream.send(&generation(), &Attribution::default(), Reading::Whole).await.unwrap();
+        let ReplyBody::Full(body) = reply.body else { panic!("a whole answer") };
+        assert_eq!(body, answer.as_bytes());
+    }
+
     #[tokio::test]
     async fn a_stream_refused_by_an_http2_upstream_is_sent_again_twice_at_most() {
         let (port, streams) = refusing_upstream(2).await;
-        let reply = upstream_at(port).send(&generation(), &Attribution::default()).await.unwrap();
+        let reply = upstream_at(port).send(&generation(), &Attribution::default(), Reading::Whole).await.unwrap();
         assert_eq!(reply.status, 200);
         assert_eq!(streams.load(Ordering::SeqCst), 3, "refused twice, answered the third time");
 
         let (port, streams) = refusing_upstream(usize::MAX).await;
-        let e = upstream_at(port).send(&generation(), &Attribution::default()).await.unwrap_err();
+        let e = upstream_at(port).send(&generation(), &Attribution::default(), Reading::Whole).await.unwrap_err();
         assert!(matches!(e, UpstreamError::Broken { .. }), "{e:?}");
         assert_eq!(streams.load(Ordering::SeqCst), 3, "the original and two resends");
     }

@@ -27,7 +27,7 @@ use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{Attribution, ReplyBody, Upstream, UpstreamError, UpstreamReply};
+use super::{Attribution, Reading, ReplyBody, Upstream, UpstreamError, UpstreamReply};
 use crate::config::UpstreamSettings;
 use crate::images::request::ImageRequest;
 use crate::wire::headers;
@@ -398,6 +398,7 @@ impl Pool {
         &self,
         request: &ImageRequest,
         attribution: &Attribution,
+        reading: Reading,
     ) -> Result<UpstreamReply, UpstreamError> {
         let model = request.model();
         let n = request.n();
@@ -415,7 +416,7 @@ impl Pool {
             };
             tried[i] = true;
             let deployment = self.deployments[i].clone();
-            let outcome = self.attempt(&deployment, request, attribution, slot).await;
+            let outcome = self.attempt(&deployment, request, attribution, reading, slot).await;
             match outcome {
                 Ok(Attempt::Done(mut reply)) => {
                     mark(&mut reply, deployment.name());
@@ -483,6 +484,7 @@ impl Pool {
         deployment: &Arc<Deployment>,
         request: &ImageRequest,
         attribution: &Attribution,
+        reading: Reading,
         slot: Slot,
     ) -> Result<Attempt, UpstreamError> {
         // Only a deployment that lists its models renames them; the body is otherwise forwarded as sent (a
@@ -496,7 +498,7 @@ impl Pool {
             renamed = request.clone().with_field("model", Some(served));
             &renamed
         };
-        let reply = match deployment.upstream.send(request, attribution).await {
+        let reply = match deployment.upstream.send(request, attribution, reading).await {
             Ok(reply) => reply,
             Err(e @ UpstreamError::Unavailable(_)) => {
                 deployment.failed();
@@ -550,8 +552,9 @@ impl Upstream for Pool {
         &'a self,
         request: &'a ImageRequest,
         attribution: &'a Attribution,
+        reading: Reading,
     ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
-        Box::pin(self.send_pooled(request, attribution))
+        Box::pin(self.send_pooled(request, attribution, reading))
     }
 
     fn name(&self) -> &'static str {
@@ -632,6 +635,7 @@ mod tests {
             &'a self,
             _: &'a ImageRequest,
             _: &'a Attribution,
+            _: Reading,
         ) -> BoxFuture<'a, Result<UpstreamReply, UpstreamError>> {
             Box::pin(async { Err(UpstreamError::Unavailable("never".into())) })
         }

@@ -106,6 +106,36 @@ async fn gpt_models_answer_links_when_asked_and_the_upstream_never_sees_response
     assert!(b64_len >= 30 * text.len(), "a link answer is small: {} vs {b64_len} bytes", text.len());
 }
 
+/// A GPT answer is read as it arrives when its images become links: its base64 decoded piece by piece, never
+/// held whole. Trickled in small chunks without a length, with more images than asked for (a broken upstream),
+/// the link still serves exactly the image the upstream made, and only the image asked for is stored and
+/// charged.
+#[tokio::test]
+async fn gpt_base64_arriving_in_small_pieces_is_stored_exactly_and_held_to_n() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let prompt = "a harbour at dusk #side=300 #items=3 #trickle=1001";
+
+    let res = app
+        .post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"}))
+        .await;
+
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{body}");
+    assert!(data[0].get("b64_json").is_none(), "{body}");
+    assert_eq!(body["output_format"], "png", "the rest of the answer passes unchanged: {body}");
+    assert!(body["usage"]["total_tokens"].as_u64().unwrap() > 0, "{body}");
+    let bytes = app.client.get(data[0]["url"].as_str().unwrap()).send().await.unwrap().bytes().await.unwrap();
+    let made = crate::support::fake_openai::render_image_sized(prompt, 3, false, "png", 300);
+    assert_eq!(sha256(&bytes), sha256(&made), "the stored image is the upstream's, byte for byte");
+    assert_eq!(fake.calls().len(), 1);
+    assert_eq!(images_rows(&app).await, 1, "the images beyond n are not stored");
+    let rows = app.usage_rows(1).await;
+    assert_eq!(rows[0]["images_returned"], 1, "{rows:?}");
+}
+
 #[tokio::test]
 async fn formats_follow_the_request_then_the_tenant_then_the_deployment_then_the_model() {
     let fake = FakeOpenAi::start().await;

@@ -26,6 +26,7 @@
 //! - `#image_url=URL`: DALL·E answers point at URL (a leading `/` is relative to the fake) instead of a stored file;
 //! - `#bad_image=N`: DALL·E image N (0-based) points at `/_fake/html`, the others at stored files;
 //! - `#body_delay=MS`: the status and headers go out at once, the body MS later;
+//! - `#trickle=N`: the body goes out in chunks of N bytes, without a `content-length` (chunked);
 //! - `#framing=crlf|cr|nospace`: SSE frames use CRLF or CR line breaks, or `data:`/`event:` without the space;
 //! - `#redirect=URL`: answer `307 Temporary Redirect` to URL (a leading `/` is relative to the fake);
 //! - `#huge=MIB` / `#huge_declared=MIB`: a 200 JSON answer of MIB mebibytes (for `stream=true`: MIB partial-image
@@ -715,6 +716,8 @@ struct Triggers {
     huge: Option<(u64, bool)>,
     /// `#items=N`: exactly N images.
     items: Option<u64>,
+    /// `#trickle=N`: the body in chunks of N bytes, without a length.
+    trickle: Option<u64>,
 }
 
 impl Triggers {
@@ -738,6 +741,7 @@ impl Triggers {
                 .map(|m| (m, true))
                 .or_else(|| number_after(text, "#huge=").map(|m| (m, false))),
             items: number_after(text, "#items="),
+            trickle: number_after(text, "#trickle="),
         }
     }
 }
@@ -895,6 +899,9 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
     }
     if let Some(delay) = triggers.body_delay {
         return delay_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), delay).await;
+    }
+    if let Some(size) = triggers.trickle {
+        return trickle_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), size).await;
     }
     answer(inner, &params, endpoint, &model, &prompt, &triggers)
 }
@@ -1081,6 +1088,21 @@ async fn delay_body(response: Response, delay: Duration) -> Response {
         Ok::<_, std::io::Error>(bytes)
     });
     Response::from_parts(parts, Body::from_stream(later))
+}
+
+/// Send `response`'s body in chunks of `size` bytes, each its own write, with no `content-length`.
+async fn trickle_body(response: Response, size: u64) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let size = usize::try_from(size).unwrap_or(1).max(1);
+    let chunks: Vec<Bytes> =
+        (0..bytes.len()).step_by(size).map(|at| bytes.slice(at..(at + size).min(bytes.len()))).collect();
+    let stream = futures::stream::iter(chunks).then(|chunk| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// DALL·E answer: `url` (default) or `b64_json` images, plus `revised_prompt` for dall-e-3.
