@@ -98,6 +98,10 @@ impl ImageDecoder {
         if self.bad {
             return None;
         }
+        // Grown without a known length (it doubles): not kept at up to twice its size.
+        if self.out.capacity() - self.out.len() > self.out.len() / 8 {
+            self.out.shrink_to_fit();
+        }
         Some(Decoded { bytes: Bytes::from(self.out), sha256: self.hasher.finalize().into() })
     }
 
@@ -179,8 +183,11 @@ pub struct Splitter {
     deeper: usize,
     lex: Lex,
     images: Vec<(usize, Option<Decoded>)>,
-    /// Bytes still to come, when the answer declared its length: room reserved for an image.
-    remaining: Option<usize>,
+    /// The answer's declared length, if it declared one: the room reserved for an image is what is left of
+    /// it after the image's opening quote.
+    declared: Option<usize>,
+    /// Bytes read before the current chunk.
+    read: usize,
 }
 
 impl Splitter {
@@ -192,15 +199,13 @@ impl Splitter {
             deeper: 0,
             lex: Lex::Between,
             images: Vec::new(),
-            remaining: declared,
+            declared,
+            read: 0,
         }
     }
 
     /// The next bytes of the answer.
     pub fn feed(&mut self, mut chunk: &[u8]) {
-        if let Some(remaining) = &mut self.remaining {
-            *remaining = remaining.saturating_sub(chunk.len());
-        }
         while !chunk.is_empty() {
             let used = match &mut self.lex {
                 Lex::Between => self.between(chunk),
@@ -216,6 +221,7 @@ impl Splitter {
                 Lex::Image(_) => self.image(chunk),
             };
             chunk = &chunk[used..];
+            self.read += used;
         }
     }
 
@@ -264,7 +270,7 @@ impl Splitter {
                     }
                 }
                 b'"' => {
-                    self.lex = self.string_at_this_point();
+                    self.lex = self.string_at_this_point(self.read + i + 1);
                     return i + 1;
                 }
                 _ => {}
@@ -273,8 +279,8 @@ impl Splitter {
         chunk.len()
     }
 
-    /// What the string that begins here is: a key, an image's base64, or other text.
-    fn string_at_this_point(&self) -> Lex {
+    /// What the string whose text begins at byte `at` of the answer is: a key, an image's base64, or other text.
+    fn string_at_this_point(&self, at: usize) -> Lex {
         if self.deeper > 0 {
             return Lex::Text { escaped: false };
         }
@@ -288,8 +294,9 @@ impl Splitter {
                 Frame::Object { key: Key::B64Json, expect_key: false },
             ] => {
                 // Room for the image this text is, when the answer's length is known: the rest of the answer
-                // as base64 decoded, a few hundred bytes over for the envelope that follows.
-                let room = self.remaining.map_or(BLOCK, |r| r / 4 * 3);
+                // as base64 decoded, a few hundred bytes over for the envelope that follows. (Less, and the
+                // image's buffer would double as it fills: twice the memory, and a copy.)
+                let room = self.declared.map_or(BLOCK, |d| d.saturating_sub(at) / 4 * 3);
                 Lex::Image(Box::new(ImageText {
                     index: *index,
                     decoder: ImageDecoder::with_capacity(room),
