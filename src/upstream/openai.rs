@@ -383,7 +383,7 @@ async fn read_capped(mut body: ResponseBody, limit: u64, reading: Reading) -> Re
     let declared = declared.map(|n| usize::try_from(n).unwrap_or(0));
     let mut out = match reading {
         Reading::Whole => Collected::Whole(bytes::BytesMut::with_capacity(declared.unwrap_or(0))),
-        Reading::DecodingImages => Collected::Split(Splitter::new(declared)),
+        Reading::DecodingImages => Collected::Split(Box::new(Splitter::new(declared))),
     };
     let mut read = 0u64;
     while let Some(frame) = body.frame().await {
@@ -409,10 +409,11 @@ async fn read_capped(mut body: ResponseBody, limit: u64, reading: Reading) -> Re
     })
 }
 
-/// What [`read_capped`] keeps of the chunks it reads.
+/// What [`read_capped`] keeps of the chunks it reads. The splitter is boxed: its state would otherwise be part of
+/// the future every request waiting on the upstream holds.
 enum Collected {
     Whole(bytes::BytesMut),
-    Split(Splitter),
+    Split(Box<Splitter>),
 }
 
 /// Keep only the headers worth passing on; rename the upstream's request id.
