@@ -6,9 +6,9 @@
 //! webpki roots and the ring provider (unless the process installed a default one), ALPN `h2` + `http/1.1`
 //! (HTTP/2 when a TLS upstream offers it, HTTP/1.1 over plain http), one connect timeout over TCP and TLS
 //! together, TCP_NODELAY, TCP keepalive 15 s × 3 and a 30 s TCP user timeout, idle connections kept 90 s.
-//! Unlike reqwest, it is several pooled clients ([`Direct`]): each takes [`STREAMS_PER_CONNECTION`] requests
-//! in flight before the next one is used, so requests beyond one HTTP/2 connection's stream limit go out on
-//! further connections instead of waiting, unsent, for a stream to end.
+//! Unlike reqwest alone, either way is several pooled clients ([`Spread`]): each takes
+//! [`STREAMS_PER_CONNECTION`] requests in flight before the next one is used, so requests beyond one HTTP/2
+//! connection's stream limit go out on further connections instead of waiting, unsent, for a stream to end.
 //! Proxies (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, as curl reads them) are left to reqwest,
 //! which speaks to them (absolute-form requests, `CONNECT` tunnels, credentials in the proxy URL).
 //!
@@ -20,8 +20,8 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,12 +54,15 @@ const STREAMS_PER_CONNECTION: usize = 100;
 /// each; beyond that the least loaded takes the request.
 const MAX_CLIENTS: usize = 64;
 
+/// hyper's pooled client over rustls, as reqwest configured its own.
+type DirectClient = Client<TimeoutConnector, ChunkedBody>;
+
 /// The way to the upstream, fixed at startup.
 pub(super) enum Transport {
     /// hyper's pooled clients over rustls.
-    Direct(Direct),
-    /// reqwest, which reads the proxy variables itself.
-    Proxied(reqwest::Client),
+    Direct(Spread<DirectClient>),
+    /// reqwest's, which read the proxy variables themselves.
+    Proxied(Spread<reqwest::Client>),
 }
 
 impl Transport {
@@ -80,14 +83,19 @@ impl Transport {
                     "upstream requests go through the proxy named in the environment (HTTP_PROXY, HTTPS_PROXY, \
                      ALL_PROXY; NO_PROXY does not exempt this host), by reqwest"
                 );
-                Ok(Self::Proxied(proxied_client(connect_timeout, &extra)?))
+                // The first client is built now, so a configuration it refuses fails startup; the others
+                // are built the same way when they are first needed (one that fails then uses the first).
+                let first = proxied_client(connect_timeout, &extra, None)?;
+                let fallback = first.clone();
+                let make = move || proxied_client(connect_timeout, &extra, None).unwrap_or_else(|_| fallback.clone());
+                Ok(Self::Proxied(Spread::new(first, make, STREAMS_PER_CONNECTION)))
             }
             None => {
                 let mut roots = webpki_roots();
                 for cert in extra {
                     roots.add(cert)?;
                 }
-                Ok(Self::Direct(Direct::new(roots, connect_timeout, STREAMS_PER_CONNECTION)?))
+                Ok(Self::Direct(direct(roots, connect_timeout, STREAMS_PER_CONNECTION)?))
             }
         }
     }
@@ -107,13 +115,17 @@ impl Transport {
                     Err(e) => Err(SendError::classify(e.is_connect(), is_timeout(&e), &e)),
                 }
             }
-            Self::Proxied(client) => {
+            Self::Proxied(proxied) => {
                 let request = match reqwest::Request::try_from(request.map(ChunkedBody::into_reqwest)) {
                     Ok(request) => request,
                     Err(e) => return Err(SendError::classify(false, false, &e.without_url())),
                 };
+                let (client, slot) = proxied.take_slot();
                 match client.execute(request).await {
-                    Ok(response) => Ok(http::Response::<reqwest::Body>::from(response).map(ResponseBody::Proxied)),
+                    Ok(response) => {
+                        Ok(http::Response::<reqwest::Body>::from(response)
+                            .map(|body| ResponseBody::Proxied(body, slot)))
+                    }
                     Err(e) => {
                         let mut error = SendError::classify(e.is_connect(), e.is_timeout(), &e.without_url());
                         // reqwest has already resent after an HTTP/2 refusal where it could.
@@ -157,27 +169,40 @@ fn webpki_roots() -> rustls::RootCertStore {
     rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
 }
 
-/// hyper's pooled clients to one upstream, each with its own pool, and the requests each has in flight.
-pub(super) struct Direct {
-    clients: Vec<Client<TimeoutConnector, ChunkedBody>>,
+/// Up to [`MAX_CLIENTS`] pooled clients to one upstream, each with its own pool (over HTTP/2: its own
+/// connection), built when first needed, and the requests each has in flight.
+pub(super) struct Spread<C> {
+    clients: Box<[OnceLock<C>]>,
+    make: Box<dyn Fn() -> C + Send + Sync>,
     in_flight: Arc<[AtomicUsize]>,
     per_client: usize,
 }
 
-impl Direct {
-    /// Clients as reqwest configured its own, trusting `roots`, each given `per_client` requests in flight
-    /// before the next one is used.
-    fn new(roots: rustls::RootCertStore, connect_timeout: Duration, per_client: usize) -> anyhow::Result<Self> {
-        let connector = connector(roots, connect_timeout)?;
-        let clients = (0..MAX_CLIENTS).map(|_| client(connector.clone())).collect();
+/// Direct clients trusting `roots`, each given `per_client` requests in flight before the next one is used.
+fn direct(
+    roots: rustls::RootCertStore,
+    connect_timeout: Duration,
+    per_client: usize,
+) -> anyhow::Result<Spread<DirectClient>> {
+    let connector = connector(roots, connect_timeout)?;
+    let first = client(connector.clone());
+    Ok(Spread::new(first, move || client(connector.clone()), per_client))
+}
+
+impl<C> Spread<C> {
+    /// `first`, and up to [`MAX_CLIENTS`] − 1 more made by `make` when needed, each given `per_client`
+    /// requests in flight before the next one is used.
+    fn new(first: C, make: impl Fn() -> C + Send + Sync + 'static, per_client: usize) -> Self {
+        let clients: Box<[OnceLock<C>]> = (0..MAX_CLIENTS).map(|_| OnceLock::new()).collect();
+        let _ = clients[0].set(first);
         let in_flight = (0..MAX_CLIENTS).map(|_| AtomicUsize::new(0)).collect();
-        Ok(Self { clients, in_flight, per_client: per_client.max(1) })
+        Self { clients, make: Box::new(make), in_flight, per_client: per_client.max(1) }
     }
 
     /// The client for the next request, and its slot: the first client below its share, so a quiet gateway
     /// uses one connection; the least loaded when every client is at its share. A full client is passed over
     /// with a read (a busy gateway has many of them).
-    fn take_slot(&self) -> (&Client<TimeoutConnector, ChunkedBody>, Slot) {
+    fn take_slot(&self) -> (&C, Slot) {
         let mut least = (usize::MAX, 0);
         for (i, count) in self.in_flight.iter().enumerate() {
             match count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.per_client).then_some(n + 1)) {
@@ -190,13 +215,13 @@ impl Direct {
         self.slot(least.1)
     }
 
-    /// Client `i` and the slot already counted for it.
-    fn slot(&self, i: usize) -> (&Client<TimeoutConnector, ChunkedBody>, Slot) {
-        (&self.clients[i], Slot { in_flight: self.in_flight.clone(), index: i })
+    /// Client `i` (made now if it is its first request) and the slot already counted for it.
+    fn slot(&self, i: usize) -> (&C, Slot) {
+        (self.clients[i].get_or_init(&self.make), Slot { in_flight: self.in_flight.clone(), index: i })
     }
 }
 
-/// One request in flight on one of [`Direct`]'s clients, until dropped.
+/// One request in flight on one of a [`Spread`]'s clients, until dropped.
 #[derive(Debug)]
 pub(super) struct Slot {
     in_flight: Arc<[AtomicUsize]>,
@@ -236,7 +261,7 @@ fn connector(roots: rustls::RootCertStore, connect_timeout: Duration) -> anyhow:
 }
 
 /// hyper's pooled client as reqwest configured its own, over `connector`.
-fn client(connector: TimeoutConnector) -> Client<TimeoutConnector, ChunkedBody> {
+fn client(connector: TimeoutConnector) -> DirectClient {
     let mut builder = Client::builder(TokioExecutor::new());
     builder.timer(TokioTimer::new());
     builder.pool_timer(TokioTimer::new());
@@ -244,9 +269,17 @@ fn client(connector: TimeoutConnector) -> Client<TimeoutConnector, ChunkedBody> 
     builder.build(connector)
 }
 
-/// reqwest as the gateway used it before it sent through hyper directly; it honours the proxy variables.
-fn proxied_client(connect_timeout: Duration, extra: &[CertificateDer<'static>]) -> anyhow::Result<reqwest::Client> {
+/// reqwest as the gateway used it before it sent through hyper directly; it honours the proxy variables, or
+/// goes through `proxy` when one is given.
+fn proxied_client(
+    connect_timeout: Duration,
+    extra: &[CertificateDer<'static>],
+    proxy: Option<reqwest::Proxy>,
+) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder();
+    if let Some(proxy) = proxy {
+        builder = builder.proxy(proxy);
+    }
     for cert in extra {
         builder = builder.add_root_certificate(reqwest::Certificate::from_der(cert)?);
     }
@@ -444,7 +477,7 @@ impl http_body::Body for ChunkedBody {
 pub(super) enum ResponseBody {
     /// The body, and the slot its stream holds until the body is dropped.
     Direct(hyper::body::Incoming, #[allow(dead_code, reason = "held for its Drop")] Slot),
-    Proxied(reqwest::Body),
+    Proxied(reqwest::Body, #[allow(dead_code, reason = "held for its Drop")] Slot),
 }
 
 impl http_body::Body for ResponseBody {
@@ -457,21 +490,21 @@ impl http_body::Body for ResponseBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             Self::Direct(body, _) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Self::Proxied(body) => Pin::new(body).poll_frame(cx).map_err(|e| e.without_url().into()),
+            Self::Proxied(body, _) => Pin::new(body).poll_frame(cx).map_err(|e| e.without_url().into()),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Direct(body, _) => body.is_end_stream(),
-            Self::Proxied(body) => body.is_end_stream(),
+            Self::Proxied(body, _) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             Self::Direct(body, _) => body.size_hint(),
-            Self::Proxied(body) => body.size_hint(),
+            Self::Proxied(body, _) => body.size_hint(),
         }
     }
 }
@@ -507,7 +540,7 @@ pub(super) mod tests {
 
     /// The direct transport, trusting the test CA only.
     pub(in crate::upstream::openai) fn trusting_test_ca(connect_timeout: Duration) -> Transport {
-        Transport::Direct(Direct::new(test_roots(), connect_timeout, STREAMS_PER_CONNECTION).unwrap())
+        Transport::Direct(direct(test_roots(), connect_timeout, STREAMS_PER_CONNECTION).unwrap())
     }
 
     /// TLS with the test CA's `localhost` certificate, offering `alpn`.
@@ -576,19 +609,16 @@ pub(super) mod tests {
         assert_eq!(answer, "HTTP/2.0 content-length=Some(\"29\") received=29");
     }
 
-    /// More requests than one HTTP/2 connection may carry at once are spread over more connections, not
-    /// queued unsent inside the gateway until a stream ends.
-    #[tokio::test]
-    async fn requests_beyond_an_http2_connections_stream_limit_go_out_on_further_connections() {
-        // A TLS fake allowing 2 streams per connection; each request is held until all 6 have arrived (or
-        // 5 s pass), and the fake counts the most it held at once and the connections it accepted.
+    /// A TLS fake allowing 2 streams per HTTP/2 connection; each request is held until 6 have arrived (or 5 s
+    /// pass). It counts the most it held at once and the connections it accepted. `/warm` answers at once.
+    async fn two_streams_per_connection() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let acceptor = test_acceptor(&[b"h2"]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (held, peak, connections) =
             (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let all_in = Arc::new(tokio::sync::Notify::new());
-        let fake = (held.clone(), peak.clone(), connections.clone(), all_in.clone());
+        let fake = (held, peak.clone(), connections.clone(), all_in);
         tokio::spawn(async move {
             let (held, peak, connections, all_in) = fake;
             while let Ok((tcp, _)) = listener.accept().await {
@@ -619,10 +649,12 @@ pub(super) mod tests {
                 });
             }
         });
-        let transport = Arc::new(Transport::Direct(Direct::new(test_roots(), Duration::from_secs(5), 2).unwrap()));
+        (addr, peak, connections)
+    }
 
-        // One request first, so the first connection is up and known to speak HTTP/2 (connections opened
-        // together before that are a pool's own race, not what this test is about).
+    /// One request first (so the first connection is up and known to speak HTTP/2: connections opened together
+    /// before that are a pool's own race, not what the tests are about), then six at once over `transport`.
+    async fn send_six(transport: &Arc<Transport>, addr: SocketAddr) {
         let warm = uri(&format!("https://localhost:{}/v1/warm", addr.port()));
         transport.send(post(warm, &["{}"])).await.unwrap().into_body().collect().await.unwrap();
         let url = uri(&format!("https://localhost:{}/v1/images/generations", addr.port()));
@@ -637,18 +669,90 @@ pub(super) mod tests {
         for send in futures::future::join_all(sends).await {
             assert_eq!(send.unwrap(), "{}");
         }
+    }
+
+    fn in_flight(transport: &Transport) -> usize {
+        let in_flight = match transport {
+            Transport::Direct(spread) => &spread.in_flight,
+            Transport::Proxied(spread) => &spread.in_flight,
+        };
+        in_flight.iter().map(|n| n.load(Ordering::SeqCst)).sum()
+    }
+
+    /// More requests than one HTTP/2 connection may carry at once are spread over more connections, not
+    /// queued unsent inside the gateway until a stream ends.
+    #[tokio::test]
+    async fn requests_beyond_an_http2_connections_stream_limit_go_out_on_further_connections() {
+        let (addr, peak, connections) = two_streams_per_connection().await;
+        let transport = Arc::new(Transport::Direct(direct(test_roots(), Duration::from_secs(5), 2).unwrap()));
+
+        send_six(&transport, addr).await;
 
         assert_eq!(peak.load(Ordering::SeqCst), 6, "all six reached the upstream at once");
         assert!(connections.load(Ordering::SeqCst) >= 3, "two streams at most on each connection");
-        let Transport::Direct(direct) = &*transport else { unreachable!() };
-        assert!(direct.in_flight.iter().all(|n| n.load(Ordering::SeqCst) == 0), "every slot given back");
+        assert_eq!(in_flight(&transport), 0, "every slot given back");
+    }
+
+    /// An HTTP proxy on 127.0.0.1 that opens `CONNECT` tunnels; counts the tunnels it opened.
+    async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tunnels = Arc::new(AtomicUsize::new(0));
+        let counted = tunnels.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let tunnels = counted.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let Some(target) = head.strip_prefix("CONNECT ").and_then(|rest| rest.split(' ').next()) else {
+                        return;
+                    };
+                    let target = target.replace("localhost", "127.0.0.1");
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else { return };
+                    tunnels.fetch_add(1, Ordering::SeqCst);
+                    let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        (addr, tunnels)
+    }
+
+    /// Through an egress proxy too: reqwest keeps one HTTP/2 connection per host and queues what its stream
+    /// limit leaves over, so the proxied way is several reqwest clients, spread the same way.
+    #[tokio::test]
+    async fn through_a_proxy_requests_beyond_a_connections_stream_limit_go_out_on_further_tunnels() {
+        let (addr, peak, connections) = two_streams_per_connection().await;
+        let (proxy, tunnels) = connect_proxy().await;
+        let ca = vec![CertificateDer::from_pem_slice(fixture("ca.pem").as_bytes()).unwrap()];
+        let make = move || {
+            let proxy = reqwest::Proxy::all(format!("http://{proxy}")).unwrap();
+            proxied_client(Duration::from_secs(5), &ca, Some(proxy)).unwrap()
+        };
+        let transport = Arc::new(Transport::Proxied(Spread::new(make(), make, 2)));
+
+        send_six(&transport, addr).await;
+
+        assert_eq!(peak.load(Ordering::SeqCst), 6, "all six reached the upstream at once");
+        assert!(tunnels.load(Ordering::SeqCst) >= 3, "through the proxy, two streams at most on each tunnel");
+        assert_eq!(connections.load(Ordering::SeqCst), tunnels.load(Ordering::SeqCst), "every connection tunnelled");
+        assert_eq!(in_flight(&transport), 0, "every slot given back");
     }
 
     #[tokio::test]
     async fn an_upstream_certificate_outside_the_webpki_roots_is_a_connect_failure() {
         let addr = tls_upstream().await;
         let transport =
-            Transport::Direct(Direct::new(webpki_roots(), Duration::from_secs(5), STREAMS_PER_CONNECTION).unwrap());
+            Transport::Direct(direct(webpki_roots(), Duration::from_secs(5), STREAMS_PER_CONNECTION).unwrap());
 
         let url = uri(&format!("https://localhost:{}/v1/images/generations", addr.port()));
         let e = transport.send(post(url, &["{}"])).await.unwrap_err();
