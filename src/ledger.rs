@@ -356,11 +356,11 @@ impl Writer {
         let deadline = tokio::time::sleep(self.interval);
         tokio::pin!(deadline);
         while batch.len() < self.batch_size {
+            let room = self.batch_size - batch.len();
             tokio::select! {
-                next = rx.recv() => match next {
-                    Some(r) => batch.push(r),
-                    None => break,
-                },
+                // Every row queued by the time the writer runs, not one per wake-up: under load, rows arrive
+                // faster than the writer task is scheduled.
+                taken = rx.recv_many(batch, room) => if taken == 0 { break },
                 () = &mut deadline => break,
                 _ = &mut *stop => return true,
             }
