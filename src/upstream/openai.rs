@@ -533,23 +533,25 @@ mod tests {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 let answer = answer.clone();
                 tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let Ok(n) = tcp.read(&mut buf).await else { return };
-                        if n == 0 {
+                    // Each request on the connection: its head, its body (by its length), then the answer.
+                    while let Some(request) = transport::tests::read_head(&mut tcp).await {
+                        let length = request
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:")?.trim().parse().ok())
+                            .unwrap_or(0usize);
+                        let mut body = vec![0u8; length];
+                        if tcp.read_exact(&mut body).await.is_err() {
                             return;
                         }
-                        request.extend_from_slice(&buf[..n]);
-                    }
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                        answer.len()
-                    );
-                    let _ = tcp.write_all(head.as_bytes()).await;
-                    for piece in answer.chunks(1000) {
-                        let _ = tcp.write_all(piece).await;
-                        let _ = tcp.flush().await;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            answer.len()
+                        );
+                        let _ = tcp.write_all(head.as_bytes()).await;
+                        for piece in answer.chunks(1000) {
+                            let _ = tcp.write_all(piece).await;
+                            let _ = tcp.flush().await;
+                        }
                     }
                 });
             }

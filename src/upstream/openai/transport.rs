@@ -693,9 +693,24 @@ pub(super) mod tests {
         assert_eq!(in_flight(&transport), 0, "every slot given back");
     }
 
+    /// A request's head read off `tcp`, up to and including its blank line (`None`: the peer went away first).
+    /// Read a byte at a time, so nothing after the head is taken from the socket.
+    pub(in crate::upstream::openai) async fn read_head(tcp: &mut tokio::net::TcpStream) -> Option<String> {
+        use tokio::io::AsyncReadExt as _;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if tcp.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(String::from_utf8_lossy(&head).into_owned())
+    }
+
     /// An HTTP proxy on 127.0.0.1 that opens `CONNECT` tunnels; counts the tunnels it opened.
     async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio::io::AsyncWriteExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let tunnels = Arc::new(AtomicUsize::new(0));
@@ -704,15 +719,7 @@ pub(super) mod tests {
             while let Ok((mut client, _)) = listener.accept().await {
                 let tunnels = counted.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if client.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head);
+                    let Some(head) = read_head(&mut client).await else { return };
                     let Some(target) = head.strip_prefix("CONNECT ").and_then(|rest| rest.split(' ').next()) else {
                         return;
                     };
