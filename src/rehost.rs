@@ -522,6 +522,22 @@ mod tests {
         }
     }
 
+    /// A re-hoster storing into `objects` (metadata in SQLite under `dir`), and a plan that wants links.
+    async fn rehoster_on(objects: Arc<dyn ObjectStore>, dir: &std::path::Path) -> (Rehoster, Plan) {
+        let db = Db::connect(&DatabaseSettings::default(), dir).await.unwrap();
+        let store = ImageStore::with_objects(objects, String::new(), StorageBackend::Local, db);
+        let links = LinkSigner::new(b"test key".to_vec(), url::Url::parse("http://gateway.test/").unwrap());
+        let fetcher = Fetcher::new(&DownloadSettings::default()).unwrap();
+        let rehoster = Rehoster::new(store, fetcher, links, Arc::new(ImagesSettings::default()));
+        let plan = Plan {
+            want: Some(ResponseFormat::Url),
+            rewrite: true,
+            retention: Duration::from_secs(60),
+            fallback: DownloadFallback::Fail,
+        };
+        (rehoster, plan)
+    }
+
     /// An answer's bytes that say when they are freed.
     struct Tracked(Vec<u8>, Arc<AtomicBool>);
 
@@ -542,23 +558,13 @@ mod tests {
     #[tokio::test]
     async fn a_base64_answer_is_freed_before_its_image_is_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
         let body_freed = Arc::new(AtomicBool::new(false));
         let objects = Arc::new(Watched {
             inner: object_store::memory::InMemory::new(),
             body_freed: body_freed.clone(),
             freed_when_written: Mutex::new(Vec::new()),
         });
-        let store = ImageStore::with_objects(objects.clone(), String::new(), StorageBackend::Local, db);
-        let links = LinkSigner::new(b"test key".to_vec(), url::Url::parse("http://gateway.test/").unwrap());
-        let fetcher = Fetcher::new(&DownloadSettings::default()).unwrap();
-        let rehoster = Rehoster::new(store, fetcher, links, Arc::new(ImagesSettings::default()));
-        let plan = Plan {
-            want: Some(ResponseFormat::Url),
-            rewrite: true,
-            retention: Duration::from_secs(60),
-            fallback: DownloadFallback::Fail,
-        };
+        let (rehoster, plan) = rehoster_on(objects.clone(), dir.path()).await;
         let png = crate::upstream::render::render(7, 64, 64, crate::upstream::render::OutputFormat::Png).unwrap();
         let answer = format!(
             r#"{{"created":1,"data":[{{"b64_json":"{}","revised_prompt":"p"}}],"usage":{{"total_tokens":3}}}}"#,
@@ -575,6 +581,25 @@ mod tests {
         assert_eq!(rewritten["data"][0]["revised_prompt"], "p");
         assert_eq!(rewritten["usage"]["total_tokens"], 3);
         assert_eq!(*objects.freed_when_written.lock().unwrap(), [true], "the answer was freed before the write");
+    }
+
+    /// An answer whose images were decoded as it arrived has lost their text: if what is left is not an answer
+    /// after all, it fails re-hosting rather than going on without its images.
+    #[tokio::test]
+    async fn a_split_answer_that_is_not_an_answer_is_refused_not_passed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rehoster, plan) = rehoster_on(Arc::new(object_store::memory::InMemory::new()), dir.path()).await;
+        let png = crate::upstream::render::render(7, 8, 8, crate::upstream::render::OutputFormat::Png).unwrap();
+        let image = crate::images::answer::split::Decoded { sha256: sha2::Sha256::digest(&png).into(), bytes: png };
+        let origin = Origin { tenant_id: "t1", model: "gpt-image-1", request_id: "req_1" };
+        for skeleton in [&br#"{"data":[{"b64_json":""}"#[..], br#"{"data":{"b64_json":""}}"#, br#"[1]"#] {
+            let split = Split { skeleton: Bytes::from_static(skeleton), images: vec![(0, Some(image.clone()))] };
+            let result = rehoster.apply(&plan, split, origin).await;
+            assert!(matches!(result, Err(RehostError::Unreadable)), "{result:?}");
+        }
+        // Read whole, the same bodies pass as they came (nothing was taken out of them).
+        let whole = Split::whole(Bytes::from_static(br#"[1]"#));
+        assert!(matches!(rehoster.apply(&plan, whole, origin).await, Ok(Rehosted::Unchanged(_))));
     }
 
     #[test]

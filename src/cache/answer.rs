@@ -32,8 +32,7 @@ pub const HEADER_OVERHEAD: usize = 88;
 
 impl Answer {
     /// A whole upstream reply (streams, and answers split for re-hosting, never reach the cache; their body reads
-    /// as empty), with the images its
-    /// body holds as the pipeline read them (`wire::AnswerFacts`).
+    /// as empty), with the images its body holds as the pipeline read them (`wire::AnswerFacts`).
     pub fn from_reply(reply: UpstreamReply, images: Option<u32>) -> Self {
         let headers = reply
             .headers
