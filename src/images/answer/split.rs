@@ -186,7 +186,7 @@ pub struct Splitter {
     /// The answer's declared length, if it declared one: the room reserved for an image is what is left of
     /// it after the image's opening quote.
     declared: Option<usize>,
-    /// Bytes read before the current chunk.
+    /// Bytes of the answer consumed before the current step of [`Splitter::feed`].
     read: usize,
 }
 
