@@ -87,7 +87,12 @@ impl Transport {
                 // are built the same way when they are first needed (one that fails then uses the first).
                 let first = proxied_client(connect_timeout, &extra, None)?;
                 let fallback = first.clone();
-                let make = move || proxied_client(connect_timeout, &extra, None).unwrap_or_else(|_| fallback.clone());
+                let make = move || {
+                    proxied_client(connect_timeout, &extra, None).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "could not build another upstream client; sharing the first");
+                        fallback.clone()
+                    })
+                };
                 Ok(Self::Proxied(Spread::new(first, make, STREAMS_PER_CONNECTION)))
             }
             None => {
