@@ -114,18 +114,13 @@ impl ImageDecoder {
             self.bad = true;
             return;
         }
-        let Ok(len) = BASE64.decoded_length(block) else {
-            self.bad = true;
-            return;
-        };
+        // Appended into the spare capacity as it is decoded (no zero-filling of megabytes first). Reserved
+        // here with `Vec`'s doubling: the decoder reserves exactly, which without a known length would
+        // reallocate (and copy) the image once per block.
+        self.out.reserve(block.len() / 4 * 3);
         let start = self.out.len();
-        self.out.resize(start + len, 0);
-        match BASE64.decode(block, base64_simd::Out::from_slice(&mut self.out[start..])) {
-            Ok(decoded) => {
-                self.hasher.update(&*decoded);
-                let written = decoded.len();
-                self.out.truncate(start + written);
-            }
+        match BASE64.decode_append(block, &mut self.out) {
+            Ok(()) => self.hasher.update(&self.out[start..]),
             Err(_) => self.bad = true,
         }
     }
