@@ -37,7 +37,7 @@ use imagegate::db::Db;
 use imagegate::domain::keys::{self, NewKey};
 use imagegate::rehost::fetch::Fetcher;
 use imagegate::storage::repo::ImageRepo;
-use imagegate::storage::{ImageStore, NewImage, StoredImage};
+use imagegate::storage::{Content, ImageStore, NewImage, StoredImage};
 use object_store::ObjectStore as _;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -628,8 +628,7 @@ async fn breakdown(fake: &Arc<Fake>, iterations: usize) -> Vec<(&'static str, Ve
                 tenant_id: "bench",
                 model: "gpt-image-1",
                 request_id: "req",
-                bytes: fresh,
-                sha256: None,
+                content: Content::bytes(fresh),
                 retention: Duration::from_secs(86_400),
             })
             .await

@@ -32,7 +32,8 @@ use crate::images::answer::split::{Decoded, ImageDecoder, Split};
 use crate::images::models::Model;
 use crate::images::request::ImageRequest;
 use crate::metrics::Metrics;
-use crate::storage::{ImageStore, NewImage, StoreError, StoredImage};
+use crate::storage::staging::Staged;
+use crate::storage::{Content, ImageStore, NewImage, StoreError, StoredImage};
 use crate::upstream::Reading;
 
 /// Why an answer could not be re-hosted.
@@ -304,13 +305,14 @@ impl Rehoster {
     /// fields to answer with instead.
     async fn obtain(&self, index: usize, job: Job, plan: &Plan) -> Result<Obtained, RehostError> {
         match job {
-            Job::Download(url) => match self.fetcher.fetch(&url).await {
-                Ok(fetched) => Ok(Obtained::Bytes(fetched.bytes, Some(fetched.sha256))),
-                Err(source) if plan.fallback == DownloadFallback::PassThrough => {
+            Job::Download(url) => match self.download(&url, plan).await {
+                Ok(obtained) => Ok(obtained),
+                Err(Downloading::Fetch(source)) if plan.fallback == DownloadFallback::PassThrough => {
                     tracing::warn!(image = index, reason = %source, "could not re-host an upstream image; passing its URL on");
                     Ok(Obtained::Fields(serde_json::json!({ "url": url })))
                 }
-                Err(source) => Err(RehostError::Download { index, source }),
+                Err(Downloading::Fetch(source)) => Err(RehostError::Download { index, source }),
+                Err(Downloading::Store(e)) => Err(RehostError::Store(e)),
             },
             Job::Decode(b64) => {
                 // Megabytes of base64 read whole (an upstream that did not split it as it arrived): decoded
@@ -327,6 +329,30 @@ impl Rehoster {
             }
             Job::Decoded(decoded) => Self::decoded(index, decoded),
         }
+    }
+
+    /// The image at `url`: written to a staging file as it arrives when it is to be stored on local disk, so
+    /// that receiving, hashing and writing overlap and it is never whole in memory; in memory otherwise.
+    async fn download(&self, url: &str, plan: &Plan) -> Result<Obtained, Downloading> {
+        let stager = match self.store.stager() {
+            Some(stager) if plan.want != Some(ResponseFormat::B64Json) => stager,
+            // Base64 is wanted (the bytes go into the answer), or the store is S3 (an object is written whole).
+            _ => {
+                let fetched = self.fetcher.fetch(url).await.map_err(Downloading::Fetch)?;
+                return Ok(Obtained::Bytes(fetched.bytes, Some(fetched.sha256)));
+            }
+        };
+        let mut download = self.fetcher.open(url).await.map_err(Downloading::Fetch)?;
+        // Dropped on any early return: the writer stops and its file is removed.
+        let mut staging = stager.start().map_err(Downloading::Store)?;
+        while let Some(chunk) = download.chunk().await.map_err(Downloading::Fetch)? {
+            staging.write(chunk).await.map_err(Downloading::Store)?;
+        }
+        let staged = staging.finish().await.map_err(Downloading::Store)?;
+        if crate::images::imageinfo::sniff(&staged.head).is_none() {
+            return Err(Downloading::Fetch(FetchError::BadSignature));
+        }
+        Ok(Obtained::Staged(staged))
     }
 
     /// A decoded image, checked here and not when storing, so a bad one fails the answer before anything is
@@ -347,20 +373,20 @@ impl Rehoster {
         plan: &Plan,
         origin: Origin<'_>,
     ) -> Result<Finished, RehostError> {
-        let (bytes, sha256) = match obtained {
+        let content = match obtained {
             Obtained::Fields(fields) => return Ok((fields, None)),
-            Obtained::Bytes(bytes, sha256) => (bytes, sha256),
+            Obtained::Bytes(bytes, _) if plan.want == Some(ResponseFormat::B64Json) => {
+                // A URL model answered with a link although base64 was wanted: inline it.
+                return Ok((serde_json::json!({ "b64_json": BASE64.encode_to_string(&bytes) }), None));
+            }
+            Obtained::Bytes(bytes, sha256) => Content::Bytes { bytes, sha256 },
+            Obtained::Staged(staged) => Content::Staged(staged),
         };
-        if plan.want == Some(ResponseFormat::B64Json) {
-            // A URL model answered with a link although base64 was wanted: inline it.
-            return Ok((serde_json::json!({ "b64_json": BASE64.encode_to_string(&bytes) }), None));
-        }
         let new = NewImage {
             tenant_id: origin.tenant_id,
             model: origin.model,
             request_id: origin.request_id,
-            bytes,
-            sha256,
+            content,
             retention: plan.retention,
         };
         let image = match self.store.put(new).await {
@@ -380,7 +406,15 @@ type Finished = (Value, Option<StoredImage>);
 /// failure, the fields to answer with).
 enum Obtained {
     Bytes(Bytes, Option<[u8; 32]>),
+    /// Downloaded into a staging file (removed if the answer fails before it is stored).
+    Staged(Staged),
     Fields(Value),
+}
+
+/// Why a download was not obtained: the image host's fault (a link may be passed on instead), or the disk's.
+enum Downloading {
+    Fetch(FetchError),
+    Store(StoreError),
 }
 
 /// The work one `data[]` item needs.

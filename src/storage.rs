@@ -8,6 +8,7 @@
 
 pub mod gallery;
 pub mod repo;
+pub mod staging;
 pub mod sweeper;
 
 use std::ops::Range;
@@ -24,23 +25,38 @@ use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use sha2::{Digest as _, Sha256};
 
 use self::repo::ImageRepo;
+use self::staging::{Staged, Stager};
 use crate::config::{StorageBackend, StorageSettings};
 use crate::db::Db;
 use crate::images::imageinfo;
 use crate::time::now_ms;
 
 /// An image about to be stored.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NewImage<'a> {
     pub tenant_id: &'a str,
     pub model: &'a str,
     pub request_id: &'a str,
-    pub bytes: Bytes,
-    /// The SHA-256 of `bytes`, when the caller computed it on the way (re-hosting hashes while it decodes);
-    /// computed here otherwise. Trusted: it names the object.
-    pub sha256: Option<[u8; 32]>,
+    pub content: Content,
     /// How long the image (and its link) lives.
     pub retention: Duration,
+}
+
+/// The bytes of an image about to be stored.
+#[derive(Debug)]
+pub enum Content {
+    /// In memory, with their SHA-256 when the caller computed it on the way (re-hosting hashes while it
+    /// decodes); computed here otherwise. Trusted: it names the object.
+    Bytes { bytes: Bytes, sha256: Option<[u8; 32]> },
+    /// Already on disk, in a staging file of this store's ([`ImageStore::stager`]).
+    Staged(Staged),
+}
+
+impl Content {
+    /// Bytes in memory whose SHA-256 is computed when stored.
+    pub fn bytes(bytes: Bytes) -> Self {
+        Self::Bytes { bytes, sha256: None }
+    }
 }
 
 /// A stored image as its metadata row describes it.
@@ -81,10 +97,16 @@ pub enum StoreError {
     Objects(#[from] object_store::Error),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    /// The blocking task hashing the bytes did not finish (the runtime is shutting down).
+    /// The blocking task hashing or writing the bytes did not finish (the runtime is shutting down).
     #[error("hashing task failed: {0}")]
     Task(String),
+    /// A staging file could not be written or moved into place.
+    #[error("staging file: {0}")]
+    Staging(#[source] std::io::Error),
 }
+
+/// The local backend's staging directory, inside the image directory (`staging`).
+const STAGING_DIR: &str = ".staging";
 
 /// The image store: objects plus metadata. Cheap to clone.
 #[derive(Clone)]
@@ -95,6 +117,9 @@ pub struct ImageStore {
     backend: StorageBackend,
     /// id → metadata, so serving a popular link does not ask the database every time.
     meta: moka::future::Cache<String, Arc<StoredImage>>,
+    /// The local backend's directory, where staged downloads are moved into place; `None` for S3.
+    local: Option<Arc<LocalFileSystem>>,
+    stager: Option<Stager>,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -106,15 +131,22 @@ impl std::fmt::Debug for ImageStore {
 impl ImageStore {
     /// Open the configured object store (creating the local directory if needed).
     pub fn open(settings: &StorageSettings, db: Db) -> anyhow::Result<Self> {
+        let mut local = None;
         let objects: Arc<dyn ObjectStore> = match settings.backend {
             StorageBackend::Local => {
                 let dir = settings.images_dir();
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| anyhow::anyhow!("cannot create image directory {}: {e}", dir.display()))?;
-                Arc::new(
+                let files = Arc::new(
                     LocalFileSystem::new_with_prefix(&dir)
                         .map_err(|e| anyhow::anyhow!("cannot open image directory {}: {e}", dir.display()))?,
-                )
+                );
+                // Inside the image directory: on its file system, so a staged file is moved by a rename.
+                let staging = dir.join(STAGING_DIR);
+                let stager = Stager::open(staging.clone())
+                    .map_err(|e| anyhow::anyhow!("cannot use staging directory {}: {e}", staging.display()))?;
+                local = Some((files.clone(), stager));
+                files
             }
             StorageBackend::S3 => {
                 let s3 = &settings.s3;
@@ -136,13 +168,32 @@ impl ImageStore {
                 Arc::new(builder.build().map_err(|e| anyhow::anyhow!("cannot configure S3 storage: {e}"))?)
             }
         };
-        Ok(Self::with_objects(objects, settings.s3.prefix.clone(), settings.backend, db))
+        let mut store = Self::with_objects(objects, settings.s3.prefix.clone(), settings.backend, db);
+        if let Some((files, stager)) = local {
+            store.local = Some(files);
+            store.stager = Some(stager);
+        }
+        Ok(store)
     }
 
     /// A store over any object store (tests use this with an in-memory one).
     pub fn with_objects(objects: Arc<dyn ObjectStore>, prefix: String, backend: StorageBackend, db: Db) -> Self {
         let meta = moka::future::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build();
-        Self { objects, prefix: prefix.trim_matches('/').to_owned(), repo: ImageRepo::new(db), backend, meta }
+        Self {
+            objects,
+            prefix: prefix.trim_matches('/').to_owned(),
+            repo: ImageRepo::new(db),
+            backend,
+            meta,
+            local: None,
+            stager: None,
+        }
+    }
+
+    /// Where downloads can be written as they arrive, for [`Content::Staged`]: the local backend only (an S3
+    /// object is written whole).
+    pub fn stager(&self) -> Option<&Stager> {
+        self.stager.as_ref()
     }
 
     /// `local` or `s3`, for logs.
@@ -163,16 +214,24 @@ impl ImageStore {
     /// Store an image and record a new link to it. The bytes must be a PNG, JPEG or WebP image; identical
     /// bytes share one object.
     pub async fn put(&self, new: NewImage<'_>) -> Result<StoredImage, StoreError> {
-        let format = imageinfo::sniff(&new.bytes).ok_or(StoreError::NotAnImage)?;
-        let info = imageinfo::inspect(&new.bytes).ok();
-        let sha256 = match new.sha256 {
-            Some(sha256) => hex::encode(sha256),
-            // Hashing megabytes takes milliseconds: off the async workers.
-            None => {
-                let bytes = new.bytes.clone();
-                tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&bytes)))
-                    .await
-                    .map_err(|e| StoreError::Task(e.to_string()))?
+        let (format, info, sha256, len) = match &new.content {
+            Content::Bytes { bytes, sha256 } => {
+                let format = imageinfo::sniff(bytes).ok_or(StoreError::NotAnImage)?;
+                let sha256 = match sha256 {
+                    Some(sha256) => *sha256,
+                    // Hashing megabytes takes milliseconds: off the async workers.
+                    None => {
+                        let bytes = bytes.clone();
+                        tokio::task::spawn_blocking(move || Sha256::digest(&bytes).into())
+                            .await
+                            .map_err(|e| StoreError::Task(e.to_string()))?
+                    }
+                };
+                (format, imageinfo::inspect(bytes).ok(), sha256, bytes.len() as u64)
+            }
+            Content::Staged(staged) => {
+                let format = imageinfo::sniff(&staged.head).ok_or(StoreError::NotAnImage)?;
+                (format, imageinfo::inspect(&staged.head).ok(), staged.sha256, staged.len)
             }
         };
         let now = now_ms();
@@ -180,9 +239,9 @@ impl ImageStore {
         let image = StoredImage {
             id: hex::encode(rand::random::<[u8; 16]>()),
             tenant_id: new.tenant_id.to_owned(),
-            sha256,
+            sha256: hex::encode(sha256),
             content_type: format.mime().to_owned(),
-            bytes: new.bytes.len() as u64,
+            bytes: len,
             width: info.as_ref().map(|i| i.width),
             height: info.as_ref().map(|i| i.height),
             model: new.model.to_owned(),
@@ -192,7 +251,23 @@ impl ImageStore {
         };
         // Blob row first (waits for a sweep of the same bytes in progress), then the object, then the link.
         self.repo.upsert_blob(&image).await?;
-        self.objects.put(&self.object_path(&image.sha256), PutPayload::from_bytes(new.bytes)).await?;
+        let location = self.object_path(&image.sha256);
+        match new.content {
+            Content::Bytes { bytes, .. } => {
+                self.objects.put(&location, PutPayload::from_bytes(bytes)).await?;
+            }
+            Content::Staged(staged) => {
+                let Some(local) = &self.local else {
+                    return Err(StoreError::Task("a staged image for a store without a local directory".to_owned()));
+                };
+                // Renamed over an object of the same bytes, if there is one: readers see one or the other, whole.
+                let to = local.path_to_filesystem(&location)?;
+                tokio::task::spawn_blocking(move || staged.file.move_to(&to))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))?
+                    .map_err(StoreError::Staging)?;
+            }
+        }
         self.repo.insert_image(&image).await?;
         Ok(image)
     }
@@ -317,7 +392,7 @@ const MAX_CONSECUTIVE_FAILURES: u32 = 20;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseSettings;
+    use crate::config::{DatabaseSettings, StorageSettings};
 
     async fn store() -> (ImageStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -331,7 +406,7 @@ mod tests {
     }
 
     fn new(bytes: Bytes, retention: Duration) -> NewImage<'static> {
-        NewImage { tenant_id: "t1", model: "gpt-image-1", request_id: "req", bytes, sha256: None, retention }
+        NewImage { tenant_id: "t1", model: "gpt-image-1", request_id: "req", content: Content::bytes(bytes), retention }
     }
 
     #[tokio::test]
@@ -431,6 +506,98 @@ mod tests {
         assert!(store.find(&a.id).await.unwrap().is_some(), "cached after a read");
         store.discard(std::slice::from_ref(&a)).await.unwrap();
         assert!(store.find(&a.id).await.unwrap().is_none());
+    }
+
+    /// A store on local disk, as configured by default, in a temporary directory.
+    async fn on_disk() -> (ImageStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
+        let settings = StorageSettings { data_dir: dir.path().to_path_buf(), ..StorageSettings::default() };
+        (ImageStore::open(&settings, db).unwrap(), dir)
+    }
+
+    async fn stage(store: &ImageStore, bytes: &Bytes, chunk: usize) -> Staged {
+        let mut staging = store.stager().expect("a local store stages").start().unwrap();
+        for piece in bytes.chunks(chunk) {
+            staging.write(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        staging.finish().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_staged_download_is_stored_under_its_content_address_as_if_put_whole() {
+        let (store, dir) = on_disk().await;
+        let stager = store.stager().unwrap().clone();
+        // Big enough that its head is a prefix and it arrives in many chunks.
+        let noise = image::RgbImage::from_fn(700, 700, |_, _| image::Rgb(rand::random::<[u8; 3]>()));
+        let mut big = Vec::new();
+        noise.write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png).unwrap();
+        let big = Bytes::from(big);
+        assert!(big.len() > staging::HEAD_BYTES, "{} bytes", big.len());
+        let staged = stage(&store, &big, 7_001).await;
+        assert_eq!((staged.len, staged.head.len()), (big.len() as u64, staging::HEAD_BYTES));
+        assert_eq!(staged.sha256, <[u8; 32]>::from(Sha256::digest(&big)));
+        let image = store
+            .put(NewImage {
+                tenant_id: "t1",
+                model: "dall-e-3",
+                request_id: "req",
+                content: Content::Staged(staged),
+                retention: Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+        assert_eq!((image.width, image.height, image.bytes), (Some(700), Some(700), big.len() as u64));
+        assert_eq!(store.read_all(&image).await.unwrap(), big, "the exact bytes");
+        assert_eq!(stager.files(), 0, "moved, not copied");
+        // The same bytes put whole share the object.
+        let whole = store.put(new(big.clone(), Duration::from_secs(60))).await.unwrap();
+        assert_eq!(whole.sha256, image.sha256);
+        assert_eq!(walk(&dir.path().join("images")), 1, "one object for both links");
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_or_unstored_staging_file_is_removed() {
+        let (store, dir) = on_disk().await;
+        let stager = store.stager().unwrap().clone();
+        let mut staging = stager.start().unwrap();
+        staging.write(png()).await.unwrap();
+        assert_eq!(stager.files(), 1);
+        drop(staging);
+        assert_eq!(stager.files(), 0, "a download given up mid-way leaves nothing");
+
+        let staged = stage(&store, &Bytes::from_static(b"<html>not an image</html>"), 4).await;
+        let refused = store
+            .put(NewImage {
+                tenant_id: "t1",
+                model: "dall-e-3",
+                request_id: "req",
+                content: Content::Staged(staged),
+                retention: Duration::from_secs(60),
+            })
+            .await;
+        assert!(matches!(refused, Err(StoreError::NotAnImage)), "{refused:?}");
+        assert_eq!(stager.files(), 0, "a refused image leaves nothing");
+        assert_eq!(walk(&dir.path().join("images")), 0, "nothing stored");
+    }
+
+    #[tokio::test]
+    async fn staging_files_left_by_a_stopped_process_are_removed_when_the_store_opens() {
+        let (store, dir) = on_disk().await;
+        let staging_dir = dir.path().join("images").join(STAGING_DIR);
+        let old = staging_dir.join("left-by-a-crash");
+        let recent = staging_dir.join("another-replica-writing-now");
+        for path in [&old, &recent] {
+            std::fs::write(path, b"partial").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+        drop(store);
+        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
+        let settings = StorageSettings { data_dir: dir.path().to_path_buf(), ..StorageSettings::default() };
+        ImageStore::open(&settings, db).unwrap();
+        assert!(!old.exists(), "an old staging file is removed");
+        assert!(recent.exists(), "a recent one may still be written: kept");
     }
 
     #[tokio::test]

@@ -247,12 +247,41 @@ impl Fetcher {
         })
     }
 
-    /// Download the image at `url`.
+    /// Download the image at `url` into memory.
     pub async fn fetch(&self, url: &str) -> Result<Fetched, FetchError> {
-        match tokio::time::timeout(self.timeout, self.fetch_inner(url)).await {
-            Ok(result) => result,
-            Err(_) => Err(FetchError::Timeout(self.timeout)),
+        let mut download = self.open(url).await?;
+        let mut body = BytesMut::with_capacity(
+            usize::try_from(download.content_length.unwrap_or(0).min(self.max_bytes)).unwrap_or(0),
+        );
+        // Each chunk is hashed as it is copied in, while it is in the CPU's cache: the store needs the SHA-256,
+        // and a second pass over megabytes (on a blocking thread) is what this saves.
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = download.chunk().await? {
+            hasher.update(&chunk);
+            body.extend_from_slice(&chunk);
         }
+        let bytes = body.freeze();
+        let format = imageinfo::sniff(&bytes).ok_or(FetchError::BadSignature)?;
+        Ok(Fetched { bytes, format, sha256: hasher.finalize().into() })
+    }
+
+    /// Start downloading the image at `url`: every check up to its first byte done, the body to be read with
+    /// [`Download::chunk`]. One deadline (`images.download.timeout`) covers both.
+    pub async fn open(&self, url: &str) -> Result<Download, FetchError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let response = match tokio::time::timeout_at(deadline, self.respond(url)).await {
+            Ok(response) => response?,
+            Err(_) => return Err(FetchError::Timeout(self.timeout)),
+        };
+        let content_length = response.content_length();
+        Ok(Download {
+            stream: Box::pin(response.bytes_stream()),
+            content_length,
+            received: 0,
+            max_bytes: self.max_bytes,
+            deadline,
+            timeout: self.timeout,
+        })
     }
 
     /// Refuse a URL before connecting: scheme, allowlist, and IP literals that are not public.
@@ -283,7 +312,9 @@ impl Fetcher {
         Ok(())
     }
 
-    async fn fetch_inner(&self, url: &str) -> Result<Fetched, FetchError> {
+    /// The image host's answer to `url`, redirects followed under the checks, its status, declared type and
+    /// declared length accepted.
+    async fn respond(&self, url: &str) -> Result<reqwest::Response, FetchError> {
         let mut url = Url::parse(url).map_err(|_| FetchError::BadUrl)?;
         let mut redirects = 0;
         let response = loop {
@@ -320,24 +351,35 @@ impl Fetcher {
         if response.content_length().is_some_and(|len| len > self.max_bytes) {
             return Err(FetchError::TooLarge(self.max_bytes));
         }
-        let mut body = BytesMut::with_capacity(
-            usize::try_from(response.content_length().unwrap_or(0).min(self.max_bytes)).unwrap_or(0),
-        );
-        // Each chunk is hashed as it is copied in, while it is in the CPU's cache: the store needs the SHA-256,
-        // and a second pass over megabytes (on a blocking thread) is what this saves.
-        let mut hasher = Sha256::new();
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|_| FetchError::Unreachable)?;
-            if (body.len() + chunk.len()) as u64 > self.max_bytes {
-                return Err(FetchError::TooLarge(self.max_bytes));
-            }
-            hasher.update(&chunk);
-            body.extend_from_slice(&chunk);
+        Ok(response)
+    }
+}
+
+/// An image's body being downloaded: its chunks as they arrive, under the size cap and the download's deadline.
+pub struct Download {
+    stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    /// The length the host declared, if it did (already checked against the cap).
+    pub content_length: Option<u64>,
+    received: u64,
+    max_bytes: u64,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl Download {
+    /// The next chunk of the image, `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, FetchError> {
+        let next = match tokio::time::timeout_at(self.deadline, self.stream.next()).await {
+            Ok(next) => next,
+            Err(_) => return Err(FetchError::Timeout(self.timeout)),
+        };
+        let Some(chunk) = next else { return Ok(None) };
+        let chunk = chunk.map_err(|_| FetchError::Unreachable)?;
+        self.received += chunk.len() as u64;
+        if self.received > self.max_bytes {
+            return Err(FetchError::TooLarge(self.max_bytes));
         }
-        let bytes = body.freeze();
-        let format = imageinfo::sniff(&bytes).ok_or(FetchError::BadSignature)?;
-        Ok(Fetched { bytes, format, sha256: hasher.finalize().into() })
+        Ok(Some(chunk))
     }
 }
 

@@ -146,8 +146,7 @@ mod tests {
             tenant_id: tenant,
             model: "gpt-image-1",
             request_id: "req",
-            bytes,
-            sha256: None,
+            content: crate::storage::Content::bytes(bytes),
             retention: Duration::from_secs(60),
         }
     }
