@@ -516,6 +516,14 @@ mod tests {
         (ImageStore::open(&settings, db).unwrap(), dir)
     }
 
+    /// A PNG of `side`² random pixels: about 3 bytes per pixel, it does not compress.
+    fn noise_png(side: u32) -> Bytes {
+        let noise = image::RgbImage::from_fn(side, side, |_, _| image::Rgb(rand::random::<[u8; 3]>()));
+        let mut png = Vec::new();
+        noise.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        Bytes::from(png)
+    }
+
     async fn stage(store: &ImageStore, bytes: &Bytes, chunk: usize) -> Staged {
         let mut staging = store.stager().expect("a local store stages").start().unwrap();
         for piece in bytes.chunks(chunk) {
@@ -529,10 +537,7 @@ mod tests {
         let (store, dir) = on_disk().await;
         let stager = store.stager().unwrap().clone();
         // Big enough that its head is a prefix and it arrives in many chunks.
-        let noise = image::RgbImage::from_fn(700, 700, |_, _| image::Rgb(rand::random::<[u8; 3]>()));
-        let mut big = Vec::new();
-        noise.write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png).unwrap();
-        let big = Bytes::from(big);
+        let big = noise_png(700);
         assert!(big.len() > staging::HEAD_BYTES, "{} bytes", big.len());
         let staged = stage(&store, &big, 7_001).await;
         assert_eq!((staged.len, staged.head.len()), (big.len() as u64, staging::HEAD_BYTES));
@@ -579,6 +584,37 @@ mod tests {
         assert!(matches!(refused, Err(StoreError::NotAnImage)), "{refused:?}");
         assert_eq!(stager.files(), 0, "a refused image leaves nothing");
         assert_eq!(walk(&dir.path().join("images")), 0, "nothing stored");
+    }
+
+    /// Downloads wait on the network, not on a blocking thread: with one blocking thread for the whole
+    /// process, two downloads arriving chunk by chunk, side by side, both complete.
+    #[test]
+    fn downloads_in_progress_do_not_hold_blocking_threads() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (store, _dir) = on_disk().await;
+            // Several batches each, written while the next chunks arrive.
+            let image = noise_png(600);
+            let stager = store.stager().unwrap();
+            let (mut a, mut b) = (stager.start().unwrap(), stager.start().unwrap());
+            let both = async {
+                for piece in image.chunks(16 * 1024) {
+                    a.write(Bytes::copy_from_slice(piece)).await.unwrap();
+                    b.write(Bytes::copy_from_slice(piece)).await.unwrap();
+                    // A network's pace: the writers are idle between chunks.
+                    tokio::task::yield_now().await;
+                }
+                (a.finish().await.unwrap(), b.finish().await.unwrap())
+            };
+            let (a, b) = tokio::time::timeout(Duration::from_secs(20), both).await.expect("both downloads finish");
+            let sha = <[u8; 32]>::from(Sha256::digest(&image));
+            assert_eq!((a.sha256, b.sha256, a.len), (sha, sha, image.len() as u64));
+        });
     }
 
     #[tokio::test]

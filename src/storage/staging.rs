@@ -1,7 +1,10 @@
 //! Downloads written to disk as they arrive (local backend only): each image gets a staging file, written and
-//! hashed on a blocking thread while the next chunk is still being received, which `ImageStore::put` then
+//! hashed on a blocking thread while the next chunks are still being received, which `ImageStore::put` then
 //! renames to the image's content address. The download, its SHA-256 and the object write overlap instead of
 //! running one after another, and no image is held whole in memory (docs/performance.md).
+//!
+//! A blocking thread is taken only to write what has arrived (one batch at a time per file), never to wait for
+//! the network: a slow image host cannot tie up the blocking pool that serving links and other writes share.
 //!
 //! A staging file is removed when its `StagedFile` is dropped without having been moved into place (a download
 //! that failed, timed out, was too large or belonged to an answer that failed), and staging files a crashed
@@ -14,7 +17,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::StoreError;
@@ -23,9 +25,13 @@ use super::StoreError;
 /// frame header may follow up to 64 KiB of metadata per segment).
 pub const HEAD_BYTES: usize = 256 * 1024;
 
-/// Chunks received and not yet on disk, at most: receiving waits beyond this, so a slow disk holds back the
-/// download instead of filling memory.
-const QUEUED_CHUNKS: usize = 8;
+/// Bytes received and not yet handed to the writer, at most, while it writes the previous batch: beyond this,
+/// receiving waits, so a slow disk holds back the download instead of filling memory.
+const MAX_WAITING: usize = 1024 * 1024;
+
+/// The least a batch holds (but the last): each batch costs a hand-over to a blocking thread, and a download
+/// arrives in chunks of a few KiB when the network is slower than the reader.
+const MIN_BATCH: usize = 256 * 1024;
 
 /// Staging files older than this when the store opens were left by a process that stopped mid-download (every
 /// download's deadline is far shorter).
@@ -54,22 +60,18 @@ impl Stager {
         Ok(Self { dir: Arc::new(dir) })
     }
 
-    /// A new staging file, written from a blocking thread as chunks are handed to it. The file is made here
-    /// (one `open`), so that dropping the [`Staging`] removes it at once, whatever its writer is doing.
+    /// A new staging file, written on blocking threads as chunks are handed to it. The file is made here (one
+    /// `open`), so that dropping the [`Staging`] removes it at once, whatever its writer is doing.
     pub fn start(&self) -> Result<Staging, StoreError> {
-        let (mut file, staged) = create(&self.dir).map_err(StoreError::Staging)?;
-        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
-            let mut len = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                hasher.update(&chunk);
-                file.write_all(&chunk)?;
-                len += chunk.len() as u64;
-            }
-            Ok((len, hasher.finalize().into()))
-        });
-        Ok(Staging { tx: Some(tx), task, head: BytesMut::new(), file: staged })
+        let (file, staged) = create(&self.dir).map_err(StoreError::Staging)?;
+        Ok(Staging {
+            writer: Writer::Idle(Box::new((file, Sha256::new()))),
+            waiting: Vec::new(),
+            waiting_bytes: 0,
+            len: 0,
+            head: BytesMut::new(),
+            file: staged,
+        })
     }
 
     #[cfg(test)]
@@ -91,47 +93,90 @@ fn create(dir: &Path) -> std::io::Result<(std::fs::File, StagedFile)> {
 
 /// One image being written to its staging file; dropped before [`Staging::finish`], the file is removed.
 pub struct Staging {
-    tx: Option<mpsc::Sender<Bytes>>,
-    /// The writer: the bytes written and their SHA-256.
-    task: JoinHandle<std::io::Result<(u64, [u8; 32])>>,
+    writer: Writer,
+    /// Chunks received while the writer was busy, for its next batch.
+    waiting: Vec<Bytes>,
+    waiting_bytes: usize,
+    len: u64,
     head: BytesMut,
     file: StagedFile,
 }
 
+/// The open file and the hash of what was written to it: here between batches, on a blocking thread during one.
+type Sink = Box<(std::fs::File, Sha256)>;
+
+enum Writer {
+    Idle(Sink),
+    Writing(JoinHandle<std::io::Result<Sink>>),
+    /// A batch failed (its error was returned) or the writer was lost.
+    Failed,
+}
+
 impl Staging {
-    /// Hand `chunk`, the image's next bytes, to the writer; waits while it is [`QUEUED_CHUNKS`] behind.
+    /// Hand `chunk`, the image's next bytes, to the writer: written with what else has arrived once
+    /// [`MIN_BATCH`] bytes are waiting and the previous batch is on disk; waits for that batch when
+    /// [`MAX_WAITING`] bytes have piled up behind it.
     pub async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
         if self.head.len() < HEAD_BYTES {
             let take = (HEAD_BYTES - self.head.len()).min(chunk.len());
             self.head.extend_from_slice(&chunk[..take]);
         }
-        let sent = match &self.tx {
-            Some(tx) => tx.send(chunk).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            return Ok(());
+        self.len += chunk.len() as u64;
+        self.waiting_bytes += chunk.len();
+        self.waiting.push(chunk);
+        let done = matches!(&self.writer, Writer::Writing(task) if task.is_finished());
+        if (done && self.waiting_bytes >= MIN_BATCH) || self.waiting_bytes > MAX_WAITING {
+            self.settle().await?;
         }
-        // The writer stopped early: its error says why.
-        self.tx = None;
-        match self.wait().await {
-            Ok(_) => Err(StoreError::Task("the staging writer stopped early".to_owned())),
-            Err(e) => Err(e),
+        if matches!(self.writer, Writer::Idle(_)) && self.waiting_bytes >= MIN_BATCH {
+            self.flush();
         }
+        Ok(())
     }
 
     /// Every chunk is on disk: the staged image.
     pub async fn finish(mut self) -> Result<Staged, StoreError> {
-        self.tx = None;
-        let (len, sha256) = self.wait().await?;
-        Ok(Staged { file: self.file, len, sha256, head: self.head.freeze() })
+        self.settle().await?;
+        if !self.waiting.is_empty() {
+            self.flush();
+            self.settle().await?;
+        }
+        let Writer::Idle(sink) = std::mem::replace(&mut self.writer, Writer::Failed) else {
+            return Err(StoreError::Task("the staging writer was lost".to_owned()));
+        };
+        let (_, hasher) = *sink;
+        Ok(Staged { file: self.file, len: self.len, sha256: hasher.finalize().into(), head: self.head.freeze() })
     }
 
-    async fn wait(&mut self) -> Result<(u64, [u8; 32]), StoreError> {
-        match (&mut self.task).await {
-            Ok(written) => written.map_err(StoreError::Staging),
-            Err(e) => Err(StoreError::Task(e.to_string())),
-        }
+    /// Start writing the waiting chunks (the writer is idle).
+    fn flush(&mut self) {
+        let Writer::Idle(sink) = std::mem::replace(&mut self.writer, Writer::Failed) else { return };
+        let batch = std::mem::take(&mut self.waiting);
+        self.waiting_bytes = 0;
+        self.writer = Writer::Writing(tokio::task::spawn_blocking(move || {
+            let mut sink = sink;
+            let (file, hasher) = &mut *sink;
+            for chunk in &batch {
+                hasher.update(chunk);
+                file.write_all(chunk)?;
+            }
+            Ok(sink)
+        }));
+    }
+
+    /// Wait for the batch being written, if any.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        let Writer::Writing(task) = &mut self.writer else {
+            return match self.writer {
+                Writer::Failed => Err(StoreError::Task("the staging writer failed earlier".to_owned())),
+                _ => Ok(()),
+            };
+        };
+        let written = task.await;
+        self.writer = Writer::Failed;
+        let sink = written.map_err(|e| StoreError::Task(e.to_string()))?.map_err(StoreError::Staging)?;
+        self.writer = Writer::Idle(sink);
+        Ok(())
     }
 }
 
