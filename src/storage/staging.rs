@@ -33,8 +33,9 @@ const MAX_WAITING: usize = 1024 * 1024;
 /// arrives in chunks of a few KiB when the network is slower than the reader.
 const MIN_BATCH: usize = 256 * 1024;
 
-/// Staging files older than this when the store opens were left by a process that stopped mid-download (every
-/// download's deadline is far shorter).
+/// Staging files not written for this long when the store opens were left by a process that stopped
+/// mid-download: a live download writes at least every 256 KiB, and `images.download.timeout` defaults to 60 s.
+/// (Another replica sharing the directory may be writing the newer ones: they are left alone.)
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Where staging files are made; cheap to clone.
@@ -156,10 +157,8 @@ impl Staging {
         self.writer = Writer::Writing(tokio::task::spawn_blocking(move || {
             let mut sink = sink;
             let (file, hasher) = &mut *sink;
-            for chunk in &batch {
-                hasher.update(chunk);
-                file.write_all(chunk)?;
-            }
+            batch.iter().for_each(|chunk| hasher.update(chunk));
+            write_all_vectored(file, &batch)?;
             Ok(sink)
         }));
     }
@@ -178,6 +177,21 @@ impl Staging {
         self.writer = Writer::Idle(sink);
         Ok(())
     }
+}
+
+/// Write every chunk of `batch` to `file`, as few `writev` calls as the kernel takes.
+fn write_all_vectored(file: &mut std::fs::File, batch: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = batch.iter().map(|c| std::io::IoSlice::new(c)).collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        match file.write_vectored(left) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// An image written to a staging file, ready for `ImageStore::put`.
