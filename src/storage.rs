@@ -98,14 +98,14 @@ pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     /// The blocking task hashing or writing the bytes did not finish (the runtime is shutting down).
-    #[error("hashing task failed: {0}")]
+    #[error("storage task failed: {0}")]
     Task(String),
     /// A staging file could not be written or moved into place.
     #[error("staging file: {0}")]
     Staging(#[source] std::io::Error),
 }
 
-/// The local backend's staging directory, inside the image directory (`staging`).
+/// The local backend's staging directory, inside the image directory (see [`staging`]).
 const STAGING_DIR: &str = ".staging";
 
 /// The image store: objects plus metadata. Cheap to clone.
@@ -258,7 +258,9 @@ impl ImageStore {
             }
             Content::Staged(staged) => {
                 let Some(local) = &self.local else {
-                    return Err(StoreError::Task("a staged image for a store without a local directory".to_owned()));
+                    return Err(StoreError::Task(
+                        "a staged image given to a store without a local directory".to_owned(),
+                    ));
                 };
                 // Renamed over an object of the same bytes, if there is one: readers see one or the other, whole.
                 let to = local.path_to_filesystem(&location)?;
