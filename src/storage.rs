@@ -526,6 +526,16 @@ mod tests {
         Bytes::from(png)
     }
 
+    fn staged_image(staged: Staged) -> NewImage<'static> {
+        NewImage {
+            tenant_id: "t1",
+            model: "dall-e-3",
+            request_id: "req",
+            content: Content::Staged(staged),
+            retention: Duration::from_secs(60),
+        }
+    }
+
     async fn stage(store: &ImageStore, bytes: &Bytes, chunk: usize) -> Staged {
         let mut staging = store.stager().expect("a local store stages").start().unwrap();
         for piece in bytes.chunks(chunk) {
@@ -544,16 +554,7 @@ mod tests {
         let staged = stage(&store, &big, 7_001).await;
         assert_eq!((staged.len, staged.head.len()), (big.len() as u64, staging::HEAD_BYTES));
         assert_eq!(staged.sha256, <[u8; 32]>::from(Sha256::digest(&big)));
-        let image = store
-            .put(NewImage {
-                tenant_id: "t1",
-                model: "dall-e-3",
-                request_id: "req",
-                content: Content::Staged(staged),
-                retention: Duration::from_secs(60),
-            })
-            .await
-            .unwrap();
+        let image = store.put(staged_image(staged)).await.unwrap();
         assert_eq!((image.width, image.height, image.bytes), (Some(700), Some(700), big.len() as u64));
         assert_eq!(store.read_all(&image).await.unwrap(), big, "the exact bytes");
         assert_eq!(stager.files(), 0, "moved, not copied");
@@ -574,15 +575,7 @@ mod tests {
         assert_eq!(stager.files(), 0, "a download given up mid-way leaves nothing");
 
         let staged = stage(&store, &Bytes::from_static(b"<html>not an image</html>"), 4).await;
-        let refused = store
-            .put(NewImage {
-                tenant_id: "t1",
-                model: "dall-e-3",
-                request_id: "req",
-                content: Content::Staged(staged),
-                retention: Duration::from_secs(60),
-            })
-            .await;
+        let refused = store.put(staged_image(staged)).await;
         assert!(matches!(refused, Err(StoreError::NotAnImage)), "{refused:?}");
         assert_eq!(stager.files(), 0, "a refused image leaves nothing");
         assert_eq!(walk(&dir.path().join("images")), 0, "nothing stored");
