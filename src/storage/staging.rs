@@ -240,8 +240,10 @@ impl StagedFile {
     /// Blocking: call from a blocking thread.
     pub(super) fn move_to(mut self, to: &Path) -> std::io::Result<()> {
         let Some(from) = self.path.take() else { return Ok(()) };
+        // The directory is made when missing, and the move retried whatever the check would say now: another
+        // image of the same shard may have made it meanwhile, between this rename and any look at it.
         let moved = match std::fs::rename(&from, to) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.parent().is_some_and(|p| !p.exists()) => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 to.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::rename(&from, to))
             }
             other => other,
@@ -264,6 +266,33 @@ impl Drop for StagedFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two files moved at the same moment into the same directory that does not exist yet (two answers with the
+    /// same new image): both moves succeed, whichever of them makes the directory.
+    #[test]
+    fn two_moves_into_one_new_directory_both_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        for round in 0..300 {
+            let to = dir.path().join(format!("images/{round:03}/object"));
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let movers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (_, file) = create(&staging).unwrap();
+                    let (to, barrier) = (to.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        file.move_to(&to)
+                    })
+                })
+                .collect();
+            for mover in movers {
+                mover.join().unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            }
+            assert!(to.exists());
+        }
+    }
 
     /// A host that sends its image three bytes at a time: the bytes on disk are exact, and what waits for the
     /// writer is a few buffers, not one entry per chunk.
