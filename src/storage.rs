@@ -117,8 +117,7 @@ pub struct ImageStore {
     backend: StorageBackend,
     /// id → metadata, so serving a popular link does not ask the database every time.
     meta: moka::future::Cache<String, Arc<StoredImage>>,
-    /// The local backend's directory, where staged downloads are moved into place; `None` for S3.
-    local: Option<Arc<LocalFileSystem>>,
+    /// Where downloads are staged and from where they are moved into place: the local backend only.
     stager: Option<Stager>,
 }
 
@@ -131,7 +130,7 @@ impl std::fmt::Debug for ImageStore {
 impl ImageStore {
     /// Open the configured object store (creating the local directory if needed).
     pub fn open(settings: &StorageSettings, db: Db) -> anyhow::Result<Self> {
-        let mut local = None;
+        let mut stager = None;
         let objects: Arc<dyn ObjectStore> = match settings.backend {
             StorageBackend::Local => {
                 let dir = settings.images_dir();
@@ -143,9 +142,10 @@ impl ImageStore {
                 );
                 // Inside the image directory: on its file system, so a staged file is moved by a rename.
                 let staging = dir.join(STAGING_DIR);
-                let stager = Stager::open(staging.clone())
-                    .map_err(|e| anyhow::anyhow!("cannot use staging directory {}: {e}", staging.display()))?;
-                local = Some((files.clone(), stager));
+                stager = Some(
+                    Stager::open(staging.clone(), files.clone())
+                        .map_err(|e| anyhow::anyhow!("cannot use staging directory {}: {e}", staging.display()))?,
+                );
                 files
             }
             StorageBackend::S3 => {
@@ -168,12 +168,7 @@ impl ImageStore {
                 Arc::new(builder.build().map_err(|e| anyhow::anyhow!("cannot configure S3 storage: {e}"))?)
             }
         };
-        let mut store = Self::with_objects(objects, settings.s3.prefix.clone(), settings.backend, db);
-        if let Some((files, stager)) = local {
-            store.local = Some(files);
-            store.stager = Some(stager);
-        }
-        Ok(store)
+        Ok(Self { stager, ..Self::with_objects(objects, settings.s3.prefix.clone(), settings.backend, db) })
     }
 
     /// A store over any object store (tests use this with an in-memory one).
@@ -185,7 +180,6 @@ impl ImageStore {
             repo: ImageRepo::new(db),
             backend,
             meta,
-            local: None,
             stager: None,
         }
     }
@@ -257,17 +251,12 @@ impl ImageStore {
                 self.objects.put(&location, PutPayload::from_bytes(bytes)).await?;
             }
             Content::Staged(staged) => {
-                let Some(local) = &self.local else {
+                let Some(stager) = &self.stager else {
                     return Err(StoreError::Task(
                         "a staged image given to a store without a local directory".to_owned(),
                     ));
                 };
-                // Renamed over an object of the same bytes, if there is one: readers see one or the other, whole.
-                let to = local.path_to_filesystem(&location)?;
-                tokio::task::spawn_blocking(move || staged.file.move_to(&to))
-                    .await
-                    .map_err(|e| StoreError::Task(e.to_string()))?
-                    .map_err(StoreError::Staging)?;
+                stager.place(staged, &location).await?;
             }
         }
         self.repo.insert_image(&image).await?;

@@ -46,11 +46,14 @@ const STALE_AFTER: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone)]
 pub struct Stager {
     dir: Arc<PathBuf>,
+    /// The local backend's objects, where a staged image is moved once stored.
+    files: Arc<object_store::local::LocalFileSystem>,
 }
 
 impl Stager {
-    /// Use `dir` (created if missing), removing staging files left there by a stopped process.
-    pub(super) fn open(dir: PathBuf) -> std::io::Result<Self> {
+    /// Stage in `dir` (created if missing; on the file system of `files`, so a staged image is moved by a
+    /// rename), removing staging files left there by a stopped process.
+    pub(super) fn open(dir: PathBuf, files: Arc<object_store::local::LocalFileSystem>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let mut stale = 0;
         for entry in std::fs::read_dir(&dir)?.flatten() {
@@ -62,7 +65,7 @@ impl Stager {
         if stale > 0 {
             tracing::info!(files = stale, dir = %dir.display(), "removed staging files of unfinished downloads");
         }
-        Ok(Self { dir: Arc::new(dir) })
+        Ok(Self { dir: Arc::new(dir), files })
     }
 
     /// A new staging file, written on blocking threads as chunks are handed to it. The file is made here (one
@@ -78,6 +81,16 @@ impl Stager {
             head: BytesMut::new(),
             file: staged,
         })
+    }
+
+    /// Move `staged` to `location` among the objects, over an object of the same bytes if there is one
+    /// (readers see one or the other, whole).
+    pub(super) async fn place(&self, staged: Staged, location: &object_store::path::Path) -> Result<(), StoreError> {
+        let to = self.files.path_to_filesystem(location)?;
+        tokio::task::spawn_blocking(move || staged.file.move_to(&to))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+            .map_err(StoreError::Staging)
     }
 
     #[cfg(test)]
@@ -299,7 +312,8 @@ mod tests {
     #[tokio::test]
     async fn tiny_chunks_are_gathered_not_queued_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
-        let stager = Stager::open(dir.path().join("staging")).unwrap();
+        let files = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let stager = Stager::open(dir.path().join("staging"), files).unwrap();
         let image: Vec<u8> = (0..700_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
         let mut staging = stager.start().unwrap();
         let mut most_waiting = 0;
