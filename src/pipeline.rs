@@ -29,7 +29,7 @@ use crate::ledger::Ledger;
 use crate::ledger::record::{self as usage, UsageRecord};
 use crate::limits::{Demand, Limiter, Permit, Usage};
 use crate::pricing::{Ask, Prices, Unpriced};
-use crate::rehost::{Origin, Plan, Rehosted, Rehoster};
+use crate::rehost::{Origin, Plan, Rehosted, Rehoster, Spill};
 use crate::upstream::{Attribution, Reading, ReplyBody, Split, Upstream as _, UpstreamReply, Upstreams};
 use crate::wire::{AnswerFacts, headers};
 
@@ -748,7 +748,8 @@ impl ImagesService {
             return Err(e);
         };
         // An answer whose images become links is read with its base64 decoded as it arrives, not held.
-        let reading = call.plan.as_ref().map_or(Reading::Whole, Plan::reading);
+        // Where the local disk stores them, each image goes to a staging file as it is decoded (`spill`).
+        let (reading, spill) = call.plan.as_ref().map_or((Reading::Whole, None), |plan| self.rehoster.reading(plan));
         let (reply, facts) = match upstream.send(request, &attribution, reading).await {
             Ok(reply) => {
                 let mut facts = facts_of(&reply);
@@ -777,7 +778,7 @@ impl ImagesService {
         }
         // Boxed: its state (the re-hosting of the answer) is no part of the future a request holds while it
         // waits on the upstream.
-        Box::pin(self.rehost(call, plan, reply, record, facts)).await
+        Box::pin(self.rehost(call, plan, reply, spill.as_deref(), record, facts)).await
     }
 
     /// Step 6: re-host a successful answer according to `plan`; a failure is booked here.
@@ -786,6 +787,7 @@ impl ImagesService {
         call: &Call,
         plan: &Plan,
         reply: UpstreamReply,
+        spill: Option<&Spill>,
         record: UsageRecord,
         facts: Option<AnswerFacts>,
     ) -> Result<(UpstreamReply, UsageRecord, Option<AnswerFacts>), ApiError> {
@@ -798,7 +800,7 @@ impl ImagesService {
         };
         let origin = Origin { tenant_id: &tenant.id, model: &call.model, request_id: &call.meta.request_id };
         // The body goes to re-hosting, which frees it once its images are decoded.
-        match self.rehoster.apply(plan, answer, origin).await {
+        match self.rehoster.apply(plan, answer, spill, origin).await {
             Ok(Rehosted::Unchanged(body)) => {
                 Ok((UpstreamReply { status, headers, body: ReplyBody::Full(body) }, record, facts))
             }

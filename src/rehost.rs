@@ -13,6 +13,7 @@ mod answer;
 mod chain;
 pub mod fetch;
 pub mod links;
+mod spill;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +27,10 @@ use serde_json::Value;
 use self::answer::{Answer, Field, Item};
 use self::fetch::{FetchError, Fetcher};
 use self::links::LinkSigner;
+pub use self::spill::Spill;
 use crate::config::ImagesSettings;
 use crate::domain::{DownloadFallback, ResponseFormat, Tenant};
-use crate::images::answer::split::{Decoded, ImageDecoder, Split};
+use crate::images::answer::split::{Decoded, Image, ImageDecoder, Split};
 use crate::images::models::Model;
 use crate::images::request::ImageRequest;
 use crate::metrics::Metrics;
@@ -91,10 +93,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// How the answer should be read: with its base64 decoded as it arrives when its images become links,
-    /// so that an answer holds its images and not their text besides (docs/performance.md).
-    pub fn reading(&self) -> Reading {
-        if self.rewrite && self.want == Some(ResponseFormat::Url) { Reading::DecodingImages } else { Reading::Whole }
+    /// Whether the answer is read with its base64 decoded as it arrives: when its images become links, so
+    /// that an answer holds its images and not their text besides (docs/performance.md).
+    pub fn decodes_images(&self) -> bool {
+        self.rewrite && self.want == Some(ResponseFormat::Url)
     }
 }
 
@@ -123,6 +125,22 @@ impl Rehoster {
         let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
         let decodes = Arc::new(tokio::sync::Semaphore::new(cpus));
         Self { store, fetcher, links, settings, metrics: None, decodes }
+    }
+
+    /// How the upstream should read the answer for `plan`, and the sink its images go to as they are decoded
+    /// (staging files) when they are stored on local disk; it is handed to [`Rehoster::apply`] with the answer.
+    pub fn reading(&self, plan: &Plan) -> (Reading, Option<Arc<Spill>>) {
+        if !plan.decodes_images() {
+            return (Reading::Whole, None);
+        }
+        match self.store.stager() {
+            Some(stager) => {
+                let spill = Arc::new(Spill::new(stager.clone()));
+                (Reading::DecodingImages(Some(spill.clone())), Some(spill))
+            }
+            // S3: an object is written whole, so the image is decoded into memory.
+            None => (Reading::DecodingImages(None), None),
+        }
     }
 
     /// Count re-hosted images, their bytes and the time each answer took in `metrics`.
@@ -208,14 +226,21 @@ impl Rehoster {
     ///
     /// `answer` is the body with the images already decoded from it as it arrived
     /// ([`Plan::reading`]: their text is `""` in the body), or the whole body with none ([`Split::whole`]),
-    /// whose base64 is then decoded here.
+    /// whose base64 is then decoded here. `spill` is the sink of [`Rehoster::reading`], which holds the images
+    /// decoded to staging files.
     ///
     /// The body is taken by value: once the images' jobs are taken out of it, this function holds it only
     /// through their base64 text (slices of it), so a GPT answer's megabytes are freed as soon as its image is
     /// decoded, not after the image has been stored. Under load, answers wait their turn to be stored, and
     /// each would otherwise hold its base64 and its decoded image together (docs/performance.md).
     #[tracing::instrument(name = "rehost", level = "debug", skip_all)]
-    pub async fn apply(&self, plan: &Plan, answer: Split, origin: Origin<'_>) -> Result<Rehosted, RehostError> {
+    pub async fn apply(
+        &self,
+        plan: &Plan,
+        answer: Split,
+        spill: Option<&Spill>,
+        origin: Origin<'_>,
+    ) -> Result<Rehosted, RehostError> {
         let Split { skeleton: body, images: mut decoded } = answer;
         // A body whose images' text was left out must not go on as it is.
         let split = !decoded.is_empty();
@@ -238,7 +263,7 @@ impl Rehoster {
         let mut answer = answer.into_owned();
         drop(body);
         let started = std::time::Instant::now();
-        let result = self.rewrite(jobs, &mut answer, plan, origin).await;
+        let result = self.rewrite(jobs, &mut answer, plan, spill, origin).await;
         if let Some(m) = &self.metrics {
             let (images, bytes) = match &result {
                 Ok(stored) => (stored.len() as u64, stored.iter().map(|i| i.bytes).sum()),
@@ -256,13 +281,14 @@ impl Rehoster {
         jobs: Vec<(usize, Job)>,
         answer: &mut Answer<'_>,
         plan: &Plan,
+        spill: Option<&Spill>,
         origin: Origin<'_>,
     ) -> Result<Vec<StoredImage>, RehostError> {
         let concurrency = self.settings.download.concurrency;
         // Every image is fetched (or decoded) before any is stored: one that fails fails the answer, which must
         // then leave nothing behind, and nothing was written yet.
         let obtained: Vec<(usize, Obtained)> = futures::stream::iter(jobs)
-            .map(|(i, job)| async move { self.obtain(i, job, plan).await.map(|o| (i, o)) })
+            .map(|(i, job)| async move { self.obtain(i, job, plan, spill).await.map(|o| (i, o)) })
             .buffer_unordered(concurrency)
             .try_collect()
             .await?;
@@ -303,7 +329,13 @@ impl Rehoster {
 
     /// One image's bytes: downloaded or decoded. A failed download with the pass-through fallback gives the
     /// fields to answer with instead.
-    async fn obtain(&self, index: usize, job: Job, plan: &Plan) -> Result<Obtained, RehostError> {
+    async fn obtain(
+        &self,
+        index: usize,
+        job: Job,
+        plan: &Plan,
+        spill: Option<&Spill>,
+    ) -> Result<Obtained, RehostError> {
         match job {
             Job::Download(url) => match self.download(&url, plan).await {
                 Ok(obtained) => Ok(obtained),
@@ -327,7 +359,19 @@ impl Rehoster {
                 .map_err(|e| RehostError::Encode(e.to_string()))?;
                 Self::decoded(index, decoded)
             }
-            Job::Decoded(decoded) => Self::decoded(index, decoded),
+            Job::Decoded(None) => Err(RehostError::BadBase64 { index }),
+            Job::Decoded(Some(Image::Decoded(decoded))) => Self::decoded(index, Some(decoded)),
+            Job::Decoded(Some(Image::Spilled { slot, sha256 })) => {
+                // Only a splitter given `spill` spills; without it there is nothing to finish.
+                let Some(spill) = spill else { return Err(RehostError::Unreadable) };
+                let staged = spill.finish(slot, sha256).await.map_err(RehostError::Store)?;
+                match staged {
+                    Some(staged) if crate::images::imageinfo::sniff(&staged.head).is_some() => {
+                        Ok(Obtained::Staged(staged))
+                    }
+                    _ => Err(RehostError::NotAnImage { index }),
+                }
+            }
         }
     }
 
@@ -424,7 +468,7 @@ enum Job {
     /// escapes.
     Decode(Bytes),
     /// The image, decoded as the answer arrived (`None`: its text was not base64).
-    Decoded(Option<Decoded>),
+    Decoded(Option<Image>),
 }
 
 impl Job {
@@ -436,7 +480,7 @@ impl Job {
         index: usize,
         want: Option<ResponseFormat>,
         body: &Bytes,
-        decoded: &mut Vec<(usize, Option<Decoded>)>,
+        decoded: &mut Vec<(usize, Option<Image>)>,
     ) -> Option<Self> {
         if let Some(Field::Text(url)) = item.get_mut("url") {
             return Some(Self::Download(std::mem::take(url).into_owned()));
@@ -607,7 +651,8 @@ mod tests {
         let body = Bytes::from_owner(Tracked(answer.into_bytes(), body_freed.clone()));
         let origin = Origin { tenant_id: "t1", model: "gpt-image-1", request_id: "req_1" };
 
-        let Rehosted::Rewritten(rewritten) = rehoster.apply(&plan, Split::whole(body), origin).await.unwrap() else {
+        let Rehosted::Rewritten(rewritten) = rehoster.apply(&plan, Split::whole(body), None, origin).await.unwrap()
+        else {
             panic!("a base64 answer asked as links is rewritten")
         };
         let rewritten: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();
@@ -627,13 +672,16 @@ mod tests {
         let image = crate::images::answer::split::Decoded { sha256: sha2::Sha256::digest(&png).into(), bytes: png };
         let origin = Origin { tenant_id: "t1", model: "gpt-image-1", request_id: "req_1" };
         for skeleton in [&br#"{"data":[{"b64_json":""}"#[..], br#"{"data":{"b64_json":""}}"#, br#"[1]"#] {
-            let split = Split { skeleton: Bytes::from_static(skeleton), images: vec![(0, Some(image.clone()))] };
-            let result = rehoster.apply(&plan, split, origin).await;
+            let split = Split {
+                skeleton: Bytes::from_static(skeleton),
+                images: vec![(0, Some(Image::Decoded(image.clone())))],
+            };
+            let result = rehoster.apply(&plan, split, None, origin).await;
             assert!(matches!(result, Err(RehostError::Unreadable)), "{result:?}");
         }
         // Read whole, the same bodies pass as they came (nothing was taken out of them).
         let whole = Split::whole(Bytes::from_static(br#"[1]"#));
-        assert!(matches!(rehoster.apply(&plan, whole, origin).await, Ok(Rehosted::Unchanged(_))));
+        assert!(matches!(rehoster.apply(&plan, whole, None, origin).await, Ok(Rehosted::Unchanged(_))));
     }
 
     #[test]

@@ -53,13 +53,32 @@ pub struct UpstreamReply {
 }
 
 /// How a successful whole answer is wanted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Reading {
     /// As it came.
     Whole,
     /// With the base64 of its `data[].b64_json` images decoded as it arrives, not held
-    /// ([`ReplyBody::Split`]): re-hosting wants the images as links.
-    DecodingImages,
+    /// ([`ReplyBody::Split`]): re-hosting wants the images as links. With a sink, each image goes to it block
+    /// by block as it is decoded ([`Image::Spilled`](crate::images::answer::split::Image)) and is never whole
+    /// in memory; without, each is decoded into memory.
+    DecodingImages(Option<Arc<dyn ImageSink>>),
+}
+
+impl std::fmt::Debug for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Whole => f.write_str("Whole"),
+            Self::DecodingImages(sink) => write!(f, "DecodingImages(sink: {})", sink.is_some()),
+        }
+    }
+}
+
+/// Where the images of an answer read with [`Reading::DecodingImages`] go as they are decoded: re-hosting's
+/// staging files on disk. Implemented above this layer; the upstream only hands the blocks on.
+pub trait ImageSink: Send + Sync {
+    /// The next decoded bytes of the image in `slot` (the splitter's numbering). A failure is the sink's to
+    /// keep and report when the image is finished; the answer is read on regardless (it is paid for).
+    fn write(&self, slot: usize, block: Bytes) -> BoxFuture<'_, ()>;
 }
 
 /// A whole body, or an SSE stream passed on chunk by chunk.

@@ -71,9 +71,19 @@ impl Stager {
     /// A new staging file, written on blocking threads as chunks are handed to it. The file is made here (one
     /// `open`), so that dropping the [`Staging`] removes it at once, whatever its writer is doing.
     pub fn start(&self) -> Result<Staging, StoreError> {
+        self.begin(Some(Sha256::new()))
+    }
+
+    /// A new staging file for bytes whose SHA-256 the caller computes as it produces them (a decoder that has
+    /// them in its cache): the writer only writes, and [`Staging::finish_hashed`] takes the hash.
+    pub fn start_unhashed(&self) -> Result<Staging, StoreError> {
+        self.begin(None)
+    }
+
+    fn begin(&self, hasher: Option<Sha256>) -> Result<Staging, StoreError> {
         let (file, staged) = create(&self.dir).map_err(StoreError::Staging)?;
         Ok(Staging {
-            writer: Writer::Idle(Box::new((file, Sha256::new()))),
+            writer: Writer::Idle(Box::new((file, hasher))),
             waiting: Vec::new(),
             small: BytesMut::new(),
             waiting_bytes: 0,
@@ -123,8 +133,9 @@ pub struct Staging {
     file: StagedFile,
 }
 
-/// The open file and the hash of what was written to it: here between batches, on a blocking thread during one.
-type Sink = Box<(std::fs::File, Sha256)>;
+/// The open file and the hash of what was written to it (unless the caller hashes): here between batches, on a
+/// blocking thread during one.
+type Sink = Box<(std::fs::File, Option<Sha256>)>;
 
 enum Writer {
     Idle(Sink),
@@ -164,7 +175,16 @@ impl Staging {
     }
 
     /// Every chunk is on disk: the staged image.
-    pub async fn finish(mut self) -> Result<Staged, StoreError> {
+    pub async fn finish(self) -> Result<Staged, StoreError> {
+        self.finish_as(None).await
+    }
+
+    /// [`Staging::finish`] for a file of [`Stager::start_unhashed`], whose bytes' SHA-256 is `sha256`.
+    pub async fn finish_hashed(self, sha256: [u8; 32]) -> Result<Staged, StoreError> {
+        self.finish_as(Some(sha256)).await
+    }
+
+    async fn finish_as(mut self, sha256: Option<[u8; 32]>) -> Result<Staged, StoreError> {
         self.settle().await?;
         if self.waiting_bytes > 0 {
             self.flush();
@@ -174,7 +194,10 @@ impl Staging {
             return Err(StoreError::Task("the staging writer was lost".to_owned()));
         };
         let (_, hasher) = *sink;
-        Ok(Staged { file: self.file, len: self.len, sha256: hasher.finalize().into(), head: self.head.freeze() })
+        let Some(sha256) = sha256.or_else(|| hasher.map(|h| h.finalize().into())) else {
+            return Err(StoreError::Task("a staged image without its SHA-256".to_owned()));
+        };
+        Ok(Staged { file: self.file, len: self.len, sha256, head: self.head.freeze() })
     }
 
     /// Queue what is gathered in `small`.
@@ -193,7 +216,9 @@ impl Staging {
         self.writer = Writer::Writing(tokio::task::spawn_blocking(move || {
             let mut sink = sink;
             let (file, hasher) = &mut *sink;
-            batch.iter().for_each(|chunk| hasher.update(chunk));
+            if let Some(hasher) = hasher {
+                batch.iter().for_each(|chunk| hasher.update(chunk));
+            }
             write_all_vectored(file, &batch)?;
             Ok(sink)
         }));

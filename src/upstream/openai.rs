@@ -381,9 +381,10 @@ async fn read_capped(mut body: ResponseBody, limit: u64, reading: Reading) -> Re
     // The declared length (within the limit) is reserved at once: the answer is copied once, not again each
     // time a growing buffer doubles.
     let declared = declared.map(|n| usize::try_from(n).unwrap_or(0));
-    let mut out = match reading {
-        Reading::Whole => Collected::Whole(bytes::BytesMut::with_capacity(declared.unwrap_or(0))),
-        Reading::DecodingImages => Collected::Split(Box::new(Splitter::new(declared))),
+    let (mut out, sink) = match reading {
+        Reading::Whole => (Collected::Whole(bytes::BytesMut::with_capacity(declared.unwrap_or(0))), None),
+        Reading::DecodingImages(None) => (Collected::Split(Box::new(Splitter::new(declared))), None),
+        Reading::DecodingImages(Some(sink)) => (Collected::Split(Box::new(Splitter::spilling(declared))), Some(sink)),
     };
     let mut read = 0u64;
     while let Some(frame) = body.frame().await {
@@ -397,7 +398,17 @@ async fn read_capped(mut body: ResponseBody, limit: u64, reading: Reading) -> Re
             Collected::Whole(whole) => whole.extend_from_slice(&chunk),
             // Decoded here, chunk by chunk as it arrives: tens of microseconds a chunk, where the whole
             // answer's decode at once was milliseconds, and an answer holds its image only.
-            Collected::Split(splitter) => splitter.feed(&chunk),
+            Collected::Split(splitter) => {
+                splitter.feed(&chunk);
+                // Spilling: the decoded blocks go on to the sink (a staging file) as they are decoded. Its
+                // writer keeps up or, a megabyte behind, makes this wait: the answer is then read more slowly,
+                // not held.
+                if let Some(sink) = &sink {
+                    for (slot, block) in splitter.take_spilled() {
+                        sink.write(slot, block).await;
+                    }
+                }
+            }
         }
     }
     Ok(match out {
@@ -471,6 +482,7 @@ mod tests {
 
     use super::*;
     use crate::config::Secret;
+    use crate::images::answer::split::Image;
 
     /// An HTTP/2-only TLS upstream that refuses the first `refusals` streams with `REFUSED_STREAM` and
     /// answers the others 200 with an empty image list; counts the streams opened.
@@ -574,16 +586,58 @@ mod tests {
         };
         let upstream = OpenAiUpstream::new(&settings).unwrap();
 
-        let reply = upstream.send(&generation(), &Attribution::default(), Reading::DecodingImages).await.unwrap();
+        let reply = upstream.send(&generation(), &Attribution::default(), Reading::DecodingImages(None)).await.unwrap();
         let ReplyBody::Split(split) = reply.body else { panic!("an answer with images is split: {reply:?}") };
         assert_eq!(split.skeleton, &br#"{"created":1,"data":[{"b64_json":""}],"usage":{"total_tokens":9}}"#[..]);
-        let [(0, Some(decoded))] = split.images.as_slice() else { panic!("one image: {:?}", split.images) };
+        let [(0, Some(Image::Decoded(decoded)))] = split.images.as_slice() else {
+            panic!("one image: {:?}", split.images)
+        };
         assert_eq!(decoded.bytes, image);
 
         // Read whole, the same answer is the bytes that came.
         let reply = upstream.send(&generation(), &Attribution::default(), Reading::Whole).await.unwrap();
         let ReplyBody::Full(body) = reply.body else { panic!("a whole answer") };
         assert_eq!(body, answer.as_bytes());
+    }
+
+    /// Collects what it is handed, by slot.
+    #[derive(Default)]
+    struct Collecting(std::sync::Mutex<Vec<(usize, Bytes)>>);
+
+    impl crate::upstream::ImageSink for Collecting {
+        fn write(&self, slot: usize, block: Bytes) -> BoxFuture<'_, ()> {
+            self.0.lock().unwrap().push((slot, block));
+            Box::pin(async {})
+        }
+    }
+
+    /// With a sink, the images go to it as they are decoded and the answer holds none of them.
+    #[tokio::test]
+    async fn an_answer_read_into_a_sink_hands_each_image_on_in_blocks_and_keeps_none() {
+        let images: [Vec<u8>; 2] = [0, 1].map(|n| (0..700_000u32).map(|i| (i * 7 % 251) as u8 ^ n).collect());
+        let [one, two] = images.each_ref().map(|i| base64::engine::general_purpose::STANDARD.encode(i));
+        let answer = format!(r#"{{"created":1,"data":[{{"b64_json":"{one}"}},{{"b64_json":"{two}"}}]}}"#);
+        let port = answering_upstream(answer.into_bytes()).await;
+        let settings = UpstreamSettings {
+            base_url: Url::parse(&format!("http://127.0.0.1:{port}/v1")).unwrap(),
+            api_key: Some(Secret::new("sk-test")),
+            ..UpstreamSettings::default()
+        };
+        let upstream = OpenAiUpstream::new(&settings).unwrap();
+        let sink = Arc::new(Collecting::default());
+
+        let reading = Reading::DecodingImages(Some(sink.clone()));
+        let reply = upstream.send(&generation(), &Attribution::default(), reading).await.unwrap();
+        let ReplyBody::Split(split) = reply.body else { panic!("an answer with images is split: {reply:?}") };
+        let sha = |i: &Vec<u8>| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(i).into() };
+        let expected = [0, 1].map(|slot| (slot, Some(Image::Spilled { slot, sha256: sha(&images[slot]) })));
+        assert_eq!(split.images, expected);
+        let blocks = std::mem::take(&mut *sink.0.lock().unwrap());
+        assert!(blocks.len() >= 8, "700 KB images come in blocks, not whole: {} blocks", blocks.len());
+        for (slot, image) in images.iter().enumerate() {
+            let got: Vec<u8> = blocks.iter().filter(|(s, _)| *s == slot).flat_map(|(_, b)| b.to_vec()).collect();
+            assert!(got == *image, "image {slot}: {} bytes handed on", got.len());
+        }
     }
 
     #[tokio::test]

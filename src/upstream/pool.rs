@@ -416,7 +416,7 @@ impl Pool {
             };
             tried[i] = true;
             let deployment = self.deployments[i].clone();
-            let outcome = self.attempt(&deployment, request, attribution, reading, slot).await;
+            let outcome = self.attempt(&deployment, request, attribution, reading.clone(), slot).await;
             match outcome {
                 Ok(Attempt::Done(mut reply)) => {
                     mark(&mut reply, deployment.name());

@@ -136,6 +136,73 @@ async fn gpt_base64_arriving_in_small_pieces_is_stored_exactly_and_held_to_n() {
     assert_eq!(rows[0]["images_returned"], 1, "{rows:?}");
 }
 
+/// The bytes in the gateway's staging files (images on their way to disk).
+fn staged_bytes(app: &TestApp) -> u64 {
+    let dir = app.data_dir.path().join("images").join(".staging");
+    std::fs::read_dir(dir)
+        .map_or(0, |entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+}
+
+/// A GPT image asked as a link goes to disk as its answer arrives: half the answer in, the gateway has written
+/// part of the image to a staging file, not held it all in memory until the end; the link then serves the
+/// upstream's image exactly, and no staging file is left.
+#[tokio::test]
+async fn a_gpt_image_is_written_to_disk_while_its_answer_is_still_arriving() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let prompt = "a crowded market #side=1000 #stall";
+    let made = crate::support::fake_openai::render_image_sized(prompt, 3, false, "png", 1000);
+    assert!(made.len() > 1_000_000, "an image of {} bytes is too small to see it staged", made.len());
+
+    let request = json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"});
+    let sent = tokio::spawn({
+        let app_client = app.client.clone();
+        let (url, key) = (format!("{}/images/generations", app.base_url), app.key.clone());
+        async move { app_client.post(url).bearer_auth(key).json(&request).send().await.unwrap() }
+    });
+    // The fake holds the second half of its answer for two seconds.
+    let deadline = std::time::Instant::now() + crate::support::fake_openai::STALL;
+    let mut staged = 0;
+    while staged == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        staged = staged_bytes(&app);
+    }
+    assert!(staged > 0, "half the answer in, nothing of its image was on disk");
+    assert!(staged < made.len() as u64, "{staged} bytes staged of {}", made.len());
+
+    let res = sent.await.unwrap();
+    assert_eq!(res.status(), 200);
+    let links = links_of(res).await;
+    let bytes = app.client.get(&links[0]).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256(&bytes), sha256(&made), "the stored image is the upstream's, byte for byte");
+    // Its content address is the SHA-256 of those bytes (the decoder's hash, handed to the store).
+    use sqlx::Row as _;
+    let pool = sqlx::AnyPool::connect(&app.database_url).await.unwrap();
+    let blob = sqlx::query("SELECT sha256 FROM image_blobs").fetch_one(&pool).await.unwrap();
+    assert_eq!(blob.try_get::<String, _>("sha256").unwrap(), sha256(&made));
+    assert_eq!(staged_bytes(&app), 0, "the staging file was moved into place");
+    assert_eq!((fake.calls().len(), images_rows(&app).await), (1, 1));
+}
+
+/// A GPT answer cut off in the middle of its image: the call failed upstream and is billed as such, nothing is
+/// stored, and the half-written staging file is removed.
+#[tokio::test]
+async fn a_gpt_answer_cut_off_mid_image_stores_nothing_and_leaves_no_staging_file() {
+    let fake = FakeOpenAi::start().await;
+    let app = TestApp::spawn(&fake.url).await;
+    let prompt = "a crowded market #side=1000 #cut";
+
+    let res = app
+        .post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"}))
+        .await;
+
+    let (status, _) = error_of(res).await;
+    assert_eq!(status, 502);
+    assert_eq!(fake.calls().len(), 1);
+    assert_eq!(app.usage_rows(1).await.len(), 1, "the broken call is in the ledger");
+    assert_eq!((images_rows(&app).await, stored_files(&app)), (0, 0), "nothing stored, no staging file left");
+}
+
 #[tokio::test]
 async fn formats_follow_the_request_then_the_tenant_then_the_deployment_then_the_model() {
     let fake = FakeOpenAi::start().await;

@@ -34,7 +34,9 @@
 //!   its `content-length` declared; the bytes the gateway pulled are in [`FakeOpenAi::huge_bytes_sent`];
 //! - `#items=N`: answer exactly N images, whatever `n` asked (a broken upstream);
 //! - `#sse_error_first`: streams send `event: error` before any image event, then end;
-//! - `#reset_body`: the status, headers and the first bytes of a JSON body go out, then the connection is aborted.
+//! - `#reset_body`: the status, headers and the first bytes of a JSON body go out, then the connection is aborted;
+//! - `#stall`: the first half of the answer goes out at once, the rest [`STALL`] later (chunked, no length);
+//! - `#cut`: the first half of the answer goes out, then the connection is aborted.
 //!
 //! [`FakeOptions::triggers`] adds trigger words to every call of one fake (so deployments of a pool, sent the
 //! same prompt, can misbehave differently), and [`FakeOptions::azure`] makes the fake an Azure OpenAI resource.
@@ -69,6 +71,9 @@ pub const RATE_LIMIT_REQUESTS: usize = 500;
 pub const INPUT_IMAGE_TOKENS: u64 = 323;
 /// Extra output tokens the fake charges per streamed partial image.
 pub const PARTIAL_IMAGE_TOKENS: u64 = 100;
+/// How long `#stall` holds the second half of an answer.
+pub const STALL: Duration = Duration::from_secs(2);
+
 /// Minimum pause between the partial event of a `#drop` stream and the abort, so the event reliably goes out first.
 const DROP_DELAY: Duration = Duration::from_millis(100);
 
@@ -718,6 +723,14 @@ struct Triggers {
     items: Option<u64>,
     /// `#trickle=N`: the body in chunks of N bytes, without a length.
     trickle: Option<u64>,
+    /// `#stall` / `#cut`: half the body, then the rest later / an abort.
+    halves: Option<Halves>,
+}
+
+#[derive(Clone, Copy)]
+enum Halves {
+    Stall,
+    Cut,
 }
 
 impl Triggers {
@@ -742,6 +755,13 @@ impl Triggers {
                 .or_else(|| number_after(text, "#huge=").map(|m| (m, false))),
             items: number_after(text, "#items="),
             trickle: number_after(text, "#trickle="),
+            halves: if text.contains("#stall") {
+                Some(Halves::Stall)
+            } else if text.contains("#cut") {
+                Some(Halves::Cut)
+            } else {
+                None
+            },
         }
     }
 }
@@ -902,6 +922,9 @@ async fn handle(inner: &Inner, method: &Method, call: &RecordedCall, body_error:
     }
     if let Some(size) = triggers.trickle {
         return trickle_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), size).await;
+    }
+    if let Some(halves) = triggers.halves {
+        return halve_body(answer(inner, &params, endpoint, &model, &prompt, &triggers), halves).await;
     }
     answer(inner, &params, endpoint, &model, &prompt, &triggers)
 }
@@ -1088,6 +1111,29 @@ async fn delay_body(response: Response, delay: Duration) -> Response {
         Ok::<_, std::io::Error>(bytes)
     });
     Response::from_parts(parts, Body::from_stream(later))
+}
+
+/// Send the first half of `response`'s body now, and the rest after [`STALL`] or never (the connection is
+/// aborted), with no `content-length`.
+async fn halve_body(response: Response, halves: Halves) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let (first, rest) = (bytes.slice(..bytes.len() / 2), bytes.slice(bytes.len() / 2..));
+    let later = futures::stream::once(async move {
+        match halves {
+            Halves::Stall => {
+                tokio::time::sleep(STALL).await;
+                Ok(rest)
+            }
+            Halves::Cut => {
+                tokio::time::sleep(DROP_DELAY).await;
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "fake OpenAI reset (#cut)"))
+            }
+        }
+    });
+    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(later);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// Send `response`'s body in chunks of `size` bytes, each its own write, with no `content-length`.

@@ -20,11 +20,29 @@ use sha2::Digest as _;
 /// hashed while it is still in the CPU's cache.
 const BLOCK: usize = 64 * 1024;
 
+/// Decoded bytes a spilling decoder hands out at a time ([`Splitter::spilling`]): big enough that whoever
+/// takes them (a staging file's writer) queues each as it is instead of gathering small ones by copying.
+const SPILL_BLOCK: usize = 128 * 1024;
+
+/// A spilling decoder's buffer: a block, and room for the decode that passes it (no reallocation).
+const SPILL_CAPACITY: usize = SPILL_BLOCK + BLOCK / 4 * 3;
+
 /// One decoded image and its SHA-256 (the store's content address).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
     pub bytes: Bytes,
     pub sha256: [u8; 32],
+}
+
+/// One image of an answer read through a [`Splitter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    /// Decoded into memory, whole.
+    Decoded(Decoded),
+    /// Handed out block by block as it was decoded ([`Splitter::take_spilled`]), under `slot` (the splitter
+    /// numbers images in the order they begin; a repeated `data` or `b64_json` begins a new one); `sha256`
+    /// of all its blocks.
+    Spilled { slot: usize, sha256: [u8; 32] },
 }
 
 /// An answer read through a [`Splitter`].
@@ -36,7 +54,7 @@ pub struct Split {
     /// base64 (refused exactly as decoding it whole refuses it). When `data` came more than once, the images
     /// of the last one (a JSON reader keeps the last value of a repeated key); of an item's repeated
     /// `b64_json`, the last.
-    pub images: Vec<(usize, Option<Decoded>)>,
+    pub images: Vec<(usize, Option<Image>)>,
 }
 
 impl Split {
@@ -46,18 +64,53 @@ impl Split {
     }
 }
 
-/// Base64 decoded as it arrives, a block at a time, each block hashed as it is decoded.
+/// Base64 decoded as it arrives, a block at a time, each block hashed as it is decoded (while it is in the
+/// CPU's cache); spilling, handed out in blocks of [`SPILL_BLOCK`] as it is decoded instead of kept.
 pub struct ImageDecoder {
     staged: Vec<u8>,
     out: Vec<u8>,
     hasher: sha2::Sha256,
     bad: bool,
+    spill: bool,
+    /// Spilling: decoded blocks not yet taken.
+    ready: Vec<Bytes>,
 }
 
 impl ImageDecoder {
     /// A decoder whose image buffer is reserved for `bytes` (more is allocated if more comes).
     pub fn with_capacity(bytes: usize) -> Self {
-        Self { staged: Vec::new(), out: Vec::with_capacity(bytes), hasher: sha2::Sha256::new(), bad: false }
+        Self {
+            staged: Vec::new(),
+            out: Vec::with_capacity(bytes),
+            hasher: sha2::Sha256::new(),
+            bad: false,
+            spill: false,
+            ready: Vec::new(),
+        }
+    }
+
+    /// A decoder that hands its image out block by block ([`ImageDecoder::take_ready`]) instead of keeping it.
+    pub fn spilling() -> Self {
+        Self { spill: true, out: Vec::with_capacity(SPILL_CAPACITY), ..Self::with_capacity(0) }
+    }
+
+    /// Spilling: the blocks decoded since the last call.
+    pub fn take_ready(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Spilling: the text is over; the blocks not taken yet, the last one included, and the SHA-256 of the
+    /// whole image, or `None` when the text was not base64 (what was handed out already is then no image).
+    pub fn finish_spilled(mut self) -> Option<(Vec<Bytes>, [u8; 32])> {
+        let staged = std::mem::take(&mut self.staged);
+        self.decode(&staged, true);
+        if self.bad {
+            return None;
+        }
+        if !self.out.is_empty() {
+            self.ready.push(Bytes::from(self.out));
+        }
+        Some((self.ready, self.hasher.finalize().into()))
     }
 
     /// More base64 text. A block is decoded only once text after it is known to exist, so that padding
@@ -120,7 +173,13 @@ impl ImageDecoder {
         self.out.reserve(block.len() / 4 * 3);
         let start = self.out.len();
         match BASE64.decode_append(block, &mut self.out) {
-            Ok(()) => self.hasher.update(&self.out[start..]),
+            Ok(()) => {
+                self.hasher.update(&self.out[start..]);
+                if self.spill && self.out.len() >= SPILL_BLOCK {
+                    let full = std::mem::replace(&mut self.out, Vec::with_capacity(SPILL_CAPACITY));
+                    self.ready.push(Bytes::from(full));
+                }
+            }
             Err(_) => self.bad = true,
         }
     }
@@ -157,6 +216,8 @@ enum Lex {
 
 struct ImageText {
     index: usize,
+    /// Spilling: the image's slot ([`Image::Spilled`]).
+    slot: usize,
     decoder: ImageDecoder,
     escape: Escape,
 }
@@ -177,7 +238,10 @@ pub struct Splitter {
     /// Objects and arrays open beyond `frames`.
     deeper: usize,
     lex: Lex,
-    images: Vec<(usize, Option<Decoded>)>,
+    images: Vec<(usize, Option<Image>)>,
+    /// Spilling ([`Splitter::spilling`]): the images ended so far (the next one's slot: images do not nest),
+    /// and the blocks of ended ones not taken yet.
+    spill: Option<(usize, Vec<(usize, Bytes)>)>,
     /// The answer's declared length, if it declared one: the room reserved for an image is what is left of
     /// it after the image's opening quote.
     declared: Option<usize>,
@@ -194,9 +258,27 @@ impl Splitter {
             deeper: 0,
             lex: Lex::Between,
             images: Vec::new(),
+            spill: None,
             declared,
             read: 0,
         }
+    }
+
+    /// A splitter that hands each image out block by block as it is decoded ([`Splitter::take_spilled`]),
+    /// never holding more than a block of it: for images written to disk as the answer arrives.
+    pub fn spilling(declared: Option<usize>) -> Self {
+        Self { spill: Some((0, Vec::new())), ..Self::new(declared) }
+    }
+
+    /// Spilling: the blocks decoded since the last call, each with its image's slot, in order.
+    pub fn take_spilled(&mut self) -> Vec<(usize, Bytes)> {
+        let Some((_, ended)) = &mut self.spill else { return Vec::new() };
+        let mut blocks = std::mem::take(ended);
+        if let Lex::Image(image) = &mut self.lex {
+            let slot = image.slot;
+            blocks.extend(image.decoder.take_ready().into_iter().map(|block| (slot, block)));
+        }
+        blocks
     }
 
     /// The next bytes of the answer.
@@ -225,7 +307,12 @@ impl Splitter {
         // An answer cut off inside an image's text: what came of it is decoded (and, cut off, most likely
         // refused) so that the skeleton and the images still say where the text was.
         if let Lex::Image(image) = std::mem::replace(&mut self.lex, Lex::Between) {
-            self.end_image(*image);
+            if self.spill.is_some() {
+                // Its blocks can no longer be taken: refused, not handed on short.
+                self.set_image(image.index, None);
+            } else {
+                self.end_image(*image);
+            }
         }
         Split { skeleton: Bytes::from(self.skeleton), images: self.images }
     }
@@ -292,11 +379,11 @@ impl Splitter {
                 // as base64 decoded, a few hundred bytes over for the envelope that follows. (Less, and the
                 // image's buffer would double as it fills: twice the memory, and a copy.)
                 let room = self.declared.map_or(BLOCK, |d| d.saturating_sub(at) / 4 * 3);
-                Lex::Image(Box::new(ImageText {
-                    index: *index,
-                    decoder: ImageDecoder::with_capacity(room),
-                    escape: Escape::None,
-                }))
+                let (slot, decoder) = match &self.spill {
+                    Some((begun, _)) => (*begun, ImageDecoder::spilling()),
+                    None => (0, ImageDecoder::with_capacity(room)),
+                };
+                Lex::Image(Box::new(ImageText { index: *index, slot, decoder, escape: Escape::None }))
             }
             _ => Lex::Text { escaped: false },
         }
@@ -400,14 +487,29 @@ impl Splitter {
     }
 
     fn end_image(&mut self, image: ImageText) {
-        let ImageText { index, decoder, escape } = image;
-        let decoded = match escape {
-            Escape::None => decoder.finish(),
-            Escape::Backslash | Escape::Unicode { .. } => None,
+        let ImageText { index, slot, decoder, escape } = image;
+        let complete = matches!(escape, Escape::None);
+        let image = match &mut self.spill {
+            Some((begun, ended)) => {
+                *begun += 1;
+                match decoder.finish_spilled() {
+                    Some((rest, sha256)) if complete => {
+                        ended.extend(rest.into_iter().map(|block| (slot, block)));
+                        Some(Image::Spilled { slot, sha256 })
+                    }
+                    _ => None,
+                }
+            }
+            None if complete => decoder.finish().map(Image::Decoded),
+            None => None,
         };
+        self.set_image(index, image);
+    }
+
+    fn set_image(&mut self, index: usize, image: Option<Image>) {
         match self.images.iter_mut().find(|(i, _)| *i == index) {
-            Some(slot) => slot.1 = decoded,
-            None => self.images.push((index, decoded)),
+            Some(slot) => slot.1 = image,
+            None => self.images.push((index, image)),
         }
     }
 }
@@ -462,8 +564,11 @@ mod tests {
         splitter.finish()
     }
 
-    fn decoded(bytes: &[u8]) -> Option<Decoded> {
-        Some(Decoded { bytes: Bytes::copy_from_slice(bytes), sha256: sha2::Sha256::digest(bytes).into() })
+    fn decoded(bytes: &[u8]) -> Option<Image> {
+        Some(Image::Decoded(Decoded {
+            bytes: Bytes::copy_from_slice(bytes),
+            sha256: sha2::Sha256::digest(bytes).into(),
+        }))
     }
 
     #[test]
@@ -484,6 +589,66 @@ mod tests {
             assert_eq!(split.skeleton, serde_json::to_vec(&expected).unwrap(), "chunks of {chunk}");
             assert_eq!(split.images, vec![(0, decoded(&one)), (1, decoded(&two))], "chunks of {chunk}");
         }
+    }
+
+    /// Read spilling: the skeleton, the images, and the blocks handed out for each slot, joined.
+    fn spill(body: &[u8], chunk: usize) -> (Split, Vec<(usize, Vec<u8>)>) {
+        let mut splitter = Splitter::spilling(Some(body.len()));
+        let mut slots: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut take = |splitter: &mut Splitter| {
+            for (slot, block) in splitter.take_spilled() {
+                assert!(block.len() <= SPILL_CAPACITY, "a block of {} bytes", block.len());
+                match slots.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, bytes)) => bytes.extend_from_slice(&block),
+                    None => slots.push((slot, block.to_vec())),
+                }
+            }
+        };
+        for piece in body.chunks(chunk.max(1)) {
+            splitter.feed(piece);
+            take(&mut splitter);
+        }
+        (splitter.finish(), slots)
+    }
+
+    #[test]
+    fn spilling_hands_each_image_out_in_blocks_under_its_own_slot_and_keeps_none() {
+        let (one, two) = (image(1_000_000, 1), image(5, 2));
+        let body = format!(
+            r#"{{"data":[{{"b64_json":"{}","b64_json":"{}"}},{{"b64_json":"{}"}},{{"b64_json":"QU
+JD"}}]}}"#,
+            b64(b"replaced"),
+            b64(&one),
+            b64(&two)
+        )
+        .replace(
+            "QU
+JD", "QU\nJD",
+        );
+        for chunk in [1, 7, 4096, 65_536, body.len()] {
+            let (split, slots) = spill(body.as_bytes(), chunk);
+            assert_eq!(
+                split.skeleton,
+                &br#"{"data":[{"b64_json":"","b64_json":""},{"b64_json":""},{"b64_json":""}]}"#[..]
+            );
+            // A repeated `b64_json` begins a new slot; the last one counts. Bad text: no image.
+            let spilled =
+                |slot, bytes: &[u8]| Some(Image::Spilled { slot, sha256: sha2::Sha256::digest(bytes).into() });
+            assert_eq!(split.images, vec![(0, spilled(1, &one)), (1, spilled(2, &two)), (2, None)]);
+            let slot = |n: usize| slots.iter().find(|(s, _)| *s == n).map(|(_, b)| b.as_slice());
+            assert_eq!(slot(0), Some(&b"replaced"[..]), "chunks of {chunk}");
+            assert!(slot(1) == Some(&one[..]), "chunks of {chunk}: {:?} bytes", slot(1).map(<[u8]>::len));
+            assert_eq!(slot(2), Some(&two[..]), "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn spilling_refuses_an_image_whose_text_was_cut_off_or_not_base64() {
+        let text = b64(&image(300_000, 3));
+        let cut = format!(r#"{{"data":[{{"b64_json":"{}"#, &text[..200_000]);
+        assert_eq!(spill(cut.as_bytes(), 4096).0.images, vec![(0, None)]);
+        let bad = format!(r#"{{"data":[{{"b64_json":"{}=A{}"}}]}}"#, &text[..100_000], &text[100_002..]);
+        assert_eq!(spill(bad.as_bytes(), 4096).0.images, vec![(0, None)]);
     }
 
     #[test]
@@ -580,7 +745,7 @@ mod tests {
                 images.iter().map(|bytes| json!({"revised_prompt": prompt, "b64_json": b64(bytes)})).collect();
             let body = serde_json::to_vec(&json!({"created": 7, "data": items, "usage": {"n": [1, {"b64_json": "x"}]}})).unwrap();
             let split = read(&body, chunk);
-            let expected: Vec<(usize, Option<Decoded>)> =
+            let expected: Vec<(usize, Option<Image>)> =
                 images.iter().enumerate().map(|(i, bytes)| (i, decoded(bytes))).collect();
             prop_assert_eq!(&split.images, &expected);
             let mut skeleton: Value = serde_json::from_slice(&split.skeleton).unwrap();
