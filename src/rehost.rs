@@ -225,7 +225,7 @@ impl Rehoster {
     /// that need nothing done, come back unchanged.
     ///
     /// `answer` is the body with the images already decoded from it as it arrived
-    /// ([`Plan::reading`]: their text is `""` in the body), or the whole body with none ([`Split::whole`]),
+    /// ([`Rehoster::reading`]: their text is `""` in the body), or the whole body with none ([`Split::whole`]),
     /// whose base64 is then decoded here. `spill` is the sink of [`Rehoster::reading`], which holds the images
     /// decoded to staging files.
     ///

@@ -4,7 +4,8 @@
 //!
 //! Re-hosting a GPT image model's answer for a caller who asked for links needs the images, not their base64:
 //! read whole, 32 answers of 2.7 MB in flight held 2.7 MB of text each until their decode, and then the 2 MB
-//! image beside it (docs/performance.md). Read through a [`Splitter`], each holds its image only.
+//! image beside it (docs/performance.md). Read through a [`Splitter`], each holds its image only; through a
+//! spilling one ([`Splitter::spilling`]), a block of it, handed on to disk as it is decoded.
 //!
 //! The splitter recognises only what a plain reading of the answer names so: a string value under the key
 //! `b64_json` of an object that is an element of the array under the top-level key `data`, keys written
