@@ -60,3 +60,38 @@ impl ImageSink for Spill {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
+
+    use super::*;
+    use crate::config::{DatabaseSettings, StorageSettings};
+    use crate::db::Db;
+    use crate::storage::ImageStore;
+
+    /// A staging file that cannot be written fails its image when it is finished, and nothing else: the
+    /// answer's reading went on, and the other images are whole.
+    #[tokio::test]
+    async fn a_failed_staging_file_fails_only_its_image_when_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseSettings::default(), dir.path()).await.unwrap();
+        let settings = StorageSettings { data_dir: dir.path().to_path_buf(), ..StorageSettings::default() };
+        let store = ImageStore::open(&settings, db).unwrap();
+        let spill = Spill::new(store.stager().unwrap().clone());
+        spill.write(0, Bytes::from(vec![1u8; 300_000])).await;
+        // A file where the staging directory was: the next image's file cannot be made.
+        let staging = settings.images_dir().join(".staging");
+        std::fs::remove_dir_all(&staging).unwrap();
+        std::fs::write(&staging, b"in the way").unwrap();
+        spill.write(1, Bytes::from_static(b"more")).await;
+        spill.write(1, Bytes::from_static(b"more")).await;
+
+        let sha256 = [7u8; 32];
+        let first = spill.finish(0, sha256).await.unwrap().unwrap();
+        assert_eq!((first.len, first.sha256), (300_000, sha256), "the decoder's hash is the staged image's");
+        let failed = spill.finish(1, sha256).await;
+        assert!(matches!(failed, Err(StoreError::Staging(_))), "{failed:?}");
+        assert!(spill.finish(2, sha256).await.unwrap().is_none(), "an image never written has no file");
+    }
+}
