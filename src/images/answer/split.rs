@@ -72,9 +72,8 @@ pub struct ImageDecoder {
     out: Vec<u8>,
     hasher: sha2::Sha256,
     bad: bool,
-    spill: bool,
-    /// Spilling: decoded blocks not yet taken.
-    ready: Vec<Bytes>,
+    /// Spilling: the decoded blocks not yet taken (`None`: the image is kept whole in `out`).
+    ready: Option<Vec<Bytes>>,
 }
 
 impl ImageDecoder {
@@ -85,19 +84,18 @@ impl ImageDecoder {
             out: Vec::with_capacity(bytes),
             hasher: sha2::Sha256::new(),
             bad: false,
-            spill: false,
-            ready: Vec::new(),
+            ready: None,
         }
     }
 
     /// A decoder that hands its image out block by block ([`ImageDecoder::take_ready`]) instead of keeping it.
     pub fn spilling() -> Self {
-        Self { spill: true, out: Vec::with_capacity(SPILL_CAPACITY), ..Self::with_capacity(0) }
+        Self { ready: Some(Vec::new()), ..Self::with_capacity(SPILL_CAPACITY) }
     }
 
     /// Spilling: the blocks decoded since the last call.
     pub fn take_ready(&mut self) -> Vec<Bytes> {
-        std::mem::take(&mut self.ready)
+        self.ready.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Spilling: the text is over; the blocks not taken yet, the last one included, and the SHA-256 of the
@@ -108,10 +106,11 @@ impl ImageDecoder {
         if self.bad {
             return None;
         }
+        let mut ready = self.ready.unwrap_or_default();
         if !self.out.is_empty() {
-            self.ready.push(Bytes::from(self.out));
+            ready.push(Bytes::from(self.out));
         }
-        Some((self.ready, self.hasher.finalize().into()))
+        Some((ready, self.hasher.finalize().into()))
     }
 
     /// More base64 text. A block is decoded only once text after it is known to exist, so that padding
@@ -176,9 +175,11 @@ impl ImageDecoder {
         match BASE64.decode_append(block, &mut self.out) {
             Ok(()) => {
                 self.hasher.update(&self.out[start..]);
-                if self.spill && self.out.len() >= SPILL_BLOCK {
+                if let Some(ready) = &mut self.ready
+                    && self.out.len() >= SPILL_BLOCK
+                {
                     let full = std::mem::replace(&mut self.out, Vec::with_capacity(SPILL_CAPACITY));
-                    self.ready.push(Bytes::from(full));
+                    ready.push(Bytes::from(full));
                 }
             }
             Err(_) => self.bad = true,
@@ -376,13 +377,16 @@ impl Splitter {
                 Frame::Array { index },
                 Frame::Object { key: Key::B64Json, expect_key: false },
             ] => {
-                // Room for the image this text is, when the answer's length is known: the rest of the answer
-                // as base64 decoded, a few hundred bytes over for the envelope that follows. (Less, and the
-                // image's buffer would double as it fills: twice the memory, and a copy.)
-                let room = self.declared.map_or(BLOCK, |d| d.saturating_sub(at) / 4 * 3);
                 let (slot, decoder) = match &self.spill {
-                    Some((begun, _)) => (*begun, ImageDecoder::spilling()),
-                    None => (0, ImageDecoder::with_capacity(room)),
+                    // Spilling: a block at a time, whatever the image's size.
+                    Some((ended, _)) => (*ended, ImageDecoder::spilling()),
+                    // Room for the image this text is, when the answer's length is known: the rest of the
+                    // answer as base64 decoded, a few hundred bytes over for the envelope that follows. (Less,
+                    // and the image's buffer would double as it fills: twice the memory, and a copy.)
+                    None => {
+                        let room = self.declared.map_or(BLOCK, |d| d.saturating_sub(at) / 4 * 3);
+                        (0, ImageDecoder::with_capacity(room))
+                    }
                 };
                 Lex::Image(Box::new(ImageText { index: *index, slot, decoder, escape: Escape::None }))
             }
@@ -491,8 +495,8 @@ impl Splitter {
         let ImageText { index, slot, decoder, escape } = image;
         let complete = matches!(escape, Escape::None);
         let image = match &mut self.spill {
-            Some((begun, ended)) => {
-                *begun += 1;
+            Some((count, ended)) => {
+                *count += 1;
                 match decoder.finish_spilled() {
                     Some((rest, sha256)) if complete => {
                         ended.extend(rest.into_iter().map(|block| (slot, block)));
