@@ -28,10 +28,14 @@ fn on_origin(link: &str, root: &str) -> String {
 
 async fn images_rows(app: &TestApp) -> i64 {
     use sqlx::Row as _;
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&app.database_url).await.unwrap();
-    let row = sqlx::query("SELECT COUNT(*) AS n FROM images").fetch_one(&pool).await.unwrap();
+    let row = sqlx::query("SELECT COUNT(*) AS n FROM images").fetch_one(&app.pool().await).await.unwrap();
     row.try_get::<i64, _>("n").unwrap()
+}
+
+/// A GPT image model asked for a link.
+async fn gpt_as_link(app: &TestApp, prompt: &str) -> reqwest::Response {
+    app.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"}))
+        .await
 }
 
 fn stored_files(app: &TestApp) -> usize {
@@ -88,9 +92,7 @@ async fn gpt_models_answer_links_when_asked_and_the_upstream_never_sees_response
 
     let as_b64 = app.post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt})).await;
     let as_b64: Value = as_b64.json().await.unwrap();
-    let res = app
-        .post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"}))
-        .await;
+    let res = gpt_as_link(&app, prompt).await;
 
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
@@ -116,9 +118,7 @@ async fn gpt_base64_arriving_in_small_pieces_is_stored_exactly_and_held_to_n() {
     let app = TestApp::spawn(&fake.url).await;
     let prompt = "a harbour at dusk #side=300 #items=3 #trickle=1001";
 
-    let res = app
-        .post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"}))
-        .await;
+    let res = gpt_as_link(&app, prompt).await;
 
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
@@ -154,31 +154,27 @@ async fn a_gpt_image_is_written_to_disk_while_its_answer_is_still_arriving() {
     let made = crate::support::fake_openai::render_image_sized(prompt, 3, false, "png", 1000);
     assert!(made.len() > 1_000_000, "an image of {} bytes is too small to see it staged", made.len());
 
-    let request = json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"});
-    let sent = tokio::spawn({
-        let app_client = app.client.clone();
-        let (url, key) = (format!("{}/images/generations", app.base_url), app.key.clone());
-        async move { app_client.post(url).bearer_auth(key).json(&request).send().await.unwrap() }
-    });
-    // The fake holds the second half of its answer for two seconds.
-    let deadline = std::time::Instant::now() + crate::support::fake_openai::STALL;
-    let mut staged = 0;
-    while staged == 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        staged = staged_bytes(&app);
-    }
+    // The fake holds the second half of its answer for two seconds: look at the disk meanwhile.
+    let watch = async {
+        let deadline = std::time::Instant::now() + crate::support::fake_openai::STALL;
+        let mut staged = 0;
+        while staged == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            staged = staged_bytes(&app);
+        }
+        staged
+    };
+    let (res, staged) = tokio::join!(gpt_as_link(&app, prompt), watch);
     assert!(staged > 0, "half the answer in, nothing of its image was on disk");
     assert!(staged < made.len() as u64, "{staged} bytes staged of {}", made.len());
 
-    let res = sent.await.unwrap();
     assert_eq!(res.status(), 200);
     let links = links_of(res).await;
     let bytes = app.client.get(&links[0]).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(sha256(&bytes), sha256(&made), "the stored image is the upstream's, byte for byte");
     // Its content address is the SHA-256 of those bytes (the decoder's hash, handed to the store).
     use sqlx::Row as _;
-    let pool = sqlx::AnyPool::connect(&app.database_url).await.unwrap();
-    let blob = sqlx::query("SELECT sha256 FROM image_blobs").fetch_one(&pool).await.unwrap();
+    let blob = sqlx::query("SELECT sha256 FROM image_blobs").fetch_one(&app.pool().await).await.unwrap();
     assert_eq!(blob.try_get::<String, _>("sha256").unwrap(), sha256(&made));
     assert_eq!(staged_bytes(&app), 0, "the staging file was moved into place");
     assert_eq!((fake.calls().len(), images_rows(&app).await), (1, 1));
@@ -192,9 +188,7 @@ async fn a_gpt_answer_cut_off_mid_image_stores_nothing_and_leaves_no_staging_fil
     let app = TestApp::spawn(&fake.url).await;
     let prompt = "a crowded market #side=1000 #cut";
 
-    let res = app
-        .post_json("/images/generations", &json!({"model": "gpt-image-1", "prompt": prompt, "response_format": "url"}))
-        .await;
+    let res = gpt_as_link(&app, prompt).await;
 
     let (status, _) = error_of(res).await;
     assert_eq!(status, 502);
