@@ -26,6 +26,8 @@ pub enum Backend {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// The SQLite database's file (SQLite only), for the usage writer's own connection (`ledger::sqlite`).
+    sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -70,7 +72,21 @@ impl Db {
             .connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the {backend:?} database: {e}"))?;
-        let db = Self { pool, backend };
+        let sqlite_file = match backend {
+            Backend::Sqlite => Some(
+                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
+                    .map_err(|e| anyhow::anyhow!("database.url is not a SQLite URL: {e}"))?
+                    .get_filename()
+                    .to_owned(),
+            )
+            // In-memory databases (`sqlite::memory:`, `mode=memory`) are not files another connection can open.
+            .filter(|file| {
+                let name = file.to_string_lossy();
+                !name.starts_with("file:") && name != ":memory:"
+            }),
+            Backend::Postgres => None,
+        };
+        let db = Self { pool, backend, sqlite_file };
         if settings.migrate {
             MIGRATOR.run(&db.pool).await.map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
         }
@@ -83,6 +99,11 @@ impl Db {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The SQLite database's file; `None` on PostgreSQL.
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        self.sqlite_file.as_deref()
     }
 
     /// True when a trivial query answers (used by `/readyz`).
