@@ -1,9 +1,10 @@
 //! The replay window: an upstream call belongs to the gateway, not to the caller's socket, and an identical
 //! request that retries it attaches to that call (or its result) instead of paying for a second generation.
 //!
-//! [`ReplayWindow::run`] runs a call in a task of its own, so a caller that hangs up (or whose request the
-//! gateway times out) does not cancel it: it runs to its end, and whatever the call settles (images stored,
-//! usage booked) happens regardless. Its result stays in the window for `window` after the call ends. A later
+//! [`ReplayWindow::run`] runs a call so that a caller that hangs up (or whose request the gateway times out)
+//! does not cancel it: it runs to its end, and whatever the call settles (images stored, usage booked) happens
+//! regardless. While its caller waits, the call is polled in the caller's own task (no hand-over to another
+//! task and back per request); if the caller goes away first, the call moves to a task of its own ([`Driver`]). Its result stays in the window for `window` after the call ends. A later
 //! request with the same key (same tenant, same API key, same request) attaches to it when:
 //! - it says it is a retry (`x-stainless-retry-count` > 0, or an `Idempotency-Key`, which is part of the key), or
 //! - no caller received the result yet: every caller went away, or got an answer without its images (a gateway
@@ -128,6 +129,37 @@ impl<T> Clone for ReplayWindow<T> {
     }
 }
 
+/// The call of the caller that started it, polled in that caller's task while it waits. Dropped unfinished
+/// (the caller hung up, or its request timed out), it is spawned as a task of its own and runs to its end:
+/// the call's future is boxed, so it moves to the task as it stands, mid-way.
+struct Driver(Option<BoxFuture<'static, ()>>);
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Some(call) = self.0.as_mut() else { return std::task::Poll::Ready(()) };
+        std::task::ready!(call.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(())
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let Some(call) = self.0.take() else { return };
+        // Unwinding: the call may be what panicked, and a panicked future cannot be resumed. Its waiters then
+        // get no result, as when a call's task panicked.
+        if std::thread::panicking() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(call)),
+            Err(_) => tracing::error!("a call was left unfinished: its caller went away outside the runtime"),
+        }
+    }
+}
+
 /// A caller waiting on an entry; when it goes away without the result, the entry counts one waiter fewer.
 struct Waiting<T>(Arc<Entry<T>>);
 
@@ -161,14 +193,14 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
     }
 
     /// Answer a request: attach to an identical earlier request's call or result when the rules above allow,
-    /// else run `call` in a task of its own. `kept` classifies a finished result. Images a caller received
+    /// else run `call` (in the caller's task while it waits, in a task of its own after). `kept` classifies a finished result. Images a caller received
     /// leave the window at once (so it holds only what nobody got), unless `keep_delivered` (the request has an
     /// `Idempotency-Key`, whose repeats get the same answer for the whole window). `None` only when the call's
     /// task ended without a result (a panic, the runtime shutting down).
     ///
-    /// The decision is taken (and the call's task started) when `run` is called; the future returned only waits
-    /// for the result. An `async fn` would keep `call`, whole, in its own state for as long as its caller waits:
-    /// kilobytes per held request (docs/performance.md).
+    /// The decision is taken (and the call boxed) when `run` is called; the future returned drives the call (if
+    /// it is this caller's) and waits for the result. An `async fn` would keep `call`, whole, in its own state
+    /// beside the box for as long as its caller waits: kilobytes per held request (docs/performance.md).
     pub fn run<F>(
         &self,
         key: ReplayKey,
@@ -181,7 +213,7 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
         F: Future<Output = T> + Send + 'static,
     {
         let now = Instant::now();
-        let (entry, role) = {
+        let (entry, role, driver) = {
             let mut table = self.lock();
             let window = self.window;
             if now.duration_since(table.pruned) >= Duration::from_secs(1) {
@@ -194,21 +226,22 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
             match existing {
                 Some(entry) if self.may_attach(entry, says_retry) => {
                     entry.waiting.fetch_add(1, Ordering::SeqCst);
-                    (entry.clone(), Role::Attached)
+                    (entry.clone(), Role::Attached, Driver(None))
                 }
                 existing => {
-                    let entry = self.launch(call, kept, key);
+                    let (entry, driver) = self.launch(call, kept, key);
                     // A repeat while the first caller still waits runs on its own and is not kept (the first
                     // call stays the one retries find).
                     if existing.is_none() || existing.is_some_and(|e| e.ended().is_some()) {
                         entries.insert(key, entry.clone());
                     }
-                    (entry, Role::Ran)
+                    (entry, Role::Ran, driver)
                 }
             }
         };
         let waiting = Waiting(entry);
         async move {
+            driver.await;
             let result = waiting.0.result.clone().await;
             if let Some(result) = &result
                 && kept(result) == Kept::Images
@@ -234,8 +267,8 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
         }
     }
 
-    /// Start `call` in its own task; the entry (with one waiter: the caller) resolves to its result.
-    fn launch<F>(&self, call: F, kept: fn(&T) -> Kept, key: ReplayKey) -> Arc<Entry<T>>
+    /// The entry for `call` (with one waiter: the caller), which resolves to its result, and the call to drive.
+    fn launch<F>(&self, call: F, kept: fn(&T) -> Kept, key: ReplayKey) -> (Arc<Entry<T>>, Driver)
     where
         F: Future<Output = T> + Send + 'static,
     {
@@ -249,7 +282,7 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
         });
         let (this, ended) = (self.clone(), entry.clone());
         // `carry`: what the call learns (upstream, images) still reaches the request's access-log line.
-        tokio::spawn(crate::metrics::facts::carry(
+        let driver = Driver(Some(Box::pin(crate::metrics::facts::carry(
             async move {
                 let result = call.await;
                 let keep = kept(&result);
@@ -261,8 +294,8 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
                 let _ = tx.send(result);
             }
             .instrument(tracing::Span::current()),
-        ));
-        entry
+        ))));
+        (entry, driver)
     }
 }
 
