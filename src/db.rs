@@ -26,8 +26,6 @@ pub enum Backend {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
-    /// The SQLite database's file (SQLite only), for the usage writer's own connection (`ledger::sqlite`).
-    sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Db {
@@ -72,21 +70,7 @@ impl Db {
             .connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the {backend:?} database: {e}"))?;
-        let sqlite_file = match backend {
-            Backend::Sqlite => Some(
-                <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
-                    .map_err(|e| anyhow::anyhow!("database.url is not a SQLite URL: {e}"))?
-                    .get_filename()
-                    .to_owned(),
-            )
-            // In-memory databases (`sqlite::memory:`, `mode=memory`) are not files another connection can open.
-            .filter(|file| {
-                let name = file.to_string_lossy();
-                !name.starts_with("file:") && name != ":memory:"
-            }),
-            Backend::Postgres => None,
-        };
-        let db = Self { pool, backend, sqlite_file };
+        let db = Self { pool, backend };
         if settings.migrate {
             MIGRATOR.run(&db.pool).await.map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
         }
@@ -99,11 +83,6 @@ impl Db {
 
     pub fn backend(&self) -> Backend {
         self.backend
-    }
-
-    /// The SQLite database's file; `None` on PostgreSQL.
-    pub fn sqlite_file(&self) -> Option<&Path> {
-        self.sqlite_file.as_deref()
     }
 
     /// True when a trivial query answers (used by `/readyz`).

@@ -23,7 +23,6 @@ pub mod browse;
 pub mod record;
 pub mod report;
 pub mod rollup;
-mod sqlite;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +33,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use self::record::UsageRecord;
-use self::sqlite::SqliteLedger;
 use crate::config::UsageSettings;
 use crate::db::{Backend, Db};
 use crate::metrics::facts;
@@ -154,7 +152,7 @@ impl Ledger {
         let unwritten = Arc::new(Unwritten::default());
         let writer = Writer {
             unwritten: unwritten.clone(),
-            sink: Sink::for_db(db),
+            db,
             batch_size: settings.batch_size,
             interval: settings.flush_interval,
             shutdown_timeout: settings.shutdown_flush_timeout,
@@ -278,40 +276,13 @@ fn clean(text: &mut String, max_chars: usize, keep_breaks: bool) {
 
 /// What the writer task works with.
 struct Writer {
-    sink: Sink,
+    db: Db,
     unwritten: Arc<Unwritten>,
     batch_size: usize,
     interval: Duration,
     shutdown_timeout: Duration,
     counters: Arc<Counters>,
     metrics: Option<Arc<Metrics>>,
-}
-
-/// Where batches are written.
-enum Sink {
-    /// Through the pool's connections: PostgreSQL, and SQLite in memory.
-    Pool(Db),
-    /// A SQLite file, through the writer's own connection on a thread of its own (`sqlite`).
-    Sqlite(SqliteLedger),
-}
-
-impl Sink {
-    fn for_db(db: Db) -> Self {
-        let Some(file) = db.sqlite_file() else { return Self::Pool(db) };
-        match SqliteLedger::start(file.to_owned()) {
-            Ok(writer) => Self::Sqlite(writer),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the usage writer's SQLite thread; writing through the pool");
-                Self::Pool(db)
-            }
-        }
-    }
-
-    async fn close(self) {
-        if let Self::Sqlite(writer) = self {
-            writer.close().await;
-        }
-    }
 }
 
 /// Why a write did not complete.
@@ -372,7 +343,6 @@ impl Writer {
             }
         }
         self.drain(rx, batch).await;
-        self.sink.close().await;
     }
 
     /// Collect rows until the batch is full or `flush_interval` has passed since the first. Returns true when
@@ -477,21 +447,21 @@ impl Writer {
     /// Write `batch`. On success it is empty afterwards; on a transient failure (or the deadline) it holds the
     /// rows still to be written. Rows the database refuses on their own are logged, counted and removed.
     async fn write_batch(&self, batch: &mut Vec<UsageRecord>, deadline: Option<Instant>) -> Result<(), WriteError> {
-        match insert_until(&self.sink, batch, deadline).await {
+        match insert_until(&self.db, batch, deadline).await {
             Ok(()) => {
                 self.counters.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 batch.clear();
                 return Ok(());
             }
             Err(Attempt::Deadline) => return Err(WriteError::Deadline),
-            Err(Attempt::Failed { transient: true, error }) => return Err(WriteError::Transient(error)),
-            Err(Attempt::Failed { error, .. }) if batch.len() > 1 => {
-                tracing::warn!(error = %error, rows = batch.len(), "the database refused a usage batch; writing its rows one by one");
+            Err(Attempt::Failed(e)) if is_transient(&e, self.db.backend()) => {
+                return Err(WriteError::Transient(e.to_string()));
             }
-            Err(Attempt::Failed { error, .. }) => {
-                if let Some(row) = batch.first() {
-                    self.reject(row, &error);
-                }
+            Err(Attempt::Failed(e)) if batch.len() > 1 => {
+                tracing::warn!(error = %e, rows = batch.len(), "the database refused a usage batch; writing its rows one by one");
+            }
+            Err(Attempt::Failed(e)) => {
+                self.reject(&batch[0], &e);
                 batch.clear();
                 return Ok(());
             }
@@ -501,22 +471,17 @@ impl Writer {
         let rows = std::mem::take(batch);
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
-            let mut one = vec![row];
-            match insert_until(&self.sink, &mut one, deadline).await {
+            match insert_until(&self.db, std::slice::from_ref(&row), deadline).await {
                 Ok(()) => {
                     self.counters.written.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(Attempt::Failed { transient: false, error }) => {
-                    if let Some(row) = one.first() {
-                        self.reject(row, &error);
-                    }
-                }
+                Err(Attempt::Failed(e)) if !is_transient(&e, self.db.backend()) => self.reject(&row, &e),
                 Err(failure) => {
-                    batch.append(&mut one);
+                    batch.push(row);
                     batch.extend(rows);
                     return Err(match failure {
                         Attempt::Deadline => WriteError::Deadline,
-                        Attempt::Failed { error, .. } => WriteError::Transient(error),
+                        Attempt::Failed(e) => WriteError::Transient(e.to_string()),
                     });
                 }
             }
@@ -524,7 +489,7 @@ impl Writer {
         Ok(())
     }
 
-    fn reject(&self, row: &UsageRecord, e: &str) {
+    fn reject(&self, row: &UsageRecord, e: &sqlx::Error) {
         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             request_id = %row.request_id,
@@ -563,52 +528,28 @@ fn is_transient(e: &sqlx::Error, backend: Backend) -> bool {
 /// SQLite reports numeric extended result codes, PostgreSQL five-character SQLSTATEs.
 fn transient_code(code: &str, backend: Backend) -> bool {
     match backend {
-        Backend::Sqlite => code.parse::<i32>().is_ok_and(sqlite_code_is_transient),
+        // BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL (the primary code is the low byte)
+        Backend::Sqlite => {
+            code.parse::<i32>().is_ok_and(|extended| matches!(extended & 0xff, 5 | 6 | 10 | 13 | 14 | 15))
+        }
         // connection exception, transaction rollback (serialization, deadlock), insufficient resources, operator
         // intervention (shutdown, cancel), system error
         Backend::Postgres => ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)),
     }
 }
 
-/// BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL (the primary code is the extended code's low byte).
-fn sqlite_code_is_transient(extended: i32) -> bool {
-    matches!(extended & 0xff, 5 | 6 | 10 | 13 | 14 | 15)
-}
-
-/// A write that did not complete.
 enum Attempt {
-    /// The database said no: unavailable for now (`transient`), or refusing the rows.
-    Failed {
-        transient: bool,
-        error: String,
-    },
+    Failed(sqlx::Error),
     Deadline,
 }
 
-/// Write `rows` in one transaction. Whatever the outcome, `rows` holds them afterwards.
-async fn insert_until(sink: &Sink, rows: &mut Vec<UsageRecord>, deadline: Option<Instant>) -> Result<(), Attempt> {
-    match sink {
-        Sink::Pool(db) => {
-            let failed =
-                |e: sqlx::Error| Attempt::Failed { transient: is_transient(&e, db.backend()), error: e.to_string() };
-            match deadline {
-                None => insert(db, rows).await.map_err(failed),
-                Some(at) => match tokio::time::timeout_at(at, insert(db, rows)).await {
-                    Ok(result) => result.map_err(failed),
-                    Err(_) => Err(Attempt::Deadline),
-                },
-            }
-        }
-        Sink::Sqlite(writer) => {
-            let shared = Arc::new(std::mem::take(rows));
-            let result = writer.insert(shared.clone(), deadline).await;
-            // The thread has let go of them, unless a deadline left it still holding them.
-            *rows = Arc::try_unwrap(shared).unwrap_or_else(|held| (*held).clone());
-            result.map_err(|failure| match failure {
-                sqlite::Failure::Deadline => Attempt::Deadline,
-                failure => Attempt::Failed { transient: failure.is_transient(), error: failure.to_string() },
-            })
-        }
+async fn insert_until(db: &Db, rows: &[UsageRecord], deadline: Option<Instant>) -> Result<(), Attempt> {
+    match deadline {
+        None => insert(db, rows).await.map_err(Attempt::Failed),
+        Some(at) => match tokio::time::timeout_at(at, insert(db, rows)).await {
+            Ok(result) => result.map_err(Attempt::Failed),
+            Err(_) => Err(Attempt::Deadline),
+        },
     }
 }
 

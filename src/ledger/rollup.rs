@@ -65,7 +65,7 @@ pub fn totals(rows: &[UsageRecord]) -> BTreeMap<(i64, &str, &str), DayTotals> {
 /// Columns of one upserted row.
 const COLUMNS: usize = 10;
 
-pub(super) fn upsert_sql(backend: Backend, rows: usize) -> String {
+fn upsert_sql(backend: Backend, rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO usage_daily (day, tenant_id, model, requests, images, images_billed, cost_usd, cache_hits, \
          refused, errors) VALUES ",
