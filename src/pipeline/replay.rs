@@ -4,8 +4,9 @@
 //! [`ReplayWindow::run`] runs a call so that a caller that hangs up (or whose request the gateway times out)
 //! does not cancel it: it runs to its end, and whatever the call settles (images stored, usage booked) happens
 //! regardless. While its caller waits, the call is polled in the caller's own task (no hand-over to another
-//! task and back per request); if the caller goes away first, the call moves to a task of its own ([`Driver`]). Its result stays in the window for `window` after the call ends. A later
-//! request with the same key (same tenant, same API key, same request) attaches to it when:
+//! task and back per request); if the caller goes away first, the call moves to a task of its own
+//! ([`Driver`]). Its result stays in the window for `window` after the call ends. A later request with the
+//! same key (same tenant, same API key, same request) attaches to it when:
 //! - it says it is a retry (`x-stainless-retry-count` > 0, or an `Idempotency-Key`, which is part of the key), or
 //! - no caller received the result yet: every caller went away, or got an answer without its images (a gateway
 //!   timeout, an ambiguous upstream failure).
@@ -193,10 +194,11 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
     }
 
     /// Answer a request: attach to an identical earlier request's call or result when the rules above allow,
-    /// else run `call` (in the caller's task while it waits, in a task of its own after). `kept` classifies a finished result. Images a caller received
-    /// leave the window at once (so it holds only what nobody got), unless `keep_delivered` (the request has an
-    /// `Idempotency-Key`, whose repeats get the same answer for the whole window). `None` only when the call's
-    /// task ended without a result (a panic, the runtime shutting down).
+    /// else run `call` (in the caller's task while it waits, in a task of its own if the caller goes away).
+    /// `kept` classifies a finished result. Images a caller received leave the window at once (so it holds only
+    /// what nobody got), unless `keep_delivered` (the request has an `Idempotency-Key`, whose repeats get the
+    /// same answer for the whole window). `None` only when the call ended without a result (a panic, the
+    /// runtime shutting down).
     ///
     /// The decision is taken (and the call boxed) when `run` is called; the future returned drives the call (if
     /// it is this caller's) and waits for the result. An `async fn` would keep `call`, whole, in its own state
