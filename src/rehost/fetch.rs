@@ -51,11 +51,10 @@ pub enum FetchError {
     Unreachable,
 }
 
-/// A downloaded image.
+/// A downloaded image (its bytes begin with a known image signature).
 #[derive(Debug, Clone)]
 pub struct Fetched {
     pub bytes: Bytes,
-    pub format: ImageFormat,
     /// The SHA-256 of `bytes`, computed chunk by chunk as they arrived (the store's content address).
     pub sha256: [u8; 32],
 }
@@ -261,8 +260,8 @@ impl Fetcher {
             body.extend_from_slice(&chunk);
         }
         let bytes = body.freeze();
-        let format = imageinfo::sniff(&bytes).ok_or(FetchError::BadSignature)?;
-        Ok(Fetched { bytes, format, sha256: hasher.finalize().into() })
+        imageinfo::sniff(&bytes).ok_or(FetchError::BadSignature)?;
+        Ok(Fetched { bytes, sha256: hasher.finalize().into() })
     }
 
     /// Start downloading the image at `url`: every check up to its first byte done, the body to be read with
