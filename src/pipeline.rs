@@ -510,7 +510,9 @@ impl ImagesService {
         // Only an answer naming a `url` can link to a stored image. A cached answer with links holds imagegate's
         // own links only (others are never stored), written by re-hosting as a plain `"url"` key, so a byte
         // search spares every hit on a cached base64 answer a scan through its megabytes.
-        if answer.images == Some(0) || memchr::memmem::find(&answer.body, br#""url""#).is_none() {
+        static URL_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""url""#));
+        if answer.images == Some(0) || URL_KEY.find(&answer.body).is_none() {
             return true;
         }
         let links = answer.links().unwrap_or_default();

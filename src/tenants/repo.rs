@@ -168,7 +168,9 @@ pub struct KeyInfo {
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
     pub id: String,
-    pub secret_sha256: String,
+    /// The SHA-256 of the whole key, decoded from the stored hex once, when the key is loaded; `None` if the
+    /// stored value is not a hash (no key then matches).
+    pub secret_sha256: Option<[u8; 32]>,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
 }
@@ -555,7 +557,7 @@ impl TenantRepo {
         let Some(row) = row else { return Ok(None) };
         let key = KeyRecord {
             id: id.to_owned(),
-            secret_sha256: row.try_get("secret_sha256")?,
+            secret_sha256: keys::stored_hash(&row.try_get::<String, _>("secret_sha256")?),
             expires_at: row.try_get("expires_at")?,
             revoked_at: row.try_get("revoked_at")?,
         };

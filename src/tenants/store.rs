@@ -118,14 +118,20 @@ impl TenantStore {
         let Some((record, tenant)) = self.cached(key.id).await? else { return Ok(Lookup::Unknown) };
         let now = now_ms();
         let active = record.revoked_at.is_none() && record.expires_at.is_none_or(|at| at > now);
-        if !active || !keys::matches(key.full, &record.secret_sha256) {
+        if !active || !record.secret_sha256.is_some_and(|stored| keys::matches(key.full, &stored)) {
             return Ok(Lookup::Unknown);
         }
         if tenant.status == TenantStatus::Suspended {
             return Ok(Lookup::Suspended(tenant.name.clone()));
         }
         if let Ok(mut used) = self.last_used.lock() {
-            used.insert(record.id.clone(), now);
+            // A key already noted since the last flush is updated in place: no new id string per request.
+            match used.get_mut(record.id.as_str()) {
+                Some(at) => *at = now,
+                None => {
+                    used.insert(record.id.clone(), now);
+                }
+            }
         }
         Ok(Lookup::Found(TenantContext { tenant, key_id: record.id.clone() }))
     }
