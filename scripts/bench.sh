@@ -25,6 +25,12 @@
 # `--perf` records each measured series (nginx's workers too) with `perf record -g` (real CPU, all threads) into
 # `perf-LABEL.data` in the work directory (use with --keep; `perf report -i FILE --no-children`).
 #
+# `--floor` adds, after nginx in each round, four references that do only the HTTP part of a request, on core 0
+# like the gateway: nginx answering the hit series' answer itself (`floor-static`), and `examples/bench_floor.rs`
+# (built when missing; `--floor-bin PATH` to give one) answering it with hyper (`floor-answer`), with an axum
+# router (`floor-axum`), and relaying the small series to the mock upstream with hyper's server and pooled
+# client (`floor-proxy`). They bound what a cache hit and an uncached request can cost on this stack.
+#
 # `--callgrind` runs each gateway under valgrind's callgrind instead and adds the instructions per request of
 # the measured series, all threads (ledger writer included): unlike time, repeatable on a busy machine. No
 # nginx or 2 MB series then; use a short --duration and a small -c (callgrind is ~50x slower).
@@ -43,6 +49,8 @@ big=1
 keep=0
 callgrind=0
 perf=0
+floor=0
+floor_bin=""
 usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -56,6 +64,8 @@ while [ $# -gt 0 ]; do
     --keep) keep=1; shift ;;
     --callgrind) callgrind=1; shift ;;
     --perf) perf=1; shift ;;
+    --floor) floor=1; shift ;;
+    --floor-bin) floor=1; floor_bin=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -71,6 +81,11 @@ fi
 for b in "${bins[@]}"; do
   [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }
 done
+if [ "$floor" = 1 ] && [ -z "$floor_bin" ]; then
+  log "cargo build --release --example bench_floor"
+  cargo build --release --example bench_floor >&2
+  floor_bin="${CARGO_TARGET_DIR:-target}/release/examples/bench_floor"
+fi
 
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
@@ -114,6 +129,7 @@ PROXY_PORT=$(free_port)
 PROXY_BIG_PORT=$(free_port)
 HIT_PORT=$(free_port)
 GW_PORT=$(free_port)
+FLOOR_PORT=$(free_port)
 
 # The mock's answers: a DALL·E-style link, and a GPT-style 2 MB image as base64 (random bytes behind a PNG
 # signature: with re-hosting off the gateway passes them through untouched).
@@ -179,6 +195,22 @@ http {
   server {
     listen 127.0.0.1:$PROXY_BIG_PORT backlog=4096;
     location / { proxy_pass http://big; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+
+cat >"$WORK/static.conf" <<EOF
+worker_processes 1;
+pid $WORK/static.pid;
+error_log $WORK/static-error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  client_body_temp_path $WORK/tmp/static-body;
+  server {
+    listen 127.0.0.1:$FLOOR_PORT backlog=4096;
+    location = /v1/images/generations { default_type application/json; return 200 '$HIT_ANSWER'; }
   }
 }
 EOF
@@ -352,9 +384,34 @@ nginx_proxy() { # LABEL PORT SCRIPT: one series against the reference proxy, on 
   wait "$master" 2>/dev/null || true
 }
 
+# floor LABEL SCRIPT COMMAND...: one series against a reference server started by COMMAND on core 0, listening on
+# FLOOR_PORT (its ratio is to nginx's proxy of the round, like the gateway's).
+floor() {
+  local label=$1 script=$2
+  shift 2
+  "${PIN_SERVER[@]}" "$@" 2>>"$WORK/floor-error.log" &
+  local pid=$!
+  pids+=("$pid")
+  wait_http "http://127.0.0.1:$FLOOR_PORT/"
+  local all
+  all="$pid $(pgrep -P "$pid" | tr '\n' ' ' || true)"
+  # shellcheck disable=SC2086
+  run_wrk "$label" "http://127.0.0.1:$FLOOR_PORT/v1/images/generations" "$script" $all
+  # shellcheck disable=SC2086
+  echo "$label - - - $(for p in $all; do cat /proc/$p/status; done | awk '/VmHWM/ {s += $2} END {printf "%.0f", s / 1024}')" >>"$WORK/ledger"
+  kill -TERM "$pid"
+  wait "$pid" 2>/dev/null || true
+}
+
 for round in $(seq "$rounds"); do
   log "round $round of $rounds"
   [ "$callgrind" = 1 ] || nginx_proxy "r$round-nginx" "$PROXY_PORT" small
+  if [ "$floor" = 1 ] && [ "$callgrind" = 0 ]; then
+    floor "r$round-floor-static" hit "$NGINX" -p "$WORK" -c "$WORK/static.conf" -g 'daemon off;'
+    floor "r$round-floor-answer" hit "$floor_bin" answer --listen "127.0.0.1:$FLOOR_PORT" --body "$HIT_ANSWER"
+    floor "r$round-floor-axum" hit "$floor_bin" axum --listen "127.0.0.1:$FLOOR_PORT" --body "$HIT_ANSWER"
+    floor "r$round-floor-proxy" small "$floor_bin" proxy --listen "127.0.0.1:$FLOOR_PORT" --upstream "http://127.0.0.1:$MOCK_PORT"
+  fi
   for i in "${!bins[@]}"; do
     b=${bins[$i]}
     tag="r$round-b$i"
