@@ -151,15 +151,23 @@ EOF
 BIG_BYTES=$(stat -c %s "$WORK/www/v1/images/generations")
 chmod -R a+rX "$WORK" # nginx's workers run as an unprivileged user when started as root
 
-cat >"$WORK/mock.conf" <<EOF
+# nginx_conf NAME SERVERS: $WORK/NAME.conf, one worker without an access log, serving the given server blocks.
+nginx_conf() {
+  cat >"$WORK/$1.conf" <<EOF
 worker_processes 1;
-pid $WORK/mock.pid;
-error_log $WORK/mock-error.log warn;
+pid $WORK/$1.pid;
+error_log $WORK/$1-error.log warn;
 events { worker_connections 8192; }
 http {
   access_log off;
   keepalive_requests 100000000;
-  client_body_temp_path $WORK/tmp/mock-body;
+  client_body_temp_path $WORK/tmp/$1-body;
+  proxy_temp_path $WORK/tmp/$1-temp;
+$2
+}
+EOF
+}
+nginx_conf mock "
   server {
     listen 127.0.0.1:$MOCK_PORT backlog=4096;
     location = /v1/images/generations { default_type application/json; return 200 '$SMALL_ANSWER'; }
@@ -173,47 +181,24 @@ http {
     root $WORK/www;
     # The static module answers a POST to a file with 405: hand the file out as for a GET.
     location = /v1/images/generations { default_type application/json; error_page 405 =200 \$uri; }
-  }
-}
-EOF
-cat >"$WORK/proxy.conf" <<EOF
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  client_body_temp_path $WORK/tmp/proxy-body;
-  proxy_temp_path $WORK/tmp/proxy-temp;
+  }"
+nginx_conf proxy "
   upstream mock { server 127.0.0.1:$MOCK_PORT; keepalive 128; }
   upstream big { server 127.0.0.1:$BIG_PORT; keepalive 128; }
   server {
     listen 127.0.0.1:$PROXY_PORT backlog=4096;
-    location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
   }
   server {
     listen 127.0.0.1:$PROXY_BIG_PORT backlog=4096;
-    location / { proxy_pass http://big; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-EOF
-
-cat >"$WORK/static.conf" <<EOF
-worker_processes 1;
-pid $WORK/static.pid;
-error_log $WORK/static-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-  client_body_temp_path $WORK/tmp/static-body;
+    location / { proxy_pass http://big; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+  }"
+# --floor: nginx answering the hit series' answer itself.
+nginx_conf static "
   server {
     listen 127.0.0.1:$FLOOR_PORT backlog=4096;
     location = /v1/images/generations { default_type application/json; return 200 '$HIT_ANSWER'; }
-  }
-}
-EOF
+  }"
 
 wait_http() { # URL: until it answers at all, at most 120 s
   for _ in $(seq 1200); do
