@@ -127,6 +127,9 @@ const CHECK_ORDER: &[&str] = &[
 /// The largest `n` any model is held to before its own rule: OpenAI's schema maximum.
 const N_MAX: i64 = 10;
 
+/// A rule between a parameter and others (or the model's defaults), checked with the parameter's own.
+type RuleBetween = fn(&Reader<'_>, &Model) -> Result<(), ApiError>;
+
 /// Check `request` against the generic rules and, for models of the catalog, the model's rules.
 pub fn validate(request: &ImageRequest, policy: &ValidationPolicy) -> Result<Validated, ApiError> {
     validate_for(request, policy, None)
@@ -282,10 +285,14 @@ fn per_model(reader: &Reader<'_>, m: &Model, policy: &ValidationPolicy) -> Resul
         }
         // A parameter the request leaves out (or sends as null) passes its own rule whatever the rule is, so
         // the rule is looked up only for the parameters sent: most requests send a few of the catalog's
-        // fifteen or so. The rules between parameters below run either way: they read the model's defaults.
+        // fifteen or so. A rule between parameters runs either way: it reads the model's defaults.
         let present = reader.present(name);
-        let between = matches!(name, "output_format" | "output_compression");
-        if !(present || between) || !m.enforces_param(name) {
+        let between: Option<RuleBetween> = match name {
+            "output_format" => Some(transparency_needs_alpha),
+            "output_compression" => Some(png_is_lossless),
+            _ => None,
+        };
+        if !(present || between.is_some()) || !m.enforces_param(name) {
             continue;
         }
         if present {
@@ -308,10 +315,8 @@ fn per_model(reader: &Reader<'_>, m: &Model, policy: &ValidationPolicy) -> Resul
                 None => {}
             }
         }
-        match name {
-            "output_format" => transparency_needs_alpha(reader, m)?,
-            "output_compression" => png_is_lossless(reader, m)?,
-            _ => {}
+        if let Some(rule) = between {
+            rule(reader, m)?;
         }
     }
     Ok(())
