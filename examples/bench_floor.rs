@@ -76,6 +76,8 @@ fn fixed(body: &Bytes) -> Answer {
 async fn main() {
     let args = Args::parse();
     let listener = TcpListener::bind(args.listen).await.expect("bind");
+    // As the gateway says it, so that the memory benchmark's harness finds the port of `--listen 127.0.0.1:0`.
+    eprintln!("listening on http://{}", listener.local_addr().expect("local address"));
     let body = Bytes::from(args.body.clone());
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let upstream = args.upstream.trim_end_matches('/').to_owned();
