@@ -42,7 +42,7 @@ pub fn router(token: &Secret) -> Router<AppState> {
         .route("/limits", get(handlers::limits_stats))
         .route("/pools", get(handlers::pools))
         .route("/models", get(models::list_models))
-        // route_layer: unknown admin paths still answer 404 rather than 401, like the image routes.
+        // route_layer: unknown admin paths still answer 404 rather than 401.
         .route_layer(from_fn_with_state(guard, require_admin))
 }
 

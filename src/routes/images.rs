@@ -1,6 +1,6 @@
-//! Handlers for the three image operations: extract, call the pipeline, write the reply. Nothing else.
+//! Handlers for the three image operations: authenticate, extract, call the pipeline, write the reply. Nothing
+//! else.
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
@@ -8,49 +8,37 @@ use http::HeaderValue;
 
 use crate::catalog::Date;
 
-use crate::domain::TenantContext;
 use crate::error::Failure;
 use crate::extract;
 use crate::images::request::Endpoint;
 use crate::limits::Usage;
 use crate::pipeline::RequestMeta;
+use crate::server::auth;
 use crate::server::layers::RequestId;
 use crate::state::AppState;
 use crate::upstream::{ReplyBody, UpstreamReply};
 
 /// `POST /v1/images/generations`
-pub async fn create_image(
-    State(state): State<AppState>,
-    Extension(ctx): Extension<TenantContext>,
-    request: Request,
-) -> Result<Response, Failure> {
-    handle(state, ctx, Endpoint::Generations, request).await
+pub async fn create_image(State(state): State<AppState>, request: Request) -> Result<Response, Failure> {
+    handle(state, Endpoint::Generations, request).await
 }
 
 /// `POST /v1/images/edits`
-pub async fn create_image_edit(
-    State(state): State<AppState>,
-    Extension(ctx): Extension<TenantContext>,
-    request: Request,
-) -> Result<Response, Failure> {
-    handle(state, ctx, Endpoint::Edits, request).await
+pub async fn create_image_edit(State(state): State<AppState>, request: Request) -> Result<Response, Failure> {
+    handle(state, Endpoint::Edits, request).await
 }
 
 /// `POST /v1/images/variations`
-pub async fn create_image_variation(
-    State(state): State<AppState>,
-    Extension(ctx): Extension<TenantContext>,
-    request: Request,
-) -> Result<Response, Failure> {
-    handle(state, ctx, Endpoint::Variations, request).await
+pub async fn create_image_variation(State(state): State<AppState>, request: Request) -> Result<Response, Failure> {
+    handle(state, Endpoint::Variations, request).await
 }
 
-async fn handle(
-    state: AppState,
-    ctx: TenantContext,
-    endpoint: Endpoint,
-    request: Request,
-) -> Result<Response, Failure> {
+async fn handle(state: AppState, endpoint: Endpoint, request: Request) -> Result<Response, Failure> {
+    // Without a tenant, nothing else of the request runs (401, or 403 for a suspended tenant).
+    let ctx = match auth::tenant(&state, request.headers()).await {
+        Ok(ctx) => ctx,
+        Err(e) => return Ok(auth::refuse(e, request)),
+    };
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
     // A tenant with a concurrency limit takes its slot before its body is read; none free: 429, body unread.
     let admitted = match state.images.admit(&ctx, endpoint, &request_id).await {

@@ -1,9 +1,10 @@
-//! The authentication layer: `Authorization: Bearer ig_…` → [`TenantContext`] in the request extensions, or a
-//! 401 before anything else runs. The caller's header never travels further: the upstream client builds its
-//! own headers from scratch.
+//! Tenant authentication for the image routes: `Authorization: Bearer ig_…` → a
+//! [`TenantContext`](crate::domain::TenantContext), or a 401 before anything else of the request runs. The image
+//! handlers call it first, rather than a middleware layer around them: a layer costs every request a boxed
+//! future and a clone of the route, which a held request keeps for minutes (docs/performance.md). The caller's
+//! header never travels further: the upstream client builds its own headers from scratch.
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::AUTHORIZATION;
 
@@ -17,29 +18,26 @@ pub const UNAUTHENTICATED_LINGER_BYTES: u64 = 64 * 1024;
 /// How long that background read may take.
 pub const UNAUTHENTICATED_LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Middleware: authenticate, record the tenant on the request span, and continue.
-pub async fn require_tenant(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+/// The request's tenant, recorded on the request span and its facts; or why there is none.
+pub async fn tenant(state: &AppState, headers: &http::HeaderMap) -> Result<crate::domain::TenantContext, ApiError> {
     let span = tracing::debug_span!("authenticate");
-    match tracing::Instrument::instrument(authenticate(&state, request.headers()), span).await {
-        Ok(ctx) => {
-            tracing::Span::current().record("tenant", ctx.tenant.name.as_str());
-            tracing::Span::current().record("key_id", ctx.key_id.as_str());
-            crate::metrics::facts::note(|f| {
-                f.tenant = Some(ctx.tenant.name.clone());
-                f.key_id = Some(ctx.key_id.clone());
-            });
-            request.extensions_mut().insert(ctx);
-            next.run(request).await
-        }
-        Err(e) => {
-            // Answer at once and close; a few KiB of what the client is still sending are read in the background
-            // so a small request sees the 401 rather than a reset connection. An unauthenticated caller never
-            // gets more of imagegate's time or memory than that.
-            let (parts, body) = request.into_parts();
-            let (cap, time) = (UNAUTHENTICATED_LINGER_BYTES, UNAUTHENTICATED_LINGER_TIME);
-            crate::extract::refuse_unread_within(e, body, &parts.headers, cap, time).into_response()
-        }
-    }
+    let ctx = tracing::Instrument::instrument(authenticate(state, headers), span).await?;
+    tracing::Span::current().record("tenant", ctx.tenant.name.as_str());
+    tracing::Span::current().record("key_id", ctx.key_id.as_str());
+    crate::metrics::facts::note(|f| {
+        f.tenant = Some(ctx.tenant.name.clone());
+        f.key_id = Some(ctx.key_id.clone());
+    });
+    Ok(ctx)
+}
+
+/// The answer to a request without a tenant: at once, and close; a few KiB of what the client is still sending are read in the background so a
+/// small request sees the 401 rather than a reset connection. An unauthenticated caller never gets more of
+/// imagegate's time or memory than that.
+pub fn refuse(e: ApiError, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let (cap, time) = (UNAUTHENTICATED_LINGER_BYTES, UNAUTHENTICATED_LINGER_TIME);
+    crate::extract::refuse_unread_within(e, body, &parts.headers, cap, time).into_response()
 }
 
 async fn authenticate(state: &AppState, headers: &http::HeaderMap) -> Result<crate::domain::TenantContext, ApiError> {

@@ -18,8 +18,8 @@
 //! `from_fn` layers boxing theirs and cloning the rest of the stack, the timeout's error handler), which a
 //! held request keeps for minutes (docs/performance.md).
 //!
-//! Inside the router: image routes get tenant authentication (`server::auth`) via `route_layer`; body limits
-//! are applied per endpoint by `extract` so a 413 states the right limit.
+//! Inside the router: the image handlers authenticate the tenant first (`server::auth`); body limits are
+//! applied per endpoint by `extract` so a 413 states the right limit.
 
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
