@@ -11,6 +11,10 @@
 //!   over a pooled keep-alive connection and relays the answer it read whole: what an uncached request costs
 //!   with nothing of the gateway's own but the exchange.
 //!
+//! `serve --config FILE` is `proxy` as the memory benchmark starts a gateway (`bench_memory --bin`): on port 0,
+//! to the `[upstream] base_url` of the gateway configuration it is given, saying where it listens as the gateway
+//! does.
+//!
 //! None of them is a gateway; they are references for docs/performance.md ("Tenth round").
 #![allow(
     clippy::unwrap_used,
@@ -46,6 +50,8 @@ enum Mode {
     Answer,
     Axum,
     Proxy,
+    /// `proxy`, started as a gateway is: `serve --config FILE`.
+    Serve,
 }
 
 #[derive(Parser, Debug)]
@@ -54,7 +60,7 @@ struct Args {
     #[arg(value_enum)]
     mode: Mode,
     /// Address to listen on.
-    #[arg(long)]
+    #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// The answer of `answer` and `axum` (JSON text).
     #[arg(long, default_value = "{}")]
@@ -62,6 +68,17 @@ struct Args {
     /// The upstream of `proxy`, as `http://host:port` (the request's path is appended).
     #[arg(long, default_value = "http://127.0.0.1:1")]
     upstream: String,
+    /// For `serve`: a gateway configuration, whose `[upstream] base_url` (without its `/v1`) is the upstream.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+}
+
+/// The upstream of a gateway configuration file: its `[upstream] base_url` without the trailing `/v1`.
+fn upstream_of(config: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(config).expect("read the configuration");
+    let table: toml::Table = text.parse().expect("a TOML configuration");
+    let base = table["upstream"]["base_url"].as_str().expect("[upstream] base_url");
+    base.trim_end_matches('/').trim_end_matches("/v1").to_owned()
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -74,7 +91,11 @@ fn fixed(body: &Bytes) -> Answer {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Mode::Serve = args.mode {
+        args.upstream = upstream_of(args.config.as_deref().expect("serve needs --config"));
+        args.mode = Mode::Proxy;
+    }
     let listener = TcpListener::bind(args.listen).await.expect("bind");
     // As the gateway says it, so that the memory benchmark's harness finds the port of `--listen 127.0.0.1:0`.
     eprintln!("listening on http://{}", listener.local_addr().expect("local address"));
@@ -120,7 +141,7 @@ async fn main() {
                     });
                     builder.serve_connection(io, TowerToHyperService::new(service)).await
                 }
-                Mode::Proxy => {
+                Mode::Proxy | Mode::Serve => {
                     let service = tower::service_fn(move |request: Request<Incoming>| {
                         let (client, upstream) = (client.clone(), upstream.clone());
                         async move { Ok::<_, Infallible>(relay(&client, &upstream, request).await) }
