@@ -391,14 +391,17 @@ impl ImagesService {
     /// request the gateway times out) does not cancel a generation already paid for. An identical request from
     /// the same key that retries it, or that follows it before anyone got its images, attaches to that call or
     /// its result: one upstream call, one charge. An attached caller's own row costs nothing.
-    async fn replayed(
-        &self,
-        window: &ReplayWindow<Replayed>,
+    ///
+    /// Not an `async fn`: one would keep `call` and `request` twice in its state (as arguments and as locals)
+    /// while the caller waits. The call is launched now; the future returned holds only what the answer needs.
+    fn replayed<'a>(
+        &'a self,
+        window: &'a ReplayWindow<Replayed>,
         call: Call,
         request: ImageRequest,
         images: u32,
         cost: f64,
-    ) -> Result<UpstreamReply, Failure> {
+    ) -> impl Future<Output = Result<UpstreamReply, Failure>> + Send + 'a {
         let key = replay::key(
             &call.ctx.tenant.id,
             &call.ctx.key_id,
@@ -435,39 +438,41 @@ impl ImagesService {
             };
             window.run(key, says_retry, keyed, task, Replayed::kept)
         };
-        let (result, role) = waiting.await;
-        let result = result.unwrap_or_else(|| {
-            let e = ApiError::Internal(anyhow::anyhow!("the upstream call's task ended without an answer"));
-            Replayed::Failed(Arc::new(Failure::from(e)))
-        });
-        let attached = role == replay::Role::Attached;
-        if attached {
-            tracing::info!(kind = "replay.attached", "an identical request's call answered this one");
-            // The call that answered it paid; what this request reserved when it was admitted goes back.
-            if let Some(permit) = &call.permit {
-                permit.finish(Usage::REFUNDED);
+        async move {
+            let (result, role) = waiting.await;
+            let result = result.unwrap_or_else(|| {
+                let e = ApiError::Internal(anyhow::anyhow!("the upstream call's task ended without an answer"));
+                Replayed::Failed(Arc::new(Failure::from(e)))
+            });
+            let attached = role == replay::Role::Attached;
+            if attached {
+                tracing::info!(kind = "replay.attached", "an identical request's call answered this one");
+                // The call that answered it paid; what this request reserved when it was admitted goes back.
+                if let Some(permit) = &call.permit {
+                    permit.finish(Usage::REFUNDED);
+                }
             }
-        }
-        match result {
-            Replayed::Answer(answer) => {
-                if attached {
-                    book(&self.ledger, None, call.finished(answer.status.as_u16()), Usage::NOTHING);
+            match result {
+                Replayed::Answer(answer) => {
+                    if attached {
+                        book(&self.ledger, None, call.finished(answer.status.as_u16()), Usage::NOTHING);
+                    }
+                    let mut reply = answer.reply();
+                    if attached {
+                        reply.headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
+                    }
+                    Ok(reply)
                 }
-                let mut reply = answer.reply();
-                if attached {
-                    reply.headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
+                Replayed::Failed(failure) => {
+                    if attached {
+                        book(&self.ledger, None, call.finished(failure.error.status().as_u16()), Usage::NOTHING);
+                    }
+                    let mut headers = failure.headers.clone();
+                    if attached {
+                        headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
+                    }
+                    Err(Failure::with_headers(failure.error.duplicate(), headers))
                 }
-                Ok(reply)
-            }
-            Replayed::Failed(failure) => {
-                if attached {
-                    book(&self.ledger, None, call.finished(failure.error.status().as_u16()), Usage::NOTHING);
-                }
-                let mut headers = failure.headers.clone();
-                if attached {
-                    headers.insert(headers::X_IMAGEGATE_REPLAYED, HeaderValue::from_static("true"));
-                }
-                Err(Failure::with_headers(failure.error.duplicate(), headers))
             }
         }
     }

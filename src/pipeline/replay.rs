@@ -284,9 +284,10 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
         });
         let (this, ended) = (self.clone(), entry.clone());
         // `carry`: what the call learns (upstream, images) still reaches the request's access-log line.
+        // `map`, not an `async` block awaiting `call`: the block would keep `call` twice in its state (the
+        // captured future and the one being awaited), kilobytes per held request (docs/performance.md).
         let driver = Driver(Some(Box::pin(crate::metrics::facts::carry(
-            async move {
-                let result = call.await;
+            call.map(move |result| {
                 let keep = kept(&result);
                 *ended.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
                 if keep == Kept::Nothing {
@@ -294,7 +295,7 @@ impl<T: Clone + Send + Sync + 'static> ReplayWindow<T> {
                 }
                 // Nobody may be waiting any more: the call ran to its end all the same.
                 let _ = tx.send(result);
-            }
+            })
             .instrument(tracing::Span::current()),
         ))));
         (entry, driver)
