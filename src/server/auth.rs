@@ -31,9 +31,9 @@ pub async fn tenant(state: &AppState, headers: &http::HeaderMap) -> Result<crate
     Ok(ctx)
 }
 
-/// The answer to a request without a tenant: at once, and close; a few KiB of what the client is still sending are read in the background so a
-/// small request sees the 401 rather than a reset connection. An unauthenticated caller never gets more of
-/// imagegate's time or memory than that.
+/// The answer to a request without a tenant: at once, and close. A few KiB of what the client is still sending
+/// are read in the background so a small request sees the 401 rather than a reset connection. An
+/// unauthenticated caller never gets more of imagegate's time or memory than that.
 pub fn refuse(e: ApiError, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let (cap, time) = (UNAUTHENTICATED_LINGER_BYTES, UNAUTHENTICATED_LINGER_TIME);
