@@ -51,7 +51,7 @@ callgrind=0
 perf=0
 floor=0
 floor_bin=""
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo pipefail/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --bin) bins+=("$2"); shift 2 ;;
