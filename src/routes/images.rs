@@ -7,11 +7,11 @@ use axum::response::{IntoResponse as _, Response};
 use http::HeaderValue;
 
 use crate::catalog::Date;
-
+use crate::domain::TenantContext;
 use crate::error::Failure;
-use crate::extract;
+use crate::extract::{self, Extracted};
 use crate::images::request::Endpoint;
-use crate::limits::Usage;
+use crate::limits::{Permit, Usage};
 use crate::pipeline::RequestMeta;
 use crate::server::auth;
 use crate::server::layers::RequestId;
@@ -19,65 +19,103 @@ use crate::state::AppState;
 use crate::upstream::{ReplyBody, UpstreamReply};
 
 /// `POST /v1/images/generations`
-pub async fn create_image(State(state): State<AppState>, request: Request) -> Result<Response, Failure> {
-    handle(state, Endpoint::Generations, request).await
+pub fn create_image(
+    State(state): State<AppState>,
+    request: Request,
+) -> impl Future<Output = Result<Response, Failure>> + Send {
+    handle(state, Endpoint::Generations, request)
 }
 
 /// `POST /v1/images/edits`
-pub async fn create_image_edit(State(state): State<AppState>, request: Request) -> Result<Response, Failure> {
-    handle(state, Endpoint::Edits, request).await
+pub fn create_image_edit(
+    State(state): State<AppState>,
+    request: Request,
+) -> impl Future<Output = Result<Response, Failure>> + Send {
+    handle(state, Endpoint::Edits, request)
 }
 
 /// `POST /v1/images/variations`
-pub async fn create_image_variation(State(state): State<AppState>, request: Request) -> Result<Response, Failure> {
-    handle(state, Endpoint::Variations, request).await
+pub fn create_image_variation(
+    State(state): State<AppState>,
+    request: Request,
+) -> impl Future<Output = Result<Response, Failure>> + Send {
+    handle(state, Endpoint::Variations, request)
 }
 
-async fn handle(state: AppState, endpoint: Endpoint, request: Request) -> Result<Response, Failure> {
+/// One image request: [`admit`] it, then run it through the pipeline and write the reply.
+///
+/// Not an `async fn`, and the handlers above neither: a request waiting minutes for its images keeps this
+/// future, and an `async fn` would keep its arguments and the steps before the pipeline in it (authentication's
+/// future alone is 2 KiB). Those steps run in a box of their own, freed when they end; what stays is what the
+/// answer needs (docs/performance.md).
+fn handle(
+    state: AppState,
+    endpoint: Endpoint,
+    request: Request,
+) -> impl Future<Output = Result<Response, Failure>> + Send {
+    let admitted = Box::pin(admit(state.clone(), endpoint, request));
+    async move {
+        let Admitted { ctx, request_id, permit, extracted } = match admitted.await {
+            Ok(admitted) => admitted,
+            Err(answer) => return answer,
+        };
+        let meta = RequestMeta {
+            request_id,
+            idempotency_key: extracted.idempotency_key,
+            sdk_retry: extracted.sdk_retry,
+            cache: extracted.cache,
+        };
+        // A deprecated model's callers are told, on every answer, before it goes away.
+        let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
+        // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
+        // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
+        let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta, permit)).await {
+            Ok(reply) => into_response(reply),
+            Err(failure) => failure.into_response(),
+        };
+        for (name, value) in notice {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// A request the pipeline may run: its tenant, its concurrency slot (if its tenant has a limit) and its body.
+struct Admitted {
+    ctx: TenantContext,
+    request_id: String,
+    permit: Option<Permit>,
+    extracted: Extracted,
+}
+
+/// The steps before the pipeline. `Err` holds the answer when one of them refused the request.
+async fn admit(state: AppState, endpoint: Endpoint, request: Request) -> Result<Admitted, Result<Response, Failure>> {
     // Without a tenant, nothing else of the request runs (401, or 403 for a suspended tenant).
     let ctx = match auth::tenant(&state, request.headers()).await {
         Ok(ctx) => ctx,
-        Err(e) => return Ok(auth::refuse(e, request)),
+        Err(e) => return Err(Ok(auth::refuse(e, request))),
     };
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
     // A tenant with a concurrency limit takes its slot before its body is read; none free: 429, body unread.
-    let admitted = match state.images.admit(&ctx, endpoint, &request_id).await {
-        Ok(admitted) => admitted,
+    let permit = match state.images.admit(&ctx, endpoint, &request_id).await {
+        Ok(permit) => permit,
         Err(e) => {
             let (parts, body) = request.into_parts();
-            return Err(extract::refuse_unread(e, body, &parts.headers));
+            return Err(Err(extract::refuse_unread(e, body, &parts.headers)));
         }
     };
-    let extracted = match Box::pin(extract::image_request(&state, &ctx.tenant, endpoint, request)).await {
-        Ok(extracted) => extracted,
+    match Box::pin(extract::image_request(&state, &ctx.tenant, endpoint, request)).await {
+        Ok(extracted) => Ok(Admitted { ctx, request_id, permit, extracted }),
         Err(e) => {
-            if let Some(permit) = &admitted {
+            if let Some(permit) = &permit {
                 permit.finish(Usage::REFUNDED);
             }
             state.images.record_refusal(&ctx, endpoint, &request_id, e.error.status().as_u16());
-            return Err(Box::pin(state.images.unreserved(&ctx, e)).await);
-        }
-    };
-    let meta = RequestMeta {
-        request_id,
-        idempotency_key: extracted.idempotency_key,
-        sdk_retry: extracted.sdk_retry,
-        cache: extracted.cache,
-    };
-    // A deprecated model's callers are told, on every answer, before it goes away.
-    let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
-    // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
-    // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
-    let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta, admitted)).await {
-        Ok(reply) => into_response(reply),
-        Err(failure) => failure.into_response(),
-    };
-    for (name, value) in notice {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, value);
+            Err(Err(Box::pin(state.images.unreserved(&ctx, e)).await))
         }
     }
-    Ok(response)
 }
 
 /// The upstream's status, filtered headers and body (whole, or streamed chunk by chunk).
