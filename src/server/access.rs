@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
+use futures::FutureExt as _;
 
 use super::layers::RequestId;
 use crate::error::LoggedError;
@@ -68,13 +69,20 @@ struct Line {
 }
 
 /// Run `request` through `run` (the rest of the stack), then count and log it once its response is ready.
-pub async fn observe<F>(access: &Access, request: Request, run: impl FnOnce(Request) -> F) -> Response
+///
+/// Not an `async fn`: what the line needs is taken from the request and `run` is called now, so the future
+/// returned holds the running request once, not also the request it started from (docs/performance.md).
+/// Everything after the response is ready runs in the poll that readies it, so in the caller's span.
+pub fn observe<F>(
+    access: &Access,
+    request: Request,
+    run: impl FnOnce(Request) -> F,
+) -> impl Future<Output = Response> + Send + 'static
 where
-    F: Future<Output = Response>,
+    F: Future<Output = Response> + Send + 'static,
 {
     let started = Instant::now();
     let matched = request.extensions().get::<MatchedPath>().cloned();
-    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = request.method().clone();
     // What only the line needs is gathered only when the line will be written (`log.access` on and
     // `imagegate::access` at INFO enabled): with `log.level = "warn"` a request skips the copies.
@@ -83,51 +91,56 @@ where
         path: request.uri().path().chars().take(256).collect::<String>(),
         client: Client::from_headers(request.headers()),
     });
-    let _in_flight = access.metrics.in_flight();
+    let metrics = access.metrics.clone();
+    let in_flight = metrics.in_flight();
     let slot = Slot::default();
-    let response = facts::scope(slot.clone(), run(request)).await;
-    super::layers::log_error(&response);
-    let elapsed = started.elapsed();
-    let f = facts::read(&slot);
-    let status = response.status().as_u16();
-    access.metrics.request_done(RequestSample {
-        route,
-        method: method.as_str(),
-        status,
-        tenant: f.tenant.as_deref().unwrap_or_default(),
-        model: f.model.as_deref().unwrap_or_default(),
-        elapsed,
-    });
-    if let Some(Line { request_id, path, client }) = line {
-        let error = response.extensions().get::<LoggedError>();
-        let cache = response.headers().get(headers::X_IMAGEGATE_CACHE).and_then(|v| v.to_str().ok());
-        tracing::info!(
-            target: "imagegate::access",
-            request_id,
-            method = %method,
+    // `map`, not an `async` block awaiting the running request: its state would keep that future twice.
+    facts::scope(slot.clone(), run(request)).map(move |response| {
+        let _in_flight = in_flight;
+        super::layers::log_error(&response);
+        let elapsed = started.elapsed();
+        let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let f = facts::read(&slot);
+        let status = response.status().as_u16();
+        metrics.request_done(RequestSample {
             route,
-            path,
+            method: method.as_str(),
             status,
-            latency_ms = elapsed.as_millis() as u64,
-            tenant = f.tenant,
-            key_id = f.key_id,
-            model = f.model,
-            images = f.images,
-            cost_usd = f.cost_usd,
-            stream = f.stream,
-            cache,
-            upstream = f.upstream,
-            upstream_latency_ms = f.upstream_ms,
-            error_type = error.map(|e| e.error_type),
-            error_code = error.and_then(|e| e.code),
-            error_param = error.and_then(|e| e.param.as_deref()),
-            client_lang = client.lang,
-            client_version = client.version,
-            user_agent = client.user_agent,
-            "access"
-        );
-    }
-    response
+            tenant: f.tenant.as_deref().unwrap_or_default(),
+            model: f.model.as_deref().unwrap_or_default(),
+            elapsed,
+        });
+        if let Some(Line { request_id, path, client }) = line {
+            let error = response.extensions().get::<LoggedError>();
+            let cache = response.headers().get(headers::X_IMAGEGATE_CACHE).and_then(|v| v.to_str().ok());
+            tracing::info!(
+                target: "imagegate::access",
+                request_id,
+                method = %method,
+                route,
+                path,
+                status,
+                latency_ms = elapsed.as_millis() as u64,
+                tenant = f.tenant,
+                key_id = f.key_id,
+                model = f.model,
+                images = f.images,
+                cost_usd = f.cost_usd,
+                stream = f.stream,
+                cache,
+                upstream = f.upstream,
+                upstream_latency_ms = f.upstream_ms,
+                error_type = error.map(|e| e.error_type),
+                error_code = error.and_then(|e| e.code),
+                error_param = error.and_then(|e| e.param.as_deref()),
+                client_lang = client.lang,
+                client_version = client.version,
+                user_agent = client.user_agent,
+                "access"
+            );
+        }
+        response
+    })
 }
 
 #[cfg(test)]

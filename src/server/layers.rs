@@ -13,7 +13,7 @@
 //!    carries the request id and its cause is logged in the request's span.
 //! 6. Whole-request timeout up to the response headers → 504 `RequestTimeout` (streams then flow freely).
 //!
-//! They are written as one `async fn` ([`edge`]) rather than a tower layer each: per request that is one
+//! They are written as one function ([`edge`]) rather than a tower layer each: per request that is one
 //! boxed future instead of six nested ones (tower-http's trace, panic and sensitive-header layers, two
 //! `from_fn` layers boxing theirs and cloning the rest of the stack, the timeout's error handler), which a
 //! held request keeps for minutes (docs/performance.md).
@@ -31,11 +31,12 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
+use axum::routing::Route;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use http::HeaderValue;
 use http::header::{AUTHORIZATION, Entry};
-use tower::{Layer, Service, ServiceExt as _};
+use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 use super::access::Access;
@@ -60,48 +61,49 @@ struct EdgeLayer {
     request_timeout: Duration,
 }
 
-impl<S> Layer<S> for EdgeLayer {
-    type Service = Edge<S>;
+impl Layer<Route> for EdgeLayer {
+    type Service = Edge;
 
-    fn layer(&self, inner: S) -> Edge<S> {
+    fn layer(&self, inner: Route) -> Edge {
         Edge { inner, access: self.access.clone(), request_timeout: self.request_timeout }
     }
 }
 
 /// [`EdgeLayer`]'s service around one route.
 #[derive(Clone)]
-struct Edge<S> {
-    inner: S,
+struct Edge {
+    inner: Route,
     access: Access,
     request_timeout: Duration,
 }
 
-impl<S> Service<Request> for Edge<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
+impl Service<Request> for Edge {
     type Response = Response;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Response, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The route is called through `oneshot`, which waits for it to be ready.
+        // A `Route` is always ready.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let (inner, access, timeout) = (self.inner.clone(), self.access.clone(), self.request_timeout);
-        Box::pin(edge(inner, request, access, timeout).map(Ok))
+        Box::pin(edge(&mut self.inner, request, &self.access, self.request_timeout).map(Ok))
     }
 }
 
 /// One request through the six steps of the module's list.
-async fn edge<S>(inner: S, mut request: Request, access: Access, timeout: Duration) -> Response
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
-    S::Future: Send,
-{
+///
+/// Not an `async fn`: the steps that need only the request run now, and the future returned holds what is
+/// awaited and what the answer needs, not the request besides (a request waiting for its images keeps this
+/// future for minutes, docs/performance.md). The route is called without `oneshot`, whose future keeps room
+/// for the request: a `Route` is always ready (its `poll_ready` answers `Ready` at once).
+fn edge(
+    inner: &mut Route,
+    mut request: Request,
+    access: &Access,
+    timeout: Duration,
+) -> impl Future<Output = Response> + Send + 'static {
     // 1. Keys are sensitive: no later layer may log them.
     for name in [AUTHORIZATION, http::HeaderName::from_static(headers::API_KEY)] {
         if let Entry::Occupied(mut values) = request.headers_mut().entry(name) {
@@ -115,23 +117,25 @@ where
     // 3. The span, around the rest and around the answer's body (a stream's last lines are written in it).
     let span = make_span(&request);
     // 4. Access line and metrics; 5. panics caught; 6. the timeout up to the response headers.
-    let response = super::access::observe(&access, request, move |request| {
-        AssertUnwindSafe(tokio::time::timeout(timeout, inner.oneshot(request))).catch_unwind().map(move |done| {
-            match done {
+    let observed = super::access::observe(access, request, move |request| {
+        AssertUnwindSafe(tokio::time::timeout(timeout, inner.call(request))).catch_unwind().map(
+            move |done| match done {
                 Ok(Ok(Ok(response))) => response,
                 Ok(Ok(Err(never))) => match never {},
                 Ok(Err(_elapsed)) => ApiError::RequestTimeout(timeout).into_response(),
                 Err(panic) => panic_response(panic),
-            }
-        })
+            },
+        )
     })
-    .instrument(span.clone())
-    .await;
-    let mut response = response.map(|body| Body::new(InSpan { body, span }));
-    if let Ok(value) = id_value {
-        response.headers_mut().insert(headers::X_REQUEST_ID, value);
-    }
-    response
+    .instrument(span.clone());
+    // `map`, not an `async` block awaiting `observed`: its state would keep that future twice.
+    observed.map(move |response| {
+        let mut response = response.map(|body| Body::new(InSpan { body, span }));
+        if let Ok(value) = id_value {
+            response.headers_mut().insert(headers::X_REQUEST_ID, value);
+        }
+        response
+    })
 }
 
 pin_project_lite::pin_project! {
