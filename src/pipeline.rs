@@ -125,9 +125,8 @@ fn usage_of(record: &UsageRecord) -> Usage {
     Usage { images, usd: record.cost_usd, request_back: record.refused_by.is_some() }
 }
 
-/// Owns the pipeline's collaborators. Cheap to clone (every collaborator is shared), so that an upstream call
-/// through the cache can run in a task of its own.
-#[derive(Clone)]
+/// Owns the pipeline's collaborators. Shared (`Arc`), so that an upstream call through the cache or the
+/// replay window holds it by one pointer while it runs in a task of its own.
 pub struct ImagesService {
     /// Every configured upstream; each tenant's requests go to the one it names.
     upstreams: Arc<Upstreams>,
@@ -141,6 +140,12 @@ pub struct ImagesService {
     end_user: EndUser,
     /// Uncached whole answers run in tasks of their own, and identical retries attach to them.
     replay: Option<ReplayWindow<Replayed>>,
+}
+
+/// Where [`ImagesService::decide`] leaves a request: answered, or waiting in the future that will answer it.
+enum Step<'a> {
+    Done(UpstreamReply),
+    Wait(futures::future::BoxFuture<'a, Result<UpstreamReply, Failure>>),
 }
 
 /// What an uncached call through the replay window came to, as every caller attached to it receives it.
@@ -265,18 +270,54 @@ impl ImagesService {
         &self.cache
     }
 
-    /// Run one request through the pipeline. Every outcome, refusals included, leaves one usage record.
-    #[tracing::instrument(name = "images", skip_all, fields(endpoint = request.endpoint.name(), model, n, stream, cache))]
+    /// Run one request through the pipeline, in its span (`images`). Every outcome, refusals included, leaves
+    /// one usage record.
     ///
     /// `admitted` is the reservation [`Self::admit`] took before the body was read (tenants with a concurrency
     /// limit): the request and its slot, to which the images and cost are added once they are known.
-    pub async fn handle(
-        &self,
-        ctx: &TenantContext,
+    ///
+    /// Not an `async fn`: the steps up to the upstream call ([`Self::decide`]) run in a box freed when they end,
+    /// and what a request then waits in (the upstream call, the replay window or the cache) in a box sized for
+    /// it alone. An `async fn` would keep room for every step's locals for as long as the request waits
+    /// (docs/performance.md).
+    pub fn handle<'a>(
+        self: &'a Arc<Self>,
+        ctx: &'a TenantContext,
         request: ImageRequest,
         meta: RequestMeta,
         admitted: Option<Permit>,
-    ) -> Result<UpstreamReply, Failure> {
+    ) -> impl Future<Output = Result<UpstreamReply, Failure>> + Send + 'a {
+        let span = tracing::info_span!(
+            "images",
+            endpoint = request.endpoint.name(),
+            model = tracing::field::Empty,
+            n = tracing::field::Empty,
+            stream = tracing::field::Empty,
+            cache = tracing::field::Empty,
+        );
+        let decided = Box::pin(self.decide(ctx, request, meta, admitted));
+        tracing::Instrument::instrument(
+            async move {
+                // Not `match decided.await? { … => waiting.await }`: the matched value would stay in this
+                // future's state while it waits.
+                let waiting = match decided.await? {
+                    Step::Done(reply) => return Ok(reply),
+                    Step::Wait(waiting) => waiting,
+                };
+                waiting.await
+            },
+            span,
+        )
+    }
+
+    /// The pipeline up to what the request waits in: its reply, or the future that waits for it.
+    async fn decide<'a>(
+        self: &'a Arc<Self>,
+        ctx: &'a TenantContext,
+        request: ImageRequest,
+        meta: RequestMeta,
+        admitted: Option<Permit>,
+    ) -> Result<Step<'a>, Failure> {
         let started = Instant::now();
         let new_call = |request: &ImageRequest, meta: RequestMeta, model: String| {
             let mut call = Call::new(ctx, request, meta, started, model);
@@ -330,20 +371,22 @@ impl ImagesService {
             self.acquire(&mut call, Demand::request_only()).await?;
             self.cache.count_hit();
             self.settle(&call, call.record.clone().finish_cached(answer.status, answer.images, started));
-            return Ok(call.answer_reply(answer, Outcome::Hit));
+            return Ok(Step::Done(call.answer_reply(answer, Outcome::Hit)));
         }
         let Some(lookup) = lookup else {
             span.record("cache", Outcome::Bypass.as_str());
             if let Some(window) = self.replay.as_ref().filter(|_| !validated.stream) {
-                return self.replayed(window, call, request, validated.n, cost).await;
+                return Ok(Step::Wait(Box::pin(self.replayed(window, call, request, validated.n, cost))));
             }
             // 4. Rate limits and quotas: reserve the request, its `n` images and its cost, all or nothing.
             self.acquire(&mut call, Demand::whole(validated.n, cost)).await?;
             // 5–6. Upstream and re-hosting, uncached; 7. usage (streams are metered as their events pass).
-            let (mut reply, record, facts) =
-                Box::pin(self.fetch(&call, &request)).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
-            set_cache_header(&mut reply.headers, Outcome::Bypass);
-            return Ok(self.meter(reply, record, facts.as_ref(), &call));
+            return Ok(Step::Wait(Box::pin(async move {
+                let (mut reply, record, facts) =
+                    self.fetch(&call, &request).await.map_err(|e| call.failure(e, Outcome::Bypass))?;
+                set_cache_header(&mut reply.headers, Outcome::Bypass);
+                Ok(self.meter(reply, record, facts.as_ref(), &call))
+            })));
         };
         // 4. Through the cache, only the request is reserved now: its images and cost are reserved by
         // whichever caller's upstream call runs (`lead`); the others are served by it and spend no images.
@@ -352,38 +395,40 @@ impl ImagesService {
         // that reserves the images and cost, records the upstream's usage and stores the answer whatever happens
         // to this caller (the task holds a clone of the call and so of its permit: the concurrency slot is held
         // until it ends). The others are served by it and cost nothing.
-        // Boxed, here and above: these futures are kilobytes each, and every enclosing future would otherwise
-        // carry (and move, memcpy by memcpy) their full size (docs/performance.md).
+        // Boxed: the call is kilobytes, and the future that waits for it would otherwise carry (and move, memcpy
+        // by memcpy) its full size (docs/performance.md).
         let fetch = Box::pin(self.cached_fetch(call.clone(), request, lookup.clone(), validated.n, cost));
-        let (served, role) = Box::pin(self.cache.get_or_fetch(&lookup, fetch)).await;
-        let outcome = role.outcome(&served);
-        span.record("cache", outcome.as_str());
-        let by_another = role.served_by_another();
-        match served.map_err(Uncached::take) {
-            Ok(answer) => {
-                if by_another {
-                    self.settle(&call, call.record.clone().finish_cached(answer.status, answer.images, started));
+        Ok(Step::Wait(Box::pin(async move {
+            let (served, role) = self.cache.get_or_fetch(&lookup, fetch).await;
+            let outcome = role.outcome(&served);
+            span.record("cache", outcome.as_str());
+            let by_another = role.served_by_another();
+            match served.map_err(Uncached::take) {
+                Ok(answer) => {
+                    if by_another {
+                        self.settle(&call, call.record.clone().finish_cached(answer.status, answer.images, started));
+                    }
+                    Ok(call.answer_reply(answer, outcome))
                 }
-                Ok(call.answer_reply(answer, outcome))
-            }
-            // An answer that was not stored (an upstream error, or a 2xx answer that may not be stored). A
-            // caller served by another's call records it at no cost, and not as a cache hit; the images are the
-            // other call's (its row counts them), so this row counts none.
-            Err(Uncached::Answer(answer)) => {
-                if by_another {
-                    self.settle(&call, call.finished(answer.status));
+                // An answer that was not stored (an upstream error, or a 2xx answer that may not be stored). A
+                // caller served by another's call records it at no cost, and not as a cache hit; the images are
+                // the other call's (its row counts them), so this row counts none.
+                Err(Uncached::Answer(answer)) => {
+                    if by_another {
+                        self.settle(&call, call.finished(answer.status));
+                    }
+                    Ok(call.answer_reply(answer, Outcome::Miss))
                 }
-                Ok(call.answer_reply(answer, Outcome::Miss))
-            }
-            // This caller led, and its own limits refused the images (recorded by `lead`).
-            Err(Uncached::Refused(e)) => Err(call.failure(e, Outcome::Miss)),
-            Err(Uncached::Error(e)) => {
-                if by_another {
-                    self.settle_failed(&call, call.finished(e.status().as_u16()), &e);
+                // This caller led, and its own limits refused the images (recorded by `lead`).
+                Err(Uncached::Refused(e)) => Err(call.failure(e, Outcome::Miss)),
+                Err(Uncached::Error(e)) => {
+                    if by_another {
+                        self.settle_failed(&call, call.finished(e.status().as_u16()), &e);
+                    }
+                    Err(call.failure(e, outcome))
                 }
-                Err(call.failure(e, outcome))
             }
-        }
+        })))
     }
 
     /// Steps 4–7 for an uncached whole answer, through the replay window: the reservation, the upstream call,
@@ -395,7 +440,7 @@ impl ImagesService {
     /// Not an `async fn`: one would keep `call` and `request` twice in its state (as arguments and as locals)
     /// while the caller waits. The call is launched now; the future returned holds only what the answer needs.
     fn replayed<'a>(
-        &'a self,
+        self: &'a Arc<Self>,
         window: &'a ReplayWindow<Replayed>,
         call: Call,
         request: ImageRequest,
@@ -416,7 +461,8 @@ impl ImagesService {
         let waiting = {
             let (this, mut own) = (self.clone(), call.clone());
             let task = async move {
-                if let Err(e) = this.acquire(&mut own, Demand::whole(images, cost)).await {
+                // Boxed: the reservation's future is no part of what the call holds while the upstream works.
+                if let Err(e) = Box::pin(this.acquire(&mut own, Demand::whole(images, cost))).await {
                     return Replayed::Failed(Arc::new(own.failure(e, Outcome::Bypass)));
                 }
                 match this.fetch(&own, &request).await {
@@ -481,7 +527,7 @@ impl ImagesService {
     /// cost, the upstream call, re-hosting, the usage record of the call, and whether (for how long) the
     /// answer may be stored.
     fn cached_fetch(
-        &self,
+        self: &Arc<Self>,
         call: Call,
         request: ImageRequest,
         lookup: Lookup,
@@ -734,17 +780,6 @@ impl ImagesService {
         request: &ImageRequest,
     ) -> Result<(UpstreamReply, UsageRecord, Option<AnswerFacts>), ApiError> {
         let tenant = &call.ctx.tenant;
-        let attribution = Attribution {
-            organization: tenant.organization.clone(),
-            project: tenant.project.clone(),
-            // Scoped to the tenant: two tenants choosing the same key must not share the upstream's answer.
-            idempotency_key: call
-                .meta
-                .idempotency_key
-                .as_deref()
-                .map(|k| self.attributor.idempotency_key(&tenant.id, k)),
-            user: self.end_user_of(&call.ctx, request),
-        };
         let Some(upstream) = self.upstreams.get(tenant.upstream.as_deref()) else {
             let e = ApiError::Internal(anyhow::anyhow!(
                 "tenant '{}' names upstream '{}', which is not configured on this gateway",
@@ -757,35 +792,51 @@ impl ImagesService {
         // An answer whose images become links is read with its base64 decoded as it arrives, not held.
         // Where the local disk stores them, each image goes to a staging file as it is decoded (`spill`).
         let (reading, spill) = call.plan.as_ref().map_or((Reading::Whole, None), |plan| self.rehoster.reading(plan));
-        let (reply, facts) = match upstream.send(request, &attribution, reading).await {
-            Ok(reply) => {
-                let mut facts = facts_of(&reply);
-                let reply = held_to_request(reply, request, &mut facts);
-                (reply, facts)
+        // In a block: what is read from the answer is moved into the re-hosting, and a local borrowed before
+        // an `await` keeps its room in the future's state, which a request holds while the upstream works.
+        let rehosting = {
+            let attribution = Attribution {
+                organization: tenant.organization.clone(),
+                project: tenant.project.clone(),
+                // Scoped to the tenant: two tenants choosing the same key must not share the upstream's answer.
+                idempotency_key: call
+                    .meta
+                    .idempotency_key
+                    .as_deref()
+                    .map(|k| self.attributor.idempotency_key(&tenant.id, k)),
+                user: self.end_user_of(&call.ctx, request),
+            };
+            let (reply, facts) = match upstream.send(request, &attribution, reading).await {
+                Ok(reply) => {
+                    let mut facts = facts_of(&reply);
+                    let reply = held_to_request(reply, request, &mut facts);
+                    (reply, facts)
+                }
+                Err(e) => {
+                    let mut record = call.record.clone();
+                    record.note_upstream_failure(&e);
+                    let e = ApiError::from(e);
+                    self.settle_failed(call, record.finish(e.status().as_u16(), call.started), &e);
+                    return Err(e);
+                }
+            };
+            if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
+                // The upstream's limit, not the tenant's: passed on as it is, told apart in the logs, the
+                // counters and the ledger (`refused_by = upstream`), and the request is given back.
+                self.limiter.count_upstream_rate_limited();
+                tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
             }
-            Err(e) => {
-                let mut record = call.record.clone();
-                record.note_upstream_failure(&e);
-                let e = ApiError::from(e);
-                self.settle_failed(call, record.finish(e.status().as_u16(), call.started), &e);
-                return Err(e);
+            let mut record = call.record.clone();
+            record.note_deployment(&reply.headers);
+            let Some(plan) = &call.plan else { return Ok((reply, record, facts)) };
+            if !reply.status.is_success() {
+                return Ok((reply, record, facts));
             }
+            // Boxed: its state (the re-hosting of the answer) is no part of the future a request holds while it
+            // waits on the upstream.
+            Box::pin(self.rehost(call, plan, reply, spill.as_deref(), record, facts))
         };
-        if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
-            // The upstream's limit, not the tenant's: passed on as it is, told apart in the logs, the counters
-            // and the ledger (`refused_by = upstream`), and the request is given back.
-            self.limiter.count_upstream_rate_limited();
-            tracing::warn!(kind = "upstream.rate_limited", "the upstream answered 429");
-        }
-        let mut record = call.record.clone();
-        record.note_deployment(&reply.headers);
-        let Some(plan) = &call.plan else { return Ok((reply, record, facts)) };
-        if !reply.status.is_success() {
-            return Ok((reply, record, facts));
-        }
-        // Boxed: its state (the re-hosting of the answer) is no part of the future a request holds while it
-        // waits on the upstream.
-        Box::pin(self.rehost(call, plan, reply, spill.as_deref(), record, facts)).await
+        rehosting.await
     }
 
     /// Step 6: re-host a successful answer according to `plan`; a failure is booked here.

@@ -20,7 +20,8 @@ pub struct Inner {
     pub settings: Arc<Settings>,
     pub db: Db,
     pub tenants: Arc<TenantStore>,
-    pub images: ImagesService,
+    /// Shared, so an upstream call's own task holds the pipeline by one pointer.
+    pub images: Arc<ImagesService>,
     /// This gateway's metrics (`/metrics`).
     pub metrics: Arc<Metrics>,
     /// The usage ledger, for its queue and counters on `/metrics`.
@@ -37,7 +38,15 @@ impl AppState {
         metrics: Arc<Metrics>,
         ledger: Ledger,
     ) -> Self {
-        Self(Arc::new(Inner { settings, db, tenants, images, metrics, ledger, draining: AtomicBool::new(false) }))
+        Self(Arc::new(Inner {
+            settings,
+            db,
+            tenants,
+            images: Arc::new(images),
+            metrics,
+            ledger,
+            draining: AtomicBool::new(false),
+        }))
     }
 
     /// Mark the gateway as shutting down: `/readyz` turns 503.
