@@ -59,17 +59,12 @@ fn handle(
             Ok(admitted) => admitted,
             Err(answer) => return answer,
         };
-        let meta = RequestMeta {
-            request_id,
-            idempotency_key: extracted.idempotency_key,
-            sdk_retry: extracted.sdk_retry,
-            cache: extracted.cache,
-        };
+        let Extracted { request, idempotency_key, sdk_retry, cache } = extracted;
+        let meta = RequestMeta { request_id, idempotency_key, sdk_retry, cache };
         // A deprecated model's callers are told, on every answer, before it goes away.
-        let notice = state.images.policy().notice(&extracted.request, Some(&ctx.tenant.name), Date::today());
-        // Boxed: the pipeline's future is several kilobytes, and every layer around this handler would otherwise
-        // move it by value (memcpy was a fifth of a cache hit's instructions, docs/performance.md).
-        let mut response = match Box::pin(state.images.handle(&ctx, extracted.request, meta, permit)).await {
+        let notice = state.images.policy().notice(&request, Some(&ctx.tenant.name), Date::today());
+        // Not boxed: the pipeline's own future is small; its steps are boxed inside it.
+        let mut response = match state.images.handle(&ctx, request, meta, permit).await {
             Ok(reply) => into_response(reply),
             Err(failure) => failure.into_response(),
         };
