@@ -352,7 +352,8 @@ impl Upstream for OpenAiUpstream {
             let deadline = Instant::now() + self.timeout;
             let response = self.send_with_retries(request, attribution, deadline).await?;
             let limit = crate::images::answer::max_answer_bytes(request);
-            self.read_reply(response, request.stream(), reading, deadline, limit).await
+            // Boxed: reading the answer is no part of what a request holds while the upstream works.
+            Box::pin(self.read_reply(response, request.stream(), reading, deadline, limit)).await
         })
     }
 
