@@ -332,7 +332,7 @@ impl ImagesService {
             Err(e) => {
                 let call = new_call(&request, meta, request.model());
                 // Boxed, here and for every refusal below: a path few requests take stays out of the size of
-                // every request's future, which a held request keeps for minutes (docs/performance.md).
+                // `decide`'s future, which every request allocates and moves into its box.
                 return Err(Box::pin(self.refuse_unreserved(&call, e)).await);
             }
         };
