@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use tracing::Instrument as _;
 
 use self::replay::ReplayWindow;
 use crate::attribution::{Attributor, EndUser};
@@ -296,18 +297,16 @@ impl ImagesService {
             cache = tracing::field::Empty,
         );
         let decided = Box::pin(self.decide(ctx, request, meta, admitted));
-        tracing::Instrument::instrument(
-            async move {
-                // Not `match decided.await? { … => waiting.await }`: the matched value would stay in this
-                // future's state while it waits.
-                let waiting = match decided.await? {
-                    Step::Done(reply) => return Ok(reply),
-                    Step::Wait(waiting) => waiting,
-                };
-                waiting.await
-            },
-            span,
-        )
+        async move {
+            // Not `match decided.await? { … => waiting.await }`: the matched value would stay in this future's
+            // state while it waits.
+            let waiting = match decided.await? {
+                Step::Done(reply) => return Ok(reply),
+                Step::Wait(waiting) => waiting,
+            };
+            waiting.await
+        }
+        .instrument(span)
     }
 
     /// The pipeline up to what the request waits in: its reply, or the future that waits for it.

@@ -10,7 +10,7 @@ use crate::catalog::Date;
 use crate::domain::TenantContext;
 use crate::error::Failure;
 use crate::extract::{self, Extracted};
-use crate::images::request::Endpoint;
+use crate::images::request::{Endpoint, ImageRequest};
 use crate::limits::{Permit, Usage};
 use crate::pipeline::RequestMeta;
 use crate::server::auth;
@@ -55,12 +55,10 @@ fn handle(
 ) -> impl Future<Output = Result<Response, Failure>> + Send {
     let admitted = Box::pin(admit(state.clone(), endpoint, request));
     async move {
-        let Admitted { ctx, request_id, permit, extracted } = match admitted.await {
+        let Admitted { ctx, permit, request, meta } = match admitted.await {
             Ok(admitted) => admitted,
             Err(answer) => return answer,
         };
-        let Extracted { request, idempotency_key, sdk_retry, cache } = extracted;
-        let meta = RequestMeta { request_id, idempotency_key, sdk_retry, cache };
         // A deprecated model's callers are told, on every answer, before it goes away.
         let notice = state.images.policy().notice(&request, Some(&ctx.tenant.name), Date::today());
         // Not boxed: the pipeline's own future is small; its steps are boxed inside it.
@@ -77,12 +75,13 @@ fn handle(
     }
 }
 
-/// A request the pipeline may run: its tenant, its concurrency slot (if its tenant has a limit) and its body.
+/// A request the pipeline may run: its tenant, its concurrency slot (if its tenant has a limit), its body and
+/// what the edge and its headers say of it.
 struct Admitted {
     ctx: TenantContext,
-    request_id: String,
     permit: Option<Permit>,
-    extracted: Extracted,
+    request: ImageRequest,
+    meta: RequestMeta,
 }
 
 /// The steps before the pipeline. `Err` holds the answer when one of them refused the request.
@@ -102,7 +101,10 @@ async fn admit(state: AppState, endpoint: Endpoint, request: Request) -> Result<
         }
     };
     match Box::pin(extract::image_request(&state, &ctx.tenant, endpoint, request)).await {
-        Ok(extracted) => Ok(Admitted { ctx, request_id, permit, extracted }),
+        Ok(Extracted { request, idempotency_key, sdk_retry, cache }) => {
+            let meta = RequestMeta { request_id, idempotency_key, sdk_retry, cache };
+            Ok(Admitted { ctx, permit, request, meta })
+        }
         Err(e) => {
             if let Some(permit) = &permit {
                 permit.finish(Usage::REFUNDED);
@@ -163,7 +165,7 @@ mod tests {
     fn unreachable_refs() -> (&'static Arc<ImagesService>, &'static TenantContext) {
         unreachable!()
     }
-    fn unreachable_request() -> crate::images::request::ImageRequest {
+    fn unreachable_request() -> ImageRequest {
         unreachable!()
     }
 }
